@@ -55,7 +55,8 @@ def hybrid_newton_schulz(g: Tensor, coeffs: Iterable[tuple[float, float, float]]
     small side. Computed in fp32, returned in fp32 with the input's shape.
     """
     if g.ndim < 2:
-        raise ValueError(f"hybrid_newton_schulz needs a matrix [..., n, m], got shape {tuple(g.shape)}")
+        raise ValueError(f"hybrid_newton_schulz needs a matrix [..., n, m], "
+                         f"got shape {tuple(g.shape)}")
     x = g.float()
     tall = x.shape[-2] > x.shape[-1]
     if tall:

@@ -1,4 +1,4 @@
-"""Muon: Newton–Schulz orthogonalisation, the update rule by hand, partition, state_dict, training."""
+"""Muon: Newton–Schulz orthogonalisation, the update rule by hand, partition, state, training."""
 
 from __future__ import annotations
 
