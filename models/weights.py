@@ -16,6 +16,7 @@ Checkpoint layout (v4-architecture.md §2.2), read by `load_safetensors` and wri
           column (2k+1). e2m1 code: bit 3 = sign, bits 0-2 index (0, .5, 1, 1.5, 2, 3, 4, 6).
           scale [out, ceil(in/32)], one per 1×32 block; value = e2m1 · scale.
   Scales are ue8m0: float8_e8m0fnu, or any float dtype holding powers of two.
+* A tensor shared by two modules (MTP's embedding / head) is stored once, under its first name.
 * Integer tensors (`ffn.gate.tid2eid`, int64 in the checkpoint, int32 accepted) are cast to the
   model buffer's dtype; float tensors are cast to the parameter's dtype.
 
@@ -140,8 +141,13 @@ class _Slot:
 
 
 def _checkpoint_slots(model: nn.Module) -> dict[str, _Slot]:
-    slots = {}
+    """Checkpoint names of the model's state. A tensor reachable under two names (the MTP block
+    sharing the main embedding / head) is stored once, under its first name."""
+    slots, seen = {}, set()
     for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
         m = _EXPERTS.match(name)
         if m is None or t.ndim != 3:
             slots[name] = _Slot(name, None, tuple(t.shape), t.dtype)

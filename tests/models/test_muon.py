@@ -213,3 +213,41 @@ def test_trains_stand_in() -> None:
     tokens = torch.randint(0, 32, (2, 17))
     losses = _train(StandIn(), tokens, steps=30, lr=1e-2)
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+# ----------------------------------------------------------------------------------------------
+# The real tiny model (models/deepseek_v4.py)
+
+
+def _real_tiny() -> nn.Module:
+    try:
+        from models.deepseek_v4 import Config, Transformer
+    except ImportError as e:
+        pytest.skip(f"models/deepseek_v4.py (Config, Transformer) not importable yet: {e}")
+    torch.manual_seed(0)
+    return Transformer(Config.preset("tiny"))
+
+
+def test_partition_of_tiny_model() -> None:
+    model = _real_tiny()
+    opt = Muon.for_model(model, lr=1e-3)
+    muon, adamw = (dict(zip(g["param_names"], g["params"])) for g in opt.param_groups)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(muon) | set(adamw) == trainable and not set(muon) & set(adamw)
+    assert {"embed.weight", "head.weight"} <= set(adamw)
+    assert all(p.ndim >= 2 for p in muon.values())
+    assert any(n.endswith("ffn.experts.w1") for n in muon)
+    for n in adamw:
+        assert n in {"embed.weight", "head.weight"} or adamw[n].ndim < 2 or n.endswith(".ape"), n
+
+
+# Next-token CE on one fixed [2, 33] batch.
+TINY_STEPS, TINY_LR, TINY_FINAL_RATIO = 30, 1e-2, 0.8
+
+
+def test_trains_tiny_model() -> None:
+    model = _real_tiny()
+    vocab = model.embed.weight.shape[0]
+    tokens = torch.randint(0, vocab, (2, 33), generator=torch.Generator().manual_seed(0))
+    losses = _train(model, tokens, steps=TINY_STEPS, lr=TINY_LR)
+    assert losses[-1] < TINY_FINAL_RATIO * losses[0], losses

@@ -360,3 +360,14 @@ def test_missing_shard_and_bad_index(tmp_path: Path) -> None:
     with pytest.raises(WeightsError, match=r"no such checkpoint"):
         load_safetensors(model, tmp_path / "nope.safetensors")
     assert issubclass(WeightsError, ValueError)
+
+
+def test_shared_module_stored_once(tmp_path: Path) -> None:
+    src, dst = StandIn(), StandIn()
+    src.mtp[0].head, dst.mtp[0].head = src.head, dst.head  # MTP shares the main head
+    save_safetensors(src, tmp_path / "m.safetensors")
+    with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+    assert "head.weight" in names and "mtp.0.head.weight" not in names
+    load_safetensors(dst, tmp_path / "m.safetensors")
+    assert torch.equal(dst.mtp[0].head.weight, src.head.weight)
