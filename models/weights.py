@@ -183,7 +183,10 @@ def _resolve_shards(path: Path) -> dict[str, Path]:
     if not index.exists():
         raise WeightsError(f"{path}: no such checkpoint; pass a directory with {INDEX_NAME} "
                            f"or a .safetensors file")
-    weight_map = json.loads(index.read_text())["weight_map"]
+    weight_map = json.loads(index.read_text()).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise WeightsError(f"{index}: no 'weight_map' object mapping tensor names to shard files; "
+                           f"regenerate the index")
     shards = {name: index.parent / file for name, file in weight_map.items()}
     for shard in sorted(set(shards.values())):
         if not shard.exists():

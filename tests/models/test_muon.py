@@ -98,6 +98,16 @@ def test_stacked_experts_are_independent_matrices() -> None:
     torch.testing.assert_close(single.data, expected[1], rtol=1e-5, atol=1e-6)
 
 
+def test_bf16_params_keep_fp32_state() -> None:
+    w = nn.Parameter(torch.randn(8, 16).bfloat16())
+    b = nn.Parameter(torch.randn(16).bfloat16())
+    opt = Muon([("attn.wq_a.weight", w), ("attn_norm.weight", b)], lr=1e-2)
+    w.grad, b.grad = torch.ones_like(w), torch.ones_like(b)
+    loss = opt.step(lambda: torch.tensor(1.0))
+    assert loss.item() == 1.0 and w.dtype == b.dtype == torch.bfloat16
+    assert opt.state[w]["momentum_buffer"].dtype == opt.state[b]["exp_avg"].dtype == torch.float32
+
+
 # Names and ranks exactly as models/deepseek_v4.py uses them (two layers + MTP, shapes scaled down).
 PARTITION = {
     "embed.weight": ((16, 8), False), "head.weight": ((16, 8), False),
