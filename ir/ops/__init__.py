@@ -1,0 +1,7 @@
+"""The op library, one module per family. Importing this package registers every op in `ir.OPS`.
+
+To add an op: write one frozen dataclass with a docstring, `mnemonic`, `kind`, `infer_type` and
+`reference` in the family module (or a new module imported here), decorated with `@register`.
+"""
+
+from ir.ops import creation, elementwise, fused, index, linalg, reduction, shape  # noqa: F401
