@@ -181,7 +181,8 @@ class _Parser:
                 if key.text in attrs:
                     raise ts.error(f"attribute {key.text!r} given twice", key)
                 ts.expect("OP", "=", what=f"'=' after attribute {key.text}")
-                attrs[key.text] = (key, self.attr_value())
+                value_tok = ts.peek()
+                attrs[key.text] = (value_tok, self.attr_value())
             if not ts.accept("OP", ","):
                 break
         ts.expect("OP", ")", what="',' or ')' in the argument list")

@@ -58,6 +58,8 @@ def canon_dim(d: object) -> Dim:
         raise IRTypeError(
             f"a dim must be an int or a sympy expression, got {type(d).__name__} {d!r}"
         )
+    if d.has(sympy.zoo, sympy.oo, -sympy.oo, sympy.nan):
+        raise IRTypeError(f"a dim must be finite, got {d}")
     if d.free_symbols:
         repl = {s: sym(s.name) for s in d.free_symbols if s is not sym(s.name)}  # type: ignore
         if repl:

@@ -26,7 +26,7 @@ from ir.errors import ParseError
 __all__ = ["Token", "tokenize", "TokenStream", "parse_expr", "NAME_RE", "MAX_DEPTH"]
 
 NAME_RE = r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*"
-MAX_DEPTH = 200  # nesting limit for parentheses/brackets; deeper text is rejected, not recursed
+MAX_DEPTH = 64  # nesting limit for parentheses/brackets; deeper text is rejected, not recursed
 
 _TOKEN_RE = re.compile(
     r"""

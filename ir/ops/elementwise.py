@@ -63,6 +63,7 @@ class Abs(_Unary):
     """|x|."""
 
     mnemonic = "abs"
+    no_bool = True
 
     def fn(self, x):
         return torch.abs(x)
@@ -312,6 +313,7 @@ class _Binary(Op):
     num_operands: ClassVar[int | None] = 2
     allow_bool: ClassVar[bool] = True
     allow_float: ClassVar[bool] = True
+    bool_operand: ClassVar[bool] = True  # False: any bool operand is an error (torch sub)
 
     def out_dtype(self, common: DType) -> DType:
         return common
@@ -323,6 +325,8 @@ class _Binary(Op):
         except Exception as e:
             raise self.type_error(str(e), a, b) from None
         require(self, self.allow_bool or common != DType.bool, "bool operands not supported", a, b)
+        no_bool = not self.bool_operand and DType.bool in (a.dtype, b.dtype)
+        require(self, not no_bool, "bool operand not supported (use logical ops)", a, b)
         require(self, self.allow_float or not common.is_float, "integer/bool operands only", a, b)
         return (TensorType(shape, self.out_dtype(common)),)
 
@@ -355,7 +359,10 @@ def _true_div(common: DType) -> DType:
 
 
 Add = _binary("Add", "add", "a + b (bool: logical or).", lambda a, b: torch.add(a, b))
-Sub = _binary("Sub", "sub", "a - b.", lambda a, b: torch.sub(a, b), allow_bool=False)
+Sub = _binary(
+    "Sub", "sub", "a - b (no bool operands).", lambda a, b: torch.sub(a, b), allow_bool=False,
+    bool_operand=False,
+)  # fmt: skip
 Mul = _binary("Mul", "mul", "a * b (bool: logical and).", lambda a, b: torch.mul(a, b))
 Div = _binary(
     "Div", "div", "True division a / b; integer operands give f32.",
