@@ -51,7 +51,9 @@ class Builder:
     def input(self, name: str, type: TensorType, role: str = "activation") -> Value:
         """Add a graph input; role is "activation", "parameter" or "cache"."""
         if role not in ROLES:
-            raise IRTypeError(f"input %{name}: role must be one of {', '.join(ROLES)}, got {role!r}")
+            raise IRTypeError(
+                f"input %{name}: role must be one of {', '.join(ROLES)}, got {role!r}"
+            )
         v = Value(name, type)
         self._claim(name)
         self.inputs.append(v)
@@ -94,7 +96,9 @@ class Builder:
         if isinstance(name, str):
             name = (name,)
         if len(name) != count:
-            raise IRTypeError(f"{mnemonic} has {count} result(s) but {len(name)} name(s) were given")
+            raise IRTypeError(
+                f"{mnemonic} has {count} result(s) but {len(name)} name(s) were given"
+            )
         return list(name)
 
     def constant(self, value: bool | int | float, dtype: DType, **kw: Any) -> Value:

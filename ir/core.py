@@ -28,12 +28,22 @@ import sympy
 
 from ir.errors import IRTypeError
 from ir.symbolic import Dim, canon_dim
-from ir.types import DType, Scalar, TensorType
+from ir.types import DType, TensorType
 
 __all__ = [
-    "Kind", "Loc", "Cost", "Value", "Op", "OPS", "register", "Node", "Graph", "ROLES",
-    "check_value_name", "attr_schema",
-]  # fmt: skip
+    "Kind",
+    "Loc",
+    "Cost",
+    "Value",
+    "Op",
+    "OPS",
+    "register",
+    "Node",
+    "Graph",
+    "ROLES",
+    "check_value_name",
+    "attr_schema",
+]
 
 ROLES = ("activation", "parameter", "cache")
 _NAME_RE = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*\Z")
@@ -245,7 +255,11 @@ def coerce_attr(tp: Any, v: Any) -> Any:
             return bad
         if isinstance(v, int) or (isinstance(v, sympy.Integer)):
             return int(v)
-        return int(v.__index__()) if hasattr(v, "__index__") and not isinstance(v, sympy.Basic) else bad
+        return (
+            int(v.__index__())
+            if hasattr(v, "__index__") and not isinstance(v, sympy.Basic)
+            else bad
+        )
     if tp is float:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             return bad

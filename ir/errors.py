@@ -23,6 +23,4 @@ class ParseError(ValueError):
         self.col = col
         self.source_line = source_line
         shown = source_line.expandtabs(1)
-        super().__init__(
-            f"line {line}, column {col}: {msg}\n  {shown}\n  {' ' * max(col - 1, 0)}^"
-        )
+        super().__init__(f"line {line}, column {col}: {msg}\n  {shown}\n  {' ' * max(col - 1, 0)}^")

@@ -55,8 +55,8 @@ def interpret(
             continue
         if v.name not in params:
             raise InterpretError(
-                f"missing parameter %{v.name}: {type_text(v.type)}; pass params={{'{v.name}': tensor}} "
-                "(the module's state_dict() key)"
+                f"missing parameter %{v.name}: {type_text(v.type)}; "
+                f"pass params={{'{v.name}': tensor}} (the module's state_dict() key)"
             )
         feed.append(params.pop(v.name))
     if params and strict:
@@ -82,7 +82,9 @@ def run_graph(g: Graph, tensors: Sequence[Any], check: bool = False) -> tuple[An
         ins = [values[v.name] for v in n.operands]
         outs = op.reference(*ins) if ins else op.reference(device=device)
         if len(outs) != len(n.results):
-            raise InterpretError(f"op {i} ({n.name}) returned {len(outs)} tensors, expected {len(n.results)}")
+            raise InterpretError(
+                f"op {i} ({n.name}) returned {len(outs)} tensors, expected {len(n.results)}"
+            )
         if check:
             for r, t in zip(n.results, outs):
                 _check(r, t, env, f"op {i} ({n.name}) result")
@@ -99,7 +101,10 @@ def bind_symbols(inputs: Sequence[Value], tensors: Sequence[Any]) -> dict:
     pending: list[tuple[Value, int, sympy.Expr, int]] = []
     for v, t in zip(inputs, tensors):
         if not hasattr(t, "shape") or not hasattr(t, "dtype"):
-            raise InterpretError(f"input %{v.name}: expected a tensor of type {type_text(v.type)}, got {type(t).__name__}")
+            raise InterpretError(
+                f"input %{v.name}: expected a tensor of type {type_text(v.type)}, "
+                f"got {type(t).__name__}"
+            )
         got = f"{DType.from_torch(t.dtype).value}{list(t.shape)}"
         if DType.from_torch(t.dtype) != v.type.dtype or t.dim() != v.type.rank:
             raise InterpretError(f"input %{v.name}: expected {type_text(v.type)}, got {got}")
@@ -107,7 +112,9 @@ def bind_symbols(inputs: Sequence[Value], tensors: Sequence[Any]) -> dict:
             size = int(size)
             if isinstance(d, int):
                 if d != size:
-                    raise InterpretError(f"input %{v.name}: expected {type_text(v.type)}, got {got} (dim {axis})")
+                    raise InterpretError(
+                        f"input %{v.name}: expected {type_text(v.type)}, got {got} (dim {axis})"
+                    )
             elif d.is_Symbol and d not in env:
                 env[d] = size
             else:
@@ -131,8 +138,11 @@ def _solve(pending: list, env: dict) -> None:
             free = [s for s in d.free_symbols if s not in env]
             if len(free) != 1:
                 continue
-            sols = [s for s in sympy.solve(sympy.Eq(d.xreplace(env), size), free[0])
-                    if s.is_Integer and s > 0]  # fmt: skip
+            sols = [
+                s
+                for s in sympy.solve(sympy.Eq(d.xreplace(env), size), free[0])
+                if s.is_Integer and s > 0
+            ]
             if len(sols) != 1:
                 raise InterpretError(
                     f"input %{v.name} dim {axis}: cannot solve {d} = {size} for {free[0]}; "
@@ -143,7 +153,10 @@ def _solve(pending: list, env: dict) -> None:
 
 
 def _env_text(env: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in sorted(env.items(), key=lambda kv: kv[0].name)) or "no symbols"
+    return (
+        ", ".join(f"{k}={v}" for k, v in sorted(env.items(), key=lambda kv: kv[0].name))
+        or "no symbols"
+    )
 
 
 def _check(r: Value, t: Any, env: dict, where: str) -> None:

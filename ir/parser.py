@@ -73,7 +73,9 @@ class _Parser:
             v = self.value_decl(scope)
             role_tok = ts.expect("NAME", what=f"an input role ({', '.join(ROLES)})")
             if role_tok.text not in ROLES:
-                raise ts.error(f"unknown role {role_tok.text!r}; expected one of {', '.join(ROLES)}", role_tok)
+                raise ts.error(
+                    f"unknown role {role_tok.text!r}; expected one of {', '.join(ROLES)}", role_tok
+                )
             self.define(scope, v, tok)
             inputs.append(v)
             roles[v.name] = role_tok.text
@@ -162,7 +164,9 @@ class _Parser:
             self.define(scope, v, tok)
         return Node(op, tuple(operands), tuple(v for _, v in decls), loc)
 
-    def args(self, scope: dict[str, Value], cls: type) -> tuple[list[Value], dict[str, tuple[Token, Any]]]:
+    def args(
+        self, scope: dict[str, Value], cls: type
+    ) -> tuple[list[Value], dict[str, tuple[Token, Any]]]:
         ts = self.ts
         ts.expect("OP", "(", what="'(' after the mnemonic")
         operands: list[Value] = []
@@ -177,7 +181,9 @@ class _Parser:
                 key = ts.expect("NAME", what="an operand %x or an attribute name=value")
                 if key.text not in schema:
                     known = ", ".join(schema) or "none"
-                    raise ts.error(f"unknown attribute {key.text!r} for {cls.mnemonic}; known: {known}", key)
+                    raise ts.error(
+                        f"unknown attribute {key.text!r} for {cls.mnemonic}; known: {known}", key
+                    )
                 if key.text in attrs:
                     raise ts.error(f"attribute {key.text!r} given twice", key)
                 ts.expect("OP", "=", what=f"'=' after attribute {key.text}")
@@ -190,10 +196,17 @@ class _Parser:
 
     def make_op(self, cls: type, attrs: dict[str, tuple[Token, Any]], m_tok: Token):
         schema = attr_schema(cls)
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in attrs
-                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]  # fmt: skip
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name not in attrs
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ]
         if missing:
-            raise self.ts.error(f"{cls.mnemonic} is missing attribute(s) {', '.join(missing)}", m_tok)
+            raise self.ts.error(
+                f"{cls.mnemonic} is missing attribute(s) {', '.join(missing)}", m_tok
+            )
         for name, (tok, value) in attrs.items():
             if isinstance(coerce_attr(schema[name], value), _Bad):
                 raise self.ts.error(
@@ -215,7 +228,13 @@ class _Parser:
         ts = self.ts
         tok = ts.peek()
         if tok.kind == "NAME":
-            words = {"true": True, "false": False, "none": None, "inf": float("inf"), "nan": float("nan")}
+            words = {
+                "true": True,
+                "false": False,
+                "none": None,
+                "inf": float("inf"),
+                "nan": float("nan"),
+            }
             if tok.text in words:
                 ts.next()
                 return words[tok.text]
@@ -268,7 +287,9 @@ class _Parser:
                 raise ValueError(f"unexpected text {rest.strip()!r}")
             return Loc(module, source)
         except (ValueError, IRTypeError) as e:
-            raise self.ts.error(f"bad location comment (expected '# module @ file:line'): {e}", tok) from None
+            raise self.ts.error(
+                f"bad location comment (expected '# module @ file:line'): {e}", tok
+            ) from None
 
 
 def _loc_part(text: str) -> tuple[str, str]:

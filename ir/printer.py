@@ -2,7 +2,7 @@
 
     graph prefill(%tokens: i64[B,T] activation, %w: f32[64,6] parameter) {
       %x: f32[B,T,64] = embedding(%emb, %tokens)  # embed @ model.py:88
-      %7: f32[B,T,6], %8: i64[B,T,6] = topk(%5, k=6, dim=-1, largest=true, sorted=true)  # layers.0.ffn.gate @ model.py:120
+      %7: f32[B,T,6], %8: i64[B,T,6] = topk(%5, k=6, dim=-1, largest=true, sorted=true)  # gate
       return %7, %8
     }
 
@@ -14,7 +14,7 @@
 - Attribute values: ints `-1`; floats always with a `.`/exponent or `inf`, `-inf`, `nan`;
   `true`/`false`; `none`; strings JSON-quoted `"sqrtsoftplus"`; dtypes by name `bf16`; lists
   `[0, 2, 1]` (tuples); dims as expressions `T - 1`; graphs inline as `graph NAME(...) { ... }`
-  indented one level deeper.
+  indented one level deeper; a nested graph has its own value scope (it sees only its inputs).
 - Provenance: trailing `# module.path @ file.py:line` (either part may be absent; parts containing
   `@`, `"` or surrounding spaces are JSON-quoted). Comments on their own line are ignored.
 """

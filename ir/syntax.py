@@ -33,7 +33,9 @@ _TOKEN_RE = re.compile(
     (?P<WS>[ \t\r]+)
   | (?P<NL>\n)
   | (?P<COMMENT>\#[^\n]*)
-  | (?P<VALUE>%""" + NAME_RE + r""")
+  | (?P<VALUE>%"""
+    + NAME_RE
+    + r""")
   | (?P<FLOAT>\d+\.\d*(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+)
   | (?P<INT>\d+(?![A-Za-z_.]))
   | (?P<NAME>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)

@@ -95,9 +95,16 @@ class DType(enum.Enum):
 
 _FLOATS = (DType.f32, DType.bf16, DType.f16, DType.f8e4m3, DType.f8e5m2)
 _ITEMSIZE = {
-    DType.f32: 4, DType.bf16: 2, DType.f16: 2, DType.f8e4m3: 1, DType.f8e5m2: 1,
-    DType.i64: 8, DType.i32: 4, DType.i8: 1, DType.bool: 1,
-}  # fmt: skip
+    DType.f32: 4,
+    DType.bf16: 2,
+    DType.f16: 2,
+    DType.f8e4m3: 1,
+    DType.f8e5m2: 1,
+    DType.i64: 8,
+    DType.i32: 4,
+    DType.i8: 1,
+    DType.bool: 1,
+}
 _INT_RANK = {DType.bool: 0, DType.i8: 1, DType.i32: 2, DType.i64: 3}
 
 

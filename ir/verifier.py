@@ -34,7 +34,12 @@ def _verify(g: Graph, path: str) -> None:
     for v in g.inputs:
         role = g.roles.get(v.name)
         if role not in ROLES:
-            _fail(g, None, path, f"input %{v.name} has role {role!r}; expected one of {', '.join(ROLES)}")
+            _fail(
+                g,
+                None,
+                path,
+                f"input %{v.name} has role {role!r}; expected one of {', '.join(ROLES)}",
+            )
         if v.name in defined:
             _fail(g, None, path, f"input %{v.name} is declared twice", "rename one of the inputs")
         defined[v.name] = v
@@ -42,29 +47,60 @@ def _verify(g: Graph, path: str) -> None:
         _verify_node(g, i, n, defined, path)
     for v in g.outputs:
         if v.name not in defined:
-            _fail(g, len(g.ops), path, f"graph output %{v.name} is never defined",
-                  "return a value defined by an input or an op")  # fmt: skip
+            _fail(
+                g,
+                len(g.ops),
+                path,
+                f"graph output %{v.name} is never defined",
+                "return a value defined by an input or an op",
+            )
         elif defined[v.name] != v:
-            _fail(g, len(g.ops), path, f"graph output %{v.name}: {type_text(v.type)} does not match "
-                  f"its definition {type_text(defined[v.name].type)}")  # type: ignore[attr-defined]
+            _fail(
+                g,
+                len(g.ops),
+                path,
+                f"graph output %{v.name}: {type_text(v.type)} does not match "
+                f"its definition {type_text(defined[v.name].type)}",
+            )  # type: ignore[attr-defined]
 
 
 def _verify_node(g: Graph, i: int, n: Node, defined: dict, path: str) -> None:
     op = n.op
     if OPS.get(op.mnemonic) is not type(op):
-        _fail(g, i, path, f"op {op.mnemonic!r} is not registered in ir.OPS", "register it with @register")
+        _fail(
+            g,
+            i,
+            path,
+            f"op {op.mnemonic!r} is not registered in ir.OPS",
+            "register it with @register",
+        )
     for v in n.operands:
         if v.name not in defined:
-            _fail(g, i, path, f"operand %{v.name} is used before it is defined",
-                  "define it earlier or make it a graph input")  # fmt: skip
+            _fail(
+                g,
+                i,
+                path,
+                f"operand %{v.name} is used before it is defined",
+                "define it earlier or make it a graph input",
+            )
         if defined[v.name] != v:
-            _fail(g, i, path, f"operand %{v.name} has type {type_text(v.type)} here but is defined "
-                  f"as {type_text(defined[v.name].type)}")  # fmt: skip
+            _fail(
+                g,
+                i,
+                path,
+                f"operand %{v.name} has type {type_text(v.type)} here but is defined "
+                f"as {type_text(defined[v.name].type)}",
+            )
     schema = attr_schema(type(op))
     for name, value in op.attrs.items():
         if isinstance(coerce_attr(schema[name], value), _Bad):
-            _fail(g, i, path, f"attribute {name} of {op.mnemonic}: expected {schema_name(schema[name])}, "
-                  f"got {type(value).__name__} {value!r}")  # fmt: skip
+            _fail(
+                g,
+                i,
+                path,
+                f"attribute {name} of {op.mnemonic}: expected {schema_name(schema[name])}, "
+                f"got {type(value).__name__} {value!r}",
+            )
     want_n = type(op).num_operands
     if want_n is not None and len(n.operands) != want_n:
         _fail(g, i, path, f"{op.mnemonic} takes {want_n} operand(s), got {len(n.operands)}")
@@ -73,12 +109,22 @@ def _verify_node(g: Graph, i: int, n: Node, defined: dict, path: str) -> None:
     except IRTypeError as e:
         _fail(g, i, path, f"type error: {e}")
     if len(want) != len(n.results):
-        _fail(g, i, path, f"{op.mnemonic} produces {len(want)} result(s), but {len(n.results)} "
-              "are recorded")  # fmt: skip
+        _fail(
+            g,
+            i,
+            path,
+            f"{op.mnemonic} produces {len(want)} result(s), but {len(n.results)} are recorded",
+        )
     for r, t in zip(n.results, want):
         if r.type != t:
-            _fail(g, i, path, f"result %{r.name} is recorded as {type_text(r.type)} but "
-                  f"{op.mnemonic} infers {type_text(t)}", "fix the recorded type or the operands")  # fmt: skip
+            _fail(
+                g,
+                i,
+                path,
+                f"result %{r.name} is recorded as {type_text(r.type)} but "
+                f"{op.mnemonic} infers {type_text(t)}",
+                "fix the recorded type or the operands",
+            )
     for name, value in op.attrs.items():
         if isinstance(value, Graph):
             try:
@@ -87,7 +133,9 @@ def _verify_node(g: Graph, i: int, n: Node, defined: dict, path: str) -> None:
                 _fail(g, i, path, f"nested graph `{name}` is invalid:\n{e}")
     for r in n.results:
         if r.name in defined:
-            _fail(g, i, path, f"%{r.name} is defined twice (single assignment)", "rename one of them")
+            _fail(
+                g, i, path, f"%{r.name} is defined twice (single assignment)", "rename one of them"
+            )
         defined[r.name] = r
 
 

@@ -22,12 +22,21 @@ def to_networkx(g: Graph):
     producer: dict[str, tuple] = {}
     for v in g.inputs:
         key = ("input", v.name)
-        G.add_node(key, kind="input", label=f"%{v.name}", role=g.roles.get(v.name), type=type_text(v.type))
+        G.add_node(
+            key, kind="input", label=f"%{v.name}", role=g.roles.get(v.name), type=type_text(v.type)
+        )
         producer[v.name] = key
     for i, n in enumerate(g.ops):
         key = ("op", i)
-        G.add_node(key, kind="op", label=n.name, mnemonic=n.name, op_kind=n.kind.value,
-                   attrs=dict(n.attrs), loc=n.loc)  # fmt: skip
+        G.add_node(
+            key,
+            kind="op",
+            label=n.name,
+            mnemonic=n.name,
+            op_kind=n.kind.value,
+            attrs=dict(n.attrs),
+            loc=n.loc,
+        )
         for port, v in enumerate(n.operands):
             G.add_edge(producer[v.name], key, value=v.name, type=type_text(v.type), port=port)
         for r in n.results:
@@ -55,7 +64,9 @@ def to_dot(g: Graph) -> str:
         label = n.name + (f"\n{attrs}" if attrs else "")
         lines.append(f"  op{i} [shape=box, label={_q(label)}];")
         for v in n.operands:
-            lines.append(f"  {producer[v.name]} -> op{i} [label={_q(f'%{v.name}: {type_text(v.type)}')}];")
+            lines.append(
+                f"  {producer[v.name]} -> op{i} [label={_q(f'%{v.name}: {type_text(v.type)}')}];"
+            )
         for r in n.results:
             producer[r.name] = f"op{i}"
     for i, v in enumerate(g.outputs):
@@ -70,5 +81,7 @@ def render_svg(g: Graph) -> str | None:
     exe = shutil.which("dot")
     if exe is None:
         return None
-    out = subprocess.run([exe, "-Tsvg"], input=to_dot(g), capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [exe, "-Tsvg"], input=to_dot(g), capture_output=True, text=True, check=True
+    )
     return out.stdout

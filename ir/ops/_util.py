@@ -21,7 +21,9 @@ def norm_dim(op: Op, d: int, rank: int, *types: TensorType) -> int:
     """Wrap a possibly negative dim into [0, rank) (0-d tensors accept -1 and 0, like torch)."""
     r = max(rank, 1)
     if not -r <= d < r:
-        raise op.type_error(f"dim {d} out of range for rank {rank}; expected -{r} <= dim < {r}", *types)
+        raise op.type_error(
+            f"dim {d} out of range for rank {rank}; expected -{r} <= dim < {r}", *types
+        )
     return d % r
 
 

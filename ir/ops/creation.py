@@ -15,9 +15,18 @@ from ir.types import DType, Scalar, TensorType
 
 
 def _check_value(op: Op, value: Scalar, dtype: DType) -> None:
-    if isinstance(value, float) and not dtype.is_float and value == value and abs(value) != float("inf"):
+    if (
+        isinstance(value, float)
+        and not dtype.is_float
+        and value == value
+        and abs(value) != float("inf")
+    ):
         require(op, value == int(value), f"value {value} is not representable in {dtype}")
-    if isinstance(value, float) and not dtype.is_float and (value != value or abs(value) == float("inf")):
+    if (
+        isinstance(value, float)
+        and not dtype.is_float
+        and (value != value or abs(value) == float("inf"))
+    ):
         raise op.type_error(f"value {value} is not representable in {dtype}")
 
 

@@ -360,25 +360,42 @@ def _true_div(common: DType) -> DType:
 
 Add = _binary("Add", "add", "a + b (bool: logical or).", lambda a, b: torch.add(a, b))
 Sub = _binary(
-    "Sub", "sub", "a - b (no bool operands).", lambda a, b: torch.sub(a, b), allow_bool=False,
+    "Sub",
+    "sub",
+    "a - b (no bool operands).",
+    lambda a, b: torch.sub(a, b),
+    allow_bool=False,
     bool_operand=False,
-)  # fmt: skip
+)
 Mul = _binary("Mul", "mul", "a * b (bool: logical and).", lambda a, b: torch.mul(a, b))
 Div = _binary(
-    "Div", "div", "True division a / b; integer operands give f32.",
-    lambda a, b: torch.div(a, b), out_dtype=lambda self, c: _true_div(c),
-)  # fmt: skip
+    "Div",
+    "div",
+    "True division a / b; integer operands give f32.",
+    lambda a, b: torch.div(a, b),
+    out_dtype=lambda self, c: _true_div(c),
+)
 FloorDiv = _binary(
-    "FloorDiv", "floordiv", "floor(a / b) (Python //), in the promoted dtype.",
-    lambda a, b: torch.div(a, b, rounding_mode="floor"), allow_bool=False,
-)  # fmt: skip
+    "FloorDiv",
+    "floordiv",
+    "floor(a / b) (Python //), in the promoted dtype.",
+    lambda a, b: torch.div(a, b, rounding_mode="floor"),
+    allow_bool=False,
+)
 Remainder = _binary(
-    "Remainder", "remainder", "a - floor(a / b) * b (Python %, sign of b).",
-    lambda a, b: torch.remainder(a, b), allow_bool=False,
-)  # fmt: skip
+    "Remainder",
+    "remainder",
+    "a - floor(a / b) * b (Python %, sign of b).",
+    lambda a, b: torch.remainder(a, b),
+    allow_bool=False,
+)
 Pow = _binary("Pow", "pow", "a ** b.", lambda a, b: torch.pow(a, b), allow_bool=False)
-Maximum = _binary("Maximum", "maximum", "Elementwise max (NaN propagates).", lambda a, b: torch.maximum(a, b))
-Minimum = _binary("Minimum", "minimum", "Elementwise min (NaN propagates).", lambda a, b: torch.minimum(a, b))
+Maximum = _binary(
+    "Maximum", "maximum", "Elementwise max (NaN propagates).", lambda a, b: torch.maximum(a, b)
+)
+Minimum = _binary(
+    "Minimum", "minimum", "Elementwise min (NaN propagates).", lambda a, b: torch.minimum(a, b)
+)
 _CMP = {"out_dtype": lambda self, c: _to_bool(c)}
 Eq = _binary("Eq", "eq", "a == b -> bool.", lambda a, b: torch.eq(a, b), **_CMP)
 Ne = _binary("Ne", "ne", "a != b -> bool.", lambda a, b: torch.ne(a, b), **_CMP)
@@ -387,17 +404,26 @@ Le = _binary("Le", "le", "a <= b -> bool.", lambda a, b: torch.le(a, b), **_CMP)
 Gt = _binary("Gt", "gt", "a > b -> bool.", lambda a, b: torch.gt(a, b), **_CMP)
 Ge = _binary("Ge", "ge", "a >= b -> bool.", lambda a, b: torch.ge(a, b), **_CMP)
 LogicalAnd = _binary(
-    "LogicalAnd", "logical_and", "a and b (nonzero is true) -> bool.",
-    lambda a, b: torch.logical_and(a, b), **_CMP,
-)  # fmt: skip
+    "LogicalAnd",
+    "logical_and",
+    "a and b (nonzero is true) -> bool.",
+    lambda a, b: torch.logical_and(a, b),
+    **_CMP,
+)
 LogicalOr = _binary(
-    "LogicalOr", "logical_or", "a or b (nonzero is true) -> bool.",
-    lambda a, b: torch.logical_or(a, b), **_CMP,
-)  # fmt: skip
+    "LogicalOr",
+    "logical_or",
+    "a or b (nonzero is true) -> bool.",
+    lambda a, b: torch.logical_or(a, b),
+    **_CMP,
+)
 BitwiseAnd = _binary(
-    "BitwiseAnd", "bitwise_and", "a & b on integer/bool operands.",
-    lambda a, b: torch.bitwise_and(a, b), allow_float=False,
-)  # fmt: skip
+    "BitwiseAnd",
+    "bitwise_and",
+    "a & b on integer/bool operands.",
+    lambda a, b: torch.bitwise_and(a, b),
+    allow_float=False,
+)
 
 
 @register

@@ -37,6 +37,8 @@ class FusedKernel(Op):
     def cost(self, operand_types, result_types):
         flops = 0
         for n in self.body.ops:
-            flops = flops + n.op.cost([v.type for v in n.operands], [v.type for v in n.results]).flops
+            flops = (
+                flops + n.op.cost([v.type for v in n.operands], [v.type for v in n.results]).flops
+            )
         nbytes = sum((t.nbytes for t in (*operand_types, *result_types)), 0)
         return Cost(canon_dim(flops), canon_dim(nbytes))

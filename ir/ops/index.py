@@ -105,7 +105,9 @@ class _ScatterBase(Op):
         types = (x, idx, src)
         norm_dim(self, self.dim, x.rank, *types)  # type: ignore[attr-defined]
         require(self, idx.dtype == DType.i64, "index must be i64", *types)
-        require(self, idx.rank == x.rank == src.rank, "x, index and src must have equal rank", *types)
+        require(
+            self, idx.rank == x.rank == src.rank, "x, index and src must have equal rank", *types
+        )
         require(self, src.dtype == x.dtype, "src dtype must equal x dtype; insert a cast", *types)
         return (x,)
 
@@ -131,8 +133,14 @@ class ScatterAdd(_ScatterBase):
     dim: int = 0
 
     def reference(self, x, idx, src):
-        return (f8_safe(lambda a, b: torch.scatter_add(a, self.dim, idx, b), x, src,
-                        out_dtype=DType.from_torch(x.dtype)),)
+        return (
+            f8_safe(
+                lambda a, b: torch.scatter_add(a, self.dim, idx, b),
+                x,
+                src,
+                out_dtype=DType.from_torch(x.dtype),
+            ),
+        )
 
 
 @register
@@ -211,7 +219,9 @@ class Sort(Op):
         return (x, TensorType(x.shape, DType.i64))
 
     def reference(self, x):
-        fn = lambda t: tuple(torch.sort(t, dim=self.dim, descending=self.descending, stable=self.stable))  # noqa: E731
+        fn = lambda t: tuple(
+            torch.sort(t, dim=self.dim, descending=self.descending, stable=self.stable)
+        )  # noqa: E731
         values, indices = f8_safe(fn, x)
         return (values.to(x.dtype), indices)
 
@@ -232,5 +242,7 @@ class Argsort(Op):
         return (TensorType(x.shape, DType.i64),)
 
     def reference(self, x):
-        fn = lambda t: torch.argsort(t, dim=self.dim, descending=self.descending, stable=self.stable)  # noqa: E731
+        fn = lambda t: torch.argsort(
+            t, dim=self.dim, descending=self.descending, stable=self.stable
+        )  # noqa: E731
         return (f8_safe(fn, x),)

@@ -54,7 +54,12 @@ class GroupedMM(Op):
 
     def infer_type(self, x: TensorType, w: TensorType, offsets: TensorType):
         types = (x, w, offsets)
-        require(self, x.rank == 2 and w.rank == 3 and offsets.rank == 1, "expected ranks 2, 3, 1", *types)
+        require(
+            self,
+            x.rank == 2 and w.rank == 3 and offsets.rank == 1,
+            "expected ranks 2, 3, 1",
+            *types,
+        )
         require(self, x.dtype == w.dtype, "x and w dtypes differ; insert a cast", *types)
         require(self, offsets.dtype in INT_INDEX, "offsets must be i64 or i32", *types)
         require(self, x.shape[1] == w.shape[1], f"K differs: {x.shape[1]} vs {w.shape[1]}", *types)
@@ -66,7 +71,9 @@ class GroupedMM(Op):
         start = 0
         for g, end in enumerate(offsets.tolist()):
             if end > start:
-                out[start:end] = f8_safe(torch.matmul, x[start:end], w[g], out_dtype=DType.from_torch(x.dtype))
+                out[start:end] = f8_safe(
+                    torch.matmul, x[start:end], w[g], out_dtype=DType.from_torch(x.dtype)
+                )
             start = max(start, end)
         return (out,)
 

@@ -31,7 +31,9 @@ class _Reduce(Op):
 
     def infer_type(self, x: TensorType):
         red = self.reduced(x)
-        shape = [1 if i in red else d for i, d in enumerate(x.shape) if self.keepdim or i not in red]
+        shape = [
+            1 if i in red else d for i, d in enumerate(x.shape) if self.keepdim or i not in red
+        ]
         return (TensorType(tuple(shape), self.out_dtype(x)),)
 
     def fn(self, x: Any, dims: list[int]) -> Any:
@@ -255,4 +257,6 @@ class Cumsum(Op):
 
     def reference(self, x):
         out = _int_to_i64(TensorType((), DType.from_torch(x.dtype)))
-        return (f8_safe(lambda t: torch.cumsum(t, dim=self.dim), x, out_dtype=out).to(out.to_torch()),)
+        return (
+            f8_safe(lambda t: torch.cumsum(t, dim=self.dim), x, out_dtype=out).to(out.to_torch()),
+        )

@@ -11,7 +11,7 @@ import sympy
 
 from ir._lazy import torch
 from ir.core import Cost, Kind, Op, register
-from ir.ops._util import broadcast_shapes, norm_dim, numel, require
+from ir.ops._util import norm_dim, numel, require
 from ir.symbolic import Dim, canon_dim
 from ir.types import Scalar, TensorType, result_dtype
 
@@ -42,14 +42,22 @@ class Reshape(_Shape):
         shape = list(self.shape)
         holes = [i for i, d in enumerate(shape) if d == -1]
         require(self, len(holes) <= 1, f"at most one -1 in shape {list(self.shape)}", x)
-        require(self, all(d == -1 or not isinstance(d, int) or d >= 0 for d in shape),
-                f"negative dim in shape {list(self.shape)}", x)  # fmt: skip
+        require(
+            self,
+            all(d == -1 or not isinstance(d, int) or d >= 0 for d in shape),
+            f"negative dim in shape {list(self.shape)}",
+            x,
+        )
         if holes:
             rest = numel(tuple(d for d in shape if d != -1))
             require(self, rest != 0, "cannot infer -1 with a zero-sized dim", x)
             shape[holes[0]] = canon_dim(sympy.sympify(x.numel) / sympy.sympify(rest))
-        require(self, not _provably_unequal(numel(tuple(shape)), x.numel),
-                f"element count differs: {x.numel} vs shape {list(self.shape)}", x)  # fmt: skip
+        require(
+            self,
+            not _provably_unequal(numel(tuple(shape)), x.numel),
+            f"element count differs: {x.numel} vs shape {list(self.shape)}",
+            x,
+        )
         return (TensorType(tuple(shape), x.dtype),)
 
     def reference(self, x):
@@ -149,7 +157,12 @@ class Concat(_Shape):
     def infer_type(self, *xs: TensorType):
         require(self, len(xs) >= 1, "needs at least one operand", *xs)
         rank = xs[0].rank
-        require(self, rank >= 1 and all(t.rank == rank for t in xs), "operands need equal rank >= 1", *xs)
+        require(
+            self,
+            rank >= 1 and all(t.rank == rank for t in xs),
+            "operands need equal rank >= 1",
+            *xs,
+        )
         d = norm_dim(self, self.dim, rank, *xs)
         for t in xs:
             same = all(a == b for i, (a, b) in enumerate(zip(t.shape, xs[0].shape)) if i != d)
@@ -163,9 +176,9 @@ class Concat(_Shape):
         return (TensorType(tuple(shape), dtype),)
 
     def reference(self, *xs):
-        dtype = torch.result_type(xs[0], xs[0]) if len(xs) == 1 else None
-        for t in xs[1:]:
-            dtype = torch.promote_types(dtype or xs[0].dtype, t.dtype)
+        from ir.types import DType
+
+        dtype = result_dtype(*(TensorType((1,), DType.from_torch(t.dtype)) for t in xs)).to_torch()
         return (torch.cat([t.to(dtype) for t in xs], dim=self.dim),)
 
 
@@ -181,7 +194,9 @@ class Pad(_Shape):
 
     def infer_type(self, x: TensorType):
         n = len(self.pads)
-        require(self, n % 2 == 0 and n // 2 <= x.rank, f"pads {list(self.pads)}: need pairs, <= rank", x)
+        require(
+            self, n % 2 == 0 and n // 2 <= x.rank, f"pads {list(self.pads)}: need pairs, <= rank", x
+        )
         shape = list(x.shape)
         for i in range(n // 2):
             d = x.rank - 1 - i
@@ -283,7 +298,3 @@ class Repeat(_Shape):
 
     def reference(self, x):
         return (x.repeat(self.repeats),)
-
-
-# keep broadcast_shapes importable from here for ops defined later in this family
-__all__ = ["broadcast_shapes"]

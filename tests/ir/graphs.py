@@ -19,7 +19,9 @@ def moe_gate() -> ir.Graph:
     h = bl.op("embedding", [emb, tok], loc=Loc("embed", "model.py:88"))
     s = bl.op("matmul", [h, wg], loc=Loc("layers.0.ffn.gate"))
     p = bl.op("softmax", [s], dim=-1, name="scores")
-    v, idx = bl.op("topk", [p], k=2, loc=Loc("layers.0.ffn.gate", "model.py:120"), name=("vals", "idx"))
+    v, idx = bl.op(
+        "topk", [p], k=2, loc=Loc("layers.0.ffn.gate", "model.py:120"), name=("vals", "idx")
+    )
     half = bl.op("slice", [h], dim=1, start=0, end=T // 2, loc=Loc(source="model.py:7"))
     c = bl.constant(0.5, f32)
     m = bl.op("mul", [v, c])

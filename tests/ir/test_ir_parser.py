@@ -36,7 +36,13 @@ def test_good_text_parses() -> None:
     [
         ("softmax(", "softmx(", 3, "softmx", "unknown op 'softmx'"),
         ("dim=-1", "axis=-1", 3, "axis", "unknown attribute 'axis' for softmax; known: dim"),
-        ("dim=-1", 'dim="last"', 3, '"last"', "attribute dim of softmax: expected int, got str 'last'"),
+        (
+            "dim=-1",
+            'dim="last"',
+            3,
+            '"last"',
+            "attribute dim of softmax: expected int, got str 'last'",
+        ),
         ("dim=-1", "dim=1.5", 3, "1.5", "expected int, got float 1.5"),
         ("dim=-1", "dim=-1, dim=0", 3, "dim=0", "attribute 'dim' given twice"),
         ("matmul(%x, %w)", "matmul(%x, %v)", 2, "%v", "undefined value %v"),
@@ -54,7 +60,7 @@ def test_good_text_parses() -> None:
         ("dim=-1", "dim=", 3, ")", "expected an attribute value, got op ')'"),
         ("%x: f32", "%x f32", 1, "f32", "expected ':' before the type"),
     ],
-)  # fmt: skip
+)
 def test_errors_have_position_and_caret(old, new, line, anchor, fragment) -> None:
     assert old in GOOD
     text = GOOD.replace(old, new, 1)
@@ -77,7 +83,9 @@ def test_missing_required_attribute() -> None:
 
 def test_trailing_garbage_and_deep_nesting() -> None:
     assert "end of input after the graph" in _err(GOOD + "graph").msg
-    deep = GOOD.replace("f32[T,4] = softmax", "f32[" + "(" * 5000 + "T" + ")" * 5000 + ",4] = softmax")
+    deep = GOOD.replace(
+        "f32[T,4] = softmax", "f32[" + "(" * 5000 + "T" + ")" * 5000 + ",4] = softmax"
+    )
     assert "nesting deeper than" in _err(deep).msg
     assert "exponent" in _err(GOOD.replace("f32[T,4] = softmax", "f32[T**100000,4] = softmax")).msg
 
@@ -90,7 +98,7 @@ def test_non_string_input_is_a_type_error() -> None:
 # --- fuzzing -----------------------------------------------------------------------------------
 
 CORPUS = [ir.to_text(make()) for make in graphs.ALL.values()] + [GOOD]
-ALPHABET = "%:[](){},=#@.-+*/\" \n\tabcdefTBx0123456789_"
+ALPHABET = '%:[](){},=#@.-+*/" \n\tabcdefTBx0123456789_'
 
 
 def _parse_or_parse_error(text: str) -> None:
@@ -104,9 +112,17 @@ def _parse_or_parse_error(text: str) -> None:
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(CORPUS), st.data())
 def test_fuzz_mutations(text: str, data) -> None:
-    ops = data.draw(st.lists(st.tuples(st.sampled_from(["del", "ins", "rep", "cut", "dup"]),
-                                       st.integers(0, len(text)), st.text(ALPHABET, max_size=4)),
-                             min_size=1, max_size=4))  # fmt: skip
+    ops = data.draw(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["del", "ins", "rep", "cut", "dup"]),
+                st.integers(0, len(text)),
+                st.text(ALPHABET, max_size=4),
+            ),
+            min_size=1,
+            max_size=4,
+        )
+    )
     for kind, pos, s in ops:
         pos = min(pos, len(text))
         if kind == "del":

@@ -43,10 +43,19 @@ def test_text_form_reads_as_documented() -> None:
 def test_attribute_values_print_and_parse() -> None:
     g = graphs.attrs_zoo()
     text = ir.to_text(g)
-    for frag in ("min=none, max=inf", "min=-0.0, max=1e+30", "beta=nan, threshold=-1e-30",
-                 "shape=[T, D, 4]", "shape=[-1, 4]", "start=T - T//4 - 1, end=none, step=2",
-                 "pads=[1, -1, 0, T % 128], value=-2", "dims=[], keepdim=false", "dim=none, keepdim=true",
-                 "shape=[T + 8, 2], value=true, dtype=bool", "start=1, end=2*T, step=3, dtype=i32"):  # fmt: skip
+    for frag in (
+        "min=none, max=inf",
+        "min=-0.0, max=1e+30",
+        "beta=nan, threshold=-1e-30",
+        "shape=[T, D, 4]",
+        "shape=[-1, 4]",
+        "start=T - T//4 - 1, end=none, step=2",
+        "pads=[1, -1, 0, T % 128], value=-2",
+        "dims=[], keepdim=false",
+        "dim=none, keepdim=true",
+        "shape=[T + 8, 2], value=true, dtype=bool",
+        "start=1, end=2*T, step=3, dtype=i32",
+    ):
         assert frag in text, frag
     g2 = ir.parse(text)
     clamp = g2.ops[1].op
@@ -56,7 +65,9 @@ def test_attribute_values_print_and_parse() -> None:
 
 def test_nested_body_is_printed_inline_and_indented() -> None:
     text = ir.to_text(graphs.fused())
-    assert "= fused.kernel(%x, %layers.1.mlp.bias, body=graph fused_0(%p: f32[T,8] activation" in text
+    assert (
+        "= fused.kernel(%x, %layers.1.mlp.bias, body=graph fused_0(%p: f32[T,8] activation" in text
+    )
     assert "\n    %2: f32[T,8] = silu(%1)\n" in text  # body ops one level deeper
     assert "\n      %e: f32[T,8] = exp(%u)\n" in text  # doubly nested
     assert "\n  })  # layers.1.mlp\n" in text
@@ -91,8 +102,13 @@ def test_structural_equality_details() -> None:
 
 
 def test_loc_quoting_roundtrip() -> None:
-    locs = [ir.Loc("a @ b", "x.py:1"), ir.Loc(' spaced ', ""), ir.Loc("", ""), ir.Loc('q"uote', "#1 @2"),
-            ir.Loc("m", "")]  # fmt: skip
+    locs = [
+        ir.Loc("a @ b", "x.py:1"),
+        ir.Loc(" spaced ", ""),
+        ir.Loc("", ""),
+        ir.Loc('q"uote', "#1 @2"),
+        ir.Loc("m", ""),
+    ]
     bl = ir.Builder()
     v = bl.input("x", TensorType((2,), DType.f32))
     for loc in locs:
@@ -129,10 +145,20 @@ T, B = ir.sym("T"), ir.sym("B")
 
 @pytest.mark.parametrize(
     "expr,text",
-    [(T // 4, "T//4"), (T + 8, "T + 8"), (4 * T, "4*T"), (sympy.Max(T, 4), "Max(4, T)"),
-     (T % 128, "T % 128"), (T - 1, "T - 1"), (B * T, "B*T"), ((T + 3) % 128, "(T + 3) % 128"),
-     (sympy.ceiling(T / 4), "ceiling(T/4)"), (T**2, "T**2"), (sympy.Min(T, 8) - 2, "Min(8, T) - 2")],
-)  # fmt: skip
+    [
+        (T // 4, "T//4"),
+        (T + 8, "T + 8"),
+        (4 * T, "4*T"),
+        (sympy.Max(T, 4), "Max(4, T)"),
+        (T % 128, "T % 128"),
+        (T - 1, "T - 1"),
+        (B * T, "B*T"),
+        ((T + 3) % 128, "(T + 3) % 128"),
+        (sympy.ceiling(T / 4), "ceiling(T/4)"),
+        (T**2, "T**2"),
+        (sympy.Min(T, 8) - 2, "Min(8, T) - 2"),
+    ],
+)
 def test_dim_text(expr, text) -> None:
     assert dim_str(canon_dim(expr)) == text
     assert parse_dim(text) == canon_dim(expr)
@@ -154,11 +180,15 @@ def _combine(children):
     pair = st.tuples(children, children)
     div = st.tuples(children, _divisors)
     return st.one_of(
-        pair.map(lambda p: p[0] + p[1]), pair.map(lambda p: p[0] - p[1]), pair.map(lambda p: p[0] * p[1]),
-        div.map(lambda p: sympy.floor(p[0] / p[1])), div.map(lambda p: sympy.Mod(p[0], p[1])),
-        pair.map(lambda p: sympy.Max(p[0], p[1])), pair.map(lambda p: sympy.Min(p[0], p[1])),
+        pair.map(lambda p: p[0] + p[1]),
+        pair.map(lambda p: p[0] - p[1]),
+        pair.map(lambda p: p[0] * p[1]),
+        div.map(lambda p: sympy.floor(p[0] / p[1])),
+        div.map(lambda p: sympy.Mod(p[0], p[1])),
+        pair.map(lambda p: sympy.Max(p[0], p[1])),
+        pair.map(lambda p: sympy.Min(p[0], p[1])),
         div.map(lambda p: sympy.ceiling(p[0] / p[1])),
-    )  # fmt: skip
+    )
 
 
 @settings(max_examples=150, deadline=None)

@@ -31,8 +31,13 @@ def test_valid_graphs_verify() -> None:
 def test_use_before_def_shows_context_with_marker() -> None:
     g = graphs.chain(20)
     g.ops[10], g.ops[11] = g.ops[11], g.ops[10]
-    msg = _fails(g, "verify: operand %10 is used before it is defined", "in graph chain, at op 10:",
-                 "  >>> %11: f32[4] = exp(%10)", "fix: define it earlier")  # fmt: skip
+    msg = _fails(
+        g,
+        "verify: operand %10 is used before it is defined",
+        "in graph chain, at op 10:",
+        "  >>> %11: f32[4] = exp(%10)",
+        "fix: define it earlier",
+    )
     lines = msg.splitlines()
     marked = [i for i, l in enumerate(lines) if l.startswith("  >>> ")]
     assert len(marked) == 1
@@ -91,15 +96,22 @@ def test_infer_type_error_is_reported_at_the_op() -> None:
     g = bl.build()
     n = g.ops[0]
     g.ops[0] = Node(n.op, (a, a), n.results)
-    _fails(g, "type error: matmul(f32[3,5], f32[3,5]): contracted dims differ: 5 vs 3",
-           ">>> %0: f32[3,2] = matmul(%a, %a)")  # fmt: skip
+    _fails(
+        g,
+        "type error: matmul(f32[3,5], f32[3,5]): contracted dims differ: 5 vs 3",
+        ">>> %0: f32[3,2] = matmul(%a, %a)",
+    )
 
 
 def test_attribute_schema() -> None:
     g = graphs.moe_gate()
     op = g.ops[2].op
     object.__setattr__(op, "dim", "last")
-    _fails(g, "attribute dim of softmax: expected int, got str 'last'", ">>> %scores: f32[B,T,8] = softmax(")
+    _fails(
+        g,
+        "attribute dim of softmax: expected int, got str 'last'",
+        ">>> %scores: f32[B,T,8] = softmax(",
+    )
 
 
 def test_result_arity() -> None:
@@ -142,9 +154,14 @@ def test_nested_body_verified_recursively() -> None:
     body = g.ops[0].op.body
     n = body.ops[0]
     body.ops[0] = Node(n.op, n.operands, (Value(n.results[0].name, TensorType((8,), f32)),))
-    _fails(g, "nested graph `body` is invalid", "in graph outer/op 0 (fused.kernel).body",
-           "result %0 is recorded as f32[8] but add infers f32[T,8]", ">>> %0: f32[8] = add(%p, %q)",
-           ">>> %0: f32[T,8], %1: f32[T,8] = fused.kernel(%x, ")  # fmt: skip
+    _fails(
+        g,
+        "nested graph `body` is invalid",
+        "in graph outer/op 0 (fused.kernel).body",
+        "result %0 is recorded as f32[8] but add infers f32[T,8]",
+        ">>> %0: f32[8] = add(%p, %q)",
+        ">>> %0: f32[T,8], %1: f32[T,8] = fused.kernel(%x, ",
+    )
 
 
 def test_builder_verifies_on_build() -> None:
