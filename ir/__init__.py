@@ -14,8 +14,9 @@ Importing `ir` does not import torch (the reference semantics import it on first
 """
 
 from ir.core import OPS, ROLES, Cost, Graph, Kind, Loc, Node, Op, Value, register
+from ir.core import check_value_name as check_name
 from ir.errors import IRTypeError, ParseError, VerifyError
-from ir.symbolic import Dim, sym
+from ir.symbolic import Dim, same_dim, same_shape, sym
 from ir.types import DType, TensorType
 
 from ir import ops as _ops  # noqa: F401,E402  (registers the op library)
@@ -55,4 +56,7 @@ __all__ = [
     "assert_structural_equal",
     "to_networkx",
     "to_dot",
+    "check_name",
+    "same_dim",
+    "same_shape",
 ]

@@ -237,6 +237,8 @@ def schema_name(tp: Any) -> str:
     if origin is tuple:
         return f"list of {schema_name(args[0])}"
     if origin in (Union, types.UnionType):
+        if {bool, int, float, sympy.Expr} <= set(args):
+            return "scalar (bool, int, float) or symbolic int expression"
         if sympy.Expr in args:
             return "dim (int or symbolic expression)"
         return " or ".join(schema_name(a) for a in args)
@@ -293,6 +295,10 @@ def _coerce_union(args: tuple, v: Any, bad: _Bad) -> Any:
     if v is None:
         return None if type(None) in args else bad
     rest = tuple(a for a in args if a is not type(None))
+    if {bool, int, float, sympy.Expr} <= set(rest):  # Scalar or symbolic integer
+        if isinstance(v, (bool, int, float)) and not isinstance(v, sympy.Basic):
+            return v
+        rest = (int, sympy.Expr)
     if sympy.Expr in rest:  # Dim
         try:
             return canon_dim(v)

@@ -21,7 +21,10 @@ import sympy
 
 from ir.errors import IRTypeError
 
-__all__ = ["Dim", "sym", "canon_dim", "dim_str", "parse_dim", "subs_dim", "RESERVED"]
+__all__ = [
+    "Dim", "sym", "canon_dim", "dim_str", "parse_dim", "subs_dim", "same_dim", "same_shape",
+    "RESERVED",
+]  # fmt: skip
 
 Dim = Union[int, sympy.Expr]
 
@@ -76,6 +79,21 @@ def subs_dim(d: Dim, env: dict) -> Dim:
     if isinstance(d, int):
         return d
     return canon_dim(d.xreplace({k: sympy.Integer(v) for k, v in env.items()}))
+
+
+def same_dim(a: Dim, b: Dim) -> bool:
+    """Equal as integers for every value of the symbols (sympy decides; unknown -> False)."""
+    a, b = canon_dim(a), canon_dim(b)
+    if a == b:
+        return True
+    if isinstance(a, int) and isinstance(b, int):
+        return False
+    return sympy.simplify(sympy.sympify(a) - sympy.sympify(b)) == 0
+
+
+def same_shape(a, b) -> bool:
+    """Shapes of equal rank whose dims are `same_dim`."""
+    return len(a) == len(b) and all(same_dim(x, y) for x, y in zip(a, b))
 
 
 # --- printing -------------------------------------------------------------------------------

@@ -14,7 +14,12 @@ from ir.symbolic import Dim, canon_dim
 from ir.types import DType, Scalar, TensorType
 
 
-def _check_value(op: Op, value: Scalar, dtype: DType) -> None:
+def _check_value(op: Op, value: Scalar | Dim, dtype: DType) -> None:
+    if isinstance(value, sympy.Expr):
+        require(
+            op, dtype in (DType.i64, DType.i32), f"symbolic value {value} needs an i64/i32 dtype"
+        )
+        return
     if (
         isinstance(value, float)
         and not dtype.is_float
@@ -33,12 +38,13 @@ def _check_value(op: Op, value: Scalar, dtype: DType) -> None:
 @register
 @dataclass(frozen=True)
 class Constant(Op):
-    """A 0-d tensor holding `value` (scalars in the IR are 0-d tensors)."""
+    """A 0-d tensor holding `value` (scalars in the IR are 0-d tensors). `value` may be a symbolic
+    integer expression (e.g. `T - 1`, dtype i64/i32), bound to an int when the graph runs."""
 
     mnemonic = "constant"
     kind = Kind.ELEMENTWISE
     num_operands = 0
-    value: Scalar = 0.0
+    value: Scalar | Dim = 0.0
     dtype: DType = DType.f32
 
     def infer_type(self):
@@ -55,13 +61,13 @@ class Constant(Op):
 @register
 @dataclass(frozen=True)
 class Full(Op):
-    """A tensor of `shape` filled with `value`."""
+    """A tensor of `shape` filled with `value` (a scalar or a symbolic integer expression)."""
 
     mnemonic = "full"
     kind = Kind.ELEMENTWISE
     num_operands = 0
     shape: tuple[Dim, ...] = ()
-    value: Scalar = 0.0
+    value: Scalar | Dim = 0.0
     dtype: DType = DType.f32
 
     def infer_type(self):

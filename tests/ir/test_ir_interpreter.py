@@ -136,3 +136,22 @@ def test_import_ir_does_not_import_torch() -> None:
     code = "import sys, ir; print('torch' in sys.modules, 'networkx' in sys.modules, len(ir.OPS))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False", str(len(ir.OPS))]
+
+
+def test_symbolic_constant_and_helpers() -> None:
+    bl = ir.Builder(name="sc")
+    x = bl.input("x", TensorType((T, 2), f32))
+    c = bl.op("constant", [], value=T - 1, dtype=DType.i64)
+    fl = bl.op("full", [], shape=(2,), value=2 * T, dtype=DType.i32)
+    bl.output(bl.op("mul", [x, c]), fl)
+    g = bl.build()
+    assert "= constant(value=T - 1, dtype=i64)" in ir.to_text(g)
+    assert ir.parse(ir.to_text(g)) == g
+    y, f = ir.interpret(g, torch.ones(5, 2), check=True)
+    assert y.tolist() == [[4.0, 4.0]] * 5 and f.tolist() == [10, 10]
+    with pytest.raises(ir.IRTypeError, match="symbolic value T needs an i64/i32 dtype"):
+        bl.op("constant", [], value=T, dtype=f32)
+    assert ir.same_shape((T * (T + 1) - T**2, 3), (T, 3)) and not ir.same_shape((T,), (T, 1))
+    assert ir.check_name("layers.0.w") == "layers.0.w"
+    with pytest.raises(ir.IRTypeError, match="invalid value name"):
+        ir.check_name("a-b")

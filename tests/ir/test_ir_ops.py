@@ -344,6 +344,7 @@ def test_op_matches_torch(sample: Sample) -> None:
         return
     for symbolic in (False, True):
         g, got, _ = _run(sample, symbolic)
+        assert ir.parse(ir.to_text(g)) == g  # every table graph round-trips too
         assert len(got) == len(expected)
         for o, e in zip(got, expected):
             assert o.dtype == e.dtype, (sample.id(), o.dtype, e.dtype)
