@@ -1,0 +1,426 @@
+"""Capture a PyTorch module into an `ir.Graph`.
+
+    graph = capture(model, (tokens,), dynamic={"tokens": {0: "B", 1: "T"}}, method="prefill")
+
+Three steps:
+1. `torch.export` (non-strict) traces `module.<method>` with every dimension named in `dynamic`
+   left symbolic (`Dim.AUTO`). Works on the `meta` device, so the largest presets capture without
+   allocating weights.
+2. `run_decompositions` lowers to core ATen, except for the ops fusion wants to see whole
+   (`KEEP`: linear, softmax, silu, softplus, ...).
+3. Every fx node goes through `frontend.aten.TABLE`. Parameters and buffers become graph inputs
+   named as in `module.state_dict()`; user inputs are named after the method's parameters
+   (`tokens`, `cache.layers.0.attn.window_kv`). Each op keeps its module path and the user's
+   source line as provenance, and each result type is checked against torch's own shape
+   propagation.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import sympy
+import torch
+from torch.export import Dim, ExportedProgram
+from torch.export.graph_signature import InputKind, OutputKind
+from torch.utils import _pytree as pytree
+
+import ir
+from ir.core import check_value_name
+from frontend import aten as aten_table
+from frontend.symbolic import to_ir_expr
+
+# Ops fusion needs to see whole; everything else lowers to core ATen.
+KEEP = (
+    torch.ops.aten.linear.default,
+    torch.ops.aten.softmax.int,
+    torch.ops.aten._softmax.default,
+    torch.ops.aten.log_softmax.int,
+    torch.ops.aten._log_softmax.default,
+    torch.ops.aten.silu.default,
+    torch.ops.aten.softplus.default,
+    torch.ops.aten.embedding.default,
+    torch.ops.aten.matmul.default,
+)
+
+DynamicSpec = Mapping[str, Mapping[int, str]] | None
+
+
+class CaptureError(RuntimeError):
+    """The module could not be captured; the message says where and how to fix it."""
+
+
+class UnsupportedOpError(CaptureError):
+    """An ATen op has no translator. Carries the op, the module path and the user's source."""
+
+    def __init__(self, op: str, module_path: str, source: str, code: str, hint: str) -> None:
+        self.op, self.module_path, self.source = op, module_path, source
+        where = f"  in module {module_path or '<root>'}, at {source or '<unknown source>'}"
+        lines = [f"unsupported ATen op {op}", where]
+        if code:
+            lines.append(f"    {code}")
+        lines.append(f"  hint: {hint}")
+        super().__init__("\n".join(lines))
+
+
+def capture(
+    module: torch.nn.Module,
+    example_inputs: Sequence[Any],
+    *,
+    dynamic: DynamicSpec = None,
+    method: str = "forward",
+    name: str | None = None,
+) -> ir.Graph:
+    """Trace `module.<method>(*example_inputs)` into a verified IR graph.
+
+    `dynamic` maps an input's parameter name to `{dim index: symbol name}`; for a dict or list
+    input the same dims are symbolic in every tensor inside it (`{"cache": {0: "B"}}`).
+    """
+    arg_names = _argument_names(module, method, len(example_inputs))
+    program = _export(module, tuple(example_inputs), arg_names, dynamic, method)
+    graph = _Translator(program, arg_names, dynamic or {}, name or method).run()
+    ir.verify(graph)
+    return graph
+
+
+# --- export --------------------------------------------------------------------------------
+
+
+class _Method(torch.nn.Module):
+    """Exposes `module.<method>` as `forward`, so torch.export can trace any entry point."""
+
+    def __init__(self, module: torch.nn.Module, method: str) -> None:
+        super().__init__()
+        self.module = module
+        self.method = method
+
+    def forward(self, *args: Any) -> Any:
+        return getattr(self.module, self.method)(*args)
+
+
+def _argument_names(module: torch.nn.Module, method: str, count: int) -> list[str]:
+    fn = getattr(module, method, None)
+    if fn is None or not callable(fn):
+        raise CaptureError(
+            f"{type(module).__name__} has no method {method!r} to capture; "
+            f"pass method= one of its entry points (e.g. 'forward')"
+        )
+    params = [p for p in inspect.signature(fn).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    names = [p.name for p in params if p.kind is not p.VAR_POSITIONAL][:count]
+    names += [f"arg{i}" for i in range(len(names), count)]
+    for n in names:
+        check_value_name(n, "input")
+    return names
+
+
+def _export(module, inputs, arg_names, dynamic: DynamicSpec, method: str) -> ExportedProgram:
+    unknown = set(dynamic or {}) - set(arg_names)
+    if unknown:
+        raise CaptureError(
+            f"dynamic= names {sorted(unknown)}, which are not inputs of {method}; "
+            f"its inputs are {arg_names}"
+        )
+    shapes = None
+    if dynamic:
+        shapes = tuple(
+            pytree.tree_map(lambda _t, d=dynamic.get(n, {}): {i: Dim.AUTO for i in d} or None, x)
+            for n, x in zip(arg_names, inputs)
+        )
+    try:
+        program = torch.export.export(_Method(module, method), inputs, dynamic_shapes=None if shapes is None else (shapes,), strict=False)
+    except Exception as err:  # torch's own message is the useful part; say what we were doing
+        raise CaptureError(f"torch.export could not trace {type(module).__name__}.{method}:\n{err}") from err
+    table = torch.export.default_decompositions()
+    for op in KEEP:
+        if op in table:
+            del table[op]
+    return program.run_decompositions(table)
+
+
+# --- translation ---------------------------------------------------------------------------
+
+
+class _Translator:
+    """Walks one exported program and builds the IR graph (one instance per capture)."""
+
+    def __init__(self, program: ExportedProgram, arg_names: list[str], dynamic: Mapping, name: str):
+        self.program = program
+        self.arg_names = arg_names
+        self.dynamic = dynamic
+        self.builder = ir.Builder(name=name)
+        self.env: dict[torch.fx.Node, Any] = {}
+        self.symbols: dict[sympy.Symbol, sympy.Symbol] = {}
+        self.node: torch.fx.Node | None = None
+        self.loc: ir.Loc | None = None
+
+    def run(self) -> ir.Graph:
+        placeholders = [n for n in self.program.graph.nodes if n.op == "placeholder"]
+        self._bind_symbols(placeholders)
+        self._add_inputs(placeholders)
+        for node in self.program.graph.nodes:
+            if node.op == "call_function":
+                self._translate(node)
+        self._add_outputs()
+        return self.builder.build()
+
+    # inputs and outputs
+
+    def _user_input_names(self) -> list[str]:
+        """Flattened user-input names in export order: `tokens`, `cache.layers.0.attn.kv`."""
+        names = []
+        for arg_name, (path, _leaf) in self._user_leaves():
+            names.append(_path_name(arg_name, path))
+        return names
+
+    def _user_leaves(self):
+        args, _kwargs = self.program.example_inputs
+        for arg_name, arg in zip(self.arg_names, args):
+            for path, leaf in pytree.tree_flatten_with_path(arg)[0]:
+                yield arg_name, (path, leaf)
+
+    def _bind_symbols(self, placeholders: list[torch.fx.Node]) -> None:
+        """Name torch's shape symbols after the user's `dynamic=` spec."""
+        user = [s for s in self.program.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+        by_name = {n.name: n for n in placeholders}
+        leaves = list(self._user_leaves())
+        for spec, (arg_name, (path, _leaf)) in zip(user, leaves):
+            fake = by_name[spec.arg.name].meta["val"]
+            for dim, sym_name in self.dynamic.get(arg_name, {}).items():
+                size = fake.shape[dim]
+                where = f"dim {dim} of input {_path_name(arg_name, path)!r}"
+                if not isinstance(size, torch.SymInt) or not size.node.expr.is_Symbol:
+                    raise CaptureError(
+                        f"{where} was declared dynamic ({sym_name}) but torch.export specialised "
+                        f"it to {size}; use an example size other than 0 or 1 and check the model "
+                        "has no code that branches on that size"
+                    )
+                target = ir.sym(sym_name)
+                previous = self.symbols.get(size.node.expr)
+                if previous is not None and previous != target:
+                    raise CaptureError(f"{where} is the same size as {previous} but was named {sym_name}")
+                self.symbols[size.node.expr] = target
+
+    def _add_inputs(self, placeholders: list[torch.fx.Node]) -> None:
+        by_name = {n.name: n for n in placeholders}
+        user_names = iter(self._user_input_names())
+        prefix = "module."
+        for spec in self.program.graph_signature.input_specs:
+            node = by_name[spec.arg.name]
+            if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
+                name, role = spec.target.removeprefix(prefix), "parameter"
+            elif spec.kind == InputKind.USER_INPUT:
+                name, role = next(user_names), "activation"
+            else:
+                raise CaptureError(
+                    f"input {spec.arg.name} is a {spec.kind.name.lower()} "
+                    f"({spec.target}); tensors created inside forward with torch.tensor(...) "
+                    "cannot be captured as parameters — register them as buffers instead"
+                )
+            if name.startswith("cache"):
+                role = "cache"
+            self.env[node] = self.builder.input(name, self._type_of_fake(node.meta["val"], name), role=role)
+
+    def _add_outputs(self) -> None:
+        output = next(n for n in self.program.graph.nodes if n.op == "output")
+        results = pytree.tree_leaves(output.args[0])
+        specs = self.program.graph_signature.output_specs
+        mutated = [s.target for s in specs if s.kind != OutputKind.USER_OUTPUT]
+        if mutated:
+            raise CaptureError(
+                f"the captured method mutates {mutated} in place; dsv4c graphs are pure — "
+                "return the updated tensors instead"
+            )
+        self.builder.output(*[self.env[r] for r in results])
+
+    # one node
+
+    def _translate(self, node: torch.fx.Node) -> None:
+        target = node.target
+        val = node.meta.get("val")
+        if target in aten_table.IGNORED_OPS:
+            return
+        if isinstance(val, (torch.SymInt, int)) and not isinstance(val, bool) and target in aten_table.SIZE_OPS:
+            self.env[node] = self._dim(val)
+            return
+        if target is _getitem:
+            container, index = node.args
+            self.env[node] = self.env[container][index]
+            return
+        translator = aten_table.lookup(target)
+        module_path, source, code = _provenance(node)
+        if translator is None:
+            raise UnsupportedOpError(_op_name(target), module_path, source, code, _hint(target))
+        self.node = node
+        self.loc = ir.Loc(module=module_path, source=source)
+        args = [self._arg(a) for a in node.args]
+        kwargs = {k: self._arg(v) for k, v in node.kwargs.items() if k not in _IGNORED_KWARGS}
+        try:
+            result = translator(self, *args, **kwargs)
+        except (ir.IRTypeError, TypeError, ValueError) as err:
+            raise CaptureError(
+                f"could not translate {_op_name(target)} in module {module_path or '<root>'} "
+                f"at {source}:\n    {code}\n  {err}"
+            ) from err
+        self._check_types(result, val, target)
+        self.env[node] = result
+
+    def _arg(self, a: Any) -> Any:
+        if isinstance(a, torch.fx.Node):
+            return self.env[a]
+        if isinstance(a, (list, tuple)):
+            return type(a)(self._arg(x) for x in a)
+        if isinstance(a, torch.SymInt):
+            return self._dim(a)
+        return a
+
+    def _dim(self, size: torch.SymInt | int) -> ir.Dim:
+        if isinstance(size, int):
+            return size
+        return to_ir_expr(size.node.expr, self.symbols)
+
+    def _type_of_fake(self, fake: torch.Tensor, where: str) -> ir.TensorType:
+        shape = tuple(self._dim(s) for s in fake.shape)
+        return ir.TensorType(shape, ir.DType.from_torch(fake.dtype))
+
+    def _check_types(self, result: Any, val: Any, target: Any) -> None:
+        """The IR's inferred types must agree with torch's (same dtype, same sizes)."""
+        results = result if isinstance(result, tuple) else (result,)
+        vals = val if isinstance(val, (tuple, list)) else (val,)
+        for value, fake in zip(results, vals):
+            if not isinstance(fake, torch.Tensor):
+                continue
+            want = self._type_of_fake(fake, value.name)
+            got = value.type
+            if got.dtype == want.dtype and _same_shape(got.shape, want.shape):
+                continue
+            module_path, source, code = _provenance(self.node)
+            raise CaptureError(
+                f"frontend bug: {_op_name(target)} translated to {got} but torch computes {want}\n"
+                f"  in module {module_path or '<root>'}, at {source}:\n    {code}\n"
+                "  please report this with the module that triggered it"
+            )
+
+    # helpers the translators call (the `cx` of frontend/aten.py)
+
+    def op(self, mnemonic: str, *operands: Any, **attrs: Any) -> Any:
+        return self.builder.op(mnemonic, list(operands), loc=self.loc, **attrs)
+
+    def const(self, value: Any, dtype: ir.DType | None = None) -> ir.Value:
+        if dtype is None:
+            dtype = ir.DType.bool if isinstance(value, bool) else ir.DType.i64 if isinstance(value, int) else ir.DType.f32
+        return self.op("constant", value=value, dtype=dtype)
+
+    def operands(self, *args: Any, like: Any = None) -> tuple[ir.Value, ...]:
+        """Python scalars become 0-d constants: floats f32, ints i64, bools bool.
+
+        As 0-d tensors they promote like torch's scalars (they only win across categories).
+        A symbolic size used as a value (`x * T`) becomes an i64 constant expression.
+        """
+        out = []
+        for a in args:
+            if isinstance(a, ir.Value):
+                out.append(a)
+            elif isinstance(a, sympy.Basic):
+                out.append(self.op("constant", value=a, dtype=ir.DType.i64))
+            else:
+                out.append(self.const(a))
+        return tuple(out)
+
+    def type_of(self, v: ir.Value) -> ir.TensorType:
+        return v.type
+
+    def expected_dtype(self) -> ir.DType:
+        val = self.node.meta["val"]
+        fake = val[0] if isinstance(val, (tuple, list)) else val
+        return ir.DType.from_torch(fake.dtype)
+
+
+_getitem = __import__("operator").getitem
+_IGNORED_KWARGS = {"device", "layout", "pin_memory", "memory_format", "non_blocking", "copy"}
+
+
+def _same_shape(a: tuple, b: tuple) -> bool:
+    """Equal ranks and dims; symbolic dims compared by value at a few sample sizes."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if x == y:
+            continue
+        diff = sympy.sympify(x) - sympy.sympify(y)
+        symbols = sorted(diff.free_symbols, key=str)
+        if not symbols:
+            return False
+        for sample in (37, 64, 129, 1000):
+            if diff.subs({s: sample for s in symbols}) != 0:
+                return False
+    return True
+
+
+def _path_name(arg_name: str, path: tuple) -> str:
+    parts = [arg_name]
+    for key in path:
+        k = getattr(key, "key", getattr(key, "idx", getattr(key, "name", key)))
+        parts.append(str(k))
+    return ".".join(parts)
+
+
+def _op_name(target: Any) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        return f"aten.{target.__name__}" if target.namespace == "aten" else target.name()
+    return getattr(target, "__name__", str(target))
+
+
+def _hint(target: Any) -> str:
+    base = getattr(target, "__name__", str(target)).split(".")[0]
+    if base in aten_table.ALTERNATIVES:
+        return aten_table.ALTERNATIVES[base]
+    import difflib
+
+    known = sorted({_op_name(t).removeprefix("aten.").split(".")[0] for t in aten_table.TABLE if not isinstance(t, str)})
+    close = difflib.get_close_matches(base, known, n=3)
+    suffix = f"; similar supported ops: {', '.join(close)}" if close else ""
+    return (
+        "rewrite this line with supported ops, or add a translator for it to "
+        f"frontend/aten.py{suffix}"
+    )
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+def _provenance(node: torch.fx.Node | None) -> tuple[str, str, str]:
+    """(module path, 'file.py:line', source code) of the innermost user frame of `node`."""
+    if node is None:
+        return "", "", ""
+    stack = node.meta.get("nn_module_stack") or {}
+    module_path = ""
+    if stack:
+        key, _ = list(stack.values())[-1]
+        module_path = _clean_module_path(key)
+    trace = node.meta.get("stack_trace") or ""
+    source, code = "", ""
+    lines = trace.strip().splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        line = lines[i].strip()
+        if not line.startswith("File "):
+            continue
+        path = line.split('"')[1] if '"' in line else ""
+        if path.startswith(_TORCH_DIR) or path.startswith("torch/") or "/frontend/capture.py" in path:
+            continue
+        lineno = line.split("line ")[1].split(",")[0] if "line " in line else "?"
+        source = f"{os.path.basename(path)}:{lineno}"
+        code = lines[i + 1].strip() if i + 1 < len(lines) else ""
+        break
+    return module_path, source, code
+
+
+def _clean_module_path(key: str) -> str:
+    """`L['self'].module.layers[0].attn` or `module.layers.0.attn` -> `layers.0.attn`."""
+    key = key.replace("L['self']", "").replace("['", ".").replace("']", "")
+    key = key.replace("[", ".").replace("]", "").strip(".")
+    if key == "module" or key.startswith("module."):
+        key = key[len("module") :].lstrip(".")
+    return key
