@@ -1,0 +1,193 @@
+"""DeepSeek-V4 hyper-parameters: the `Config` dataclass, its presets and the HF config reader.
+
+Field names follow the official inference `ModelArgs` where one exists; `Config.from_hf` maps the
+Hugging Face `config.json` keys (v4-architecture.md §2.1) onto them. Presets:
+
+    v4-flash, v4-pro   the official models, exact §2.1 values (from_hf(config.json) == preset)
+    tiny               every layer type (SWA-only, CSA ratio 4 + indexer, HCA ratio 8), hash and
+                       score routing, shared expert, MTP — runs prefill + decode in seconds on a CPU
+    tiny-512           the real head geometry (512 = 448 NoPE + 64 RoPE) on two small layers
+    small              CPU-benchmark size: head dim 512, window 128, ratios 4 and 128, 32 experts
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Config:
+    """Model shape and numerics. `compress_ratios` has one entry per main layer plus one per MTP
+    layer: 0 = sliding window only, 4 = CSA (overlapping compressor + lightning indexer), any other
+    m > 0 = HCA (non-overlapping compressor, every completed block attended)."""
+
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    head_dim: int
+    rope_head_dim: int
+    q_lora_rank: int
+    o_groups: int
+    o_lora_rank: int
+    window_size: int
+    compress_ratios: tuple[int, ...]
+    index_n_heads: int
+    index_head_dim: int
+    index_topk: int
+    n_routed_experts: int
+    n_activated_experts: int
+    moe_inter_dim: int
+    n_hash_layers: int
+    route_scale: float
+    n_shared_experts: int = 1
+    swiglu_limit: float = 10.0
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    compress_rope_theta: float = 160000.0
+    rope_factor: float = 16.0  # YaRN, applied on layers with a compressor only
+    original_seq_len: int = 65536
+    beta_fast: int = 32
+    beta_slow: int = 1
+    max_seq_len: int = 1048576
+    n_mtp_layers: int = 1
+    init_std: float = 0.02
+    seed: int = 0  # seeds the hash-routing tables (tid2eid); parameters use torch's global RNG
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "compress_ratios", tuple(int(r) for r in self.compress_ratios))
+        checks = [
+            (len(self.compress_ratios) == self.n_layers + self.n_mtp_layers,
+             f"compress_ratios needs n_layers + n_mtp_layers = "
+             f"{self.n_layers + self.n_mtp_layers} entries, got {len(self.compress_ratios)}"),
+            (all(r >= 0 for r in self.compress_ratios), "compress_ratios must be >= 0"),
+            (all(r == 0 for r in self.compress_ratios[self.n_layers:]),
+             "MTP layers must be sliding-window only (ratio 0)"),
+            (self.hc_mult >= 2, f"hc_mult must be >= 2, got {self.hc_mult}"),
+            (self.n_mtp_layers in (0, 1), f"n_mtp_layers must be 0 or 1, got {self.n_mtp_layers}"),
+            (self.rope_head_dim % 2 == 0 and 0 < self.rope_head_dim < self.head_dim,
+             "rope_head_dim must be even and smaller than head_dim"),
+            (self.rope_head_dim <= self.index_head_dim,
+             "index_head_dim must hold the rope_head_dim rotated dims"),
+            ((self.n_heads * self.head_dim) % self.o_groups == 0,
+             "n_heads * head_dim must divide into o_groups"),
+            (self.n_shared_experts == 1, "exactly one shared expert is supported"),
+            (0 < self.n_activated_experts <= self.n_routed_experts,
+             "n_activated_experts must be in [1, n_routed_experts]"),
+            (self.n_hash_layers <= self.n_layers, "n_hash_layers must be <= n_layers"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"Config: {message}")
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @staticmethod
+    def preset(name: str) -> Config:
+        """One of "tiny", "tiny-512", "small", "v4-flash", "v4-pro"."""
+        if name not in _PRESETS:
+            raise ValueError(f"unknown preset {name!r}; expected one of {sorted(_PRESETS)}")
+        return _PRESETS[name]
+
+    @staticmethod
+    def from_hf(hf: dict[str, Any]) -> Config:
+        """Read a Hugging Face DeepSeek-V4 `config.json` dict. Raises ValueError on settings this
+        model does not implement (several KV heads, a KV LoRA, another scoring function, ...)."""
+        unsupported = {
+            "num_key_value_heads": (hf.get("num_key_value_heads", 1), 1),
+            "kv_lora_rank": (hf.get("kv_lora_rank"), None),
+            "scoring_func": (hf.get("scoring_func", "sqrtsoftplus"), "sqrtsoftplus"),
+            "n_group": (hf.get("n_group"), None),
+            "tie_word_embeddings": (hf.get("tie_word_embeddings", False), False),
+            "hidden_act": (hf.get("hidden_act", "silu"), "silu"),
+        }
+        for key, (got, want) in unsupported.items():
+            if got != want:
+                raise ValueError(f"Config.from_hf: {key}={got!r} is not supported (need {want!r})")
+        rope = hf.get("rope_scaling") or {}
+        return Config(
+            vocab_size=hf["vocab_size"],
+            dim=hf["hidden_size"],
+            n_layers=hf["num_hidden_layers"],
+            n_heads=hf["num_attention_heads"],
+            head_dim=hf["head_dim"],
+            rope_head_dim=hf["qk_rope_head_dim"],
+            q_lora_rank=hf["q_lora_rank"],
+            o_groups=hf["o_groups"],
+            o_lora_rank=hf["o_lora_rank"],
+            window_size=hf["sliding_window"],
+            compress_ratios=tuple(hf["compress_ratios"]),
+            index_n_heads=hf["index_n_heads"],
+            index_head_dim=hf["index_head_dim"],
+            index_topk=hf["index_topk"],
+            n_routed_experts=hf["n_routed_experts"],
+            n_activated_experts=hf["num_experts_per_tok"],
+            moe_inter_dim=hf["moe_intermediate_size"],
+            n_hash_layers=hf["num_hash_layers"],
+            route_scale=float(hf["routed_scaling_factor"]),
+            n_shared_experts=hf["n_shared_experts"],
+            swiglu_limit=float(hf["swiglu_limit"]),
+            hc_mult=hf["hc_mult"],
+            hc_sinkhorn_iters=hf["hc_sinkhorn_iters"],
+            hc_eps=float(hf["hc_eps"]),
+            norm_eps=float(hf["rms_norm_eps"]),
+            rope_theta=float(hf["rope_theta"]),
+            compress_rope_theta=float(hf["compress_rope_theta"]),
+            rope_factor=float(rope.get("factor", 1.0)),
+            original_seq_len=int(rope.get("original_max_position_embeddings", 65536)),
+            beta_fast=int(rope.get("beta_fast", 32)),
+            beta_slow=int(rope.get("beta_slow", 1)),
+            max_seq_len=hf["max_position_embeddings"],
+            n_mtp_layers=hf.get("num_nextn_predict_layers", 0),
+            init_std=float(hf.get("initializer_range", 0.02)),
+        )
+
+
+_V4_COMMON = dict(
+    vocab_size=129280, head_dim=512, rope_head_dim=64, o_lora_rank=1024, window_size=128,
+    index_n_heads=64, index_head_dim=128, n_activated_experts=6, n_hash_layers=3,
+)
+
+_PRESETS: dict[str, Config] = {
+    "v4-flash": Config(
+        **_V4_COMMON, dim=4096, n_layers=43, n_heads=64, q_lora_rank=1024, o_groups=8,
+        compress_ratios=(0, 0, 4) + (128, 4) * 20 + (0,), index_topk=512,
+        n_routed_experts=256, moe_inter_dim=2048, route_scale=1.5,
+    ),
+    "v4-pro": Config(
+        **_V4_COMMON, dim=7168, n_layers=61, n_heads=128, q_lora_rank=1536, o_groups=16,
+        compress_ratios=(128, 128) + (4, 128) * 29 + (4, 0), index_topk=1024,
+        n_routed_experts=384, moe_inter_dim=3072, route_scale=2.5,
+    ),
+    # Layers: 0 SWA-only (hash), 1 CSA (hash), 2 HCA m=8 (score routing), 3 CSA; MTP SWA-only.
+    # Window 8, m' = 8 and top-k 4 make 40..64-token tests wrap the window, emit several entries
+    # at both ratios and give the indexer more visible entries than it may pick.
+    "tiny": Config(
+        vocab_size=128, dim=64, n_layers=4, n_heads=4, head_dim=32, rope_head_dim=16,
+        q_lora_rank=32, o_groups=2, o_lora_rank=16, window_size=8, compress_ratios=(0, 4, 8, 4, 0),
+        index_n_heads=4, index_head_dim=32, index_topk=4, n_routed_experts=8,
+        n_activated_experts=2, moe_inter_dim=32, n_hash_layers=2, route_scale=1.5,
+        max_seq_len=256,
+    ),
+    "tiny-512": Config(
+        vocab_size=128, dim=64, n_layers=2, n_heads=2, head_dim=512, rope_head_dim=64,
+        q_lora_rank=32, o_groups=2, o_lora_rank=32, window_size=8, compress_ratios=(4, 8, 0),
+        index_n_heads=4, index_head_dim=128, index_topk=4, n_routed_experts=4,
+        n_activated_experts=2, moe_inter_dim=32, n_hash_layers=1, route_scale=1.5,
+        max_seq_len=256,
+    ),
+    "small": Config(
+        vocab_size=8192, dim=512, n_layers=4, n_heads=8, head_dim=512, rope_head_dim=64,
+        q_lora_rank=256, o_groups=2, o_lora_rank=256, window_size=128,
+        compress_ratios=(4, 128, 4, 128, 0), index_n_heads=16, index_head_dim=128,
+        index_topk=128, n_routed_experts=32, n_activated_experts=6, moe_inter_dim=256,
+        n_hash_layers=1, route_scale=1.5, max_seq_len=8192,
+    ),
+}
