@@ -172,7 +172,7 @@ _PRESETS: dict[str, Config] = {
     "tiny": Config(
         vocab_size=128, dim=64, n_layers=4, n_heads=4, head_dim=32, rope_head_dim=16,
         q_lora_rank=32, o_groups=2, o_lora_rank=16, window_size=8, compress_ratios=(0, 4, 8, 4, 0),
-        index_n_heads=4, index_head_dim=32, index_topk=4, n_routed_experts=8,
+        index_n_heads=8, index_head_dim=32, index_topk=4, n_routed_experts=8,
         n_activated_experts=2, moe_inter_dim=32, n_hash_layers=2, route_scale=1.5,
         max_seq_len=256,
     ),

@@ -26,11 +26,31 @@ from models.config import Config
 # usable autograd here, so backward is registered explicitly (two more grouped GEMMs).
 
 
+def _aligned(*tensors: Tensor) -> bool:
+    """torch._grouped_mm needs 16-byte aligned base pointers and non-unit strides."""
+    for t in tensors:
+        size = t.element_size()
+        if t.data_ptr() % 16 or any(s != 1 and (s * size) % 16 for s in t.stride()):
+            return False
+    return True
+
+
+def _group_bounds(offs: Tensor) -> list[tuple[int, int]]:
+    ends = offs.tolist()  # host sync: only on the fallback path, inside the opaque op
+    return list(zip([0] + ends[:-1], ends))
+
+
 @torch.library.custom_op("dsv4c_models::grouped_mm", mutates_args=())
 def grouped_mm(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
     """x [M, K] with rows grouped by expert, w [G, K, N], offs [G] int32 cumulative row ends
-    (offs[-1] == M) -> [M, N]; rows offs[g-1]:offs[g] are multiplied by w[g]."""
-    return torch._grouped_mm(x, w, offs=offs)
+    (offs[-1] == M) -> [M, N]; rows offs[g-1]:offs[g] are multiplied by w[g]. Shapes whose
+    strides torch._grouped_mm cannot take (e.g. K not a multiple of 16 bytes) use a loop."""
+    if _aligned(x, w):
+        return torch._grouped_mm(x, w, offs=offs)
+    out = x.new_zeros(x.shape[0], w.shape[-1])
+    for g, (lo, hi) in enumerate(_group_bounds(offs)):
+        out[lo:hi] = x[lo:hi] @ w[g]
+    return out
 
 
 @grouped_mm.register_fake
@@ -41,7 +61,12 @@ def _grouped_mm_fake(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
 @torch.library.custom_op("dsv4c_models::grouped_mm_wgrad", mutates_args=())
 def grouped_mm_wgrad(x: Tensor, dy: Tensor, offs: Tensor) -> Tensor:
     """Per-group xᵀ·dy: x [M, K], dy [M, N], offs [G] -> [G, K, N] (zeros for empty groups)."""
-    return torch._grouped_mm(x.t(), dy, offs=offs)
+    if _aligned(x.t(), dy):
+        return torch._grouped_mm(x.t(), dy, offs=offs)
+    out = x.new_zeros(offs.shape[0], x.shape[1], dy.shape[1])
+    for g, (lo, hi) in enumerate(_group_bounds(offs)):
+        out[g] = x[lo:hi].t() @ dy[lo:hi]
+    return out
 
 
 @grouped_mm_wgrad.register_fake
