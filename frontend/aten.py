@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+import ir
 from ir import DType, Value
 
 aten = torch.ops.aten
@@ -138,13 +139,13 @@ def _clamp_max(cx, x, max):
 @translates(aten._to_copy.default, aten.to.dtype)
 def _to_copy(cx, x, dtype=None, **_ignored):
     if dtype is None or DType.from_torch(dtype) == cx.type_of(x).dtype:
-        return cx.op("copy", x)
+        return x  # SSA values are immutable: a same-dtype copy is the value itself
     return cx.op("cast", x, dtype=DType.from_torch(dtype))
 
 
 @translates(aten.clone.default, aten.alias.default, aten.lift_fresh_copy.default, aten.detach.default)
 def _copy(cx, x, **_ignored):
-    return cx.op("copy", x)
+    return x
 
 
 # --- reductions ----------------------------------------------------------------------------
@@ -434,3 +435,146 @@ def lookup(target: Any) -> Translator | None:
         return TABLE[target]
     name = target.name() if isinstance(target, torch._ops.OpOverload) else None
     return TABLE.get(name) if name else None
+
+
+@translates(aten.bitwise_not.default)
+def _bitwise_not(cx, x):
+    if cx.type_of(x).dtype != DType.bool:
+        raise TypeError("bitwise_not is only supported on bool tensors (as logical_not)")
+    return cx.op("logical_not", x)
+
+
+@translates(aten.isinf.default)
+def _isinf(cx, x):
+    # isinf(x) = |x| == inf
+    return cx.op("eq", cx.op("abs", x), cx.const(float("inf")))
+
+
+@translates(aten.bitwise_or.Tensor, aten.bitwise_or.Scalar)
+def _bitwise_or(cx, a, b):
+    a, b = cx.operands(a, b)
+    if cx.type_of(a).dtype != DType.bool or cx.type_of(b).dtype != DType.bool:
+        raise TypeError("bitwise_or is only supported on bool tensors (as logical_or)")
+    return cx.op("logical_or", a, b)
+
+
+# --- composite ops that torch.export keeps whole (no core-ATen decomposition run needed) -----
+
+
+@translates(aten.flatten.using_ints)
+def _flatten(cx, x, start_dim=0, end_dim=-1):
+    shape = cx.type_of(x).shape
+    if not shape:
+        return cx.op("reshape", x, shape=(1,))
+    lo, hi = _dim(start_dim, len(shape)), _dim(end_dim, len(shape))
+    merged = 1
+    for s in shape[lo : hi + 1]:
+        merged = merged * s
+    return cx.op("reshape", x, shape=tuple(shape[:lo]) + (merged,) + tuple(shape[hi + 1 :]))
+
+
+@translates(aten.unflatten.int)
+def _unflatten(cx, x, dim, sizes):
+    shape = cx.type_of(x).shape
+    d = _dim(dim, len(shape))
+    return cx.op("reshape", x, shape=tuple(shape[:d]) + tuple(sizes) + tuple(shape[d + 1 :]))
+
+
+@translates(aten.square.default)
+def _square(cx, x):
+    return cx.op("mul", x, x)
+
+
+@translates(aten.stack.default)
+def _stack(cx, tensors, dim=0):
+    d = _dim(dim, cx.type_of(tensors[0]).rank + 1)
+    return cx.op("concat", *[cx.op("unsqueeze", t, dim=d) for t in tensors], dim=d)
+
+
+@translates(aten.rsub.Scalar, aten.rsub.Tensor)
+def _rsub(cx, x, other, alpha=1):
+    # rsub(x, other, alpha) = other - alpha * x
+    x, other = cx.operands(x, other)
+    if alpha != 1:
+        x = cx.op("mul", x, cx.const(alpha))
+    return cx.op("sub", other, x)
+
+
+@translates(aten.pad.default)
+def _pad_mode(cx, x, pad, mode="constant", value=None):
+    if mode != "constant":
+        raise TypeError(f"F.pad mode {mode!r} is not supported; only mode='constant'")
+    return cx.op("pad", x, pads=tuple(pad), value=float(value or 0.0))
+
+
+@translates(aten.masked_fill.Scalar, aten.masked_fill.Tensor)
+def _masked_fill(cx, x, mask, value):
+    if not isinstance(value, ir.Value):
+        value = cx.const(value, cx.type_of(x).dtype)
+    return cx.op("where", mask, value, x)
+
+
+@translates(aten.index_add.default)
+def _index_add(cx, x, dim, index, source, *, alpha=1):
+    if alpha != 1:
+        source = cx.op("mul", source, cx.const(alpha))
+    return cx.op("index_put", x, index, source, dim=_dim(dim, cx.type_of(x).rank), accumulate=True)
+
+
+@translates(aten.__or__.Tensor, aten.__and__.Tensor)
+def _bool_ops(cx, a, b):
+    mnemonic = "logical_or" if cx.node.target is aten.__or__.Tensor else "logical_and"
+    if cx.type_of(a).dtype != DType.bool or cx.type_of(b).dtype != DType.bool:
+        raise TypeError("| and & are only supported on bool tensors")
+    return cx.op(mnemonic, a, b)
+
+
+@translates(aten.einsum.default)
+def _einsum(cx, equation, operands):
+    """Two-operand einsum as one batched matmul: permute each side to [batch, free, contracted],
+    flatten the groups, multiply, unflatten and permute to the output order."""
+    inputs, output = equation.replace(" ", "").split("->")
+    specs = inputs.split(",")
+    if len(specs) == 1:
+        (spec,), (x,) = specs, operands
+        summed = tuple(i for i, c in enumerate(spec) if c not in output)
+        if summed:
+            x = cx.op("sum", x, dims=summed, keepdim=False)
+        kept = [c for c in spec if c in output]
+        return cx.op("permute", x, dims=tuple(kept.index(c) for c in output))
+    if len(specs) != 2 or any("." in s for s in specs):
+        raise TypeError(f"einsum {equation!r}: only one or two operands without '...' are supported")
+    (sa, sb), (a, b) = specs, operands
+    a, sa = _sum_private(cx, a, sa, sb + output)
+    b, sb = _sum_private(cx, b, sb, sa + output)
+    size = {c: s for spec, v in ((sa, a), (sb, b)) for c, s in zip(spec, cx.type_of(v).shape)}
+    batch = [c for c in sa if c in sb and c in output]
+    contract = [c for c in sa if c in sb and c not in output]
+    left = [c for c in sa if c not in sb]
+    right = [c for c in sb if c not in sa]
+    a = _group(cx, a, sa, [batch, left, contract], size)
+    b = _group(cx, b, sb, [batch, contract, right], size)
+    y = cx.op("matmul", a, b)
+    order = batch + left + right
+    y = cx.op("reshape", y, shape=tuple(size[c] for c in order))
+    return cx.op("permute", y, dims=tuple(order.index(c) for c in output))
+
+
+def _sum_private(cx, x, spec: str, others: str):
+    """Sum away labels that appear only in this operand."""
+    private = tuple(i for i, c in enumerate(spec) if c not in others)
+    if not private:
+        return x, spec
+    return cx.op("sum", x, dims=private, keepdim=False), "".join(c for c in spec if c not in others)
+
+
+def _group(cx, x, spec: str, groups: list[list[str]], size: dict):
+    order = [c for g in groups for c in g]
+    x = cx.op("permute", x, dims=tuple(spec.index(c) for c in order))
+    shape = []
+    for g in groups:
+        n = 1
+        for c in g:
+            n = n * size[c]
+        shape.append(n)
+    return cx.op("reshape", x, shape=tuple(shape))

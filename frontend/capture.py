@@ -18,6 +18,7 @@ Three steps:
 from __future__ import annotations
 
 import inspect
+import operator
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -32,6 +33,8 @@ import ir
 from ir.core import check_value_name
 from frontend import aten as aten_table
 from frontend.symbolic import to_ir_expr
+
+_getitem = operator.getitem
 
 # Ops fusion needs to see whole; everything else lowers to core ATen.
 KEEP = (
@@ -81,6 +84,10 @@ def capture(
     """
     arg_names = _argument_names(module, method, len(example_inputs))
     program = _export(module, tuple(example_inputs), arg_names, dynamic, method)
+    if _untranslatable(program):
+        # torch.export keeps some composite ops whole; the table covers the common ones, and
+        # core-ATen decomposition (slower: it retraces the program) handles the rest.
+        program = _decompose(program)
     graph = _Translator(program, arg_names, dynamic or {}, name or method).run()
     ir.verify(graph)
     return graph
@@ -133,11 +140,25 @@ def _export(module, inputs, arg_names, dynamic: DynamicSpec, method: str) -> Exp
         program = torch.export.export(_Method(module, method), inputs, dynamic_shapes=None if shapes is None else (shapes,), strict=False)
     except Exception as err:  # torch's own message is the useful part; say what we were doing
         raise CaptureError(f"torch.export could not trace {type(module).__name__}.{method}:\n{err}") from err
+    return program
+
+
+def _decompose(program: ExportedProgram) -> ExportedProgram:
+    """Lower to core ATen, keeping the ops in KEEP whole (the slow path: it retraces)."""
     table = torch.export.default_decompositions()
     for op in KEEP:
         if op in table:
             del table[op]
     return program.run_decompositions(table)
+
+
+def _untranslatable(program: ExportedProgram) -> list[torch.fx.Node]:
+    return [
+        n for n in program.graph.nodes
+        if n.op == "call_function" and aten_table.lookup(n.target) is None
+        and n.target not in aten_table.SIZE_OPS and n.target not in aten_table.IGNORED_OPS
+        and n.target is not _getitem
+    ]  # fmt: skip
 
 
 # --- translation ---------------------------------------------------------------------------
@@ -338,7 +359,7 @@ class _Translator:
         return ir.DType.from_torch(fake.dtype)
 
 
-_getitem = __import__("operator").getitem
+
 _IGNORED_KWARGS = {"device", "layout", "pin_memory", "memory_format", "non_blocking", "copy"}
 
 

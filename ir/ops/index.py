@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from ir._lazy import torch
 from ir.core import Kind, Op, register
-from ir.ops._util import INT_INDEX, f8_safe, norm_dim, require
+from ir.ops._util import INT_INDEX, broadcast_shapes, f8_safe, norm_dim, require
 from ir.symbolic import Dim
 from ir.types import DType, TensorType
 
@@ -246,3 +246,70 @@ class Argsort(Op):
             t, dim=self.dim, descending=self.descending, stable=self.stable
         )  # noqa: E731
         return (f8_safe(fn, x),)
+
+
+def _multi_index_shape(op: Op, x: TensorType, idxs: tuple[TensorType, ...]) -> tuple[Dim, ...]:
+    """torch advanced indexing with index tensors on `op.dims` and full slices elsewhere."""
+    dims = op.dims  # type: ignore[attr-defined]
+    types = (x, *idxs)
+    require(op, len(dims) == len(idxs) >= 1, "needs one index tensor per entry of dims", *types)
+    require(op, list(dims) == sorted(set(dims)), "dims must be strictly increasing", *types)
+    require(op, all(0 <= d < x.rank for d in dims), f"dims must lie in [0, {x.rank})", *types)
+    require(op, all(t.dtype in INT_INDEX for t in idxs), "indices must be i64 or i32", *types)
+    picked = broadcast_shapes(op, *idxs)
+    rest = lambda lo, hi: tuple(s for d, s in enumerate(x.shape) if lo <= d < hi and d not in dims)  # noqa: E731
+    if dims[-1] - dims[0] == len(dims) - 1:  # adjacent: the picked dims replace them in place
+        return rest(0, dims[0]) + picked + rest(dims[-1] + 1, x.rank)
+    return picked + rest(0, x.rank)  # torch moves the picked dims to the front
+
+
+def _index_tuple(x, dims: tuple[int, ...], idxs) -> tuple:
+    it = iter(idxs)
+    return tuple(next(it).long() if d in dims else slice(None) for d in range(dims[-1] + 1))
+
+
+@register
+@dataclass(frozen=True)
+class IndexMulti(Op):
+    """torch advanced indexing by several integer tensors, `x[:, i, j]` for dims=(1, 2).
+
+    The index tensors broadcast together; when `dims` are adjacent their broadcast shape takes
+    their place in the result, otherwise it comes first (torch's rule)."""
+
+    mnemonic = "index_multi"
+    kind = Kind.INJECTIVE
+    num_operands = None
+    dims: tuple[int, ...] = ()
+
+    def infer_type(self, x: TensorType, *idxs: TensorType):
+        return (TensorType(_multi_index_shape(self, x, idxs), x.dtype),)
+
+    def reference(self, x, *idxs):
+        return (x[_index_tuple(x, self.dims, idxs)],)
+
+
+@register
+@dataclass(frozen=True)
+class IndexPutMulti(Op):
+    """Copy of x with `x[:, i, j]` (=|+=) values for dims=(1, 2): torch `index_put` with several
+    index tensors. Operands: x, one index per entry of dims, then values (broadcast to the
+    indexed shape)."""
+
+    mnemonic = "index_put_multi"
+    kind = Kind.OPAQUE
+    num_operands = None
+    dims: tuple[int, ...] = ()
+    accumulate: bool = False
+
+    def infer_type(self, x: TensorType, *rest: TensorType):
+        require(self, len(rest) >= 2, "needs x, index tensors and values", x, *rest)
+        *idxs, values = rest
+        picked = _multi_index_shape(self, x, tuple(idxs))
+        broadcast_shapes(self, TensorType(picked, x.dtype), values)
+        require(self, values.dtype == x.dtype, "values dtype must equal x dtype", x, *rest)
+        return (x,)
+
+    def reference(self, x, *rest):
+        *idxs, values = rest
+        index = _index_tuple(x, self.dims, idxs)
+        return (x.index_put(index, values, accumulate=self.accumulate),)
