@@ -327,6 +327,25 @@ def test_attention_layer_matches_dense_rules(tiny: Transformer, layer: int) -> N
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_attention_depends_on_relative_positions_only(tiny: Transformer) -> None:
+    """RoPE on q and on the K = V entries, inverse RoPE on the output: shifting every position by
+    the same amount leaves the layer output unchanged (it would not without the inverse)."""
+    attn = tiny.layers[0].attn
+    torch.manual_seed(2)
+    x = torch.randn(1, 12, tiny.cfg.dim)
+    pos = torch.arange(12)
+    win = pos[:, None] - attn.window + 1 + torch.arange(attn.window)
+    idx = win.masked_fill(win < 0, -1)[None]
+    outs = []
+    with torch.no_grad():
+        for shift in (0, 37):
+            cos, sin = attn.rotary.cos_sin(pos + shift)
+            _, q, kv = attn._project(x, cos, sin)
+            o = sparse_attention(q, kv, idx, attn.attn_sink, attn.scale)
+            outs.append(attn._output(o, cos, sin))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+
+
 def test_topk_visible_pads_with_minus_one() -> None:
     scores = torch.tensor([[3.0, 1.0, 2.0, 5.0], [1.0, 4.0, 2.0, 0.0]])
     visible = torch.tensor([[True, True, True, False], [True, False, False, False]])
@@ -454,14 +473,17 @@ def test_prefill_then_decode_matches_one_prefill(tiny: Transformer, monkeypatch)
         assert k in cache and cache[k].shape == v.shape
 
 
-def test_decode_from_empty_cache_matches_prefill(tiny: Transformer, monkeypatch) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("prefix", [0, 3])  # no prefill at all; prefill shorter than any block
+def test_decode_after_short_or_no_prefill(tiny: Transformer, prefix: int, monkeypatch) -> None:  # noqa: ANN001
     cfg = tiny.cfg
     tokens = _tokens(cfg, 1, 20, seed=5)
     assert _topk_margin(tiny, tokens, monkeypatch) > 1e-4, "top-k near-tie: pick another seed"
     with torch.no_grad():
         full = tiny.prefill(tokens)
         cache = tiny.init_cache(1, 32)
-        for p in range(20):
+        if prefix:
+            _, cache = tiny.prefill(tokens[:, :prefix], cache)
+        for p in range(prefix, 20):
             step, cache = tiny.decode(tokens[:, p : p + 1], torch.tensor(p), cache)
             torch.testing.assert_close(step[:, 0], full[:, p], atol=ATOL, rtol=0, msg=f"pos {p}")
 
