@@ -187,7 +187,11 @@ class Indexer(nn.Module):
 
     def __init__(self, cfg: Config, rotary: Rotary) -> None:
         super().__init__()
-        self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
+        self.n_heads, self.head_dim, self.topk = (
+            cfg.index_n_heads,
+            cfg.index_head_dim,
+            cfg.index_topk,
+        )
         self.rotary = rotary
         self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
         self.weights_proj = nn.Linear(cfg.dim, self.n_heads, bias=False)
@@ -213,8 +217,12 @@ class Attention(nn.Module):
         self.norm_eps = cfg.norm_eps
         if ratio:
             self.rotary = Rotary(
-                cfg.rope_head_dim, cfg.compress_rope_theta, cfg.rope_factor,
-                cfg.original_seq_len, cfg.beta_fast, cfg.beta_slow,
+                cfg.rope_head_dim,
+                cfg.compress_rope_theta,
+                cfg.rope_factor,
+                cfg.original_seq_len,
+                cfg.beta_fast,
+                cfg.beta_slow,
             )
         else:
             self.rotary = Rotary(cfg.rope_head_dim, cfg.rope_theta)
@@ -282,7 +290,11 @@ class Attention(nn.Module):
         return out, self._prefill_cache(x, kv, comp, keys, cache)
 
     def _prefill_cache(
-        self, x: Tensor, kv: Tensor, comp: Tensor | None, keys: Tensor | None,
+        self,
+        x: Tensor,
+        kv: Tensor,
+        comp: Tensor | None,
+        keys: Tensor | None,
         cache: dict[str, Tensor],
     ) -> dict[str, Tensor]:
         t, w = x.shape[1], self.window
@@ -294,9 +306,7 @@ class Attention(nn.Module):
         if not self.ratio:
             return new
         new["compressed_kv"] = torch.cat((comp, cache["compressed_kv"][:, comp.shape[1] :]), 1)
-        new["compressor.kv_state"], new["compressor.score_state"] = (
-            self.compressor.prefill_state(x)
-        )
+        new["compressor.kv_state"], new["compressor.score_state"] = self.compressor.prefill_state(x)
         if self.ratio == 4:
             new["indexer.keys"] = torch.cat((keys, cache["indexer.keys"][:, keys.shape[1] :]), 1)
             new["indexer.compressor.kv_state"], new["indexer.compressor.score_state"] = (
@@ -315,8 +325,8 @@ class Attention(nn.Module):
         cache["compressed_kv"] = torch.zeros(
             batch, max_len // self.ratio, c, dtype=dtype, device=device
         )
-        cache["compressor.kv_state"], cache["compressor.score_state"] = (
-            self.compressor.init_state(batch, device)
+        cache["compressor.kv_state"], cache["compressor.score_state"] = self.compressor.init_state(
+            batch, device
         )
         if self.ratio == 4:
             ci = self.indexer.head_dim

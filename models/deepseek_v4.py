@@ -24,6 +24,12 @@ a pure function of (token, position, cache); all batch rows share one position. 
 stay below the `max_len` given to init_cache (not checked: no host syncs in decode). The MTP
 module is not part of decode.
 
+torch.export: `prefill(tokens)` exports as one graph with symbolic B and T (non-strict export)
+for T >= 2 * max(compress_ratios): torch specialises compressed-entry counts of 0 and 1, so
+shorter prompts need their own graph (or right-padding: the model is causal, so logits of the
+real positions do not change). `decode` exports as one graph for every position; the MoE uses the
+custom op `dsv4c_models::grouped_mm` (models/moe.py), which has a fake kernel and autograd.
+
 MTP (depth 1): `mtp_logits` runs the main model, then the module `mtp.0` on the main residual
 streams of positions 0..T-2 combined with the embeddings of tokens 1..T-1; mtp_logits[:, t]
 predicts tokens[:, t + 2]. It shares `embed` and `head` with the main model.
@@ -145,9 +151,7 @@ class Transformer(nn.Module):
         self.hc_head_fn = nn.Parameter(torch.empty(n, n * d, dtype=torch.float32))
         self.hc_head_base = nn.Parameter(torch.empty(n, dtype=torch.float32))
         self.hc_head_scale = nn.Parameter(torch.empty(1, dtype=torch.float32))
-        self.mtp = nn.ModuleList(
-            MTPBlock(cfg, cfg.n_layers + k) for k in range(cfg.n_mtp_layers)
-        )
+        self.mtp = nn.ModuleList(MTPBlock(cfg, cfg.n_layers + k) for k in range(cfg.n_mtp_layers))
         self.reset_parameters()
 
     # --- initialisation (spec §8; the official init is unpublished) ----------------------------
@@ -192,8 +196,12 @@ class Transformer(nn.Module):
         """hc_head (with head_owner's hc_head_* and norm) then the shared fp32 LM head."""
         c = self.cfg
         y = hc_head(
-            x, head_owner.hc_head_fn, head_owner.hc_head_scale, head_owner.hc_head_base,
-            c.hc_eps, c.norm_eps,
+            x,
+            head_owner.hc_head_fn,
+            head_owner.hc_head_scale,
+            head_owner.hc_head_base,
+            c.hc_eps,
+            c.norm_eps,
         )
         y = head_owner.norm(y)
         return F.linear(y.float(), self.head.weight.float())

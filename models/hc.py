@@ -60,7 +60,9 @@ def hc_post(f: Tensor, residual: Tensor, post: Tensor, comb: Tensor) -> Tensor:
     return out.to(residual.dtype)
 
 
-def hc_head(x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, eps: float, norm_eps: float) -> Tensor:
+def hc_head(
+    x: Tensor, fn: Tensor, scale: Tensor, base: Tensor, eps: float, norm_eps: float
+) -> Tensor:
     """Final contraction of the n streams: Σ_j (sigmoid(mix_j·α + base_j) + eps)·X_j -> [B,T,d]."""
     mix = _mix_logits(x, fn, norm_eps)
     pre = torch.sigmoid(mix * scale.float() + base.float()) + eps

@@ -14,6 +14,8 @@ captures it with a symbolic token count; experts that receive no token are empty
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -74,12 +76,12 @@ def _grouped_mm_wgrad_fake(x: Tensor, dy: Tensor, offs: Tensor) -> Tensor:
     return x.new_empty(offs.shape[0], x.shape[1], dy.shape[1])
 
 
-def _grouped_mm_setup(ctx, inputs, output) -> None:  # noqa: ANN001 (torch.library signature)
+def _grouped_mm_setup(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
     x, w, offs = inputs
     ctx.save_for_backward(x, w, offs)
 
 
-def _grouped_mm_backward(ctx, grad: Tensor):  # noqa: ANN001, ANN202
+def _grouped_mm_backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
     x, w, offs = ctx.saved_tensors
     grad = grad.contiguous()
     grad_x = grouped_mm(grad, w.transpose(-2, -1), offs)

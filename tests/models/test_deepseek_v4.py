@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.export import Dim, export
 
-from models.attention import Attention, Compressor, Indexer, sparse_attention, topk_visible
+from models.attention import Compressor, Indexer, sparse_attention, topk_visible
 from models.deepseek_v4 import Config, Transformer, count_params
 from models.hc import hc_head, hc_post, hc_pre, sinkhorn
 from models.layers import Rotary, apply_rope
@@ -81,7 +81,10 @@ def test_preset_equals_hf_config(name: str) -> None:
     assert cfg.index_topk == (512 if flash else 1024)
     assert (cfg.n_hash_layers, cfg.rope_theta, cfg.compress_rope_theta) == (3, 1e4, 1.6e5)
     assert (cfg.rope_factor, cfg.original_seq_len, cfg.beta_fast, cfg.beta_slow) == (
-        16.0, 65536, 32, 1,
+        16.0,
+        65536,
+        32,
+        1,
     )
     counts = {r: cfg.compress_ratios[: cfg.n_layers].count(r) for r in (0, 4, 128)}
     assert counts == ({0: 2, 4: 21, 128: 20} if flash else {0: 0, 4: 30, 128: 31})
@@ -112,32 +115,51 @@ def test_flash_parameter_names_and_shapes() -> None:
         model = Transformer(Config.preset("v4-flash"))
     shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
     expected = {
-        "embed.weight": (129280, 4096), "head.weight": (129280, 4096), "norm.weight": (4096,),
-        "hc_head_fn": (4, 16384), "hc_head_base": (4,), "hc_head_scale": (1,),
-        "layers.0.hc_attn_fn": (24, 16384), "layers.0.hc_ffn_base": (24,),
-        "layers.0.hc_ffn_scale": (3,), "layers.0.attn.wq_a.weight": (1024, 4096),
-        "layers.0.attn.q_norm.weight": (1024,), "layers.0.attn.wq_b.weight": (32768, 1024),
-        "layers.0.attn.wkv.weight": (512, 4096), "layers.0.attn.kv_norm.weight": (512,),
-        "layers.0.attn.wo_a.weight": (8192, 4096), "layers.0.attn.wo_b.weight": (4096, 8192),
-        "layers.0.attn.attn_sink": (64,), "layers.0.ffn.gate.tid2eid": (129280, 6),
+        "embed.weight": (129280, 4096),
+        "head.weight": (129280, 4096),
+        "norm.weight": (4096,),
+        "hc_head_fn": (4, 16384),
+        "hc_head_base": (4,),
+        "hc_head_scale": (1,),
+        "layers.0.hc_attn_fn": (24, 16384),
+        "layers.0.hc_ffn_base": (24,),
+        "layers.0.hc_ffn_scale": (3,),
+        "layers.0.attn.wq_a.weight": (1024, 4096),
+        "layers.0.attn.q_norm.weight": (1024,),
+        "layers.0.attn.wq_b.weight": (32768, 1024),
+        "layers.0.attn.wkv.weight": (512, 4096),
+        "layers.0.attn.kv_norm.weight": (512,),
+        "layers.0.attn.wo_a.weight": (8192, 4096),
+        "layers.0.attn.wo_b.weight": (4096, 8192),
+        "layers.0.attn.attn_sink": (64,),
+        "layers.0.ffn.gate.tid2eid": (129280, 6),
         "layers.2.attn.compressor.wkv.weight": (1024, 4096),
         "layers.2.attn.compressor.wgate.weight": (1024, 4096),
-        "layers.2.attn.compressor.ape": (4, 1024), "layers.2.attn.compressor.norm.weight": (512,),
+        "layers.2.attn.compressor.ape": (4, 1024),
+        "layers.2.attn.compressor.norm.weight": (512,),
         "layers.2.attn.indexer.wq_b.weight": (8192, 1024),
         "layers.2.attn.indexer.weights_proj.weight": (64, 4096),
         "layers.2.attn.indexer.compressor.wkv.weight": (256, 4096),
         "layers.2.attn.indexer.compressor.ape": (4, 256),
         "layers.2.attn.indexer.compressor.norm.weight": (128,),
         "layers.3.attn.compressor.wkv.weight": (512, 4096),
-        "layers.3.attn.compressor.ape": (128, 512), "layers.3.ffn.gate.weight": (256, 4096),
-        "layers.3.ffn.gate.bias": (256,), "layers.3.ffn.experts.w1": (256, 2048, 4096),
-        "layers.3.ffn.experts.w3": (256, 2048, 4096), "layers.3.ffn.experts.w2": (256, 4096, 2048),
+        "layers.3.attn.compressor.ape": (128, 512),
+        "layers.3.ffn.gate.weight": (256, 4096),
+        "layers.3.ffn.gate.bias": (256,),
+        "layers.3.ffn.experts.w1": (256, 2048, 4096),
+        "layers.3.ffn.experts.w3": (256, 2048, 4096),
+        "layers.3.ffn.experts.w2": (256, 4096, 2048),
         "layers.3.ffn.shared_experts.w1.weight": (2048, 4096),
         "layers.3.ffn.shared_experts.w2.weight": (4096, 2048),
-        "mtp.0.e_proj.weight": (4096, 4096), "mtp.0.h_proj.weight": (4096, 4096),
-        "mtp.0.enorm.weight": (4096,), "mtp.0.hnorm.weight": (4096,), "mtp.0.norm.weight": (4096,),
-        "mtp.0.hc_head_fn": (4, 16384), "mtp.0.hc_attn_fn": (24, 16384),
-        "mtp.0.attn.wkv.weight": (512, 4096), "mtp.0.ffn.gate.bias": (256,),
+        "mtp.0.e_proj.weight": (4096, 4096),
+        "mtp.0.h_proj.weight": (4096, 4096),
+        "mtp.0.enorm.weight": (4096,),
+        "mtp.0.hnorm.weight": (4096,),
+        "mtp.0.norm.weight": (4096,),
+        "mtp.0.hc_head_fn": (4, 16384),
+        "mtp.0.hc_attn_fn": (24, 16384),
+        "mtp.0.attn.wkv.weight": (512, 4096),
+        "mtp.0.ffn.gate.bias": (256,),
     }
     assert {n: shapes.get(n) for n in expected} == expected
     assert not any(n.startswith("layers.1.attn.compressor") for n in shapes)  # ratio 0
@@ -194,7 +216,9 @@ def test_rope_inverse_and_yarn() -> None:
     ratio = yarn.inv_freq(torch.device("cpu")) / base
     assert torch.allclose(ratio[:4], torch.ones(4))  # fast dims untouched
     assert torch.allclose(ratio[-4:], torch.full((4,), 1 / 16))  # slow dims interpolated
-    torch.testing.assert_close(plain.inv_freq(torch.device("cpu")), 1 / 1e4 ** (torch.arange(0, 64, 2) / 64))
+    torch.testing.assert_close(
+        plain.inv_freq(torch.device("cpu")), 1 / 1e4 ** (torch.arange(0, 64, 2) / 64)
+    )
 
 
 def test_hc_matches_loops() -> None:
@@ -209,7 +233,9 @@ def test_hc_matches_loops() -> None:
             mix = fn @ flat / flat.square().mean().add(1e-6).sqrt()
             pre = torch.sigmoid(mix[:4] * scale[0] + base[:4]) + 1e-6
             torch.testing.assert_close(h[b, t], sum(pre[j] * x[b, t, j] for j in range(n)))
-            torch.testing.assert_close(post[b, t], 2 * torch.sigmoid(mix[4:8] * scale[1] + base[4:8]))
+            torch.testing.assert_close(
+                post[b, t], 2 * torch.sigmoid(mix[4:8] * scale[1] + base[4:8])
+            )
             m = torch.softmax((mix[8:] * scale[2] + base[8:]).view(4, 4), -1) + 1e-6
             m = m / (m.sum(0) + 1e-6)
             for _ in range(19):
@@ -413,7 +439,8 @@ def test_grouped_mm_with_empty_groups_and_grads(dtype: torch.dtype, k: int) -> N
     offs = torch.tensor([2, 2, 7, 7], dtype=torch.int32)  # groups 1 and 3 empty
     got = grouped_mm(x, w.transpose(1, 2), offs)
     want = torch.cat((x[:2] @ w[0].T, x[2:7] @ w[2].T))
-    tol = dict(atol=0.05, rtol=0.02) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    bf16 = dtype == torch.bfloat16
+    tol = {"atol": 0.05, "rtol": 0.02} if bf16 else {"atol": 1e-5, "rtol": 1e-5}
     torch.testing.assert_close(got, want, **tol)
     dy = torch.randn_like(got)
     g_got = torch.autograd.grad(got, (x, w), dy)
@@ -427,14 +454,16 @@ def test_grouped_mm_with_empty_groups_and_grads(dtype: torch.dtype, k: int) -> N
 # Whole model
 
 
-def _topk_margin(model: Transformer, tokens: torch.Tensor, monkeypatch) -> float:  # noqa: ANN001
+def _topk_margin(
+    model: Transformer, tokens: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> float:
     """Smallest gap between the k-th and (k+1)-th best visible indexer score over every query of
     every CSA layer in one prefill. Prefill and decode compute the scores in different orders
     (rounding ~1e-7), so comparing them is only meaningful when no pick is a near-tie."""
     captured = []
     original = Indexer.scores
 
-    def record(self, *args):  # noqa: ANN001, ANN002, ANN202
+    def record(self: Indexer, *args: torch.Tensor) -> torch.Tensor:
         captured.append(original(self, *args))
         return captured[-1]
 
@@ -454,7 +483,9 @@ def _topk_margin(model: Transformer, tokens: torch.Tensor, monkeypatch) -> float
     return margin
 
 
-def test_prefill_then_decode_matches_one_prefill(tiny: Transformer, monkeypatch) -> None:  # noqa: ANN001
+def test_prefill_then_decode_matches_one_prefill(
+    tiny: Transformer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Prefix 13 (no multiple of 4 or 8) then decode 13..47: crosses the window (8) many times,
     ratio-4 and ratio-8 block ends, and the indexer has up to 12 visible entries for 4 picks."""
     cfg = tiny.cfg
@@ -474,7 +505,9 @@ def test_prefill_then_decode_matches_one_prefill(tiny: Transformer, monkeypatch)
 
 
 @pytest.mark.parametrize("prefix", [0, 3])  # no prefill at all; prefill shorter than any block
-def test_decode_after_short_or_no_prefill(tiny: Transformer, prefix: int, monkeypatch) -> None:  # noqa: ANN001
+def test_decode_after_short_or_no_prefill(
+    tiny: Transformer, prefix: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = tiny.cfg
     tokens = _tokens(cfg, 1, 20, seed=5)
     assert _topk_margin(tiny, tokens, monkeypatch) > 1e-4, "top-k near-tie: pick another seed"
@@ -488,7 +521,7 @@ def test_decode_after_short_or_no_prefill(tiny: Transformer, prefix: int, monkey
             torch.testing.assert_close(step[:, 0], full[:, p], atol=ATOL, rtol=0, msg=f"pos {p}")
 
 
-def test_tiny_512_prefill_decode(monkeypatch) -> None:  # noqa: ANN001
+def test_tiny_512_prefill_decode(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = Config.preset("tiny-512")
     model = _sensitive_model(cfg, seed=2)
     tokens = _tokens(cfg, 1, 26, seed=3)
@@ -551,7 +584,9 @@ class _Prefill(torch.nn.Module):
 
 
 class _Decode(_Prefill):
-    def forward(self, token, position, cache):  # noqa: ANN001, ANN201
+    def forward(
+        self, token: torch.Tensor, position: torch.Tensor, cache: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self.model.decode(token, position, cache)
 
 
