@@ -103,7 +103,9 @@ class Compressor(nn.Module):
         cos, sin = self.rotary.cos_sin(block_starts)
         return apply_rope(entry, cos, sin)
 
-    def _window(self, kv: Tensor, score: Tensor, prev_kv: Tensor, prev_score: Tensor):
+    def _window(
+        self, kv: Tensor, score: Tensor, prev_kv: Tensor, prev_score: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """Rows an entry pools: overlap -> previous block's b half ++ this block's a half."""
         if not self.overlap:
             return kv, score
@@ -187,11 +189,9 @@ class Indexer(nn.Module):
 
     def __init__(self, cfg: Config, rotary: Rotary) -> None:
         super().__init__()
-        self.n_heads, self.head_dim, self.topk = (
-            cfg.index_n_heads,
-            cfg.index_head_dim,
-            cfg.index_topk,
-        )
+        self.n_heads = cfg.index_n_heads
+        self.head_dim = cfg.index_head_dim
+        self.topk = cfg.index_topk
         self.rotary = rotary
         self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
         self.weights_proj = nn.Linear(cfg.dim, self.n_heads, bias=False)
@@ -259,7 +259,9 @@ class Attention(nn.Module):
 
     # --- prefill --------------------------------------------------------------------------------
 
-    def forward(self, x: Tensor, cache: dict[str, Tensor] | None = None):
+    def forward(
+        self, x: Tensor, cache: dict[str, Tensor] | None = None
+    ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """Prefill from position 0. x [B,T,d] -> out [B,T,d], or (out, new cache entries) when a
         cache (this layer's entries from init_cache, which fix max_len) is given; T <= max_len."""
         b, t, _ = x.shape
@@ -316,7 +318,9 @@ class Attention(nn.Module):
 
     # --- decode ---------------------------------------------------------------------------------
 
-    def init_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
+    def init_cache(
+        self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device
+    ) -> dict[str, Tensor]:
         """Empty cache entries for this layer (names in the module docstring)."""
         c = self.head_dim
         cache = {"window_kv": torch.zeros(batch, self.window, c, dtype=dtype, device=device)}
@@ -336,7 +340,9 @@ class Attention(nn.Module):
             )
         return cache
 
-    def decode(self, x: Tensor, pos: Tensor, cache: dict[str, Tensor]):
+    def decode(
+        self, x: Tensor, pos: Tensor, cache: dict[str, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """One token x [B,1,d] at 0-d int64 position `pos` -> (out [B,1,d], new cache entries).
         Every entry is returned as a new tensor; writes are selected with torch.where."""
         cos, sin = self.rotary.cos_sin(pos.view(1))

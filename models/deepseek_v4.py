@@ -86,7 +86,9 @@ class Block(nn.Module):
         self.hc_ffn_base = nn.Parameter(torch.empty(mix, dtype=torch.float32))
         self.hc_ffn_scale = nn.Parameter(torch.empty(3, dtype=torch.float32))
 
-    def _pre(self, x: Tensor, fn: Tensor, scale: Tensor, base: Tensor):
+    def _pre(
+        self, x: Tensor, fn: Tensor, scale: Tensor, base: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         c = self.cfg
         return hc_pre(x, fn, scale, base, c.hc_sinkhorn_iters, c.hc_eps, c.norm_eps)
 
@@ -209,7 +211,7 @@ class Transformer(nn.Module):
     def forward(self, tokens: Tensor) -> Tensor:
         return self.prefill(tokens)
 
-    def prefill(self, tokens: Tensor, cache: Cache | None = None):
+    def prefill(self, tokens: Tensor, cache: Cache | None = None) -> Tensor | tuple[Tensor, Cache]:
         """tokens [B,T] from position 0 -> logits [B,T,V] fp32; with a cache (from init_cache,
         max_len >= T) -> (logits, filled cache) ready for decode at position T."""
         x = self._streams(tokens)

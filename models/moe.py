@@ -29,7 +29,11 @@ from models.config import Config
 
 
 def _aligned(*tensors: Tensor) -> bool:
-    """torch._grouped_mm needs 16-byte aligned base pointers and non-unit strides."""
+    """Whether torch._grouped_mm takes these operands: 16-byte aligned base pointers and
+    non-unit strides; on the CPU fp32 and bf16 (verified), elsewhere bf16 only (CUDA's kernel
+    is bf16, sm90+; not verified here)."""
+    if tensors[0].device.type != "cpu" and tensors[0].dtype != torch.bfloat16:
+        return False
     for t in tensors:
         size = t.element_size()
         if t.data_ptr() % 16 or any(s != 1 and (s * size) % 16 for s in t.stride()):
