@@ -578,3 +578,8 @@ def _group(cx, x, spec: str, groups: list[list[str]], size: dict):
             n = n * size[c]
         shape.append(n)
     return cx.op("reshape", x, shape=tuple(shape))
+
+
+@translates(aten.index_copy.default)
+def _index_copy(cx, x, dim, index, source):
+    return cx.op("index_put", x, index, source, dim=_dim(dim, cx.type_of(x).rank), accumulate=False)

@@ -251,8 +251,9 @@ def test_partition_of_tiny_model() -> None:
         assert n in {"embed.weight", "head.weight"} or adamw[n].ndim < 2 or n.endswith(".ape"), n
 
 
-# Next-token CE on one fixed [2, 33] batch.
-TINY_STEPS, TINY_LR, TINY_FINAL_RATIO = 30, 1e-2, 0.8
+# Next-token CE on one fixed [2, 33] batch, seed 0, lr 1e-2: observed loss 4.843 → 0.667 after 8
+# steps and ≈ 0.01 after 24 (ratio ≈ 0.002); with lr 3e-3, 30 steps end at 0.28 (ratio 0.06).
+TINY_STEPS, TINY_LR, TINY_FINAL_RATIO = 24, 1e-2, 0.2
 
 
 def test_trains_tiny_model() -> None:

@@ -207,7 +207,8 @@ def make_model(request: pytest.FixtureRequest):
 
 
 # Relative Frobenius error of logits after an FP8 + FP4 round trip, observed over seeds 0-2:
-# stand-in 0.24-0.26 (its routed-expert branch, three FP4 matrices deep, dominates the output).
+# tiny 0.051-0.056 (argmax agrees on 90-97% of positions); stand-in 0.24-0.26 (its routed-expert
+# branch, three FP4 matrices deep, dominates the output).
 LOGIT_REL_TOL = {"tiny": 0.1, "stand-in": 0.35}
 
 
@@ -256,7 +257,9 @@ def test_round_trip_sharded(make_model, tmp_path: Path) -> None:
             (assert_fp8_bound if fmt == "fp8" else assert_fp4_bound)(got, orig.float(), scale)
             errors[fmt].append(((got - orig).norm() / orig.norm()).item())
     assert counts["fp8"] >= 4 and counts["fp4"] >= 6 and counts["plain"] >= 10, counts
-    # Observed mean relative Frobenius error: FP8 ~2.3e-2, FP4 ~9e-2 (Gaussian weights).
+    # Observed relative Frobenius error per tensor (tiny and stand-in, seeds 0-2): FP8 mean
+    # 0.024-0.025, max 0.028 (e4m3 rounding ≤ 2^-4 relative, ~uniform → RMS ≈ 0.036·0.7);
+    # FP4 mean 0.117-0.119, max 0.122.
     assert np.mean(errors["fp8"]) < 0.04 and np.mean(errors["fp4"]) < 0.15, errors
 
     # (iii) logits of the loaded model stay close to the original's.
