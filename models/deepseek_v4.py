@@ -240,7 +240,8 @@ class Transformer(nn.Module):
             prefix = f"layers.{i}.attn."
             x, entries = layer.decode(x, token, position, _sub(cache, prefix))
             new.update(_add_prefix(entries, prefix))
-        return self._logits(x, self), new
+        # Same key order as the input, so the flattened cache of one step feeds the next.
+        return self._logits(x, self), {name: new[name] for name in cache}
 
     def mtp_logits(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
         """tokens [B,T] -> (main logits [B,T,V], MTP logits [B,T-1,V]); mtp_logits[:, t] predicts
