@@ -517,7 +517,9 @@ def test_decode_after_short_or_no_prefill(
         if prefix:
             _, cache = tiny.prefill(tokens[:, :prefix], cache)
         for p in range(prefix, 20):
+            names = list(cache)
             step, cache = tiny.decode(tokens[:, p : p + 1], torch.tensor(p), cache)
+            assert list(cache) == names  # a flattened cache of one step feeds the next
             torch.testing.assert_close(step[:, 0], full[:, p], atol=ATOL, rtol=0, msg=f"pos {p}")
 
 
