@@ -5,3 +5,4 @@ To add an op: write one frozen dataclass with a docstring, `mnemonic`, `kind`, `
 """
 
 from ir.ops import creation, elementwise, fused, index, linalg, reduction, shape  # noqa: F401
+from ir.ops import attn, hc, moe  # noqa: F401  (semantic ops: attention, mHC, MoE)
