@@ -1,1 +1,51 @@
+"""Graph passes: the pass manager, the pattern language and rewrite driver, canonicalisation,
+structural hashing (and, as they land, the fusion passes).
 
+    import passes
+    g2 = passes.pipeline(g)                       # the whole pipeline (env: DEBUG_IR, VERIFY_EACH, STATS)
+    g3 = passes.canonicalize(g)                   # one pass, Graph -> Graph
+    ctx = passes.PassContext(); passes.canonicalize(g, ctx); ctx.counters["mul_one"]
+"""
+
+from passes.canonicalize import RULES as CANONICAL_RULES
+from passes.canonicalize import canonicalize
+from passes.cleanup import common_subexpression_elimination, dead_code_elimination
+from passes.context import Pass, PassContext
+from passes.explain import Explanation, explain
+from passes.manager import pipeline
+from passes.pattern import COMMUTATIVE, Fail, Match, Pat, Rule, const, op, var
+from passes.rewrite import GraphView, RewriteError, Rewriter, rewrite
+from passes.structural_hash import (
+    KernelSignature,
+    graph_signature,
+    kernel_signatures,
+    op_signature,
+)
+
+__all__ = [
+    "CANONICAL_RULES",
+    "COMMUTATIVE",
+    "Explanation",
+    "Fail",
+    "GraphView",
+    "KernelSignature",
+    "Match",
+    "Pass",
+    "PassContext",
+    "Pat",
+    "RewriteError",
+    "Rewriter",
+    "Rule",
+    "canonicalize",
+    "common_subexpression_elimination",
+    "const",
+    "dead_code_elimination",
+    "explain",
+    "graph_signature",
+    "kernel_signatures",
+    "op",
+    "op_signature",
+    "pipeline",
+    "rewrite",
+    "var",
+]
