@@ -1,0 +1,157 @@
+"""The Triton backend's op -> emitter table, and the host side of each kernel (a `Launch`).
+
+An emitter turns one graph node into a `Launch`: the generated `KernelSource`, how to call it on
+the node's input tensors (allocating outputs, choosing tiles, computing the grid), and the
+constexpr/option variants to compile ahead of time. Families:
+
+- `fused.kernel` with an elementwise/reduction body -> `fused.py`;
+  with a body `matmul` followed by elementwise ops -> `matmul.py` with that epilogue;
+- a lone elementwise, broadcast or last-dim reduction op -> a one-op fused body;
+- `matmul`, `grouped_mm` -> `matmul.py` templates.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import ir
+from backends.base import EmitterTable
+from backends.targets import Target
+from backends.triton.body import ELEMENTWISE, REDUCTIONS, Unsupported
+from backends.triton.fused import FusedKernel, emit_fused, fused_config
+from backends.triton.kernel import KernelSource, load_jit
+from ir.symbolic import subs_dim
+
+__all__ = ["Launch", "AotVariant", "TRITON_EMITTERS", "emit_node", "cdiv"]
+
+
+@dataclass(frozen=True)
+class AotVariant:
+    """One compilation of a kernel: its constexpr values and compile options."""
+
+    constexprs: dict[str, Any]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class Launch(Protocol):
+    source: KernelSource
+
+    def __call__(self, inputs: list[Any], env: dict) -> tuple[Any, ...]: ...
+
+    def aot_variants(self, env: dict) -> list[AotVariant]: ...
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def shape_of(v: ir.Value, env: dict) -> list[int]:
+    return [int(subs_dim(d, env)) for d in v.shape]
+
+
+@dataclass
+class FusedLaunch:
+    kernel: FusedKernel
+    operands: tuple[int, ...]  # node operand index for each body input
+    target: Target
+
+    @property
+    def source(self) -> KernelSource:
+        return self.kernel.source
+
+    def _rows_cols(self, env: dict) -> tuple[list[int], int, int]:
+        domain = [int(subs_dim(d, env)) for d in self.kernel.plan.domain]
+        return domain, math.prod(domain[:-1]), domain[-1]
+
+    def __call__(self, inputs: list[Any], env: dict) -> tuple[Any, ...]:
+        import torch
+
+        plan, body = self.kernel.plan, self.kernel.body
+        domain, n_rows, n_cols = self._rows_cols(env)
+        args: dict[str, Any] = {}
+        params = self.source.params
+        for i, (p, layout) in enumerate(zip(params, plan.inputs)):
+            t = inputs[self.operands[i]]
+            args[p.name] = t.expand(domain).contiguous() if layout == "bcast" else t.contiguous()
+        device = inputs[0].device if inputs else None
+        outs = [
+            torch.empty(shape_of(v, env), dtype=v.dtype.to_torch(), device=device)
+            for v in body.outputs
+        ]
+        for p, t in zip(params[len(body.inputs) :], outs):
+            args[p.name] = t
+        if n_rows == 0 or n_cols == 0:
+            return tuple(outs)
+        cfg = fused_config(plan, n_cols)
+        grid = (cdiv(n_rows, cfg["BLOCK_M"]), 1 if plan.reduction else cdiv(n_cols, cfg["BLOCK_N"]))
+        load_jit(self.source)[grid](**args, n_rows=n_rows, n_cols=n_cols, **cfg)
+        return tuple(outs)
+
+    def aot_variants(self, env: dict) -> list[AotVariant]:
+        _, _, n_cols = self._rows_cols(env)
+        cfg = fused_config(self.kernel.plan, n_cols)
+        warps = cfg.pop("num_warps")
+        return [AotVariant(cfg, {"num_warps": warps})]
+
+
+TRITON_EMITTERS: EmitterTable = EmitterTable("triton")
+
+
+def _body_of_one_op(node: ir.Node) -> tuple[ir.Graph, tuple[int, ...]]:
+    """A fused body holding just `node` (repeated operands become one body input)."""
+    unique: list[ir.Value] = []
+    index: list[int] = []
+    for i, v in enumerate(node.operands):
+        if all(v.name != u.name for u in unique):
+            unique.append(v)
+            index.append(i)
+    return ir.Graph(unique, [node], list(node.results), name=node.name.replace(".", "_")), tuple(
+        index
+    )
+
+
+def _try(fn: Any, node: ir.Node, target: Target | None = None) -> Any:
+    try:
+        return fn(node, target)
+    except Unsupported as e:
+        return str(e)
+
+
+def _fused_check(node: ir.Node) -> bool | str:
+    out = _try(emit_fused_kernel, node)
+    return out if isinstance(out, str) else True
+
+
+@TRITON_EMITTERS.register("fused.kernel", check=_fused_check)
+def emit_fused_kernel(node: ir.Node, target: Target | None) -> Launch:
+    body: ir.Graph = node.attrs["body"]
+    if any(n.name in ("matmul",) for n in body.ops):
+        from backends.triton.matmul import emit_matmul_epilogue
+
+        return emit_matmul_epilogue(node, target)
+    return FusedLaunch(emit_fused(body), tuple(range(len(body.inputs))), target)  # type: ignore
+
+
+def _single_check(node: ir.Node) -> bool | str:
+    if not node.operands:
+        return f"{node.name} has no operands (computed on the host)"
+    out = _try(emit_single, node)
+    return out if isinstance(out, str) else True
+
+
+@TRITON_EMITTERS.register(
+    *sorted((ELEMENTWISE | REDUCTIONS) - {"constant", "full"}), check=_single_check
+)
+def emit_single(node: ir.Node, target: Target | None) -> Launch:
+    body, index = _body_of_one_op(node)
+    return FusedLaunch(emit_fused(body), index, target)  # type: ignore[arg-type]
+
+
+def emit_node(node: ir.Node, target: Target) -> Launch | str:
+    """The `Launch` for `node`, or the reason it falls back to the reference."""
+    entry = TRITON_EMITTERS.lookup(node)
+    if isinstance(entry, str):
+        return entry
+    return _try(entry.fn, node, target)

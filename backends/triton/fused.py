@@ -1,0 +1,253 @@
+"""Generated Triton kernels for `fused.kernel` bodies of elementwise, broadcast and last-dim
+reduction ops (RMSNorm, SwiGLU, softmax, residual adds, ...).
+
+The body's *domain* is its iteration shape: the operand shape of its reductions, or the broadcast
+of its inputs and outputs when it has none. It is viewed as `n_rows x n_cols` (all leading dims
+flattened x the last dim). Each program owns BLOCK_M rows and BLOCK_N columns; with a reduction,
+BLOCK_N covers a whole row (like the Triton softmax tutorial), so a row never leaves registers.
+
+Inputs are loaded by layout (see `body.py`): `tile` inputs at `rows * n_cols + cols`, `row`
+inputs at `rows`, `col` inputs at `cols`, 0-d inputs once. An input broadcast along some leading
+dims only (e.g. [B,1,N] against [B,T,N]) is marked "bcast": the runtime materialises it.
+
+    kernel = emit_fused(body)           # raises Unsupported(reason)
+    kernel.source.source                # the module text, deterministic
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ir
+from backends.triton.body import REDUCTIONS, VIEWS, BodyEmitter, Unsupported, classify
+from backends.triton.body import compute_type, py_name
+from backends.triton.kernel import KernelSource, Param, next_pow2
+from ir.symbolic import Dim, dim_str
+
+__all__ = ["FusedPlan", "FusedKernel", "emit_fused", "fused_config", "kernel_name"]
+
+_IND = "    "
+
+
+@dataclass(frozen=True)
+class FusedPlan:
+    domain: tuple[Dim, ...]
+    reduction: bool  # a row never spans programs (BLOCK_N >= n_cols)
+    inputs: tuple[str, ...]  # layout per body input: tile, row, col, scalar or bcast
+    outputs: tuple[str, ...]  # layout per body output: tile or row
+
+
+@dataclass(frozen=True)
+class FusedKernel:
+    source: KernelSource
+    plan: FusedPlan
+    body: ir.Graph
+
+
+def fused_config(plan: FusedPlan, n_cols: int) -> dict[str, int]:
+    """Tile sizes and warps for a row length: whole rows for reductions, else 2-D tiles."""
+    block_n = next_pow2(n_cols)
+    if not plan.reduction:
+        block_n = min(block_n, 1024)
+    block_m = max(1, min(16 if plan.reduction else 64, 2048 // block_n))
+    elems = block_m * block_n
+    num_warps = 4 if elems <= 4096 else (8 if elems <= 16384 else 16)
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps}
+
+
+def kernel_name(body: ir.Graph) -> str:
+    if body.name:
+        return "fused_" + body.name.replace(".", "_")
+    ops: list[str] = []
+    for n in body.ops:
+        stem = n.name.split(".")[-1]
+        if n.name not in VIEWS and n.name not in ("constant", "full") and stem not in ops:
+            ops.append(stem)
+    return "fused_" + "_".join(ops[:5] or ["copy"])
+
+
+def _broadcast(shapes: Sequence[Sequence[Dim]]) -> tuple[Dim, ...]:
+    rank = max((len(s) for s in shapes), default=0)
+    out: list[Dim] = []
+    for i in range(rank):
+        d: Dim = 1
+        for s in shapes:
+            j = i - rank + len(s)
+            if j < 0 or s[j] == 1 or s[j] == d:
+                continue
+            if d != 1:
+                raise Unsupported(f"inputs and outputs do not broadcast to one domain ({shapes})")
+            d = s[j]
+        out.append(d)
+    return tuple(out)
+
+
+def find_domain(body: ir.Graph) -> tuple[tuple[Dim, ...], bool]:
+    reductions = [n for n in body.ops if n.name in REDUCTIONS]
+    if reductions:
+        shapes = {tuple(n.operands[0].shape) for n in reductions}
+        if len(shapes) > 1:
+            raise Unsupported(f"reductions over different shapes {sorted(map(str, shapes))}")
+        domain = shapes.pop()
+    else:
+        domain = _broadcast([v.shape for v in [*body.inputs, *body.outputs]])
+    if not domain:
+        raise Unsupported("a 0-d body has nothing to tile")
+    return domain, bool(reductions)
+
+
+def input_layout(v: ir.Value, domain: tuple[Dim, ...]) -> str:
+    try:
+        return classify(v.shape, domain) or "bcast"
+    except Unsupported:
+        if list(v.shape) == list(domain[:-1]):  # a per-row value reduced with keepdim=False
+            return "row"
+        raise
+
+
+_LOAD = {
+    "tile": ("offsets", "mask"),
+    "bcast": ("offsets", "mask"),
+    "row": ("rows[:, None]", "row_mask[:, None]"),
+    "col": ("cols[None, :]", "col_mask[None, :]"),
+}
+
+
+def emit_fused(body: ir.Graph, name: str | None = None) -> FusedKernel:
+    """Generate the kernel for a fused body; raises `Unsupported` with the reason."""
+    domain, reduction = find_domain(body)
+    layouts = tuple(input_layout(v, domain) for v in body.inputs)
+    name = name or kernel_name(body)
+    em = BodyEmitter(domain, "col_mask[None, :]", "n_cols", _IND)
+    em.used_names |= {"offsets", "mask"}
+    params: list[Param] = []
+    loads: list[str] = []
+    for v, layout in zip(body.inputs, layouts):
+        var = em.fresh(py_name(v, "in"))
+        ptr = em.fresh(f"{var}_ptr")
+        params.append(Param(ptr, "ptr", v.dtype))
+        loads.append(_load_line(var, ptr, v, layout))
+        em.bind(v, var, "tile" if layout == "bcast" else layout)
+    em.emit_nodes(body.ops)
+    out_layouts, stores = [], []
+    for i, v in enumerate(body.outputs):
+        val = em.values[v.name]
+        layout = _output_layout(v, val.layout, domain)
+        ptr = em.fresh(_out_name(v, i, len(body.outputs)) + "_ptr")
+        params.append(Param(ptr, "ptr", v.dtype))
+        out_layouts.append(layout)
+        offs, mask = _LOAD[layout]
+        stores.append(
+            f"tl.store({ptr} + {offs}, {val.expr}.to({ptr}.dtype.element_ty), mask={mask})"
+        )
+    plan = FusedPlan(domain, reduction, layouts, tuple(out_layouts))
+    params += [Param("n_rows", "int"), Param("n_cols", "int")]
+    params += [Param("BLOCK_M", "constexpr"), Param("BLOCK_N", "constexpr")]
+    fused_ops = tuple(n.name for n in body.ops if n.name not in VIEWS and n.name != "constant")
+    text = _module(name, body, plan, params, loads, em.lines, stores, fused_ops)
+    return FusedKernel(KernelSource(name, text, tuple(params), fused_ops), plan, body)
+
+
+def _out_name(v: ir.Value, i: int, count: int) -> str:
+    if not v.name[0].isdigit():
+        return py_name(v)
+    return "out" if count == 1 else f"out{i}"
+
+
+def _load_line(var: str, ptr: str, v: ir.Value, layout: str) -> str:
+    to = ".to(tl.float32)" if v.dtype.is_float and v.dtype != ir.DType.f32 else ""
+    if layout == "scalar":
+        return f"{var} = tl.load({ptr}){to}"
+    offs, mask = _LOAD[layout]
+    other = "0.0" if v.dtype.is_float else "0"
+    return f"{var} = tl.load({ptr} + {offs}, mask={mask}, other={other}){to}"
+
+
+def _output_layout(v: ir.Value, layout: str, domain: tuple[Dim, ...]) -> str:
+    if layout == "row" and list(v.shape) in (list(domain[:-1]), list(domain[:-1]) + [1]):
+        return "row"
+    if layout == "tile" and list(v.shape) == list(domain):
+        return "tile"
+    raise Unsupported(
+        f"output %{v.name} {list(v.shape)} is a {layout} value of the domain {list(domain)}; "
+        "only whole tiles and per-row values are stored"
+    )
+
+
+def _module(
+    name: str,
+    body: ir.Graph,
+    plan: FusedPlan,
+    params: list[Param],
+    loads: list[str],
+    ops: list[str],
+    stores: list[str],
+    fused_ops: tuple[str, ...],
+) -> str:
+    domain = "[" + ", ".join(dim_str(d) for d in plan.domain) + "]"
+    n_cols = plan.domain[-1]
+    how = (
+        f"BLOCK_M whole rows of {dim_str(n_cols)} per program (reduction over the last dim)"
+        if plan.reduction
+        else "BLOCK_M x BLOCK_N tiles"
+    )
+    ins = ", ".join(f"{p.name[:-4]}: {v.type} {lay}" for p, v, lay in _zip_in(params, body, plan))
+    outs = ", ".join(f"{v.type} {lay}" for v, lay in zip(body.outputs, plan.outputs))
+    lines = [
+        "# Generated by dsv4c backends/triton/fused.py; do not edit.",
+        f"# kernel:    {name}",
+        f"# fused ops: {', '.join(fused_ops)} ({len(fused_ops)} ops)",
+        f"# domain:    {domain} as n_rows x n_cols; {how}",
+        f"# inputs:    {ins}",
+        f"# outputs:   {outs}",
+        "import triton",
+        "import triton.language as tl",
+        "",
+        "",
+        "@triton.jit",
+        f"def {name}(",
+        *[f"{_IND}{p.name}{': tl.constexpr' if p.kind == 'constexpr' else ''}," for p in params],
+        "):",
+    ]
+    if plan.reduction and isinstance(n_cols, int):
+        lines.append(
+            f'{_IND}tl.static_assert(BLOCK_N >= {n_cols}, "a row of {n_cols} fits one block")'
+        )
+    if plan.reduction:
+        lines += [
+            f"{_IND}pid = tl.program_id(0)",
+            f"{_IND}rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)",
+            f"{_IND}cols = tl.arange(0, BLOCK_N)",
+        ]
+    else:
+        lines += [
+            f"{_IND}pid_m = tl.program_id(0)",
+            f"{_IND}pid_n = tl.program_id(1)",
+            f"{_IND}rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)",
+            f"{_IND}cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)",
+        ]
+    lines += [
+        f"{_IND}row_mask = rows < n_rows",
+        f"{_IND}col_mask = cols < n_cols",
+        f"{_IND}mask = row_mask[:, None] & col_mask[None, :]",
+        f"{_IND}offsets = rows[:, None] * n_cols + cols[None, :]",
+        "",
+        *[_IND + ln for ln in loads],
+        "",
+        *ops,
+        "",
+        *[_IND + s for s in stores],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _zip_in(params: list[Param], body: ir.Graph, plan: FusedPlan) -> Any:
+    return zip(params[: len(body.inputs)], body.inputs, plan.inputs)
+
+
+def compute_types(body: ir.Graph) -> dict[str, str]:
+    """Value name -> Triton compute type (for tests and debugging)."""
+    return {v.name: compute_type(v.dtype) for n in body.ops for v in n.results}

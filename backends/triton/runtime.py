@@ -1,0 +1,108 @@
+"""Run a whole graph with the Triton backend.
+
+Ops with a Triton emitter launch generated kernels; every other op runs its torch reference
+(the same semantics `ir.interpret` uses) and is listed in `report()["fallbacks"]` with the
+reason. Symbolic dims are bound from the input shapes on each call. On a GPU the kernels run
+natively; on CPU tensors they need the Triton interpreter, i.e. `TRITON_INTERPRET=1` set before
+`triton` is first imported.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import ir
+from backends.base import Support, feed_inputs
+from backends.reference import run_node
+from backends.targets import Target, get_target
+from backends.triton.emitters import TRITON_EMITTERS, Launch, emit_node
+from backends.triton.kernel import KernelSource
+
+__all__ = ["TritonBackend", "TritonExecutable", "Step"]
+
+
+@dataclass
+class Step:
+    node: ir.Node
+    launch: Launch | None
+    reason: str = ""  # why it falls back (when launch is None)
+
+
+class TritonExecutable:
+    def __init__(self, graph: ir.Graph, target: Target) -> None:
+        self.graph = graph
+        self.target = target
+        self.steps: list[Step] = []
+        for node in graph.ops:
+            found = emit_node(node, target)
+            if isinstance(found, str):
+                self.steps.append(Step(node, None, found))
+            else:
+                self.steps.append(Step(node, found))
+        self.launches: Counter[str] = Counter()
+
+    def __call__(self, *args: Any, params: Mapping[str, Any] | None = None) -> tuple[Any, ...]:
+        feed, env = feed_inputs(self.graph, args, params)
+        values = {v.name: t for v, t in zip(self.graph.inputs, feed)}
+        device = next((t.device for t in feed if hasattr(t, "device")), None)
+        if device is not None and device.type == "cpu" and self.kernels():
+            _require_interpreter()
+        for step in self.steps:
+            ins = [values[v.name] for v in step.node.operands]
+            if step.launch is None:
+                outs = run_node(step.node, ins, env, device)
+            else:
+                outs = step.launch(ins, env)
+                self.launches[step.launch.source.name] += 1
+            values.update({r.name: t for r, t in zip(step.node.results, outs)})
+        return tuple(values[v.name] for v in self.graph.outputs)
+
+    def kernels(self) -> list[KernelSource]:
+        """The distinct kernels of the graph, in first-use order."""
+        seen: dict[str, KernelSource] = {}
+        for step in self.steps:
+            if step.launch is not None:
+                seen.setdefault(step.launch.source.key, step.launch.source)
+        return list(seen.values())
+
+    def fallbacks(self) -> list[tuple[str, str]]:
+        """(op mnemonic, reason) for every op that runs its reference instead of a kernel."""
+        return [(s.node.name, s.reason) for s in self.steps if s.launch is None]
+
+    def report(self) -> dict[str, Any]:
+        falls = Counter(self.fallbacks())
+        kernels = Counter(s.launch.source.key for s in self.steps if s.launch is not None)
+        by_key = {k.key: k for k in self.kernels()}
+        return {
+            "backend": "triton",
+            "target": self.target.name,
+            "ops": len(self.graph.ops),
+            "kernels": [
+                {"name": by_key[k].name, "key": k, "ops": list(by_key[k].fused_ops), "uses": n}
+                for k, n in kernels.items()
+            ],
+            "fallbacks": [{"op": op, "reason": r, "count": n} for (op, r), n in falls.items()],
+        }
+
+
+def _require_interpreter() -> None:
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise RuntimeError(
+            "Triton kernels on CPU tensors run only in the Triton interpreter: set "
+            "TRITON_INTERPRET=1 before triton is imported (e.g. in the environment), or move the "
+            "inputs to a GPU"
+        )
+
+
+class TritonBackend:
+    name = "triton"
+
+    def supports(self, node: ir.Node) -> Support:
+        return TRITON_EMITTERS.supports(node)
+
+    def compile(self, graph: ir.Graph, target: str | Target = "cpu") -> TritonExecutable:
+        return TritonExecutable(graph, get_target(target))
