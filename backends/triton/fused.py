@@ -21,8 +21,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import ir
-from backends.triton.body import REDUCTIONS, VIEWS, BodyEmitter, Unsupported, classify
-from backends.triton.body import compute_type, py_name
+from backends.triton.body import (
+    REDUCTIONS,
+    VIEWS,
+    BodyEmitter,
+    Unsupported,
+    classify,
+    compute_type,
+    py_name,
+)
 from backends.triton.kernel import KernelSource, Param, next_pow2
 from ir.symbolic import Dim, dim_str
 
