@@ -40,7 +40,7 @@ SCORES = (
     ("softmax", op("softmax", LOGITS, attrs={"dim": lambda d: d in (-1, 1)})),
 )
 HASHED = op("index", var("table"), var("ids", rank=1), attrs={"dim": 0})
-TOPK = op("topk", var("chooser"), attrs={"dim": lambda d: d in (-1, 1), "largest": True}, result=1)
+TOPK = op("topk", var("chooser"), attrs={"dim": lambda d: d in (-1, 1), "largest": True})
 
 
 def _score(view: FusionView, s: Value) -> tuple[str, Match] | None:
@@ -57,7 +57,7 @@ def _choice(view: FusionView, experts: Value, s: Value) -> tuple[list[Value], di
     if m is not None:
         return [m["table"], m["ids"]], {"hash": True, "bias": False}
     m = view.match(TOPK, experts)
-    if m is None:
+    if m is None or view.producer(experts).results[1] != experts:
         return None
     k = view.producer(experts).attrs["k"]
     if not isinstance(k, int) or k != experts.type.shape[1]:
@@ -170,13 +170,15 @@ def _fuse_experts(view: FusionView, root: Node) -> Fusion | None:
 def fuse_moe(g: Graph, ctx: PassContext | None = None) -> Graph:
     """Replace routing and dispatch/expert/combine subgraphs by their ops (module docstring)."""
     view = FusionView(g)
+    routes: dict[str, Fusion] = {}  # by expert-index value: the outermost root wins
     fusions: list[Fusion] = []
     for node in g.ops:
-        f = None
         if node.name in ("mul", "div"):
             f = _fuse_route(view, node)
+            if f is not None:
+                routes[f.replaces[1].name] = f
         elif node.name == "index_put":
             f = _fuse_experts(view, node)
-        if f is not None:
-            fusions.append(f)
-    return apply(g, fusions, ctx, "fuse_moe")
+            if f is not None:
+                fusions.append(f)
+    return apply(g, [*routes.values(), *fusions], ctx, "fuse_moe")
