@@ -40,7 +40,7 @@ class Launch(Protocol):
 
     def __call__(self, inputs: list[Any], env: dict) -> tuple[Any, ...]: ...
 
-    def aot_variants(self, env: dict) -> list[AotVariant]: ...
+    def aot_variants(self, env: dict, target: Target) -> list[AotVariant]: ...
 
 
 def cdiv(a: int, b: int) -> int:
@@ -89,7 +89,7 @@ class FusedLaunch:
         load_jit(self.source)[grid](**args, n_rows=n_rows, n_cols=n_cols, **cfg)
         return tuple(outs)
 
-    def aot_variants(self, env: dict) -> list[AotVariant]:
+    def aot_variants(self, env: dict, target: Target) -> list[AotVariant]:
         _, _, n_cols = self._rows_cols(env)
         cfg = fused_config(self.kernel.plan, n_cols)
         warps = cfg.pop("num_warps")
@@ -155,3 +155,6 @@ def emit_node(node: ir.Node, target: Target) -> Launch | str:
     if isinstance(entry, str):
         return entry
     return _try(entry.fn, node, target)
+
+
+from backends.triton import matmul as _matmul  # noqa: E402,F401  (registers matmul, grouped_mm)
