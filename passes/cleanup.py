@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ir import Graph, Node, Value
 from passes.context import PassContext
-from passes.structural_hash import attr_key, op_key
+from passes.structural_hash import op_key
 
 __all__ = ["common_subexpression_elimination", "dead_code_elimination"]
 
@@ -36,15 +36,19 @@ def common_subexpression_elimination(g: Graph, ctx: PassContext | None = None) -
     """Merge ops equal in mnemonic, attributes (strictly: `1` vs `1.0` differ), operands and
     result types; the first one (and its location) is kept. Counts merged ops as `cse`."""
     seen: dict[tuple, Node] = {}
+    op_keys: dict[int, tuple] = {}  # id(op) -> op_key(op): ops are often shared between nodes
     remap: dict[str, Value] = {}
     out: list[Node] = []
     for n in g.ops:
         if remap and any(v.name in remap for v in n.operands):
             n = Node(n.op, tuple(remap.get(v.name, v) for v in n.operands), n.results, n.loc)
+        okey = op_keys.get(id(n.op))
+        if okey is None:
+            okey = op_keys[id(n.op)] = op_key(n)
         key = (
-            op_key(n),
+            okey,
             tuple(v.name for v in n.operands),
-            tuple((r.type.dtype, attr_key(r.type.shape)) for r in n.results),
+            tuple(r.type for r in n.results),
         )
         first = seen.get(key)
         if first is None:

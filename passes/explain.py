@@ -56,6 +56,8 @@ class Explanation:
                 lines.append(f"  there: {node_line(f.node)}")
             elif f.node is None and f.value is not None:
                 lines.append(f"  there: graph input %{f.value.name}: {f.value.type}")
+            if f.parent is not None and f.parent is not self.node:
+                lines.append(f"  operand of: {node_line(f.parent)}")
         lines.append(f"  pattern: {self.rule.pattern.describe()}")
         return "\n".join(lines)
 

@@ -216,6 +216,7 @@ class Fail:
     reason: str
     node: Node | None = None
     value: Value | None = None
+    parent: Node | None = None  # the op whose operand `value` is (None at the root)
 
 
 @dataclass(frozen=True)
@@ -264,12 +265,12 @@ def _match_node(pat: Pat, node: Node, v: Value, env: MatchEnv, m: Match, path: s
         score += 1
     if pat.result is not None and node.results.index(v) != pat.result:
         return Fail(score, path, f"expected result {pat.result}", node, v)
-    attrs = node.op.attrs
     for k, spec in pat.attrs.items():
-        if k not in attrs:
+        got = getattr(node.op, k, _MISSING)
+        if got is _MISSING:
             return Fail(score, path, f"op {node.name} has no attribute {k}", node, v)
-        if not _attr_ok(spec, attrs[k]):
-            reason = f"attribute {k}={_attr_text(attrs[k])} does not satisfy {_spec_text(spec)}"
+        if not _attr_ok(spec, got):
+            reason = f"attribute {k}={_attr_text(got)} does not satisfy {_spec_text(spec)}"
             return Fail(score, path, reason, node, v)
         score += 1
     fail = _check_value(pat, v, node, env, m, path, score)
@@ -298,6 +299,8 @@ def _match_operands(pat: Pat, node: Node, v: Value, env: MatchEnv, m: Match, pat
             r = _match_value(p, node.operands[i], env, m, f"{path}.operands[{i}]", s)
             if isinstance(r, Fail):
                 fail = r
+                if fail.parent is None:
+                    fail.parent = node
                 break
             s = r
         if fail is None:
@@ -348,6 +351,9 @@ def _check_where(pat: Pat, m: Match, node: Node | None, v: Value, path: str, sco
         return score + 1
     reason = ok if isinstance(ok, str) else f"constraint {getattr(pat.where, '__name__', '?')}"
     return Fail(score, path, f"constraint failed: {reason}", node, v)
+
+
+_MISSING = object()
 
 
 def _attr_ok(spec: AttrSpec, got: Any) -> bool:

@@ -21,10 +21,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import ir
-from ir import DType, Graph, Loc, Node, Op, Value
+from ir import DType, Graph, Loc, Node, Op, TensorType, Value
 from passes.cleanup import dead_code_elimination
 from passes.context import PassContext
 from passes.pattern import Fail, Match, MatchEnv, Rule, match_node
+from passes.structural_hash import attr_key
 
 __all__ = ["GraphView", "Namer", "RewriteError", "Rewriter", "rewrite"]
 
@@ -34,9 +35,12 @@ class RewriteError(RuntimeError):
 
 
 class Namer:
-    """Fresh decimal value names, never reusing a name the graph (or this namer) has used."""
+    """Fresh decimal value names, never reusing a name the graph (or this namer) has used; also
+    caches `infer_type` answers for one `rewrite` call (layers repeat the same ops and types)."""
 
     def __init__(self, g: Graph) -> None:
+        self.types: dict[tuple, tuple[TensorType, ...]] = {}
+        self.ops: dict[tuple, Op] = {}
         self.used: set[str] = {v.name for v in g.inputs}
         self.used.update(r.name for n in g.ops for r in n.results)
         nums = [int(s) for s in self.used if s.isdigit()]
@@ -124,10 +128,7 @@ class Rewriter:
     ) -> Any:
         """Add `op(operands, **attrs)` with inferred types; returns a Value (or a tuple)."""
         if isinstance(op, str):
-            cls = ir.OPS.get(op)
-            if cls is None:
-                raise RewriteError(f"unknown op {op!r} in a rewrite of {self.root.name}")
-            op = cls(**attrs)
+            op = self._make(op, attrs)
         operands = tuple(operands)
         for v in operands:
             known = v.name in self._sweep.defs or v.name in self._sweep.inputs
@@ -136,13 +137,31 @@ class Rewriter:
                     f"rewrite of {self.root.name}: operand %{v.name} of new {op.mnemonic} is "
                     "not defined before the matched op; use captured values or new ops"
                 )
-        types = op.infer_type(*(v.type for v in operands))
+        types = self._infer(op, tuple(v.type for v in operands))
         results = tuple(Value(self._namer.fresh(), t) for t in types)
         node = Node(op, operands, results, self.root.loc if loc is None else loc)
         self.new.append(node)
         for r in results:
             self._new_defs[r.name] = node
         return results[0] if len(results) == 1 else results
+
+    def _make(self, mnemonic: str, attrs: dict[str, Any]) -> Op:
+        """The op instance (shared between equal ops: constructing one validates its attributes)."""
+        key = (mnemonic, tuple((k, attr_key(v)) for k, v in attrs.items()))
+        out = self._namer.ops.get(key)
+        if out is None:
+            cls = ir.OPS.get(mnemonic)
+            if cls is None:
+                raise RewriteError(f"unknown op {mnemonic!r} in a rewrite of {self.root.name}")
+            out = self._namer.ops[key] = cls(**attrs)
+        return out
+
+    def _infer(self, op: Op, types: tuple[TensorType, ...]) -> tuple[TensorType, ...]:
+        key = (type(op), tuple(attr_key(a) for a in op.attrs.values()), types)
+        out = self._namer.types.get(key)
+        if out is None:
+            out = self._namer.types[key] = op.infer_type(*types)
+        return out
 
     def constant(self, value: bool | float, dtype: DType) -> Value:
         return self.op("constant", [], value=value, dtype=dtype)

@@ -42,12 +42,12 @@ def attr_key(v: Any) -> Any:
         return ("i", v)
     if isinstance(v, float):
         return ("f", "nan" if math.isnan(v) else v.hex())
-    if isinstance(v, tuple):
+    if isinstance(v, (tuple, list)):
         return ("t",) + tuple(attr_key(x) for x in v)
     if isinstance(v, Graph):
         return ("g", graph_signature(v))
     if isinstance(v, sympy.Expr):
-        return ("s", sympy.srepr(v))
+        return ("s", v)  # dims are canonical (ir.symbolic.canon_dim): equal means ==
     return (type(v).__name__, v)
 
 

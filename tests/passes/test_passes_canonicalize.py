@@ -1,0 +1,287 @@
+"""Canonicalisation: each rule on a small graph (fires N times, interpreter output unchanged), and
+different spellings of one computation reaching structurally equal graphs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from passes_helpers import assert_same_outputs, canonical
+
+import ir
+import passes
+from ir import DType, Loc, TensorType
+
+F32, BF16, I32, I64 = DType.f32, DType.bf16, DType.i32, DType.i64
+LOC = Loc("layers.0.ffn", "model.py:7")
+
+
+def graph(build: Callable, *types: TensorType) -> ir.Graph:
+    """A graph with inputs x0, x1, ... of `types`; `build(b, *inputs)` returns the outputs."""
+    b = ir.Builder(name="g")
+    xs = [b.input(f"x{i}", t) for i, t in enumerate(types)]
+    out = build(b, *xs)
+    b.output(*(out if isinstance(out, tuple) else (out,)))
+    return b.build()
+
+
+def c(b: ir.Builder, value, dtype=F32):
+    return b.op("constant", [], value=value, dtype=dtype, loc=LOC)
+
+
+def t(*shape, dtype=F32) -> TensorType:
+    return TensorType(shape, dtype)
+
+
+# (rule, expected hits, builder, input types)
+CASES = [
+    ("add_zero", 2, lambda b, x: b.op("add", [b.op("add", [x, c(b, 0.0)]), c(b, 0)]), [t(2, 3)]),
+    ("sub_zero", 1, lambda b, x: b.op("sub", [x, c(b, 0.0)]), [t(2, 3)]),
+    ("mul_one", 2, lambda b, x: b.op("mul", [b.op("mul", [x, c(b, 1.0)]), c(b, 1)]), [t(4)]),
+    ("div_one", 1, lambda b, x: b.op("div", [x, c(b, 1.0)]), [t(4)]),
+    ("pow_one", 1, lambda b, x: b.op("pow", [x, c(b, 1.0)]), [t(4)]),
+    ("neg_neg", 1, lambda b, x: b.op("neg", [b.op("neg", [x])]), [t(4)]),
+    ("mul_minus_one", 1, lambda b, x: b.op("mul", [x, c(b, -1.0)]), [t(4)]),
+    ("zero_sub", 1, lambda b, x: b.op("sub", [c(b, 0.0), x]), [t(4)]),
+    ("add_neg", 1, lambda b, x, y: b.op("add", [x, b.op("neg", [y])]), [t(4), t(4)]),
+    ("sub_neg", 1, lambda b, x, y: b.op("sub", [x, b.op("neg", [y])]), [t(4), t(4)]),
+    ("div_pow2", 1, lambda b, x: b.op("div", [x, c(b, 0.25)]), [t(4)]),
+    ("where_same", 1, lambda b, m, x: b.op("where", [m, x, x]), [t(4, dtype=DType.bool), t(4)]),
+    ("cast_noop", 1, lambda b, x: b.op("cast", [x], dtype=F32), [t(4)]),
+    (
+        "cast_cast",
+        1,
+        lambda b, x: b.op("cast", [b.op("cast", [x], dtype=F32)], dtype=I32),
+        [t(4, dtype=BF16)],
+    ),
+    ("copy", 1, lambda b, x: b.op("copy", [x]), [t(4)]),
+    (
+        "view_noop",
+        2,
+        lambda b, x: b.op("expand", [b.op("reshape", [x], shape=(2, 3))], shape=(2, 3)),
+        [t(2, 3)],
+    ),
+    ("slice_noop", 1, lambda b, x: b.op("slice", [x], dim=1, start=0, end=None), [t(2, 3)]),
+    ("pad_noop", 1, lambda b, x: b.op("pad", [x], pads=(0, 0)), [t(2, 3)]),
+    ("repeat_noop", 1, lambda b, x: b.op("repeat", [x], repeats=(1, 1)), [t(2, 3)]),
+    ("concat_single", 1, lambda b, x: b.op("concat", [x], dim=0), [t(2, 3)]),
+    ("permute_identity", 1, lambda b, x: b.op("permute", [x], dims=(0, -1)), [t(2, 3)]),
+    (
+        "permute_permute",
+        1,
+        lambda b, x: b.op("permute", [b.op("permute", [x], dims=(1, 2, 0))], dims=(2, 0, 1)),
+        [t(2, 3, 4)],
+    ),
+    (
+        "unsqueeze_squeeze_to_reshape",
+        2,
+        lambda b, x: b.op("squeeze", [b.op("unsqueeze", [x], dim=1)], dim=0),
+        [t(1, 3)],
+    ),
+    ("select_unit_to_reshape", 1, lambda b, x: b.op("select", [x], dim=1, index=0), [t(2, 1, 3)]),
+    (
+        "reshape_reshape",
+        2,
+        lambda b, x: b.op(
+            "reshape",
+            [b.op("reshape", [b.op("reshape", [x], shape=(6,))], shape=(3, 2))],
+            shape=(1, 6),
+        ),
+        [t(2, 3)],
+    ),
+    ("reshape_explicit", 1, lambda b, x: b.op("reshape", [x], shape=(-1, 2)), [t(2, 3)]),
+    (
+        "expand_expand",
+        1,
+        lambda b, x: b.op("expand", [b.op("expand", [x], shape=(3, 4))], shape=(2, 3, 4)),
+        [t(3, 1)],
+    ),
+    ("expand_explicit", 1, lambda b, x: b.op("expand", [x], shape=(2, -1, 4)), [t(3, 1)]),
+    (
+        "full_to_constant",
+        1,
+        lambda b, x: b.op("add", [x, b.op("full", [], shape=(), value=2.0)]),
+        [t(4)],
+    ),
+    (
+        "fold_constants",
+        3,  # (2 + 3) * 4 -> 20; cast(20 -> i32)
+        lambda b, x: b.op(
+            "add",
+            [
+                x,
+                b.op(
+                    "cast",
+                    [b.op("mul", [b.op("add", [c(b, 2.0), c(b, 3.0)]), c(b, 4.0)])],
+                    dtype=I32,
+                ),
+            ],
+        ),
+        [t(4, dtype=I32)],
+    ),
+    (
+        "fold_view_of_uniform",
+        2,
+        lambda b, x: b.op(
+            "add",
+            [
+                x,
+                b.op(
+                    "expand",
+                    [b.op("unsqueeze", [b.op("full", [], shape=(3,), value=2.0)], dim=0)],
+                    shape=(2, 3),
+                ),
+            ],
+        ),
+        [t(2, 3)],
+    ),
+    ("commute_constant_right", 1, lambda b, x: b.op("mul", [c(b, 3.0), x]), [t(4)]),
+]
+
+
+@pytest.mark.parametrize("rule, hits, build, types", CASES, ids=[case[0] for case in CASES])
+def test_rule_fires_and_keeps_semantics(rule: str, hits: int, build, types) -> None:
+    g = graph(build, *types)
+    out, ctx = canonical(g)
+    assert ctx.counters[rule] == hits, ctx.report()
+    assert len(out.ops) <= len(g.ops)
+    assert_same_outputs(g, out)
+
+
+def test_every_rule_has_a_case() -> None:
+    assert {r.name for r in passes.CANONICAL_RULES} == {case[0] for case in CASES}
+
+
+def test_rules_do_not_fire_when_the_type_would_change() -> None:
+    # x * 1.0 with x: i32 promotes to f32; x + zeros[2,3] with x: [3] broadcasts.
+    g = graph(
+        lambda b, x, y: (
+            b.op("mul", [x, c(b, 1.0)]),
+            b.op("add", [y, b.op("full", [], shape=(2, 3), value=0.0)]),
+        ),
+        t(3, dtype=I32),
+        t(3),
+    )
+    out, ctx = canonical(g)
+    assert ctx.counters["mul_one"] == 0 and ctx.counters["add_zero"] == 0
+    assert [n.name for n in out.ops] == [n.name for n in g.ops]
+    assert_same_outputs(g, out)
+
+
+def test_integer_division_by_zero_is_not_folded() -> None:
+    g = graph(
+        lambda b, x: b.op("add", [x, b.op("floordiv", [c(b, 1, I64), c(b, 0, I64)])]),
+        t(3, dtype=I64),
+    )
+    out, ctx = canonical(g)
+    assert ctx.counters["fold_constants"] == 0
+    assert "floordiv" in [n.name for n in out.ops]
+
+
+def test_cse_merges_equal_ops_but_not_1_and_1_0_nor_signed_zeros() -> None:
+    def build(b, x):
+        a1 = b.op("add", [x, c(b, 2.0)])
+        a2 = b.op("add", [x, c(b, 2.0)])
+        z1 = b.op("div", [x, c(b, 0.0)])
+        z2 = b.op("div", [x, c(b, -0.0)])
+        return b.op("mul", [a1, a2]), z1, z2
+
+    g = graph(build, t(4))
+    out, ctx = canonical(g)
+    assert ctx.counters["cse"] == 2  # the second 2.0 constant and the second add
+    assert sum(n.name == "div" for n in out.ops) == 2
+    assert_same_outputs(g, out)
+
+
+def test_dce_keeps_outputs_and_unused_inputs() -> None:
+    def build(b, x, unused):
+        b.op("cos", [x])  # dead
+        return b.op("exp", [b.op("sin", [x])])
+
+    g = graph(build, t(4), t(4))
+    out, ctx = canonical(g)
+    assert ctx.counters["dce"] == 1
+    assert [v.name for v in out.inputs] == ["x0", "x1"]
+    assert [n.name for n in out.ops] == ["sin", "exp"]
+
+
+def test_rewrites_keep_locations() -> None:
+    def build(b, x):
+        return b.op(
+            "unsqueeze", [b.op("mul", [x, c(b, 1.0)], loc=LOC)], dim=0, loc=Loc("m", "f.py:3")
+        )
+
+    out, _ = canonical(graph(build, t(4)))
+    (node,) = out.ops
+    assert node.name == "reshape" and node.loc == Loc("m", "f.py:3")
+
+
+# --- different spellings, one canonical form ----------------------------------------------------
+
+B, T = ir.sym("B"), ir.sym("T")
+
+
+def spellings_equal(*builds: Callable, types) -> ir.Graph:
+    outs = [canonical(graph(build, *types))[0] for build in builds]
+    for other in outs[1:]:
+        ir.assert_structural_equal(outs[0], other, names=False, locs=False)
+    for build, out in zip(builds, outs):
+        assert_same_outputs(graph(build, *types), out)
+    return outs[0]
+
+
+def test_scaling_spellings() -> None:
+    out = spellings_equal(
+        lambda b, x: b.op("mul", [x, c(b, 2.0)]),
+        lambda b, x: b.op("mul", [c(b, 2.0), x]),
+        lambda b, x: b.op("div", [x, c(b, 0.5)]),
+        lambda b, x: b.op(
+            "mul", [b.op("mul", [x, c(b, 1.0)]), b.op("add", [c(b, 1.5), c(b, 0.5)])]
+        ),
+        types=[t(B, T)],
+    )
+    assert [n.name for n in out.ops] == ["constant", "mul"]
+
+
+def test_subtraction_spellings() -> None:
+    spellings_equal(
+        lambda b, x, y: b.op("sub", [x, y]),
+        lambda b, x, y: b.op("add", [x, b.op("neg", [y])]),
+        lambda b, x, y: b.op("add", [b.op("mul", [y, c(b, -1.0)]), x]),
+        lambda b, x, y: b.op("sub", [x, b.op("neg", [b.op("neg", [y])])]),
+        types=[t(B, 8), t(B, 8)],
+    )
+
+
+def test_view_spellings() -> None:
+    out = spellings_equal(
+        lambda b, x: b.op("unsqueeze", [b.op("unsqueeze", [x], dim=1)], dim=-1),
+        lambda b, x: b.op("reshape", [x], shape=(B, 1, T, 1)),
+        lambda b, x: b.op("reshape", [b.op("reshape", [x], shape=(B, T, 1))], shape=(B, 1, -1, 1)),
+        lambda b, x: b.op("reshape", [b.op("copy", [x])], shape=(B, 1, T, 1)),
+        types=[t(B, T)],
+    )
+    assert [n.name for n in out.ops] == ["reshape"]
+
+
+def test_transpose_spellings() -> None:
+    out = spellings_equal(
+        lambda b, x: b.op("permute", [x], dims=(0, 2, 1)),
+        lambda b, x: b.op("permute", [b.op("permute", [x], dims=(1, 0, 2))], dims=(1, 2, 0)),
+        lambda b, x: b.op(
+            "permute",
+            [b.op("permute", [b.op("permute", [x], dims=(2, 1, 0))], dims=(2, 1, 0))],
+            dims=(0, 2, 1),
+        ),
+        types=[t(B, T, 4)],
+    )
+    assert [n.attrs["dims"] for n in out.ops] == [(0, 2, 1)]
+
+
+def test_dtype_round_trip_spellings() -> None:
+    spellings_equal(
+        lambda b, x: b.op("exp", [x]),
+        lambda b, x: b.op("exp", [b.op("cast", [b.op("cast", [x], dtype=F32)], dtype=BF16)]),
+        lambda b, x: b.op("exp", [b.op("cast", [b.op("copy", [x])], dtype=BF16)]),
+        types=[t(T, 4, dtype=BF16)],
+    )
