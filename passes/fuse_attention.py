@@ -231,6 +231,7 @@ TOPK = op(
         "pad",
         op("where", op("logical_not", var("visible")), const(float("-inf")), var("score")),
         name="padded",
+        attrs={"value": float("-inf")},
     ),
     name="topk",
     attrs={"largest": True},
