@@ -98,12 +98,14 @@ class Pat:
         return frozenset([self.op]) if isinstance(self.op, str) else frozenset(self.op)
 
     def describe(self) -> str:
-        """Short text of the pattern, e.g. `mul(x, constant(value=1.0))`."""
+        """Short text of the pattern, e.g. `mul(x, s=sigmoid(x))` (`name=` marks captures)."""
         head = self.name or "_"
         if self.op is not None:
             head = self.op if isinstance(self.op, str) else "{" + "|".join(sorted(self.op)) + "}"
         if self.attrs:
             head += "[" + ", ".join(f"{k}={_spec_text(v)}" for k, v in self.attrs.items()) + "]"
+        if self.op is not None and self.name:
+            head = f"{self.name}={head}"
         if self.operands is None:
             return head if self.op is None else f"{head}(...)"
         return f"{head}({', '.join(p.describe() for p in self.operands)})"

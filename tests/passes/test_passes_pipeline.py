@@ -85,7 +85,7 @@ def test_tiny_prefill_pipeline_keeps_outputs() -> None:
 
 
 def test_tiny_prefill_is_canonical_after_one_run() -> None:
-    out = passes.pipeline(tiny_prefill_graph(), ctx=PassContext())
+    out = passes.canonicalize(tiny_prefill_graph())
     ctx = PassContext()
     again = passes.canonicalize(out, ctx)
     assert sum(ctx.counters.values()) == 0, ctx.report()

@@ -89,12 +89,12 @@ def test_graph_signature_ignores_names_and_locations_not_roles() -> None:
 
 
 def test_tiny_prefill_distinct_signatures() -> None:
-    g = passes.pipeline(tiny_prefill_graph(), ctx=passes.PassContext())
+    g = passes.canonicalize(tiny_prefill_graph())
     distinct = kernel_signatures(g)
     matmuls = kernel_signatures(g, mnemonics={"matmul"})
     print(
         f"\ntiny: {len(g.ops)} ops, {len(distinct)} distinct signatures, "
         f"{sum(k.count for k in matmuls)} matmuls in {len(matmuls)} distinct"
     )
-    assert len(distinct) < len(g.ops) // 4
+    assert len(distinct) < len(g.ops) // 4  # 4 layers, mostly alike
     assert len(matmuls) < sum(k.count for k in matmuls)
