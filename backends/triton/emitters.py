@@ -29,10 +29,13 @@ __all__ = ["Launch", "AotVariant", "TRITON_EMITTERS", "emit_node", "cdiv"]
 
 @dataclass(frozen=True)
 class AotVariant:
-    """One compilation of a kernel: its constexpr values and compile options."""
+    """One compilation of a kernel: its constexpr values, compile options, and the integer
+    specialisations the JIT would see at run time on typical tensors (`hints`: 1 = the value is
+    1, e.g. a unit stride; 16 = divisible by 16). Pointers are taken as 16-byte aligned."""
 
     constexprs: dict[str, Any]
     options: dict[str, Any] = field(default_factory=dict)
+    hints: dict[str, int] = field(default_factory=dict)
 
 
 class Launch(Protocol):
@@ -93,7 +96,8 @@ class FusedLaunch:
         _, _, n_cols = self._rows_cols(env)
         cfg = fused_config(self.kernel.plan, n_cols)
         warps = cfg.pop("num_warps")
-        return [AotVariant(cfg, {"num_warps": warps})]
+        hints = {"n_cols": 16} if n_cols % 16 == 0 else {}
+        return [AotVariant(cfg, {"num_warps": warps}, hints)]
 
 
 TRITON_EMITTERS: EmitterTable = EmitterTable("triton")

@@ -178,19 +178,24 @@ def _matmul_module(name, params, loads, epilogue, result, dtype, fused) -> str:
         "rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)",
         "cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)",
         "ks = tl.arange(0, BLOCK_K)",
-        "row_mask = rows < M",
-        "col_mask = cols < N",
-        "a_ptrs = a_ptr + batch * stride_ab + rows[:, None] * stride_am + ks[None, :] * stride_ak",
-        "b_ptrs = b_ptr + batch * stride_bb + ks[:, None] * stride_bk + cols[None, :] * stride_bn",
+        "# rows/cols past the edge wrap around: loads need no row/col mask, the store masks them",
+        "a_rows = rows % M",
+        "b_cols = cols % N",
+        "a_ptrs = a_ptr + batch * stride_ab"
+        " + a_rows[:, None] * stride_am + ks[None, :] * stride_ak",
+        "b_ptrs = b_ptr + batch * stride_bb"
+        " + ks[:, None] * stride_bk + b_cols[None, :] * stride_bn",
         "acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
         "for k in range(0, tl.cdiv(K, BLOCK_K)):",
         "    k_mask = ks < K - k * BLOCK_K",
-        "    a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)",
-        "    b = tl.load(b_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)",
+        "    a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)",
+        "    b = tl.load(b_ptrs, mask=k_mask[:, None], other=0.0)",
         *_dot(dtype),
         "    a_ptrs += BLOCK_K * stride_ak",
         "    b_ptrs += BLOCK_K * stride_bk",
         "",
+        "row_mask = rows < M",
+        "col_mask = cols < N",
         "mask = row_mask[:, None] & col_mask[None, :]",
     ]
     lines += [body[0]] + [_IND + ln if ln else "" for ln in body[1:]]
@@ -255,7 +260,10 @@ class MatmulLaunch:
     def aot_variants(self, env: dict, target: Target) -> list[AotVariant]:
         cfg = matmul_config(target, self.dtype)
         opts = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
-        return [AotVariant({**cfg, **_dot_params_off(self.dtype)}, opts)]
+        hints = {"stride_ak": 1, "stride_bn": 1, "stride_cn": 1}
+        hints |= {n: 16 for n in ("N", "K", "stride_am", "stride_bk", "stride_cm")}
+        hints |= {n: 16 for n in ("stride_ab", "stride_bb", "stride_cb")}
+        return [AotVariant({**cfg, **_dot_params_off(self.dtype)}, opts, hints)]
 
 
 def _matmul_check(node: ir.Node) -> bool | str:
@@ -324,21 +332,23 @@ def emit_grouped_mm(dtype: ir.DType, offsets: ir.DType) -> KernelSource:
         "rows = tile_start + tl.arange(0, BLOCK_M)",
         "cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)",
         "ks = tl.arange(0, BLOCK_K)",
-        "row_mask = rows < group_end",
-        "col_mask = cols < N",
-        "x_ptrs = x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk",
-        "w_ptrs = w_ptr + group * stride_wg + ks[:, None] * stride_wk + cols[None, :] * stride_wn",
+        "# rows past the group repeat its last row and cols wrap: the store masks them",
+        "x_rows = tl.minimum(rows, group_end - 1)",
+        "w_cols = cols % N",
+        "x_ptrs = x_ptr + x_rows[:, None] * stride_xm + ks[None, :] * stride_xk",
+        "w_ptrs = w_ptr + group * stride_wg"
+        " + ks[:, None] * stride_wk + w_cols[None, :] * stride_wn",
         "acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)",
         "for k in range(0, tl.cdiv(K, BLOCK_K)):",
         "    k_mask = ks < K - k * BLOCK_K",
-        "    a = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)",
-        "    b = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)",
+        "    a = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)",
+        "    b = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)",
         *_dot(dtype),
         "    x_ptrs += BLOCK_K * stride_xk",
         "    w_ptrs += BLOCK_K * stride_wk",
         "",
         "out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on",
-        "mask = row_mask[:, None] & col_mask[None, :]",
+        "mask = (rows < group_end)[:, None] & (cols < N)[None, :]",
         "tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)",
     ]
     lines += ["):"] + [_IND + ln if ln else "" for ln in body] + [""]
@@ -378,7 +388,9 @@ class GroupedMMLaunch:
         cfg = matmul_config(target, self.dtype)
         opts = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
         cfg.pop("GROUP_M")
-        return [AotVariant({**cfg, **_dot_params_off(self.dtype)}, opts)]
+        hints = {"stride_xk": 1, "stride_wn": 1, "stride_on": 1}
+        hints |= {n: 16 for n in ("N", "K", "stride_xm", "stride_wg", "stride_wk", "stride_om")}
+        return [AotVariant({**cfg, **_dot_params_off(self.dtype)}, opts, hints)]
 
 
 def shape_of_type(t: ir.TensorType, env: dict) -> list[int]:

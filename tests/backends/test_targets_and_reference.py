@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import bodies
 import pytest
 import torch
 
@@ -11,6 +10,7 @@ from backends.base import Backend, EmitterTable, Executable
 from backends.reference import ReferenceBackend
 from backends.targets import GPU_TARGETS, TARGETS, UnknownTargetError, get_target
 from backends.triton import TritonBackend
+from backends.triton import samples as bodies
 
 
 def test_targets_table_is_complete():

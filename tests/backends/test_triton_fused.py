@@ -7,12 +7,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import bodies
 import pytest
 import torch
 
 import ir
 from backends.triton import TritonBackend, emit_fused
+from backends.triton import samples as bodies
 from ir import DType, TensorType
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -8,9 +8,8 @@ import torch
 
 import ir
 from backends.triton import TritonBackend
+from backends.triton import samples as bodies
 from ir import DType, TensorType
-
-import bodies
 
 T = bodies.T
 TOL = {DType.f32: dict(rtol=1e-4, atol=1e-4), DType.bf16: dict(rtol=2e-2, atol=5e-2)}
@@ -55,24 +54,9 @@ def test_matmul(a_shape, b_shape, dtype):
     assert exe.report()["kernels"][0]["name"] == f"matmul_{dtype.value}"
 
 
-def linear_epilogue_body(dtype: DType) -> ir.Graph:
-    """silu(x @ w + bias) * residual, cast to f32: one GEMM with its epilogue."""
-    b = ir.Builder(name="linear_silu")
-    x = b.input("x", TensorType((T, 40), dtype))
-    w = b.input("w", TensorType((40, 36), dtype), role="parameter")
-    bias = b.input("bias", TensorType((36,), dtype), role="parameter")
-    res = b.input("residual", TensorType((T, 36), dtype))
-    y = b.op("matmul", [x, w], name="y")
-    yb = b.op("add", [y, bias], name="y_bias")
-    act = b.op("silu", [yb], name="act")
-    out = b.op("mul", [act, res], name="gated")
-    b.output(b.op("cast", [out], dtype=DType.f32, name="out"))
-    return b.build()
-
-
 @pytest.mark.parametrize("dtype", [DType.f32, DType.bf16], ids=str)
 def test_matmul_epilogue(dtype):
-    body = linear_epilogue_body(dtype)
+    body = bodies.linear_epilogue(dtype=dtype)
     g = bodies.wrap(body)
     params = {"w": rand(40, 36, dtype=dtype, seed=2), "bias": rand(36, dtype=dtype, seed=3)}
     exe = run_both(g, [rand(21, 40, dtype=dtype), rand(21, 36, dtype=dtype, seed=4)], params, dtype)
