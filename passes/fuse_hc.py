@@ -87,17 +87,21 @@ HEAD = _weighted_sum(
         const(name="eps"),
     )
 )
-POST_MIX = op(
-    "add",
-    op("mul", op(_BCAST, var("post"), name="post_b"), op(_BCAST, var("f"), name="f_b")),
+_POST_F = op("mul", op(_BCAST, var("post"), name="post_b"), op(_BCAST, var("f"), name="f_b"))
+POST_MIXES = (  # combᵀ·R flattened to 3-D batches (einsum) or as one batched matmul
     op(
-        "reshape",
+        "add",
+        _POST_F,
         op(
-            "matmul",
-            op("reshape", op("permute", var("comb"), name="comb_t")),
-            op("reshape", var("res")),
+            "reshape",
+            op(
+                "matmul",
+                op("reshape", op("permute", var("comb"), name="comb_t")),
+                op("reshape", var("res")),
+            ),
         ),
     ),
+    op("add", _POST_F, op("matmul", op("permute", var("comb"), name="comb_t"), var("res"))),
 )
 
 
@@ -247,7 +251,7 @@ def _fuse_head(view: FusionView, root: Node) -> Fusion | None:
 
 
 def _fuse_post(view: FusionView, root: Node) -> Fusion | None:
-    m = view.match(POST_MIX, root.results[0])
+    m = next(filter(None, (view.match(p, root.results[0]) for p in POST_MIXES)), None)
     if m is None:
         return None
     res, f, post, comb = m["res"], m["f"], m["post"], m["comb"]

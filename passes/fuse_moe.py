@@ -41,6 +41,11 @@ SCORES = (
 )
 HASHED = op("index", var("table"), var("ids", rank=1), attrs={"dim": 0})
 TOPK = op("topk", var("chooser"), attrs={"dim": lambda d: d in (-1, 1), "largest": True})
+SORTED = op(  # sort(descending)[..., :k].indices
+    "slice",
+    op("sort", var("chooser"), attrs={"dim": lambda d: d in (-1, 1), "descending": True}, result=1),
+    attrs={"dim": lambda d: d in (-1, 1), "start": 0, "step": 1},
+)
 
 
 def _score(view: FusionView, s: Value) -> tuple[str, Match] | None:
@@ -57,10 +62,10 @@ def _choice(view: FusionView, experts: Value, s: Value) -> tuple[list[Value], di
     if m is not None:
         return [m["table"], m["ids"]], {"hash": True, "bias": False}
     m = view.match(TOPK, experts)
-    if m is None or view.producer(experts).results[1] != experts:
-        return None
-    k = view.producer(experts).attrs["k"]
-    if not isinstance(k, int) or k != experts.type.shape[1]:
+    if m is not None and view.producer(experts).results[1] != experts:
+        m = None
+    m = m or view.match(SORTED, experts)
+    if m is None:
         return None
     chooser = m["chooser"]
     if chooser == s:
@@ -86,6 +91,8 @@ def _fuse_route(view: FusionView, root: Node) -> Fusion | None:
     score = _score(view, s)
     choice = _choice(view, experts, s)
     if scale is None or score is None or choice is None or s.type.dtype != DType.f32:
+        return None
+    if not isinstance(experts.type.shape[1], int):
         return None
     name, sm = score
     extra, attrs = choice

@@ -1,0 +1,169 @@
+"""Other spellings of the computations the semantic fusions recognise (captured from small torch
+modules, canonicalised), and look-alikes that must stay unfused."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import ir
+import passes
+from frontend import capture
+from models.hc import hc_post, hc_pre
+from passes.fuse_hc import fuse_hc
+from passes.fuse_moe import fuse_moe
+
+
+def fused(module: nn.Module, args: tuple, fuse, dynamic=None) -> tuple[int, list]:
+    """Capture, canonicalise, fuse; -> (fusions fired, max |before - after| per output)."""
+    g = passes.canonicalize(capture(module, args, dynamic=dynamic))
+    ctx = passes.PassContext()
+    out = fuse(g, ctx)
+    ir.verify(out)
+    before, after = ir.interpret(g, *args), ir.interpret(out, *args)
+    diffs = []
+    for a, b in zip(before, after):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        diffs.append((a.double() - b.double()).abs().max().item() if a.numel() else 0.0)
+    return sum(v for k, v in ctx.counters.items() if k.startswith("fuse_")), diffs
+
+
+# --- hc.post ---------------------------------------------------------------------------------
+
+
+class PostEinsum(nn.Module):
+    def forward(self, f: Tensor, r: Tensor, post: Tensor, comb: Tensor) -> Tensor:
+        return hc_post(f, r, post, comb)
+
+
+class PostMatmul(nn.Module):
+    def forward(self, f: Tensor, r: Tensor, post: Tensor, comb: Tensor) -> Tensor:
+        return post.unsqueeze(-1) * f.unsqueeze(-2) + comb.transpose(-1, -2) @ r
+
+
+class PostBmm(nn.Module):
+    def forward(self, f: Tensor, r: Tensor, post: Tensor, comb: Tensor) -> Tensor:
+        n, d = r.shape[-2:]
+        carried = torch.bmm(comb.mT.reshape(-1, n, n), r.reshape(-1, n, d)).view(r.shape)
+        return carried + post[..., None] * f[..., None, :]
+
+
+class PostNoTranspose(nn.Module):  # comb·R instead of combᵀ·R: not mHC post
+    def forward(self, f: Tensor, r: Tensor, post: Tensor, comb: Tensor) -> Tensor:
+        return post.unsqueeze(-1) * f.unsqueeze(-2) + comb @ r
+
+
+def post_args() -> tuple:
+    gen = torch.Generator().manual_seed(0)
+    shapes = ((2, 5, 8), (2, 5, 4, 8), (2, 5, 4), (2, 5, 4, 4))
+    return tuple(torch.randn(s, generator=gen) for s in shapes)
+
+
+def test_hc_post_spellings() -> None:
+    for module in (PostEinsum(), PostMatmul(), PostBmm()):
+        count, diffs = fused(module, post_args(), fuse_hc)
+        assert count == 1, type(module).__name__
+        assert max(diffs) <= 1e-5
+    assert fused(PostNoTranspose(), post_args(), fuse_hc)[0] == 0
+
+
+# --- hc.pre: any Sinkhorn length, F.linear or @ ----------------------------------------------
+
+
+class Pre(nn.Module):
+    def __init__(self, iters: int) -> None:
+        super().__init__()
+        self.iters = iters
+
+    def forward(self, x: Tensor, fn: Tensor, scale: Tensor, base: Tensor) -> tuple:
+        return hc_pre(x, fn, scale, base, self.iters, 1e-6, 1e-6)
+
+
+class PreMatmul(nn.Module):
+    """hc_pre with `xf @ fn.t()`, `x.pow(2)`-free RMS and an explicit Sinkhorn loop."""
+
+    def forward(self, x: Tensor, fn: Tensor, scale: Tensor, base: Tensor) -> tuple:
+        n, eps = x.shape[-2], 1e-6
+        xf = x.flatten(2)
+        mix = (xf @ fn.t()) * torch.rsqrt((xf * xf).mean(-1, keepdim=True) + eps)
+        pre = torch.sigmoid(mix[..., :n] * scale[0] + base[:n]) + eps
+        post = torch.sigmoid(mix[..., n : 2 * n] * scale[1] + base[n : 2 * n]) * 2.0
+        m = torch.softmax(
+            (mix[..., 2 * n :] * scale[2] + base[2 * n :]).view(*x.shape[:2], n, n), -1
+        )
+        m = m + eps
+        m = m / (m.sum(-2, keepdim=True) + eps)
+        for _ in range(4):
+            m = m / (m.sum(-1, keepdim=True) + eps)
+            m = m / (m.sum(-2, keepdim=True) + eps)
+        return (pre.unsqueeze(-1) * x).sum(2), post, m
+
+
+def pre_args() -> tuple:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 4, 16, generator=gen)
+    fn = torch.randn(24, 64, generator=gen) * 0.1
+    return x, fn, torch.rand(3, generator=gen), torch.randn(24, generator=gen)
+
+
+def test_hc_pre_spellings_and_sinkhorn_lengths() -> None:
+    for module, iters in ((Pre(20), 20), (Pre(1), 1), (Pre(3), 3), (PreMatmul(), 5)):
+        g = passes.canonicalize(capture(module, pre_args()))
+        out = fuse_hc(g, passes.PassContext())
+        ops = [n for n in out.ops if n.name == "hc.pre"]
+        assert len(ops) == 1 and ops[0].attrs["iters"] == iters, (type(module).__name__, iters)
+        assert not any(n.name in ("div", "softmax") for n in out.ops)
+        count, diffs = fused(module, pre_args(), fuse_hc)
+        assert count == 1 and max(diffs) <= 1e-5
+
+
+# --- moe.route: scores, top-k or sort + slice, with or without renormalisation --------------
+
+
+class RouteSigmoid(nn.Module):
+    def forward(self, x: Tensor, w: Tensor, bias: Tensor) -> tuple:
+        s = (x @ w.t()).sigmoid()
+        picks = (s + bias).topk(2, dim=-1).indices
+        return s.gather(1, picks) * 2.5, picks
+
+
+class RouteSoftmaxSort(nn.Module):
+    def forward(self, x: Tensor, w: Tensor, bias: Tensor) -> tuple:
+        s = F.linear(x, w).softmax(dim=-1)
+        picks = s.sort(dim=-1, descending=True).indices[:, :3]
+        weights = s.gather(1, picks)
+        return weights / weights.sum(-1, keepdim=True), picks
+
+
+class RouteSqrtSoftplus(nn.Module):
+    def forward(self, x: Tensor, w: Tensor, bias: Tensor) -> tuple:
+        s = F.softplus(torch.matmul(x, w.T)).sqrt()
+        picks = torch.topk(s + bias, 2).indices
+        weights = s.gather(1, picks)
+        return weights / weights.sum(-1, keepdim=True) * 1.5, picks
+
+
+class RouteBiasSubtracted(nn.Module):  # selection by s - bias: not the router's rule
+    def forward(self, x: Tensor, w: Tensor, bias: Tensor) -> tuple:
+        s = F.softplus(x @ w.t()).sqrt()
+        picks = (s - bias).topk(2, dim=-1).indices
+        weights = s.gather(1, picks)
+        return weights / weights.sum(-1, keepdim=True), picks
+
+
+def route_args() -> tuple:
+    gen = torch.Generator().manual_seed(2)
+    return torch.randn(9, 16, generator=gen), torch.randn(6, 16, generator=gen), torch.randn(6)
+
+
+def test_moe_route_spellings() -> None:
+    want = {RouteSigmoid: "sigmoid", RouteSoftmaxSort: "softmax", RouteSqrtSoftplus: "sqrtsoftplus"}
+    for cls, score in want.items():
+        g = passes.canonicalize(capture(cls(), route_args()))
+        out = fuse_moe(g, passes.PassContext())
+        (route,) = [n for n in out.ops if n.name == "moe.route"]
+        assert route.attrs["score"] == score, cls.__name__
+        count, diffs = fused(cls(), route_args(), fuse_moe)
+        assert count == 1 and max(diffs) <= 1e-5, cls.__name__
+    assert fused(RouteBiasSubtracted(), route_args(), fuse_moe)[0] == 0
