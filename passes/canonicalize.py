@@ -21,11 +21,12 @@ Every rule keeps types (the driver checks) and the matched op's location. `x + 0
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 import ir
-from ir import DType, Graph, Kind, Value
+from ir import DType, Graph, Kind, Node, Value
 from passes.cleanup import common_subexpression_elimination, dead_code_elimination
 from passes.context import PassContext
 from passes.pattern import COMMUTATIVE, Match, Rule, const, op, var
@@ -282,8 +283,10 @@ RULES: list[Rule] = [
 
 
 def canonicalize(g: Graph, ctx: PassContext | None = None, *, max_rounds: int = 4) -> Graph:
-    """CSE, `RULES` to a fixed point, DCE; repeated while anything changes (`max_rounds`)."""
+    """CSE, `RULES` to a fixed point, DCE; repeated while anything changes (`max_rounds`).
+    Nested bodies (`fused.kernel`) are canonicalised first, keeping their inputs."""
     ctx = ctx or PassContext()
+    g = _canonicalize_bodies(g, ctx, max_rounds)
     for _ in range(max_rounds):
         before = sum(ctx.counters.values())
         g = common_subexpression_elimination(g, ctx)
@@ -292,3 +295,18 @@ def canonicalize(g: Graph, ctx: PassContext | None = None, *, max_rounds: int = 
         if sum(ctx.counters.values()) == before:
             break
     return g
+
+
+def _canonicalize_bodies(g: Graph, ctx: PassContext, max_rounds: int) -> Graph:
+    """Canonicalise every graph-valued attribute (the body keeps its inputs and output types)."""
+    if not any(isinstance(a, Graph) for n in g.ops for a in n.attrs.values()):
+        return g
+    ops = []
+    for n in g.ops:
+        bodies = {k: a for k, a in n.attrs.items() if isinstance(a, Graph)}
+        if bodies:
+            new = {k: canonicalize(a, ctx, max_rounds=max_rounds) for k, a in bodies.items()}
+            if any(new[k] is not bodies[k] for k in bodies):
+                n = Node(dataclasses.replace(n.op, **new), n.operands, n.results, n.loc)
+        ops.append(n)
+    return Graph(g.inputs, ops, g.outputs, name=g.name, roles=dict(g.roles))

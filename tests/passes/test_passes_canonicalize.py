@@ -285,3 +285,17 @@ def test_dtype_round_trip_spellings() -> None:
         lambda b, x: b.op("exp", [b.op("cast", [b.op("copy", [x])], dtype=BF16)]),
         types=[t(T, 4, dtype=BF16)],
     )
+
+
+def test_fused_kernel_bodies_are_canonicalised() -> None:
+    body = ir.Builder(name="k")
+    a = body.input("a", t(4))
+    body.output(
+        body.op("exp", [body.op("mul", [body.op("neg", [body.op("neg", [a])]), c(body, 1.0)])])
+    )
+    g = graph(lambda b, x: b.op("fused.kernel", [x], body=body.build()), t(4))
+    out, ctx = canonical(g)
+    assert ctx.counters["neg_neg"] == 1 and ctx.counters["mul_one"] == 1
+    (kernel,) = out.ops
+    assert [n.name for n in kernel.attrs["body"].ops] == ["exp"]
+    assert_same_outputs(g, out)
