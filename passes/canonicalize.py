@@ -84,10 +84,15 @@ def numeric_operands(m: Match) -> bool | str:
 
 
 def _is_pow2(v: Any) -> bool:
-    if isinstance(v, bool) or not isinstance(v, float) or not math.isfinite(v) or v == 0:
+    """A (possibly negative or fractional) power of two: 0.25, 2.0, -16, ..."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v == 0 or not math.isfinite(v):
         return False
     mant, _ = math.frexp(abs(v))
     return mant == 0.5
+
+
+# Largest |exponent| of a power of two with a normal, finite reciprocal per float dtype.
+_POW2_RANGE = {DType.f32: 125, DType.bf16: 125, DType.f16: 14}
 
 
 # --- rewrite functions --------------------------------------------------------------------------
@@ -151,11 +156,16 @@ def to_add(m: Match, rw: Rewriter) -> Value:
     return rw.op("add", [m["x"], m["y"]])
 
 
-def div_to_mul(m: Match, rw: Rewriter) -> Value:
-    c = m.node("c")
+def div_to_mul(m: Match, rw: Rewriter) -> Value | None:
+    x, c = m["x"], m.node("c")
     assert c is not None
-    attrs = dict(c.attrs, value=1.0 / c.attrs["value"])
-    return rw.op("mul", [m["x"], rw.op(c.name, [], **attrs)])
+    inv = 1.0 / c.attrs["value"]
+    if abs(math.frexp(inv)[1] - 1) > _POW2_RANGE.get(x.dtype, -1):
+        return None  # 2**-k would overflow or be subnormal in x's dtype
+    if c.name == "constant":
+        return rw.op("mul", [x, rw.op("constant", [], value=inv, dtype=x.dtype)])
+    scale = rw.op("full", [], shape=c.attrs["shape"], value=inv, dtype=x.dtype)
+    return rw.op("mul", [x, scale])
 
 
 def cast_through_wider(m: Match, rw: Rewriter) -> Value | None:

@@ -299,3 +299,26 @@ def test_fused_kernel_bodies_are_canonicalised() -> None:
     (kernel,) = out.ops
     assert [n.name for n in kernel.attrs["body"].ops] == ["exp"]
     assert_same_outputs(g, out)
+
+
+def test_div_by_integer_power_of_two_becomes_an_exact_mul() -> None:
+    def build(b, x):
+        return (
+            b.op("div", [x, c(b, 16, I64)]),
+            b.op("div", [x, b.op("full", [], shape=(4,), value=-4, dtype=I32)]),
+            b.op("div", [x, c(b, 3.0)]),  # not a power of two: stays
+        )
+
+    g = graph(build, t(4))
+    out, ctx = canonical(g)
+    assert ctx.counters["div_pow2"] == 2
+    assert [n.name for n in out.ops].count("div") == 1
+    assert {n.attrs["value"] for n in out.ops if n.name in ("constant", "full")} >= {0.0625, -0.25}
+    assert_same_outputs(g, out)
+
+
+def test_div_pow2_declines_when_the_reciprocal_leaves_the_dtype_range() -> None:
+    g = graph(lambda b, x: b.op("div", [x, c(b, 2.0**-20, DType.f16)]), t(4, dtype=DType.f16))
+    out, ctx = canonical(g)
+    assert ctx.counters["div_pow2"] == 0
+    assert_same_outputs(g, out)
