@@ -8,9 +8,11 @@
   query's per-head RMS norm and RoPE folded in front and the inverse RoPE behind. Window-only,
   HCA (every visible compressed entry) and CSA (indexer-selected entries) are its three variants.
 
-All three describe prefill from position 0: query t sits at position t, raw KV row t belongs to
-position t, compressed entry s pools the block of tokens [s·m, (s+1)·m) and is visible to query t
-iff s < (t+1) // m. RoPE is the interleaved (GPT-J) rotation of the last 2·cos.shape[-1] channels;
+Prefill (default): query t sits at position t, raw KV row t belongs to position t, compressed
+entry s pools the block of tokens [s·m, (s+1)·m) and is visible to query t iff s < (t+1) // m.
+Decode (`decode=true`, indexer and attention): one more operand, the 0-d position `pos` of the
+first query, last; query t sits at position pos + t, and the attention's raw KV is the ring of the
+last `window` positions (slot p % window holds position p), read by a single query. RoPE is the interleaved (GPT-J) rotation of the last 2·cos.shape[-1] channels;
 cos/sin tables are operands, so the rotary base and YaRN schedule stay outside the ops.
 """
 
@@ -66,6 +68,10 @@ def _check_rope(op: Op, cos: TensorType, sin: TensorType, rows, width, *types: T
             f"rope width 2*{cos.shape[1]} exceeds the head dim {width}",
             *types,
         )
+
+
+def _check_pos(op: Op, pos: TensorType, *types: TensorType) -> None:
+    require(op, pos.rank == 0 and pos.dtype in INT_INDEX, "pos must be a 0-d i64/i32", *types)
 
 
 # --- attn.compress --------------------------------------------------------------------------
@@ -141,23 +147,28 @@ class Compress(Op):
 @register
 @dataclass(frozen=True)
 class IndexerTopK(Op):
-    """Lightning indexer + top-k: q [B,T,H,c] (rotated), keys [B,S,c], w [B,T,H] -> idx
-    [B,T,k] i64.
+    """Lightning indexer + top-k: q [B,T,H,c] (rotated), keys [B,S,c], w [B,T,H] (+ pos, 0-d
+    int, with `decode`) -> idx [B,T,k] i64.
 
     score[t,s] = Σ_h (w[t,h]·scale)·relu(q[t,h]·keys[s]) in fp32, masked to -inf unless
-    s < (t+1) // ratio. idx[t] = the k best visible s by descending score; slots past the
-    visible count are -1 (so k may exceed S).
+    s < (p_t+1) // ratio with p_t = t (prefill) or pos + t (decode). idx[t] = the k best visible
+    s by descending score; slots past the visible count are -1 (so k may exceed S).
     """
 
     mnemonic = "attn.indexer_topk"
     kind = Kind.OPAQUE
-    num_operands = 3
+    num_operands = None
     k: int = 512
     ratio: int = 4
     scale: float = 1.0
+    decode: bool = False
 
-    def infer_type(self, q, keys, w):
-        types = (q, keys, w)
+    def infer_type(self, *types: TensorType):
+        want = 4 if self.decode else 3
+        require(self, len(types) == want, f"expected {want} operands, got {len(types)}", *types)
+        if self.decode:
+            _check_pos(self, types[3], *types)
+        q, keys, w = types[:3]
         require(self, self.k >= 1 and self.ratio >= 1, "k and ratio must be >= 1", *types)
         require(
             self, q.rank == 4 and keys.rank == 3 and w.rank == 3, "ranks must be 4, 3, 3", *types
@@ -169,12 +180,12 @@ class IndexerTopK(Op):
         require(self, w.shape == q.shape[:3], "w must be [B,T,H] like q", *types)
         return (TensorType((q.shape[0], q.shape[1], self.k), DType.i64),)
 
-    def reference(self, q, keys, w):
+    def reference(self, q, keys, w, *pos):
         t, s = q.shape[1], keys.shape[1]
         logits = torch.einsum("bthc,bsc->bths", q.float(), keys.float()).relu()
         weights = (w.float() * self.scale).unsqueeze(-1)
         score = (logits * weights).sum(2)
-        pos = torch.arange(t, device=q.device)
+        pos = torch.arange(t, device=q.device) + (pos[0] if pos else 0)
         visible = torch.arange(s, device=q.device) < ((pos + 1) // self.ratio).unsqueeze(1)
         return (topk_or_pad(score, visible, self.k),)
 
@@ -205,7 +216,8 @@ class SparseMQA(Op):
         window  q [B,T,H,c], kv [B,T,c], sink [H], cos [T,r/2], sin [T,r/2]
         hca     ... + comp [B,S,c]                 (every visible compressed entry)
         csa     ... + comp [B,S,c], picks [B,T,k]  (selected entries of comp, -1 = none)
-    -> o [B,T,H,c] in q's dtype.
+    and with `decode` the position pos (0-d int) last; then T = 1 and kv [B,window,c] is the
+    ring: slot j is an entry iff j <= pos. -> o [B,T,H,c] in q's dtype.
 
     Query: q' = rope(q · rsqrt(mean(q²) + q_norm_eps)) (per head; no norm when q_norm_eps is
     None). Entries of query t: raw rows max(0, t-window+1)..t of kv, plus comp rows s with
@@ -223,9 +235,10 @@ class SparseMQA(Op):
     ratio: int = 0
     scale: float = 1.0
     q_norm_eps: float | None = None
+    decode: bool = False
 
     def _arity(self) -> int:
-        return {"window": 5, "hca": 6, "csa": 7}[self.variant]
+        return {"window": 5, "hca": 6, "csa": 7}[self.variant] + int(self.decode)
 
     def infer_type(self, *types: TensorType):
         require(self, self.variant in VARIANTS, f"variant must be one of {VARIANTS}", *types)
@@ -244,7 +257,14 @@ class SparseMQA(Op):
         require(self, q.rank == 4 and kv.rank == 3, "q must be [B,T,H,c], kv [B,T,c]", *types)
         require(self, q.dtype.is_float and kv.dtype == q.dtype, "q/kv dtypes must match", *types)
         require(self, same_dim(q.shape[0], kv.shape[0]), "batch of q and kv differs", *types)
-        require(self, same_dim(q.shape[1], kv.shape[1]), "q and kv need one row per token", *types)
+        if self.decode:
+            _check_pos(self, types[-1], *types)
+            require(self, q.shape[1] == 1, "decode takes one query per sequence", *types)
+            ring = same_dim(kv.shape[1], self.window)
+            require(self, ring, f"decode kv must be the ring [B,{self.window},c]", *types)
+        else:
+            ok = same_dim(q.shape[1], kv.shape[1])
+            require(self, ok, "q and kv need one row per token", *types)
         require(self, same_dim(q.shape[3], kv.shape[2]), "head dim of q and kv differs", *types)
         require(self, sink.rank == 1 and same_dim(sink.shape[0], q.shape[2]), "sink: [H]", *types)
         _check_rope(self, cos, sin, q.shape[1], q.shape[3], *types)
@@ -266,9 +286,15 @@ class SparseMQA(Op):
 
     def entry_indices(self, t: int, kv_rows: int, rest, b: int, device):
         """[B,T,n] rows of cat(kv, comp) per query (-1 = none): the window, then compressed."""
-        pos = torch.arange(t, device=device)
-        win = pos.unsqueeze(1) - self.window + 1 + torch.arange(self.window, device=device)
-        idx = win.masked_fill(win < 0, -1).expand(b, t, self.window)
+        slots = torch.arange(self.window, device=device)
+        if self.decode:
+            pos = rest[-1].view(1)
+            idx = torch.where(slots <= pos, slots, -1).expand(b, t, self.window)
+            rest = rest[:-1]
+        else:
+            pos = torch.arange(t, device=device)
+            win = pos.unsqueeze(1) - self.window + 1 + slots
+            idx = win.masked_fill(win < 0, -1).expand(b, t, self.window)
         if self.variant == "window":
             return idx
         s = rest[0].shape[1]
@@ -286,7 +312,8 @@ class SparseMQA(Op):
             q = _rms(q, self.q_norm_eps)
         q = rope_reference(q, cos.unsqueeze(-2), sin.unsqueeze(-2))
         idx = self.entry_indices(t, kv.shape[1], rest, b, q.device)
-        entries = torch.cat((kv, rest[0]), dim=1) if rest else kv
+        comp = rest[: len(rest) - int(self.decode)]
+        entries = torch.cat((kv, comp[0]), dim=1) if comp else kv
         valid = idx >= 0
         batch = torch.arange(b, device=q.device).view(b, 1, 1)
         rows = entries[batch, idx.clamp(min=0)]  # [B,T,n,c]

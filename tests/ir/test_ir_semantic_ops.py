@@ -401,6 +401,21 @@ MQA = [tt(B, T, 4, 32), tt(B, T, 32), tt(4), tt(T, 8), tt(T, 8)]
         ("hc.pre", [tt(B, T, 4, 64), tt(20, 256), tt(3), tt(20)], {}, "fn must have 24 rows"),
         ("hc.head", [tt(B, T, 4, 64), tt(4, 256), tt(3), tt(4)], {}, "scale must be [1]"),
         ("hc.post", [tt(B, T, 64), tt(B, T, 4, 64), tt(B, T, 4), tt(B, T, 4)], {}, "comb must"),
+        ("attn.sparse_mqa", MQA, {"decode": True}, "takes 6 operands"),
+        ("attn.sparse_mqa", [*MQA, tt(B)], {"decode": True}, "pos must be a 0-d"),
+        ("attn.sparse_mqa", [*MQA, tt(dtype=i64)], {"decode": True}, "one query per sequence"),
+        (
+            "attn.sparse_mqa",
+            [tt(B, 1, 4, 32), tt(B, 16, 32), tt(4), tt(1, 8), tt(1, 8), tt(dtype=i64)],
+            {"decode": True, "window": 8},
+            "decode kv must be the ring [B,8,c]",
+        ),
+        (
+            "attn.indexer_topk",
+            [tt(B, 1, 8, 32), tt(B, 16, 32), tt(B, 1, 8)],
+            {"decode": True},
+            "expected 4",
+        ),
     ],
 )
 def test_type_errors(mnemonic: str, shapes, attrs, message: str) -> None:
@@ -416,3 +431,76 @@ def test_verifier_rejects_wrong_recorded_type() -> None:
     with pytest.raises((ir.VerifyError, ir.ParseError)) as info:
         ir.verify(ir.parse(text))
     assert "hc.post" in str(info.value)
+
+
+# --- decode: one query at position `pos`, ring window ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "variant,c,rope,ratio,pos",
+    [
+        ("window", 32, 16, 0, 3),  # ring not full yet: slots > pos are no entries
+        ("hca", 32, 16, 8, 40),
+        ("csa", 32, 16, 4, 41),
+        ("csa", 512, 64, 4, 17),
+    ],
+)
+def test_sparse_mqa_decode_matches_model(variant: str, c: int, rope: int, ratio: int, pos: int):
+    torch.manual_seed(pos + c)
+    b, h, w, k, max_len = 2, 3, 8, 5, 64
+    rot = Rotary(rope, 160000.0, 16.0)
+    cos, sin = rot.cos_sin(torch.tensor([pos]))
+    q_raw, ring, sink = torch.randn(b, 1, h, c), torch.randn(b, w, c), torch.randn(h)
+    comp = torch.randn(b, max_len // max(ratio, 1), c) if ratio else None
+    position = torch.tensor(pos)
+    # the model's Attention.decode, without the projections
+    slots = torch.arange(w)
+    idx = torch.where(slots <= position, slots, -1).view(1, 1, w).expand(b, 1, w)
+    entries, picks = ring, None
+    if comp is not None:
+        s = torch.arange(comp.shape[1])
+        visible = s < (position + 1) // ratio
+        if variant == "csa":
+            scores = torch.randn(b, 1, comp.shape[1])
+            picks = topk_visible(scores, visible, k)
+            chosen = picks
+        else:
+            chosen = torch.where(visible, s, -1).view(1, 1, -1).expand(b, 1, -1)
+        idx = torch.cat((idx, torch.where(chosen >= 0, chosen + w, -1)), dim=-1)
+        entries = torch.cat((ring, comp), dim=1)
+    q = apply_rope(rms_normalize(q_raw, 1e-6), cos.unsqueeze(-2), sin.unsqueeze(-2))
+    o = sparse_attention(q, entries, idx, sink, c**-0.5)
+    want = apply_rope(o, cos.unsqueeze(-2), sin.unsqueeze(-2), inverse=True)
+
+    inputs = [("q", tt(B, 1, h, c)), ("kv", tt(B, w, c)), ("sink", tt(h))]
+    inputs += [("cos", tt(1, rope // 2)), ("sin", tt(1, rope // 2))]
+    args = [q_raw, ring, sink, cos, sin]
+    if comp is not None:
+        inputs.append(("comp", tt(B, comp.shape[1], c)))
+        args.append(comp)
+    if picks is not None:
+        inputs.append(("picks", tt(B, 1, k, dtype=i64)))
+        args.append(picks)
+    inputs.append(("pos", tt(dtype=i64)))
+    args.append(position)
+    attrs = {"variant": variant, "window": w, "ratio": ratio, "scale": c**-0.5}
+    g = one_op("attn.sparse_mqa", inputs, q_norm_eps=1e-6, decode=True, **attrs)
+    close(run(g, *args)[0], want)
+
+
+def test_indexer_topk_decode_matches_model() -> None:
+    torch.manual_seed(9)
+    b, h, c, s, k, pos = 2, 8, 32, 16, 4, 21
+    q, keys, w = torch.randn(b, 1, h, c), torch.randn(b, s, c), torch.randn(b, 1, h)
+    scores = (torch.einsum("bthc,bsc->bths", q, keys).relu() * (w * 0.1).unsqueeze(-1)).sum(2)
+    visible = torch.arange(s) < (torch.tensor(pos) + 1) // 4
+    g = one_op(
+        "attn.indexer_topk",
+        [("q", tt(B, 1, h, c)), ("keys", tt(B, s, c)), ("w", tt(B, 1, h)), ("pos", tt(dtype=i64))],
+        k=k,
+        ratio=4,
+        scale=0.1,
+        decode=True,
+    )
+    (got,) = run(g, q, keys, w, torch.tensor(pos))
+    assert torch.equal(got, topk_visible(scores, visible, k))
