@@ -4,6 +4,7 @@ DeepSeek-V4 prefill (verifies, fewer ops, same outputs as before the pipeline)."
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 import pytest
 import torch
@@ -69,6 +70,10 @@ def test_tiny_prefill_pipeline_keeps_outputs() -> None:
     ir.verify(out)
     print(f"\ntiny prefill: {len(g.ops)} -> {len(out.ops)} ops in {elapsed:.2f} s")
     print(ctx.report())
+    before, after = Counter(n.name for n in g.ops), Counter(n.name for n in out.ops)
+    for name in sorted(before | after, key=lambda k: -before[k]):
+        if before[name] != after[name]:
+            print(f"  {name:<12} {before[name]:5d} -> {after[name]:5d}")
     assert len(out.ops) < 0.8 * len(g.ops)
     assert ctx.counters["cse"] > 0 and ctx.counters["unsqueeze_squeeze_to_reshape"] > 0
     assert [v.name for v in out.inputs] == [v.name for v in g.inputs]
