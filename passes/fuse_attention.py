@@ -248,13 +248,27 @@ PICKS = op(
 )
 
 
-def visible_ratio(view: FusionView, visible: Value, t: Any, s: Any) -> int | None:
-    """m when visible[t, s] = s < (t + 1) // m with iotas over T and S, else None."""
+VISIBLE_AT = op(  # decode: s < (pos + 1) // m for one 0-d position
+    "lt",
+    var("cols", rank=1),
+    op("floordiv", op("add", var("pos", rank=0), const(1)), const(name="ratio")),
+)
+Causal = tuple[int, Value | None]  # (ratio m, decode position or None for prefill)
+
+
+def visible_ratio(view: FusionView, visible: Value, t: Any, s: Any) -> Causal | None:
+    """(m, None) when visible[t, s] = s < (t + 1) // m with iotas over T and S (prefill),
+    (m, pos) when visible[s] = s < (pos + 1) // m (decode), else None."""
     m = view.match(VISIBLE, visible)
-    if m is None or not _iota_ok(view, m["rows"], t) or not _iota_ok(view, m["cols"], s):
+    pos = None
+    if m is None or not _iota_ok(view, m["rows"], t):
+        m = view.match(VISIBLE_AT, visible)
+        pos = m and m["pos"]
+    if not m or not _iota_ok(view, m["cols"], s):
         return None
     ratio = scalar(m, "ratio")
-    return int(ratio) if ratio is not None and ratio == int(ratio) and ratio >= 1 else None
+    ok = ratio is not None and ratio == int(ratio) and ratio >= 1
+    return (int(ratio), pos) if ok else None
 
 
 def _fuse_indexer(view: FusionView, root: Node) -> Fusion | None:
@@ -276,15 +290,16 @@ def _fuse_indexer(view: FusionView, root: Node) -> Fusion | None:
         return None
     if tm.attr("padded", "pads") != (0, k) or topk.attrs["dim"] not in (-1, 2):
         return None
-    ratio = visible_ratio(view, tm["visible"], t, s)
+    causal = visible_ratio(view, tm["visible"], t, s)
     w, scale = sm["w"], 1.0
     wn = view.producer(w)
     if wn is not None and wn.name == "mul" and const_value(view, wn.operands[1]) is not None:
         w, scale = wn.operands[0], float(const_value(view, wn.operands[1]))
-    if ratio is None or not isinstance(k, int):
+    if causal is None or not isinstance(k, int):
         return None
-    operands = [sm["q"], sm["keys"], w]
-    attrs = {"k": k, "ratio": ratio, "scale": scale}
+    ratio, pos = causal
+    operands = [sm["q"], sm["keys"], w] + ([] if pos is None else [pos])
+    attrs = {"k": k, "ratio": ratio, "scale": scale, "decode": pos is not None}
     if not _fits("attn.indexer_topk", operands, attrs, [root.results[0]]):
         return None
     return Fusion("attn.indexer_topk", operands, attrs, (root.results[0],), root.loc)
@@ -347,9 +362,22 @@ SHIFTED = op(
     const(-1),
 )
 ALL_VISIBLE = op("expand", op("where", var("visible"), var("cols"), const(-1)))
+ALL_VISIBLE_AT = op("expand", op("reshape", op("where", var("visible"), var("cols"), const(-1))))
 
 
-def _window(view: FusionView, idx: Value, t: Any) -> int | None:
+RING = op(  # decode: where(slot <= pos, slot, -1) over the ring's slots
+    "expand",
+    op("reshape", op("where", op("le", var("slots"), var("pos", rank=0)), var("slots"), const(-1))),
+)
+
+
+def _window(view: FusionView, idx: Value, t: Any) -> tuple[int, Value | None] | None:
+    """(window, None) for the prefill window t-w+1..t, (window, pos) for the decode ring."""
+    rm = view.match(RING, idx)
+    if rm is not None:
+        n = view.producer(rm["slots"])
+        w = n.attrs["end"] if n is not None and n.name == "iota" else None
+        return (w, rm["pos"]) if isinstance(w, int) and _iota_ok(view, rm["slots"], w) else None
     m = view.match(WINDOW, idx)
     wm = m and view.match(WINDOW_ROWS, m["wr"])
     if not wm or not _iota_ok(view, wm["pos"], t):
@@ -357,38 +385,47 @@ def _window(view: FusionView, idx: Value, t: Any) -> int | None:
     w = scalar(wm, "w")
     if w is None or w != int(w) or not _iota_ok(view, wm["offsets"], int(w)):
         return None
-    return int(w)
+    return int(w), None
 
 
 def _variant(view: FusionView, idx: Value, entries: Value, t: Any) -> tuple | None:
-    """-> (variant, window, ratio, extra operands, kv) from the index/entry construction."""
-    w = _window(view, idx, t)
-    if w is not None:
-        return "window", w, 0, [], entries
+    """-> (variant, window, ratio, extra operands, kv, decode pos or None) from the index and
+    entry construction; prefill and decode parts must agree."""
+    win = _window(view, idx, t)
+    if win is not None:
+        return "window", win[0], 0, [], entries, win[1]
     cat, ecat = view.producer(idx), view.producer(entries)
     if cat is None or ecat is None or cat.name != "concat" or ecat.name != "concat":
         return None
     if cat.attrs["dim"] not in (-1, 2) or ecat.attrs["dim"] != 1 or len(cat.operands) != 2:
         return None
-    w = _window(view, cat.operands[0], t)
+    win = _window(view, cat.operands[0], t)
     sm = view.match(SHIFTED, cat.operands[1])
     kv, comp = ecat.operands if len(ecat.operands) == 2 else (None, None)
-    if w is None or sm is None or kv is None or not same_dim(sm.attr("t", "value"), t):
+    if win is None or sm is None or kv is None:
+        return None
+    w, pos = win
+    if not same_dim(sm.attr("t", "value"), t if pos is None else w):  # rows before comp
         return None
     picks = sm["picks"]
-    am = view.match(ALL_VISIBLE, picks)
-    if am is not None and _iota_ok(view, am["cols"], comp.type.shape[1]):
-        ratio = visible_ratio(view, am["visible"], t, comp.type.shape[1])
-        return None if ratio is None else ("hca", w, ratio, [comp], kv)
-    ratio = _csa_ratio(view, picks)
-    return None if ratio is None else ("csa", w, ratio, [comp, picks], kv)
+    s = comp.type.shape[1]
+    am = view.match(ALL_VISIBLE, picks) or view.match(ALL_VISIBLE_AT, picks)
+    if am is not None and _iota_ok(view, am["cols"], s):
+        causal = visible_ratio(view, am["visible"], t, s)
+        if causal is None or causal[1] != pos:
+            return None
+        return "hca", w, causal[0], [comp], kv, pos
+    causal = _csa_causal(view, picks)
+    if causal is None or causal[1] != pos:
+        return None
+    return "csa", w, causal[0], [comp, picks], kv, pos
 
 
-def _csa_ratio(view: FusionView, picks: Value) -> int | None:
-    """The indexer's ratio when `picks` comes from one (fused or not yet fused)."""
+def _csa_causal(view: FusionView, picks: Value) -> Causal | None:
+    """The indexer's (ratio, pos) when `picks` comes from one (fused or not yet fused)."""
     n = view.producer(picks)
     if n is not None and n.name == "attn.indexer_topk":
-        return n.attrs["ratio"]
+        return n.attrs["ratio"], (n.operands[3] if n.attrs["decode"] else None)
     pm = view.match(PICKS, picks)
     topk = pm and view.producer(pm["indices"])
     tm = topk and view.match(TOPK, topk.results[0])
@@ -426,14 +463,16 @@ def _fuse_mqa(view: FusionView, root: Node) -> Fusion | None:
     found = _variant(view, m["idx"], m["entries"], t)
     if found is None:
         return None
-    variant, window, ratio, extra, kv = found
+    variant, window, ratio, extra, kv, pos = found
     operands = [q, kv, m["sink"], rope["cos"], rope["sin"], *extra]
+    operands += [] if pos is None else [pos]
     attrs = {
         "variant": variant,
         "window": window,
         "ratio": ratio,
         "scale": scale,
         "q_norm_eps": eps,
+        "decode": pos is not None,
     }
     if not _fits("attn.sparse_mqa", operands, attrs, [root.results[0]]):
         return None
