@@ -236,24 +236,46 @@ class Rule:
 
 
 def match_node(pat: Pat, node: Node, env: MatchEnv) -> Match | Fail:
-    """Match `pat` with `node` as the root (its first result is the root value)."""
+    """Match `pat` with `node` as the root (its first result is the root value).
+
+    Commutative operand orders are choice points: when a later part of the pattern fails, the
+    other order is tried (captures made since are undone), so `op("f", op("mul", x, y), x)`
+    finds `x` whichever side of the `mul` it is on. Of all failures the deepest is returned.
+    """
     m = Match(node, {}, {}, env)
-    out = _match_node(pat, node, node.results[0], env, m, "root", 0)
-    return out if isinstance(out, Fail) else m
+    parents: dict[str, Node] = {}
+    out = _match_node(pat, node, node.results[0], env, m, "root", 0, _done, parents)
+    if isinstance(out, Fail):
+        out.parent = parents.get(out.path)
+        return out
+    return m
 
 
-def _match_value(pat: Pat, v: Value, env: MatchEnv, m: Match, path: str, score: int):
+Cont = Callable[[int], "int | Fail"]  # what remains to match, given the score so far
+
+
+def _done(score: int) -> int:
+    return score
+
+
+def _match_value(
+    pat: Pat, v: Value, env: MatchEnv, m: Match, path: str, score: int, k: Cont, parents
+):
     node = env.producer(v)
-    if node is None:
-        if pat.needs_node:
-            reason = f"expected {pat.describe()}, got graph input %{v.name}"
-            return Fail(score, path, reason, None, v)
-        out = _check_value(pat, v, None, env, m, path, score)
-        return out if isinstance(out, Fail) else _check_where(pat, m, None, v, path, out)
-    return _match_node(pat, node, v, env, m, path, score)
+    if node is not None:
+        return _match_node(pat, node, v, env, m, path, score, k, parents)
+    if pat.needs_node:
+        return Fail(score, path, f"expected {pat.describe()}, got graph input %{v.name}", None, v)
+    out = _check_value(pat, v, None, env, m, path, score)
+    if isinstance(out, Fail):
+        return out
+    out = _check_where(pat, m, None, v, path, out)
+    return out if isinstance(out, Fail) else k(out)
 
 
-def _match_node(pat: Pat, node: Node, v: Value, env: MatchEnv, m: Match, path: str, score: int):
+def _match_node(
+    pat: Pat, node: Node, v: Value, env, m: Match, path: str, score: int, k: Cont, parents
+):
     if pat.op is not None:
         ok = node.name == pat.op if isinstance(pat.op, str) else node.name in pat.op
         if not ok:
@@ -267,24 +289,28 @@ def _match_node(pat: Pat, node: Node, v: Value, env: MatchEnv, m: Match, path: s
         score += 1
     if pat.result is not None and node.results.index(v) != pat.result:
         return Fail(score, path, f"expected result {pat.result}", node, v)
-    for k, spec in pat.attrs.items():
-        got = getattr(node.op, k, _MISSING)
+    for name, spec in pat.attrs.items():
+        got = getattr(node.op, name, _MISSING)
         if got is _MISSING:
-            return Fail(score, path, f"op {node.name} has no attribute {k}", node, v)
+            return Fail(score, path, f"op {node.name} has no attribute {name}", node, v)
         if not _attr_ok(spec, got):
-            reason = f"attribute {k}={_attr_text(got)} does not satisfy {_spec_text(spec)}"
+            reason = f"attribute {name}={_attr_text(got)} does not satisfy {_spec_text(spec)}"
             return Fail(score, path, reason, node, v)
         score += 1
-    fail = _check_value(pat, v, node, env, m, path, score)
-    if isinstance(fail, Fail):
-        return fail
-    score = fail
+    out = _check_value(pat, v, node, env, m, path, score)
+    if isinstance(out, Fail):
+        return out
+
+    def finish(s: int) -> int | Fail:
+        r = _check_where(pat, m, node, v, path, s)
+        return r if isinstance(r, Fail) else k(r)
+
     if pat.operands is None:
-        return _check_where(pat, m, node, v, path, score)
-    return _match_operands(pat, node, v, env, m, path, score)
+        return finish(out)
+    return _match_operands(pat, node, v, env, m, path, out, finish, parents)
 
 
-def _match_operands(pat: Pat, node: Node, v: Value, env: MatchEnv, m: Match, path: str, score):
+def _match_operands(pat: Pat, node: Node, v: Value, env, m: Match, path: str, score, k, parents):
     subs = pat.operands
     assert subs is not None
     if len(node.operands) != len(subs):
@@ -295,21 +321,25 @@ def _match_operands(pat: Pat, node: Node, v: Value, env: MatchEnv, m: Match, pat
         orders.append((1, 0))
     best: Fail | None = None
     for order in orders:
-        values, nodes = dict(m.values), dict(m.nodes)
-        s, fail = score, None
-        for i, p in zip(order, subs):
-            r = _match_value(p, node.operands[i], env, m, f"{path}.operands[{i}]", s)
-            if isinstance(r, Fail):
-                fail = r
-                if fail.parent is None:
-                    fail.parent = node
-                break
-            s = r
-        if fail is None:
-            return _check_where(pat, m, node, v, path, s)
-        m.values, m.nodes = values, nodes  # undo captures of the failed order
-        if best is None or fail.score > best.score:
-            best = fail
+        saved = (dict(m.values), dict(m.nodes)) if len(orders) > 1 else None
+
+        def step(j: int, s: int, order=order) -> int | Fail:
+            if j == len(subs):
+                return k(s)
+            i = order[j]
+            sub_path = f"{path}.operands[{i}]"
+            parents[sub_path] = node
+            return _match_value(
+                subs[j], node.operands[i], env, m, sub_path, s, lambda s2: step(j + 1, s2), parents
+            )
+
+        out = step(0, score)
+        if not isinstance(out, Fail):
+            return out
+        if saved is not None:
+            m.values, m.nodes = saved  # undo captures made under the failed order
+        if best is None or out.score > best.score:
+            best = out
     return best
 
 

@@ -51,6 +51,19 @@ def test_commutative_operands_match_in_either_order() -> None:
     assert not matches(op("mul", op("sigmoid"), var(), commute=False), silu_graph(), "mul")
 
 
+def test_commutative_choice_is_revisited_when_a_later_sibling_fails() -> None:
+    # (a * b) - b: matching mul(x, y) first binds x = a; the sibling needs x = b, so the
+    # matcher goes back and tries the mul's other order.
+    b = ir.Builder()
+    a, c = b.input("a", TensorType((4,), F32)), b.input("b", TensorType((4,), F32))
+    b.output(b.op("sub", [b.op("mul", [a, c]), c]))
+    g = b.build()
+    pat = op("sub", op("mul", var("x"), var("y")), var("x"))
+    m = match_node(pat, root(g, "sub"), GraphView(g))
+    assert isinstance(m, Match) and m["x"].name == "b" and m["y"].name == "a"
+    assert not matches(op("sub", op("mul", var("x"), var("y"), commute=False), var("x")), g, "sub")
+
+
 def test_kind_dtype_rank_uses_and_attrs() -> None:
     g = silu_graph()
     assert matches(op(None, kind=Kind.BROADCAST), g, "mul")
