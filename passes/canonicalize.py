@@ -73,7 +73,9 @@ def x_not_uniform(m: Match) -> bool | str:
 
 
 def numeric_operands(m: Match) -> bool | str:
-    """Every operand is a uniform tensor with a plain number (not a symbolic expression)."""
+    """Every operand (at least one) is a uniform tensor with a plain number, not a symbol."""
+    if not m.root.operands:
+        return "no operands"
     for v in m.root.operands:
         n = m.producer(v)
         if n is None or n.name not in _UNIFORM:

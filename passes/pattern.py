@@ -65,7 +65,9 @@ class Pat:
     uses: required number of uses of the value (graph outputs count), or a predicate.
     result: which result of a multi-result producer the value must be (None: any).
     commute: try the operands of a binary op in both orders.
-    where: extra constraint over the captures so far; return True, or False/a reason string.
+    where: extra constraint, checked once the operands matched, over the captures made so far
+        (this value's subtree and everything matched before it); return True, or False or a
+        reason string (shown by `explain`).
     """
 
     op: str | frozenset[str] | None = None

@@ -216,6 +216,8 @@ def _sweep(g: Graph, index, anywhere, namer: Namer, ctx: PassContext) -> tuple[G
             hits += 1
             continue
         sweep.append(node)
+    if not hits:
+        return g, 0  # unchanged: callers may test `out is graph`
     outputs = [sweep.resolve(v) for v in g.outputs]
     return Graph(g.inputs, sweep.out, outputs, name=g.name, roles=dict(g.roles)), hits
 
