@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ir
-from ir import DType, Kind, Node, Value
+from ir import DType, Kind, Node, TensorType, Value
 
 __all__ = [
     "COMMUTATIVE",
@@ -61,6 +61,7 @@ class Pat:
     name: capture name for the value (the producer is `Match.node(name)`).
     kind: required `ir.Kind` (or a set) of the producer.
     attrs: attribute name -> required value or predicate `fn(value) -> bool`.
+    type: the value's exact `TensorType`, or a predicate `fn(type) -> bool`.
     dtype, rank: required dtype/rank of the value (or collections of allowed ones).
     uses: required number of uses of the value (graph outputs count), or a predicate.
     result: which result of a multi-result producer the value must be (None: any).
@@ -75,6 +76,7 @@ class Pat:
     name: str | None = None
     kind: Kind | frozenset[Kind] | None = None
     attrs: Mapping[str, AttrSpec] = field(default_factory=dict)
+    type: TensorType | Callable[[TensorType], bool] | None = None
     dtype: DType | frozenset[DType] | None = None
     rank: int | frozenset[int] | None = None
     uses: int | Callable[[int], bool] | None = None
@@ -347,6 +349,12 @@ def _match_operands(pat: Pat, node: Node, v: Value, env, m: Match, path: str, sc
 
 def _check_value(pat: Pat, v: Value, node: Node | None, env: MatchEnv, m: Match, path, score):
     """Type, use-count and capture checks; returns the new score or a Fail."""
+    if pat.type is not None:
+        ok = pat.type(v.type) if callable(pat.type) else v.type == pat.type
+        if not ok:
+            want = getattr(pat.type, "__name__", str(pat.type))
+            return Fail(score, path, f"type {v.type} does not satisfy {want}", node, v)
+        score += 1
     if pat.dtype is not None:
         dts = pat.dtype if isinstance(pat.dtype, frozenset) else frozenset([pat.dtype])
         if v.dtype not in dts:

@@ -71,6 +71,8 @@ def test_kind_dtype_rank_uses_and_attrs() -> None:
     assert matches(op("mul", dtype=F32, rank=2), g, "mul")
     assert not matches(op("mul", dtype=DType.bf16), g, "mul")
     assert not matches(op("mul", rank={1, 3}), g, "mul")
+    assert matches(op("mul", type=TensorType((4, 8), F32)), g, "mul")
+    assert not matches(op("mul", type=lambda t: t.shape[-1] == 16), g, "mul")
     assert matches(op("mul", var("x", uses=2), op("sigmoid", uses=1)), g, "mul")
     assert not matches(op("mul", var("x", uses=1), var(), commute=False), g, "mul")
 
