@@ -84,13 +84,12 @@ def classify(shape: Sequence[Dim], domain: Sequence[Dim]) -> str | None:
     lead_ones = all(s == 1 for s in padded[:-1])
     lead_full = list(padded[:-1]) == list(domain[:-1])
     last = padded[-1] if padded else 1
-    last_full = bool(domain) and last == domain[-1] and domain[-1] != 1
-    if lead_ones and not last_full:
-        return "scalar" if all(s == 1 for s in padded) or not domain else None
+    if all(s == 1 for s in padded) and not all(d == 1 for d in domain):
+        return "scalar"
+    if lead_full:
+        return "tile" if last == domain[-1] else "row"
     if lead_ones:
         return "col"
-    if lead_full:
-        return "tile" if last_full or domain[-1] == 1 else "row"
     return None
 
 

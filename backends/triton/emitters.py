@@ -87,14 +87,14 @@ class FusedLaunch:
             args[p.name] = t
         if n_rows == 0 or n_cols == 0:
             return tuple(outs)
-        cfg = fused_config(plan, n_cols)
+        cfg = fused_config(plan, n_cols, gpu=device.type != "cpu")
         grid = (cdiv(n_rows, cfg["BLOCK_M"]), 1 if plan.reduction else cdiv(n_cols, cfg["BLOCK_N"]))
         load_jit(self.source)[grid](**args, n_rows=n_rows, n_cols=n_cols, **cfg)
         return tuple(outs)
 
     def aot_variants(self, env: dict, target: Target) -> list[AotVariant]:
         _, _, n_cols = self._rows_cols(env)
-        cfg = fused_config(self.kernel.plan, n_cols)
+        cfg = fused_config(self.kernel.plan, n_cols, gpu=target.is_gpu)
         warps = cfg.pop("num_warps")
         hints = {"n_cols": 16} if n_cols % 16 == 0 else {}
         return [AotVariant(cfg, {"num_warps": warps}, hints)]

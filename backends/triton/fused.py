@@ -33,7 +33,14 @@ from backends.triton.body import (
 from backends.triton.kernel import KernelSource, Param, next_pow2
 from ir.symbolic import Dim, dim_str
 
-__all__ = ["FusedPlan", "FusedKernel", "emit_fused", "fused_config", "kernel_name"]
+__all__ = [
+    "FusedPlan",
+    "FusedKernel",
+    "emit_fused",
+    "fused_config",
+    "kernel_name",
+    "canonical_names",
+]
 
 _IND = "    "
 
@@ -53,12 +60,14 @@ class FusedKernel:
     body: ir.Graph
 
 
-def fused_config(plan: FusedPlan, n_cols: int) -> dict[str, int]:
-    """Tile sizes and warps for a row length: whole rows for reductions, else 2-D tiles."""
+def fused_config(plan: FusedPlan, n_cols: int, gpu: bool = True) -> dict[str, int]:
+    """Tile sizes and warps for a row length: whole rows for reductions, else 2-D tiles. Off the
+    GPU (the interpreter runs one Python iteration per program) tiles are 8x larger."""
+    budget = 2048 if gpu else 16384  # elements per program
     block_n = next_pow2(n_cols)
     if not plan.reduction:
-        block_n = min(block_n, 1024)
-    block_m = max(1, min(16 if plan.reduction else 64, 2048 // block_n))
+        block_n = min(block_n, 1024 if gpu else 4096)
+    block_m = max(1, min(16 if plan.reduction and gpu else 1024, budget // block_n))
     elems = block_m * block_n
     num_warps = 4 if elems <= 4096 else (8 if elems <= 16384 else 16)
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps}
@@ -73,6 +82,36 @@ def kernel_name(body: ir.Graph) -> str:
         if n.name not in VIEWS and n.name not in ("constant", "full") and stem not in ops:
             ops.append(stem)
     return "fused_" + "_".join(ops[:5] or ["copy"])
+
+
+def canonical_names(body: ir.Graph) -> ir.Graph:
+    """`body` with its numbered values renumbered 0, 1, ... in order of appearance (named values
+    keep their names, provenance is dropped): the same computation at two sites of a model, say
+    two layers, then gives byte-identical kernel sources and so one kernel."""
+    values = [*body.inputs, *(v for n in body.ops for v in (*n.operands, *n.results))]
+    taken = {v.name for v in values if not v.name.isdigit()}
+    mapping: dict[str, ir.Value] = {}
+    counter = 0
+
+    def rename(v: ir.Value) -> ir.Value:
+        nonlocal counter
+        if v.name not in mapping:
+            if not v.name.isdigit():
+                mapping[v.name] = v
+            else:
+                while str(counter) in taken:
+                    counter += 1
+                mapping[v.name] = ir.Value(str(counter), v.type)
+                counter += 1
+        return mapping[v.name]
+
+    inputs = [rename(v) for v in body.inputs]
+    nodes = [
+        ir.Node(n.op, tuple(map(rename, n.operands)), tuple(map(rename, n.results)))
+        for n in body.ops
+    ]
+    roles = {mapping[k].name: r for k, r in body.roles.items() if k in mapping}
+    return ir.Graph(inputs, nodes, [rename(v) for v in body.outputs], body.name, roles)
 
 
 def _broadcast(shapes: Sequence[Sequence[Dim]]) -> tuple[Dim, ...]:
@@ -124,6 +163,7 @@ _LOAD = {
 
 def emit_fused(body: ir.Graph, name: str | None = None) -> FusedKernel:
     """Generate the kernel for a fused body; raises `Unsupported` with the reason."""
+    body = canonical_names(body)
     domain, reduction = find_domain(body)
     layouts = tuple(input_layout(v, domain) for v in body.inputs)
     name = name or kernel_name(body)

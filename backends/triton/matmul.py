@@ -20,6 +20,7 @@ import ir
 from backends.targets import Target, get_target
 from backends.triton.body import REDUCTIONS, BodyEmitter, Unsupported, classify, py_name
 from backends.triton.emitters import TRITON_EMITTERS, AotVariant, cdiv
+from backends.triton.fused import canonical_names
 from backends.triton.kernel import KernelSource, Param, load_jit
 from ir.symbolic import subs_dim
 
@@ -30,10 +31,10 @@ _DOT_DTYPES = (ir.DType.f32, ir.DType.bf16, ir.DType.f16)
 
 
 def matmul_config(target: Target, dtype: ir.DType, m: int | None = None) -> dict[str, int]:
-    """Tiles for a target: small on the CPU interpreter; on GPUs as large as the shared memory
-    of one block allows for the software pipeline (`num_stages` copies of the A and B tiles)."""
+    """Tiles for a target: 64^3 on the CPU interpreter (it pays per program); on GPUs as large
+    as one block's shared memory allows for `num_stages` copies of the A and B tiles."""
     if not target.is_gpu:
-        return {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 4,
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4, "num_warps": 4,
                 "num_stages": 1}  # fmt: skip
     item = dtype.itemsize
     block_m = 64 if (m is not None and m <= 64) else 128
@@ -283,7 +284,7 @@ def emit_matmul_node(node: ir.Node, target: Target | None) -> MatmulLaunch:
 
 def emit_matmul_epilogue(node: ir.Node, target: Target | None) -> MatmulLaunch:
     """A `fused.kernel` whose body is `matmul(in0, in1)` then elementwise ops -> one GEMM."""
-    body: ir.Graph = node.attrs["body"]
+    body: ir.Graph = canonical_names(node.attrs["body"])
     first, rest = body.ops[0], body.ops[1:]
     names = [v.name for v in body.inputs]
     if first.name != "matmul" or [v.name for v in first.operands] != names[:2]:
