@@ -1,0 +1,87 @@
+"""fuse_attention on single attention layers with the real head geometry (tiny-512: head dim 512,
+64 rope dims): prefill and decode of each layer kind, counters and interpreter equality."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ir
+import passes
+from frontend import capture
+from models.attention import Attention
+from models.config import Config
+from passes.fuse_attention import fuse_attention
+
+CFG = Config.preset("tiny-512")
+# ratio -> (compress, indexer_topk, sparse_mqa variant)
+KINDS = {4: (2, 1, "csa"), 8: (1, 0, "hca"), 0: (0, 0, "window")}
+
+
+def layer(ratio: int) -> Attention:
+    torch.manual_seed(ratio)
+    a = Attention(CFG, ratio).eval()
+    with torch.no_grad():
+        for p in a.parameters():
+            p.copy_(torch.randn(p.shape) * 0.2)
+    return a
+
+
+def fuse(g: ir.Graph) -> tuple[ir.Graph, dict[str, int]]:
+    ctx = passes.PassContext()
+    out = fuse_attention(passes.canonicalize(g), ctx)
+    ir.verify(out)
+    assert ir.parse(ir.to_text(out)) == out
+    return out, {k.split(".", 1)[1]: v for k, v in ctx.counters.items() if k.startswith("fuse_")}
+
+
+def max_diff(a: tuple, b: tuple) -> float:
+    assert len(a) == len(b)
+    return max((x.double() - y.double()).abs().max().item() for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("ratio", [4, 8])  # window-only prefill: covered by the tiny model
+def test_prefill_layer(ratio: int) -> None:
+    a = layer(ratio)
+    x = torch.randn(2, 24, CFG.dim)
+    g = capture(a, (x,), dynamic={"x": {0: "B", 1: "T"}})
+    out, fired = fuse(g)
+    n_comp, n_idx, variant = KINDS[ratio]
+    assert fired == {
+        k: v
+        for k, v in {
+            "attn.compress": n_comp,
+            "attn.indexer_topk": n_idx,
+            "attn.sparse_mqa": 1,
+        }.items()
+        if v
+    }
+    (mqa,) = [n for n in out.ops if n.name == "attn.sparse_mqa"]
+    assert mqa.attrs["variant"] == variant and not mqa.attrs["decode"]
+    assert mqa.operands[0].type.shape[-1] == 512
+    for t in (29,):
+        x = torch.randn(2, t, CFG.dim)
+        p = a.state_dict()
+        assert max_diff(ir.interpret(g, x, params=p), ir.interpret(out, x, params=p)) <= 1e-5
+
+
+@pytest.mark.parametrize("ratio", [4, 8, 0])
+def test_decode_layer(ratio: int) -> None:
+    a = layer(ratio)
+    with torch.no_grad():
+        cache = a.init_cache(2, 64, torch.float32, torch.device("cpu"))
+        _, cache = a(torch.randn(2, 40, CFG.dim), cache)
+    x = torch.randn(2, 1, CFG.dim)
+    dynamic = {"x": {0: "B"}, "cache": {0: "B"}}
+    g = capture(a, (x, torch.tensor(40), cache), dynamic=dynamic, method="decode")
+    out, fired = fuse(g)
+    _, n_idx, variant = KINDS[ratio]
+    assert fired == {
+        k: v for k, v in {"attn.indexer_topk": n_idx, "attn.sparse_mqa": 1}.items() if v
+    }
+    (mqa,) = [n for n in out.ops if n.name == "attn.sparse_mqa"]
+    assert mqa.attrs["variant"] == variant and mqa.attrs["decode"]
+    for pos in (40, 43):  # 43: a ratio-4 block completes, the compressed cache grows
+        args = (x, torch.tensor(pos), *cache.values())
+        want = ir.interpret(g, *args, params=a.state_dict())
+        assert max_diff(want, ir.interpret(out, *args, params=a.state_dict())) <= 1e-5
