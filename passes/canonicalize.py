@@ -10,7 +10,8 @@ Afterwards:
   dtype, round trips through a wider dtype, `copy`, no-op views (reshape/expand/squeeze to the
   same type, full slices, zero pads, unit repeats, identity permutations, single-operand concat);
 - `x * -1` and `0 - x` are `neg(x)`; `x + neg(y)` is `x - y`; `x - neg(y)` is `x + y`;
-  `x / 2**k` is `x * 2**-k` (exact);
+  `x / 2**k` is `x * 2**-k` (exact); `not(not(x))` is `x`;
+- binary broadcasting ops take un-expanded operands (`expand(x) + y` is `x + y`);
 - views that only add or drop size-1 dims or regroup dims (`unsqueeze`, `squeeze`, `select` of a
   size-1 dim, `reshape`) are all spelled `reshape` with an explicit shape (no -1), chains of
   reshapes are one reshape, chains of permutes one permute, chains of expands one expand.
@@ -41,6 +42,10 @@ _FOLDABLE = (
         m for m, c in ir.OPS.items() if c.kind in (Kind.ELEMENTWISE, Kind.BROADCAST) and m != "iota"
     )
     - _UNIFORM
+)
+# Binary ops that broadcast their operands (an explicit expand in front is redundant).
+_BROADCASTING = frozenset(
+    m for m, c in ir.OPS.items() if c.kind == Kind.BROADCAST and c.num_operands == 2
 )
 # Injective views whose result is uniform when the operand is.
 _VIEWS = frozenset(
@@ -195,6 +200,15 @@ def as_expand(m: Match, rw: Rewriter) -> Value:
     return rw.op("expand", [m["x"]], shape=m.root.results[0].type.shape)
 
 
+def implicit_broadcast(m: Match, rw: Rewriter) -> Value | None:
+    """The op on the un-expanded operand, if broadcasting gives the same type (a 0-d operand
+    expanded to a tensor can promote differently, so the type is checked)."""
+    root, e = m.root, m["e"]
+    operands = [m["x"] if v == e else v for v in root.operands]
+    out = rw.op(root.op, operands)
+    return out if out.type == root.results[0].type else None
+
+
 def _identity_dims(dims: tuple[int, ...]) -> bool:
     return [d % len(dims) for d in dims] == list(range(len(dims)))
 
@@ -291,6 +305,14 @@ RULES: list[Rule] = [
     Rule("expand_expand", op("expand", op("expand", x)), as_expand),
     # expand(x, [.., -1, ..]) -> expand(x, explicit shape)
     Rule("expand_explicit", op("expand", x, attrs={"shape": _has_hole}), as_expand),
+    # f(expand(x), y) -> f(x, y) for broadcasting f: broadcasting is implicit
+    Rule(
+        "expand_into_broadcast",
+        op(_BROADCASTING, op("expand", x, name="e"), var(), commute=True),
+        implicit_broadcast,
+    ),
+    # not(not(x)) -> x for bool x
+    Rule("not_not", op("logical_not", op("logical_not", x), where=same_type), keep_x),
 ]
 
 

@@ -136,6 +136,18 @@ CASES = [
         [t(2, 3)],
     ),
     ("commute_constant_right", 1, lambda b, x: b.op("mul", [c(b, 3.0), x]), [t(4)]),
+    (
+        "expand_into_broadcast",
+        1,
+        lambda b, x, y: b.op("sub", [y, b.op("expand", [x], shape=(2, 3))]),
+        [t(3), t(2, 3)],
+    ),
+    (
+        "not_not",
+        1,
+        lambda b, x: b.op("logical_not", [b.op("logical_not", [x])]),
+        [t(4, dtype=DType.bool)],
+    ),
 ]
 
 
@@ -321,4 +333,17 @@ def test_div_pow2_declines_when_the_reciprocal_leaves_the_dtype_range() -> None:
     g = graph(lambda b, x: b.op("div", [x, c(b, 2.0**-20, DType.f16)]), t(4, dtype=DType.f16))
     out, ctx = canonical(g)
     assert ctx.counters["div_pow2"] == 0
+    assert_same_outputs(g, out)
+
+
+def test_expand_stays_when_broadcasting_would_promote_differently() -> None:
+    # expand(x: i64[]) is a dimensioned i64 tensor, so `i32[3] + it` is i64; `i32[3] + x` is i32.
+    g = graph(
+        lambda b, x, y: b.op("add", [y, b.op("expand", [x], shape=(3,))]),
+        t(dtype=I64),
+        t(3, dtype=I32),
+    )
+    out, ctx = canonical(g)
+    assert ctx.counters["expand_into_broadcast"] == 0
+    assert [n.name for n in out.ops] == ["expand", "add"]
     assert_same_outputs(g, out)
