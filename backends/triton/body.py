@@ -37,6 +37,8 @@ __all__ = [
     "REDUCTIONS",
     "VIEWS",
     "ELEMENTWISE",
+    "row_shapes",
+    "reduced_dims",
 ]
 
 LAYOUTS = ("scalar", "row", "col", "tile")
@@ -72,23 +74,24 @@ def storage_type(dtype: ir.DType) -> str:
     )
 
 
-def classify(shape: Sequence[Dim], domain: Sequence[Dim]) -> str | None:
-    """Layout of a tensor of `shape` broadcast (right-aligned) against `domain`; None if it
-    broadcasts but only with some leading dims repeated (the caller materialises it)."""
+def classify(shape: Sequence[Dim], domain: Sequence[Dim], axis: int = -1) -> str | None:
+    """Layout of a tensor of `shape` broadcast (right-aligned) against `domain`, whose columns
+    run along `axis`; None if it broadcasts but only with some other dims repeated (the caller
+    materialises it)."""
     if len(shape) > len(domain):
         raise Unsupported(f"shape {list(shape)} has more dims than the domain {list(domain)}")
     padded = [1] * (len(domain) - len(shape)) + list(shape)
     for s, d in zip(padded, domain):
         if s != 1 and s != d:
             raise Unsupported(f"shape {list(shape)} does not broadcast to {list(domain)}")
-    lead_ones = all(s == 1 for s in padded[:-1])
-    lead_full = list(padded[:-1]) == list(domain[:-1])
-    last = padded[-1] if padded else 1
+    axis = axis % len(domain)
+    other = [s for i, s in enumerate(padded) if i != axis]
+    other_domain = [d for i, d in enumerate(domain) if i != axis]
     if all(s == 1 for s in padded) and not all(d == 1 for d in domain):
         return "scalar"
-    if lead_full:
-        return "tile" if last == domain[-1] else "row"
-    if lead_ones:
+    if other == other_domain:
+        return "tile" if padded[axis] == domain[axis] else "row"
+    if all(s == 1 for s in other):
         return "col"
     return None
 
@@ -208,8 +211,11 @@ class BodyEmitter:
     `reduce_mask` masks padded columns before a reduction; `n_cols` is the row length.
     """
 
-    def __init__(self, domain: Sequence[Dim], reduce_mask: str, n_cols: str, indent: str):
+    def __init__(
+        self, domain: Sequence[Dim], reduce_mask: str, n_cols: str, indent: str, axis: int = -1
+    ):
         self.domain = tuple(domain)
+        self.axis = axis % len(self.domain)  # the column axis: reductions run along it
         self.reduce_mask = reduce_mask
         self.n_cols = n_cols
         self.indent = indent
@@ -338,7 +344,7 @@ class BodyEmitter:
         if not isinstance(value, (bool, int, float)):
             raise Unsupported(f"{node.name} with the symbolic value {value}")
         out = node.result
-        if node.name == "full" and classify(out.shape, self.domain) != "scalar":
+        if node.name == "full" and classify(out.shape, self.domain, self.axis) != "scalar":
             raise Unsupported("full of a non-scalar shape inside a body")
         if out.dtype.is_float:
             value = float(value)
@@ -347,10 +353,10 @@ class BodyEmitter:
     def _view(self, node: ir.Node) -> None:
         src = self.values[node.operands[0].name]
         out = node.result
-        if src.layout == "row" and list(out.shape) in _row_shapes(self.domain):
+        if src.layout == "row" and list(out.shape) in row_shapes(self.domain, self.axis):
             self.values[out.name] = src
             return
-        layout = classify(out.shape, self.domain)
+        layout = classify(out.shape, self.domain, self.axis)
         if layout == src.layout or (src.layout == "scalar" and layout == "scalar"):
             self.values[out.name] = src
             return
@@ -372,10 +378,11 @@ class BodyEmitter:
                 f"{node.name} of a {list(src.shape)} value: only reductions of the "
                 f"whole domain {list(self.domain)} over its last dim are emitted"
             )
-        rank = len(self.domain)
-        dims = node.attrs.get("dims", (node.attrs.get("dim", -1),))
-        if [d % rank for d in dims] != [rank - 1]:
-            raise Unsupported(f"{node.name} over dims {list(dims)}: only the last dim is emitted")
+        if reduced_dims(node) != [self.axis]:
+            raise Unsupported(
+                f"{node.name} over dims {reduced_dims(node)}: a body reduces one dim, the same "
+                f"for all its reductions (here {self.axis})"
+            )
         name = self.fresh(py_name(node.result, node.name))
         rm, fn = self.reduce_mask, node.name
         if fn in ("softmax", "log_softmax"):
@@ -413,9 +420,20 @@ class BodyEmitter:
         self.values[node.result.name] = Val(name, "tile", node.result.dtype)
 
 
-def _row_shapes(domain: Sequence[Dim]) -> list[list[Dim]]:
-    lead = list(domain[:-1])
-    return [lead, lead + [1]]
+def row_shapes(domain: Sequence[Dim], axis: int) -> list[list[Dim]]:
+    """The shapes of a per-row value: the domain without its column axis, or with it as 1."""
+    axis %= len(domain)
+    return [
+        [d for i, d in enumerate(domain) if i != axis],
+        [1 if i == axis else d for i, d in enumerate(domain)],
+    ]
+
+
+def reduced_dims(node: ir.Node) -> list[int]:
+    """The dims a reduction node reduces, non-negative."""
+    rank = node.operands[0].type.rank
+    dims = node.attrs.get("dims", (node.attrs.get("dim", -1),))
+    return sorted(d % rank for d in dims) if dims else list(range(rank))
 
 
 def _common(args: list[Val]) -> ir.DType:

@@ -12,7 +12,6 @@ constexpr/option variants to compile ahead of time. Families:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -64,15 +63,11 @@ class FusedLaunch:
     def source(self) -> KernelSource:
         return self.kernel.source
 
-    def _rows_cols(self, env: dict) -> tuple[list[int], int, int]:
-        domain = [int(subs_dim(d, env)) for d in self.kernel.plan.domain]
-        return domain, math.prod(domain[:-1]), domain[-1]
-
     def __call__(self, inputs: list[Any], env: dict) -> tuple[Any, ...]:
         import torch
 
         plan, body = self.kernel.plan, self.kernel.body
-        domain, n_rows, n_cols = self._rows_cols(env)
+        domain, n_rows, n_cols, n_inner = plan.sizes(env)
         args: dict[str, Any] = {}
         params = self.source.params
         for i, (p, layout) in enumerate(zip(params, plan.inputs)):
@@ -89,11 +84,13 @@ class FusedLaunch:
             return tuple(outs)
         cfg = fused_config(plan, n_cols, gpu=device.type != "cpu")
         grid = (cdiv(n_rows, cfg["BLOCK_M"]), 1 if plan.reduction else cdiv(n_cols, cfg["BLOCK_N"]))
+        if plan.inner:
+            args["n_inner"] = n_inner
         load_jit(self.source)[grid](**args, n_rows=n_rows, n_cols=n_cols, **cfg)
         return tuple(outs)
 
     def aot_variants(self, env: dict, target: Target) -> list[AotVariant]:
-        _, _, n_cols = self._rows_cols(env)
+        _, _, n_cols, _ = self.kernel.plan.sizes(env)
         cfg = fused_config(self.kernel.plan, n_cols, gpu=target.is_gpu)
         warps = cfg.pop("num_warps")
         hints = {"n_cols": 16} if n_cols % 16 == 0 else {}

@@ -16,6 +16,7 @@ dims only (e.g. [B,1,N] against [B,T,N]) is marked "bcast": the runtime material
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,9 +30,11 @@ from backends.triton.body import (
     classify,
     compute_type,
     py_name,
+    reduced_dims,
+    row_shapes,
 )
 from backends.triton.kernel import KernelSource, Param, next_pow2
-from ir.symbolic import Dim, dim_str
+from ir.symbolic import Dim, dim_str, subs_dim
 
 __all__ = [
     "FusedPlan",
@@ -49,8 +52,21 @@ _IND = "    "
 class FusedPlan:
     domain: tuple[Dim, ...]
     reduction: bool  # a row never spans programs (BLOCK_N >= n_cols)
+    axis: int  # the domain dim the columns run along (reduced dim; the last without reduction)
     inputs: tuple[str, ...]  # layout per body input: tile, row, col, scalar or bcast
     outputs: tuple[str, ...]  # layout per body output: tile or row
+
+    @property
+    def inner(self) -> bool:
+        """True when columns are not the last dim: offsets need the `n_inner` stride."""
+        return self.axis != len(self.domain) - 1
+
+    def sizes(self, env: dict) -> tuple[list[int], int, int, int]:
+        """Bound domain, n_rows, n_cols, n_inner (the product of the dims after the axis)."""
+        domain = [int(subs_dim(d, env)) for d in self.domain]
+        n_cols = domain[self.axis]
+        n_inner = math.prod(domain[self.axis + 1 :])
+        return domain, math.prod(domain) // max(n_cols, 1), n_cols, n_inner
 
 
 @dataclass(frozen=True)
@@ -130,25 +146,33 @@ def _broadcast(shapes: Sequence[Sequence[Dim]]) -> tuple[Dim, ...]:
     return tuple(out)
 
 
-def find_domain(body: ir.Graph) -> tuple[tuple[Dim, ...], bool]:
+def find_domain(body: ir.Graph) -> tuple[tuple[Dim, ...], bool, int]:
+    """The body's domain, whether it reduces, and its column axis (the reduced dim)."""
     reductions = [n for n in body.ops if n.name in REDUCTIONS]
     if reductions:
         shapes = {tuple(n.operands[0].shape) for n in reductions}
         if len(shapes) > 1:
             raise Unsupported(f"reductions over different shapes {sorted(map(str, shapes))}")
         domain = shapes.pop()
+        axes = {tuple(reduced_dims(n)) for n in reductions}
+        if len(axes) > 1 or len(next(iter(axes))) != 1:
+            raise Unsupported(
+                f"reductions over dims {sorted(axes)}: a body reduces one dim, the same for all"
+            )
+        axis = next(iter(axes))[0]
     else:
         domain = _broadcast([v.shape for v in [*body.inputs, *body.outputs]])
+        axis = len(domain) - 1
     if not domain:
         raise Unsupported("a 0-d body has nothing to tile")
-    return domain, bool(reductions)
+    return domain, bool(reductions), axis
 
 
-def input_layout(v: ir.Value, domain: tuple[Dim, ...]) -> str:
+def input_layout(v: ir.Value, domain: tuple[Dim, ...], axis: int) -> str:
     try:
-        return classify(v.shape, domain) or "bcast"
+        return classify(v.shape, domain, axis) or "bcast"
     except Unsupported:
-        if list(v.shape) == list(domain[:-1]):  # a per-row value reduced with keepdim=False
+        if list(v.shape) == row_shapes(domain, axis)[0]:  # reduced with keepdim=False
             return "row"
         raise
 
@@ -164,10 +188,10 @@ _LOAD = {
 def emit_fused(body: ir.Graph, name: str | None = None) -> FusedKernel:
     """Generate the kernel for a fused body; raises `Unsupported` with the reason."""
     body = canonical_names(body)
-    domain, reduction = find_domain(body)
-    layouts = tuple(input_layout(v, domain) for v in body.inputs)
+    domain, reduction, axis = find_domain(body)
+    layouts = tuple(input_layout(v, domain, axis) for v in body.inputs)
     name = name or kernel_name(body)
-    em = BodyEmitter(domain, "col_mask[None, :]", "n_cols", _IND)
+    em = BodyEmitter(domain, "col_mask[None, :]", "n_cols", _IND, axis)
     em.used_names |= {"offsets", "mask"}
     params: list[Param] = []
     loads: list[str] = []
@@ -181,7 +205,7 @@ def emit_fused(body: ir.Graph, name: str | None = None) -> FusedKernel:
     out_layouts, stores = [], []
     for i, v in enumerate(body.outputs):
         val = em.values[v.name]
-        layout = _output_layout(v, val.layout, domain)
+        layout = _output_layout(v, val.layout, domain, axis)
         ptr = em.fresh(_out_name(v, i, len(body.outputs)) + "_ptr")
         params.append(Param(ptr, "ptr", v.dtype))
         out_layouts.append(layout)
@@ -189,8 +213,9 @@ def emit_fused(body: ir.Graph, name: str | None = None) -> FusedKernel:
         stores.append(
             f"tl.store({ptr} + {offs}, {val.expr}.to({ptr}.dtype.element_ty), mask={mask})"
         )
-    plan = FusedPlan(domain, reduction, layouts, tuple(out_layouts))
+    plan = FusedPlan(domain, reduction, axis, layouts, tuple(out_layouts))
     params += [Param("n_rows", "int"), Param("n_cols", "int")]
+    params += [Param("n_inner", "int")] if plan.inner else []
     params += [Param("BLOCK_M", "constexpr"), Param("BLOCK_N", "constexpr")]
     fused_ops = tuple(n.name for n in body.ops if n.name not in VIEWS and n.name != "constant")
     text = _module(name, body, plan, params, loads, em.lines, stores, fused_ops)
@@ -212,8 +237,8 @@ def _load_line(var: str, ptr: str, v: ir.Value, layout: str) -> str:
     return f"{var} = tl.load({ptr} + {offs}, mask={mask}, other={other}){to}"
 
 
-def _output_layout(v: ir.Value, layout: str, domain: tuple[Dim, ...]) -> str:
-    if layout == "row" and list(v.shape) in (list(domain[:-1]), list(domain[:-1]) + [1]):
+def _output_layout(v: ir.Value, layout: str, domain: tuple[Dim, ...], axis: int) -> str:
+    if layout == "row" and list(v.shape) in row_shapes(domain, axis):
         return "row"
     if layout == "tile" and list(v.shape) == list(domain):
         return "tile"
@@ -234,9 +259,10 @@ def _module(
     fused_ops: tuple[str, ...],
 ) -> str:
     domain = "[" + ", ".join(dim_str(d) for d in plan.domain) + "]"
-    n_cols = plan.domain[-1]
+    n_cols = plan.domain[plan.axis]
+    along = f"dim {plan.axis}, stride n_inner" if plan.inner else "the last dim"
     how = (
-        f"BLOCK_M whole rows of {dim_str(n_cols)} per program (reduction over the last dim)"
+        f"BLOCK_M whole rows of {dim_str(n_cols)} per program (reduction along {along})"
         if plan.reduction
         else "BLOCK_M x BLOCK_N tiles"
     )
@@ -279,7 +305,7 @@ def _module(
         f"{_IND}row_mask = rows < n_rows",
         f"{_IND}col_mask = cols < n_cols",
         f"{_IND}mask = row_mask[:, None] & col_mask[None, :]",
-        f"{_IND}offsets = rows[:, None] * n_cols + cols[None, :]",
+        f"{_IND}offsets = {_OFFSETS[plan.inner]}",
         "",
         *[_IND + ln for ln in loads],
         "",
@@ -289,6 +315,13 @@ def _module(
         "",
     ]
     return "\n".join(lines)
+
+
+_OFFSETS = {
+    False: "rows[:, None] * n_cols + cols[None, :]",
+    True: "(rows // n_inner)[:, None] * (n_cols * n_inner) + cols[None, :] * n_inner"
+    " + (rows % n_inner)[:, None]",
+}
 
 
 def _zip_in(params: list[Param], body: ir.Graph, plan: FusedPlan) -> Any:
