@@ -2,8 +2,8 @@
 structural hashing (and, as they land, the fusion passes).
 
     import passes
-    g2 = passes.pipeline(g)                       # the whole pipeline (env: DEBUG_IR, VERIFY_EACH, STATS)
-    g3 = passes.canonicalize(g)                   # one pass, Graph -> Graph
+    g2 = passes.pipeline(g)      # the whole pipeline (env: DEBUG_IR, VERIFY_EACH, STATS)
+    g3 = passes.canonicalize(g)  # one pass, Graph -> Graph
     ctx = passes.PassContext(); passes.canonicalize(g, ctx); ctx.counters["mul_one"]
 """
 

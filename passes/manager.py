@@ -29,11 +29,11 @@ def pipeline(
     # one spelling per computation: CSE, constant folding, identities, view chains, DCE
     g = ctx.run("canonicalize", canonicalize, g)
     # --- semantic fusions (named ops with reference semantics in ir/) -------------------------
-    # TODO(issue 4): fuse_attention — indexer, KV compressors, sparse/window MQA (passes/fuse_attention.py)
-    # TODO(issue 4): fuse_moe — routing and dispatch + grouped SwiGLU + combine (passes/fuse_moe.py)
-    # TODO(issue 4): fuse_hc — mHC pre (Sinkhorn loop kept as a loop) and post (passes/fuse_hc.py)
+    # TODO(issue 4): fuse_attention — indexer, KV compressors, sparse/window MQA
+    # TODO(issue 4): fuse_moe — routing; dispatch + grouped SwiGLU + combine
+    # TODO(issue 4): fuse_hc — mHC pre (Sinkhorn kept as a loop) and post
     # --- generic fusion and scheduling ---------------------------------------------------------
-    # TODO(issue 4): fuse_elementwise — group remaining elementwise/reduction chains into fused.kernel
+    # TODO(issue 4): fuse_elementwise — remaining elementwise/reduction chains -> fused.kernel
     # TODO(issue 4): schedule — order kernel ops; cost model per kernel
     # TODO(issue 4): plan_memory — liveness-based buffer reuse, peak activation bytes
     if ctx.stats:

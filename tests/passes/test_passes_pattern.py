@@ -197,7 +197,7 @@ def test_sweep_over_100k_ops_takes_seconds() -> None:
     assert_same_outputs(repeated_blocks(3), passes.canonicalize(repeated_blocks(3)), atol=1e-6)
 
 
-# --- explain ---------------------------------------------------------------------------------------
+# --- explain -------------------------------------------------------------------------------
 
 
 def test_explain_names_the_failing_sub_pattern_with_text_and_location() -> None:
