@@ -2,4 +2,4 @@
 
 from frontend.capture import CaptureError, UnsupportedOpError, capture
 
-__all__ = ["capture", "CaptureError", "UnsupportedOpError"]
+__all__ = ["CaptureError", "UnsupportedOpError", "capture"]

@@ -91,7 +91,14 @@ def _binary(mnemonic: str) -> Translator:
 
 
 for _name, _mnemonic in _BINARY.items():
-    for _overload in ("Tensor", "Scalar", "default", "Tensor_Scalar", "Tensor_Tensor", "Scalar_Tensor"):
+    for _overload in (
+        "Tensor",
+        "Scalar",
+        "default",
+        "Tensor_Scalar",
+        "Tensor_Tensor",
+        "Scalar_Tensor",
+    ):
         _packet = getattr(aten, _name)
         if _overload in _packet.overloads():
             TABLE[getattr(_packet, _overload)] = _binary(_mnemonic)
@@ -105,7 +112,12 @@ def _div(cx, a, b, *, rounding_mode=None):
     if rounding_mode == "floor":
         return cx.op("floordiv", a, b)
     quotient = cx.op("div", a, b)  # "trunc": round toward zero
-    truncated = cx.op("where", cx.op("lt", quotient, cx.const(0)), cx.op("ceil", quotient), cx.op("floor", quotient))
+    truncated = cx.op(
+        "where",
+        cx.op("lt", quotient, cx.const(0)),
+        cx.op("ceil", quotient),
+        cx.op("floor", quotient),
+    )
     return cx.op("cast", truncated, dtype=cx.expected_dtype())
 
 
@@ -143,7 +155,9 @@ def _to_copy(cx, x, dtype=None, **_ignored):
     return cx.op("cast", x, dtype=DType.from_torch(dtype))
 
 
-@translates(aten.clone.default, aten.alias.default, aten.lift_fresh_copy.default, aten.detach.default)
+@translates(
+    aten.clone.default, aten.alias.default, aten.lift_fresh_copy.default, aten.detach.default
+)
 def _copy(cx, x, **_ignored):
     return x
 
@@ -180,7 +194,9 @@ def _argmax(cx, x, dim=None, keepdim=False):
     return cx.op(mnemonic, x, dim=_dim(dim, cx.type_of(x).rank), keepdim=bool(keepdim))
 
 
-@translates(aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default)
+@translates(
+    aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default
+)
 def _softmax(cx, x, dim, dtype_or_half=None):
     mnemonic = "log_softmax" if "log" in cx.node.target.__name__ else "softmax"
     if isinstance(dtype_or_half, torch.dtype):
@@ -280,21 +296,40 @@ def _index_put(cx, x, indices, values, accumulate=False):
 
 @translates(aten.topk.default)
 def _topk(cx, x, k, dim=-1, largest=True, sorted=True):
-    return cx.op("topk", x, k=k, dim=_dim(dim, cx.type_of(x).rank), largest=bool(largest), sorted=bool(sorted))
+    return cx.op(
+        "topk",
+        x,
+        k=k,
+        dim=_dim(dim, cx.type_of(x).rank),
+        largest=bool(largest),
+        sorted=bool(sorted),
+    )
 
 
 @translates(aten.sort.default, aten.sort.stable)
 def _sort(cx, x, *args, stable=False, dim=-1, descending=False):
     if cx.node.target is aten.sort.default and args:  # sort(x, dim=-1, descending=False)
         dim, descending = (list(args) + [descending])[:2]
-    return cx.op("sort", x, dim=_dim(dim, cx.type_of(x).rank), descending=bool(descending), stable=bool(stable))
+    return cx.op(
+        "sort",
+        x,
+        dim=_dim(dim, cx.type_of(x).rank),
+        descending=bool(descending),
+        stable=bool(stable),
+    )
 
 
 @translates(aten.argsort.default, aten.argsort.stable)
 def _argsort(cx, x, *args, stable=False, dim=-1, descending=False):
     if cx.node.target is aten.argsort.default and args:
         dim, descending = (list(args) + [descending])[:2]
-    return cx.op("argsort", x, dim=_dim(dim, cx.type_of(x).rank), descending=bool(descending), stable=bool(stable))
+    return cx.op(
+        "argsort",
+        x,
+        dim=_dim(dim, cx.type_of(x).rank),
+        descending=bool(descending),
+        stable=bool(stable),
+    )
 
 
 # --- shapes --------------------------------------------------------------------------------
@@ -359,7 +394,11 @@ def _pad(cx, x, pad, value=0):
 def _squeeze(cx, x, dims):
     rank = cx.type_of(x).rank
     dims = [dims] if isinstance(dims, int) else list(dims)
-    shape = [s for i, s in enumerate(cx.type_of(x).shape) if not (i in {_dim(d, rank) for d in dims} and s == 1)]
+    shape = [
+        s
+        for i, s in enumerate(cx.type_of(x).shape)
+        if not (i in {_dim(d, rank) for d in dims} and s == 1)
+    ]
     return cx.op("reshape", x, shape=tuple(shape))
 
 
@@ -391,7 +430,9 @@ def _full(cx, size, value, **_kw):
 def _full_like(cx, x, value=None, **_kw):
     if value is None:
         value = 1 if cx.node.target is aten.ones_like.default else 0
-    return cx.op("full", shape=tuple(cx.type_of(x).shape), value=_scalar(value), dtype=cx.expected_dtype())
+    return cx.op(
+        "full", shape=tuple(cx.type_of(x).shape), value=_scalar(value), dtype=cx.expected_dtype()
+    )
 
 
 @translates(aten.zeros.default, aten.ones.default)
@@ -543,7 +584,9 @@ def _einsum(cx, equation, operands):
         kept = [c for c in spec if c in output]
         return cx.op("permute", x, dims=tuple(kept.index(c) for c in output))
     if len(specs) != 2 or any("." in s for s in specs):
-        raise TypeError(f"einsum {equation!r}: only one or two operands without '...' are supported")
+        raise TypeError(
+            f"einsum {equation!r}: only one or two operands without '...' are supported"
+        )
     (sa, sb), (a, b) = specs, operands
     a, sa = _sum_private(cx, a, sa, sb + output)
     b, sb = _sum_private(cx, b, sb, sa + output)

@@ -17,11 +17,13 @@ Three steps:
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import inspect
 import operator
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import sympy
 import torch
@@ -30,9 +32,10 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.utils import _pytree as pytree
 
 import ir
-from ir.core import check_value_name
 from frontend import aten as aten_table
+from frontend import regions as regions_lib
 from frontend.symbolic import to_ir_expr
+from ir.core import check_value_name
 
 _getitem = operator.getitem
 
@@ -76,19 +79,26 @@ def capture(
     dynamic: DynamicSpec = None,
     method: str = "forward",
     name: str | None = None,
+    reuse_layers: bool = True,
 ) -> ir.Graph:
     """Trace `module.<method>(*example_inputs)` into a verified IR graph.
 
     `dynamic` maps an input's parameter name to `{dim index: symbol name}`; for a dict or list
     input the same dims are symbolic in every tensor inside it (`{"cache": {0: "B"}}`).
+    `reuse_layers` traces one layer of each kind in a `ModuleList` and replays it for the others
+    (`frontend/regions.py`); the graph is the same either way, only faster to get.
     """
     arg_names = _argument_names(module, method, len(example_inputs))
-    program = _export(module, tuple(example_inputs), arg_names, dynamic, method)
-    if _untranslatable(program):
-        # torch.export keeps some composite ops whole; the table covers the common ones, and
-        # core-ATen decomposition (slower: it retraces the program) handles the rest.
-        program = _decompose(program)
-    graph = _Translator(program, arg_names, dynamic or {}, name or method).run()
+    scope = (
+        regions_lib.replay_repeated(module, method) if reuse_layers else contextlib.nullcontext()
+    )
+    with scope as regions:
+        program = _export(module, tuple(example_inputs), arg_names, dynamic, method)
+        if _untranslatable(program):
+            # torch.export keeps some composite ops whole; the table covers the common ones, and
+            # core-ATen decomposition (slower: it retraces the program) handles the rest.
+            program = _decompose(program)
+        graph = _Translator(program, arg_names, dynamic or {}, name or method, regions).run()
     ir.verify(graph)
     return graph
 
@@ -132,15 +142,24 @@ def _export(module, inputs, arg_names, dynamic: DynamicSpec, method: str) -> Exp
         )
     shapes = None
     if dynamic:
-        shapes = tuple(
-            pytree.tree_map(lambda _t, d=dynamic.get(n, {}): {i: Dim.AUTO for i in d} or None, x)
-            for n, x in zip(arg_names, inputs)
-        )
+        shapes = tuple(_auto_dims(x, dynamic.get(n, {})) for n, x in zip(arg_names, inputs))
     try:
-        program = torch.export.export(_Method(module, method), inputs, dynamic_shapes=None if shapes is None else (shapes,), strict=False)
+        program = torch.export.export(
+            _Method(module, method),
+            inputs,
+            dynamic_shapes=None if shapes is None else (shapes,),
+            strict=False,
+        )
     except Exception as err:  # torch's own message is the useful part; say what we were doing
-        raise CaptureError(f"torch.export could not trace {type(module).__name__}.{method}:\n{err}") from err
+        raise CaptureError(
+            f"torch.export could not trace {type(module).__name__}.{method}:\n{err}"
+        ) from err
     return program
+
+
+def _auto_dims(arg: Any, dims: Mapping[int, str]) -> Any:
+    """The dynamic_shapes entry of one argument: the named dims of every tensor in it."""
+    return pytree.tree_map(lambda _leaf: {i: Dim.AUTO for i in dims} or None, arg)
 
 
 def _decompose(program: ExportedProgram) -> ExportedProgram:
@@ -157,7 +176,7 @@ def _untranslatable(program: ExportedProgram) -> list[torch.fx.Node]:
         n for n in program.graph.nodes
         if n.op == "call_function" and aten_table.lookup(n.target) is None
         and n.target not in aten_table.SIZE_OPS and n.target not in aten_table.IGNORED_OPS
-        and n.target is not _getitem
+        and n.target is not _getitem and n.target not in _Translator.REGION_OPS
     ]  # fmt: skip
 
 
@@ -167,10 +186,27 @@ def _untranslatable(program: ExportedProgram) -> list[torch.fx.Node]:
 class _Translator:
     """Walks one exported program and builds the IR graph (one instance per capture)."""
 
-    def __init__(self, program: ExportedProgram, arg_names: list[str], dynamic: Mapping, name: str):
+    REGION_OPS: ClassVar[dict] = {
+        regions_lib.REGION_BEGIN: "_begin_region",
+        regions_lib.REGION_END: "_end_region",
+        regions_lib.REGION: "_replay_region",
+    }
+
+    def __init__(
+        self,
+        program: ExportedProgram,
+        arg_names: list[str],
+        dynamic: Mapping,
+        name: str,
+        regions: regions_lib.Regions | None = None,
+    ):
         self.program = program
         self.arg_names = arg_names
         self.dynamic = dynamic
+        self.regions = regions
+        self.open_regions: dict[int, tuple[int, list[ir.Value]]] = {}
+        self.recorded: dict[int, _Recorded] = {}
+        self.params: dict[str, ir.Value] = {}
         self.builder = ir.Builder(name=name)
         self.env: dict[torch.fx.Node, Any] = {}
         self.symbols: dict[sympy.Symbol, sympy.Symbol] = {}
@@ -185,7 +221,7 @@ class _Translator:
             if node.op == "call_function":
                 self._translate(node)
         self._add_outputs()
-        return self.builder.build()
+        return self.builder.build(verify=False)  # capture() verifies
 
     # inputs and outputs
 
@@ -204,7 +240,9 @@ class _Translator:
 
     def _bind_symbols(self, placeholders: list[torch.fx.Node]) -> None:
         """Name torch's shape symbols after the user's `dynamic=` spec."""
-        user = [s for s in self.program.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+        user = [
+            s for s in self.program.graph_signature.input_specs if s.kind == InputKind.USER_INPUT
+        ]
         by_name = {n.name: n for n in placeholders}
         leaves = list(self._user_leaves())
         for spec, (arg_name, (path, _leaf)) in zip(user, leaves):
@@ -221,7 +259,9 @@ class _Translator:
                 target = ir.sym(sym_name)
                 previous = self.symbols.get(size.node.expr)
                 if previous is not None and previous != target:
-                    raise CaptureError(f"{where} is the same size as {previous} but was named {sym_name}")
+                    raise CaptureError(
+                        f"{where} is the same size as {previous} but was named {sym_name}"
+                    )
                 self.symbols[size.node.expr] = target
 
     def _add_inputs(self, placeholders: list[torch.fx.Node]) -> None:
@@ -242,7 +282,10 @@ class _Translator:
                 )
             if name.startswith("cache"):
                 role = "cache"
-            self.env[node] = self.builder.input(name, self._type_of_fake(node.meta["val"], name), role=role)
+            value = self.builder.input(name, self._type_of_fake(node.meta["val"], name), role=role)
+            self.env[node] = value
+            if role == "parameter":
+                self.params[name] = value
 
     def _add_outputs(self) -> None:
         output = next(n for n in self.program.graph.nodes if n.op == "output")
@@ -263,12 +306,19 @@ class _Translator:
         val = node.meta.get("val")
         if target in aten_table.IGNORED_OPS:
             return
-        if isinstance(val, (torch.SymInt, int)) and not isinstance(val, bool) and target in aten_table.SIZE_OPS:
+        if (
+            isinstance(val, (torch.SymInt, int))
+            and not isinstance(val, bool)
+            and target in aten_table.SIZE_OPS
+        ):
             self.env[node] = self._dim(val)
             return
         if target is _getitem:
             container, index = node.args
             self.env[node] = self.env[container][index]
+            return
+        if target in self.REGION_OPS:
+            getattr(self, self.REGION_OPS[target])(node, *node.args)
             return
         translator = aten_table.lookup(target)
         module_path, source, code = _provenance(node)
@@ -324,6 +374,50 @@ class _Translator:
                 "  please report this with the module that triggered it"
             )
 
+    # repeated layers (frontend/regions.py)
+
+    def _begin_region(self, node: torch.fx.Node, inputs: list, template: int) -> None:
+        values = [self.env[a] for a in inputs]
+        self.open_regions[template] = (len(self.builder.nodes), values)
+        self.env[node] = values
+
+    def _end_region(self, node: torch.fx.Node, outputs: list, template: int) -> None:
+        start, inputs = self.open_regions.pop(template)
+        values = [self.env[a] for a in outputs]
+        self.recorded[template] = _Recorded(inputs, self.builder.nodes[start:], values)
+        self.env[node] = values
+
+    def _replay_region(
+        self, node: torch.fx.Node, inputs: list, template: int, instance: int
+    ) -> None:
+        """Re-emit the template's ops with this instance's inputs and parameters."""
+        recorded = self.recorded[template]
+        src = self.regions.templates[template].prefix + "."
+        dst = self.regions.instances[instance] + "."
+        env = dict(zip(recorded.inputs, (self.env[a] for a in inputs)))
+        for n in recorded.nodes:
+            operands = [
+                env[v] if v in env else self._instance_param(v, src, dst) for v in n.operands
+            ]
+            results = self.builder.op(n.op, operands, loc=_reprefix(n.loc, src, dst))
+            env.update(zip(n.results, results if isinstance(results, tuple) else (results,)))
+        result = tuple(env.get(v, v) for v in recorded.outputs)
+        self.node = node
+        self._check_types(result, node.meta.get("val"), node.target)
+        self.env[node] = list(result)
+
+    def _instance_param(self, v: ir.Value, src: str, dst: str) -> ir.Value:
+        """A value the template used from outside: its own parameter, or a shared outer value."""
+        if self.params.get(v.name) is not v or not v.name.startswith(src):
+            return v
+        name = dst + v.name[len(src) :]
+        if name not in self.params:
+            raise CaptureError(
+                f"layer {dst[:-1]} was traced as a copy of {src[:-1]} but has no parameter {name}; "
+                "capture with reuse_layers=False and report this"
+            )
+        return self.params[name]
+
     # helpers the translators call (the `cx` of frontend/aten.py)
 
     def op(self, mnemonic: str, *operands: Any, **attrs: Any) -> Any:
@@ -331,7 +425,13 @@ class _Translator:
 
     def const(self, value: Any, dtype: ir.DType | None = None) -> ir.Value:
         if dtype is None:
-            dtype = ir.DType.bool if isinstance(value, bool) else ir.DType.i64 if isinstance(value, int) else ir.DType.f32
+            dtype = (
+                ir.DType.bool
+                if isinstance(value, bool)
+                else ir.DType.i64
+                if isinstance(value, int)
+                else ir.DType.f32
+            )
         return self.op("constant", value=value, dtype=dtype)
 
     def operands(self, *args: Any, like: Any = None) -> tuple[ir.Value, ...]:
@@ -358,6 +458,21 @@ class _Translator:
         fake = val[0] if isinstance(val, (tuple, list)) else val
         return ir.DType.from_torch(fake.dtype)
 
+
+@dataclasses.dataclass
+class _Recorded:
+    """The IR a region's first instance produced: replayed for every later instance."""
+
+    inputs: list[ir.Value]
+    nodes: list[ir.Node]
+    outputs: list[ir.Value]
+
+
+def _reprefix(loc: ir.Loc | None, src: str, dst: str) -> ir.Loc | None:
+    """`layers.0.attn` -> `layers.7.attn` for src `layers.0.`, dst `layers.7.`."""
+    if loc is None or not (loc.module + ".").startswith(src):
+        return loc
+    return dataclasses.replace(loc, module=(dst + (loc.module + ".")[len(src) :])[:-1])
 
 
 _IGNORED_KWARGS = {"device", "layout", "pin_memory", "memory_format", "non_blocking", "copy"}
@@ -400,7 +515,13 @@ def _hint(target: Any) -> str:
         return aten_table.ALTERNATIVES[base]
     import difflib
 
-    known = sorted({_op_name(t).removeprefix("aten.").split(".")[0] for t in aten_table.TABLE if not isinstance(t, str)})
+    known = sorted(
+        {
+            _op_name(t).removeprefix("aten.").split(".")[0]
+            for t in aten_table.TABLE
+            if not isinstance(t, str)
+        }
+    )
     close = difflib.get_close_matches(base, known, n=3)
     suffix = f"; similar supported ops: {', '.join(close)}" if close else ""
     return (
@@ -410,6 +531,7 @@ def _hint(target: Any) -> str:
 
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
+_FRONTEND_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def _provenance(node: torch.fx.Node | None) -> tuple[str, str, str]:
@@ -429,7 +551,7 @@ def _provenance(node: torch.fx.Node | None) -> tuple[str, str, str]:
         if not line.startswith("File "):
             continue
         path = line.split('"')[1] if '"' in line else ""
-        if path.startswith(_TORCH_DIR) or path.startswith("torch/") or "/frontend/capture.py" in path:
+        if path.startswith((_TORCH_DIR, "torch/")) or _FRONTEND_DIR in path:
             continue
         lineno = line.split("line ")[1].split(",")[0] if "line " in line else "?"
         source = f"{os.path.basename(path)}:{lineno}"

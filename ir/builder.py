@@ -34,6 +34,7 @@ class Builder:
         self.outputs: list[Value] = []
         self._names: set[str] = set()
         self._counter = 0
+        self._types: dict = {}  # (op, operand types) -> result types: repeated layers infer once
 
     def fresh(self) -> str:
         while str(self._counter) in self._names:
@@ -84,11 +85,21 @@ class Builder:
         n = type(op).num_operands
         if n is not None and len(operands) != n:
             raise IRTypeError(f"{op.mnemonic} takes {n} operand(s), got {len(operands)}")
-        types = op.infer_type(*(v.type for v in operands))
+        types = self._infer(op, operands)
         names = self._result_names(name, len(types), op.mnemonic)
         results = tuple(Value(self._claim(nm), t) for nm, t in zip(names, types))
         self.nodes.append(Node(op, operands, results, loc))
         return results[0] if len(results) == 1 else results
+
+    def _infer(self, op: Op, operands: tuple[Value, ...]) -> tuple[TensorType, ...]:
+        try:
+            key = (op, tuple(v.type for v in operands))
+            types = self._types.get(key)
+        except TypeError:  # an attribute that cannot be hashed
+            return tuple(op.infer_type(*(v.type for v in operands)))
+        if types is None:
+            types = self._types[key] = tuple(op.infer_type(*(v.type for v in operands)))
+        return types
 
     def _result_names(self, name, count: int, mnemonic: str) -> list[str | None]:
         if name is None:

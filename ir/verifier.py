@@ -29,7 +29,9 @@ def verify(g: Graph) -> Graph:
     return g
 
 
-def _verify(g: Graph, path: str) -> None:
+def _verify(g: Graph, path: str, memo: dict | None = None) -> None:
+    # (op, operand types) -> result types already checked: identical layers verify once.
+    memo = {} if memo is None else memo
     defined: dict[str, object] = {}
     for v in g.inputs:
         role = g.roles.get(v.name)
@@ -44,7 +46,7 @@ def _verify(g: Graph, path: str) -> None:
             _fail(g, None, path, f"input %{v.name} is declared twice", "rename one of the inputs")
         defined[v.name] = v
     for i, n in enumerate(g.ops):
-        _verify_node(g, i, n, defined, path)
+        _verify_node(g, i, n, defined, path, memo)
     for v in g.outputs:
         if v.name not in defined:
             _fail(
@@ -64,16 +66,22 @@ def _verify(g: Graph, path: str) -> None:
             )  # type: ignore[attr-defined]
 
 
-def _verify_node(g: Graph, i: int, n: Node, defined: dict, path: str) -> None:
+def _verify_node(g: Graph, i: int, n: Node, defined: dict, path: str, memo: dict) -> None:
     op = n.op
-    if OPS.get(op.mnemonic) is not type(op):
-        _fail(
-            g,
-            i,
-            path,
-            f"op {op.mnemonic!r} is not registered in ir.OPS",
-            "register it with @register",
-        )
+    _verify_operands(g, i, n, defined, path)
+    try:
+        key = (op, tuple(v.type for v in n.operands))
+        want = memo.get(key)
+    except TypeError:  # an attribute that cannot be hashed: no memo
+        key, want = None, None
+    if want is None:
+        want = _verify_op(g, i, n, path, memo)
+        if key is not None:
+            memo[key] = want
+    _verify_results(g, i, n, want, defined, path)
+
+
+def _verify_operands(g: Graph, i: int, n: Node, defined: dict, path: str) -> None:
     for v in n.operands:
         if v.name not in defined:
             _fail(
@@ -91,6 +99,20 @@ def _verify_node(g: Graph, i: int, n: Node, defined: dict, path: str) -> None:
                 f"operand %{v.name} has type {type_text(v.type)} here but is defined "
                 f"as {type_text(defined[v.name].type)}",
             )
+
+
+def _verify_op(g: Graph, i: int, n: Node, path: str, memo: dict) -> tuple:
+    """Registration, attributes, arity and type inference: the checks that depend only on the
+    op and its operand types. Returns the inferred result types."""
+    op = n.op
+    if OPS.get(op.mnemonic) is not type(op):
+        _fail(
+            g,
+            i,
+            path,
+            f"op {op.mnemonic!r} is not registered in ir.OPS",
+            "register it with @register",
+        )
     schema = attr_schema(type(op))
     for name, value in op.attrs.items():
         if isinstance(coerce_attr(schema[name], value), _Bad):
@@ -108,6 +130,17 @@ def _verify_node(g: Graph, i: int, n: Node, defined: dict, path: str) -> None:
         want = op.infer_type(*(v.type for v in n.operands))
     except IRTypeError as e:
         _fail(g, i, path, f"type error: {e}")
+    for name, value in op.attrs.items():
+        if isinstance(value, Graph):
+            try:
+                _verify(value, f"{path}/op {i} ({op.mnemonic}).{name}", memo)
+            except VerifyError as e:
+                _fail(g, i, path, f"nested graph `{name}` is invalid:\n{e}")
+    return tuple(want)
+
+
+def _verify_results(g: Graph, i: int, n: Node, want: tuple, defined: dict, path: str) -> None:
+    op = n.op
     if len(want) != len(n.results):
         _fail(
             g,
@@ -125,12 +158,6 @@ def _verify_node(g: Graph, i: int, n: Node, defined: dict, path: str) -> None:
                 f"{op.mnemonic} infers {type_text(t)}",
                 "fix the recorded type or the operands",
             )
-    for name, value in op.attrs.items():
-        if isinstance(value, Graph):
-            try:
-                _verify(value, f"{path}/op {i} ({op.mnemonic}).{name}")
-            except VerifyError as e:
-                _fail(g, i, path, f"nested graph `{name}` is invalid:\n{e}")
     for r in n.results:
         if r.name in defined:
             _fail(

@@ -58,7 +58,9 @@ class Router(nn.Module):
         weights, idx = scores.topk(2, dim=-1)
         weights = weights / weights.sum(-1, keepdim=True)
         flat = idx.flatten()
-        counts = torch.zeros(self.experts, dtype=torch.long).scatter_add(0, flat, torch.ones_like(flat))
+        counts = torch.zeros(self.experts, dtype=torch.long).scatter_add(
+            0, flat, torch.ones_like(flat)
+        )
         order = torch.argsort(flat, stable=True)
         return weights, idx, torch.cumsum(counts, 0), order
 

@@ -7,6 +7,7 @@ tensor. fp32 throughout, max abs error <= 1e-5.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -38,7 +39,9 @@ def _prefill_graph(preset: str) -> ir.Graph:
 @pytest.mark.parametrize("shape", [(2, 40), (1, 53)])
 def test_prefill_interprets_like_eager(preset: str, shape: tuple[int, int]) -> None:
     model, graph = _model(preset), _prefill_graph(preset)
-    tokens = torch.randint(0, model.cfg.vocab_size, shape, generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(
+        0, model.cfg.vocab_size, shape, generator=torch.Generator().manual_seed(1)
+    )
     with torch.no_grad():
         want = model.prefill(tokens)
     (got,) = ir.interpret(graph, tokens, params=model.state_dict())
@@ -69,7 +72,9 @@ def test_prefill_graph_round_trips_through_text() -> None:
 @pytest.mark.parametrize("preset", ["tiny", "tiny-512"])
 def test_decode_interprets_like_eager(preset: str) -> None:
     model = _model(preset)
-    tokens = torch.randint(0, model.cfg.vocab_size, (2, 42), generator=torch.Generator().manual_seed(2))
+    tokens = torch.randint(
+        0, model.cfg.vocab_size, (2, 42), generator=torch.Generator().manual_seed(2)
+    )
     with torch.no_grad():
         cache = model.init_cache(2, 64)
         _, cache = model.prefill(tokens[:, :40], cache)
@@ -103,7 +108,9 @@ def test_indexer_selection_gives_identical_indices() -> None:
     gen = torch.Generator().manual_seed(3)
     scores = torch.rand(2, 12, 10, generator=gen)
     visible = torch.arange(10)[None, None, :] < (torch.arange(12)[None, :, None] + 1) // 4
-    graph = capture(module, (scores, visible), dynamic={"scores": {1: "T", 2: "S"}, "visible": {1: "T", 2: "S"}})
+    graph = capture(
+        module, (scores, visible), dynamic={"scores": {1: "T", 2: "S"}, "visible": {1: "T", 2: "S"}}
+    )
     for t, s in ((12, 10), (31, 7)):
         scores = torch.rand(2, t, s, generator=gen)
         visible = torch.arange(s)[None, None, :] < (torch.arange(t)[None, :, None] + 1) // 4
@@ -111,3 +118,49 @@ def test_indexer_selection_gives_identical_indices() -> None:
         want = module(scores, visible)
         assert torch.equal(got, want)
         assert (want == -1).any() and (want >= 0).any()  # both picks and pads are exercised
+
+
+def test_repeated_layers_are_traced_once_and_replayed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Six layers of three kinds: three are traced, three replayed, and the graphs (prefill and
+    decode) print exactly as a full trace's, provenance included."""
+    from frontend import regions
+
+    cfg = dataclasses.replace(
+        Config.preset("tiny"), n_layers=6, n_hash_layers=2, compress_ratios=(0, 0, 4, 4, 8, 8, 0)
+    )
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    traced = []
+    first = regions.Regions._trace_first
+    monkeypatch.setattr(
+        regions.Regions, "_trace_first", lambda self, *a: traced.append(a[1]) or first(self, *a)
+    )
+    tokens = torch.randint(0, cfg.vocab_size, (2, 42), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        _, cache = model.prefill(tokens[:, :40], model.init_cache(2, 64))
+    methods = {
+        "prefill": ((tokens[:, :24],), {"tokens": {0: "B", 1: "T"}}),
+        "decode": ((tokens[:, 40:41], torch.tensor(40), cache), {"token": {0: "B"}, "cache": {0: "B"}}),
+    }  # fmt: skip
+    graphs = {}
+    for method, (inputs, dynamic) in methods.items():
+        traced.clear()
+        reused = capture(model, inputs, dynamic=dynamic, method=method)
+        assert traced == ["layers.0", "layers.2", "layers.4"], traced
+        full = capture(model, inputs, dynamic=dynamic, method=method, reuse_layers=False)
+        assert ir.to_text(reused) == ir.to_text(full)
+        graphs[method] = reused
+    with torch.no_grad():
+        want_logits, want_cache = model.decode(tokens[:, 40:41], torch.tensor(40), cache)
+    got = ir.interpret(
+        graphs["decode"],
+        tokens[:, 40:41],
+        torch.tensor(40),
+        *cache.values(),
+        params=model.state_dict(),
+    )
+    assert (got[0] - want_logits).abs().max().item() <= ATOL
+    assert all(
+        torch.equal(g, w) or (g - w).abs().max() <= ATOL
+        for g, w in zip(got[1:], want_cache.values())
+    )
