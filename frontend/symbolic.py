@@ -32,7 +32,9 @@ _BINARY = {
 }
 
 
-def to_ir_expr(expr: sympy.Expr | int, names: Mapping[sympy.Symbol, sympy.Symbol]) -> sympy.Expr | int:
+def to_ir_expr(
+    expr: sympy.Expr | int, names: Mapping[sympy.Symbol, sympy.Symbol]
+) -> sympy.Expr | int:
     """Rewrite one torch shape expression over `names` (torch symbol -> IR symbol).
 
     Integers pass through unchanged; an unknown torch symbol or function raises
@@ -63,4 +65,6 @@ def to_ir_expr(expr: sympy.Expr | int, names: Mapping[sympy.Symbol, sympy.Symbol
         return sympy.Min(*args)
     if head in (sympy.Add, sympy.Mul, sympy.Pow, sympy.floor, sympy.ceiling, sympy.Mod):
         return head(*args)
-    raise SymbolicShapeError(f"shape expression {expr} uses {head.__name__}, which the IR cannot represent")
+    raise SymbolicShapeError(
+        f"shape expression {expr} uses {head.__name__}, which the IR cannot represent"
+    )
