@@ -164,3 +164,22 @@ def test_repeated_layers_are_traced_once_and_replayed(monkeypatch: pytest.Monkey
         torch.equal(g, w) or (g - w).abs().max() <= ATOL
         for g, w in zip(got[1:], want_cache.values())
     )
+
+
+def test_v4_flash_decode_captures_on_meta() -> None:
+    """The full-size preset on the meta device (no weights): every layer's parameters are inputs
+    and the last layer's ops carry its own module path (replayed regions are re-prefixed)."""
+    cfg = Config.preset("v4-flash")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+        cache = model.init_cache(2, 1024)
+        inputs = (torch.zeros(2, 1, dtype=torch.long), torch.tensor(300), cache)
+    graph = capture(model, inputs, dynamic={"token": {0: "B"}, "cache": {0: "B"}}, method="decode")
+    params = {v.name for v in graph.inputs_with_role("parameter")}
+    assert params == set(model.state_dict())
+    last = f"layers.{cfg.n_layers - 1}"
+    used = {v.name for node in graph.ops for v in node.operands}
+    assert f"{last}.attn.wq_a.weight" in used and f"{last}.ffn.experts.w1" in used
+    modules = {node.loc.module.split(".attn")[0].split(".ffn")[0] for node in graph.ops if node.loc}
+    assert {f"layers.{i}" for i in range(cfg.n_layers)} <= modules
+    assert len(graph.outputs) == 1 + len(cache)
