@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import textwrap
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -41,6 +42,7 @@ class PassContext:
     stats: bool = False
     counters: Counter[str] = field(default_factory=Counter)
     times: dict[str, float] = field(default_factory=dict)
+    rules: dict[str, Any] = field(default_factory=dict)  # name -> Rule, every rule a driver ran
     stream: TextIO | None = None  # None: sys.stderr at the time of writing
 
     @classmethod
@@ -94,4 +96,12 @@ class PassContext:
             lines.append(f"  {key:<32} {n:10d}")
         if not self.counters:
             lines.append("  (none)")
+        idle = sorted(name for name in self.rules if not self.counters[name])
+        if idle:
+            lines.append(
+                f"rules that never fired ({len(idle)}; `passes.explain(rule, graph)` says why):"
+            )
+            lines.append(
+                textwrap.fill(", ".join(idle), 100, initial_indent="  ", subsequent_indent="  ")
+            )
         return "\n".join(lines)

@@ -182,6 +182,7 @@ def rewrite(
 ) -> Graph:
     """Apply `rules` to a fixed point (at most `max_iters` sweeps); counts hits in `ctx`."""
     ctx = ctx or PassContext()
+    ctx.rules.update((r.name, r) for r in rules)
     index, anywhere = _index(rules)
     namer = Namer(graph)
     g = graph

@@ -34,6 +34,7 @@ def test_env_switches_are_read_at_call_time(monkeypatch, capsys) -> None:
     assert "graph small(%x: f32[T,4] activation) {" in err  # the graph text follows
     assert "pass times:" in err and "canonicalize" in err
     assert "rule hits:" in err and "mul_one" in err and "unsqueeze_squeeze_to_reshape" in err
+    assert "rules that never fired (" in err and "neg_neg" in err
     assert [n.name for n in out.ops] == ["reshape", "exp"]
 
     monkeypatch.delenv("DEBUG_IR")
