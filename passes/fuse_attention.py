@@ -26,7 +26,15 @@ import ir
 from ir import Graph, Node, Value
 from ir.symbolic import same_dim
 from passes.context import PassContext
-from passes.fuse_common import Fusion, FusionView, apply, const_value, scalar
+from passes.fuse_common import (
+    Fusion,
+    FusionView,
+    apply,
+    const_value,
+    narrow,
+    rounded,
+    scalar,
+)
 from passes.pattern import Match, const, op, var
 
 __all__ = ["fuse_attention"]
@@ -38,11 +46,10 @@ _A = op("select", _PAIRS, name="a", attrs={"index": 0})
 _B = op("select", _PAIRS, name="b", attrs={"index": 1})
 _RE = op("sub", op("mul", _A, var("cb")), op("mul", _B, var("sb")))
 _IM = op("add", op("mul", _A, var("sb")), op("mul", _B, var("cb")))
-ROPE = op(
-    "concat",
-    op("slice", var("x"), name="keep"),
-    op("reshape", op("concat", op("reshape", _RE), op("reshape", _IM), name="ri")),
-    name="out",
+_ROT = op("reshape", op("concat", op("reshape", _RE), op("reshape", _IM), name="ri"))
+ROPES = tuple(  # rotated channels rounded back to x's dtype (bf16 models) or not (fp32)
+    op("concat", op("slice", var("x"), name="keep"), rot, name="out")
+    for rot in (_ROT, op("cast", _ROT))
 )
 
 
@@ -53,7 +60,7 @@ def _unbroadcast(view: FusionView, v: Value) -> Value:
 
 def match_rope(view: FusionView, v: Value) -> dict[str, Any] | None:
     """-> {x, cos, sin, inverse} when v = rope(x) over the last 2·cos.shape[-1] channels."""
-    m = view.match(ROPE, v)
+    m = view.match(ROPES[narrow(v)], v)
     if m is None:
         return None
     x, rank = m["x"], m["x"].type.rank
@@ -87,7 +94,7 @@ def _fits(mnemonic: str, operands: list[Value], attrs: dict, replaced: list[Valu
         types = ir.OPS[mnemonic](**attrs).infer_type(*(v.type for v in operands))
     except ir.IRTypeError:
         return False
-    return all(r is None or r.type == t for r, t in zip(replaced, types))
+    return all(r is None or r.type.shape == t.shape for r, t in zip(replaced, types))
 
 
 def _iota_ok(view: FusionView, v: Value, end: Any) -> bool:
@@ -161,9 +168,12 @@ def _fuse_compress(view: FusionView, root: Node) -> Fusion | None:
     rope = match_rope(view, root.results[0])
     if rope is None or rope["inverse"]:
         return None
-    rm = view.match(RMS, rope["x"])
-    pm = rm and view.match(POOL, rm["p"])
-    if not pm:
+    normed = rounded(view, rope["x"])
+    rm = view.match(RMS, normed)
+    pooled = rm and rounded(view, rm["p"])
+    pm = rm and view.match(POOL, pooled)
+    rounds = narrow(root.results[0])  # the reference rounds the pooled and the normed entry
+    if not pm or (normed != rope["x"]) != rounds or (pooled != rm["p"]) != rounds:
         return None
     kv, z = pm["kv"], pm["z"]
     for overlap, kv_pat, z_pat in ((True, KV_OVERLAP, Z_OVERLAP), (False, KV_PLAIN, Z_PLAIN)):
@@ -340,7 +350,10 @@ PROBS = op(
     name="probs",
     attrs={"start": 0, "end": -1, "step": 1},
 )
-ATTEND = op("reshape", op("matmul", op("reshape", PROBS), op("reshape", GATHERED)), rank=4)
+ATTENDS = tuple(  # probabilities rounded to the entries' dtype (bf16 models) or not (fp32)
+    op("reshape", op("matmul", op("reshape", p), op("reshape", GATHERED)), rank=4)
+    for p in (PROBS, op("cast", PROBS))
+)
 QNORM = op(
     "mul",
     var("q"),
@@ -440,7 +453,10 @@ def _query(view: FusionView, qr: Value, cos: Value, sin: Value) -> tuple[Value, 
     rope = match_rope(view, qr)
     if rope is None or rope["inverse"] or (rope["cos"], rope["sin"]) != (cos, sin):
         return None, None
-    qm = view.match(QNORM, rope["x"])
+    normed = rounded(view, rope["x"])
+    if (normed != rope["x"]) != narrow(rope["x"]):
+        return None, None
+    qm = view.match(QNORM, normed)
     if qm is None or scalar(qm, "eps") is None:
         return rope["x"], None
     return qm["q"], scalar(qm, "eps")
@@ -450,7 +466,7 @@ def _fuse_mqa(view: FusionView, root: Node) -> Fusion | None:
     rope = match_rope(view, root.results[0])
     if rope is None or not rope["inverse"]:
         return None
-    m = view.match(ATTEND, rope["x"])
+    m = view.match(ATTENDS[narrow(rope["x"])], rope["x"])
     scale = m and scalar(m, "scale")
     if not m or scale is None or m.attr("softmax", "dim") not in (-1, 3):
         return None

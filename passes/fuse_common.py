@@ -25,7 +25,16 @@ from passes.context import PassContext
 from passes.pattern import Fail, Match, Pat, match_node
 from passes.rewrite import GraphView, Namer
 
-__all__ = ["Derived", "Fusion", "FusionView", "apply", "const_value", "scalar"]
+__all__ = [
+    "Derived",
+    "Fusion",
+    "FusionView",
+    "apply",
+    "const_value",
+    "narrow",
+    "rounded",
+    "scalar",
+]
 
 
 @dataclass(frozen=True)
@@ -50,13 +59,21 @@ class Fusion:
 
 
 class FusionView(GraphView):
-    """Producers, use counts and users of a graph, by value name."""
+    """Producers, use counts and users of a graph, by value name — looking through upcasts.
+
+    Matching sees the graph with every widening float cast (bf16/f16 -> f32) removed, its users
+    reading the cast's operand: widening is exact, and the semantic ops compute in fp32 anyway,
+    so one pattern matches an fp32 model and a bf16 model. Rounding casts stay visible: patterns
+    allow them exactly where the reference model rounds (`rounded`), and `apply` moves a
+    replacement past a final rounding cast.
+    """
 
     def __init__(self, g: Graph) -> None:
-        super().__init__(g)
         self.graph = g
-        self.users_of: dict[str, list[Node]] = g.users()
-        self.outputs = {v.name for v in g.outputs}
+        shadow = _cast_blind(g)
+        super().__init__(shadow)
+        self.users_of: dict[str, list[Node]] = shadow.users()
+        self.outputs = {v.name for v in shadow.outputs}
 
     def users(self, v: Value) -> list[Node]:
         return self.users_of.get(v.name, [])
@@ -70,6 +87,14 @@ class FusionView(GraphView):
             return None
         return us[0]
 
+    def match_first(self, pats: Sequence[Pat], v: Value) -> tuple[int, Match] | None:
+        """(index, match) of the first of `pats` (alternative spellings) that matches at `v`."""
+        for i, p in enumerate(pats):
+            m = self.match(p, v)
+            if m is not None:
+                return i, m
+        return None
+
     def match(self, pat: Pat, v: Value) -> Match | None:
         """Match `pat` against the producer of `v` (None when `v` is an input or no match)."""
         n = self.producer(v)
@@ -77,6 +102,45 @@ class FusionView(GraphView):
             return None
         m = match_node(pat, n, self)
         return None if isinstance(m, Fail) else m
+
+
+def _is_upcast(n: Node) -> bool:
+    if n.name != "cast":
+        return False
+    src, dst = n.operands[0].dtype, n.results[0].dtype
+    return src.is_float and dst.is_float and dst.itemsize > src.itemsize and not src.is_f8
+
+
+def narrow(v: Value) -> bool:
+    """Whether `v` is a float narrower than fp32 (a model computing in it rounds its fp32
+    intermediates back to it)."""
+    return v.dtype.is_float and v.dtype.itemsize < 4
+
+
+def rounded(view: GraphView, v: Value) -> Value:
+    """The value before a float rounding cast (`cast` to a narrower float), else `v`."""
+    n = view.producer(v)
+    if n is None or n.name != "cast" or not n.operands[0].dtype.is_float:
+        return v
+    return (
+        n.operands[0] if v.dtype.is_float and v.dtype.itemsize < n.operands[0].dtype.itemsize else v
+    )
+
+
+def _cast_blind(g: Graph) -> Graph:
+    """`g` without widening float casts (types of later values are left as they were)."""
+    through: dict[str, Value] = {}
+    ops: list[Node] = []
+    for n in g.ops:
+        n = _redirect(n, through)
+        if _is_upcast(n):
+            through[n.results[0].name] = n.operands[0]
+            continue
+        ops.append(n)
+    if not through:
+        return g
+    outputs = [through.get(v.name, v) for v in g.outputs]
+    return Graph(g.inputs, ops, outputs, name=g.name, roles=dict(g.roles))
 
 
 def const_value(view: GraphView, v: Value) -> Any:
@@ -108,6 +172,7 @@ def apply(g: Graph, fusions: Sequence[Fusion], ctx: PassContext | None, counter:
         return g
     namer = Namer(g)
     position = {r.name: i for i, n in enumerate(g.ops) for r in n.results}
+    users = g.users()
     after: dict[int, list[Node]] = {}
     remap: dict[str, Value] = {}
     for f in fusions:
@@ -116,15 +181,21 @@ def apply(g: Graph, fusions: Sequence[Fusion], ctx: PassContext | None, counter:
         op = ir.OPS[f.mnemonic](**f.attrs)
         types = op.infer_type(*(v.type for v in operands))
         results = tuple(Value(namer.fresh(), t) for t in types)
-        for old, new in zip(f.replaces, results):
-            if old is None:
-                continue
-            if old.type != new.type:
-                raise ir.IRTypeError(
-                    f"{f.mnemonic} would replace %{old.name}: {old.type} by {new.type}"
-                )
-            remap[old.name] = new
-        last = max(position[v.name] for v in f.replaces if v is not None)
+        try:
+            pairs = [
+                (v, new)
+                for old, new in zip(f.replaces, results)
+                if old is not None
+                for v in _settle(old, new, users, g)
+            ]
+        except ir.IRTypeError as e:  # a rule matched something it cannot replace: leave it
+            if ctx is not None:
+                ctx.count(f"{counter}.skipped")
+                ctx.log(f"{counter}: {f.mnemonic} not applied: {e}")
+            continue
+        remap.update((v.name, new) for v, new in pairs)
+        replaced = [v for v, _ in pairs]
+        last = max(position[v.name] for v in replaced)
         nodes.append(Node(op, tuple(operands), results, f.loc))
         after.setdefault(last, []).extend(nodes)
         if ctx is not None:
@@ -137,6 +208,23 @@ def apply(g: Graph, fusions: Sequence[Fusion], ctx: PassContext | None, counter:
     outputs = [remap.get(v.name, v) for v in g.outputs]
     out = Graph(g.inputs, _stable_topo(ops, g), outputs, name=g.name, roles=dict(g.roles))
     return dead_code_elimination(out, ctx)
+
+
+def _settle(old: Value, new: Value, users: dict[str, list[Node]], g: Graph) -> list[Value]:
+    """The values `new` stands for: `old` itself, or — when the op rounds its result to another
+    float dtype, as the reference model does right after `old` — the casts of `old` to it."""
+    if old.type == new.type:
+        return [old]
+    casts = [u.results[0] for u in users.get(old.name, ())]
+    ok = (
+        old.type.shape == new.type.shape
+        and casts
+        and old.name not in {v.name for v in g.outputs}
+        and all(u.name == "cast" and u.results[0].type == new.type for u in users[old.name])
+    )
+    if not ok:
+        raise ir.IRTypeError(f"fusion would replace %{old.name}: {old.type} by {new.type}")
+    return casts
 
 
 def _materialise(v: Value | Derived, namer: Namer, loc: Loc | None, new: list[Node]) -> Value:

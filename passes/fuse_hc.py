@@ -256,7 +256,7 @@ def _fuse_post(view: FusionView, root: Node) -> Fusion | None:
         return None
     res, f, post, comb = m["res"], m["f"], m["post"], m["comb"]
     r = res.type.rank
-    if r < 3 or root.results[0].type != res.type:
+    if r < 3 or root.results[0].type.shape != res.type.shape:
         return None
     lead, n, d = res.type.shape[:-2], res.type.shape[-2], res.type.shape[-1]
     swap = tuple(range(r - 2)) + (r - 1, r - 2)

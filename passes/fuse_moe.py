@@ -13,14 +13,15 @@ Matches the canonical form (after `canonicalize`) of models/moe.py:
 
 The grouped GEMMs' offsets come from a host-free histogram, so the fused op needs no counts:
 it takes the [N,k] expert indices. Counters: `fuse_moe.moe.route`, `fuse_moe.moe.experts`.
-Only fp32 models are matched so far (a bf16 model adds casts around the SwiGLU).
+bf16 models match too: widening casts are looked through, and the rounding of the hidden rows
+before w2 and of the routed sum is required exactly when x is narrower than fp32.
 """
 
 from __future__ import annotations
 
 from ir import DType, Graph, Node, Value
 from passes.context import PassContext
-from passes.fuse_common import Fusion, FusionView, apply, scalar
+from passes.fuse_common import Fusion, FusionView, apply, narrow, scalar
 from passes.pattern import Match, const, op, var
 
 __all__ = ["fuse_moe"]
@@ -123,12 +124,9 @@ WEIGHTED = op(
     _swiglu(_gemm(ROWS, "w1"), _gemm(ROWS, "w3"), "routed"),
     op("reshape", op("index", op("reshape", var("weights", rank=2)), ORDER, attrs={"dim": 0})),
 )
-ROUTED = op(
-    "index_put",
-    const(0.0),
-    TOKEN,
-    _gemm(WEIGHTED, "w2"),
-    attrs={"dim": 0, "accumulate": True},
+ROUTEDS = tuple(  # hidden rows rounded to x's dtype before w2 (bf16 models) or not (fp32)
+    op("index_put", const(0.0), TOKEN, _gemm(h, "w2"), attrs={"dim": 0, "accumulate": True})
+    for h in (WEIGHTED, op("cast", WEIGHTED))
 )
 
 
@@ -136,10 +134,10 @@ def _dense(w: str) -> object:
     return op("matmul", var("x"), op("permute", var(w), attrs={"dims": (1, 0)}))
 
 
-SHARED = op(
-    "matmul",
-    _swiglu(_dense("s1"), _dense("s3"), "shared"),
-    op("permute", var("s2"), attrs={"dims": (1, 0)}),
+_SWIGLU = _swiglu(_dense("s1"), _dense("s3"), "shared")
+SHAREDS = tuple(
+    op("matmul", h, op("permute", var("s2"), attrs={"dims": (1, 0)}))
+    for h in (_SWIGLU, op("cast", _SWIGLU))
 )
 
 
@@ -152,9 +150,10 @@ def _limit(m: Match, prefix: str) -> float | None:
 
 
 def _fuse_experts(view: FusionView, root: Node) -> Fusion | None:
-    m = view.match(ROUTED, root.results[0])
-    if m is None or root.results[0].type.dtype != DType.f32:
+    found = view.match_first(ROUTEDS, root.results[0])
+    if found is None or found[0] != narrow(found[1]["x"]):  # rounds before w2 iff x is narrow
         return None
+    m = found[1]
     k, experts = scalar(m, "k"), m["experts"]
     limit = _limit(m, "routed")
     if limit is None or k != experts.type.shape[1] or m.attr("offs", "dtype") != DType.i32:
@@ -163,10 +162,12 @@ def _fuse_experts(view: FusionView, root: Node) -> Fusion | None:
         return None
     operands = [m["x"], m["weights"], experts, m["w1"], m["w3"], m["w2"]]
     out = root.results[0]
-    add = view.only_user(out, "add")
+    cast = view.only_user(out, "cast")  # the fp32 sum rounded to x's dtype (bf16 models)
+    add = view.only_user(out if cast is None else cast.results[0], "add")
     if add is not None:
-        other = add.operands[1] if add.operands[0] == out else add.operands[0]
-        sm = view.match(SHARED, other)
+        mine = out if cast is None else cast.results[0]
+        other = add.operands[1] if add.operands[0] == mine else add.operands[0]
+        sm = view.match(SHAREDS[narrow(m["x"])], other)
         if sm is not None and sm["x"] == m["x"] and _limit(sm, "shared") == limit:
             operands += [sm["s1"], sm["s3"], sm["s2"]]
             attrs = {"limit": limit, "shared": True}

@@ -167,3 +167,32 @@ def test_moe_route_spellings() -> None:
         count, diffs = fused(cls(), route_args(), fuse_moe)
         assert count == 1 and max(diffs) <= 1e-5, cls.__name__
     assert fused(RouteBiasSubtracted(), route_args(), fuse_moe)[0] == 0
+
+
+# --- bf16: the same fusions on a model computing in bf16 ------------------------------------
+
+
+def test_bf16_moe_and_hc_fuse_exactly() -> None:
+    from models.config import Config
+    from models.moe import MoE
+
+    cfg = Config.preset("tiny")
+    torch.manual_seed(3)
+    moe = MoE(cfg, hash_routing=False).eval()
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.copy_(torch.randn(p.shape) * 0.3)
+    moe = moe.to(torch.bfloat16)
+    x = torch.randn(2, 7, cfg.dim, dtype=torch.bfloat16)
+    ids = torch.randint(0, cfg.vocab_size, (2, 7))
+    g = passes.canonicalize(capture(moe, (x, ids)))
+    ctx = passes.PassContext()
+    out = fuse_moe(g, ctx)
+    assert ctx.counters["fuse_moe.moe.route"] == 1 and ctx.counters["fuse_moe.moe.experts"] == 1
+    p = moe.state_dict()
+    assert torch.equal(ir.interpret(g, x, ids, params=p)[0], ir.interpret(out, x, ids, params=p)[0])
+
+    args = tuple(t.to(torch.bfloat16) if i == 0 else t for i, t in enumerate(pre_args()))
+    assert fused(Pre(20), args, fuse_hc) == (1, [0.0, 0.0, 0.0])
+    post = tuple(t.to(torch.bfloat16) if i < 2 else t for i, t in enumerate(post_args()))
+    assert fused(PostEinsum(), post, fuse_hc) == (1, [0.0])
