@@ -43,3 +43,27 @@ def test_tiny_prefill_equals_eager():
     kinds = Counter(k.fused_ops[0] for k in exe.kernels())
     assert kinds["matmul"] >= 1 and kinds["softmax"] >= 1
     assert all(f["reason"] for f in exe.report()["fallbacks"])
+
+
+def test_tiny_decode_step_equals_eager():
+    """One decode step at position 16 (a ratio-4 block boundary): logits and the new cache."""
+    from frontend import capture
+
+    model, _ = tiny()
+    tokens = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        cache = model.init_cache(2, 32)
+        _, cache = model.prefill(tokens[:, :16], cache)
+        want_logits, want_cache = model.decode(tokens[:, 16:17], torch.tensor(16), cache)
+    args = (tokens[:, 16:17], torch.tensor(16), cache)
+    g = capture(model, args, dynamic={"token": {0: "B"}, "cache": {0: "B"}}, method="decode")
+    g = passes.pipeline(g)
+    names = {v.name for v in g.params}
+    params = {k: v for k, v in model.state_dict().items() if k in names}
+    exe = TritonBackend().compile(g, "cpu")
+    logits, *new_cache = exe(tokens[:, 16:17], torch.tensor(16), *cache.values(), params=params)
+    torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(logits.argmax(-1), want_logits.argmax(-1))
+    for got, want in zip(new_cache, want_cache.values()):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert sum(s.launch is not None for s in exe.steps) > len(g.ops) // 2
