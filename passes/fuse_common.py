@@ -73,6 +73,7 @@ class FusionView(GraphView):
         shadow = _cast_blind(g)
         super().__init__(shadow)
         self.users_of: dict[str, list[Node]] = shadow.users()
+        self.graph_ops: list[Node] = shadow.ops
         self.outputs = {v.name for v in shadow.outputs}
 
     def users(self, v: Value) -> list[Node]:

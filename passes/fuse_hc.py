@@ -180,16 +180,23 @@ def _norm_step(view: FusionView, m: Value, eps: float) -> tuple[int, Value] | No
     return total.attrs["dims"][0] % m.type.rank, div.results[0]
 
 
-def _find_post(view: FusionView, mix: Value, n: int) -> Value | None:
-    for node in view.graph.ops:
+def _posts(view: FusionView) -> dict[str, list[tuple[Match, Value]]]:
+    """Every `2·sigmoid(mix[..]·α + base[..])`, by the name of its mix (one sweep)."""
+    out: dict[str, list[tuple[Match, Value]]] = {}
+    for node in view.graph_ops:
         if node.name != "mul":
             continue
         m = view.match(POST, node.results[0])
-        if m is None or m["mix"] != mix:
-            continue
+        if m is not None:
+            out.setdefault(m["mix"].name, []).append((m, node.results[0]))
+    return out
+
+
+def _find_post(posts: dict, mix: Value, n: int) -> Value | None:
+    for m, value in posts.get(mix.name, ()):
         ok = _slice_ok(m, "s_post", n, 2 * n) and _slice_ok(m, "b_post", n, 2 * n)
         if ok and _select_ok(m, "a", 1):
-            return node.results[0]
+            return value
     return None
 
 
@@ -221,7 +228,7 @@ def _only_user_chain(view: FusionView, v: Value, mnemonics: tuple[str, ...]) -> 
     return v
 
 
-def _fuse_pre(view: FusionView, root: Node) -> Fusion | None:
+def _fuse_pre(view: FusionView, root: Node, posts: dict) -> Fusion | None:
     m = view.match(PRE, root.results[0])
     if m is None or m["x"].type.rank < 3:
         return None
@@ -229,7 +236,7 @@ def _fuse_pre(view: FusionView, root: Node) -> Fusion | None:
     eps, norm_eps = scalar(m, "eps"), scalar(m, "norm_eps")
     if not isinstance(n, int) or eps is None or norm_eps is None or not _pre_ok(m, n):
         return None
-    post = _find_post(view, m["mix"], n)
+    post = _find_post(posts, m["mix"], n)
     comb = _find_comb(view, m["mix"], n, eps)
     if post is None or comb is None:
         return None
@@ -277,10 +284,11 @@ def _fuse_post(view: FusionView, root: Node) -> Fusion | None:
 def fuse_hc(g: Graph, ctx: PassContext | None = None) -> Graph:
     """Replace every mHC pre/post/head subgraph by its op (module docstring)."""
     view = FusionView(g)
+    posts = _posts(view)
     fusions: list[Fusion] = []
     for node in g.ops:
         if node.name == "sum":
-            f = _fuse_pre(view, node) or _fuse_head(view, node)
+            f = _fuse_pre(view, node, posts) or _fuse_head(view, node)
         elif node.name == "add":
             f = _fuse_post(view, node)
         else:
