@@ -19,7 +19,7 @@ import ir
 from backends.base import EmitterTable
 from backends.targets import Target
 from backends.triton.body import ELEMENTWISE, REDUCTIONS, Unsupported
-from backends.triton.fused import FusedKernel, emit_fused, fused_config
+from backends.triton.fused import MAX_ROW, FusedKernel, emit_fused, fused_config
 from backends.triton.kernel import KernelSource, load_jit
 from ir.symbolic import subs_dim
 
@@ -82,6 +82,8 @@ class FusedLaunch:
             args[p.name] = t
         if n_rows == 0 or n_cols == 0:
             return tuple(outs)
+        if plan.reduction and n_cols > MAX_ROW and device.type != "cpu":
+            raise Unsupported(f"a reduced row of {n_cols} exceeds one block ({MAX_ROW})")
         cfg = fused_config(plan, n_cols, gpu=device.type != "cpu")
         grid = (cdiv(n_rows, cfg["BLOCK_M"]), 1 if plan.reduction else cdiv(n_cols, cfg["BLOCK_N"]))
         if plan.inner:

@@ -43,9 +43,11 @@ __all__ = [
     "fused_config",
     "kernel_name",
     "canonical_names",
+    "MAX_ROW",
 ]
 
 _IND = "    "
+MAX_ROW = 32768  # longest reduced row one program holds in registers (fp32: 128 KiB per block)
 
 
 @dataclass(frozen=True)
@@ -189,6 +191,11 @@ def emit_fused(body: ir.Graph, name: str | None = None) -> FusedKernel:
     """Generate the kernel for a fused body; raises `Unsupported` with the reason."""
     body = canonical_names(body)
     domain, reduction, axis = find_domain(body)
+    if reduction and isinstance(domain[axis], int) and domain[axis] > MAX_ROW:
+        raise Unsupported(
+            f"a reduced row of {domain[axis]} exceeds one block (at most {MAX_ROW}); looped "
+            "reductions over column chunks are not implemented"
+        )
     layouts = tuple(input_layout(v, domain, axis) for v in body.inputs)
     name = name or kernel_name(body)
     em = BodyEmitter(domain, "col_mask[None, :]", "n_cols", _IND, axis)

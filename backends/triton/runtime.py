@@ -2,7 +2,9 @@
 
 Ops with a Triton emitter launch generated kernels; every other op runs its torch reference
 (the same semantics `ir.interpret` uses) and is listed in `report()["fallbacks"]` with the
-reason. Symbolic dims are bound from the input shapes on each call. On a GPU the kernels run
+reason. A kernel whose sizes only turn out unsupported at run time (a symbolic row longer than
+one block on a GPU) runs the reference for that call, counted in `report()["runtime_fallbacks"]`.
+Symbolic dims are bound from the input shapes on each call. On a GPU the kernels run
 natively; on CPU tensors they need the Triton interpreter, i.e. `TRITON_INTERPRET=1` set before
 `triton` is first imported.
 """
@@ -19,6 +21,7 @@ import ir
 from backends.base import Support, feed_inputs
 from backends.reference import run_node
 from backends.targets import Target, get_target
+from backends.triton.body import Unsupported
 from backends.triton.emitters import TRITON_EMITTERS, Launch, emit_node
 from backends.triton.kernel import KernelSource
 
@@ -43,7 +46,8 @@ class TritonExecutable:
                 self.steps.append(Step(node, None, found))
             else:
                 self.steps.append(Step(node, found))
-        self.launches: Counter[str] = Counter()
+        self.launches: Counter[str] = Counter()  # kernel name -> launches so far
+        self.runtime_fallbacks: Counter[tuple[str, str]] = Counter()  # (op, reason) -> calls
 
     def __call__(self, *args: Any, params: Mapping[str, Any] | None = None) -> tuple[Any, ...]:
         feed, env = feed_inputs(self.graph, args, params)
@@ -56,10 +60,19 @@ class TritonExecutable:
             if step.launch is None:
                 outs = run_node(step.node, ins, env, device)
             else:
-                outs = step.launch(ins, env)
-                self.launches[step.launch.source.name] += 1
+                outs = self._launch(step, ins, env, device)
             values.update({r.name: t for r, t in zip(step.node.results, outs)})
         return tuple(values[v.name] for v in self.graph.outputs)
+
+    def _launch(self, step: Step, ins: list[Any], env: dict, device: Any) -> tuple[Any, ...]:
+        """Launch the step's kernel; sizes only known now may still send it to the reference."""
+        try:
+            outs = step.launch(ins, env)  # type: ignore[misc]
+        except Unsupported as e:
+            self.runtime_fallbacks[(step.node.name, str(e))] += 1
+            return run_node(step.node, ins, env, device)
+        self.launches[step.launch.source.name] += 1  # type: ignore[union-attr]
+        return outs
 
     def kernels(self) -> list[KernelSource]:
         """The distinct kernels of the graph, in first-use order."""
@@ -86,6 +99,9 @@ class TritonExecutable:
                 for k, n in kernels.items()
             ],
             "fallbacks": [{"op": op, "reason": r, "count": n} for (op, r), n in falls.items()],
+            "runtime_fallbacks": [
+                {"op": op, "reason": r, "calls": n} for (op, r), n in self.runtime_fallbacks.items()
+            ],
         }
 
 

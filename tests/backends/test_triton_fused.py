@@ -190,3 +190,10 @@ def test_reduction_over_a_middle_dim():
     (kernel,) = exe.kernels()
     assert "stride n_inner" in kernel.source and "(rows // n_inner)" in kernel.source
     check(_one("sum", [F], dims=(0,)), {T: 9})  # column sums: the inner stride is the row
+
+
+def test_rows_longer_than_one_block_fall_back():
+    g = _one("softmax", [TensorType((T, 40000), DType.f32)], dim=-1)
+    exe = TritonBackend().compile(g, "cpu")
+    ((op, reason),) = exe.fallbacks()
+    assert op == "softmax" and "exceeds one block" in reason
