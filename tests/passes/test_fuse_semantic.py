@@ -105,6 +105,19 @@ def test_interpreter_gives_the_same_logits(t: int) -> None:
     assert (after - eager).abs().max().item() <= 1e-5
 
 
+def test_costs_of_the_semantic_ops() -> None:
+    g, _ = fused_tiny()
+    env = {ir.sym("B"): 2, ir.sym("T"): 24}
+    for n in g.ops:
+        if not n.name.startswith(SEMANTIC):
+            continue
+        cost = n.op.cost([v.type for v in n.operands], [v.type for v in n.results])
+        flops, nbytes = (int(ir.symbolic.subs_dim(x, env)) for x in (cost.flops, cost.bytes))
+        assert flops > 0 and nbytes >= sum(
+            int(ir.symbolic.subs_dim(v.type.nbytes, env)) for v in n.results
+        ), n
+
+
 def test_fused_graph_round_trips() -> None:
     g, _ = fused_tiny()
     assert ir.parse(ir.to_text(g)) == g
@@ -134,6 +147,8 @@ def mutated(pattern: str, repl: str, loc: str) -> ir.Graph:
         (r"softmax\((%\w+), dim=3\)", r"softmax(\1, dim=2)", "layers.0.attn @ attention.py:288", "attn.sparse_mqa", 3),
         # Sinkhorn logits normalised along the wrong axis
         (r"softmax\((%\w+), dim=3\)", r"softmax(\1, dim=2)", "layers.3 @ deepseek_v4.py:109", "hc.pre", 7),
+        # sliding window shifted by two (t-9 .. t-2): shared by every layer, so no attention fuses
+        (r"= add\((%\w+), (%\w+)\)", r"= sub(\1, \2)", "attention.py:273", "attn.sparse_mqa", 0),
         # routing that picks the lowest-scoring experts
         (r"largest=true", "largest=false", "layers.2.ffn.gate @", "moe.route", 3),
         # shared expert clamped differently: routed experts fuse, the shared expert does not
