@@ -76,3 +76,12 @@ def test_reference_backend_equals_interpret():
     (want,) = ir.interpret(g, x, params={"weight": w})
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert exe.report()["fallbacks"] == {}
+
+
+def test_backend_registry():
+    import backends
+
+    assert isinstance(backends.get_backend("triton"), TritonBackend)
+    assert isinstance(backends.get_backend("reference"), ReferenceBackend)
+    with pytest.raises(ValueError, match="known backends: reference, triton, tvm"):
+        backends.get_backend("xla")
