@@ -156,13 +156,25 @@ def test_source_is_deterministic_and_shared_by_equal_bodies():
     assert emit_fused(bodies.rmsnorm(dim=128)).source.key != a.key
 
 
-@pytest.mark.parametrize(
-    "name,make",
-    [("fused_rmsnorm", bodies.rmsnorm), ("fused_scaled_softmax", bodies.softmax)],
-)
-def test_golden_sources(name, make):
+def _epilogue_source() -> str:
+    from backends.targets import get_target
+    from backends.triton import emit_node
+
+    g = bodies.wrap(bodies.linear_epilogue(dtype=DType.bf16))
+    return emit_node(g.ops[0], get_target("sm_90")).source.source
+
+
+GOLDEN_KERNELS = {
+    "fused_rmsnorm": lambda: emit_fused(bodies.rmsnorm(dtype=DType.bf16)).source.source,
+    "fused_scaled_softmax": lambda: emit_fused(bodies.softmax(dtype=DType.bf16)).source.source,
+    "matmul_bf16_add_silu_mul": _epilogue_source,
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_KERNELS))
+def test_golden_sources(name):
     """Diff generated source against the checked-in file (DSV4C_UPDATE_GOLDEN=1 rewrites it)."""
-    src = emit_fused(make(dtype=DType.bf16)).source.source
+    src = GOLDEN_KERNELS[name]()
     path = GOLDEN / f"{name}.py"
     if os.environ.get("DSV4C_UPDATE_GOLDEN") == "1":
         path.write_text(src)
