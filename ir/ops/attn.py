@@ -2,6 +2,8 @@
 
 - `attn.compress`: the token-level compressor (wkv‖wgate GEMM, +APE, per-channel softmax pooling
   over m or 2m rows, RMSNorm, RoPE at the block start) -> one KV entry per complete block.
+- `attn.compress_step`: the compressor's decode step — project one token into the state rows,
+  pool the open block, and when the token completes it write the entry into the cache.
 - `attn.indexer_topk`: lightning-indexer scores Σ_h w_h·relu(q_h·k_s), causal block mask, top-k
   -> entry indices with -1 pads.
 - `attn.sparse_mqa`: shared-KV MQA over the sliding window ∪ compressed entries with the sink, the
@@ -26,7 +28,7 @@ from ir.ops._util import INT_INDEX, io_cost, numel, require
 from ir.symbolic import same_dim
 from ir.types import DType, TensorType
 
-__all__ = ["Compress", "IndexerTopK", "SparseMQA", "rope_reference"]
+__all__ = ["Compress", "CompressStep", "IndexerTopK", "SparseMQA", "rope_reference"]
 
 VARIANTS = ("window", "hca", "csa")
 
@@ -139,6 +141,78 @@ class Compress(Op):
         gemm = 2 * 2 * numel(x.shape[:2]) * wkv.shape[0] * x.shape[2]
         pool = 4 * numel(x.shape[:2]) * wkv.shape[0]
         return io_cost(gemm + pool, operand_types, result_types)
+
+
+@register
+@dataclass(frozen=True)
+class CompressStep(Op):
+    """Compressor decode step: x [B,1,d], pos (0-d int), kv_state [B,R,W], score_state [B,R,W],
+    wkv [W,d], wgate [W,d], ape [m,W], norm [c], cos/sin [1,r/2] (at the block start
+    pos//m·m), cache [B,L,c] -> (cache', kv_state', score_state'); R = 2m and W = 2c with
+    `overlap`, else R = m and W = c.
+
+    The token's rows kv = x·wkvᵀ, z = x·wgateᵀ + ape[pos % m] (fp32) go to state slot
+    pos % m (+ m with overlap). The open block is pooled like `attn.compress` (softmax over its m
+    rows, per channel; with overlap channels [0, c) come from state rows [0, m), the previous
+    block, and [c, 2c) from rows [m, 2m)), normed, rotated and, when (pos+1) % m == 0, written to
+    cache row min(pos // m, L-1). With overlap a completed block then moves to rows [0, m).
+    """
+
+    mnemonic = "attn.compress_step"
+    kind = Kind.OPAQUE
+    num_operands = 11
+    ratio: int = 4
+    overlap: bool = True
+    eps: float = 1e-6
+
+    def infer_type(self, x, pos, kv_state, score_state, wkv, wgate, ape, norm, cos, sin, cache):
+        types = (x, pos, kv_state, score_state, wkv, wgate, ape, norm, cos, sin, cache)
+        m = self.ratio
+        require(self, m >= 1, f"ratio must be >= 1, got {m}", *types)
+        require(self, x.rank == 3 and x.shape[1] == 1, "x must be [B,1,d]", *types)
+        _check_pos(self, pos, *types)
+        require(self, norm.rank == 1 and wkv.rank == 2, "norm must be [c], wkv [W,d]", *types)
+        c, width = norm.shape[0], wkv.shape[0]
+        rows = 2 * m if self.overlap else m
+        require(self, same_dim(width, 2 * c if self.overlap else c), "W does not fit c", *types)
+        require(self, wgate.shape == wkv.shape, "wgate must be [W,d] like wkv", *types)
+        require(self, same_dim(wkv.shape[1], x.shape[2]), "wkv's d differs from x's", *types)
+        require(self, ape.shape == (m, width), f"ape must be [{m}, W]", *types)
+        want = (x.shape[0], rows, width)
+        for st in (kv_state, score_state):
+            require(self, st.shape == want, f"states must be [B,{rows},W]", *types)
+            require(self, st.dtype.is_float, "states must be float", *types)
+        require(self, cache.rank == 3 and same_dim(cache.shape[2], c), "cache: [B,L,c]", *types)
+        require(self, same_dim(cache.shape[0], x.shape[0]), "batch of cache differs", *types)
+        _check_rope(self, cos, sin, 1, c, *types)
+        return (cache, kv_state, score_state)
+
+    def reference(self, x, pos, kv_state, score_state, wkv, wgate, ape, norm, cos, sin, cache):
+        m, c = self.ratio, norm.shape[0]
+        xf = x.float()
+        kv = xf @ wkv.float().T
+        score = xf @ wgate.float().T + ape.float()[pos % m]
+        slot = (pos % m + (m if self.overlap else 0)).view(1)
+        kv_state = kv_state.index_copy(1, slot, kv.to(kv_state.dtype))
+        score_state = score_state.index_copy(1, slot, score.to(score_state.dtype))
+        win_kv, win_score = kv_state[:, -m:], score_state[:, -m:]
+        if self.overlap:
+            win_kv = torch.cat((kv_state[:, :m, :c], win_kv[..., c:]), dim=1)
+            win_score = torch.cat((score_state[:, :m, :c], win_score[..., c:]), dim=1)
+        pooled = (win_kv * win_score.softmax(dim=1)).sum(1, keepdim=True)
+        entry = rope_reference(_rms(pooled.to(x.dtype), self.eps, norm), cos, sin)
+        emit = (pos + 1) % m == 0
+        row = (pos // m).clamp(max=cache.shape[1] - 1).view(1)
+        cache = torch.where(emit, cache.index_copy(1, row, entry.to(cache.dtype)), cache)
+        if self.overlap:
+            kv_state = torch.where(emit, kv_state[:, -m:].repeat(1, 2, 1), kv_state)
+            score_state = torch.where(emit, score_state[:, -m:].repeat(1, 2, 1), score_state)
+        return (cache, kv_state, score_state)
+
+    def cost(self, operand_types, result_types):
+        x, wkv = operand_types[0], operand_types[4]
+        flops = 4 * x.shape[0] * wkv.shape[0] * x.shape[2] + 8 * x.shape[0] * wkv.shape[0]
+        return io_cost(flops, operand_types, result_types)
 
 
 # --- attn.indexer_topk ----------------------------------------------------------------------

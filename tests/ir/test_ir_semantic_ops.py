@@ -504,3 +504,46 @@ def test_indexer_topk_decode_matches_model() -> None:
     )
     (got,) = run(g, q, keys, w, torch.tensor(pos))
     assert torch.equal(got, topk_visible(scores, visible, k))
+
+
+@pytest.mark.parametrize("ratio,out,rope", [(4, 32, 16), (8, 32, 16), (4, 512, 64)])
+def test_compress_step_matches_compressor_decode(ratio: int, out: int, rope: int) -> None:
+    """Consecutive decode steps from an empty state, across block boundaries."""
+    from models.attention import _scatter_rows
+
+    cfg = Config.preset("tiny")
+    rot = Rotary(rope, 160000.0, 16.0)
+    comp = init(Compressor(cfg, ratio, out, rot), seed=ratio + out + 1)
+    w, rows, b, max_len = (2 if ratio == 4 else 1) * out, comp.state_rows, 2, 24
+    g = one_op(
+        "attn.compress_step",
+        [
+            ("x", tt(B, 1, cfg.dim)),
+            ("pos", tt(dtype=i64)),
+            ("kv_state", tt(B, rows, w)),
+            ("score_state", tt(B, rows, w)),
+            ("wkv", tt(w, cfg.dim)),
+            ("wgate", tt(w, cfg.dim)),
+            ("ape", tt(ratio, w)),
+            ("norm", tt(out)),
+            ("cos", tt(1, rope // 2)),
+            ("sin", tt(1, rope // 2)),
+            ("cache", tt(B, max_len // ratio, out)),
+        ],
+        ratio=ratio,
+        overlap=ratio == 4,
+        eps=cfg.norm_eps,
+    )
+    params = (comp.wkv.weight, comp.wgate.weight, comp.ape, comp.norm.weight)
+    kv_state, score_state = comp.init_state(b, torch.device("cpu"))
+    cache = torch.zeros(b, max_len // ratio, out)
+    for p in range(2 * ratio + 1):
+        x, pos = torch.randn(b, 1, cfg.dim), torch.tensor(p)
+        cos, sin = rot.cos_sin((pos // ratio * ratio).view(1))
+        with torch.no_grad():
+            got = run(g, x, pos, kv_state, score_state, *params, cos, sin, cache)
+            entry, emit, kv_state, score_state = comp.decode(x, pos, kv_state, score_state)
+            cache = _scatter_rows(cache, pos // ratio, entry, emit)
+        for a, want in zip(got, (cache, kv_state, score_state)):
+            assert torch.equal(torch.isinf(a), torch.isinf(want))
+            close(torch.nan_to_num(a, neginf=0.0), torch.nan_to_num(want, neginf=0.0))
