@@ -181,8 +181,8 @@ ELEMENTWISE_BINARY = {
     "sub": "{a} - {b}",
     "mul": "{a} * {b}",
     "div": "{a} / {b}",
-    "maximum": "tl.maximum({a}, {b})",
-    "minimum": "tl.minimum({a}, {b})",
+    "maximum": "tl.maximum({a}, {b}, propagate_nan=tl.PropagateNan.ALL)",  # NaN wins, as torch
+    "minimum": "tl.minimum({a}, {b}, propagate_nan=tl.PropagateNan.ALL)",
     "eq": "{a} == {b}",
     "ne": "{a} != {b}",
     "lt": "{a} < {b}",
@@ -275,6 +275,8 @@ class BodyEmitter:
 
     def _elementwise(self, node: ir.Node, args: list[Val]) -> str:
         m, out = node.name, node.result.dtype
+        if m in ("floor", "ceil") and not out.is_float:
+            return args[0].expr  # integers are already whole
         if m in ELEMENTWISE_UNARY:
             x = self._as(args[0], out) if m in _FLOAT_RESULT_UNARY else args[0].expr
             return ELEMENTWISE_UNARY[m].format(x=x)
