@@ -14,8 +14,11 @@ Matches the canonical form (after `canonicalize`) of models/attention.py (prefil
                           q' = rope(q·rsqrt(mean(q²)+ε)), G = entries[b, clamp(idx)], idx = window
                           [++ visible compressed entries (hca) | ++ indexer picks (csa)] + T
 
-Counters: `fuse_attention.attn.compress`, `fuse_attention.attn.indexer_topk`,
-`fuse_attention.attn.sparse_mqa`.
+Decode graphs: the ring window at a 0-d position gives `decode=true` variants, and the
+compressor's decode step becomes `attn.compress_step` (passes/fuse_compress_step.py).
+
+Counters: `fuse_attention.attn.compress`, `fuse_attention.attn.compress_step`,
+`fuse_attention.attn.indexer_topk`, `fuse_attention.attn.sparse_mqa`.
 """
 
 from __future__ import annotations
@@ -497,6 +500,8 @@ def _fuse_mqa(view: FusionView, root: Node) -> Fusion | None:
 
 def fuse_attention(g: Graph, ctx: PassContext | None = None) -> Graph:
     """Replace compressors, indexers and sparse attention by their ops (module docstring)."""
+    from passes.fuse_compress_step import fuse_step  # it builds on this module's patterns
+
     view = FusionView(g)
     fusions: list[Fusion] = []
     for node in g.ops:
@@ -504,7 +509,7 @@ def fuse_attention(g: Graph, ctx: PassContext | None = None) -> Graph:
         if node.name == "concat":
             f = _fuse_compress(view, node) or _fuse_mqa(view, node)
         elif node.name == "where":
-            f = _fuse_indexer(view, node)
+            f = _fuse_indexer(view, node) or fuse_step(view, node)
         if f is not None:
             fusions.append(f)
     return apply(g, fusions, ctx, "fuse_attention")
