@@ -70,10 +70,11 @@ class FusedLaunch:
         domain, n_rows, n_cols, n_inner = plan.sizes(env)
         args: dict[str, Any] = {}
         params = self.source.params
+        # a GPU kernel may be handed a host 0-d tensor (a position, a count): move it over
+        device = next((t.device for t in inputs if t.device.type != "cpu"), inputs[0].device)
         for i, (p, layout) in enumerate(zip(params, plan.inputs)):
-            t = inputs[self.operands[i]]
+            t = inputs[self.operands[i]].to(device)
             args[p.name] = t.expand(domain).contiguous() if layout == "bcast" else t.contiguous()
-        device = inputs[0].device if inputs else None
         outs = [
             torch.empty(shape_of(v, env), dtype=v.dtype.to_torch(), device=device)
             for v in body.outputs
