@@ -43,6 +43,7 @@ class PassContext:
     counters: Counter[str] = field(default_factory=Counter)
     times: dict[str, float] = field(default_factory=dict)
     rules: dict[str, Any] = field(default_factory=dict)  # name -> Rule, every rule a driver ran
+    products: dict[str, Any] = field(default_factory=dict)  # what passes make besides the graph
     stream: TextIO | None = None  # None: sys.stderr at the time of writing
 
     @classmethod

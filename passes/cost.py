@@ -1,0 +1,64 @@
+"""Cost model per kernel op: flops and bytes moved, for the roofline report.
+
+A kernel op's cost comes from its op's `cost` (ir), with two kernel-level rules:
+- views (reshape, squeeze, unsqueeze, expand) and 0-d constants are free: no launch, no traffic;
+- a `fused.kernel` moves only its inputs and outputs (its interior stays in registers); its flops
+  are the sum of its body ops' flops (views and constants again free).
+Costs are symbolic (dims like `B*T`); `evaluate` binds them to ints.
+
+    c = kernel_cost(node)                       # Cost(flops, bytes), symbolic
+    evaluate(c.bytes, {"B": 1, "T": 4096})      # -> int
+    roofline_s(c, {"B": 1, "T": 4096}, peak_flops=989e12, bandwidth=4.8e12)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ir import Cost, Node
+from ir.symbolic import Dim, canon_dim, subs_dim, sym
+
+__all__ = ["FREE", "bindings", "evaluate", "is_free", "kernel_cost", "roofline_s"]
+
+FREE = frozenset({"reshape", "squeeze", "unsqueeze", "expand"})
+
+
+def is_free(node: Node) -> bool:
+    """A view or a 0-d constant: no launch and no memory traffic."""
+    if node.name in FREE:
+        return True
+    return node.name == "constant" and not node.operands
+
+
+def kernel_cost(node: Node) -> Cost:
+    """Flops and bytes moved by one kernel op (symbolic)."""
+    if is_free(node):
+        return Cost(0, 0)
+    ins = [v.type for v in node.operands]
+    outs = [v.type for v in node.results]
+    if node.name != "fused.kernel":
+        return node.op.cost(ins, outs)
+    flops: Dim = 0
+    for n in node.attrs["body"].ops:
+        flops = flops + kernel_cost(n).flops
+    nbytes = sum((t.nbytes for t in (*ins, *outs)), 0)
+    return Cost(canon_dim(flops), canon_dim(nbytes))
+
+
+def bindings(env: Mapping[str, int]) -> dict:
+    """{"T": 4096} -> {T: 4096} with the IR's symbols, as `subs_dim` wants."""
+    return {sym(k) if isinstance(k, str) else k: int(v) for k, v in env.items()}
+
+
+def evaluate(d: Dim, env: Mapping) -> int:
+    """`d` as an int for the bound symbols (missing symbols raise ValueError naming them)."""
+    out = subs_dim(d, bindings(env))
+    if not isinstance(out, int):
+        missing = ", ".join(sorted(s.name for s in out.free_symbols))
+        raise ValueError(f"cannot evaluate {d}: bind {missing} (e.g. {{'T': 4096}})")  # noqa: TRY004
+    return out
+
+
+def roofline_s(cost: Cost, env: Mapping, *, peak_flops: float, bandwidth: float) -> float:
+    """Lower bound on the kernel's time: the slower of compute and memory at peak rates."""
+    return max(evaluate(cost.flops, env) / peak_flops, evaluate(cost.bytes, env) / bandwidth)

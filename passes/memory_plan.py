@@ -1,0 +1,179 @@
+"""Liveness-based buffer plan over a scheduled graph of kernel ops.
+
+Every value an op produces needs a buffer from its op until its last reader (graph outputs live
+to the end); graph inputs (parameters, activations, caches) belong to the caller and are not
+planned. Views (reshape, squeeze, unsqueeze, expand) alias their operand's buffer and extend its
+life; 0-d constants are host scalars. Values inside `fused.kernel` bodies never reach memory.
+A kernel's outputs are allocated before its dead operands are freed (no in-place writes).
+
+Two plans, both greedy in schedule order:
+- *symbolic* (valid for every binding): a freed buffer is reused by a value whose size is the
+  same expression (canonical sympy forms compare equal);
+- *concrete* (for `bindings`, e.g. B=1, T=4096): sizes are ints; best fit among freed buffers,
+  else the largest freed one grows, else a new buffer.
+
+Reported: `no_reuse_bytes` (one buffer per value), `peak_bytes` (the concrete pool), `live_bytes`
+(the most bytes live at once: a lower bound for any plan of this order), and the symbolic pool
+evaluated at the bindings. Symbols missing from `bindings` are taken as 1 and listed in `assumed`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from ir import Graph, Value
+from ir.symbolic import Dim, canon_dim
+from passes.context import PassContext
+from passes.cost import FREE, evaluate
+
+__all__ = ["DEFAULT_BINDINGS", "Lifetime", "MemoryPlan", "lifetimes", "plan", "plan_memory"]
+
+DEFAULT_BINDINGS = {"B": 1, "T": 4096}
+
+
+@dataclass(frozen=True)
+class Lifetime:
+    """A buffer-owning value: defined by op `start`, last read by op `end` (inclusive)."""
+
+    value: Value
+    start: int
+    end: int
+    aliases: tuple[str, ...]  # views sharing the buffer
+
+
+@dataclass
+class MemoryPlan:
+    bindings: dict[str, int]
+    assumed: list[str]
+    assignment: dict[str, int]  # value name (aliases included) -> concrete buffer index
+    buffers: list[int]  # concrete buffer sizes in bytes
+    symbolic_buffers: list[Dim] = field(default_factory=list)
+    no_reuse_bytes: int = 0
+    live_bytes: int = 0
+
+    @property
+    def peak_bytes(self) -> int:
+        return sum(self.buffers)
+
+    @property
+    def symbolic_bytes(self) -> int:
+        return sum(evaluate(d, self.bindings) for d in self.symbolic_buffers)
+
+    def summary(self) -> str:
+        mib = 1 << 20
+        return (
+            f"activations at {self.bindings}: no reuse {self.no_reuse_bytes / mib:.1f} MiB, "
+            f"planned {self.peak_bytes / mib:.1f} MiB in {len(self.buffers)} buffers "
+            f"(symbolic plan {self.symbolic_bytes / mib:.1f} MiB in "
+            f"{len(self.symbolic_buffers)}), live peak {self.live_bytes / mib:.1f} MiB"
+        )
+
+
+def lifetimes(g: Graph) -> list[Lifetime]:
+    """The buffer-owning values of `g` in definition order, with views folded into owners."""
+    owner: dict[str, str] = {}  # value -> the value owning its buffer
+    start: dict[str, int] = {}
+    end: dict[str, int] = {}
+    members: dict[str, list[str]] = {}
+    values: dict[str, Value] = {}
+    for i, n in enumerate(g.ops):
+        for v in n.operands:
+            if v.name in owner:
+                end[owner[v.name]] = i
+        if n.name == "constant" and not n.operands:
+            continue
+        src = n.operands[0].name if n.name in FREE and n.operands else None
+        for r in n.results:
+            if src is not None and src in owner:
+                owner[r.name] = owner[src]
+                members[owner[src]].append(r.name)
+                continue
+            if src is not None:  # a view of a graph input: the caller's memory
+                continue
+            owner[r.name] = r.name
+            start[r.name] = end[r.name] = i
+            members[r.name] = []
+            values[r.name] = r
+    last = len(g.ops)
+    for v in g.outputs:
+        if v.name in owner:
+            end[owner[v.name]] = last
+    return [Lifetime(values[k], start[k], end[k], tuple(members[k])) for k in start]
+
+
+def _names(life: Lifetime) -> list[str]:
+    return [life.value.name, *life.aliases]
+
+
+def plan(g: Graph, bindings: Mapping[str, int] | None = None) -> MemoryPlan:
+    """Plan buffers for `g` in its op order (see the module docstring)."""
+    env = dict(DEFAULT_BINDINGS if bindings is None else bindings)
+    lives = lifetimes(g)
+    symbols = {s.name for life in lives for d in life.value.shape if not isinstance(d, int)
+               for s in d.free_symbols}  # fmt: skip
+    assumed = sorted(symbols - set(env))
+    env.update({s: 1 for s in assumed})
+    sizes = [evaluate(life.value.type.nbytes, env) for life in lives]
+    out = MemoryPlan(env, assumed, {}, [], no_reuse_bytes=sum(sizes))
+    by_start: dict[int, list[int]] = {}
+    by_end: dict[int, list[int]] = {}
+    for k, life in enumerate(lives):
+        by_start.setdefault(life.start, []).append(k)
+        by_end.setdefault(life.end, []).append(k)
+    free: list[int] = []  # concrete buffers
+    sym_free: dict[Dim, list[int]] = {}  # symbolic size -> free buffers of that size
+    sym_of: dict[int, int] = {}
+    concrete_of: dict[int, int] = {}
+    live = 0
+    for i in range(len(g.ops) + 1):
+        for k in by_start.get(i, ()):
+            concrete_of[k] = _take(out.buffers, free, sizes[k])
+            sym_of[k] = _take_symbolic(out.symbolic_buffers, sym_free, lives[k].value.type.nbytes)
+            for name in _names(lives[k]):
+                out.assignment[name] = concrete_of[k]
+            live += sizes[k]
+        out.live_bytes = max(out.live_bytes, live)
+        for k in by_end.get(i, ()):
+            free.append(concrete_of[k])
+            size = canon_dim(lives[k].value.type.nbytes)
+            sym_free.setdefault(size, []).append(sym_of[k])
+            live -= sizes[k]
+    return out
+
+
+def _take(buffers: list[int], free: list[int], need: int) -> int:
+    """Best fit among free buffers, else grow the largest free one, else a new buffer."""
+    fits = [b for b in free if buffers[b] >= need]
+    if fits:
+        b = min(fits, key=lambda b: (buffers[b], b))
+    elif free:
+        b = max(free, key=lambda b: (buffers[b], -b))
+        buffers[b] = need
+    else:
+        buffers.append(need)
+        return len(buffers) - 1
+    free.remove(b)
+    return b
+
+
+def _take_symbolic(buffers: list[Dim], free: dict[Dim, list[int]], need: Dim) -> int:
+    same = free.get(canon_dim(need))
+    if same:
+        return same.pop()
+    buffers.append(canon_dim(need))
+    return len(buffers) - 1
+
+
+def plan_memory(g: Graph, ctx: PassContext | None = None) -> Graph:
+    """Pass: plan buffers at `ctx.options["bindings"]` (default B=1, T=4096); the plan goes to
+    `ctx.products["memory_plan"]`, its figures to the counters. The graph is unchanged."""
+    bindings = ctx.options.get("bindings") if ctx is not None else None
+    result = plan(g, bindings)
+    if ctx is not None:
+        ctx.products["memory_plan"] = result
+        ctx.count("plan_memory.buffers", len(result.buffers))
+        ctx.count("plan_memory.peak_bytes", result.peak_bytes)
+        ctx.count("plan_memory.no_reuse_bytes", result.no_reuse_bytes)
+        ctx.count("plan_memory.live_bytes", result.live_bytes)
+    return g
