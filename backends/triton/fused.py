@@ -103,24 +103,36 @@ def kernel_name(body: ir.Graph) -> str:
 
 
 def canonical_names(body: ir.Graph) -> ir.Graph:
-    """`body` with its numbered values renumbered 0, 1, ... in order of appearance (named values
-    keep their names, provenance is dropped): the same computation at two sites of a model, say
-    two layers, then gives byte-identical kernel sources and so one kernel."""
-    values = [*body.inputs, *(v for n in body.ops for v in (*n.operands, *n.results))]
-    taken = {v.name for v in values if not v.name.isdigit()}
+    """`body` with site-specific names removed: numbered values renumbered 0, 1, ... in order of
+    appearance, dotted names cut to their last segment (`layers.3.attn_norm.weight` ->
+    `weight`), provenance dropped. The same computation at two sites of a model, say two
+    layers, then gives byte-identical kernel sources and so one kernel."""
     mapping: dict[str, ir.Value] = {}
+    used: set[str] = set()
     counter = 0
+
+    def short(name: str) -> str | None:
+        last = name.rsplit(".", 1)[-1]
+        return None if last.isdigit() else last
+
+    values = [*body.inputs, *(v for n in body.ops for v in (*n.operands, *n.results))]
+    for v in values:  # named values first, so numbers never take their names
+        stem = short(v.name)
+        if stem is None or v.name in mapping:
+            continue
+        name, i = stem, 1
+        while name in used:
+            name, i = f"{stem}_{i}", i + 1
+        used.add(name)
+        mapping[v.name] = ir.Value(name, v.type)
 
     def rename(v: ir.Value) -> ir.Value:
         nonlocal counter
         if v.name not in mapping:
-            if not v.name.isdigit():
-                mapping[v.name] = v
-            else:
-                while str(counter) in taken:
-                    counter += 1
-                mapping[v.name] = ir.Value(str(counter), v.type)
+            while str(counter) in used:
                 counter += 1
+            mapping[v.name] = ir.Value(str(counter), v.type)
+            counter += 1
         return mapping[v.name]
 
     inputs = [rename(v) for v in body.inputs]

@@ -212,3 +212,21 @@ def test_rows_longer_than_one_block_fall_back():
     exe = TritonBackend().compile(g, "cpu")
     ((op, reason),) = exe.fallbacks()
     assert op == "softmax" and "exceeds one block" in reason
+
+
+def test_kernels_are_shared_across_layers():
+    """The same body at two layers (different parameter names and value numbers): one kernel."""
+    b = ir.Builder(name="two_layers")
+    x = b.input("x", F)
+    outs = []
+    for layer in (0, 3):
+        w = b.input(f"layers.{layer}.attn_norm.weight", COL, role="parameter")
+        h = b.op("mul", [x, w])
+        outs.append(b.op("add", [h, x]))
+        outs.append(b.op("mul", [x, b.input(f"layers.{layer}.ffn.weight", COL)]))
+    b.output(*outs)
+    exe = check(b.build(), {T: 3})
+    names = sorted(k.name for k in exe.kernels())
+    assert names == ["fused_add", "fused_mul"]  # every x * <...>.weight is one kernel
+    assert all("layers" not in k.source and "attn_norm" not in k.source for k in exe.kernels())
+    assert "weight_ptr" in next(k.source for k in exe.kernels() if k.name == "fused_mul")
