@@ -1,0 +1,122 @@
+"""matmul: te lowering (batch dims broadcast like torch.matmul) and a tiled CPU schedule.
+
+Weights reach a matmul as transposed views (`x @ w.T`: `permute(w)` runs as a torch view), so a
+matmul kernel comes in two layouts chosen at run time from the operand's strides: "nn" reads
+B[..., k, j]; "nt" reads a row-major Bᵀ[..., j, k] (the weight as stored), so no copy is made.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ir
+from backends.tvm.lower import (
+    Lowering,
+    Unsupported,
+    broadcast_index,
+    convert,
+    dtype_of,
+    lowers,
+    static,
+)
+from backends.tvm.schedule_cpu import VECTOR, _ok, _try
+
+__all__ = ["matmul_te", "schedule_matmul_cpu", "transposed_layout"]
+
+
+def matmul_te(lw: Lowering, node: ir.Node, a: Any, b: Any, nt: bool) -> Any:
+    """out[..., i, j] = Σ_k a[..., i, k]·b[..., k, j] (b given as bᵀ[..., j, k] when `nt`)."""
+    from tvm import te
+
+    ta, tb = node.operands[0].type, node.operands[1].type
+    if ta.rank < 2 or tb.rank < 2:
+        raise Unsupported("matmul with a 1-D operand runs the reference")
+    if not ta.dtype.is_float:
+        raise Unsupported(f"integer matmul ({ta.dtype}) runs the reference")
+    shape = lw.shape(node.result.type)
+    rank = len(shape)
+    k_ext = a.shape[-1]
+    k = te.reduce_axis((0, k_ext), name="k")
+    acc = "float32"
+    out = dtype_of(a)
+
+    def f(*i: Any) -> Any:
+        batch, row, col = i[:-2], i[-2], i[-1]
+        ai = broadcast_index(_batch_view(a), rank - 2, batch) if ta.rank > 2 else ()
+        bi = broadcast_index(_batch_view(b), rank - 2, batch) if tb.rank > 2 else ()
+        x = a(*ai, row, k)
+        y = b(*bi, col, k) if nt else b(*bi, k, col)
+        return te.sum(convert(x, acc) * convert(y, acc), axis=k)
+
+    c = te.compute(shape, f, name="matmul", tag="gemm")
+    if out == acc:
+        return c
+    return te.compute(shape, lambda *i: convert(c(*i), out), name=lw.tag("cast"))
+
+
+class _batch_view:
+    def __init__(self, t: Any) -> None:
+        self.shape = t.shape[:-2]
+
+
+@lowers("matmul")
+def lower_matmul(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
+    return [matmul_te(lw, node, args[0], args[1], nt=False)]
+
+
+def lower_matmul_nt(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
+    return [matmul_te(lw, node, args[0], args[1], nt=True)]
+
+
+def transposed_layout(t: Any) -> bool:
+    """True when the last two dims of torch tensor `t` are a transposed row-major matrix."""
+    if t.dim() < 2 or t.shape[-1] == 1 or t.shape[-2] == 1:
+        return False
+    return t.stride(-2) == 1 and t.stride(-1) == t.shape[-2]
+
+
+def schedule_matmul_cpu(func: Any, nt: bool) -> Any:
+    """Tile i×j (8×32), keep the k loop outside the register tile, vectorise j, parallelise
+    the fused batch/row tiles. `nt` tiles j by 8 and vectorises nothing (dot products)."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    block = sch.get_sblock("matmul")
+    loops = sch.get_loops(block)
+    *batch, i, j, k = loops
+    n = static(sch.get(j).extent)
+    tile_j = _tile_j(n, nt)
+    i0, i1 = sch.split(i, [None, 8 if not nt else 4])
+    j0, j1 = sch.split(j, [None, tile_j]) if tile_j else (j, None)
+    k0, k1 = sch.split(k, [None, 4])
+    order = [*batch, i0, j0, k0, i1, k1] + ([j1] if j1 is not None else [])
+    sch.reorder(*order)
+    outer = _try(sch.fuse, *batch, i0) if batch else i0
+    _try(sch.parallel, outer if outer is not None else i0)
+    init = _try(sch.decompose_reduction, block, k0)
+    if j1 is not None and not nt and n is not None and n % tile_j == 0:
+        _ok(sch.vectorize, j1)
+        if init is not None:
+            _ok(sch.vectorize, sch.get_loops(init)[-1])
+    for b in sch.get_child_blocks(sch.get_sblock("root")):
+        if sch.get(b).name_hint != "matmul" and "init" not in sch.get(b).name_hint:
+            _cast_loops(sch, b)
+    return sch.mod["main"].with_attr("global_symbol", func.attrs["global_symbol"])
+
+
+def _tile_j(n: int | None, nt: bool) -> int | None:
+    if nt:
+        return 8
+    if n is None:
+        return None
+    for t in (2 * VECTOR, VECTOR, 8):
+        if n % t == 0:
+            return t
+    return None
+
+
+def _cast_loops(sch: Any, block: Any) -> None:
+    loops = sch.get_loops(block)
+    if len(loops) > 1:
+        fused = _try(sch.fuse, *loops[:-1])
+        _try(sch.parallel, fused if fused is not None else loops[0])
