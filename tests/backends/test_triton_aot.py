@@ -7,6 +7,7 @@ import struct
 
 import pytest
 
+from backends.targets import get_target
 from backends.triton import TritonBackend
 from backends.triton import samples as bodies
 from backends.triton.aot import aot_compile, format_table
@@ -60,3 +61,20 @@ def test_msgpack_subset():
     long_str = b"\xd9\x05hello"
     assert msgpack_loads(long_str) == "hello"
     assert msgpack_loads(b"\xcb" + struct.pack(">d", 1.5)) == 1.5
+
+
+def test_spills_are_detected():
+    """Capping registers at 32 (ptxas maxnreg) makes the 4096-wide RMSNorm spill on sm_90."""
+    from backends.triton.emitters import AotVariant
+
+    exe = TritonBackend().compile(bodies.wrap(bodies.rmsnorm(dim=4096, dtype=DType.bf16)))
+    launch = exe.steps[0].launch
+    (normal,) = launch.aot_variants({bodies.T: 4}, get_target("sm_90"))
+    tight = AotVariant(normal.constexprs, {**normal.options, "maxnreg": 32}, normal.hints)
+    launch.aot_variants = lambda env, target: [tight]
+    try:
+        (result,) = aot_compile(exe, ["sm_90"])
+    except RuntimeError as e:
+        pytest.skip(f"Triton cannot compile for GPUs on this machine: {e}")
+    assert result.error is None and result.registers <= 32
+    assert result.spills > 0 and result.spill_bytes == result.spills
