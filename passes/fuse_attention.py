@@ -336,6 +336,7 @@ LOGITS = op(
             "matmul",
             op("reshape", var("qr")),
             op("reshape", op("permute", GATHERED, attrs={"dims": (0, 1, 3, 2)})),
+            name="qk",
         ),
     ),
     const(name="scale"),
@@ -354,7 +355,7 @@ PROBS = op(
     attrs={"start": 0, "end": -1, "step": 1},
 )
 ATTENDS = tuple(  # probabilities rounded to the entries' dtype (bf16 models) or not (fp32)
-    op("reshape", op("matmul", op("reshape", p), op("reshape", GATHERED)), rank=4)
+    op("reshape", op("matmul", op("reshape", p), op("reshape", GATHERED), name="pv"), rank=4)
     for p in (PROBS, op("cast", PROBS))
 )
 QNORM = op(
@@ -477,6 +478,8 @@ def _fuse_mqa(view: FusionView, root: Node) -> Fusion | None:
         return None
     q, eps = _query(view, m["qr"], rope["cos"], rope["sin"])
     if q is None or q.type.rank != 4:
+        return None
+    if m["qk"].dtype != q.dtype or m["pv"].dtype != q.dtype:  # the op's products are in q's dtype
         return None
     t = q.type.shape[1]
     found = _variant(view, m["idx"], m["entries"], t)

@@ -154,6 +154,9 @@ def _fuse_experts(view: FusionView, root: Node) -> Fusion | None:
     if found is None or found[0] != narrow(found[1]["x"]):  # rounds before w2 iff x is narrow
         return None
     m = found[1]
+    gemms = [n for n in view.users(m["offs"]) if n.name == "grouped_mm"]
+    if any(n.results[0].dtype != m["x"].dtype for n in gemms):  # the op's GEMMs are in x's dtype
+        return None
     k, experts = scalar(m, "k"), m["experts"]
     limit = _limit(m, "routed")
     if limit is None or k != experts.type.shape[1] or m.attr("offs", "dtype") != DType.i32:
