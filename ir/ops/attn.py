@@ -3,7 +3,7 @@
 - `attn.compress`: the token-level compressor (wkv‖wgate GEMM, +APE, per-channel softmax pooling
   over m or 2m rows, RMSNorm, RoPE at the block start) -> one KV entry per complete block.
 - `attn.compress_step`: the compressor's decode step — project one token into the state rows,
-  pool the open block, and when the token completes it write the entry into the cache.
+  pool the open block and, when the token completes the block, write the entry to the cache.
 - `attn.indexer_topk`: lightning-indexer scores Σ_h w_h·relu(q_h·k_s), causal block mask, top-k
   -> entry indices with -1 pads.
 - `attn.sparse_mqa`: shared-KV MQA over the sliding window ∪ compressed entries with the sink, the
@@ -14,8 +14,11 @@ Prefill (default): query t sits at position t, raw KV row t belongs to position 
 entry s pools the block of tokens [s·m, (s+1)·m) and is visible to query t iff s < (t+1) // m.
 Decode (`decode=true`, indexer and attention): one more operand, the 0-d position `pos` of the
 first query, last; query t sits at position pos + t, and the attention's raw KV is the ring of the
-last `window` positions (slot p % window holds position p), read by a single query. RoPE is the interleaved (GPT-J) rotation of the last 2·cos.shape[-1] channels;
-cos/sin tables are operands, so the rotary base and YaRN schedule stay outside the ops.
+last `window` positions (slot p % window holds position p), read by a single query.
+
+RoPE is the interleaved (GPT-J) rotation of the last 2·cos.shape[-1] channels; cos/sin tables
+are operands, so the rotary base and YaRN schedule stay outside the ops. Computation is fp32
+with rounding to the activation dtype where the reference model rounds (docstrings say where).
 """
 
 from __future__ import annotations
@@ -284,7 +287,7 @@ def topk_or_pad(score, visible, k: int):
 @register
 @dataclass(frozen=True)
 class SparseMQA(Op):
-    """Shared-KV sparse MQA with sink, prefill from position 0.
+    """Shared-KV sparse MQA with sink (prefill from position 0, or one decode step).
 
     Operands by `variant`:
         window  q [B,T,H,c], kv [B,T,c], sink [H], cos [T,r/2], sin [T,r/2]
@@ -298,7 +301,9 @@ class SparseMQA(Op):
     s < (t+1) // ratio (hca) or s in picks[t] (csa; taken as given, the indexer guarantees
     visibility). With z_j = scale·q'·e_j over those entries e_j (each is key and value):
     o = Σ_j exp(z_j)·e_j / (Σ_j exp(z_j) + exp(sink_h)), then rotated back by -angle
-    (inverse RoPE) on the rope channels.
+    (inverse RoPE) on the rope channels. Decode: the raw entries are the ring slots j <= pos
+    and comp rows s < (pos+1) // ratio (hca). Products q'·e and p·e are computed in q's dtype,
+    the softmax in fp32; p is rounded to q's dtype before p·e.
     """
 
     mnemonic = "attn.sparse_mqa"
