@@ -12,6 +12,9 @@ from typing import Any
 from ir import Graph
 from passes.canonicalize import canonicalize
 from passes.context import PassContext
+from passes.fuse_elementwise import fuse_elementwise
+from passes.memory_plan import plan_memory
+from passes.schedule import schedule
 
 __all__ = ["pipeline"]
 
@@ -22,6 +25,8 @@ def pipeline(
     """Compile `graph` down to kernel ops for `target` (None: target-independent passes only).
 
     `ctx` (optional) receives counters and times; by default one is made from the environment.
+    After the run `ctx.products` holds the `schedule` (launches, costs) and the `memory_plan`.
+    Options: `bindings` (symbol values for the memory plan), `fusion_policy` (a FusionPolicy).
     """
     if ctx is None:
         ctx = PassContext.from_env(target=target, options=options)
@@ -33,9 +38,12 @@ def pipeline(
     # TODO(issue 4): fuse_moe — routing; dispatch + grouped SwiGLU + combine
     # TODO(issue 4): fuse_hc — mHC pre (Sinkhorn kept as a loop) and post
     # --- generic fusion and scheduling ---------------------------------------------------------
-    # TODO(issue 4): fuse_elementwise — remaining elementwise/reduction chains -> fused.kernel
-    # TODO(issue 4): schedule — order kernel ops; cost model per kernel
-    # TODO(issue 4): plan_memory — liveness-based buffer reuse, peak activation bytes
+    # remaining elementwise/reduction chains and GEMM epilogues -> fused.kernel (one launch each)
+    g = ctx.run("fuse_elementwise", fuse_elementwise, g)
+    # order the kernel ops (the order needing fewer activation bytes); launches and their costs
+    g = ctx.run("schedule", schedule, g)
+    # liveness-based buffer reuse at ctx.options["bindings"] (default B=1, T=4096): peak bytes
+    g = ctx.run("plan_memory", plan_memory, g)
     if ctx.stats:
         ctx.log(ctx.report())
     return g

@@ -167,13 +167,12 @@ def _take_symbolic(buffers: list[Dim], free: dict[Dim, list[int]], need: Dim) ->
 
 def plan_memory(g: Graph, ctx: PassContext | None = None) -> Graph:
     """Pass: plan buffers at `ctx.options["bindings"]` (default B=1, T=4096); the plan goes to
-    `ctx.products["memory_plan"]`, its figures to the counters. The graph is unchanged."""
+    `ctx.products["memory_plan"]` (its summary is logged with STATS=1). The graph is unchanged."""
     bindings = ctx.options.get("bindings") if ctx is not None else None
     result = plan(g, bindings)
     if ctx is not None:
         ctx.products["memory_plan"] = result
         ctx.count("plan_memory.buffers", len(result.buffers))
-        ctx.count("plan_memory.peak_bytes", result.peak_bytes)
-        ctx.count("plan_memory.no_reuse_bytes", result.no_reuse_bytes)
-        ctx.count("plan_memory.live_bytes", result.live_bytes)
+        if ctx.stats:
+            ctx.log(f"plan_memory: {result.summary()}")
     return g

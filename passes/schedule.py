@@ -109,4 +109,6 @@ def schedule(g: Graph, ctx: PassContext | None = None) -> Graph:
         ctx.count("schedule.launches", result.count)
         for cat, n in result.by_category().items():
             ctx.count(f"schedule.{cat}", n)
+        if ctx.stats:
+            ctx.log(f"schedule: {len(g.ops)} ops -> {result.summary()}")
     return g
