@@ -1,0 +1,229 @@
+"""fuse_elementwise: which ops land in which fused.kernel (builder graphs, asserted groupings and
+counters), the refusals (cycles, multi-use values, broadcast values, reductions over other dims,
+GEMM results used twice), interpreter equality, and the captured tiny prefill end to end."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import torch
+from passes_helpers import assert_same_outputs, tiny_model, tiny_prefill_graph
+
+import ir
+import passes
+from ir import DType, TensorType
+from passes import PassContext
+from passes.fuse_elementwise import FusionPolicy, fuse_elementwise, group_ops
+
+T = ir.sym("T")
+F32 = DType.f32
+
+
+def fuse(g: ir.Graph, policy: FusionPolicy | None = None) -> tuple[ir.Graph, PassContext]:
+    ctx = PassContext()
+    out = fuse_elementwise(g, ctx, policy)
+    ir.verify(out)
+    assert_same_outputs(g, out, atol=1e-6)
+    return out, ctx
+
+
+def kernels(g: ir.Graph) -> list[list[str]]:
+    """The mnemonics inside each fused.kernel, in graph order."""
+    return [[n.name for n in k.attrs["body"].ops] for k in g.ops if k.name == "fused.kernel"]
+
+
+def rmsnorm(b: ir.Builder, x: ir.Value, w: ir.Value) -> ir.Value:
+    sq = b.op("mul", [x, x])
+    ms = b.op("mean", [sq], dims=[-1], keepdim=True)
+    r = b.op("rsqrt", [b.op("add", [ms, b.constant(1e-6, F32)])])
+    return b.op("mul", [b.op("mul", [x, r]), w])
+
+
+def test_rmsnorm_is_one_kernel_with_its_constant_inside() -> None:
+    b = ir.Builder(name="norm")
+    x = b.input("x", TensorType((T, 64), F32))
+    w = b.input("w", TensorType((64,), F32))
+    b.output(rmsnorm(b, x, w))
+    out, ctx = fuse(b.build())
+    assert kernels(out) == [["constant", "mul", "mean", "add", "rsqrt", "mul", "mul"]]
+    assert [n.name for n in out.ops] == ["fused.kernel"]
+    (k,) = out.ops
+    assert [v.name for v in k.operands] == ["x", "w"] and k.results == tuple(out.outputs)
+    assert ctx.counters["fuse_elementwise.kernels"] == 1
+    assert ctx.counters["fuse_elementwise.ops_fused"] == 6
+
+
+def test_swiglu_folds_into_a_gemm_epilogue() -> None:
+    b = ir.Builder(name="swiglu")
+    x = b.input("x", TensorType((T, 64), F32))
+    w1 = b.input("w1", TensorType((64, 32), F32))
+    w3 = b.input("w3", TensorType((64, 32), F32))
+    h1, h3 = b.op("matmul", [x, w1]), b.op("matmul", [x, w3])
+    b.output(b.op("mul", [b.op("silu", [h1]), h3]))
+    out, ctx = fuse(b.build())
+    # the first GEMM takes silu and the product with the second GEMM's result as its epilogue
+    assert kernels(out) == [["matmul", "silu", "mul"]]
+    assert [n.name for n in out.ops] == ["matmul", "fused.kernel"]
+    body = out.ops[1].attrs["body"]  # the backend's convention: matmul of the first two inputs
+    assert body.ops[0].operands == tuple(body.inputs[:2]) and len(body.outputs) == 1
+    assert [v.name for v in body.inputs] == ["x", "w1", out.ops[0].result.name]
+    assert ctx.counters["fuse_elementwise.gemm_epilogues"] == 1
+
+
+def test_gemm_result_used_twice_gets_no_epilogue() -> None:
+    b = ir.Builder(name="mm2")
+    x = b.input("x", TensorType((T, 16), F32))
+    w = b.input("w", TensorType((16, 16), F32))
+    h = b.op("matmul", [x, w])
+    b.output(b.op("add", [b.op("exp", [h]), b.op("sigmoid", [h])]))
+    out, ctx = fuse(b.build())
+    assert kernels(out) == [["exp", "sigmoid", "add"]]
+    assert out.ops[0].name == "matmul"
+    assert ctx.counters["fuse_elementwise.refused.gemm_outputs"] >= 1
+
+
+def test_no_cycle_when_a_path_leaves_the_group_and_comes_back() -> None:
+    b = ir.Builder(name="detour")
+    x = b.input("x", TensorType((T, 8), F32))
+    a = b.op("neg", [b.op("exp", [x])])
+    c = b.op("cumsum", [a], dim=1)  # opaque: the path a -> cumsum -> add leaves the group
+    b.output(b.op("sigmoid", [b.op("add", [a, c])]))
+    out, ctx = fuse(b.build())
+    assert kernels(out) == [["exp", "neg"], ["add", "sigmoid"]]
+    assert ctx.counters["fuse_elementwise.refused.cycle"] == 1
+    assert ctx.counters["fuse_elementwise.no.opaque"] == 1
+
+
+def test_value_used_outside_becomes_a_kernel_output() -> None:
+    b = ir.Builder(name="multi")
+    x = b.input("x", TensorType((T, 8), F32))
+    a = b.op("exp", [x], name="a")
+    c = b.op("mul", [b.op("add", [a, b.constant(1.0, F32)]), x], name="c")
+    b.output(c, b.op("cumsum", [a], dim=1))
+    out, _ = fuse(b.build())
+    assert kernels(out) == [["constant", "exp", "add", "mul"]]
+    assert [v.name for v in out.ops[0].results] == ["a", "c"]
+
+
+def test_softmax_spelled_out_is_one_kernel_and_another_axis_is_not_absorbed() -> None:
+    b = ir.Builder(name="softmax")
+    x = b.input("x", TensorType((T, 8), F32))
+    e = b.op("exp", [b.op("sub", [x, b.op("amax", [x], dims=[1], keepdim=True)])])
+    y = b.op("div", [e, b.op("sum", [e], dims=[1], keepdim=True)])
+    b.output(b.op("sum", [y], dims=[0]), b.op("mul", [y, y]))
+    out, ctx = fuse(b.build())
+    assert kernels(out) == [["amax", "sub", "exp", "sum", "div", "mul"]]
+    assert [n.name for n in out.ops] == ["fused.kernel", "sum"]
+    assert ctx.counters["fuse_elementwise.refused.reduction_dims_differ"] == 1
+
+
+def test_broadcast_value_with_users_outside_is_not_pulled_into_a_bigger_domain() -> None:
+    b = ir.Builder(name="col")
+    x = b.input("x", TensorType((T, 8), F32))
+    w = b.input("w", TensorType((8,), F32))
+    col = b.op("exp", [b.op("neg", [w])])  # [8]: stored, since cumsum reads it too
+    y = b.op("sigmoid", [b.op("add", [x, col])])
+    b.output(y, b.op("cumsum", [col], dim=0))
+    out, ctx = fuse(b.build())
+    assert kernels(out) == [["neg", "exp"], ["add", "sigmoid"]]
+    assert ctx.counters["fuse_elementwise.refused.stores_broadcast"] >= 1
+
+
+def test_single_use_broadcast_value_is_computed_inside() -> None:
+    b = ir.Builder(name="rope_table")
+    pos = b.input("pos", TensorType((T, 1), F32))
+    inv = b.op("reciprocal", [b.input("freq", TensorType((8,), F32))])
+    ang = b.op("mul", [pos, inv])
+    b.output(b.op("cos", [ang]), b.op("sin", [ang]))
+    out, _ = fuse(b.build())
+    assert kernels(out) == [["reciprocal", "mul", "cos", "sin"]]
+
+
+def test_layout_changing_views_and_opaque_ops_stay_out() -> None:
+    b = ir.Builder(name="views")
+    x = b.input("x", TensorType((T, 8), F32))
+    y = b.op("reshape", [b.op("exp", [x])], shape=[T * 8])  # not a view of the [T,8] domain
+    z = b.op("sort", [b.op("neg", [y])], dim=0)
+    b.output(b.op("sigmoid", [z[0]]))
+    out, ctx = fuse(b.build())
+    assert kernels(out) == []
+    reasons = {k: v for k, v in ctx.counters.items() if ".no." in k}
+    assert reasons["fuse_elementwise.no.opaque"] == 1
+    assert reasons["fuse_elementwise.no.outside_domain"] >= 1
+
+
+def test_policy_can_turn_epilogues_off_and_grouping_is_inspectable() -> None:
+    b = ir.Builder(name="epi")
+    x = b.input("x", TensorType((T, 16), F32))
+    w = b.input("w", TensorType((16, 16), F32))
+    b.output(b.op("relu", [b.op("add", [b.op("matmul", [x, w]), x])]))
+    g = b.build()
+    out, _ = fuse(g)
+    assert kernels(out) == [["matmul", "add", "relu"]]
+    off, ctx = fuse(g, FusionPolicy(gemm_epilogues=False))
+    assert kernels(off) == [["add", "relu"]]
+    assert ctx.counters["fuse_elementwise.refused.gemm_epilogues_off"] == 1
+    grouping = group_ops(g)
+    assert grouping.kernels() == [[0, 1, 2]] and grouping.roles == ["gemm", "compute", "compute"]
+
+
+def _semantic(g: ir.Graph) -> ir.Graph:
+    """The semantic fusions (attention, MoE, mHC) when the pipeline does not run them yet."""
+    from passes.fuse_attention import fuse_attention
+    from passes.fuse_hc import fuse_hc
+    from passes.fuse_moe import fuse_moe
+
+    for fn in (fuse_attention, fuse_moe, fuse_hc):
+        g = fn(g)
+    return g
+
+
+def _check_tiny(g: ir.Graph, out: ir.Graph) -> None:
+    model = tiny_model()
+    params = model.state_dict()
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 37), generator=gen)
+    (want,) = ir.interpret(g, tokens, params=params)
+    (got,) = ir.interpret(out, tokens, params=params)
+    assert (got - want).abs().max().item() <= 1e-5
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_tiny_prefill_through_the_pipeline() -> None:
+    g = tiny_prefill_graph()
+    ctx = PassContext()
+    start = time.perf_counter()
+    out = passes.pipeline(g, ctx=ctx)
+    elapsed = time.perf_counter() - start
+    ir.verify(out)
+    sched, mem = ctx.products["schedule"], ctx.products["memory_plan"]
+    print(f"\ntiny prefill pipeline: {len(g.ops)} ops -> {sched.summary()} in {elapsed:.2f} s")
+    print(f"  {mem.summary()}")
+    assert ctx.counters["fuse_elementwise.kernels"] > 0
+    assert sched.count < len(g.ops) / 2
+    assert mem.peak_bytes < mem.no_reuse_bytes and mem.live_bytes <= mem.peak_bytes
+    _check_tiny(g, out)
+
+
+def test_tiny_prefill_after_semantic_fusions_and_every_kernel_emits() -> None:
+    from backends.targets import get_target
+    from backends.triton.emitters import emit_node
+
+    g = tiny_prefill_graph()
+    sem = _semantic(passes.canonicalize(g))
+    ctx = PassContext()
+    out = passes.plan_memory(passes.schedule(fuse_elementwise(sem, ctx), ctx), ctx)
+    ir.verify(out)
+    sched = ctx.products["schedule"]
+    print(f"\ntiny prefill, semantic fusions first: {len(g.ops)} ops -> {len(sem.ops)} -> "
+          f"{sched.summary()}")  # fmt: skip
+    print(f"  {ctx.products['memory_plan'].summary()}")
+    _check_tiny(g, out)
+    refused = Counter()
+    for n in out.ops:
+        if n.name == "fused.kernel":
+            got = emit_node(n, get_target("cpu"))
+            if isinstance(got, str):
+                refused[got] += 1
+    assert not refused, refused
