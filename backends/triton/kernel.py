@@ -19,7 +19,15 @@ from typing import Any
 
 import ir
 
-__all__ = ["Param", "KernelSource", "load_jit", "cache_dir", "pointer_type", "next_pow2"]
+__all__ = [
+    "Param",
+    "KernelSource",
+    "load_jit",
+    "cache_dir",
+    "pointer_type",
+    "next_pow2",
+    "call_lines",
+]
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,17 @@ def pointer_type(dtype: ir.DType | None) -> str:
 
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def call_lines(head: str, args: list[str], tail: str = "", indent: int = 4) -> list[str]:
+    """`head(args)tail` as source lines that fit 100 columns at `indent` (black's layout)."""
+    one = f"{head}({', '.join(args)}){tail}"
+    if indent + len(one) <= 100:
+        return [one]
+    inner = ", ".join(args)
+    if indent + 4 + len(inner) <= 100:
+        return [f"{head}(", f"    {inner}", f"){tail}"]
+    return [f"{head}(", *(f"    {a}," for a in args), f"){tail}"]
 
 
 def cache_dir() -> Path:

@@ -21,7 +21,7 @@ from backends.targets import Target, get_target
 from backends.triton.body import REDUCTIONS, BodyEmitter, Unsupported, classify, py_name
 from backends.triton.emitters import TRITON_EMITTERS, AotVariant, cdiv
 from backends.triton.fused import canonical_names
-from backends.triton.kernel import KernelSource, Param, load_jit
+from backends.triton.kernel import KernelSource, Param, call_lines, load_jit
 from ir.symbolic import subs_dim
 
 __all__ = ["MatmulLaunch", "GroupedMMLaunch", "emit_matmul", "matmul_config", "emit_grouped_mm"]
@@ -117,6 +117,8 @@ def emit_matmul(
     domain = (*product.shape[:-2], product.shape[-2], product.shape[-1])
     em = BodyEmitter(domain, "col_mask[None, :]", "N", _IND)
     em.used_names |= {"a", "b", "a_ptrs", "b_ptrs", "k", "ks", "k_mask", "batch", "c_ptr"}
+    em.used_names |= {"a_rows", "b_cols", "c_ptrs", "num_pid_m", "num_pid_n", "first_pid_m"}
+    em.used_names |= {"num_pid_in_group", "group_size_m"}
     em.bind(product, "acc", "tile")
     params = [Param("a_ptr", "ptr", dtype), Param("b_ptr", "ptr", dtype)]
     loads, layouts = [], []
@@ -127,7 +129,7 @@ def emit_matmul(
         var = em.fresh(py_name(v, "in"))
         ptr = em.fresh(f"{var}_ptr")
         params.append(Param(ptr, "ptr", v.dtype))
-        loads.append(_epilogue_load(var, ptr, v, layout))
+        loads += _epilogue_load(var, ptr, v, layout)
         layouts.append(layout)
         em.bind(v, var, "tile" if layout == "bcast" else layout)
     for n in epilogue:
@@ -149,14 +151,15 @@ def emit_matmul(
     return MatmulKernel(KernelSource(name, text, tuple(params), fused), tuple(layouts))
 
 
-def _epilogue_load(var: str, ptr: str, v: ir.Value, layout: str) -> str:
+def _epilogue_load(var: str, ptr: str, v: ir.Value, layout: str) -> list[str]:
     offs = {"tile": "offsets", "bcast": "offsets", "row": "rows[:, None]", "col": "cols[None, :]"}
     mask = {"tile": "mask", "bcast": "mask", "row": "row_mask[:, None]", "col": "col_mask[None, :]"}
     to = ".to(tl.float32)" if v.dtype.is_float and v.dtype != ir.DType.f32 else ""
     if layout == "scalar":
-        return f"{var} = tl.load({ptr}){to}"
+        return [f"{var} = tl.load({ptr}){to}"]
     other = "0.0" if v.dtype.is_float else "0"
-    return f"{var} = tl.load({ptr} + {offs[layout]}, mask={mask[layout]}, other={other}){to}"
+    args = [f"{ptr} + {offs[layout]}", f"mask={mask[layout]}", f"other={other}"]
+    return call_lines(f"{var} = tl.load", args, to)
 
 
 def _matmul_module(name, params, loads, epilogue, result, dtype, fused) -> str:
@@ -240,9 +243,9 @@ class MatmulLaunch:
         batch = max(a3.shape[0], b3.shape[0])
         m, k, n = a3.shape[1], a3.shape[2], b3.shape[2]
         args = dict(zip((p.name for p in self.source.params), [a3, b3]))
-        full = [a3.shape[0], m, n] if b.dim() == 3 else [m, n]
         for p, t, layout in zip(self.source.params[2:], extra, self.kernel.extra):
-            args[p.name] = t.expand(full).contiguous() if layout == "bcast" else t.contiguous()
+            bcast = layout == "bcast"  # materialised in C's shape, rows flattened like C's
+            args[p.name] = t.expand(out_shape).contiguous() if bcast else t.contiguous()
         args["c_ptr"] = c3
         if c.numel() == 0:
             return (c,)

@@ -95,3 +95,16 @@ def test_gemm_fallbacks_have_reasons():
     reasons = [r for _, r in exe.fallbacks()]
     assert "only f32, bf16 and f16" in reasons[0]
     assert "rank 2 or 3" in reasons[1]
+
+
+def test_matmul_epilogue_with_leading_dims_and_broadcast_input():
+    """x [2,T,24] @ w [24,20] + pos [T,20] (broadcast over the leading 2): A's rows flattened."""
+    b = ir.Builder(name="proj_pos")
+    x = b.input("x", TensorType((2, T, 24), DType.f32))
+    w = b.input("w", TensorType((24, 20), DType.f32), role="parameter")
+    pos = b.input("pos", TensorType((T, 20), DType.f32))
+    y = b.op("matmul", [x, w], name="y")
+    b.output(b.op("add", [y, pos], name="out"))
+    g = bodies.wrap(b.build())
+    exe = run_both(g, [rand(2, 5, 24), rand(5, 20, seed=7)], {"w": rand(24, 20, seed=8)})
+    assert exe.kernels()[0].fused_ops == ("matmul", "add")
