@@ -1,0 +1,183 @@
+"""`Compiled`: the result of `dsv4c.compile` or `dsv4c.load` — entry points that run, plus the
+artifact files they came with.
+
+    c = dsv4c.compile(model, (tokens,), backend="triton", target="cpu")
+    (logits,) = c(tokens)                       # the first entry point; a tuple of tensors
+    c.entry("decode")(token, pos, cache)        # another entry point (nested inputs are flattened)
+    c.save("out/")                              # the artifact directory (see artifact.py)
+
+Inputs are checked before anything runs: their number, dtypes and shapes against the entry point's
+IR types (symbolic dims bound consistently), the parameters against the graph's parameter inputs,
+and the tensors' device against the target. Failures raise `InputError` saying which input and
+what was expected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ir
+from backends.targets import Target
+from dsv4c.errors import InputError, TargetMismatchError
+
+__all__ = ["Compiled", "EntryPoint", "signature"]
+
+
+def signature(g: ir.Graph) -> dict[str, Any]:
+    """An entry point's interface as JSON: inputs (name, type, role) and outputs (name, type)."""
+    return {
+        "inputs": [
+            {"name": v.name, "type": str(v.type), "role": g.roles.get(v.name, "activation")}
+            for v in g.inputs
+            if g.roles.get(v.name) != "parameter"
+        ],
+        "params": len(g.params),
+        "outputs": [{"name": v.name, "type": str(v.type)} for v in g.outputs],
+    }
+
+
+@dataclass
+class EntryPoint:
+    """One compiled method: its final graph and the backend executable running it."""
+
+    name: str
+    graph: ir.Graph
+    executable: Any
+    target: Target
+    params: Mapping[str, Any] | None = None  # bound parameters (from the compiled module)
+    calls: int = field(default=0)
+
+    def __call__(self, *args: Any, params: Mapping[str, Any] | None = None) -> tuple[Any, ...]:
+        import torch.utils._pytree as pytree
+
+        leaves = pytree.tree_leaves(list(args))
+        feed = self._check(leaves, params)
+        self.calls += 1
+        return self.executable(*leaves, params=feed)
+
+    def _check(self, leaves: list[Any], params: Mapping[str, Any] | None) -> dict[str, Any]:
+        from ir.interpreter import InterpretError, bind_symbols
+
+        g = self.graph
+        runtime = [v for v in g.inputs if g.roles.get(v.name) != "parameter"]
+        if len(leaves) != len(runtime):
+            want = ", ".join(f"{v.name}: {v.type}" for v in runtime[:8])
+            more = ", ..." if len(runtime) > 8 else ""
+            raise InputError(
+                f"{self.name}: expected {len(runtime)} input tensor(s) ({want}{more}), "
+                f"got {len(leaves)}"
+            )
+        feed = self._params(params)
+        ordered = [feed[v.name] for v in g.params]
+        try:
+            bind_symbols(runtime + g.params, leaves + ordered)
+        except InterpretError as e:
+            raise InputError(f"{self.name}: {str(e).replace('%', '')}") from None
+        self._check_device(leaves + ordered)
+        return feed
+
+    def _params(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
+        source = params if params is not None else self.params
+        names = [v.name for v in self.graph.params]
+        if not names:
+            return {}
+        if source is None:
+            v = self.graph.params[0]
+            raise InputError(
+                f"{self.name}: needs {len(names)} parameter tensor(s) (e.g. {v.name}: {v.type}) "
+                "and none are bound; pass params=model.state_dict() (or a safetensors state dict)"
+            )
+        missing = [n for n in names if n not in source]
+        if missing:
+            v = next(v for v in self.graph.params if v.name == missing[0])
+            raise InputError(
+                f"{self.name}: params lacks {len(missing)} of {len(names)} parameter(s), first "
+                f"{v.name}: {v.type}"
+            )
+        return {n: source[n] for n in names}
+
+    def _check_device(self, tensors: list[Any]) -> None:
+        want = "cuda" if self.target.is_gpu else "cpu"  # ROCm torch also names its device cuda
+        for t in tensors:
+            dev = getattr(t, "device", None)
+            if dev is None or dev.type == want:
+                continue
+            if dev.type == "meta":
+                raise InputError(
+                    f"{self.name}: got a meta tensor; meta tensors have no data to run"
+                )
+            raise TargetMismatchError(
+                f"{self.name}: compiled for target {self.target.name} ({self.target.description}), "
+                f"which runs on {want} tensors, got a tensor on {dev}; "
+                + (
+                    "move the inputs to the GPU"
+                    if want == "cuda"
+                    else "recompile for a GPU target (e.g. target='sm_90')"
+                )
+            )
+
+
+class Compiled:
+    """Compiled entry points, their target and backend, and the artifact files (in memory)."""
+
+    def __init__(
+        self,
+        entries: Mapping[str, EntryPoint],
+        *,
+        backend: str,
+        target: Target,
+        manifest: dict[str, Any],
+        files: dict[str, bytes],
+        path: Path | None = None,
+    ) -> None:
+        if not entries:
+            raise ValueError("Compiled needs at least one entry point")
+        self.entries = dict(entries)
+        self.backend = backend
+        self.target = target
+        self.manifest = manifest
+        self.files = files
+        self.path = path
+
+    @property
+    def default(self) -> EntryPoint:
+        return next(iter(self.entries.values()))
+
+    @property
+    def graph(self) -> ir.Graph:
+        """The final IR of the first entry point."""
+        return self.default.graph
+
+    def entry(self, name: str) -> EntryPoint:
+        if name not in self.entries:
+            raise KeyError(f"no entry point {name!r}; this artifact has {', '.join(self.entries)}")
+        return self.entries[name]
+
+    def __call__(self, *args: Any, params: Mapping[str, Any] | None = None) -> tuple[Any, ...]:
+        return self.default(*args, params=params)
+
+    def bind(self, params: Mapping[str, Any]) -> Compiled:
+        """Use `params` (e.g. `model.state_dict()`) whenever a call passes none."""
+        for e in self.entries.values():
+            e.params = params
+        return self
+
+    def report(self) -> dict[str, Any]:
+        import json
+
+        return json.loads(self.files["report.json"])
+
+    def save(self, path: str | Path) -> Path:
+        """Write the artifact directory (atomically; an earlier artifact there is replaced)."""
+        from dsv4c.artifact import write_artifact
+
+        manifest = {k: v for k, v in self.manifest.items() if k != "files"}
+        self.path = write_artifact(path, manifest, self.files)
+        return self.path
+
+    def __repr__(self) -> str:
+        names = ", ".join(self.entries)
+        return f"<Compiled {names} for {self.target.name} ({self.backend})>"

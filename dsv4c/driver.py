@@ -1,0 +1,259 @@
+"""The compile driver: capture -> passes.pipeline -> backend (-> AOT for GPU targets) -> artifact.
+
+    c = compile(model, (tokens,), backend="triton", target="sm_90", method="prefill",
+                dynamic={"tokens": {0: "B", 1: "T"}}, output_dir="out/")
+
+`compile_methods` does the same for several entry points of one module (the CLI compiles
+`prefill` and `decode` of a model into one artifact). Each phase is timed and announced through
+`progress(phase, detail)`; the times go into `report.json`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ir
+from backends.targets import Target, get_target
+from dsv4c.artifact import FORMAT, FORMAT_VERSION, versions
+from dsv4c.compiled import Compiled, EntryPoint, signature
+from dsv4c.errors import DsvError, UnavailableError
+
+__all__ = ["BACKEND_NAMES", "MethodSpec", "compile", "compile_methods", "make_backend"]
+
+BACKEND_NAMES = ("reference", "triton", "tvm")
+Progress = Callable[[str, str], None]  # (phase, detail)
+DynamicSpec = Mapping[str, Mapping[int, str]] | None
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One entry point to compile: example inputs, dynamic dims, symbol values for the report."""
+
+    inputs: Sequence[Any]
+    dynamic: DynamicSpec = None
+    bindings: Mapping[str, int] | None = None  # default: the example inputs' sizes
+
+
+@dataclass
+class _Run:
+    progress: Progress | None
+    times: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def phase(self, name: str, detail: str = "") -> Iterator[None]:
+        if self.progress:
+            self.progress(name, detail)
+        start = time.perf_counter()
+        yield
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
+        if self.progress:
+            self.progress(name, f"done in {self.times[name]:.1f} s")
+
+
+def make_backend(name: str) -> Any:
+    """The backend instance for `name`, or a `DsvError` saying why there is none."""
+    import backends
+
+    if name not in BACKEND_NAMES:
+        raise DsvError(f"unknown backend {name!r}; known backends: {', '.join(BACKEND_NAMES)}")
+    try:
+        return backends.get_backend(name)
+    except ImportError as e:
+        raise UnavailableError(
+            f"backend {name!r} is not available yet in this installation ({e}); "
+            "use backend='triton' or 'reference'"
+        ) from None
+
+
+def compile(
+    module: Any,
+    example_inputs: Sequence[Any],
+    *,
+    backend: str = "reference",
+    target: str | Target = "cpu",
+    method: str = "forward",
+    dynamic: DynamicSpec = None,
+    output_dir: str | Path | None = None,
+    bindings: Mapping[str, int] | None = None,
+    progress: Progress | None = None,
+) -> Compiled:
+    """Compile `module.<method>` for `target` with `backend` (see the module docstring).
+
+    The module's parameters stay graph inputs: the result is bound to the module's current
+    tensors (unless they are on the meta device) and any call may pass `params=` instead.
+    """
+    spec = MethodSpec(tuple(example_inputs), dynamic, bindings)
+    return compile_methods(
+        module,
+        {method: spec},
+        backend=backend,
+        target=target,
+        output_dir=output_dir,
+        progress=progress,
+    )
+
+
+def compile_methods(
+    module: Any,
+    methods: Mapping[str, MethodSpec],
+    *,
+    backend: str = "reference",
+    target: str | Target = "cpu",
+    output_dir: str | Path | None = None,
+    progress: Progress | None = None,
+    model_info: Mapping[str, Any] | None = None,
+    use_cache: bool = True,
+) -> Compiled:
+    import frontend
+    import passes
+    from passes.context import PassContext
+
+    tgt = _target(target)
+    be = make_backend(backend)
+    run = _Run(progress)
+    start = time.perf_counter()
+    entries: dict[str, EntryPoint] = {}
+    files: dict[str, bytes] = {}
+    reports: dict[str, Any] = {}
+    aot_rows: list[dict[str, Any]] = []
+    cache_stats = {"hits": 0, "misses": 0}
+    bound = _bound_params(module)
+    for i, (method, spec) in enumerate(methods.items()):
+        with run.phase(f"capture {method}", type(module).__name__):
+            g0 = frontend.capture(module, spec.inputs, dynamic=spec.dynamic, method=method)
+        env = dict(spec.bindings or _example_bindings(g0, spec.inputs))
+        ctx = PassContext.from_env(target=tgt.name, options={"bindings": env})
+        with run.phase(f"passes {method}", f"{len(g0.ops)} ops"):
+            g = passes.pipeline(g0, target=tgt.name, ctx=ctx)
+        with run.phase(f"backend {method}", f"{backend} for {tgt.name}"):
+            exe = be.compile(g, tgt)
+        files[graph_file(method, i)] = ir.to_text(g).encode()
+        files |= source_files(exe, tgt)
+        if tgt.is_gpu and backend == "triton":
+            with run.phase(f"kernels {method}", f"AOT for {tgt.name}"):
+                rows, blobs, stats = _aot(exe, tgt, env, use_cache, progress)
+            aot_rows += rows
+            files |= blobs
+            cache_stats = {k: cache_stats[k] + stats[k] for k in cache_stats}
+        entries[method] = EntryPoint(method, g, exe, tgt, bound)
+        from dsv4c.report import entry_report
+
+        reports[method] = entry_report(g0, g, exe, ctx, env, tgt)
+    run.times["total"] = time.perf_counter() - start
+    manifest = build_manifest(entries, backend, tgt, files, model_info)
+    from dsv4c.report import build_report
+
+    report = build_report(manifest, reports, run.times, aot_rows, cache_stats)
+    files["report.json"] = _json(report)
+    compiled = Compiled(entries, backend=backend, target=tgt, manifest=manifest, files=files)
+    if output_dir is not None:
+        with run.phase("write", str(output_dir)):
+            compiled.save(output_dir)
+    return compiled
+
+
+def _target(target: str | Target) -> Target:
+    from backends.targets import UnknownTargetError
+
+    try:
+        return get_target(target)
+    except UnknownTargetError as e:
+        raise DsvError(str(e)) from None
+
+
+def _bound_params(module: Any) -> dict[str, Any] | None:
+    state = getattr(module, "state_dict", None)
+    if state is None:
+        return None
+    tensors = state()
+    if any(getattr(t, "is_meta", False) for t in tensors.values()):
+        return None  # compiled on the meta device: weights come at run time
+    return tensors
+
+
+def _example_bindings(g: ir.Graph, inputs: Sequence[Any]) -> dict[str, int]:
+    import torch.utils._pytree as pytree
+
+    from ir.interpreter import bind_symbols
+
+    runtime = [v for v in g.inputs if g.roles.get(v.name) != "parameter"]
+    env = bind_symbols(runtime, pytree.tree_leaves(list(inputs)))
+    return {s.name: int(n) for s, n in env.items()}
+
+
+def _aot(exe: Any, tgt: Target, env: Mapping[str, int], use_cache: bool, progress: Any):
+    from dsv4c.kernel_cache import aot_with_cache
+
+    def tick(done: int, total: int) -> None:
+        if progress:
+            progress("kernels", f"{done}/{total} compiled")
+
+    return aot_with_cache(exe, tgt, env, use_cache=use_cache, progress=tick)
+
+
+def graph_file(method: str, index: int) -> str:
+    return "graph.ir" if index == 0 else f"graph.{method}.ir"
+
+
+def kernel_list(exe: Any) -> list[Any]:
+    """The executable's distinct kernels (objects with name, key), or none for the reference."""
+    kernels = getattr(exe, "kernels", None)
+    return list(kernels()) if callable(kernels) else []
+
+
+def source_files(exe: Any, tgt: Target) -> dict[str, bytes]:
+    """Kernel sources by artifact path: Triton modules (`.py`), TVM TensorIR scripts."""
+    out = {}
+    for k in kernel_list(exe):
+        text = getattr(k, "source", None)
+        if text is None and hasattr(getattr(k, "func", None), "script"):
+            text = k.func.script()
+        if isinstance(text, str):
+            ext = "py" if hasattr(k, "params") else "tir.py"
+            out[f"kernels/{tgt.name}/{k.name}_{k.key}.{ext}"] = text.encode()
+    return out
+
+
+def build_manifest(
+    entries: Mapping[str, EntryPoint],
+    backend: str,
+    tgt: Target,
+    files: Mapping[str, bytes],
+    model_info: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    kernels: dict[str, dict[str, Any]] = {}
+    for e in entries.values():
+        for k in kernel_list(e.executable):
+            row = kernels.setdefault(
+                k.key, {"name": k.name, "key": k.key, "ops": list(k.fused_ops), "entries": []}
+            )
+            row["entries"].append(e.name)
+            stem = f"kernels/{tgt.name}/{k.name}_{k.key}."
+            row["files"] = sorted(f for f in files if f.startswith(stem))
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": versions(),
+        "backend": backend,
+        "target": tgt.name,
+        "target_description": tgt.description,
+        "runs_on": "cuda" if tgt.is_gpu else "cpu",
+        "model": dict(model_info or {}),
+        "entry_points": [
+            {"name": e.name, "graph": graph_file(e.name, i)} | signature(e.graph)
+            for i, e in enumerate(entries.values())
+        ],
+        "kernels": list(kernels.values()),
+    }
+
+
+def _json(obj: Any) -> bytes:
+    import json
+
+    return (json.dumps(obj, indent=1, default=str) + "\n").encode()

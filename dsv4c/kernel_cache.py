@@ -1,0 +1,187 @@
+"""Ahead-of-time Triton compilation through a kernel cache keyed by content hash.
+
+A job is one (kernel source, tile constexprs, compile options, divisibility hints, target); its
+key is the sha256 of those and the Triton version. A compiled job is stored under
+`$DSV4C_CACHE_DIR/aot/<target>/<key>/` (default `~/.cache/dsv4c`): `result.json` (registers,
+shared memory, spills, ...) and the kernel's assembly and binary. A second compile of the same
+model finds every job there and starts no compiler at all. Misses go to
+`backends.triton.aot.aot_compile` in chunks, so long compiles report progress.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from backends.targets import Target
+
+__all__ = ["CHUNK", "AotJob", "aot_cache_dir", "aot_with_cache"]
+
+CHUNK = 24  # kernels per compiler batch (one progress step)
+Progress = Callable[[int, int], None]  # (done, total)
+
+
+def aot_cache_dir() -> Path:
+    root = os.environ.get("DSV4C_CACHE_DIR") or Path.home() / ".cache" / "dsv4c"
+    return Path(root) / "aot"
+
+
+@dataclass(frozen=True)
+class AotJob:
+    source: Any  # backends.triton.kernel.KernelSource
+    variant: Any  # backends.triton.emitters.AotVariant
+    target: Target
+
+    @property
+    def key(self) -> str:
+        from importlib import metadata
+
+        blob = json.dumps(
+            [
+                self.source.source,
+                sorted(self.variant.constexprs.items()),
+                sorted(self.variant.options.items()),
+                sorted(self.variant.hints.items()),
+                self.target.name,
+                metadata.version("triton"),
+            ],
+            default=str,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+class _OneVariant:
+    """A launch stand-in offering exactly one AOT variant, so `aot_compile` compiles one job."""
+
+    def __init__(self, job: AotJob) -> None:
+        self.source = job.source
+        self._variant = job.variant
+
+    def aot_variants(self, env: dict, target: Target) -> list[Any]:
+        return [self._variant]
+
+
+def jobs_of(exe: Any, target: Target, bindings: Mapping[str, int]) -> list[AotJob]:
+    """Every distinct AOT job of a Triton executable, in first-use order."""
+    env = {s: int(bindings.get(s.name, 1024)) for v in exe.graph.inputs for s in v.type.symbols}
+    seen: dict[tuple, AotJob] = {}
+    for step in exe.steps:
+        if step.launch is None:
+            continue
+        for variant in step.launch.aot_variants(env, target):
+            key = (
+                step.launch.source.key,
+                tuple(sorted(variant.constexprs.items())),
+                tuple(sorted(variant.options.items())),
+                tuple(sorted(variant.hints.items())),
+            )
+            seen.setdefault(key, AotJob(step.launch.source, variant, target))
+    return list(seen.values())
+
+
+def aot_with_cache(
+    exe: Any,
+    target: Target,
+    bindings: Mapping[str, int],
+    *,
+    use_cache: bool = True,
+    progress: Progress | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, bytes], dict[str, int]]:
+    """Compile every kernel of `exe` for `target`. Returns (rows, files, stats): one row per job
+    (the AotResult fields, `files` relative to the artifact), the files' bytes by artifact path
+    (`kernels/<target>/<name>_<key>.<ext>`), and {"hits", "misses"}."""
+    from backends.triton.aot import aot_compile
+
+    jobs = jobs_of(exe, target, bindings)
+    cache = aot_cache_dir() / target.name
+    rows: list[dict[str, Any] | None] = [None] * len(jobs)
+    files: dict[str, bytes] = {}
+    misses = []
+    for i, job in enumerate(jobs):
+        hit = _read_entry(cache / job.key) if use_cache else None
+        if hit is None:
+            misses.append(i)
+            continue
+        rows[i] = _place(hit[0], hit[1], target, files)
+    done = len(jobs) - len(misses)
+    if progress:
+        progress(done, len(jobs))
+    for start in range(0, len(misses), CHUNK):
+        chunk = misses[start : start + CHUNK]
+        fake = SimpleNamespace(
+            graph=exe.graph,
+            steps=[SimpleNamespace(launch=_OneVariant(jobs[i])) for i in chunk],
+        )
+        with _scratch() as keep:
+            results = aot_compile(fake, [target], bindings=bindings, keep_dir=keep)
+            if len(results) != len(chunk):
+                raise RuntimeError(f"AOT returned {len(results)} results for {len(chunk)} jobs")
+            for i, result in zip(chunk, results):
+                row = dataclasses.asdict(result)
+                blobs = {Path(f).name: Path(f).read_bytes() for f in result.files}
+                if use_cache and result.error is None:
+                    _write_entry(cache / jobs[i].key, row, blobs)
+                rows[i] = _place(row, blobs, target, files)
+        done += len(chunk)
+        if progress:
+            progress(done, len(jobs))
+    stats = {"hits": len(jobs) - len(misses), "misses": len(misses)}
+    return [r for r in rows if r is not None], files, stats
+
+
+def _place(
+    row: dict[str, Any], blobs: dict[str, bytes], target: Target, files: dict[str, bytes]
+) -> dict[str, Any]:
+    rels = []
+    for name, data in sorted(blobs.items()):
+        rel = f"kernels/{target.name}/{name}"
+        files[rel] = data
+        rels.append(rel)
+    return row | {"files": rels}
+
+
+def _read_entry(folder: Path) -> tuple[dict[str, Any], dict[str, bytes]] | None:
+    try:
+        row = json.loads((folder / "result.json").read_text())
+        blobs = {name: (folder / name).read_bytes() for name in row["blobs"]}
+    except (OSError, ValueError, KeyError):
+        return None
+    sums = row.pop("sha256")
+    if any(hashlib.sha256(blobs[n]).hexdigest() != s for n, s in sums.items()):
+        return None  # a damaged entry is a miss, recompiled and overwritten
+    row.pop("blobs")
+    return row, blobs
+
+
+def _write_entry(folder: Path, row: dict[str, Any], blobs: dict[str, bytes]) -> None:
+    from dsv4c.artifact import atomic_write
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in blobs.items():
+        atomic_write(folder / name, data)
+    meta = dict(row) | {
+        "files": [],
+        "blobs": sorted(blobs),
+        "sha256": {n: hashlib.sha256(d).hexdigest() for n, d in blobs.items()},
+    }
+    atomic_write(folder / "result.json", json.dumps(meta, default=list).encode())
+
+
+class _scratch:
+    """A temporary folder for one compiler batch (removed afterwards)."""
+
+    def __enter__(self) -> Path:
+        import tempfile
+
+        self._dir = tempfile.TemporaryDirectory(prefix="dsv4c-aot-")
+        return Path(self._dir.name)
+
+    def __exit__(self, *exc: object) -> None:
+        self._dir.cleanup()

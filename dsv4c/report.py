@@ -1,0 +1,158 @@
+"""`report.json` of an artifact: compile time per phase, the fusion summary (captured ops ->
+kernel launches, per fusion), per-kernel flops/bytes against the target's roofline, the memory
+plan and the AOT metadata of each kernel. `dsv4c report DIR` renders it as HTML (report_html.py).
+
+Kernel costs come from `passes.cost.kernel_cost`, evaluated at the entry point's bindings (the
+example inputs' sizes unless the compile said otherwise).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+import ir
+from backends.targets import Target
+
+__all__ = ["build_report", "entry_report", "kernel_rows"]
+
+
+def _num(d: Any, env: Mapping[str, int]) -> int | None:
+    from passes.cost import evaluate
+
+    try:
+        return evaluate(d, env)
+    except (ValueError, TypeError):
+        return None
+
+
+def _kernel_names(exe: Any) -> dict[int, tuple[str, str]]:
+    """id(node) -> (kernel name, key) for a Triton executable; empty for other backends."""
+    out = {}
+    for step in getattr(exe, "steps", []):
+        launch = getattr(step, "launch", None)
+        if launch is not None:
+            out[id(step.node)] = (launch.source.name, launch.source.key)
+    return out
+
+
+def kernel_rows(g: ir.Graph, exe: Any, env: Mapping[str, int], tgt: Target) -> list[dict]:
+    """One row per distinct kernel: name, ops, uses and the summed flops/bytes of its launches."""
+    from passes.cost import is_free, kernel_cost
+    from passes.structural_hash import op_signature
+
+    names = _kernel_names(exe)
+    rows: dict[str, dict[str, Any]] = {}
+    for node in g.ops:
+        if is_free(node):
+            continue
+        name, key = names.get(id(node)) or (node.name, op_signature(node))
+        row = rows.setdefault(
+            key,
+            {
+                "name": name,
+                "key": key,
+                "op": node.name,
+                "runs": "kernel" if id(node) in names else "reference",
+                "uses": 0,
+                "flops": 0,
+                "bytes": 0,
+            },
+        )
+        row["uses"] += 1
+        cost = kernel_cost(node)
+        for field in ("flops", "bytes"):
+            n = _num(getattr(cost, field), env)
+            row[field] = None if n is None or row[field] is None else row[field] + n
+    out = list(rows.values())
+    for row in out:
+        _roofline(row, tgt)
+    return sorted(out, key=lambda r: -(r["roofline_s"] or 0.0))
+
+
+def _roofline(row: dict[str, Any], tgt: Target) -> None:
+    flops, nbytes = row["flops"], row["bytes"]
+    if flops is None or nbytes is None:
+        row |= {"intensity": None, "roofline_s": None, "bound": None}
+        return
+    intensity = flops / nbytes if nbytes else None
+    t_compute, t_memory = flops / tgt.peak_bf16_flops, nbytes / tgt.hbm_bandwidth
+    row |= {
+        "intensity": intensity,
+        "roofline_s": max(t_compute, t_memory),
+        "bound": "compute" if t_compute > t_memory else "memory",
+    }
+
+
+def entry_report(
+    g0: ir.Graph, g: ir.Graph, exe: Any, ctx: Any, env: Mapping[str, int], tgt: Target
+) -> dict[str, Any]:
+    """The report section of one entry point (g0: as captured, g: after the pipeline)."""
+    final = Counter(n.name for n in g.ops)
+    fused_bodies = [len(n.attrs["body"].ops) for n in g.ops if n.name == "fused.kernel"]
+    semantic = {k: v for k, v in final.items() if k.startswith(("attn.", "moe.", "hc."))}
+    sched = ctx.products.get("schedule")
+    plan = ctx.products.get("memory_plan")
+    backend_report = exe.report() if hasattr(exe, "report") else {}
+    return {
+        "bindings": dict(env),
+        "ops_captured": len(g0.ops),
+        "ops_final": len(g.ops),
+        "launches": sched.count if sched is not None else None,
+        "launches_by_category": dict(sched.by_category()) if sched is not None else {},
+        "fusion": {
+            "semantic_ops": semantic,
+            "fused_kernels": len(fused_bodies),
+            "ops_in_fused_kernels": sum(fused_bodies),
+            "captured_by_op": dict(Counter(n.name for n in g0.ops).most_common()),
+            "final_by_op": dict(final.most_common()),
+            "rule_hits": dict(ctx.counters.most_common()),
+        },
+        "pass_times_s": dict(ctx.times),
+        "memory_plan": _plan(plan),
+        "kernels": kernel_rows(g, exe, env, tgt),
+        "fallbacks": backend_report.get("fallbacks", []),
+    }
+
+
+def _plan(plan: Any) -> dict[str, Any] | None:
+    if plan is None:
+        return None
+    return {
+        "bindings": dict(plan.bindings),
+        "assumed": list(plan.assumed),
+        "buffers": len(plan.buffers),
+        "peak_bytes": plan.peak_bytes,
+        "no_reuse_bytes": plan.no_reuse_bytes,
+        "live_bytes": plan.live_bytes,
+        "summary": plan.summary(),
+    }
+
+
+def build_report(
+    manifest: Mapping[str, Any],
+    entries: Mapping[str, Any],
+    times: Mapping[str, float],
+    aot_rows: list[dict[str, Any]],
+    cache: Mapping[str, int],
+) -> dict[str, Any]:
+    from backends.targets import get_target
+
+    tgt = get_target(manifest["target"])
+    return {
+        "backend": manifest["backend"],
+        "target": {
+            "name": tgt.name,
+            "description": tgt.description,
+            "peak_bf16_flops": tgt.peak_bf16_flops,
+            "hbm_bandwidth": tgt.hbm_bandwidth,
+            "ridge_point": tgt.ridge_point,
+        },
+        "model": manifest.get("model", {}),
+        "versions": manifest["versions"],
+        "compile_times_s": dict(times),
+        "kernel_cache": dict(cache),
+        "entries": dict(entries),
+        "aot": aot_rows,
+    }
