@@ -10,7 +10,8 @@ Two plans, both greedy in schedule order:
 - *symbolic* (valid for every binding): a freed buffer is reused by a value whose size is the
   same expression (canonical sympy forms compare equal);
 - *concrete* (for `bindings`, e.g. B=1, T=4096): sizes are ints; best fit among freed buffers,
-  else the largest freed one grows, else a new buffer.
+  else the largest freed one grows, else a new buffer — once plain and once with freed buffers
+  restricted to within 2x of the size; the smaller pool is kept.
 
 Reported: `no_reuse_bytes` (one buffer per value), `peak_bytes` (the concrete pool), `live_bytes`
 (the most bytes live at once: a lower bound for any plan of this order), and the symbolic pool
@@ -115,40 +116,53 @@ def plan(g: Graph, bindings: Mapping[str, int] | None = None) -> MemoryPlan:
     assumed = sorted(symbols - set(env))
     env.update({s: 1 for s in assumed})
     sizes = [evaluate(life.value.type.nbytes, env) for life in lives]
-    out = MemoryPlan(env, assumed, {}, [], no_reuse_bytes=sum(sizes))
-    by_start: dict[int, list[int]] = {}
-    by_end: dict[int, list[int]] = {}
-    for k, life in enumerate(lives):
-        by_start.setdefault(life.start, []).append(k)
-        by_end.setdefault(life.end, []).append(k)
-    free: list[int] = []  # concrete buffers
-    sym_free: dict[Dim, list[int]] = {}  # symbolic size -> free buffers of that size
-    sym_of: dict[int, int] = {}
-    concrete_of: dict[int, int] = {}
+    events = _events(lives, len(g.ops))
+    tries = [_concrete(events, sizes, slack) for slack in (None, 2)]
+    owner_of, buffers = min(tries, key=lambda t: sum(t[1]))
+    assignment = {name: owner_of[k] for k, life in enumerate(lives) for name in _names(life)}
+    out = MemoryPlan(env, assumed, assignment, buffers, no_reuse_bytes=sum(sizes))
+    out.symbolic_buffers = _symbolic(events, [life.value.type.nbytes for life in lives])
     live = 0
-    for i in range(len(g.ops) + 1):
-        for k in by_start.get(i, ()):
-            concrete_of[k] = _take(out.buffers, free, sizes[k])
-            sym_of[k] = _take_symbolic(out.symbolic_buffers, sym_free, lives[k].value.type.nbytes)
-            for name in _names(lives[k]):
-                out.assignment[name] = concrete_of[k]
-            live += sizes[k]
+    for starts, ends in events:
+        live += sum(sizes[k] for k in starts)
         out.live_bytes = max(out.live_bytes, live)
-        for k in by_end.get(i, ()):
-            free.append(concrete_of[k])
-            size = canon_dim(lives[k].value.type.nbytes)
-            sym_free.setdefault(size, []).append(sym_of[k])
-            live -= sizes[k]
+        live -= sum(sizes[k] for k in ends)
     return out
 
 
-def _take(buffers: list[int], free: list[int], need: int) -> int:
-    """Best fit among free buffers, else grow the largest free one, else a new buffer."""
-    fits = [b for b in free if buffers[b] >= need]
+def _events(lives: list[Lifetime], n_ops: int) -> list[tuple[list[int], list[int]]]:
+    """Per op (and one step for the graph's end): lifetimes starting, lifetimes ending."""
+    events: list[tuple[list[int], list[int]]] = [([], []) for _ in range(n_ops + 1)]
+    for k, life in enumerate(lives):
+        events[life.start][0].append(k)
+        events[life.end][1].append(k)
+    return events
+
+
+def _concrete(events, sizes: list[int], slack: int | None) -> tuple[dict[int, int], list[int]]:
+    """Greedy in order: outputs are placed before dead operands are freed (no in-place)."""
+    buffers: list[int] = []
+    free: list[int] = []
+    owner_of: dict[int, int] = {}
+    for starts, ends in events:
+        for k in starts:
+            owner_of[k] = _take(buffers, free, sizes[k], slack)
+        free.extend(owner_of[k] for k in ends)
+    return owner_of, buffers
+
+
+def _take(buffers: list[int], free: list[int], need: int, slack: int | None) -> int:
+    """Best fit among free buffers, else grow the largest free one, else a new buffer. With a
+    `slack`, only buffers within a factor `slack` of the need qualify (small values do not pin
+    big buffers)."""
+    hi = None if slack is None else need * slack
+    lo = 0 if slack is None else need // slack
+    fits = [b for b in free if need <= buffers[b] and (hi is None or buffers[b] <= hi)]
+    grow = [b for b in free if lo <= buffers[b] < need]
     if fits:
         b = min(fits, key=lambda b: (buffers[b], b))
-    elif free:
-        b = max(free, key=lambda b: (buffers[b], -b))
+    elif grow:
+        b = max(grow, key=lambda b: (buffers[b], -b))
         buffers[b] = need
     else:
         buffers.append(need)
@@ -157,12 +171,23 @@ def _take(buffers: list[int], free: list[int], need: int) -> int:
     return b
 
 
-def _take_symbolic(buffers: list[Dim], free: dict[Dim, list[int]], need: Dim) -> int:
-    same = free.get(canon_dim(need))
-    if same:
-        return same.pop()
-    buffers.append(canon_dim(need))
-    return len(buffers) - 1
+def _symbolic(events, sizes: list[Dim]) -> list[Dim]:
+    """Reuse only buffers of the same size expression: valid for every binding."""
+    buffers: list[Dim] = []
+    free: dict[Dim, list[int]] = {}
+    owner_of: dict[int, int] = {}
+    for starts, ends in events:
+        for k in starts:
+            size = canon_dim(sizes[k])
+            same = free.get(size)
+            if same:
+                owner_of[k] = same.pop()
+            else:
+                buffers.append(size)
+                owner_of[k] = len(buffers) - 1
+        for k in ends:
+            free.setdefault(canon_dim(sizes[k]), []).append(owner_of[k])
+    return buffers
 
 
 def plan_memory(g: Graph, ctx: PassContext | None = None) -> Graph:

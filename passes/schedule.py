@@ -82,8 +82,9 @@ def build_schedule(g: Graph) -> Schedule:
 
 
 def sunk_order(g: Graph) -> list[Node]:
-    """Every op just before its first reader's position (stable; topological: a producer's key,
-    its first reader's position, is below that reader's own key)."""
+    """Every op just before its first reader's position. Topological: a producer's key (its
+    first reader's position) is below that reader's own key; ops sharing a key are independent,
+    and the one that came first goes last (closest to the reader)."""
     first_use: dict[str, int] = {}
     for i, n in enumerate(g.ops):
         for v in n.operands:
@@ -91,8 +92,8 @@ def sunk_order(g: Graph) -> list[Node]:
     keys = []
     for i, n in enumerate(g.ops):
         uses = [first_use[r.name] for r in n.results if r.name in first_use]
-        keys.append((min(uses) if uses else i, i))
-    return [g.ops[i] for _, i in sorted(keys)]
+        keys.append((min(uses), 0, -i) if uses else (i, 1, -i))  # unread ops after their inputs
+    return [g.ops[-key[2]] for key in sorted(keys)]
 
 
 def schedule(g: Graph, ctx: PassContext | None = None) -> Graph:
