@@ -1,5 +1,8 @@
-"""Capture PyTorch programs into the dsv4c IR (`capture`), via torch.export and an ATen table."""
+"""Capture PyTorch programs into the dsv4c IR: `capture` (torch.export and an ATen table) and
+`capture_mlir` (the same table, through torch-mlir's `torch` dialect; torch-mlir is imported on
+first use)."""
 
 from frontend.capture import CaptureError, UnsupportedOpError, capture
+from frontend.mlir import capture_mlir
 
-__all__ = ["CaptureError", "UnsupportedOpError", "capture"]
+__all__ = ["CaptureError", "UnsupportedOpError", "capture", "capture_mlir"]
