@@ -6,8 +6,9 @@ time and peak memory.
 
 Per preset: ops before and after the pipeline, the distinct structural signatures of the ops left
 (`passes.kernel_signatures`: how many different kernels a backend must compile; identical layers
-share them), the pipeline's per-pass times and rule hits (`STATS`), and the peak RSS of the
-process. Goal (issue 4): v4-pro through the pipeline in under 60 s. Results go to
+share them), the launches of the schedule (views and scalars are not launches) and their distinct
+signatures, the fused kernels, the activation memory plan (B=1, T=4096), the pipeline's per-pass
+times and rule hits (`STATS`), and the peak RSS of the process. Goal (issue 4): v4-pro through the pipeline in under 60 s. Results go to
 `benchmarks/results/passes_pipeline.json`.
 """
 
@@ -49,12 +50,26 @@ def run_one(preset: str) -> dict:
     out = passes.pipeline(graph, ctx=ctx)
     pipeline_s = time.perf_counter() - start
     kernels = passes.kernel_signatures(out)
+    schedule, memory = ctx.products["schedule"], ctx.products["memory_plan"]
+    launched = {id(launch.node) for launch in schedule.launches}
+    distinct = {passes.op_signature(n) for n in out.ops if id(n) in launched}
+    fused = {passes.op_signature(n) for n in out.ops if n.name == "fused.kernel"}
+    mib = 1 << 20
     return {
         "preset": preset,
         "layers": cfg.n_layers,
         "ops_before": len(graph.ops),
         "ops_after": len(out.ops),
         "distinct_signatures": len(kernels),
+        "launches": schedule.count,
+        "launches_by_category": dict(schedule.by_category()),
+        "distinct_kernels": len(distinct),
+        "fused_kernels": sum(n.name == "fused.kernel" for n in out.ops),
+        "distinct_fused_kernels": len(fused),
+        "memory_bindings": memory.bindings,
+        "activation_mib_no_reuse": round(memory.no_reuse_bytes / mib, 1),
+        "activation_mib_planned": round(memory.peak_bytes / mib, 1),
+        "activation_mib_live": round(memory.live_bytes / mib, 1),
         "capture_s": round(capture_s, 2),
         "pipeline_s": round(pipeline_s, 2),
         "pass_s": {k: round(v, 2) for k, v in ctx.times.items()},
@@ -93,6 +108,13 @@ def main() -> None:
             f"{row['ops_after']:>6}  distinct signatures {row['distinct_signatures']:>5}  "
             f"capture {row['capture_s']:>6.1f} s  pipeline {row['pipeline_s']:>6.1f} s  "
             f"peak RSS {row['peak_rss_mb']:>6} MB"
+        )
+        print(
+            f"{'':>9} launches {row['launches']:>6} ({row['distinct_kernels']} distinct; "
+            f"{row['fused_kernels']} fused.kernel, {row['distinct_fused_kernels']} distinct)  "
+            f"activations at {row['memory_bindings']}: {row['activation_mib_no_reuse']} MiB "
+            f"unplanned -> {row['activation_mib_planned']} MiB planned "
+            f"(live peak {row['activation_mib_live']} MiB)"
         )
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(RESULTS), delete=False) as f:

@@ -20,11 +20,12 @@ evaluated at the bindings. Symbols missing from `bindings` are taken as 1 and li
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ir import Graph, Value
-from ir.symbolic import Dim, canon_dim
+from ir import Graph, TensorType, Value
+from ir.symbolic import Dim
 from passes.context import PassContext
 from passes.cost import FREE, evaluate
 
@@ -103,6 +104,16 @@ def lifetimes(g: Graph) -> list[Lifetime]:
     return [Lifetime(values[k], start[k], end[k], tuple(members[k])) for k in start]
 
 
+@functools.lru_cache(maxsize=4096)
+def _nbytes(t: TensorType) -> Dim:
+    return t.nbytes  # symbolic arithmetic is slow; a model has few distinct types
+
+
+@functools.lru_cache(maxsize=4096)
+def _bytes_at(t: TensorType, env: tuple) -> int:
+    return evaluate(_nbytes(t), dict(env))
+
+
 def _names(life: Lifetime) -> list[str]:
     return [life.value.name, *life.aliases]
 
@@ -115,13 +126,14 @@ def plan(g: Graph, bindings: Mapping[str, int] | None = None) -> MemoryPlan:
                for s in d.free_symbols}  # fmt: skip
     assumed = sorted(symbols - set(env))
     env.update({s: 1 for s in assumed})
-    sizes = [evaluate(life.value.type.nbytes, env) for life in lives]
+    key = tuple(sorted(env.items()))
+    sizes = [_bytes_at(life.value.type, key) for life in lives]
     events = _events(lives, len(g.ops))
     tries = [_concrete(events, sizes, slack) for slack in (None, 2)]
     owner_of, buffers = min(tries, key=lambda t: sum(t[1]))
     assignment = {name: owner_of[k] for k, life in enumerate(lives) for name in _names(life)}
     out = MemoryPlan(env, assumed, assignment, buffers, no_reuse_bytes=sum(sizes))
-    out.symbolic_buffers = _symbolic(events, [life.value.type.nbytes for life in lives])
+    out.symbolic_buffers = _symbolic(events, [_nbytes(life.value.type) for life in lives])
     live = 0
     for starts, ends in events:
         live += sum(sizes[k] for k in starts)
@@ -178,7 +190,7 @@ def _symbolic(events, sizes: list[Dim]) -> list[Dim]:
     owner_of: dict[int, int] = {}
     for starts, ends in events:
         for k in starts:
-            size = canon_dim(sizes[k])
+            size = sizes[k]
             same = free.get(size)
             if same:
                 owner_of[k] = same.pop()
@@ -186,7 +198,7 @@ def _symbolic(events, sizes: list[Dim]) -> list[Dim]:
                 buffers.append(size)
                 owner_of[k] = len(buffers) - 1
         for k in ends:
-            free.setdefault(canon_dim(sizes[k]), []).append(owner_of[k])
+            free.setdefault(sizes[k], []).append(owner_of[k])
     return buffers
 
 

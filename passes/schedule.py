@@ -10,7 +10,7 @@ After fusion every op of the graph is one of:
 The pass chooses between the given order and a *sunk* order — every op moved to just before its
 first reader, so weight transposes and RoPE tables are made when needed instead of at the top —
 whichever needs fewer activation bytes at the planning bindings (`memory_plan.plan`). Both are
-topological. The `Schedule` (launches in order, with their symbolic cost) goes to
+topological. The `Schedule` (launches in order, each with its symbolic cost) goes to
 `ctx.products["schedule"]`; counters: `schedule.launches`, `schedule.<category>`.
 """
 
@@ -46,7 +46,11 @@ class Launch:
     index: int  # position of the op in the scheduled graph
     node: Node
     category: str
-    cost: Cost
+
+    @property
+    def cost(self) -> Cost:
+        """Flops and bytes moved (symbolic; `passes.cost.evaluate` binds them)."""
+        return kernel_cost(self.node)
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,7 @@ def build_schedule(g: Graph) -> Schedule:
         if cat == "free":
             free += 1
             continue
-        launches.append(Launch(i, n, cat, kernel_cost(n)))
+        launches.append(Launch(i, n, cat))
     return Schedule(tuple(launches), free)
 
 
