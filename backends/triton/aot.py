@@ -27,7 +27,7 @@ from typing import Any
 
 import ir
 from backends.targets import GPU_TARGETS, Target, get_target
-from backends.triton.binary import cubin_usage, hsaco_usage
+from backends.triton.binary import cubin_usage, hsaco_usage, ptxas_spills
 from backends.triton.emitters import AotVariant
 from backends.triton.kernel import KernelSource, Param, load_jit
 from backends.triton.runtime import TritonExecutable
@@ -48,8 +48,8 @@ class AotResult:
     registers: int | None = None  # per thread (AMD: VGPRs + AGPRs)
     sgprs: int | None = None  # AMD only
     shared: int | None = None  # bytes of shared memory / LDS per block
-    spills: int | None = None  # see binary.Usage
-    spill_bytes: int | None = None
+    spills: int | None = None  # NVIDIA: spill-store bytes; AMD: spilled registers
+    stack_bytes: int | None = None  # NVIDIA: stack frame per thread; AMD: scratch per lane
     binary_bytes: int | None = None
     seconds: float = 0.0
     error: str | None = None
@@ -106,6 +106,10 @@ def _compile_one(
     asm_kind, bin_kind = _KEEP[target.backend]
     binary = compiled.asm[bin_kind]
     usage = cubin_usage(binary) if target.backend == "cuda" else hsaco_usage(binary)
+    if usage.spills is None:  # a stack frame: spills, or libdevice's sin/cos scratch?
+        fusion = bool(getattr(compiled.metadata, "enable_fp_fusion", True))
+        spills = ptxas_spills(compiled.asm["ptx"], int(target.arch), fusion)  # type: ignore[arg-type]
+        usage = dataclasses.replace(usage, spills=spills)
     files: list[str] = []
     if keep_dir is not None:
         folder = keep_dir / target.name
@@ -122,7 +126,7 @@ def _compile_one(
         sgprs=usage.sgprs,
         shared=int(compiled.metadata.shared),
         spills=usage.spills,
-        spill_bytes=usage.spill_bytes,
+        stack_bytes=usage.stack_bytes,
         binary_bytes=len(binary),
         seconds=seconds,
         files=tuple(files),
@@ -220,15 +224,18 @@ def _worker(keep: str) -> None:
 
 
 def format_table(results: Sequence[AotResult]) -> str:
-    """A fixed-width table: kernel, target, tiles, warps/stages, registers, shared, spills."""
-    head = ("kernel", "target", "tiles", "warps", "stages", "regs", "sgprs", "shared", "spills")
+    """A fixed-width table: kernel, target, tiles, warps/stages, registers, shared memory, stack
+    and spills (NVIDIA: spill-store bytes; AMD: spilled registers)."""
+    head = ("kernel", "target", "tiles", "warps", "stages", "regs", "sgprs", "shared", "stack")
+    head += ("spills",)
     rows = [head]
     for r in results:
         tiles = "x".join(str(v) for k, v in r.constexprs.items() if k.startswith("BLOCK_"))
         if r.error:
-            rows.append((r.kernel, r.target, tiles, "", "", "", "", "", f"error: {r.error}"))
+            rows.append((r.kernel, r.target, tiles, "", "", "", "", "", "", f"error: {r.error}"))
             continue
-        spills = "0" if not r.spills else f"{r.spills} ({r.spill_bytes} B)"
+        unit = " B" if get_target(r.target).backend == "cuda" else " regs"
+        spills = "0" if not r.spills else f"{r.spills}{unit}"
         rows.append(
             (
                 r.kernel,
@@ -239,6 +246,7 @@ def format_table(results: Sequence[AotResult]) -> str:
                 str(r.registers),
                 "" if r.sgprs is None else str(r.sgprs),
                 _kib(r.shared),
+                _kib(r.stack_bytes),
                 spills,
             )
         )

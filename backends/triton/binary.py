@@ -5,8 +5,9 @@ GPU. Ahead of time we read the same facts from the binaries themselves:
 
 - cubin (NVIDIA ELF): the `.nv.info` section holds per-function attributes (the EIATTR records
   `cuobjdump -res-usage` prints): EIATTR_REGCOUNT (registers per thread) and EIATTR_FRAME_SIZE
-  (per-thread local-memory stack frame). Triton kernels never allocate local arrays, so a
-  non-zero frame is register spilling: ptxas reports the same bytes as its frame size.
+  (per-thread local-memory stack frame). A zero frame means no spills. A non-zero frame is
+  usually spilling, but libdevice's sin/cos keep a small array there too; the binary does not
+  say which, so then `ptxas_spills` asks ptxas (`-v`) for the spill-store bytes of that PTX.
 - hsaco (AMD ELF): the NT_AMDGPU_METADATA note is a msgpack map whose `amdhsa.kernels` entries
   carry `.vgpr_count`, `.sgpr_count`, `.agpr_count`, `.vgpr_spill_count`, `.sgpr_spill_count`
   and `.private_segment_fixed_size` (scratch bytes per lane).
@@ -18,14 +19,14 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Usage", "elf_sections", "cubin_usage", "hsaco_usage", "msgpack_loads"]
+__all__ = ["Usage", "elf_sections", "cubin_usage", "hsaco_usage", "msgpack_loads", "ptxas_spills"]
 
 
 @dataclass(frozen=True)
 class Usage:
     registers: int  # per thread (AMD: VGPRs + AGPRs)
-    spill_bytes: int  # NVIDIA: stack frame bytes per thread; AMD: scratch bytes per lane
-    spills: int  # NVIDIA: = spill_bytes; AMD: spilled VGPRs + SGPRs (counts)
+    stack_bytes: int  # NVIDIA: local-memory stack frame per thread; AMD: scratch per lane
+    spills: int | None  # NVIDIA: spill-store bytes (None: unknown yet); AMD: spilled registers
     sgprs: int | None = None  # AMD scalar registers
 
 
@@ -81,7 +82,7 @@ def cubin_usage(cubin: bytes) -> Usage:
             frame = max(frame, struct.unpack_from("<II", payload)[1])
     if regs is None:
         raise ValueError("cubin has no EIATTR_REGCOUNT record in .nv.info")
-    return Usage(registers=regs, spill_bytes=frame, spills=frame)
+    return Usage(registers=regs, stack_bytes=frame, spills=0 if frame == 0 else None)
 
 
 def hsaco_usage(hsaco: bytes) -> Usage:
@@ -101,10 +102,33 @@ def hsaco_usage(hsaco: bytes) -> Usage:
     spills = k.get(".vgpr_spill_count", 0) + k.get(".sgpr_spill_count", 0)
     return Usage(
         registers=k[".vgpr_count"] + k.get(".agpr_count", 0),
-        spill_bytes=k.get(".private_segment_fixed_size", 0),
+        stack_bytes=k.get(".private_segment_fixed_size", 0),
         spills=spills,
         sgprs=k.get(".sgpr_count"),
     )
+
+
+def ptxas_spills(ptx: str, capability: int, fp_fusion: bool = True) -> int:
+    """Spill-store bytes of a kernel, from running Triton's own ptxas with `-v` on its PTX (the
+    flags Triton's make_cubin uses). Only needed when the cubin has a non-zero stack frame."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = f"{tmp}/k.ptx"
+        with open(src, "w") as f:
+            f.write(ptx)
+        cmd = [get_ptxas(capability).path, "-lineinfo", "-v", "--regAllocOptLevel=2"]
+        cmd += [] if fp_fusion else ["--fmad=false"]
+        cmd += [f"--gpu-name={sm_arch_from_capability(capability)}", src, "-o", f"{tmp}/k.o"]
+        log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    found = re.findall(r"(\d+) bytes spill stores", log)
+    if not found:
+        raise ValueError(f"ptxas -v printed no spill figures:\n{log[-2000:]}")
+    return max(int(n) for n in found)
 
 
 def _align4(n: int) -> int:
