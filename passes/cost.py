@@ -15,10 +15,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ir import Cost, Node
+from ir import Cost, Graph, Node
 from ir.symbolic import Dim, canon_dim, subs_dim, sym
 
-__all__ = ["FREE", "bindings", "evaluate", "is_free", "kernel_cost", "roofline_s"]
+__all__ = [
+    "FREE",
+    "bindings",
+    "evaluate",
+    "gemm_operand_views",
+    "is_free",
+    "kernel_cost",
+    "roofline_s",
+]
 
 FREE = frozenset({"reshape", "squeeze", "unsqueeze", "expand"})
 
@@ -28,6 +36,27 @@ def is_free(node: Node) -> bool:
     if node.name in FREE:
         return True
     return node.name == "constant" and not node.operands
+
+
+def gemm_operand_views(g: Graph) -> set[str]:
+    """Results of `permute`s read only as the B operand of GEMMs (`matmul`, or a `fused.kernel`
+    whose body starts with one): the GEMM reads B through its strides, so the permute stays a
+    view (`x @ w.T` with a [out, in] weight) — no launch, no copy, no buffer."""
+    readers: dict[str, list[bool]] = {}
+    for n in g.ops:
+        body = n.attrs["body"].ops[:1] if n.name == "fused.kernel" else []
+        gemm = n.name == "matmul" or [b.name for b in body] == ["matmul"]
+        for i, v in enumerate(n.operands):
+            ok = gemm and i == 1 and v.type.rank in (2, 3)
+            readers.setdefault(v.name, []).append(ok)
+    outputs = {v.name for v in g.outputs}
+    return {
+        n.results[0].name
+        for n in g.ops
+        if n.name == "permute"
+        and n.results[0].name not in outputs
+        and all(readers.get(n.results[0].name, [False]))
+    }
 
 
 def kernel_cost(node: Node) -> Cost:

@@ -2,8 +2,8 @@
 
 Every value an op produces needs a buffer from its op until its last reader (graph outputs live
 to the end); graph inputs (parameters, activations, caches) belong to the caller and are not
-planned. Views (reshape, squeeze, unsqueeze, expand) alias their operand's buffer and extend its
-life; 0-d constants are host scalars. Values inside `fused.kernel` bodies never reach memory.
+planned. Views (reshape, squeeze, unsqueeze, expand, and permutes only a GEMM reads through its
+strides) alias their operand's buffer and extend its life; 0-d constants are host scalars. Values inside `fused.kernel` bodies never reach memory.
 A kernel's outputs are allocated before its dead operands are freed (no in-place writes).
 
 Two plans, both greedy in schedule order:
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from ir import Graph, TensorType, Value
 from ir.symbolic import Dim
 from passes.context import PassContext
-from passes.cost import FREE, evaluate
+from passes.cost import FREE, evaluate, gemm_operand_views
 
 __all__ = ["DEFAULT_BINDINGS", "Lifetime", "MemoryPlan", "lifetimes", "plan", "plan_memory"]
 
@@ -79,13 +79,15 @@ def lifetimes(g: Graph) -> list[Lifetime]:
     end: dict[str, int] = {}
     members: dict[str, list[str]] = {}
     values: dict[str, Value] = {}
+    views = gemm_operand_views(g)
     for i, n in enumerate(g.ops):
         for v in n.operands:
             if v.name in owner:
                 end[owner[v.name]] = i
         if n.name == "constant" and not n.operands:
             continue
-        src = n.operands[0].name if n.name in FREE and n.operands else None
+        view = n.name in FREE or (n.results and n.results[0].name in views)
+        src = n.operands[0].name if view and n.operands else None
         for r in n.results:
             if src is not None and src in owner:
                 owner[r.name] = owner[src]

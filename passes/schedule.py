@@ -5,7 +5,8 @@ After fusion every op of the graph is one of:
 - `fused`     a `fused.kernel` of elementwise/reduction ops (generated code);
 - `gemm`      `matmul`/`grouped_mm`, or a `fused.kernel` whose body starts with a matmul (epilogue);
 - `primitive` any other op left alone (slice, concat, topk, a lone add, ...): one launch;
-- `free`      views and 0-d constants: no launch (the runtime aliases or passes a scalar).
+- `free`      views and 0-d constants: no launch (the runtime aliases or passes a scalar); also
+              permutes read only as a GEMM's B operand (read through strides, `x @ w.T`).
 
 The pass chooses between the given order and a *sunk* order — every op moved to just before its
 first reader, so weight transposes and RoPE tables are made when needed instead of at the top —
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 from ir import Cost, Graph, Node
 from passes.context import PassContext
-from passes.cost import is_free, kernel_cost
+from passes.cost import gemm_operand_views, is_free, kernel_cost
 from passes.memory_plan import plan
 
 __all__ = ["Launch", "Schedule", "build_schedule", "category", "schedule", "sunk_order"]
@@ -76,8 +77,9 @@ def build_schedule(g: Graph) -> Schedule:
     """The launches of `g` in its current order."""
     launches = []
     free = 0
+    views = gemm_operand_views(g)
     for i, n in enumerate(g.ops):
-        cat = category(n)
+        cat = "free" if n.results and n.results[0].name in views else category(n)
         if cat == "free":
             free += 1
             continue
