@@ -35,6 +35,16 @@ def shape_of(v: ir.Value, env: dict) -> list[int]:
     return [int(subs_dim(d, env)) for d in v.shape]
 
 
+ALIGN = 64  # bytes: TVM kernels assume buffers aligned like its own allocations
+
+
+def aligned(t: Any) -> Any:
+    """`t` as a contiguous tensor whose data is ALIGN-byte aligned (vector loads assume it);
+    a view at an odd offset (a slice of a fused weight, a column of a row) is copied."""
+    t = t.contiguous()
+    return t if t.data_ptr() % ALIGN == 0 else t.clone()
+
+
 def _alloc(results: tuple[ir.Value, ...], env: dict, device: Any) -> list[Any]:
     import torch
 
@@ -60,7 +70,7 @@ class Launch:
 @dataclass
 class KernelLaunch(Launch):
     def __call__(self, inputs: list[Any], env: dict, fns: dict[str, Any]) -> tuple[Any, ...]:
-        args = [inputs[i].contiguous() for i in self.operands]
+        args = [aligned(inputs[i]) for i in self.operands]
         device = args[0].device if args else None
         outs = _alloc(self.node.results, env, device)
         if any(o.numel() for o in outs):
@@ -87,9 +97,9 @@ class MatmulLaunch(Launch):
         (out,) = _alloc(self.node.results, env, a.device)
         if out.numel():
             if transposed_layout(b):
-                fns[self.kernels[1].key](a.contiguous(), b.mT.contiguous(), out)
+                fns[self.kernels[1].key](aligned(a), aligned(b.mT), out)
             else:
-                fns[self.kernels[0].key](a.contiguous(), b.contiguous(), out)
+                fns[self.kernels[0].key](aligned(a), aligned(b), out)
         self.count("tvm")
         return (out,)
 

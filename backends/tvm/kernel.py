@@ -41,20 +41,37 @@ def make_kernel(
     overrides: dict[str, Any] | None = None,
 ) -> Kernel:
     """Lower `body` to te (`overrides`: mnemonic -> lowering replacing the table's), pack it as
-    a PrimFunc named `name` and apply `schedule` (if any)."""
+    a PrimFunc named `name` and apply `schedule` (if any). Cached per session by `key`."""
+    if key not in KERNELS:
+        KERNELS[key] = _lower_and_schedule(body, name, key, schedule, overrides)
+    found = KERNELS[key]
+    if isinstance(found, str):
+        raise Unsupported(found)
+    return found
+
+
+def _lower_and_schedule(
+    body: ir.Graph,
+    name: str,
+    key: str,
+    schedule: Callable[[Any], Any] | None,
+    overrides: dict[str, Any] | None,
+) -> Kernel | str:
     try:
-        lw = Lowering(body, name, overrides)
-        func = lw.prim_func()
-    except Unsupported:
-        raise
-    except Exception as e:
-        raise Unsupported(f"TVM lowering failed: {type(e).__name__}: {_first_line(e)}") from e
+        func = Lowering(body, name, overrides).prim_func()
+    except Unsupported as e:
+        return str(e)
+    except Exception as e:  # noqa: BLE001  (any TVM error while lowering: report, run the reference)
+        return f"TVM lowering failed: {type(e).__name__}: {_first_line(e)}"
     if schedule is not None:
         try:
             func = schedule(func)
-        except Exception as e:
-            raise Unsupported(f"TVM schedule failed: {type(e).__name__}: {_first_line(e)}") from e
+        except Exception as e:  # noqa: BLE001  (a schedule TVM refuses: report, run the reference)
+            return f"TVM schedule failed: {type(e).__name__}: {_first_line(e)}"
     return Kernel(name, key, tuple(n.name for n in body.ops), func)
+
+
+KERNELS: dict[str, Kernel | str] = {}  # key -> kernel, or why it cannot be lowered (session)
 
 
 def _first_line(e: Exception) -> str:
@@ -89,7 +106,7 @@ def build(kernels: list[Kernel], target: Any) -> dict[str, Any]:
     todo = {k.key: k for k in kernels if (tkey, k.key) not in BUILT}
     if todo:
         mod = tvm.IRModule({k.name: k.func for k in todo.values()})
-        ex = tvm.build(mod, target=target)
+        ex = tvm.tirx.build(mod, target=target)
         _MODULES.append(ex)
         for k in todo.values():
             BUILT[(tkey, k.key)] = ex[k.name]

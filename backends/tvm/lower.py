@@ -185,7 +185,7 @@ def convert(x: Any, dtype: str) -> Any:
     if src == dtype:
         return x
     if dtype == "bool":
-        return x != tirx.const(0, src)
+        return tirx.NE(x, tirx.const(0, src))
     return x.astype(dtype)
 
 
