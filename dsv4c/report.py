@@ -28,12 +28,14 @@ def _num(d: Any, env: Mapping[str, int]) -> int | None:
 
 
 def _kernel_names(exe: Any) -> dict[int, tuple[str, str]]:
-    """id(node) -> (kernel name, key) for a Triton executable; empty for other backends."""
+    """id(node) -> (kernel name, key) of the op's kernel: a Triton launch's `source`, a TVM
+    launch's first kernel; empty for the reference backend."""
     out = {}
     for step in getattr(exe, "steps", []):
         launch = getattr(step, "launch", None)
-        if launch is not None:
-            out[id(step.node)] = (launch.source.name, launch.source.key)
+        kernel = getattr(launch, "source", None) or next(iter(getattr(launch, "kernels", [])), None)
+        if kernel is not None:
+            out[id(step.node)] = (kernel.name, kernel.key)
     return out
 
 

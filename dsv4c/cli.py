@@ -1,0 +1,235 @@
+"""The `dsv4c` command line.
+
+    dsv4c compile --model tiny --backend triton --target sm_90 -o out/    # prefill + decode
+    dsv4c run out/ --prompt-len 32 --gen 16                               # tokens/s, vs eager
+    dsv4c ir --model tiny --after fuse_elementwise                        # IR after a pass
+    dsv4c ir --model tiny --explain mul_one                               # why a rule (not) fires
+    dsv4c report out/                                                     # out/report.html
+
+Errors (unknown model, target or backend, a bad directory, unreadable weights) print one line and
+exit with status 1; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build_parser", "main"]
+
+PRESETS = ("tiny", "tiny-512", "small", "v4-flash", "v4-pro")
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _progress(phase: str, detail: str) -> None:
+    _say(f"  [{phase}] {detail}")
+
+
+# --- models --------------------------------------------------------------------------------
+
+
+def _config(preset: str) -> Any:
+    from models.deepseek_v4 import Config
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model {preset!r}; known models: {', '.join(PRESETS)}")
+    return Config.preset(preset)
+
+
+def _meta_model(preset: str) -> Any:
+    import torch
+
+    from models.deepseek_v4 import Transformer
+
+    with torch.device("meta"):
+        return Transformer(_config(preset)).eval()
+
+
+def model_methods(model: Any, max_len: int) -> dict[str, Any]:
+    """Example inputs of the prefill (with cache) and decode entry points, batch `B` symbolic and
+    prompt length `T` symbolic; the cache holds `max_len` positions."""
+    import torch
+
+    from dsv4c.driver import MethodSpec
+
+    dev = next(model.parameters()).device
+    cache = model.init_cache(2, max_len)
+    tokens = torch.zeros(2, min(24, max_len - 1), dtype=torch.long, device=dev)
+    token = torch.zeros(2, 1, dtype=torch.long, device=dev)
+    pos = torch.tensor(min(16, max_len - 1), device=dev)
+    return {
+        "prefill": MethodSpec(
+            (tokens, cache), {"tokens": {0: "B", 1: "T"}, "cache": {0: "B"}}, {"B": 1, "T": 4096}
+        ),
+        "decode": MethodSpec((token, pos, cache), {"token": {0: "B"}, "cache": {0: "B"}}, {"B": 1}),
+    }
+
+
+# --- commands ------------------------------------------------------------------------------
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    import dsv4c
+
+    _config(args.model)
+    if args.weights and not Path(args.weights).exists():
+        raise FileNotFoundError(f"weights {args.weights} do not exist")
+    from dsv4c.driver import _target, make_backend
+
+    _target(args.target), make_backend(args.backend)  # fail fast on a bad name
+    start = time.perf_counter()
+    model = _meta_model(args.model)
+    methods = model_methods(model, args.max_len)
+    if args.methods:
+        methods = {m: methods[m] for m in args.methods.split(",")}
+    _say(f"compiling {args.model} ({', '.join(methods)}) with {args.backend} for {args.target}")
+    info = {"preset": args.model, "max_len": args.max_len, "weights": args.weights}
+    compiled = dsv4c.compile_methods(
+        model,
+        methods,
+        backend=args.backend,
+        target=args.target,
+        output_dir=args.output,
+        progress=_progress,
+        model_info=info,
+        use_cache=not args.no_cache,
+    )
+    report = compiled.report()
+    for name, entry in report["entries"].items():
+        _say(
+            f"  {name}: {entry['ops_captured']} ops captured -> {entry['launches']} launches, "
+            f"{len(entry['kernels'])} distinct kernels"
+        )
+    cache = report["kernel_cache"]
+    if cache["hits"] or cache["misses"]:
+        _say(f"  kernel cache: {cache['hits']} hits, {cache['misses']} compiled")
+    print(f"wrote {args.output} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    manifest = _peek_manifest(args.dir)
+    if manifest.get("backend") == "triton" and manifest.get("target") == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+        # masked-off lanes of interpreted kernels compute on padding; numpy warns about it
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton.runtime")
+    import dsv4c
+    from dsv4c.run import generate
+
+    compiled = dsv4c.load(args.dir)
+    if compiled.target.is_gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise dsv4c.TargetMismatchError(
+                f"{args.dir} is compiled for {compiled.target.name} "
+                f"({compiled.target.description}); this machine has no GPU to run it on"
+            )
+    generate(compiled, args, _say)
+    return 0
+
+
+def _peek_manifest(path: str) -> dict:
+    from dsv4c.artifact import MANIFEST
+    from dsv4c.errors import ArtifactError
+
+    try:
+        return json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        raise ArtifactError(f"{path} is not a dsv4c artifact directory (no readable {MANIFEST})")
+
+
+def cmd_ir(args: argparse.Namespace) -> int:
+    from dsv4c.ir_tools import show_ir
+
+    model = _meta_model(args.model)
+    spec = model_methods(model, args.max_len)[args.method]
+    print(show_ir(model, args.method, spec, after=args.after, explain=args.explain))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from dsv4c.artifact import atomic_write, read_artifact
+    from dsv4c.report_html import render
+
+    manifest, files = read_artifact(args.dir, check_versions_=False)
+    report = json.loads(files["report.json"])
+    out = Path(args.dir) / "report.html"
+    atomic_write(out, render(manifest, report).encode())
+    print(f"wrote {out}")
+    return 0
+
+
+# --- parser --------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dsv4c.driver import BACKEND_NAMES
+
+    ap = argparse.ArgumentParser(
+        prog="dsv4c", description="Compile DeepSeek-V4-class models for GPUs and the CPU."
+    )
+    ap.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("compile", help="compile a model preset into an artifact directory")
+    c.add_argument("--model", required=True, help=f"model preset: {', '.join(PRESETS)}")
+    c.add_argument("--backend", default="triton", help=f"{', '.join(BACKEND_NAMES)}")
+    c.add_argument("--target", default="cpu", help="cpu, sm_80, sm_90, sm_100, sm_120, gfx942, ...")
+    c.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    c.add_argument("--weights", help="safetensors checkpoint the artifact will run with")
+    c.add_argument("--max-len", type=int, default=256, help="KV cache positions (default 256)")
+    c.add_argument("--methods", help="entry points, comma separated (default prefill,decode)")
+    c.add_argument("--no-cache", action="store_true", help="bypass the AOT kernel cache")
+    c.set_defaults(fn=cmd_compile)
+
+    r = sub.add_parser("run", help="generate tokens with a compiled model and print tokens/s")
+    r.add_argument("dir", help="artifact directory from `dsv4c compile`")
+    r.add_argument("--prompt-len", type=int, default=16)
+    r.add_argument("--gen", type=int, default=8, help="tokens to generate after the prompt")
+    r.add_argument("--weights", help="safetensors checkpoint (default: random weights)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompt")
+    r.add_argument("--no-check", action="store_true", help="skip the comparison with eager")
+    r.set_defaults(fn=cmd_run)
+
+    i = sub.add_parser("ir", help="print a model's IR after a pipeline pass")
+    i.add_argument("--model", required=True, help=f"model preset: {', '.join(PRESETS)}")
+    i.add_argument("--method", default="prefill", choices=("prefill", "decode"))
+    i.add_argument("--after", default="pipeline", help="capture, a pass name, or pipeline")
+    i.add_argument("--explain", metavar="RULE", help="say why RULE does or does not fire")
+    i.add_argument("--max-len", type=int, default=64, help=argparse.SUPPRESS)
+    i.set_defaults(fn=cmd_ir)
+
+    p = sub.add_parser("report", help="write report.html for an artifact directory")
+    p.add_argument("dir", help="artifact directory from `dsv4c compile`")
+    p.set_defaults(fn=cmd_report)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        _say("dsv4c: interrupted")
+        return 130
+    except Exception as e:  # one line for the user; the traceback with --debug
+        if args.debug:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        _say(f"dsv4c {args.command}: error: {first}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

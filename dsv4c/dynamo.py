@@ -1,0 +1,103 @@
+"""`torch.compile(module, backend="dsv4c")` through PyTorch's documented custom-backend API.
+
+    torch.compile(model, backend="dsv4c")                                       # reference, CPU
+    torch.compile(model, backend="dsv4c", options={"backend": "triton", "target": "cpu"})
+    torch.compile(model, backend=dsv4c.dynamo.backend(backend="triton"))        # same, no registry
+
+The name "dsv4c" is registered through the `torch_dynamo_backends` entry point (pyproject.toml),
+so it works without importing dsv4c first; `register()` registers it by hand (e.g. from a source
+checkout that was not pip-installed). Dynamo hands over each FX graph with its example inputs;
+the graph is compiled with `dsv4c.compile` (parameters lifted by Dynamo arrive as ordinary
+inputs). Graphs dsv4c cannot take — symbolic sizes passed as ints, outputs that are not all
+tensors, an op the frontend cannot capture — run eagerly, with a warning saying why.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+__all__ = ["NAME", "backend", "dsv4c_backend", "register"]
+
+NAME = "dsv4c"
+OPTIONS = ("backend", "target")
+
+
+def dsv4c_backend(
+    gm: Any, example_inputs: Sequence[Any], *, options: Mapping[str, Any] | None = None
+) -> Callable[..., Any]:
+    """The Dynamo backend: FX graph + example inputs -> a callable returning the same outputs."""
+    import torch
+
+    from dsv4c.driver import compile
+    from dsv4c.errors import DsvError
+
+    opts = dict(options or {})
+    unknown = sorted(set(opts) - set(OPTIONS))
+    if unknown:
+        raise DsvError(f"unknown dsv4c option(s) {unknown}; known: {', '.join(OPTIONS)}")
+    why = _unsupported(gm, example_inputs)
+    if why:
+        return _eager(gm, why)
+    try:
+        compiled = compile(
+            gm,
+            list(example_inputs),
+            backend=opts.get("backend", "reference"),
+            target=opts.get("target", "cpu"),
+        )
+    except DsvError:
+        raise  # a wrong option is the user's to fix, not a reason to run eagerly
+    except Exception as e:  # noqa: BLE001 — e.g. an op the frontend cannot capture
+        return _eager(gm, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    as_tuple = isinstance(_output_args(gm), tuple)
+
+    def run(*args: Any) -> Any:
+        with torch.no_grad():
+            outs = compiled(*args)
+        return tuple(outs) if as_tuple else list(outs)
+
+    run.compiled = compiled  # type: ignore[attr-defined]
+    return run
+
+
+def _output_args(gm: Any) -> Any:
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    return out.args[0]
+
+
+def _unsupported(gm: Any, example_inputs: Sequence[Any]) -> str | None:
+    import torch
+    import torch.utils._pytree as pytree
+
+    if not all(isinstance(x, torch.Tensor) for x in example_inputs):
+        return "inputs that are not tensors (symbolic sizes); use torch.compile(dynamic=False)"
+    leaves = pytree.tree_leaves(_output_args(gm))
+    if not leaves or not all(isinstance(n, torch.fx.Node) for n in leaves):
+        return "outputs that are not all tensors"
+    if any(getattr(x, "requires_grad", False) and torch.is_grad_enabled() for x in example_inputs):
+        return "autograd (a tensor requires grad); dsv4c compiles inference graphs — use no_grad"
+    return None
+
+
+def _eager(gm: Any, why: str) -> Callable[..., Any]:
+    warnings.warn(f"dsv4c: running this graph eagerly: {why}", stacklevel=2)
+    return gm.forward
+
+
+def backend(**options: Any) -> Callable[..., Any]:
+    """A backend callable with options bound: `torch.compile(m, backend=backend(target="cpu"))`."""
+
+    def fn(gm: Any, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        return dsv4c_backend(gm, example_inputs, options=options)
+
+    return fn
+
+
+def register() -> None:
+    """Register "dsv4c" with torch._dynamo by hand (the entry point normally does this)."""
+    from torch._dynamo.backends.registry import _BACKENDS, register_backend
+
+    if NAME not in _BACKENDS:
+        register_backend(name=NAME)(dsv4c_backend)

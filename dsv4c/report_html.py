@@ -1,0 +1,183 @@
+"""`report.json` -> one self-contained `report.html` (inline SVG roofline, no scripts, no network).
+
+Sections: summary, compile time per phase, per entry point the fusion summary, memory plan,
+per-kernel flops/bytes table and roofline plot, then the AOT metadata of each kernel.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+__all__ = ["render", "roofline_svg"]
+
+CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:2px 8px}
+th{background:#f3f3f3;text-align:left}td.n{text-align:right;font-variant-numeric:tabular-nums}
+h2{border-bottom:2px solid #444;margin-top:2em}code{background:#f6f6f6}
+"""
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x))
+
+
+def _si(x: float | None, unit: str = "") -> str:
+    if x is None:
+        return "–"
+    for div, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.2f} {prefix}{unit}"
+    return f"{x:.3g} {unit}".strip()
+
+
+def _table(head: Sequence[str], rows: Iterable[Sequence[Any]], numeric: Sequence[int] = ()) -> str:
+    out = ["<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"]
+    for row in rows:
+        cells = [
+            f'<td class="n">{_e(c)}</td>' if i in numeric else f"<td>{_e(c)}</td>"
+            for i, c in enumerate(row)
+        ]
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    return "\n".join(out) + "</table>"
+
+
+def roofline_svg(kernels: Sequence[Mapping[str, Any]], target: Mapping[str, Any]) -> str:
+    """Log-log roofline of the target with one dot per kernel at (FLOP/byte, attainable FLOP/s)."""
+    w, h, pad = 640, 360, 50
+    peak, bw = target["peak_bf16_flops"], target["hbm_bandwidth"]
+    x0, x1 = -2.0, 4.0  # log10 FLOP/byte
+    y1 = math.log10(peak) + 0.3
+    y0 = y1 - 6.5
+
+    def px(i: float) -> float:
+        return pad + (math.log10(i) - x0) / (x1 - x0) * (w - 2 * pad)
+
+    def py(p: float) -> float:
+        return h - pad - (math.log10(max(p, 10**y0)) - y0) / (y1 - y0) * (h - 2 * pad)
+
+    ridge = peak / bw
+    roof = [(10**x0, bw * 10**x0), (ridge, peak), (10**x1, peak)]
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" class="roofline">',
+        (
+            f'<rect x="{pad}" y="{pad}" width="{w - 2 * pad}" height="{h - 2 * pad}" '
+            'fill="none" stroke="#999"/>'
+        ),
+        '<polyline fill="none" stroke="#c33" stroke-width="2" points="'
+        + " ".join(f"{px(i):.1f},{py(p):.1f}" for i, p in roof)
+        + '"/>',
+    ]
+    for k in range(int(x0), int(x1) + 1):
+        parts.append(
+            f'<text x="{px(10**k):.0f}" y="{h - pad + 16}" font-size="11" '
+            f'text-anchor="middle">1e{k}</text>'
+        )
+    parts.append(
+        f'<text x="{w / 2}" y="{h - 10}" font-size="12" text-anchor="middle">FLOP/byte</text>'
+        f'<text x="{pad}" y="{pad - 8}" font-size="12">attainable FLOP/s (peak '
+        f"{_si(peak, 'FLOP/s')}, {_si(bw, 'B/s')})</text>"
+    )
+    for r in kernels:
+        i = r.get("intensity")
+        if not i or i <= 0:
+            continue
+        i = min(max(i, 10**x0), 10**x1)
+        color = "#36c" if r.get("runs") == "kernel" else "#999"
+        parts.append(
+            f'<circle cx="{px(i):.1f}" cy="{py(min(peak, bw * i)):.1f}" r="4" fill="{color}" '
+            f'fill-opacity=".6"><title>{_e(r["name"])}: {i:.2f} FLOP/B</title></circle>'
+        )
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def _entry(name: str, e: Mapping[str, Any], target: Mapping[str, Any]) -> str:
+    f = e["fusion"]
+    out = [f"<h2>Entry point <code>{_e(name)}</code></h2>"]
+    out.append(
+        f"<p>{e['ops_captured']} ops captured → {e['ops_final']} ops after the pipeline → "
+        f"<b>{_e(e['launches'])} kernel launches</b> ({_e(e['launches_by_category'])}); "
+        f"{f['fused_kernels']} fused kernels hold {f['ops_in_fused_kernels']} ops. "
+        f"Costs at {_e(e['bindings'])}.</p>"
+    )
+    out.append("<h3>Fusion summary</h3>")
+    rows = [(k, v) for k, v in f["semantic_ops"].items()] + [("fused.kernel", f["fused_kernels"])]
+    out.append(_table(("fused op", "count"), rows, numeric=(1,)))
+    hits = sorted(f["rule_hits"].items(), key=lambda kv: -kv[1])[:30]
+    out.append(_table(("rule / counter", "hits"), hits, numeric=(1,)))
+    cap, fin = f["captured_by_op"], f["final_by_op"]
+    ops = sorted(set(cap) | set(fin), key=lambda k: -cap.get(k, 0))[:30]
+    out.append(
+        _table(
+            ("op", "captured", "after"), [(k, cap.get(k, 0), fin.get(k, 0)) for k in ops], (1, 2)
+        )
+    )
+    if e.get("memory_plan"):
+        out.append(f"<h3>Memory plan</h3><p>{_e(e['memory_plan']['summary'])}</p>")
+    out.append("<h3>Kernels (flops and bytes per call, summed over uses)</h3>")
+    out.append(roofline_svg(e["kernels"], target))
+    rows = [
+        (
+            k["name"],
+            k["op"],
+            k["runs"],
+            k["uses"],
+            _si(k["flops"]),
+            _si(k["bytes"], "B"),
+            "–" if k["intensity"] is None else f"{k['intensity']:.2f}",
+            "–" if k["roofline_s"] is None else f"{k['roofline_s'] * 1e6:.2f}",
+            k["bound"] or "–",
+        )
+        for k in e["kernels"]
+    ]
+    head = ("kernel", "op", "runs as", "uses", "flops", "bytes", "FLOP/B", "roofline µs", "bound")
+    out.append(_table(head, rows, numeric=(3, 4, 5, 6, 7)))
+    if e.get("fallbacks"):
+        rows = [(x.get("op"), x.get("reason"), x.get("count")) for x in e["fallbacks"]]
+        out.append("<h3>Reference fallbacks</h3>" + _table(("op", "reason", "count"), rows, (2,)))
+    return "\n".join(out)
+
+
+def render(manifest: Mapping[str, Any], report: Mapping[str, Any]) -> str:
+    t = report["target"]
+    title = f"dsv4c report — {report.get('model', {}).get('preset') or 'module'} for {t['name']}"
+    out = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(title)}</title>",
+        f"<style>{CSS}</style></head><body><h1>{_e(title)}</h1>",
+        (
+            f"<p>backend <b>{_e(report['backend'])}</b>, target <b>{_e(t['name'])}</b> "
+            f"({_e(t['description'])}; ridge point {t['ridge_point']:.0f} FLOP/B); "
+            f"versions {_e(report['versions'])}; created {_e(manifest.get('created'))}.</p>"
+        ),
+        "<h2>Compile time</h2>",
+        _table(
+            ("phase", "seconds"),
+            [(k, f"{v:.2f}") for k, v in report["compile_times_s"].items()],
+            numeric=(1,),
+        ),
+        f"<p>kernel cache: {_e(report['kernel_cache'])}</p>",
+    ]
+    for name, entry in report["entries"].items():
+        out.append(_entry(name, entry, t))
+    if report.get("aot"):
+        rows = [
+            (
+                r["kernel"],
+                r["target"],
+                r.get("registers"),
+                r.get("shared"),
+                r.get("spills"),
+                f"{r.get('seconds', 0):.2f}",
+                r.get("error") or "",
+            )
+            for r in report["aot"]
+        ]
+        out.append("<h2>Ahead-of-time kernels</h2>")
+        head = ("kernel", "target", "registers", "shared B", "spills", "compile s", "error")
+        out.append(_table(head, rows, numeric=(2, 3, 4, 5)))
+    out.append("</body></html>")
+    return "\n".join(out)
