@@ -20,6 +20,12 @@ f32, i64 = DType.f32, DType.i64
 TOL = 1e-5
 
 
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    """Every test draws its random inputs from the same seed, whatever ran before it."""
+    torch.manual_seed(0)
+
+
 def tt(*shape, dtype: DType = f32) -> TensorType:
     return TensorType(tuple(shape), dtype)
 
