@@ -154,7 +154,7 @@ class RouteBiasSubtracted(nn.Module):  # selection by s - bias: not the router's
 
 def route_args() -> tuple:
     gen = torch.Generator().manual_seed(2)
-    return torch.randn(9, 16, generator=gen), torch.randn(6, 16, generator=gen), torch.randn(6)
+    return tuple(torch.randn(s, generator=gen) for s in ((9, 16), (6, 16), (6,)))
 
 
 def test_moe_route_spellings() -> None:
