@@ -626,3 +626,23 @@ def _group(cx, x, spec: str, groups: list[list[str]], size: dict):
 @translates(aten.index_copy.default)
 def _index_copy(cx, x, dim, index, source):
     return cx.op("index_put", x, index, source, dim=_dim(dim, cx.type_of(x).rank), accumulate=False)
+
+
+@translates(aten.native_layer_norm.default, aten.layer_norm.default)
+def _layer_norm(cx, x, normalized_shape, weight=None, bias=None, eps=1e-5, *_cudnn):
+    """(x - mean) * rsqrt(var + eps) * weight + bias over the trailing `normalized_shape` dims;
+    native_layer_norm also returns mean and rstd (keepdim), layer_norm only the output."""
+    rank = cx.type_of(x).rank
+    dims = tuple(range(rank - len(normalized_shape), rank))
+    mean = cx.op("mean", x, dims=dims, keepdim=True)
+    centred = cx.op("sub", x, mean)
+    var = cx.op("mean", cx.op("mul", centred, centred), dims=dims, keepdim=True)
+    rstd = cx.op("rsqrt", cx.op("add", var, *cx.operands(float(eps))))
+    out = cx.op("mul", centred, rstd)
+    if weight is not None:
+        out = cx.op("mul", out, weight)
+    if bias is not None:
+        out = cx.op("add", out, bias)
+    if cx.node.target is aten.layer_norm.default:
+        return out
+    return out, mean, rstd

@@ -62,6 +62,7 @@ _INT_OPS = {
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _FRONTEND_DIR = os.path.dirname(os.path.abspath(__file__))
 _FRAME = re.compile(r'"([^"]+)":(\d+):\d+')
+_ONNX_NODE = re.compile(r'loc\("(/[^"]*)"\)')
 
 
 class _Stateless(torch.nn.Module):
@@ -146,8 +147,12 @@ class _MlirTranslator(_capture._Translator):
     def run_mlir(self, func) -> ir.Graph:
         placeholders = [n for n in self.program.graph.nodes if n.op == "placeholder"]
         self._bind_symbols(placeholders)
+        return self.walk(func, self._mlir_inputs(placeholders))
+
+    def walk(self, func, inputs: list[ir.Value]) -> ir.Graph:
+        """Translate the body of `func`, whose arguments are `inputs`."""
         block = func.regions[0].blocks[0]
-        self.values: dict[Any, Any] = dict(zip(block.arguments, self._mlir_inputs(placeholders)))
+        self.values: dict[Any, Any] = dict(zip(block.arguments, inputs, strict=True))
         for op in block.operations:
             self._translate_mlir(op.operation)
         return self.builder.build(verify=False)
@@ -187,18 +192,23 @@ class _MlirTranslator(_capture._Translator):
         elif name == "torch.prim.NumToTensor.Scalar":
             self._set(op, self.operands(self.values[op.operands[0]])[0])
         elif name == "func.return":
-            self.builder.output(*(self.values[v] for v in op.operands))
+            self.builder.output(*(self._materialize(self.values[v]) for v in op.operands))
         elif name == "torch.vtensor.literal":
-            raise CaptureError(
-                f"a tensor constant at {self.loc.source if self.loc else '<unknown>'} was frozen into the "
-                "graph; register it as a buffer (module.register_buffer) so it becomes an input"
-            )
+            self._set(op, _literal(op))  # a host tensor until an op needs it in the graph
         else:
             self._translate_aten(op)
 
     def _translate_aten(self, op) -> None:
         target = _overload(op)
         if target in aten_table.IGNORED_OPS:  # runtime asserts, metadata checks
+            return
+        operands = [self.values[v] for v in op.operands]
+        if target is not None and _host_only(operands):
+            # Shape arithmetic on constants (ONNX axes, `item` of a literal): fold it here.
+            args, kwargs = _schema_args(target, operands)
+            result = target(*args, **kwargs)
+            for r, value in zip(op.results, result if isinstance(result, tuple) else (result,)):
+                self.values[r] = value
             return
         translator = None if target is None else aten_table.lookup(target)
         if translator is None and target is not None and target._overloadname == "Scalar":
@@ -212,7 +222,7 @@ class _MlirTranslator(_capture._Translator):
             )
         self.node = _FakeNode(target)
         self._result_types = [_mlir_type(r.type) for r in op.results]
-        args, kwargs = _schema_args(target, [self.values[v] for v in op.operands])
+        args, kwargs = _schema_args(target, [self._materialize(v) for v in operands])
         try:
             result = translator(self, *args, **kwargs)
         except (ir.IRTypeError, TypeError, ValueError) as err:
@@ -225,6 +235,25 @@ class _MlirTranslator(_capture._Translator):
 
     def _set(self, op, value: Any) -> None:
         self.values[op.results[0]] = value
+
+    def _materialize(self, value: Any) -> Any:
+        """A host tensor used by a graph op becomes a `constant` (0-d) or `full` (splat) op."""
+        if isinstance(value, list):
+            return [self._materialize(v) for v in value]
+        if not isinstance(value, torch.Tensor):
+            return value
+        flat = value.flatten()
+        if flat.numel() and not bool((flat == flat[0]).all()):
+            source = self.loc.source if self.loc else "<unknown source>"
+            raise CaptureError(
+                f"a non-uniform constant tensor {list(value.shape)} at {source} reaches a graph "
+                "op; the IR has no literal tensors — make it an input (a buffer or parameter)"
+            )
+        dtype = ir.DType.from_torch(value.dtype)
+        scalar = flat[0].item() if flat.numel() else 0
+        if value.dim() == 0:
+            return self.op("constant", value=scalar, dtype=dtype)
+        return self.op("full", shape=tuple(value.shape), value=scalar, dtype=dtype)
 
     def expected_dtype(self) -> ir.DType:
         for t in self._result_types:
@@ -300,6 +329,38 @@ def _is_default(spec, value: Any) -> bool:
     return isinstance(default, (int, float, list)) and default == value
 
 
+def _host_only(operands: list[Any]) -> bool:
+    """Constant operands only, and at least one host tensor among them."""
+    leaves = [x for v in operands for x in (v if isinstance(v, list) else [v])]
+    return any(isinstance(x, torch.Tensor) for x in leaves) and not any(
+        isinstance(x, (ir.Value, sympy.Basic)) for x in leaves
+    )
+
+
+def _literal(op) -> torch.Tensor:
+    """`torch.vtensor.literal(dense<...>)` as a host tensor."""
+    import numpy as np
+    from torch_mlir import ir as mlir
+
+    attr = mlir.DenseElementsAttr(op.attributes["value"])
+    shape, dtype = _mlir_type(op.results[0].type)
+    if attr.is_splat:
+        value = _element(attr.get_splat_value())
+        return torch.full(shape, value, dtype=dtype.to_torch())
+    return torch.from_numpy(np.array(attr)).to(dtype.to_torch()).reshape(shape)
+
+
+def _element(attr) -> Any:
+    from torch_mlir import ir as mlir
+
+    for kind in (mlir.BoolAttr, mlir.IntegerAttr, mlir.FloatAttr):
+        try:
+            return kind(attr).value
+        except (ValueError, TypeError):  # the bindings' checked cast
+            continue
+    raise CaptureError(f"unsupported literal element {attr}")
+
+
 def _constant(op) -> Any:
     from torch_mlir import ir as mlir
 
@@ -334,10 +395,16 @@ def _type_text(shape: tuple, dtype: ir.DType) -> str:
 
 def _location(op) -> ir.Loc | None:
     """The innermost user frame of an MLIR location (`callsite(... at ...)`)."""
-    for path, line in _FRAME.findall(str(op.location)):
+    text = str(op.location)
+    for path, line in _FRAME.findall(text):
         if path.startswith((_TORCH_DIR, "torch/", _FRONTEND_DIR)):
             continue
         return ir.Loc(module="", source=f"{os.path.basename(path)}:{line}")
+    node = _ONNX_NODE.search(text)  # ONNX node names: "/layers.0/attn/MatMul" -> module path
+    if node:
+        parts = [p for p in node.group(1).split("/") if p][:-1]
+        module = _ir_name(".".join(parts)) if parts else ""
+        return ir.Loc(module=module, source="") if module else None
     return None
 
 
@@ -347,4 +414,111 @@ def _op_label(op) -> str:
     return op.name.removeprefix("torch.")
 
 
-__all__ = ["capture_mlir"]
+__all__ = ["capture_mlir", "capture_onnx", "onnx_weights"]
+
+
+# --- ONNX ---------------------------------------------------------------------------------
+
+
+def capture_onnx(path: str | os.PathLike, *, name: str | None = None) -> ir.Graph:
+    """An ONNX file -> `ir.Graph`, through torch-mlir's ONNX importer and `torch` dialect.
+
+    Initializers (the weights) become parameter inputs named as in the file (the PyTorch
+    exporter uses `state_dict()` names), never literals; symbolic dims keep their ONNX names
+    (`dim_param`). Names that are not IR names (`onnx::MatMul_12`) are rewritten with `_`
+    (`onnx_MatMul_12`); the graph's inputs say which.
+    """
+    import onnx
+
+    try:
+        model = onnx.load(os.fspath(path))
+    except Exception as err:
+        raise CaptureError(f"{path}: not a readable ONNX model ({err})") from err
+    weights = _lift_initializers(model)
+    model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    func = _import_onnx(model)
+    translator = _MlirTranslator(None, [], {}, name or _ir_name(model.graph.name or "onnx"))
+    inputs = []
+    for info in model.graph.input:
+        role = "parameter" if info.name in weights else "activation"
+        value_type = _onnx_type(info, path)
+        inputs.append(translator.builder.input(_ir_name(info.name), value_type, role=role))
+    graph = translator.walk(func, inputs)
+    ir.verify(graph)
+    return graph
+
+
+def onnx_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The initializers of an ONNX file, keyed by their IR input names: `params=` for
+    `ir.interpret` of a `capture_onnx` graph (exporters may rename or transpose weights, e.g.
+    `onnx::MatMul_25` for a Linear's weight in MatMul form, so a state_dict does not always fit)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(os.fspath(path))
+    return {
+        _ir_name(init.name): torch.from_numpy(numpy_helper.to_array(init).copy())
+        for init in model.graph.initializer
+    }
+
+
+def _lift_initializers(model) -> set[str]:
+    """Turn every initializer into a graph input (so weights stay out of the graph)."""
+    from onnx import helper
+
+    graph = model.graph
+    declared = {i.name for i in graph.input}
+    names = set()
+    for init in graph.initializer:
+        names.add(init.name)
+        if init.name not in declared:
+            graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, init.dims))
+    del graph.initializer[:]
+    return names
+
+
+def _import_onnx(model):
+    from torch_mlir import ir as mlir
+    from torch_mlir.compiler_utils import run_pipeline_with_repro_report
+    from torch_mlir.dialects import torch as torch_dialect
+    from torch_mlir.extras import onnx_importer
+
+    context = mlir.Context()
+    torch_dialect.register_dialect(context)
+    info = onnx_importer.ModelInfo(model)
+    module = info.create_module(context=context).operation
+    onnx_importer.NodeImporter.define_function(info.main_graph, module).import_all()
+    try:
+        run_pipeline_with_repro_report(
+            module, "builtin.module(func.func(convert-torch-onnx-to-torch))", "ONNX to torch"
+        )
+    except Exception as err:  # torch-mlir names the ONNX op it could not convert
+        raise CaptureError(f"torch-mlir could not convert the ONNX model:\n{err}") from err
+    func = module.regions[0].blocks[0].operations[0]
+    func._dsv4c_keepalive = (context, module)
+    return func
+
+
+_ONNX_DTYPES = {1: "f32", 10: "f16", 16: "bf16", 7: "i64", 6: "i32", 3: "i8", 9: "bool"}
+
+
+def _onnx_type(info, path) -> ir.TensorType:
+    tensor = info.type.tensor_type
+    dtype = _ONNX_DTYPES.get(tensor.elem_type)
+    if dtype is None:
+        raise CaptureError(f"{path}: input {info.name} has ONNX element type {tensor.elem_type}")
+    dims = []
+    for d in tensor.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(d.dim_value)
+        elif d.HasField("dim_param"):
+            dims.append(ir.sym(_ir_name(d.dim_param)))
+        else:
+            raise CaptureError(f"{path}: input {info.name} has an unnamed dynamic dim")
+    return ir.TensorType(tuple(dims), ir.DType(dtype))
+
+
+def _ir_name(name: str) -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9_.]", "_", name)
+    cleaned = re.sub(r"\.{2,}", ".", cleaned).strip(".")
+    return cleaned or "_"
