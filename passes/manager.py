@@ -12,6 +12,9 @@ from typing import Any
 from ir import Graph
 from passes.canonicalize import canonicalize
 from passes.context import PassContext
+from passes.fuse_attention import fuse_attention
+from passes.fuse_hc import fuse_hc
+from passes.fuse_moe import fuse_moe
 from passes.fuse_elementwise import fuse_elementwise
 from passes.memory_plan import plan_memory
 from passes.schedule import schedule
@@ -34,9 +37,12 @@ def pipeline(
     # one spelling per computation: CSE, constant folding, identities, view chains, DCE
     g = ctx.run("canonicalize", canonicalize, g)
     # --- semantic fusions (named ops with reference semantics in ir/) -------------------------
-    # TODO(issue 4): fuse_attention — indexer, KV compressors, sparse/window MQA
-    # TODO(issue 4): fuse_moe — routing; dispatch + grouped SwiGLU + combine
-    # TODO(issue 4): fuse_hc — mHC pre (Sinkhorn kept as a loop) and post
+    # indexer + top-k, KV compressors (prefill and decode step), sparse/window/HCA MQA
+    g = ctx.run("fuse_attention", fuse_attention, g)
+    # routing (score, biased top-k, renormalise, scale; hash form); dispatch + experts + combine
+    g = ctx.run("fuse_moe", fuse_moe, g)
+    # mHC pre (Sinkhorn kept as a loop inside the op), post and head
+    g = ctx.run("fuse_hc", fuse_hc, g)
     # --- generic fusion and scheduling ---------------------------------------------------------
     # remaining elementwise/reduction chains and GEMM epilogues -> fused.kernel (one launch each)
     g = ctx.run("fuse_elementwise", fuse_elementwise, g)
