@@ -256,10 +256,15 @@ def _load_lines(var: str, ptr: str, v: ir.Value, layout: str) -> list[str]:
 
 
 def _output_layout(v: ir.Value, layout: str, domain: tuple[Dim, ...], axis: int) -> str:
+    """How an output is stored; its shape may drop leading 1s of the domain (same layout)."""
     if layout == "row" and list(v.shape) in row_shapes(domain, axis):
         return "row"
-    if layout == "tile" and list(v.shape) == list(domain):
-        return "tile"
+    try:
+        stored = classify(v.shape, domain, axis)
+    except Unsupported:
+        stored = None
+    if layout in ("row", "tile") and stored == layout:
+        return layout
     raise Unsupported(
         f"output %{v.name} {list(v.shape)} is a {layout} value of the domain {list(domain)}; "
         "only whole tiles and per-row values are stored"

@@ -230,3 +230,11 @@ def test_kernels_are_shared_across_layers():
     assert names == ["fused_add", "fused_mul"]  # every x * <...>.weight is one kernel
     assert all("layers" not in k.source and "attn_norm" not in k.source for k in exe.kernels())
     assert "weight_ptr" in next(k.source for k in exe.kernels() if k.name == "fused_mul")
+
+
+def test_outputs_may_drop_leading_ones_of_the_domain():
+    b = ir.Builder(name="squeezed_out")
+    x = b.input("x", TensorType((1, 1, 8), DType.f32))
+    y = b.input("y", TensorType((1, 8), DType.f32))
+    b.output(b.op("add", [x, y], name="s"), b.op("mul", [y, y], name="sq"))
+    check(bodies.wrap(b.build()), {})

@@ -38,8 +38,9 @@ def test_tiny_prefill_equals_eager():
     assert torch.equal(logits.argmax(-1), want.argmax(-1))
 
     launched = [s for s in exe.steps if s.launch is not None]
-    assert len(launched) > len(g.ops) // 2  # most ops run as Triton kernels
-    assert len(exe.kernels()) < len(launched) // 4  # identical layers share kernels
+    fell_back = {op for op, _ in exe.fallbacks()}
+    assert not fell_back & {"fused.kernel", "matmul", "grouped_mm"}  # all compute is Triton
+    assert len(exe.kernels()) < len(launched) // 3  # identical layers share kernels
     kinds = Counter(k.fused_ops[0] for k in exe.kernels())
     assert kinds["matmul"] >= 1 and kinds["softmax"] >= 1
     assert all(f["reason"] for f in exe.report()["fallbacks"])
@@ -66,4 +67,4 @@ def test_tiny_decode_step_equals_eager():
     assert torch.equal(logits.argmax(-1), want_logits.argmax(-1))
     for got, want in zip(new_cache, want_cache.values()):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    assert sum(s.launch is not None for s in exe.steps) > len(g.ops) // 2
+    assert not {op for op, _ in exe.fallbacks()} & {"fused.kernel", "matmul", "grouped_mm"}
