@@ -13,7 +13,8 @@ Grouping walks the ops in order; an op joins the groups of its producers when th
 legal (`Grouping.check`):
 - one *domain* (iteration shape): the operand shape of its reductions (all over the same shape
   and the same single dim), or the matmul's result shape, or else the broadcast of all shapes;
-- every operand and result fits the domain (broadcasts into it, or is a per-row value);
+- every operand and result fits the domain (broadcasts into it, or is a per-row value); a
+  per-row value without the reduced dim only meets values of its own shape or scalars;
 - every value used outside the group (a group output) is a whole tile or a per-row value;
   a smaller value (say a [D] column) may only be computed inside if all its users are inside;
 - a GEMM group has one output and no reductions or views; its matmul result is not used outside,
@@ -32,7 +33,8 @@ of its first two inputs (the backend's epilogue convention).
 
 Counters (`STATS=1`): `fuse_elementwise.kernels`, `.gemm_epilogues`, `.ops_fused`; for every op
 left unfused `fuse_elementwise.no.<reason>`; for every refused merge `fuse_elementwise.refused.
-<reason>` (cycle, domain, outside_domain, stores_broadcast, gemm_*, unbound_symbol, ...).
+<reason>` (cycle, domain, outside_domain, stores_broadcast, row_mixes_layouts, gemm_*,
+unbound_symbol, ...).
 """
 
 from __future__ import annotations
@@ -132,9 +134,20 @@ def layout(shape: Sequence[Dim], domain: tuple[Dim, ...], axis: int, reduce: boo
         return None
     if padded == list(domain):
         return "tile"
+    if all(s == 1 for s in padded):
+        return "bcast"  # a scalar of the domain: the backend cannot store it
     if all(s == d for i, (s, d) in enumerate(zip(padded, domain)) if i != axis):
         return "row"
     return "bcast"
+
+
+def _storable(shape: Sequence[Dim], domain: tuple[Dim, ...], axis: int, lay: str) -> bool:
+    """A kernel stores whole tiles (the domain's exact shape) and per-row values (the domain with
+    the reduced dim as 1, or without it)."""
+    if list(shape) == list(domain):
+        return True
+    keep = [1 if i == axis else d for i, d in enumerate(domain)]
+    return lay == "row" and (list(shape) == keep or len(shape) == len(domain) - 1)
 
 
 def _symbols(shape: Sequence[Dim]) -> set:
@@ -261,9 +274,12 @@ class Grouping:
                 lay = layout(v.shape, domain, axis, reduce)
                 if lay is None:
                     return "outside_domain"
-                if v in n.results and lay not in ("tile", "row") and self.outside_use(v, mset):
+                stored = v in n.results and self.outside_use(v, mset)
+                if stored and not _storable(v.shape, domain, axis, lay):
                     return "stores_broadcast"
                 needed |= _symbols(v.shape)
+            if r == "compute" and reduce and self._mixes_rows(n, domain, axis):
+                return "row_mixes_layouts"
             if r == "view" and n.name != "expand":
                 before = layout(n.operands[0].shape, domain, axis, reduce)
                 if before != layout(n.results[0].shape, domain, axis, reduce):
@@ -272,6 +288,16 @@ class Grouping:
         if bound is None or not needed <= bound:
             return "unbound_symbol"
         return None
+
+    @staticmethod
+    def _mixes_rows(n: Node, domain: tuple, axis: int) -> bool:
+        """A per-row value without the reduced dim (`keepdim=False`) combined with anything but
+        the same shape or a scalar: the IR broadcasts it right-aligned, the backend per row."""
+        row = [d for i, d in enumerate(domain) if i != axis]
+        shapes = [list(v.shape) for v in (*n.operands, *n.results)]
+        if row not in shapes:
+            return False
+        return any(s != row and s for s in shapes)
 
     def _gemm(self, nodes: list[Node], roles: list[str], mset: set[int]) -> str | None:
         if len(nodes) == 1:

@@ -153,6 +153,30 @@ def test_layout_changing_views_and_opaque_ops_stay_out() -> None:
     assert reasons["fuse_elementwise.no.outside_domain"] >= 1
 
 
+def test_row_without_the_reduced_dim_meets_only_its_own_shape() -> None:
+    b = ir.Builder(name="rows")
+    x = b.input("x", TensorType((T, 8, 8), F32))
+    keep = b.input("keep", TensorType((8,), DType.bool))
+    s = b.op("sum", [b.op("relu", [x])], dims=[1])  # [T,8]: the IR broadcasts [8] along dim 2
+    b.output(b.op("where", [keep, b.constant(0.0, F32), s]))
+    out, ctx = fuse(b.build())
+    assert kernels(out) == [["relu", "sum"]] and out.ops[-1].name == "where"
+    assert ctx.counters["fuse_elementwise.refused.row_mixes_layouts"] == 1
+
+
+def test_outputs_are_whole_tiles_or_rows_of_the_exact_rank() -> None:
+    b = ir.Builder(name="ranks")
+    x = b.input("x", TensorType((1, 8), F32))
+    y = b.op("exp", [x])  # [1,8]: a tile of [1,1,8] only after a reshape
+    z = b.op(
+        "mul", [b.op("reshape", [y], shape=[1, 1, 8]), b.input("w", TensorType((1, 1, 8), F32))]
+    )
+    b.output(y, z)
+    out, ctx = fuse(b.build())
+    assert kernels(out) == []
+    assert ctx.counters["fuse_elementwise.refused.stores_broadcast"] >= 1
+
+
 def test_policy_can_turn_epilogues_off_and_grouping_is_inspectable() -> None:
     b = ir.Builder(name="epi")
     x = b.input("x", TensorType((T, 16), F32))
