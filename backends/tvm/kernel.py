@@ -21,12 +21,14 @@ __all__ = ["BUILT", "Kernel", "build", "host_target", "make_kernel"]
 
 @dataclass
 class Kernel:
-    """One distinct kernel: `func` is the scheduled TensorIR (inputs then outputs)."""
+    """One distinct kernel: `tensor_ir` is the unscheduled TensorIR PrimFunc (inputs then
+    outputs), `func` the same scheduled for the CPU; GPU schedules start from `tensor_ir`."""
 
     name: str
     key: str
     fused_ops: tuple[str, ...]
     func: Any = field(repr=False)
+    tensor_ir: Any = field(repr=False, default=None)
 
     def script(self) -> str:
         """The kernel's TensorIR as TVMScript (what gets built)."""
@@ -58,7 +60,7 @@ def _lower_and_schedule(
     overrides: dict[str, Any] | None,
 ) -> Kernel | str:
     try:
-        func = Lowering(body, name, overrides).prim_func()
+        func = tensor_ir = Lowering(body, name, overrides).prim_func()
     except Unsupported as e:
         return str(e)
     except Exception as e:  # noqa: BLE001  (any TVM error while lowering: report, run the reference)
@@ -68,7 +70,7 @@ def _lower_and_schedule(
             func = schedule(func)
         except Exception as e:  # noqa: BLE001  (a schedule TVM refuses: report, run the reference)
             return f"TVM schedule failed: {type(e).__name__}: {_first_line(e)}"
-    return Kernel(name, key, tuple(n.name for n in body.ops), func)
+    return Kernel(name, key, tuple(n.name for n in body.ops), func, tensor_ir)
 
 
 KERNELS: dict[str, Kernel | str] = {}  # key -> kernel, or why it cannot be lowered (session)

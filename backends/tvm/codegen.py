@@ -1,0 +1,186 @@
+"""GPU code from the TVM backend: CUDA (then cubin with nvcc), OpenCL and WebGPU source.
+
+    from backends.tvm.codegen import device_source, nvcc_cubin
+    src = device_source(graph, "sm_90")            # every distinct kernel of the graph, CUDA
+    nvcc_cubin(src, out_dir)                       # -> out_dir/<graph>.sm_90.cubin
+    device_source(graph, "sm_90", kind="opencl")   # or "webgpu" (WGSL)
+
+The kernels are the CPU backend's (same emitters, same TensorIR, symbolic shapes); only the
+schedule differs: GEMMs get a hand schedule (16×16 output tiles, one thread per element; DLight's
+Matmul rule is not used: its fp16 tensor-core path crashes in TVM 0.27), everything else the DLight
+rules (Reduction, GeneralReduction, Fallback), and when a rule refuses, a plain one-thread-per-
+output-element binding.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ir
+from backends.targets import Target, get_target
+from backends.tvm.emitters import emit_node
+from backends.tvm.kernel import Kernel
+from backends.tvm.schedule_cpu import _ok
+
+__all__ = ["DeviceSource", "device_source", "device_target", "nvcc_cubin", "schedule_gpu"]
+
+KINDS = ("cuda", "opencl", "webgpu")
+THREADS = 256
+
+
+@dataclass
+class DeviceSource:
+    """The source of one module holding every kernel of a graph for one GPU target."""
+
+    kind: str
+    target: str
+    kernels: list[str]
+    source: str
+    skipped: dict[str, str] = field(default_factory=dict)  # kernel -> why it has no GPU code
+
+
+def device_target(target: str | Target, kind: str = "cuda") -> Any:
+    import tvm
+
+    t = get_target(target)
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind == "cuda":
+        if t.backend != "cuda":
+            raise ValueError(f"CUDA source needs an NVIDIA target (sm_*), got {t.name}")
+        return tvm.target.Target({"kind": "cuda", "arch": f"sm_{t.arch}"})
+    return tvm.target.Target({"kind": kind})
+
+
+def schedule_gpu(func: Any, target: Any) -> Any:
+    """A GPU schedule for one lowered kernel (see the module docstring)."""
+    import tvm
+    from tvm.s_tir import dlight as dl
+
+    if _has_block(func, "matmul"):
+        return _schedule_matmul(func)
+    mod = tvm.IRModule({"main": func})
+    try:
+        with target:
+            rules = (dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())
+            mod = dl.ApplyDefaultSchedule(*rules)(mod)
+        return mod["main"]
+    except Exception:  # noqa: BLE001  (a rule TVM refuses: bind one thread per element)
+        return _bind_all(func)
+
+
+def _has_block(func: Any, name: str) -> bool:
+    from tvm import s_tir
+
+    try:
+        s_tir.Schedule(func).get_sblock(name)
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+def _inline_stages(sch: Any) -> None:
+    """Inline every non-output elementwise stage (constants, casts) into its consumers."""
+    root = sch.get_sblock("root")
+    outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(root)}
+    for block in reversed(sch.get_child_blocks(root)):
+        spatial = all(iv.iter_type == 0 for iv in sch.get(block).iter_vars)
+        if spatial and sch.get(block).name_hint not in outputs:
+            _ok(sch.compute_inline, block)  # a refusal keeps it as its own loop nest
+
+
+def _bind_spatial(sch: Any, block: Any) -> None:
+    loops = sch.get_loops(block)
+    spatial = [lp for lp, iv in zip(loops, sch.get(block).iter_vars) if iv.iter_type == 0]
+    if not spatial:  # a 0-d result: one thread
+        spatial = [sch.add_unit_loop(block)]
+    fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+    bx, tx = sch.split(fused, [None, THREADS])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+
+
+def _bind_all(func: Any) -> Any:
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    _inline_stages(sch)
+    root = sch.get_sblock("root")
+    for block in sch.get_child_blocks(root):
+        _bind_spatial(sch, block)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def _schedule_matmul(func: Any) -> Any:
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    _inline_stages(sch)
+    block = sch.get_sblock("matmul")
+    *batch, i, j, _k = sch.get_loops(block)
+    i0, i1 = sch.split(i, [None, 16])
+    j0, j1 = sch.split(j, [None, 16])
+    sch.reorder(*batch, i0, j0, i1, j1)
+    bx = sch.fuse(*batch, i0, j0)
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(sch.fuse(i1, j1), "threadIdx.x")
+    for other in sch.get_child_blocks(sch.get_sblock("root")):
+        if sch.get(other).name_hint != "matmul":
+            _bind_spatial(sch, other)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def graph_kernels(graph: ir.Graph) -> list[Kernel]:
+    """The distinct TVM kernels of `graph`, in first-use order."""
+    seen: dict[str, Kernel] = {}
+    for node in graph.ops:
+        launch = emit_node(node, get_target("cpu"))
+        for k in [] if isinstance(launch, str) else launch.kernels:
+            seen.setdefault(k.key, k)
+    return list(seen.values())
+
+
+def device_source(
+    graph: ir.Graph, target: str | Target = "sm_90", kind: str = "cuda"
+) -> DeviceSource:
+    """Source of one module with every kernel of `graph`, scheduled for `target`."""
+    import tvm
+
+    tgt = device_target(target, kind)
+    funcs, skipped = {}, {}
+    for k in graph_kernels(graph):
+        if kind == "webgpu" and "int64" in k.tensor_ir.script():
+            skipped[k.name] = "WebGPU (WGSL) has no 64-bit integers"
+            continue
+        try:
+            funcs[k.name] = schedule_gpu(k.tensor_ir, tgt)
+        except Exception as e:  # noqa: BLE001  (listed in `skipped` with the reason)
+            skipped[k.name] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}"
+    ex = tvm.tirx.build(tvm.IRModule(funcs), target=tgt)
+    dev = [m for m in ex.imports if m.kind in ("cuda", "opencl", "webgpu")]
+    source = dev[0].inspect_source() if dev else ""
+    return DeviceSource(kind, get_target(target).name, sorted(funcs), source, skipped)
+
+
+def nvcc_cubin(src: DeviceSource, out_dir: str | Path, name: str = "kernels") -> Path:
+    """Compile CUDA source to a cubin for its arch with nvcc (-cubin -arch=sm_XX -O3)."""
+    if src.kind != "cuda":
+        raise ValueError(f"nvcc compiles CUDA source, got {src.kind}")
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        raise FileNotFoundError("nvcc not found on PATH; install the CUDA toolkit")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cu = out_dir / f"{name}.{src.target}.cu"
+    cu.write_text(src.source)
+    cubin = cu.with_suffix(".cubin")
+    arch = get_target(src.target).arch
+    cmd = [nvcc, "-cubin", f"-arch=sm_{arch}", "-O3", "-o", str(cubin), str(cu)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"nvcc failed ({' '.join(cmd)}):\n{done.stderr[-4000:]}")
+    return cubin
