@@ -22,6 +22,7 @@ from backends.base import EmitterTable
 from backends.targets import Target
 from backends.tvm.kernel import Kernel, make_kernel
 from backends.tvm.lower import TE_OPS, Unsupported, lowerable
+from backends.tvm.lower_shape import SHAPE_OPS
 from backends.tvm.matmul import lower_matmul_nt, schedule_matmul_cpu, transposed_layout
 from backends.tvm.schedule_cpu import schedule_cpu
 from ir.symbolic import subs_dim
@@ -153,7 +154,8 @@ def emit_fused(node: ir.Node, target: Target, options: dict) -> Launch:
     return KernelLaunch(node, [kernel], tuple(range(len(body.inputs))))
 
 
-SINGLE = sorted(set(TE_OPS) - {"constant", "full", "iota", "matmul"})
+# standalone creation ops run on the host; standalone data movement stays a torch view
+SINGLE = sorted(set(TE_OPS) - {"constant", "full", "iota", "matmul"} - set(SHAPE_OPS))
 
 
 def _single_check(node: ir.Node) -> bool | str:

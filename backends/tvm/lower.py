@@ -212,3 +212,4 @@ def static(size: Any) -> int | None:
 
 
 from backends.tvm import lower_ops as _lower_ops  # noqa: F401  (fills TE_OPS)
+from backends.tvm import lower_shape as _lower_shape  # noqa: F401  (fills TE_OPS)

@@ -207,3 +207,40 @@ def test_kernels_are_shared_and_sizes_stay_symbolic():
     torch.testing.assert_close(got, torch.exp(-torch.exp(x)))
     uses = {k["ops"][0]: k["uses"] for k in exe.report()["kernels"]}
     assert uses == {"exp": 2, "neg": 1}
+
+
+def test_fused_body_with_data_movement():
+    """reshape/permute/expand/slice/select/unsqueeze/squeeze/concat/pad inside one fused body."""
+    bb = ir.Builder(name="moves")
+    x = bb.input("x", ir.TensorType((T, 6, 4), F32))
+    flat = bb.op("reshape", [x], shape=[T, 24])
+    back = bb.op("reshape", [flat], shape=[T, 4, 6])
+    perm = bb.op("permute", [x], dims=[0, 2, 1])
+    both = bb.op("add", [back, perm])
+    cat = bb.op("concat", [both, bb.op("slice", [perm], dim=2, start=1, end=6, step=2)], dim=2)
+    row = bb.op(
+        "unsqueeze",
+        [
+            bb.op(
+                "select",
+                [
+                    x,
+                ],
+                dim=1,
+                index=-1,
+            )
+        ],
+        dim=1,
+    )
+    wide = bb.op("expand", [row], shape=[T, 4, 4])
+    padded = bb.op("pad", [wide], pads=[2, 3, 0, 0], value=-1.0)
+    out = bb.op("mul", [bb.op("squeeze", [bb.op("unsqueeze", [cat], dim=0)], dim=0), padded])
+    bb.output(out)
+    body = bb.build()
+
+    def build(b):
+        x = b.input("x", ir.TensorType((T, 6, 4), F32))
+        return [b.op("fused.kernel", [x], body=body)]
+
+    exe, _ = _run(build)
+    assert not exe.fallbacks(), exe.fallbacks()

@@ -1,0 +1,146 @@
+"""te lowerings of the data-movement ops inside fused bodies: reshape, permute, expand, slice,
+select, squeeze, unsqueeze, concat, pad. Each output element reads one input element (index
+arithmetic on symbolic dims), so they inline into their consumers. Standalone, these ops stay
+torch views (no kernel, no copy): they are only lowered as part of a `fused.kernel` body."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ir
+from backends.tvm.lower import Lowering, Unsupported, convert, lowers, tvm_dtype
+
+SHAPE_OPS = ("reshape", "permute", "expand", "slice", "select", "squeeze", "unsqueeze")
+SHAPE_OPS += ("concat", "pad")
+
+
+def _compute(lw: Lowering, node: ir.Node, f: Any) -> list[Any]:
+    from tvm import te
+
+    shape = lw.shape(node.result.type)
+    return [te.compute(shape, f, name=lw.tag(node.name), tag="injective")]
+
+
+def _const_int(v: Any, what: str) -> int:
+    if not isinstance(v, int):
+        raise Unsupported(f"symbolic {what} {v} in a fused body")
+    return v
+
+
+@lowers("reshape")
+def lower_reshape(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
+    from tvm import tirx
+
+    (x,) = args
+    out_shape = lw.shape(node.result.type)
+    in_shape = list(x.shape)
+
+    def f(*i: Any) -> Any:
+        flat = 0
+        for idx, size in zip(i, out_shape):
+            flat = flat * size + idx
+        src = []
+        for size in reversed(in_shape):
+            src.append(tirx.floormod(flat, size))
+            flat = tirx.floordiv(flat, size)
+        return x(*reversed(src))
+
+    return _compute(lw, node, f)
+
+
+@lowers("permute")
+def lower_permute(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
+    (x,) = args
+    dims = [d % len(x.shape) for d in node.op.dims]
+    inverse = [dims.index(k) for k in range(len(dims))]
+    return _compute(lw, node, lambda *i: x(*(i[inverse[k]] for k in range(len(dims)))))
+
+
+@lowers("expand")
+def lower_expand(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
+    from backends.tvm.lower import broadcast_index
+
+    (x,) = args
+    rank = node.result.type.rank
+    return _compute(lw, node, lambda *i: x(*broadcast_index(x, rank, i)))
+
+
+@lowers("slice")
+def lower_slice(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
+    (x,) = args
+    op = node.op
+    d = op.dim % len(x.shape)
+    if isinstance(op.start, int) and op.start < 0:
+        raise Unsupported("negative slice start in a fused body")
+    begin = lw.dim(op.start)
+    return _compute(lw, node, lambda *i: x(*i[:d], begin + i[d] * op.step, *i[d + 1 :]))
+
+
+@lowers("select")
+def lower_select(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
+    (x,) = args
+    d = node.op.dim % len(x.shape)
+    index = node.op.index
+    if isinstance(index, int) and index < 0:
+        index = lw.dim(node.operands[0].shape[d]) + index
+    else:
+        index = lw.dim(index)
+    return _compute(lw, node, lambda *i: x(*i[:d], index, *i[d:]))
+
+
+@lowers("squeeze", "unsqueeze")
+def lower_squeeze(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
+    (x,) = args
+    src, dst = node.operands[0].type, node.result.type
+    if src.rank == dst.rank:
+        return _compute(lw, node, lambda *i: x(*i))
+    if node.name == "squeeze":
+        d = node.op.dim % src.rank
+        return _compute(lw, node, lambda *i: x(*i[:d], 0, *i[d:]))
+    d = node.op.dim % dst.rank
+    return _compute(lw, node, lambda *i: x(*i[:d], *i[d + 1 :]))
+
+
+@lowers("concat")
+def lower_concat(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
+    from tvm import tirx
+
+    out = tvm_dtype(node.result.dtype)
+    d = node.op.dim % len(args[0].shape)
+    starts, acc = [], 0
+    for t in args:
+        starts.append(acc)
+        acc = acc + t.shape[d]
+
+    def f(*i: Any) -> Any:
+        value = None
+        for t, s in zip(args, starts):  # later pieces win from their start on
+            j = tirx.min(tirx.max(i[d] - s, 0), t.shape[d] - 1)  # clamped: Select reads both
+            read = convert(t(*i[:d], j, *i[d + 1 :]), out)
+            value = read if value is None else tirx.Select(i[d] >= s, read, value)
+        return value
+
+    return _compute(lw, node, f)
+
+
+@lowers("pad")
+def lower_pad(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
+    from tvm import tirx
+
+    (x,) = args
+    rank = len(x.shape)
+    pads = [_const_int(p, "pad") for p in node.op.pads]
+    lo = [0] * rank
+    for k in range(len(pads) // 2):
+        lo[rank - 1 - k] = pads[2 * k]
+    fill = tirx.const(node.op.value, tvm_dtype(node.result.dtype))
+
+    def f(*i: Any) -> Any:
+        src = [i[a] - lo[a] for a in range(rank)]
+        inside = tirx.const(True, "bool")
+        for a in range(rank):
+            inside = tirx.And(inside, tirx.And(src[a] >= 0, src[a] < x.shape[a]))
+        safe = [tirx.min(tirx.max(s, 0), x.shape[a] - 1) for a, s in enumerate(src)]
+        return tirx.Select(inside, x(*safe), fill)
+
+    return _compute(lw, node, f)
