@@ -1,0 +1,119 @@
+"""dsv4c.compile / Compiled / save / load: round trips against eager, tampering, wrong inputs."""
+
+from __future__ import annotations
+
+import json
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import torch
+
+import dsv4c
+from tests.dsv4c.helpers import compiled, eager, mlp, x
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_compile_run_save_load_round_trip(tmp_path: Path, backend: str) -> None:
+    c = compiled(backend)
+    for batch in (4, 7):  # B is symbolic: one compile serves both
+        (got,) = c(x(batch, seed=batch))
+        torch.testing.assert_close(got, eager(x(batch, seed=batch)), rtol=1e-5, atol=1e-6)
+    path = c.save(tmp_path / "art")
+    names = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
+    assert {"manifest.json", "graph.ir", "report.json"} <= names
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert set(manifest["files"]) == names - {"manifest.json"}  # every file is hashed
+    assert manifest["versions"]["torch"] == metadata.version("torch")
+    (entry,) = manifest["entry_points"]
+    assert entry["inputs"] == [{"name": "x", "type": "f32[B,16]", "role": "activation"}]
+    assert entry["outputs"][0]["type"] == "f32[B,8]"
+    if backend == "triton":
+        assert manifest["kernels"] and all(k["files"] for k in manifest["kernels"])
+        assert any(n.startswith("kernels/cpu/") and n.endswith(".py") for n in names)
+
+    loaded = dsv4c.load(path, params=mlp().state_dict())
+    assert loaded.graph == c.graph
+    (got,) = loaded(x(5, seed=9))
+    torch.testing.assert_close(got, eager(x(5, seed=9)), rtol=1e-5, atol=1e-6)
+
+
+def test_gpu_target_compiles_ahead_of_time_and_cache_hits(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("DSV4C_CACHE_DIR", str(tmp_path / "cache"))
+    args = {"backend": "triton", "target": "sm_90", "dynamic": {"x": {0: "B"}}}
+    first = dsv4c.compile(mlp(), (x(),), **args, output_dir=tmp_path / "a")
+    report = first.report()
+    assert report["kernel_cache"]["misses"] > 0 and report["kernel_cache"]["hits"] == 0
+    assert all(r["error"] is None and r["registers"] for r in report["aot"])
+    assert any(f.endswith(".cubin") for f in first.files)
+    assert any(f.endswith(".ptx") for f in first.files)
+    assert first.manifest["runs_on"] == "cuda"
+    with pytest.raises(dsv4c.TargetMismatchError, match="sm_90.*cuda tensors, got a tensor on cpu"):
+        first(x())
+
+    second = dsv4c.compile(mlp(), (x(),), **args)
+    cache = second.report()["kernel_cache"]
+    assert cache == {"hits": report["kernel_cache"]["misses"], "misses": 0}
+    binaries = [f for f in first.files if f.endswith(".cubin")]
+    assert all(first.files[f] == second.files[f] for f in binaries)
+    loaded = dsv4c.load(tmp_path / "a", target="sm_90")
+    assert loaded.target.name == "sm_90"
+
+
+def test_tampered_missing_and_foreign_artifacts_are_refused(tmp_path: Path) -> None:
+    path = compiled("triton").save(tmp_path / "art")
+    kernel = next((path / "kernels" / "cpu").glob("*.py"))
+    text = kernel.read_text()
+    kernel.write_text(text.replace("tl.", "tl .", 1))
+    rel = kernel.relative_to(path).as_posix()
+    with pytest.raises(dsv4c.ArtifactError, match=f"file {rel} was altered: sha256"):
+        dsv4c.load(path)
+    kernel.unlink()
+    with pytest.raises(dsv4c.ArtifactError, match=f"file {rel} is missing"):
+        dsv4c.load(path)
+    kernel.write_text(text)
+    dsv4c.load(path)  # restored: fine again
+
+    with pytest.raises(dsv4c.TargetMismatchError, match="compiled for target cpu.*expected sm_90"):
+        dsv4c.load(path, target="sm_90")
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["versions"]["triton"] = "0.0.1"
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(dsv4c.ArtifactError, match="compiled with triton 0.0.1, this environment"):
+        dsv4c.load(path)
+    with pytest.raises(dsv4c.ArtifactError, match="does not exist"):
+        dsv4c.load(tmp_path / "nowhere")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("mine")
+    with pytest.raises(dsv4c.ArtifactError, match="no manifest.json"):
+        dsv4c.load(tmp_path / "junk")
+    with pytest.raises(dsv4c.ArtifactError, match="not empty and holds no manifest.json"):
+        compiled().save(tmp_path / "junk")  # never clobbers a directory that is not ours
+    assert (tmp_path / "junk" / "notes.txt").read_text() == "mine"
+
+
+def test_wrong_inputs_say_which_and_what_was_expected(tmp_path: Path) -> None:
+    c = compiled()
+    with pytest.raises(dsv4c.InputError, match=r"input x: expected f32\[B,16\], got i64\[4, 16\]"):
+        c(torch.zeros(4, 16, dtype=torch.long))
+    with pytest.raises(dsv4c.InputError, match=r"expected f32\[B,16\], got f32\[4, 15\]"):
+        c(torch.zeros(4, 15))
+    with pytest.raises(dsv4c.InputError, match=r"expected 1 input tensor\(s\) \(x: f32\[B,16\]\)"):
+        c(x(), x())
+    loaded = dsv4c.load(c.save(tmp_path / "art"))  # weights are not part of the artifact
+    with pytest.raises(dsv4c.InputError, match="needs 6 parameter tensor"):
+        loaded(x())
+    params = dict(mlp().state_dict())
+    params["up.weight"] = params["up.weight"][:, :8]
+    with pytest.raises(dsv4c.InputError, match=r"up.weight: expected f32\[32,16\]"):
+        loaded(x(), params=params)
+    del params["up.weight"]
+    with pytest.raises(dsv4c.InputError, match="params lacks 1 of 6 parameter"):
+        loaded(x(), params=params)
+
+
+def test_unknown_names_are_clear_errors() -> None:
+    with pytest.raises(dsv4c.DsvError, match="unknown target 'sm_99'; known targets: cpu"):
+        dsv4c.compile(mlp(), (x(),), target="sm_99")
+    with pytest.raises(dsv4c.DsvError, match="unknown backend 'cuda'; known backends"):
+        dsv4c.compile(mlp(), (x(),), backend="cuda")

@@ -1,0 +1,86 @@
+"""The dsv4c command line: --help everywhere, one-line errors (tracebacks only with --debug),
+report.html from an artifact."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dsv4c.cli import main
+from tests.dsv4c.helpers import compiled
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _error(capsys, argv: list[str]) -> str:
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+@pytest.mark.parametrize("command", ["compile", "run", "ir", "report"])
+def test_every_command_has_help(capsys, command: str) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    assert f"usage: dsv4c {command}" in capsys.readouterr().out
+
+
+def test_console_script_help() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "dsv4c.cli", "--help"],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0
+    assert all(c in out.stdout for c in ("compile", "run", "ir", "report"))
+
+
+def test_error_paths_are_one_line(capsys, tmp_path: Path) -> None:
+    out = str(tmp_path / "o")
+    assert _error(capsys, ["compile", "--model", "huge", "-o", out]) == (
+        "dsv4c compile: error: unknown model 'huge'; known models: tiny, tiny-512, small, "
+        "v4-flash, v4-pro"
+    )
+    line = _error(capsys, ["compile", "--model", "tiny", "--target", "sm_99", "-o", out])
+    assert line.startswith("dsv4c compile: error: unknown target 'sm_99'; known targets: cpu")
+    line = _error(capsys, ["compile", "--model", "tiny", "--backend", "cuda", "-o", out])
+    assert line.startswith("dsv4c compile: error: unknown backend 'cuda'")
+    line = _error(capsys, ["compile", "--model", "tiny", "--weights", "/no/such.st", "-o", out])
+    assert line == "dsv4c compile: error: weights /no/such.st do not exist"
+    line = _error(capsys, ["run", str(tmp_path / "missing")])
+    assert line.startswith("dsv4c run: error: ") and "not a dsv4c artifact directory" in line
+    line = _error(capsys, ["report", str(tmp_path)])
+    assert (
+        line == f"dsv4c report: error: {tmp_path} has no manifest.json; it is not a dsv4c artifact"
+    )
+    assert not (tmp_path / "o").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown model 'huge'"):
+        main(["--debug", "compile", "--model", "huge", "-o", str(tmp_path)])
+
+
+def test_run_refuses_an_artifact_without_a_model(capsys, tmp_path: Path) -> None:
+    path = compiled().save(tmp_path / "art")
+    line = _error(capsys, ["run", str(path)])
+    assert line == f"dsv4c run: error: {path} was not compiled from a model preset; `run` needs one"
+
+
+def test_report_writes_html_with_the_roofline(capsys, tmp_path: Path) -> None:
+    path = compiled("triton").save(tmp_path / "art")
+    assert main(["report", str(path)]) == 0
+    html = (path / "report.html").read_text()
+    assert "<svg" in html and "<circle" in html  # the roofline with one dot per kernel
+    assert "Fusion summary" in html and "Compile time" in html
+    assert "fused_" in html or "matmul" in html  # the per-kernel table
+    import dsv4c
+
+    dsv4c.load(path)  # report.html beside the artifact does not break its verification
