@@ -42,7 +42,7 @@ def test_tiny_prefill_equals_eager():
     assert not fell_back & {"fused.kernel", "matmul", "grouped_mm"}  # all compute is Triton
     assert len(exe.kernels()) < len(launched) // 3  # identical layers share kernels
     ops = Counter(op for k in exe.kernels() for op in k.fused_ops)
-    assert ops["matmul"] >= 1 and ops["softmax"] >= 1 and ops["rsqrt"] >= 1
+    assert ops["matmul"] >= 1 and ops["rsqrt"] >= 1
     assert all(f["reason"] for f in exe.report()["fallbacks"])
 
 
