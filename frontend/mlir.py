@@ -194,7 +194,14 @@ class _MlirTranslator(_capture._Translator):
         elif name == "func.return":
             self.builder.output(*(self._materialize(self.values[v]) for v in op.operands))
         elif name == "torch.vtensor.literal":
-            self._set(op, _literal(op))  # a host tensor until an op needs it in the graph
+            literal = _literal(op)  # a host tensor until an op needs it in the graph
+            if literal is None:
+                raise CaptureError(
+                    f"a tensor constant at {self.loc.source if self.loc else '<unknown source>'} "
+                    "was frozen into the program; register it as a buffer "
+                    "(module.register_buffer) so it becomes an input"
+                )
+            self._set(op, literal)
         else:
             self._translate_aten(op)
 
@@ -247,7 +254,8 @@ class _MlirTranslator(_capture._Translator):
             source = self.loc.source if self.loc else "<unknown source>"
             raise CaptureError(
                 f"a non-uniform constant tensor {list(value.shape)} at {source} reaches a graph "
-                "op; the IR has no literal tensors — make it an input (a buffer or parameter)"
+                "op, and the IR has no literal tensors; register it as a buffer "
+                "(module.register_buffer) so it becomes an input"
             )
         dtype = ir.DType.from_torch(value.dtype)
         scalar = flat[0].item() if flat.numel() else 0
@@ -337,12 +345,15 @@ def _host_only(operands: list[Any]) -> bool:
     )
 
 
-def _literal(op) -> torch.Tensor:
-    """`torch.vtensor.literal(dense<...>)` as a host tensor."""
+def _literal(op) -> torch.Tensor | None:
+    """`torch.vtensor.literal(dense<...>)` as a host tensor; None for opaque resource blobs."""
     import numpy as np
     from torch_mlir import ir as mlir
 
-    attr = mlir.DenseElementsAttr(op.attributes["value"])
+    try:
+        attr = mlir.DenseElementsAttr(op.attributes["value"])
+    except ValueError:  # dense_resource<...>: a frozen tensor the bindings cannot read
+        return None
     shape, dtype = _mlir_type(op.results[0].type)
     if attr.is_splat:
         value = _element(attr.get_splat_value())
