@@ -18,11 +18,12 @@ topological. The `Schedule` (launches in order, each with its symbolic cost) goe
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ir import Cost, Graph, Node
 from passes.context import PassContext
-from passes.cost import gemm_operand_views, is_free, kernel_cost
+from passes.cost import evaluate, gemm_operand_views, is_free, kernel_cost
 from passes.memory_plan import plan
 
 __all__ = ["Launch", "Schedule", "build_schedule", "category", "schedule", "sunk_order"]
@@ -67,6 +68,13 @@ class Schedule:
 
     def by_category(self) -> Counter[str]:
         return Counter(launch.category for launch in self.launches)
+
+    def totals(self, env: Mapping[str, int]) -> tuple[int, int]:
+        """Flops and bytes moved by all launches at the given symbol values."""
+        costs = [launch.cost for launch in self.launches]
+        return sum(evaluate(c.flops, env) for c in costs), sum(
+            evaluate(c.bytes, env) for c in costs
+        )
 
     def summary(self) -> str:
         cats = ", ".join(f"{k} {v}" for k, v in sorted(self.by_category().items()))

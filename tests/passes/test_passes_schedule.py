@@ -133,6 +133,10 @@ def test_schedule_pass_records_launches() -> None:
     ir.verify(out)
     assert ctx.products["schedule"].count == ctx.counters["schedule.launches"] == 3
     assert ctx.counters["schedule.gemm"] == 1 and ctx.counters["schedule.fused"] == 1
+    flops, nbytes = ctx.products["schedule"].totals({"T": 4})
+    fused, gemm, topk = (kernel_cost(launch.node) for launch in ctx.products["schedule"].launches)
+    assert flops == evaluate(fused.flops + gemm.flops + topk.flops, {"T": 4}) > 2 * 4 * 32 * 16
+    assert nbytes == evaluate(fused.bytes + gemm.bytes + topk.bytes, {"T": 4})
 
 
 def test_fused_kernel_cost_moves_only_its_inputs_and_outputs() -> None:
