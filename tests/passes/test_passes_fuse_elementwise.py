@@ -243,6 +243,7 @@ def test_tiny_prefill_after_semantic_fusions_and_every_kernel_emits() -> None:
     print(f"\ntiny prefill, semantic fusions first: {len(g.ops)} ops -> {len(sem.ops)} -> "
           f"{sched.summary()}")  # fmt: skip
     print(f"  {ctx.products['memory_plan'].summary()}")
+    assert ir.parse(ir.to_text(out)) == out  # fused bodies print inline and read back
     _check_tiny(g, out)
     refused = Counter()
     for n in out.ops:
