@@ -98,7 +98,10 @@ class TritonExecutable:
                 {"name": by_key[k].name, "key": k, "ops": list(by_key[k].fused_ops), "uses": n}
                 for k, n in kernels.items()
             ],
-            "fallbacks": [{"op": op, "reason": r, "count": n} for (op, r), n in falls.items()],
+            "fallbacks": [
+                {"op": op, "kind": ir.OPS[op].kind.value, "reason": r, "count": n}
+                for (op, r), n in falls.items()
+            ],
             "runtime_fallbacks": [
                 {"op": op, "reason": r, "calls": n} for (op, r), n in self.runtime_fallbacks.items()
             ],

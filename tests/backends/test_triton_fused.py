@@ -140,7 +140,10 @@ def test_unsupported_ops_fall_back_with_reasons():
     assert reasons["cumsum"] == "no triton emitter for cumsum"
     report = exe.report()
     assert [k["name"] for k in report["kernels"]] == ["fused_mul"]
-    assert {f["op"] for f in report["fallbacks"]} == {"sum", "cumsum"}
+    assert {(f["op"], f["kind"]) for f in report["fallbacks"]} == {
+        ("sum", "reduction"),
+        ("cumsum", "opaque"),
+    }
 
 
 def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
