@@ -268,7 +268,8 @@ class Grouping:
         for n, r in zip(nodes, roles):
             ops_in = [] if r == "gemm" else n.operands
             for v in n.operands:
-                if v.name not in self.producer or self.producer[v.name] not in mset:
+                outside = v.name not in self.producer or self.producer[v.name] not in mset
+                if outside and not self.cloned(v):
                     inputs.append(v.shape)
             for v in (*ops_in, *n.results):
                 lay = layout(v.shape, domain, axis, reduce)
@@ -284,6 +285,8 @@ class Grouping:
                 before = layout(n.operands[0].shape, domain, axis, reduce)
                 if before != layout(n.results[0].shape, domain, axis, reduce):
                     return "view_changes_layout"
+        if not inputs:
+            return "no_inputs"  # made from constants alone: nothing to launch it on
         bound = _bound(inputs)
         if bound is None or not needed <= bound:
             return "unbound_symbol"

@@ -177,6 +177,16 @@ def test_outputs_are_whole_tiles_or_rows_of_the_exact_rank() -> None:
     assert ctx.counters["fuse_elementwise.refused.stores_broadcast"] >= 1
 
 
+def test_ops_on_constants_alone_are_not_a_kernel() -> None:
+    b = ir.Builder(name="consts")
+    c = b.op("expand", [b.constant(2.0, F32)], shape=[8])
+    y = b.op("exp", [b.op("neg", [c])])
+    b.output(b.op("add", [y, b.input("x", TensorType((T, 8), F32))]))
+    out, ctx = fuse(b.build())
+    assert kernels(out) == [["neg", "exp", "add"]] and out.ops[1].name == "expand"
+    assert ctx.counters["fuse_elementwise.refused.no_inputs"] == 1
+
+
 def test_policy_can_turn_epilogues_off_and_grouping_is_inspectable() -> None:
     b = ir.Builder(name="epi")
     x = b.input("x", TensorType((T, 16), F32))
