@@ -8,8 +8,8 @@ Per preset: ops before and after the pipeline, the distinct structural signature
 (`passes.kernel_signatures`: how many different kernels a backend must compile; identical layers
 share them), the launches of the schedule (views and scalars are not launches) and their distinct
 signatures, the fused kernels, the activation memory plan (B=1, T=4096), the pipeline's per-pass
-times and rule hits (`STATS`), and the peak RSS of the process. Goal (issue 4): v4-pro through the pipeline in under 60 s. Results go to
-`benchmarks/results/passes_pipeline.json`.
+times and rule hits (`STATS`), and the peak RSS of the process. Goal (issue 4): v4-pro through
+the pipeline in under 60 s. Results go to `benchmarks/results/passes_pipeline.json`.
 """
 
 from __future__ import annotations

@@ -84,7 +84,8 @@ def evaluate(d: Dim, env: Mapping) -> int:
     out = subs_dim(d, bindings(env))
     if not isinstance(out, int):
         missing = ", ".join(sorted(s.name for s in out.free_symbols))
-        raise ValueError(f"cannot evaluate {d}: bind {missing} (e.g. {{'T': 4096}})")  # noqa: TRY004
+        msg = f"cannot evaluate {d}: bind {missing} (e.g. {{'T': 4096}})"
+        raise ValueError(msg)  # noqa: TRY004 (a missing binding, not a wrong type)
     return out
 
 

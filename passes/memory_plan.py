@@ -3,8 +3,9 @@
 Every value an op produces needs a buffer from its op until its last reader (graph outputs live
 to the end); graph inputs (parameters, activations, caches) belong to the caller and are not
 planned. Views (reshape, squeeze, unsqueeze, expand, and permutes only a GEMM reads through its
-strides) alias their operand's buffer and extend its life; 0-d constants are host scalars. Values inside `fused.kernel` bodies never reach memory.
-A kernel's outputs are allocated before its dead operands are freed (no in-place writes).
+strides) alias their operand's buffer and extend its life; 0-d constants are host scalars.
+Values inside `fused.kernel` bodies never reach memory. A kernel's outputs are allocated before
+its dead operands are freed (no in-place writes).
 
 Two plans, both greedy in schedule order:
 - *symbolic* (valid for every binding): a freed buffer is reused by a value whose size is the
