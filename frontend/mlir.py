@@ -33,6 +33,8 @@ from frontend import aten as aten_table
 _capture = importlib.import_module("frontend.capture")
 CaptureError, UnsupportedOpError = _capture.CaptureError, _capture.UnsupportedOpError
 
+__all__ = ["capture_mlir", "capture_onnx", "lower_to_linalg", "onnx_weights", "parse_mlir"]
+
 _STATE = "state"  # the stateless wrapper's first argument: every state_dict entry
 
 # c10::ScalarType codes (how MLIR spells dtypes) for the dtypes the IR has.
@@ -425,9 +427,6 @@ def _op_label(op) -> str:
     return op.name.removeprefix("torch.")
 
 
-__all__ = ["capture_mlir", "capture_onnx", "onnx_weights"]
-
-
 # --- ONNX ---------------------------------------------------------------------------------
 
 
@@ -533,3 +532,38 @@ def _ir_name(name: str) -> str:
     cleaned = re.sub(r"[^A-Za-z0-9_.]", "_", name)
     cleaned = re.sub(r"\.{2,}", ".", cleaned).strip(".")
     return cleaned or "_"
+
+
+# --- MLIR export ---------------------------------------------------------------------------
+
+
+def parse_mlir(text: str):
+    """Parse `ir.to_mlir` output with torch-mlir's bindings (raises on malformed text)."""
+    from torch_mlir import ir as mlir
+    from torch_mlir.dialects import torch as torch_dialect
+
+    context = mlir.Context()
+    torch_dialect.register_dialect(context)
+    return mlir.Module.parse(text, context)  # the module holds its context
+
+
+def lower_to_linalg(text: str) -> str:
+    """`ir.to_mlir` text of a graph of primitives -> linalg-on-tensors MLIR, through torch-mlir's
+    backend pipelines. Custom `dsv4c.*` ops (semantic ops, fused kernels) cannot lower."""
+    from torch_mlir.compiler_utils import (
+        OutputType,
+        lower_mlir_module,
+        run_pipeline_with_repro_report,
+    )
+
+    module = parse_mlir(text)
+    try:
+        run_pipeline_with_repro_report(
+            module,
+            "builtin.module(torchdynamo-export-to-torch-backend-pipeline{ extra-library=})",
+            "torch dialect -> torch backend contract",
+        )
+        module = lower_mlir_module(False, OutputType.LINALG_ON_TENSORS, module)
+    except Exception as err:
+        raise CaptureError(f"torch-mlir could not lower the graph to linalg:\n{err}") from err
+    return str(module)

@@ -23,6 +23,7 @@ from ir import ops as _ops  # noqa: F401,E402  (registers the op library)
 from ir.builder import Builder  # noqa: E402
 from ir.equality import assert_structural_equal, structurally_equal  # noqa: E402
 from ir.interpreter import InterpretError, interpret  # noqa: E402
+from ir.mlir import to_mlir  # noqa: E402
 from ir.parser import parse  # noqa: E402
 from ir.printer import to_text  # noqa: E402
 from ir.verifier import verify  # noqa: E402
@@ -45,6 +46,7 @@ __all__ = [
     "ROLES",
     "register",
     "to_text",
+    "to_mlir",
     "parse",
     "ParseError",
     "verify",
