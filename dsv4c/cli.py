@@ -103,6 +103,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         progress=_progress,
         model_info=info,
         use_cache=not args.no_cache,
+        graph_key=f"preset {args.model} {_config(args.model)!r}",
     )
     report = compiled.report()
     for name, entry in report["entries"].items():
@@ -190,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--weights", help="safetensors checkpoint the artifact will run with")
     c.add_argument("--max-len", type=int, default=256, help="KV cache positions (default 256)")
     c.add_argument("--methods", help="entry points, comma separated (default prefill,decode)")
-    c.add_argument("--no-cache", action="store_true", help="bypass the AOT kernel cache")
+    c.add_argument("--no-cache", action="store_true", help="bypass the graph and kernel caches")
     c.set_defaults(fn=cmd_compile)
 
     r = sub.add_parser("run", help="generate tokens with a compiled model and print tokens/s")

@@ -108,11 +108,14 @@ def compile_methods(
     progress: Progress | None = None,
     model_info: Mapping[str, Any] | None = None,
     use_cache: bool = True,
+    graph_key: str | None = None,
 ) -> Compiled:
-    import frontend
-    import passes
-    from passes.context import PassContext
+    """Compile several entry points of `module` into one `Compiled`. `graph_key` names what fully
+    determines the module (e.g. a model preset's config): with it, capture + passes results are
+    cached (graph_cache.py); `use_cache=False` bypasses that cache and the kernel cache."""
+    from dsv4c.report import build_report, entry_report
 
+    graph_key = graph_key if use_cache else None
     tgt = _target(target)
     be = make_backend(backend)
     run = _Run(progress)
@@ -124,12 +127,8 @@ def compile_methods(
     cache_stats = {"hits": 0, "misses": 0}
     bound = _bound_params(module)
     for i, (method, spec) in enumerate(methods.items()):
-        with run.phase(f"capture {method}", type(module).__name__):
-            g0 = frontend.capture(module, spec.inputs, dynamic=spec.dynamic, method=method)
-        env = dict(spec.bindings or _example_bindings(g0, spec.inputs))
-        ctx = PassContext.from_env(target=tgt.name, options={"bindings": env})
-        with run.phase(f"passes {method}", f"{len(g0.ops)} ops"):
-            g = passes.pipeline(g0, target=tgt.name, ctx=ctx)
+        env = dict(spec.bindings or {})
+        g, summary = _lower(module, method, spec, tgt, env, run, graph_key)
         with run.phase(f"backend {method}", f"{backend} for {tgt.name}"):
             exe = be.compile(g, tgt)
         files[graph_file(method, i)] = ir.to_text(g).encode()
@@ -141,13 +140,9 @@ def compile_methods(
             files |= blobs
             cache_stats = {k: cache_stats[k] + stats[k] for k in cache_stats}
         entries[method] = EntryPoint(method, g, exe, tgt, bound)
-        from dsv4c.report import entry_report
-
-        reports[method] = entry_report(g0, g, exe, ctx, env, tgt)
+        reports[method] = entry_report(summary, g, exe, env, tgt)
     run.times["total"] = time.perf_counter() - start
     manifest = build_manifest(entries, backend, tgt, files, model_info)
-    from dsv4c.report import build_report
-
     report = build_report(manifest, reports, run.times, aot_rows, cache_stats)
     files["report.json"] = _json(report)
     compiled = Compiled(entries, backend=backend, target=tgt, manifest=manifest, files=files)
@@ -155,6 +150,47 @@ def compile_methods(
         with run.phase("write", str(output_dir)):
             compiled.save(output_dir)
     return compiled
+
+
+def _lower(
+    module: Any,
+    method: str,
+    spec: MethodSpec,
+    tgt: Target,
+    env: dict[str, int],
+    run: _Run,
+    graph_key: str | None,
+) -> tuple[ir.Graph, dict[str, Any]]:
+    """Capture + pipeline (or their cached result); fills `env` from the example inputs when the
+    spec gives no bindings. Returns the final graph and the pipeline summary for the report."""
+    import frontend
+    import passes
+    from dsv4c import graph_cache
+    from dsv4c.report import pipeline_summary
+    from passes.context import PassContext
+
+    key = None
+    if graph_key is not None:
+        parts = {"dynamic": spec.dynamic, "bindings": spec.bindings, "target": tgt.name}
+        key = graph_cache.cache_key(graph_key, method, spec.inputs, parts)
+        with run.phase(f"graph cache {method}", key[:12]):
+            hit = graph_cache.get(key)
+        if hit is not None:
+            g, summary = hit
+            env.update(summary["bindings"])
+            if run.progress:
+                run.progress(f"graph cache {method}", f"hit: {len(g.ops)} ops, capture skipped")
+            return g, summary | {"cached": True}
+    with run.phase(f"capture {method}", type(module).__name__):
+        g0 = frontend.capture(module, spec.inputs, dynamic=spec.dynamic, method=method)
+    env.update(env or _example_bindings(g0, spec.inputs))
+    ctx = PassContext.from_env(target=tgt.name, options={"bindings": dict(env)})
+    with run.phase(f"passes {method}", f"{len(g0.ops)} ops"):
+        g = passes.pipeline(g0, target=tgt.name, ctx=ctx)
+    summary = pipeline_summary(g0, ctx) | {"bindings": dict(env)}
+    if key is not None:
+        graph_cache.put(key, g, summary)
+    return g, summary
 
 
 def _target(target: str | Target) -> Target:

@@ -15,7 +15,7 @@ from typing import Any
 import ir
 from backends.targets import Target
 
-__all__ = ["build_report", "entry_report", "kernel_rows"]
+__all__ = ["build_report", "entry_report", "kernel_rows", "pipeline_summary"]
 
 
 def _num(d: Any, env: Mapping[str, int]) -> int | None:
@@ -87,32 +87,45 @@ def _roofline(row: dict[str, Any], tgt: Target) -> None:
     }
 
 
+def pipeline_summary(g0: ir.Graph, ctx: Any) -> dict[str, Any]:
+    """What the report keeps of the capture and the pass pipeline (JSON; cacheable)."""
+    sched = ctx.products.get("schedule")
+    return {
+        "ops_captured": len(g0.ops),
+        "captured_by_op": dict(Counter(n.name for n in g0.ops).most_common()),
+        "launches": sched.count if sched is not None else None,
+        "launches_by_category": dict(sched.by_category()) if sched is not None else {},
+        "rule_hits": dict(ctx.counters.most_common()),
+        "pass_times_s": dict(ctx.times),
+        "memory_plan": _plan(ctx.products.get("memory_plan")),
+    }
+
+
 def entry_report(
-    g0: ir.Graph, g: ir.Graph, exe: Any, ctx: Any, env: Mapping[str, int], tgt: Target
+    summary: Mapping[str, Any], g: ir.Graph, exe: Any, env: Mapping[str, int], tgt: Target
 ) -> dict[str, Any]:
-    """The report section of one entry point (g0: as captured, g: after the pipeline)."""
+    """The report section of one entry point (`summary` from `pipeline_summary`, `g` final)."""
     final = Counter(n.name for n in g.ops)
     fused_bodies = [len(n.attrs["body"].ops) for n in g.ops if n.name == "fused.kernel"]
     semantic = {k: v for k, v in final.items() if k.startswith(("attn.", "moe.", "hc."))}
-    sched = ctx.products.get("schedule")
-    plan = ctx.products.get("memory_plan")
     backend_report = exe.report() if hasattr(exe, "report") else {}
     return {
         "bindings": dict(env),
-        "ops_captured": len(g0.ops),
+        "ops_captured": summary["ops_captured"],
         "ops_final": len(g.ops),
-        "launches": sched.count if sched is not None else None,
-        "launches_by_category": dict(sched.by_category()) if sched is not None else {},
+        "launches": summary["launches"],
+        "launches_by_category": summary["launches_by_category"],
         "fusion": {
             "semantic_ops": semantic,
             "fused_kernels": len(fused_bodies),
             "ops_in_fused_kernels": sum(fused_bodies),
-            "captured_by_op": dict(Counter(n.name for n in g0.ops).most_common()),
+            "captured_by_op": summary["captured_by_op"],
             "final_by_op": dict(final.most_common()),
-            "rule_hits": dict(ctx.counters.most_common()),
+            "rule_hits": summary["rule_hits"],
         },
-        "pass_times_s": dict(ctx.times),
-        "memory_plan": _plan(plan),
+        "pass_times_s": summary["pass_times_s"],
+        "graph_cached": summary.get("cached", False),
+        "memory_plan": summary["memory_plan"],
         "kernels": kernel_rows(g, exe, env, tgt),
         "fallbacks": backend_report.get("fallbacks", []),
     }

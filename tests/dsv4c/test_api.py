@@ -117,3 +117,27 @@ def test_unknown_names_are_clear_errors() -> None:
         dsv4c.compile(mlp(), (x(),), target="sm_99")
     with pytest.raises(dsv4c.DsvError, match="unknown backend 'cuda'; known backends"):
         dsv4c.compile(mlp(), (x(),), backend="cuda")
+
+
+def test_graph_cache_skips_capture_on_a_second_compile(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("DSV4C_CACHE_DIR", str(tmp_path / "cache"))
+    phases: list[str] = []
+    spec = dsv4c.MethodSpec((x(),), {"x": {0: "B"}})
+
+    def build() -> dsv4c.Compiled:
+        return dsv4c.compile_methods(
+            mlp(),
+            {"forward": spec},
+            graph_key="tests.MLP v1",
+            progress=lambda phase, detail: phases.append(phase),
+        )
+
+    first = build()
+    assert "capture forward" in phases and not first.report()["entries"]["forward"]["graph_cached"]
+    phases.clear()
+    second = build()
+    assert "capture forward" not in phases and "passes forward" not in phases
+    assert second.report()["entries"]["forward"]["graph_cached"]
+    assert second.graph == first.graph
+    (got,) = second(x(6, seed=2))
+    torch.testing.assert_close(got, eager(x(6, seed=2)), rtol=1e-5, atol=1e-6)
