@@ -82,3 +82,21 @@ def test_unreadable_file_is_one_clear_error(tmp_path: Path) -> None:
     bad.write_bytes(b"not a protobuf at all")
     with pytest.raises(CaptureError, match=r"bad\.onnx: not a readable ONNX model"):
         capture_onnx(bad)
+
+
+def test_onnx_module_compiles_and_runs_with_tvm(tmp_path: Path) -> None:
+    """End to end: ONNX file -> IR -> pass pipeline -> TVM (llvm, this CPU) -> eager's output."""
+    pytest.importorskip("tvm")
+    import passes
+    from backends.tvm import TVMBackend
+
+    module = _Head().eval()
+    graph = passes.pipeline(capture_onnx(_export(module, torch.randn(4, 8), tmp_path / "h.onnx")))
+    exe = TVMBackend().compile(graph, "cpu")
+    x = torch.randn(9, 8)
+    (got,) = exe(x, params=module.state_dict())
+    want = module(x)
+    assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item() + 1e-5
+    report = exe.report()
+    assert sum(k["calls"].get("tvm", 0) for k in report["kernels"]) >= 3  # norm, GEMMs, softmax
+    assert {f["op"] for f in report["fallbacks"]} <= {"permute"}  # weight transposes only
