@@ -227,7 +227,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # one line for the user; the traceback with --debug
         if args.debug:
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        from dsv4c.errors import DsvError
+
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if not isinstance(e, DsvError | ValueError | OSError):  # unexpected: name it
+            first = f"{type(e).__name__}: {first} (--debug shows the traceback)"
         _say(f"dsv4c {args.command}: error: {first}")
         return 1
 

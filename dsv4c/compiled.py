@@ -51,12 +51,14 @@ class EntryPoint:
     calls: int = field(default=0)
 
     def __call__(self, *args: Any, params: Mapping[str, Any] | None = None) -> tuple[Any, ...]:
+        import torch
         import torch.utils._pytree as pytree
 
         leaves = pytree.tree_leaves(list(args))
         feed = self._check(leaves, params)
         self.calls += 1
-        return self.executable(*leaves, params=feed)
+        with torch.no_grad():  # compiled graphs are inference graphs
+            return self.executable(*leaves, params=feed)
 
     def _check(self, leaves: list[Any], params: Mapping[str, Any] | None) -> dict[str, Any]:
         from ir.interpreter import InterpretError, bind_symbols
