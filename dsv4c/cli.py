@@ -75,6 +75,34 @@ def model_methods(model: Any, max_len: int) -> dict[str, Any]:
     }
 
 
+def kv_cache_bytes(preset: str) -> dict[str, Any]:
+    """KV cache / state bytes of one sequence (meta tensors, nothing allocated): the part that
+    grows per token (the slope between two cache lengths) and the fixed part (window ring,
+    compressor state), in the model's dtype and in bf16, and the total at 1M = 2^20 tokens."""
+    import torch
+
+    from models.deepseek_v4 import Transformer
+
+    def size(model: Any, max_len: int, itemsize: int | None) -> int:
+        cache = model.init_cache(1, max_len)
+        return sum(t.numel() * (itemsize or t.element_size()) for t in cache.values())
+
+    with torch.device("meta"):
+        model = Transformer(_config(preset))
+    lo, hi, million = 1 << 16, 1 << 17, 1 << 20
+    out: dict[str, Any] = {"dtype": str(next(model.parameters()).dtype).replace("torch.", "")}
+    for label, itemsize in (("model_dtype", None), ("bf16", 2)):
+        a, b = size(model, lo, itemsize), size(model, hi, itemsize)
+        per_token = (b - a) / (hi - lo)
+        out[label] = {
+            "bytes_per_token": per_token,
+            "fixed_bytes": a - per_token * lo,
+            "bytes_at_1m_tokens": size(model, million, itemsize),
+            "gib_at_1m_tokens": per_token * million / 2**30,
+        }
+    return out
+
+
 # --- commands ------------------------------------------------------------------------------
 
 
@@ -93,7 +121,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.methods:
         methods = {m: methods[m] for m in args.methods.split(",")}
     _say(f"compiling {args.model} ({', '.join(methods)}) with {args.backend} for {args.target}")
-    info = {"preset": args.model, "max_len": args.max_len, "weights": args.weights}
+    info = {
+        "preset": args.model,
+        "max_len": args.max_len,
+        "weights": args.weights,
+        "kv_cache": kv_cache_bytes(args.model),
+    }
     compiled = dsv4c.compile_methods(
         model,
         methods,

@@ -161,6 +161,21 @@ def render(manifest: Mapping[str, Any], report: Mapping[str, Any]) -> str:
         ),
         f"<p>kernel cache: {_e(report['kernel_cache'])}</p>",
     ]
+    kv = report.get("model", {}).get("kv_cache")
+    if kv:
+        out.append("<h2>KV cache and state per sequence</h2>")
+        rows = [
+            (
+                label,
+                f"{kv[label]['bytes_per_token']:,.0f}",
+                f"{kv[label]['fixed_bytes'] / 2**20:,.2f}",
+                f"{kv[label]['gib_at_1m_tokens']:.2f}",
+            )
+            for label in ("bf16", "model_dtype")
+        ]
+        head = ("dtype", "bytes/token", "fixed MiB (window, state)", "GiB at 1M tokens (growing)")
+        out.append(_table(head, rows, numeric=(1, 2, 3)))
+        out.append(f"<p>model dtype: {_e(kv['dtype'])}</p>")
     for name, entry in report["entries"].items():
         out.append(_entry(name, entry, t))
     if report.get("aot"):

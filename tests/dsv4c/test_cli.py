@@ -84,3 +84,14 @@ def test_report_writes_html_with_the_roofline(capsys, tmp_path: Path) -> None:
     import dsv4c
 
     dsv4c.load(path)  # report.html beside the artifact does not break its verification
+
+
+def test_kv_cache_bytes_agree_with_the_architecture_notes() -> None:
+    """v4-architecture.md §3.9: BF16 compressed KV 6880 B/token (Flash), 9848 B/token (Pro),
+    9.62 GiB at 1M tokens for Pro."""
+    from dsv4c.cli import kv_cache_bytes
+
+    pro, flash = kv_cache_bytes("v4-pro")["bf16"], kv_cache_bytes("v4-flash")["bf16"]
+    assert (pro["bytes_per_token"], flash["bytes_per_token"]) == (9848, 6880)
+    assert round(pro["gib_at_1m_tokens"], 2) == 9.62
+    assert round(flash["gib_at_1m_tokens"], 2) == 6.72
