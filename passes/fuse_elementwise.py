@@ -20,8 +20,8 @@ legal (`Grouping.check`):
 - a GEMM group has one output and no reductions or views; its matmul result is not used outside,
   the matmul's operands come from outside and its B operand is 2-D (no batched epilogues);
 - every symbol of the domain is bound by the shapes of the group's inputs;
-- no cycle: no path leaves the group and comes back (checked backwards from the group's external
-  producers, within the positions the group spans).
+- no cycle: no path leaves the group and comes back, also through other groups (each counted as
+  one kernel: two groups feeding each other would deadlock the launch order).
 These mirror what `backends/triton/fused.py` and `matmul.py` emit (tile / row / column layouts of
 one 2-D domain; matmul first, then an elementwise epilogue).
 
@@ -200,6 +200,10 @@ class Grouping:
             for v in n.operands:
                 self.users.setdefault(v.name, []).append(i)
         self.graph_outputs = {v.name for v in g.outputs}
+        self.succs: list[list[int]] = [[] for _ in g.ops]
+        for i in range(len(g.ops)):
+            for p in set(self.preds(i)):
+                self.succs[p].append(i)
 
     def preds(self, i: int) -> list[int]:
         return [
@@ -321,19 +325,26 @@ class Grouping:
         return None
 
     def _creates_cycle(self, mset: set[int]) -> bool:
-        low = min(mset)
-        stack = [p for m in mset for p in self.preds(m) if p not in mset]
+        """Is there a path from the group out and back in, with the other groups contracted
+        (two groups feeding each other would be a cycle of kernels)? Searched forward from the
+        group's readers; ops after the newest member are not grouped yet and cannot lead back."""
+        newest = max(mset)
+        stack = [u for m in mset for u in self.succs[m] if u not in mset]
         seen: set[int] = set()
         while stack:
             x = stack.pop()
-            if x in seen or x < low:
+            if x > newest:
                 continue
-            seen.add(x)
-            for p in self.preds(x):
-                if p in mset:
-                    return True
-                if p not in seen and p >= low:
-                    stack.append(p)
+            gid = self.group_of.get(x)
+            unit = self.groups[gid] if gid is not None else [x]
+            if unit[0] in seen:
+                continue
+            seen.add(unit[0])
+            for m in unit:
+                for u in self.succs[m]:
+                    if u in mset:
+                        return True
+                    stack.append(u)
         return False
 
     # -- the walk --
@@ -401,10 +412,15 @@ class Grouping:
     # -- results --
 
     def kernels(self) -> list[list[int]]:
-        """Groups worth a `fused.kernel`: two or more computing ops."""
+        """Groups worth a `fused.kernel`: two or more computing ops, some result used (dead
+        groups are left to dead-code elimination)."""
         out = []
         for members in self.groups.values():
-            if sum(self.roles[m] != "view" for m in members) >= 2:
+            mset = set(members)
+            used = any(
+                self.outside_use(r, mset) for m in members for r in self.graph.ops[m].results
+            )
+            if used and sum(self.roles[m] != "view" for m in members) >= 2:
                 out.append(members)
         return sorted(out)
 
