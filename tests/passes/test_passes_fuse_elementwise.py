@@ -265,8 +265,8 @@ def test_tiny_prefill_after_semantic_fusions_and_every_kernel_emits() -> None:
 
 
 def random_graph(seed: int, n_ops: int = 40) -> ir.Graph:
-    """Random DAG of elementwise, broadcast, reduction, GEMM and opaque ops over [T,8] tiles,
-    [T,1] rows and [8] columns, with values reused at random (multi-use, detours)."""
+    """Random DAG of elementwise, broadcast, reduction, view, GEMM and opaque ops over [T,8]
+    tiles, [T,1] rows and [8] columns, with values reused at random (multi-use, detours)."""
     import random
 
     rng = random.Random(seed)
@@ -280,7 +280,8 @@ def random_graph(seed: int, n_ops: int = 40) -> ir.Graph:
     outs: list[ir.Value] = []
     for _ in range(n_ops):
         tile, row, col = (rng.choice(pools[k]) for k in ((T, 8), (T, 1), (8,)))
-        kind = rng.choice(["unary", "binary", "binary", "reduce", "gemm", "opaque", "col"])
+        kinds = ["unary", "binary", "binary", "reduce", "gemm", "opaque", "col", "view", "softmax"]
+        kind = rng.choice(kinds)
         if kind == "unary":
             v = b.op(rng.choice(["exp", "neg", "sigmoid", "tanh"]), [rng.choice([tile, row])])
         elif kind == "binary":
@@ -291,6 +292,13 @@ def random_graph(seed: int, n_ops: int = 40) -> ir.Graph:
             v = b.op("matmul", [tile, w])
         elif kind == "opaque":
             v = b.op("cumsum", [tile], dim=1)
+        elif kind == "view":  # a row without its dim and back, or a row expanded to a tile
+            flat = b.op("sum", [tile], dims=[1])
+            v = b.op("unsqueeze", [b.op("exp", [flat])], dim=1)
+            if rng.random() < 0.5:
+                v = b.op("expand", [v], shape=[T, 8])
+        elif kind == "softmax":
+            v = b.op("softmax", [tile], dim=1)
         else:
             v = b.op("mul", [col, b.constant(0.5, F32)])
         pools[tuple(v.shape)].append(v)
