@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,7 +120,7 @@ def aot_with_cache(
             graph=exe.graph,
             steps=[SimpleNamespace(launch=_OneVariant(jobs[i])) for i in chunk],
         )
-        with _scratch() as keep:
+        with tempfile.TemporaryDirectory(prefix="dsv4c-aot-") as keep:
             results = aot_compile(fake, [target], bindings=bindings, keep_dir=keep)
             if len(results) != len(chunk):
                 raise RuntimeError(f"AOT returned {len(results)} results for {len(chunk)} jobs")
@@ -172,16 +173,3 @@ def _write_entry(folder: Path, row: dict[str, Any], blobs: dict[str, bytes]) -> 
         "sha256": {n: hashlib.sha256(d).hexdigest() for n, d in blobs.items()},
     }
     atomic_write(folder / "result.json", json.dumps(meta, default=list).encode())
-
-
-class _scratch:
-    """A temporary folder for one compiler batch (removed afterwards)."""
-
-    def __enter__(self) -> Path:
-        import tempfile
-
-        self._dir = tempfile.TemporaryDirectory(prefix="dsv4c-aot-")
-        return Path(self._dir.name)
-
-    def __exit__(self, *exc: object) -> None:
-        self._dir.cleanup()
