@@ -141,3 +141,21 @@ def test_graph_cache_skips_capture_on_a_second_compile(tmp_path: Path, monkeypat
     assert second.graph == first.graph
     (got,) = second(x(6, seed=2))
     torch.testing.assert_close(got, eager(x(6, seed=2)), rtol=1e-5, atol=1e-6)
+
+
+class TopK(torch.nn.Module):
+    """Ops without a Triton kernel (top-k, cumsum) next to ones with one: still compiles."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        vals = torch.topk(x.exp(), 3, dim=-1).values
+        return torch.cumsum(vals, -1) * 2.0
+
+
+def test_unfusable_ops_fall_back_to_the_reference_and_stay_correct() -> None:
+    c = dsv4c.compile(TopK(), (x(),), backend="triton", dynamic={"x": {0: "B"}})
+    (got,) = c(x(6, seed=4))
+    torch.testing.assert_close(got, TopK()(x(6, seed=4)))
+    (entry,) = c.report()["entries"].values()
+    assert {f["op"] for f in entry["fallbacks"]} >= {"topk"}
+    assert all(f["reason"] for f in entry["fallbacks"])
+    assert any(k["runs"] == "kernel" for k in entry["kernels"])
