@@ -7,9 +7,9 @@ time and peak memory.
 Per preset: ops before and after the pipeline, the distinct structural signatures of the ops left
 (`passes.kernel_signatures`: how many different kernels a backend must compile; identical layers
 share them), the launches of the schedule (views and scalars are not launches) and their distinct
-signatures, the fused kernels, the activation memory plan (B=1, T=4096), the pipeline's per-pass
-times and rule hits (`STATS`), and the peak RSS of the process. Goal (issue 4): v4-pro through
-the pipeline in under 60 s. Results go to `benchmarks/results/passes_pipeline.json`.
+signatures, the fused kernels, the activation memory plan and the launches' flops and bytes
+(B=1, T=4096), the pipeline's per-pass times and rule hits (`STATS`), and the peak RSS of the
+process. Goal (issue 4): v4-pro through the pipeline in under 60 s. Results go to `benchmarks/results/passes_pipeline.json`.
 """
 
 from __future__ import annotations
@@ -55,6 +55,9 @@ def run_one(preset: str) -> dict:
     distinct = {passes.op_signature(n) for n in out.ops if id(n) in launched}
     fused = {passes.op_signature(n) for n in out.ops if n.name == "fused.kernel"}
     mib = 1 << 20
+    start = time.perf_counter()
+    flops, nbytes = schedule.totals(memory.bindings)
+    cost_s = time.perf_counter() - start
     return {
         "preset": preset,
         "layers": cfg.n_layers,
@@ -70,6 +73,9 @@ def run_one(preset: str) -> dict:
         "activation_mib_no_reuse": round(memory.no_reuse_bytes / mib, 1),
         "activation_mib_planned": round(memory.peak_bytes / mib, 1),
         "activation_mib_live": round(memory.live_bytes / mib, 1),
+        "tflop": round(flops / 1e12, 2),
+        "gib_moved": round(nbytes / (1 << 30), 2),
+        "cost_s": round(cost_s, 2),
         "capture_s": round(capture_s, 2),
         "pipeline_s": round(pipeline_s, 2),
         "pass_s": {k: round(v, 2) for k, v in ctx.times.items()},
@@ -115,6 +121,10 @@ def main() -> None:
             f"activations at {row['memory_bindings']}: {row['activation_mib_no_reuse']} MiB "
             f"unplanned -> {row['activation_mib_planned']} MiB planned "
             f"(live peak {row['activation_mib_live']} MiB)"
+        )
+        print(
+            f"{'':>9} launches at those sizes: {row['tflop']} TFLOP, {row['gib_moved']} GiB "
+            f"moved (cost model {row['cost_s']} s)"
         )
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(RESULTS), delete=False) as f:

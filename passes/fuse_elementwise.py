@@ -51,7 +51,7 @@ from ir.ops.fused import FusedKernel
 from ir.symbolic import Dim
 from passes.context import PassContext
 
-__all__ = ["FusionPolicy", "Grouping", "fuse_elementwise", "group_ops", "role"]
+__all__ = ["FusionPolicy", "Grouping", "broadcast_shape", "fuse_elementwise", "group_ops", "role"]
 
 VIEWS = frozenset({"reshape", "squeeze", "unsqueeze", "expand"})
 REDUCTIONS = frozenset({"sum", "mean", "amax", "amin", "softmax", "log_softmax"})
@@ -107,7 +107,7 @@ def reduced_dims(node: Node) -> list[int]:
 # --- domains and layouts --------------------------------------------------------------------
 
 
-def _broadcast(shapes: Sequence[Sequence[Dim]]) -> tuple[Dim, ...] | None:
+def broadcast_shape(shapes: Sequence[Sequence[Dim]]) -> tuple[Dim, ...] | None:
     rank = max((len(s) for s in shapes), default=0)
     out: list[Dim] = [1] * rank
     for s in shapes:
@@ -258,7 +258,7 @@ class Grouping:
             return (domain, reduced_dims(reds[0])[0]) if domain else "zero_d"
         else:
             shapes = [r.shape for n in nodes for r in n.results]
-            found = _broadcast(shapes)
+            found = broadcast_shape(shapes)
             if found is None:
                 return "domain"
             domain = found

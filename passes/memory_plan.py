@@ -5,7 +5,9 @@ to the end); graph inputs (parameters, activations, caches) belong to the caller
 planned. Views (reshape, squeeze, unsqueeze, expand, and permutes only a GEMM reads through its
 strides) alias their operand's buffer and extend its life; 0-d constants are host scalars.
 Values inside `fused.kernel` bodies never reach memory. A kernel's outputs are allocated before
-its dead operands are freed (no in-place writes).
+its dead operands are freed, except that a result may take the buffer of a same-typed operand
+dying at its op when the launch reads each element only where it writes it (elementwise ops,
+the whole-tile inputs of fused kernels, a GEMM epilogue's extra inputs): in place.
 
 Two plans, both greedy in schedule order:
 - *symbolic* (valid for every binding): a freed buffer is reused by a value whose size is the
@@ -25,10 +27,11 @@ import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ir import Graph, TensorType, Value
+from ir import Graph, Kind, Node, TensorType, Value
 from ir.symbolic import Dim
 from passes.context import PassContext
 from passes.cost import FREE, evaluate, gemm_operand_views
+from passes.fuse_elementwise import broadcast_shape
 
 __all__ = ["DEFAULT_BINDINGS", "Lifetime", "MemoryPlan", "lifetimes", "plan", "plan_memory"]
 
@@ -131,26 +134,72 @@ def plan(g: Graph, bindings: Mapping[str, int] | None = None) -> MemoryPlan:
     env.update({s: 1 for s in assumed})
     key = tuple(sorted(env.items()))
     sizes = [_bytes_at(life.value.type, key) for life in lives]
-    events = _events(lives, len(g.ops))
+    events = _events(lives, len(g.ops), _donors(g, lives))
     tries = [_concrete(events, sizes, slack) for slack in (None, 2)]
     owner_of, buffers = min(tries, key=lambda t: sum(t[1]))
     assignment = {name: owner_of[k] for k, life in enumerate(lives) for name in _names(life)}
     out = MemoryPlan(env, assumed, assignment, buffers, no_reuse_bytes=sum(sizes))
     out.symbolic_buffers = _symbolic(events, [_nbytes(life.value.type) for life in lives])
     live = 0
-    for starts, ends in events:
-        live += sum(sizes[k] for k in starts)
+    for starts, ends, donated in events:
+        live += sum(sizes[k] for k in starts if k not in donated)
         out.live_bytes = max(out.live_bytes, live)
-        live -= sum(sizes[k] for k in ends)
+        live -= sum(sizes[k] for k in ends if k not in donated.values())
     return out
 
 
-def _events(lives: list[Lifetime], n_ops: int) -> list[tuple[list[int], list[int]]]:
-    """Per op (and one step for the graph's end): lifetimes starting, lifetimes ending."""
-    events: list[tuple[list[int], list[int]]] = [([], []) for _ in range(n_ops + 1)]
+def _inplace_operands(n: Node) -> tuple[Value, ...]:
+    """Operands a launch may overwrite with a result of the same type: it reads each of their
+    elements only in the program that writes that element, before writing it (elementwise ops;
+    a fused kernel's inputs, loaded before its stores; a GEMM epilogue's extra inputs, not A, B)."""
+    if n.kind in (Kind.ELEMENTWISE, Kind.BROADCAST):
+        return n.operands
+    if n.name != "fused.kernel":
+        return ()
+    body = n.attrs["body"]
+    if body.ops and body.ops[0].name == "matmul":
+        return n.operands[2:]
+    shapes = [v.shape for v in body.inputs] + [r.shape for b in body.ops for r in b.results]
+    domain = broadcast_shape(
+        shapes
+    )  # a whole tile of the domain: never a row stored by many programs
+    return tuple(v for v in n.operands if domain is not None and tuple(v.shape) == domain)
+
+
+def _donors(g: Graph, lives: list[Lifetime]) -> dict[int, list[int]]:
+    """Lifetime of a result -> lifetimes of operands whose buffer it may take in place: the
+    operand dies at this op and has the result's type (so do all its views)."""
+    index = {name: k for k, life in enumerate(lives) for name in _names(life)}
+    out: dict[int, list[int]] = {}
+    for i, n in enumerate(g.ops):
+        dying = [
+            index[v.name]
+            for v in _inplace_operands(n)
+            if v.name in index and lives[index[v.name]].end == i
+        ]
+        for r in n.results:
+            k = index.get(r.name)
+            if k is None or lives[k].value.name != r.name:
+                continue
+            out[k] = [d for d in dying if lives[d].value.type == r.type]
+    return out
+
+
+Events = list[tuple[list[int], list[int], dict[int, int]]]
+
+
+def _events(lives: list[Lifetime], n_ops: int, donors: dict[int, list[int]]) -> Events:
+    """Per op (and one step for the graph's end): lifetimes starting, lifetimes ending, and
+    which starting lifetime takes which ending one's buffer in place."""
+    events: Events = [([], [], {}) for _ in range(n_ops + 1)]
     for k, life in enumerate(lives):
         events[life.start][0].append(k)
         events[life.end][1].append(k)
+    for starts, _, donated in events:
+        for k in starts:
+            free = [d for d in donors.get(k, ()) if d not in donated.values()]
+            if free:
+                donated[k] = free[0]
     return events
 
 
@@ -159,10 +208,13 @@ def _concrete(events, sizes: list[int], slack: int | None) -> tuple[dict[int, in
     buffers: list[int] = []
     free: list[int] = []
     owner_of: dict[int, int] = {}
-    for starts, ends in events:
+    for starts, ends, donated in events:
         for k in starts:
-            owner_of[k] = _take(buffers, free, sizes[k], slack)
-        free.extend(owner_of[k] for k in ends)
+            if k in donated:
+                owner_of[k] = owner_of[donated[k]]
+            else:
+                owner_of[k] = _take(buffers, free, sizes[k], slack)
+        free.extend(owner_of[k] for k in ends if k not in donated.values())
     return owner_of, buffers
 
 
@@ -191,8 +243,11 @@ def _symbolic(events, sizes: list[Dim]) -> list[Dim]:
     buffers: list[Dim] = []
     free: dict[Dim, list[int]] = {}
     owner_of: dict[int, int] = {}
-    for starts, ends in events:
+    for starts, ends, donated in events:
         for k in starts:
+            if k in donated:
+                owner_of[k] = owner_of[donated[k]]
+                continue
             size = sizes[k]
             same = free.get(size)
             if same:
@@ -201,7 +256,8 @@ def _symbolic(events, sizes: list[Dim]) -> list[Dim]:
                 buffers.append(size)
                 owner_of[k] = len(buffers) - 1
         for k in ends:
-            free.setdefault(sizes[k], []).append(owner_of[k])
+            if k not in donated.values():
+                free.setdefault(sizes[k], []).append(owner_of[k])
     return buffers
 
 
