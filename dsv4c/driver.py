@@ -280,6 +280,7 @@ def build_manifest(
         "target": tgt.name,
         "target_description": tgt.description,
         "runs_on": "cuda" if tgt.is_gpu else "cpu",
+        "runnable_on_compile_host": runnable_here(tgt),
         "model": dict(model_info or {}),
         "entry_points": [
             {"name": e.name, "graph": graph_file(e.name, i)} | signature(e.graph)
@@ -287,6 +288,23 @@ def build_manifest(
         ],
         "kernels": list(kernels.values()),
     }
+
+
+def runnable_here(tgt: Target) -> dict[str, Any]:
+    """Whether this machine can run code for `tgt`, and if not why (recorded in the manifest:
+    GPU artifacts are usually compiled ahead of time on machines without that GPU)."""
+    if not tgt.is_gpu:
+        return {"ok": True, "reason": "CPU target"}
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"ok": False, "reason": f"no GPU here; {tgt.name} kernels compiled ahead of time"}
+    name = torch.cuda.get_device_name()
+    if tgt.backend == "cuda" and torch.version.cuda is not None:
+        major, minor = torch.cuda.get_device_capability()
+        if major * 10 + minor != tgt.arch:
+            return {"ok": False, "reason": f"this GPU ({name}) is sm_{major}{minor}"}
+    return {"ok": True, "reason": name}
 
 
 def _json(obj: Any) -> bytes:

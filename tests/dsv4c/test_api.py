@@ -48,6 +48,11 @@ def test_gpu_target_compiles_ahead_of_time_and_cache_hits(tmp_path: Path, monkey
     assert any(f.endswith(".cubin") for f in first.files)
     assert any(f.endswith(".ptx") for f in first.files)
     assert first.manifest["runs_on"] == "cuda"
+    if not torch.cuda.is_available():
+        assert first.manifest["runnable_on_compile_host"] == {
+            "ok": False,
+            "reason": "no GPU here; sm_90 kernels compiled ahead of time",
+        }
     with pytest.raises(dsv4c.TargetMismatchError, match="sm_90.*cuda tensors, got a tensor on cpu"):
         first(x())
 
