@@ -52,13 +52,41 @@ class EntryPoint:
 
     def __call__(self, *args: Any, params: Mapping[str, Any] | None = None) -> tuple[Any, ...]:
         import torch
-        import torch.utils._pytree as pytree
 
-        leaves = pytree.tree_leaves(list(args))
+        leaves = self._flatten(args)
         feed = self._check(leaves, params)
         self.calls += 1
         with torch.no_grad():  # compiled graphs are inference graphs
             return self.executable(*leaves, params=feed)
+
+    def _flatten(self, args: tuple[Any, ...]) -> list[Any]:
+        """The input tensors in graph order. A dict argument is matched by key (its inputs are
+        named `<arg>.<key>`), so a cache dict whose keys come in another order still fits."""
+        import torch.utils._pytree as pytree
+
+        names = [v.name for v in self.graph.inputs if self.graph.roles.get(v.name) != "parameter"]
+        leaves: list[Any] = []
+        for arg in args:
+            pos = len(leaves)
+            if not isinstance(arg, Mapping) or pos >= len(names) or "." not in names[pos]:
+                leaves += pytree.tree_leaves(arg)
+                continue
+            prefix = names[pos].split(".")[0] + "."
+            want = []
+            for n in names[pos:]:
+                if not n.startswith(prefix):
+                    break
+                want.append(n[len(prefix) :])
+            got = {_path_text(path): leaf for path, leaf in pytree.tree_flatten_with_path(arg)[0]}
+            if set(got) != set(want):
+                missing = sorted(set(want) - set(got))[:3]
+                extra = sorted(set(got) - set(want))[:3]
+                raise InputError(
+                    f"{self.name}: input {prefix[:-1]} has other keys than compiled "
+                    f"(missing {missing}, unexpected {extra})"
+                )
+            leaves += [got[k] for k in want]
+        return leaves
 
     def _check(self, leaves: list[Any], params: Mapping[str, Any] | None) -> dict[str, Any]:
         from ir.interpreter import InterpretError, bind_symbols
@@ -120,6 +148,11 @@ class EntryPoint:
                     else "recompile for a GPU target (e.g. target='sm_90')"
                 )
             )
+
+
+def _path_text(path: tuple) -> str:
+    """A pytree key path as the frontend names it: `layers.0.attn.window_kv`."""
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
 class Compiled:

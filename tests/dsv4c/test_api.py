@@ -164,3 +164,21 @@ def test_unfusable_ops_fall_back_to_the_reference_and_stay_correct() -> None:
     assert {f["op"] for f in entry["fallbacks"]} >= {"topk"}
     assert all(f["reason"] for f in entry["fallbacks"])
     assert any(k["runs"] == "kernel" for k in entry["kernels"])
+
+
+class WithState(torch.nn.Module):
+    """A dict input, like the model's cache: its tensors are inputs named `state.<key>`."""
+
+    def forward(self, x: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        return x * state["scale"] + state["shift"]
+
+
+def test_dict_inputs_are_matched_by_key() -> None:
+    state = {"scale": torch.full((16,), 2.0), "shift": torch.arange(16.0)}
+    c = dsv4c.compile(WithState(), (x(), state))
+    names = [i["name"] for i in c.manifest["entry_points"][0]["inputs"]]
+    assert names == ["x", "state.scale", "state.shift"]
+    (got,) = c(x(), {"shift": state["shift"], "scale": state["scale"]})  # other key order
+    torch.testing.assert_close(got, WithState()(x(), state))
+    with pytest.raises(dsv4c.InputError, match=r"input state has other keys than compiled"):
+        c(x(), {"scale": state["scale"], "bias": state["shift"]})
