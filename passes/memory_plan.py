@@ -126,7 +126,7 @@ def _names(life: Lifetime) -> list[str]:
 
 def plan(g: Graph, bindings: Mapping[str, int] | None = None) -> MemoryPlan:
     """Plan buffers for `g` in its op order (see the module docstring)."""
-    env = dict(DEFAULT_BINDINGS if bindings is None else bindings)
+    env = {str(k): int(v) for k, v in (DEFAULT_BINDINGS if bindings is None else bindings).items()}
     lives = lifetimes(g)
     symbols = {s.name for life in lives for d in life.value.shape if not isinstance(d, int)
                for s in d.free_symbols}  # fmt: skip

@@ -90,6 +90,7 @@ def test_concrete_plan_keeps_the_smaller_of_plain_and_slack_best_fit() -> None:
 def test_missing_symbols_are_assumed_one_and_listed() -> None:
     p = plan(chain(2), {})
     assert p.assumed == ["T"] and p.bindings == {"T": 1}
+    assert plan(chain(2), {T: 7}).bindings == {"T": 7}  # symbols or names
     assert "no reuse" in p.summary()
 
 
