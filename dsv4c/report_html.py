@@ -11,7 +11,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["render", "roofline_svg"]
+__all__ = ["bars_svg", "render", "roofline_svg"]
 
 CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
@@ -95,6 +95,29 @@ def roofline_svg(kernels: Sequence[Mapping[str, Any]], target: Mapping[str, Any]
     return "\n".join(parts)
 
 
+def bars_svg(items: Sequence[tuple[str, float]], unit: str = "s") -> str:
+    """Horizontal bars, one per (label, value), scaled to the largest."""
+    w, row, label_w = 640, 20, 220
+    top = max((v for _, v in items), default=0.0) or 1.0
+    parts = [
+        (
+            f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{row * len(items) + 8}" '
+            'class="bars">'
+        )
+    ]
+    for i, (label, v) in enumerate(items):
+        y = 4 + i * row
+        length = (w - label_w - 80) * v / top
+        parts.append(
+            f'<text x="{label_w - 6}" y="{y + 14}" font-size="12" text-anchor="end">{_e(label)}'
+            f'</text><rect x="{label_w}" y="{y + 3}" width="{length:.1f}" height="{row - 6}" '
+            f'fill="#36c"/><text x="{label_w + length + 4:.1f}" y="{y + 14}" font-size="12">'
+            f"{v:.2f} {unit}</text>"
+        )
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
 def _entry(name: str, e: Mapping[str, Any], target: Mapping[str, Any]) -> str:
     f = e["fusion"]
     out = [f"<h2>Entry point <code>{_e(name)}</code></h2>"]
@@ -154,6 +177,7 @@ def render(manifest: Mapping[str, Any], report: Mapping[str, Any]) -> str:
             f"versions {_e(report['versions'])}; created {_e(manifest.get('created'))}.</p>"
         ),
         "<h2>Compile time</h2>",
+        bars_svg([(k, v) for k, v in report["compile_times_s"].items() if k != "total"]),
         _table(
             ("phase", "seconds"),
             [(k, f"{v:.2f}") for k, v in report["compile_times_s"].items()],
