@@ -145,6 +145,10 @@ def read_artifact(
         check_versions(manifest, src)
     contents = {}
     for rel, entry in manifest.get("files", {}).items():
+        try:
+            _check_relative(rel)
+        except ValueError as e:
+            raise ArtifactError(f"{src / MANIFEST}: {e}") from None
         path = src / rel
         try:
             data = path.read_bytes()
