@@ -34,6 +34,10 @@ def _si(x: float | None, unit: str = "") -> str:
     return f"{x:.3g} {unit}".strip()
 
 
+def _pairs(d: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in d.items() if v is not None)
+
+
 def _table(head: Sequence[str], rows: Iterable[Sequence[Any]], numeric: Sequence[int] = ()) -> str:
     out = ["<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"]
     for row in rows:
@@ -141,7 +145,7 @@ def _entry(name: str, e: Mapping[str, Any], target: Mapping[str, Any]) -> str:
     )
     if e.get("memory_plan"):
         out.append(f"<h3>Memory plan</h3><p>{_e(e['memory_plan']['summary'])}</p>")
-    out.append("<h3>Kernels (flops and bytes per call, summed over uses)</h3>")
+    out.append("<h3>Kernels (flops and bytes of one call, summed over each kernel's uses)</h3>")
     out.append(roofline_svg(e["kernels"], target))
     rows = [
         (
@@ -174,7 +178,7 @@ def render(manifest: Mapping[str, Any], report: Mapping[str, Any]) -> str:
         (
             f"<p>backend <b>{_e(report['backend'])}</b>, target <b>{_e(t['name'])}</b> "
             f"({_e(t['description'])}; ridge point {t['ridge_point']:.0f} FLOP/B); "
-            f"versions {_e(report['versions'])}; created {_e(manifest.get('created'))}.</p>"
+            f"versions {_e(_pairs(report['versions']))}; created {_e(manifest.get('created'))}.</p>"
         ),
         "<h2>Compile time</h2>",
         bars_svg([(k, v) for k, v in report["compile_times_s"].items() if k != "total"]),
@@ -183,7 +187,7 @@ def render(manifest: Mapping[str, Any], report: Mapping[str, Any]) -> str:
             [(k, f"{v:.2f}") for k, v in report["compile_times_s"].items()],
             numeric=(1,),
         ),
-        f"<p>kernel cache: {_e(report['kernel_cache'])}</p>",
+        f"<p>kernel cache: {_e(_pairs(report['kernel_cache']))}</p>",
     ]
     kv = report.get("model", {}).get("kv_cache")
     if kv:
