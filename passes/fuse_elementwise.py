@@ -425,11 +425,15 @@ class Grouping:
         return sorted(out)
 
     def reasons(self) -> Counter[str]:
-        """Why each op left outside a kernel stayed alone."""
+        """Why each op left outside a kernel stayed alone (views alone are free: not counted;
+        a GEMM's refusals are counted at the consumers it could not take)."""
         fused = {m for k in self.kernels() for m in k}
         out: Counter[str] = Counter()
         for i, r in enumerate(self.roles):
-            if i in fused or r == "constant":
+            if i in fused or r in ("constant", "view"):
+                continue
+            if r == "gemm":
+                out["no.gemm_without_epilogue"] += 1
                 continue
             out[r if r.startswith("no.") else "no." + self.last_refusal.get(i, "no_partner")] += 1
         return out

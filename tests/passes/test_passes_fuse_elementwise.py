@@ -81,6 +81,7 @@ def test_gemm_result_used_twice_gets_no_epilogue() -> None:
     assert kernels(out) == [["exp", "sigmoid", "add"]]
     assert out.ops[0].name == "matmul"
     assert ctx.counters["fuse_elementwise.refused.gemm_outputs"] >= 1
+    assert ctx.counters["fuse_elementwise.no.gemm_without_epilogue"] == 1
 
 
 def test_no_cycle_when_a_path_leaves_the_group_and_comes_back() -> None:
