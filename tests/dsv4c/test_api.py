@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from dsv4c_helpers import compiled, eager, mlp, x
 
 import dsv4c
-from tests.dsv4c.helpers import compiled, eager, mlp, x
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

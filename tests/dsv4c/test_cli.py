@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from dsv4c_helpers import compiled
 
 from dsv4c.cli import main
-from tests.dsv4c.helpers import compiled
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -7,9 +7,9 @@ import functools
 
 import pytest
 import torch
+from dsv4c_helpers import eager, mlp, x
 
 import dsv4c.driver
-from tests.dsv4c.helpers import eager, mlp, x
 
 
 @pytest.fixture

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from dsv4c_helpers import mlp, x
 
 import ir
 from dsv4c import DsvError, MethodSpec
 from dsv4c.ir_tools import graphs_by_pass, show_ir
-from tests.dsv4c.helpers import mlp, x
 
 SPEC = MethodSpec((x(),), {"x": {0: "B"}})
 
