@@ -1,12 +1,21 @@
-"""`make run`: run the tiny DeepSeek-V4 model eagerly and print a short summary.
+"""`make run`: the tiny DeepSeek-V4 model, eager and compiled, end to end.
 
-Until the compiler lands, this is the smoke test a new engineer sees first: it builds the `tiny`
-preset with random weights, runs one prefill and a few decode steps, checks that decoding after a
-prefill agrees with one prefill of the whole sequence, and prints what it ran.
+1. Eager: build `tiny` with random weights, prefill and decode, check that decoding after a
+   prefill agrees with one prefill of the whole sequence, print parameters, layers, tokens/s.
+2. Compiled, through the same CLI a user runs (each command is printed first):
+   `dsv4c compile` for the CPU and run it against eager (`dsv4c run`), write its HTML report
+   (`dsv4c report`), and compile ahead of time for an H100/H200 (`sm_90`, Triton).
+
+The CPU build uses the Triton backend under Triton's interpreter (slow, but the same kernels a
+GPU runs). The TVM backend is not used here yet: its whole-model compile of `tiny` does not yet
+finish in reasonable time (issue 6).
 """
 
 from __future__ import annotations
 
+import shlex
+import subprocess
+import sys
 import time
 
 import torch
@@ -16,6 +25,7 @@ from models.deepseek_v4 import Config, Transformer, count_params
 PRESET = "tiny"
 PROMPT_LEN = 40
 GEN_STEPS = 8
+OUT = "out"
 
 
 def _layer_kinds(cfg: Config) -> str:
@@ -25,6 +35,24 @@ def _layer_kinds(cfg: Config) -> str:
 
 
 def main() -> None:
+    eager()
+    cpu_dir, gpu_dir = f"{OUT}/{PRESET}-cpu", f"{OUT}/{PRESET}-sm_90"
+    print("\ncompiled:")
+    cli("compile", "--model", PRESET, "--backend", "triton", "--target", "cpu", "-o", cpu_dir)
+    cli("run", cpu_dir, "--prompt-len", str(PROMPT_LEN), "--gen", str(GEN_STEPS))
+    cli("report", cpu_dir)
+    cli("compile", "--model", PRESET, "--backend", "triton", "--target", "sm_90", "-o", gpu_dir)
+
+
+def cli(*args: str) -> None:
+    """Run one `dsv4c` command in its own process, as a user would, and stop if it fails."""
+    print(f"\n$ dsv4c {shlex.join(args)}", flush=True)
+    done = subprocess.run([sys.executable, "-m", "dsv4c.cli", *args], check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"dsv4c {args[0]} failed (exit {done.returncode})")
+
+
+def eager() -> None:
     torch.manual_seed(0)
     cfg = Config.preset(PRESET)
     model = Transformer(cfg).eval()
