@@ -24,7 +24,7 @@ import ir
 from backends.targets import Target, get_target
 from backends.tvm.emitters import emit_node
 from backends.tvm.kernel import Kernel
-from backends.tvm.schedule_cpu import _ok
+from backends.tvm.schedule_cpu import KEEP, _ok
 
 __all__ = ["DeviceSource", "device_source", "device_target", "nvcc_cubin", "schedule_gpu"]
 
@@ -89,7 +89,8 @@ def _inline_stages(sch: Any) -> None:
     outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(root)}
     for block in reversed(sch.get_child_blocks(root)):
         spatial = all(iv.iter_type == 0 for iv in sch.get(block).iter_vars)
-        if spatial and sch.get(block).name_hint not in outputs:
+        name = sch.get(block).name_hint
+        if spatial and name not in outputs and not name.startswith(KEEP):
             _ok(sch.compute_inline, block)  # a refusal keeps it as its own loop nest
 
 

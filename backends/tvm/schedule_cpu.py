@@ -3,7 +3,8 @@
 `schedule_cpu(func)` applies one generic recipe, every step best effort (a primitive TVM refuses
 leaves the loop nest as it was; the result is still correct, only slower):
 
-1. inline every elementwise/broadcast stage that is not an output (one loop nest per output);
+1. inline every elementwise/broadcast stage that is not an output (one loop nest per output),
+   except stages named `keep_*` (Sinkhorn steps: inlining them would grow exponentially);
 2. compute the remaining producers (row statistics of softmax, norms) inside the outer loops of
    the output that reads them, so a row is reduced and normalised while it is in cache;
 3. per root loop nest: fuse the outer spatial loops and run them in parallel over the cores;
@@ -20,6 +21,7 @@ from typing import Any
 __all__ = ["VECTOR", "schedule_cpu"]
 
 VECTOR = 16  # f32 lanes of one AVX-512 register
+KEEP = "keep_"  # stages named so are never inlined (each reads many elements of the last)
 
 
 def _try(fn: Any, *args: Any) -> Any:
@@ -50,11 +52,13 @@ def schedule_cpu(func: Any) -> Any:
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
-    root = sch.get_sblock("root")
+    root = _try(sch.get_sblock, "root")
+    if root is None:  # a lone extern call (e.g. tvm.contrib.sort.topk): nothing to schedule
+        return func
     outputs = {sch.get(b).name_hint for b in sch.get_output_blocks(root)}
     for block in reversed(sch.get_child_blocks(root)):
         name = sch.get(block).name_hint
-        if name not in outputs and _is_spatial(sch, block):
+        if name not in outputs and not name.startswith(KEEP) and _is_spatial(sch, block):
             _try(sch.compute_inline, block)
     for block in sch.get_child_blocks(root):
         if sch.get(block).name_hint in outputs:

@@ -1,3 +1,549 @@
-"""TVM lowerings of the semantic ops (attention, MoE, mHC); registered in `TVM_EMITTERS`."""
+"""te lowerings of the semantic ops (ir/ops/attn.py, moe.py, hc.py), one kernel per node.
+
+Data-dependent indices stay tensors inside the kernel: sparse attention gathers its entries by
+index (-1 masked), top-k runs in the kernel (`tvm.contrib.sort.topk`, as `topi.topk` emits it on
+the CPU), MoE experts gather each token's k expert weights by index (no per-expert row counts on
+the host; an expert no token chose is never read). All math in fp32, results in the op's dtype.
+
+- `attn.sparse_mqa`: q RMS norm + RoPE, entries = window ∪ (every visible compressed entry |
+  indexer picks), scores, softmax with the sink, weighted sum, inverse RoPE (prefill and decode).
+- `attn.indexer_topk`, `attn.compress`, `moe.route`, `moe.experts`, `hc.pre`, `hc.post`, `hc.head`.
+"""
 
 from __future__ import annotations
+
+from typing import Any
+
+import ir
+from backends.tvm.emitters import TVM_EMITTERS, emit_single
+from backends.tvm.lower import Lowering, Unsupported, convert, lowers, static, tvm_dtype
+
+F32 = "float32"
+NEG_INF = float("-inf")
+
+
+def _f(x: Any) -> Any:
+    return convert(x, F32)
+
+
+def _i32(x: Any) -> Any:
+    return convert(x, "int32")
+
+
+def _rope(lw: Lowering, x: Any, cos: Any, sin: Any, row: Any, inverse: bool, out: str) -> Any:
+    """Rotate interleaved pairs of the last 2·half channels of x [..., c]; `row(*i)` picks the
+    cos/sin row for output index i."""
+    from tvm import te, tirx
+
+    half = cos.shape[1]
+    width = x.shape[-1]
+    off = width - 2 * half
+    sign = -1.0 if inverse else 1.0
+
+    def f(*i: Any) -> Any:
+        c = i[-1]
+        p = tirx.floordiv(tirx.max(c - off, 0), 2)
+        even = tirx.floormod(c - off, 2) == 0
+        a = _f(x(*i[:-1], tirx.min(off + 2 * p, width - 1)))
+        b = _f(x(*i[:-1], tirx.min(off + 2 * p + 1, width - 1)))
+        r = row(*i)
+        cs, sn = _f(cos(r, p)), _f(sin(r, p)) * sign
+        rotated = tirx.Select(even, a * cs - b * sn, a * sn + b * cs)
+        return convert(tirx.Select(c < off, _f(x(*i)), rotated), out)
+
+    return te.compute(x.shape, f, name=lw.tag("rope"))
+
+
+def _rms_rows(lw: Lowering, x: Any, eps: float, out: str, weight: Any = None) -> Any:
+    """x · rsqrt(mean(x²) + eps) over the last dim (· weight), rounded to `out`."""
+    from tvm import te, tirx
+
+    width = x.shape[-1]
+    k = te.reduce_axis((0, width), name="k")
+    ss = te.compute(
+        x.shape[:-1], lambda *i: te.sum(_f(x(*i, k)) * _f(x(*i, k)), axis=k), name=lw.tag("ss")
+    )
+
+    def f(*i: Any) -> Any:
+        y = _f(x(*i)) * te.rsqrt(ss(*i[:-1]) / tirx.Cast(F32, width) + tirx.const(eps, F32))
+        y = convert(convert(y, out), F32) if weight is None else y * _f(weight(i[-1]))
+        return convert(y, out)
+
+    return te.compute(x.shape, f, name=lw.tag("rms"))
+
+
+# --- attention ---------------------------------------------------------------------------------
+
+
+@lowers("attn.sparse_mqa")
+def lower_sparse_mqa(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
+    from tvm import te, tirx
+
+    op = node.op
+    q, kv, sink, cos, sin, *rest = args
+    out = tvm_dtype(node.result.dtype)
+    pos = _i32(rest.pop()()) if op.decode else None
+    comp = rest[0] if op.variant != "window" else None
+    picks = rest[1] if op.variant == "csa" else None
+    if op.q_norm_eps is not None:
+        q = _rms_rows(lw, q, op.q_norm_eps, out)
+    q = _rope(lw, q, cos, sin, lambda b, t, h, c: t, False, out)
+    win = op.window
+    rows = kv.shape[1]
+    extra = 0 if comp is None else (picks.shape[2] if picks is not None else comp.shape[1])
+    n_entries = win + extra
+
+    def where(b: Any, t: Any, j: Any) -> tuple[Any, Any, Any]:
+        """(valid, is_raw, row) of entry j of query t."""
+        p_t = pos + t if pos is not None else t
+        raw_row = j if pos is not None else t - win + 1 + j
+        raw_ok = j <= pos if pos is not None else raw_row >= 0
+        if comp is None:
+            return raw_ok, tirx.const(True, "bool"), raw_row
+        s = j - win
+        s_safe = tirx.min(tirx.max(s, 0), extra - 1)
+        if picks is not None:
+            crow = _i32(picks(b, t, s_safe))
+            comp_ok = crow >= 0
+        else:
+            crow = s
+            comp_ok = s < tirx.floordiv(p_t + 1, op.ratio)
+        is_raw = j < win
+        return tirx.Select(is_raw, raw_ok, comp_ok), is_raw, tirx.Select(is_raw, raw_row, crow)
+
+    def entry(b: Any, t: Any, j: Any, c: Any) -> Any:
+        _, is_raw, row = where(b, t, j)
+        raw = _f(kv(b, tirx.min(tirx.max(row, 0), rows - 1), c))
+        if comp is None:
+            return raw
+        cmp_ = _f(comp(b, tirx.min(tirx.max(row, 0), comp.shape[1] - 1), c))
+        return tirx.Select(is_raw, raw, cmp_)
+
+    width = q.shape[3]
+    kc = te.reduce_axis((0, width), name="kc")
+    scale = tirx.const(op.scale, F32)
+
+    def score(b: Any, t: Any, h: Any, j: Any) -> Any:
+        dot = te.sum(_f(q(b, t, h, kc)) * entry(b, t, j, kc), axis=kc)
+        return dot
+
+    z = te.compute((*q.shape[:3], n_entries), score, name=lw.tag("dot"))
+    zm = te.compute(
+        z.shape,
+        lambda b, t, h, j: tirx.Select(where(b, t, j)[0], z(b, t, h, j) * scale, NEG_INF),
+        name=lw.tag("z"),
+    )
+    kj = te.reduce_axis((0, n_entries), name="kj")
+    zmax = te.compute(q.shape[:3], lambda b, t, h: te.max(zm(b, t, h, kj), axis=kj), name="zmax")
+    m = te.compute(
+        q.shape[:3], lambda b, t, h: tirx.max(zmax(b, t, h), _f(sink(h))), name=lw.tag("m")
+    )
+    kj2 = te.reduce_axis((0, n_entries), name="kj2")
+    zsum = te.compute(
+        q.shape[:3],
+        lambda b, t, h: te.sum(te.exp(zm(b, t, h, kj2) - m(b, t, h)), axis=kj2),
+        name=lw.tag("zsum"),
+    )
+    den = te.compute(
+        q.shape[:3],
+        lambda b, t, h: zsum(b, t, h) + te.exp(_f(sink(h)) - m(b, t, h)),
+        name=lw.tag("den"),
+    )
+    kj3 = te.reduce_axis((0, n_entries), name="kj3")
+
+    def weighted(b: Any, t: Any, h: Any, c: Any) -> Any:
+        p = te.exp(zm(b, t, h, kj3) - m(b, t, h)) / den(b, t, h)
+        return te.sum(_f(convert(p, out)) * entry(b, t, kj3, c), axis=kj3)
+
+    o = te.compute(q.shape, weighted, name=lw.tag("o"))
+    o = te.compute(q.shape, lambda *i: convert(o(*i), out), name=lw.tag("o_cast"))
+    return [_rope(lw, o, cos, sin, lambda b, t, h, c: t, True, out)]
+
+
+def _topk_or_pad(lw: Lowering, score: Any, n: Any, k: int) -> Any:
+    """Indices (i64) of the k best columns of score [..., n] (-inf = invisible), -1 past the
+    visible ones; k may exceed n."""
+    from tvm import te, tirx, topi
+
+    lead = score.shape[:-1]
+    padded = te.compute(
+        (*lead, n + k),
+        lambda *i: tirx.Select(
+            i[-1] < n, score(*i[:-1], tirx.min(i[-1], n - 1)), tirx.const(NEG_INF, F32)
+        ),
+        name=lw.tag("padded"),
+    )
+    values, picks = topi.topk(padded, k=k, axis=-1, ret_type="both", is_ascend=False, dtype="int64")
+    return te.compute(
+        picks.shape,
+        lambda *i: tirx.Select(
+            tirx.Or(tirx.isinf(values(*i)), picks(*i) >= convert(n, "int64")),
+            tirx.const(-1, "int64"),
+            picks(*i),
+        ),
+        name=lw.tag("idx"),
+    )
+
+
+@lowers("attn.indexer_topk")
+def lower_indexer_topk(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
+    from tvm import te, tirx
+
+    op = node.op
+    q, keys, w, *pos = args
+    p0 = _i32(pos[0]()) if pos else 0
+    n_keys = keys.shape[1]
+    kc = te.reduce_axis((0, q.shape[3]), name="kc")
+    dot = te.compute(
+        (*q.shape[:3], n_keys),
+        lambda b, t, h, s: te.sum(_f(q(b, t, h, kc)) * _f(keys(b, s, kc)), axis=kc),
+        name=lw.tag("dot"),
+    )
+    kh = te.reduce_axis((0, q.shape[2]), name="kh")
+    scale = tirx.const(op.scale, F32)
+    score = te.compute(
+        (q.shape[0], q.shape[1], n_keys),
+        lambda b, t, s: te.sum(
+            _f(w(b, t, kh)) * scale * tirx.max(dot(b, t, kh, s), tirx.const(0.0, F32)), axis=kh
+        ),
+        name=lw.tag("score"),
+    )
+    masked = te.compute(
+        score.shape,
+        lambda b, t, s: tirx.Select(
+            s < tirx.floordiv(p0 + t + 1, op.ratio), score(b, t, s), tirx.const(NEG_INF, F32)
+        ),
+        name=lw.tag("masked"),
+    )
+    return [_topk_or_pad(lw, masked, n_keys, op.k)]
+
+
+@lowers("attn.compress")
+def lower_compress(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
+    from tvm import te, tirx
+
+    op = node.op
+    x, wkv, wgate, ape, norm, cos, sin = args
+    out = tvm_dtype(node.result.dtype)
+    m, c = op.ratio, norm.shape[0]
+    blocks = tirx.floordiv(x.shape[1], m)
+    kd = te.reduce_axis((0, x.shape[2]), name="kd")
+    kv = te.compute(
+        (x.shape[0], x.shape[1], wkv.shape[0]),
+        lambda b, t, ch: te.sum(_f(x(b, t, kd)) * _f(wkv(ch, kd)), axis=kd),
+        name=lw.tag("kv"),
+    )
+    kd2 = te.reduce_axis((0, x.shape[2]), name="kd2")
+    proj = te.compute(
+        kv.shape,
+        lambda b, t, ch: te.sum(_f(x(b, t, kd2)) * _f(wgate(ch, kd2)), axis=kd2),
+        name=lw.tag("gate_proj"),
+    )
+    gate = te.compute(
+        kv.shape,
+        lambda b, t, ch: proj(b, t, ch) + _f(ape(tirx.floormod(t, m), ch)),
+        name=lw.tag("gate"),
+    )
+    rows = 2 * m if op.overlap else m
+
+    def cand(b: Any, i: Any, r: Any, ch: Any) -> tuple[Any, Any]:
+        """(kv, score) of candidate row r of entry i, output channel ch."""
+        if not op.overlap:
+            return kv(b, i * m + r, ch), gate(b, i * m + r, ch)
+        prev = r < m
+        t = tirx.Select(prev, (i - 1) * m + r, i * m + r - m)
+        t = tirx.max(t, 0)
+        col = tirx.Select(prev, ch, ch + c)
+        ok = tirx.Or(tirx.Not(prev), i >= 1)
+        zero = tirx.const(0.0, F32)
+        return tirx.Select(ok, kv(b, t, col), zero), tirx.Select(ok, gate(b, t, col), NEG_INF)
+
+    shape = (x.shape[0], blocks, c)
+    kr = te.reduce_axis((0, rows), name="kr")
+    mx = te.compute(shape, lambda b, i, ch: te.max(cand(b, i, kr, ch)[1], axis=kr), name="mx")
+    kr2 = te.reduce_axis((0, rows), name="kr2")
+    den = te.compute(
+        shape,
+        lambda b, i, ch: te.sum(te.exp(cand(b, i, kr2, ch)[1] - mx(b, i, ch)), axis=kr2),
+        name=lw.tag("den"),
+    )
+    kr3 = te.reduce_axis((0, rows), name="kr3")
+    num = te.compute(
+        shape,
+        lambda b, i, ch: te.sum(
+            cand(b, i, kr3, ch)[0] * te.exp(cand(b, i, kr3, ch)[1] - mx(b, i, ch)), axis=kr3
+        ),
+        name=lw.tag("num"),
+    )
+    pooled = te.compute(shape, lambda *i: convert(num(*i) / den(*i), out), name=lw.tag("pooled"))
+    entry = _rms_rows(lw, pooled, op.eps, out, weight=norm)
+    return [_rope(lw, entry, cos, sin, lambda b, i, ch: i, False, out)]
+
+
+# --- MoE ---------------------------------------------------------------------------------------
+
+
+def _swiglu(gate: Any, up: Any, limit: float) -> Any:
+    from tvm import te, tirx
+
+    g = tirx.min(gate, tirx.const(limit, F32))
+    u = tirx.min(tirx.max(up, tirx.const(-limit, F32)), tirx.const(limit, F32))
+    return g / (tirx.const(1.0, F32) + te.exp(-g)) * u
+
+
+@lowers("moe.route")
+def lower_route(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
+    from tvm import te, tirx, topi
+
+    op = node.op
+    x, gate, *rest = args
+    kd = te.reduce_axis((0, x.shape[1]), name="kd")
+    logits = te.compute(
+        (x.shape[0], gate.shape[0]),
+        lambda n, e: te.sum(_f(x(n, kd)) * _f(gate(e, kd)), axis=kd),
+        name=lw.tag("logits"),
+    )
+    n_exp = gate.shape[0]
+    if op.score == "softmax":
+        ke = te.reduce_axis((0, n_exp), name="ke")
+        mx = te.compute((x.shape[0],), lambda n: te.max(logits(n, ke), axis=ke), name="mx")
+        ke2 = te.reduce_axis((0, n_exp), name="ke2")
+        den = te.compute(
+            (x.shape[0],), lambda n: te.sum(te.exp(logits(n, ke2) - mx(n)), axis=ke2), name="den"
+        )
+        s = te.compute(logits.shape, lambda n, e: te.exp(logits(n, e) - mx(n)) / den(n), name="s")
+    elif op.score == "sigmoid":
+        s = te.compute(logits.shape, lambda n, e: te.sigmoid(logits(n, e)), name="s")
+    else:
+        lg = logits
+        soft = lambda n, e: tirx.Select(lg(n, e) > 20.0, lg(n, e), tirx.log1p(te.exp(lg(n, e))))
+        s = te.compute(logits.shape, lambda n, e: te.sqrt(soft(n, e)), name="s")
+    if op.hash:
+        table, ids = rest
+        experts = te.compute(
+            (x.shape[0], op.k), lambda n, j: table(ids(n), j), name=lw.tag("experts")
+        )
+    else:
+        chooser = s
+        if op.bias:
+            (bias,) = rest
+            chooser = te.compute(s.shape, lambda n, e: s(n, e) + _f(bias(e)), name="chooser")
+        _, experts = topi.topk(
+            chooser, k=op.k, axis=-1, ret_type="both", is_ascend=False, dtype="int64"
+        )
+    picked = te.compute(experts.shape, lambda n, j: s(n, _i32(experts(n, j))), name="picked")
+    kj = te.reduce_axis((0, op.k), name="kj")
+    total = te.compute((x.shape[0],), lambda n: te.sum(picked(n, kj), axis=kj), name="total")
+    scale = tirx.const(op.route_scale, F32)
+    weights = te.compute(
+        experts.shape,
+        lambda n, j: (picked(n, j) / total(n) if op.renorm else picked(n, j)) * scale,
+        name=lw.tag("weights"),
+    )
+    return [weights, experts]
+
+
+@lowers("moe.experts")
+def lower_experts(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
+    from tvm import te
+
+    op = node.op
+    x, weights, experts, w1, w3, w2, *shared = args
+    out = tvm_dtype(node.result.dtype)
+    n_tok, k, inter, width = x.shape[0], weights.shape[1], w1.shape[1], x.shape[1]
+    kd = te.reduce_axis((0, width), name="kd")
+    kd3 = te.reduce_axis((0, width), name="kd3")
+    eid = lambda n, j: _i32(experts(n, j))
+    up1 = te.compute(
+        (n_tok, k, inter),
+        lambda n, j, i: te.sum(_f(x(n, kd)) * _f(w1(eid(n, j), i, kd)), axis=kd),
+        name=lw.tag("gate_proj"),
+    )
+    up3 = te.compute(
+        (n_tok, k, inter),
+        lambda n, j, i: te.sum(_f(x(n, kd3)) * _f(w3(eid(n, j), i, kd3)), axis=kd3),
+        name=lw.tag("up_proj"),
+    )
+    h = te.compute(
+        up1.shape,
+        lambda n, j, i: convert(
+            _swiglu(convert(convert(up1(n, j, i), out), F32), up3(n, j, i), op.limit)
+            * _f(weights(n, j)),
+            out,
+        ),
+        name=lw.tag("h"),
+    )
+    kj = te.reduce_axis((0, k), name="kj")
+    ki = te.reduce_axis((0, inter), name="ki")
+    y = te.compute(
+        (n_tok, width),
+        lambda n, c: te.sum(_f(h(n, kj, ki)) * _f(w2(eid(n, kj), c, ki)), axis=[kj, ki]),
+        name=lw.tag("routed"),
+    )
+    if not op.shared:
+        return [te.compute(y.shape, lambda n, c: convert(y(n, c), out), name=lw.tag("y"))]
+    s1, s3, s2 = shared
+    ks, ks3 = (te.reduce_axis((0, width), name=nm) for nm in ("ks", "ks3"))
+    g1 = te.compute(
+        (n_tok, s1.shape[0]), lambda n, i: te.sum(_f(x(n, ks)) * _f(s1(i, ks)), axis=ks), name="sg"
+    )
+    g3 = te.compute(
+        g1.shape, lambda n, i: te.sum(_f(x(n, ks3)) * _f(s3(i, ks3)), axis=ks3), name="su"
+    )
+    hs = te.compute(
+        g1.shape, lambda n, i: convert(_swiglu(g1(n, i), g3(n, i), op.limit), out), name="hs"
+    )
+    kss = te.reduce_axis((0, s1.shape[0]), name="kss")
+    ys = te.compute(
+        y.shape, lambda n, c: te.sum(_f(hs(n, kss)) * _f(s2(c, kss)), axis=kss), name="ys"
+    )
+    return [
+        te.compute(
+            y.shape,
+            lambda n, c: convert(convert(y(n, c), out) + convert(ys(n, c), out), out),
+            name=lw.tag("y"),
+        )
+    ]
+
+
+# --- mHC ---------------------------------------------------------------------------------------
+
+
+def _mix(lw: Lowering, x: Any, fn: Any, norm_eps: float) -> Any:
+    """(flatten(X)·fnᵀ)·rsqrt(mean(flatten(X)²) + eps) over the [n, d] stream, fp32."""
+    from tvm import te, tirx
+
+    *lead, n, d = x.shape
+    km = te.reduce_axis((0, n * d), name="km")
+    at = lambda i, m_: _f(x(*i, tirx.floordiv(m_, d), tirx.floormod(m_, d)))
+    ss = te.compute(lead, lambda *i: te.sum(at(i, km) * at(i, km), axis=km), name=lw.tag("ss"))
+    km2 = te.reduce_axis((0, n * d), name="km2")
+    rs = lambda i: te.rsqrt(ss(*i) / tirx.Cast(F32, n * d) + tirx.const(norm_eps, F32))
+    raw = te.compute(
+        (*lead, fn.shape[0]),
+        lambda *i: te.sum(at(i[:-1], km2) * _f(fn(i[-1], km2)), axis=km2),
+        name=lw.tag("proj"),
+    )
+    return te.compute(raw.shape, lambda *i: raw(*i) * rs(i[:-1]), name=lw.tag("mix"))
+
+
+def _pre_mix(lw: Lowering, x: Any, pre: Any, out: str) -> Any:
+    from tvm import te
+
+    *lead, n, d = x.shape
+    kj = te.reduce_axis((0, n), name="kj")
+    acc = te.compute(
+        (*lead, d),
+        lambda *i: te.sum(pre(*i[:-1], kj) * _f(x(*i[:-1], kj, i[-1])), axis=kj),
+        name=lw.tag("mixed"),
+    )
+    return te.compute(acc.shape, lambda *i: convert(acc(*i), out), name=lw.tag("y"))
+
+
+@lowers("hc.pre")
+def lower_hc_pre(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
+    from tvm import te, tirx
+
+    op = node.op
+    x, fn, scale, base = args
+    out = tvm_dtype(node.results[0].dtype)
+    n = static(x.shape[-2])
+    if n is None:
+        raise Unsupported("hc.pre needs a static stream count n")
+    lead = list(x.shape[:-2])
+    mix = _mix(lw, x, fn, op.norm_eps)
+    lin = lambda i, r, sc: mix(*i, r) * _f(scale(sc)) + _f(base(r))
+    eps = tirx.const(op.eps, F32)
+    pre = te.compute(
+        (*lead, n), lambda *i: te.sigmoid(lin(i[:-1], i[-1], 0)) + eps, name=lw.tag("pre")
+    )
+    post = te.compute(
+        (*lead, n), lambda *i: 2.0 * te.sigmoid(lin(i[:-1], n + i[-1], 1)), name=lw.tag("post")
+    )
+    logits = te.compute(
+        (*lead, n, n), lambda *i: lin(i[:-2], 2 * n + i[-2] * n + i[-1], 2), name="logits"
+    )
+    comb = _sinkhorn(lw, logits, n, op.iters, eps)
+    return [_pre_mix(lw, x, pre, out), post, comb]
+
+
+def _sinkhorn(lw: Lowering, logits: Any, n: int, iters: int, eps: Any) -> Any:
+    """Row softmax + eps, column normalise, then (iters-1) × (rows, columns); sums unrolled."""
+    from tvm import te, tirx
+
+    def row_sum(t: Any, i: tuple) -> Any:
+        return sum((t(*i[:-1], b) for b in range(1, n)), t(*i[:-1], 0))
+
+    def col_sum(t: Any, i: tuple) -> Any:
+        return sum((t(*i[:-2], a, i[-1]) for a in range(1, n)), t(*i[:-2], 0, i[-1]))
+
+    def row_max(t: Any, i: tuple) -> Any:
+        out = t(*i[:-1], 0)
+        for b in range(1, n):
+            out = tirx.max(out, t(*i[:-1], b))
+        return out
+
+    shape = logits.shape
+    ex = te.compute(shape, lambda *i: te.exp(logits(*i) - row_max(logits, i)), name="keep_sk_exp")
+    m = te.compute(shape, lambda *i: ex(*i) / row_sum(ex, i) + eps, name=lw.tag("keep_sk_soft"))
+    m = _normalise(lw, m, col_sum, eps, "keep_sk_col")
+    for _ in range(iters - 1):
+        m = _normalise(lw, m, row_sum, eps, "keep_sk_row")
+        m = _normalise(lw, m, col_sum, eps, "keep_sk_col")
+    return m
+
+
+def _normalise(lw: Lowering, m: Any, total: Any, eps: Any, name: str) -> Any:
+    from tvm import te
+
+    return te.compute(m.shape, lambda *i: m(*i) / (total(m, i) + eps), name=lw.tag(name))
+
+
+@lowers("hc.head")
+def lower_hc_head(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
+    from tvm import te, tirx
+
+    op = node.op
+    x, fn, scale, base = args
+    mix = _mix(lw, x, fn, op.norm_eps)
+    eps = tirx.const(op.eps, F32)
+    pre = te.compute(
+        mix.shape,
+        lambda *i: te.sigmoid(mix(*i) * _f(scale(0)) + _f(base(i[-1]))) + eps,
+        name=lw.tag("pre"),
+    )
+    return [_pre_mix(lw, x, pre, tvm_dtype(node.result.dtype))]
+
+
+@lowers("hc.post")
+def lower_hc_post(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
+    from tvm import te
+
+    f, res, post, comb = args
+    out = tvm_dtype(node.result.dtype)
+    kj = te.reduce_axis((0, res.shape[-2]), name="kj")
+
+    def g(*i: Any) -> Any:
+        lead, k, d = i[:-2], i[-2], i[-1]
+        return te.sum(_f(comb(*lead, kj, k)) * _f(res(*lead, kj, d)), axis=kj)
+
+    acc = te.compute(res.shape, g, name=lw.tag("carried"))
+
+    def h(*i: Any) -> Any:
+        lead, k, d = i[:-2], i[-2], i[-1]
+        return convert(_f(post(*lead, k)) * _f(f(*lead, d)) + acc(*i), out)
+
+    return [te.compute(res.shape, h, name=lw.tag("hc_post"))]
+
+
+SEMANTIC = (
+    "attn.sparse_mqa",
+    "attn.indexer_topk",
+    "attn.compress",
+    "moe.route",
+    "moe.experts",
+    "hc.pre",
+    "hc.head",
+    "hc.post",
+)
+TVM_EMITTERS.register(*SEMANTIC)(emit_single)

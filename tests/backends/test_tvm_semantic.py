@@ -1,0 +1,228 @@
+"""The semantic ops (sparse MQA, indexer top-k, compression, MoE route/experts, mHC) through TVM
+kernels vs the reference interpreter, fp32 at small shapes. Edge cases: -1 picks, queries whose
+window starts before position 0, decode rings not yet full, top-k wider than the visible keys,
+sequence lengths that are not multiples of the compression ratio, experts no token chose.
+Each test compiles its nodes as one graph (one LLVM module)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ir
+
+pytest.importorskip("tvm")
+
+from backends.tvm import TVMBackend
+
+GEN = torch.Generator().manual_seed(0)
+
+
+def _t(*shape: int, positive: bool = False) -> torch.Tensor:
+    x = torch.randn(*shape, generator=GEN)
+    return x.abs() + 0.05 if positive else x
+
+
+def _type(t: torch.Tensor) -> ir.TensorType:
+    return ir.TensorType(tuple(t.shape), ir.DType.from_torch(t.dtype))
+
+
+def _check(nodes: list[tuple[str, list[str], dict]], inputs: dict[str, torch.Tensor]) -> None:
+    """Build one graph of `nodes` (mnemonic, input names, attrs), run TVM and the reference."""
+    b = ir.Builder(name="semantic")
+    vals = {k: b.input(k, _type(v)) for k, v in inputs.items()}
+    outs = []
+    for mnemonic, names, attrs in nodes:
+        r = b.op(mnemonic, [vals[n] for n in names], **attrs)
+        outs.extend(r if isinstance(r, tuple) else (r,))
+    b.output(*outs)
+    g = b.build()
+    exe = TVMBackend().compile(g, "cpu")
+    assert not exe.fallbacks(), exe.fallbacks()
+    args = list(inputs.values())
+    for v, got, want in zip(g.outputs, exe(*args), ir.interpret(g, *args)):
+        assert got.dtype == want.dtype and got.shape == want.shape, v
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=str(v))
+
+
+def _rope(rows: int, half: int) -> tuple[torch.Tensor, torch.Tensor]:
+    angle = torch.rand(rows, half, generator=GEN) * 6.0
+    return angle.cos(), angle.sin()
+
+
+def test_sparse_mqa_prefill_variants():
+    b, t, h, c, half = 2, 7, 2, 16, 4
+    cos, sin = _rope(t, half)
+    picks = torch.tensor([[-1, 0], [2, -1], [1, 0], [-1, -1], [0, 1], [2, 1], [1, 2]])
+    inputs = {
+        "q": _t(b, t, h, c),
+        "kv": _t(b, t, c),
+        "sink": _t(h),
+        "cos": cos,
+        "sin": sin,
+        "comp": _t(b, 3, c),
+        "picks": picks.expand(b, t, 2).contiguous(),
+    }
+    base = ["q", "kv", "sink", "cos", "sin"]
+    common = {"window": 3, "scale": 0.3}
+    _check(
+        [
+            ("attn.sparse_mqa", base, {**common, "q_norm_eps": 1e-6}),
+            ("attn.sparse_mqa", [*base, "comp"], {**common, "variant": "hca", "ratio": 2}),
+            ("attn.sparse_mqa", [*base, "comp", "picks"], {**common, "variant": "csa", "ratio": 2}),
+        ],
+        inputs,
+    )
+
+
+@pytest.mark.parametrize("pos", [1, 9])  # ring not yet full / wrapped
+def test_sparse_mqa_decode(pos):
+    b, h, c, half, window = 2, 2, 16, 4, 4
+    cos, sin = _rope(1, half)
+    inputs = {
+        "q": _t(b, 1, h, c),
+        "kv": _t(b, window, c),
+        "sink": _t(h),
+        "cos": cos,
+        "sin": sin,
+        "comp": _t(b, 5, c),
+        "picks": torch.tensor([3, -1, 0]).expand(b, 1, 3).contiguous(),
+        "pos": torch.tensor(pos),
+    }
+    common = {"window": window, "scale": 0.25, "decode": True}
+    _check(
+        [
+            ("attn.sparse_mqa", ["q", "kv", "sink", "cos", "sin", "pos"], common),
+            (
+                "attn.sparse_mqa",
+                ["q", "kv", "sink", "cos", "sin", "comp", "pos"],
+                {**common, "variant": "hca", "ratio": 2},
+            ),
+            (
+                "attn.sparse_mqa",
+                ["q", "kv", "sink", "cos", "sin", "comp", "picks", "pos"],
+                {**common, "variant": "csa", "ratio": 2, "q_norm_eps": 1e-6},
+            ),
+        ],
+        inputs,
+    )
+
+
+def test_indexer_topk_prefill_and_decode():
+    """Positive q/keys/w: distinct scores, so the order of the picks is well defined."""
+    b, t, h, c, s = 2, 9, 3, 8, 4
+    inputs = {
+        "q": _t(b, t, h, c, positive=True),
+        "keys": _t(b, s, c, positive=True),
+        "w": _t(b, t, h, positive=True),
+        "q1": _t(b, 1, h, c, positive=True),
+        "w1": _t(b, 1, h, positive=True),
+        "pos": torch.tensor(6),
+    }
+    _check(
+        [
+            ("attn.indexer_topk", ["q", "keys", "w"], {"k": 3, "ratio": 2, "scale": 0.5}),
+            ("attn.indexer_topk", ["q", "keys", "w"], {"k": 6, "ratio": 2}),  # k > S
+            (
+                "attn.indexer_topk",
+                ["q1", "keys", "w1", "pos"],
+                {"k": 3, "ratio": 2, "decode": True},
+            ),
+        ],
+        inputs,
+    )
+
+
+def test_compress_with_and_without_overlap():
+    b, t, d, c, m = 2, 9, 8, 6, 2  # T = 9: the last token is not a complete block
+    cos, sin = _rope(t // m, 2)
+    inputs = {
+        "x": _t(b, t, d),
+        "wkv2": _t(2 * c, d),
+        "wgate2": _t(2 * c, d),
+        "ape2": _t(m, 2 * c),
+        "wkv": _t(c, d),
+        "wgate": _t(c, d),
+        "ape": _t(m, c),
+        "norm": _t(c),
+        "cos": cos,
+        "sin": sin,
+    }
+    _check(
+        [
+            ("attn.compress", ["x", "wkv2", "wgate2", "ape2", "norm", "cos", "sin"], {"ratio": m}),
+            (
+                "attn.compress",
+                ["x", "wkv", "wgate", "ape", "norm", "cos", "sin"],
+                {"ratio": m, "overlap": False},
+            ),
+        ],
+        inputs,
+    )
+
+
+def test_moe_route_scores_bias_and_hash():
+    n, d, e, k = 5, 8, 7, 2
+    inputs = {
+        "x": _t(n, d),
+        "gate": _t(e, d),
+        "bias": _t(e),
+        "table": torch.randint(0, e, (11, k), generator=GEN),
+        "ids": torch.tensor([3, 0, 10, 3, 7]),
+    }
+    _check(
+        [
+            ("moe.route", ["x", "gate", "bias"], {"k": k, "bias": True, "route_scale": 2.5}),
+            ("moe.route", ["x", "gate"], {"k": 3, "score": "softmax"}),
+            ("moe.route", ["x", "gate"], {"k": k, "score": "sigmoid", "renorm": False}),
+            ("moe.route", ["x", "gate", "table", "ids"], {"k": k, "hash": True}),
+        ],
+        inputs,
+    )
+
+
+def test_moe_experts_with_idle_experts_and_shared():
+    n, d, inter, e, k = 3, 8, 6, 6, 2
+    inputs = {
+        "x": _t(n, d),
+        "weights": _t(n, k, positive=True),
+        "experts": torch.tensor([[0, 4], [4, 1], [0, 1]]),  # experts 2, 3, 5: no tokens
+        "w1": _t(e, inter, d),
+        "w3": _t(e, inter, d),
+        "w2": _t(e, d, inter),
+        "s1": _t(5, d),
+        "s3": _t(5, d),
+        "s2": _t(d, 5),
+    }
+    routed = ["x", "weights", "experts", "w1", "w3", "w2"]
+    _check(
+        [
+            ("moe.experts", routed, {"limit": 1.5}),
+            ("moe.experts", [*routed, "s1", "s3", "s2"], {"shared": True}),
+        ],
+        inputs,
+    )
+
+
+def test_hc_pre_post_head():
+    b, t, n, d = 2, 3, 4, 8
+    inputs = {
+        "x": _t(b, t, n, d),
+        "fn": _t((2 + n) * n, n * d) * 0.1,
+        "scale": _t(3),
+        "base": _t((2 + n) * n),
+        "f": _t(b, t, d),
+        "post": _t(b, t, n),
+        "comb": _t(b, t, n, n),
+        "fn_head": _t(n, n * d) * 0.1,
+        "scale1": _t(1),
+        "base_head": _t(n),
+    }
+    _check(
+        [
+            ("hc.pre", ["x", "fn", "scale", "base"], {"iters": 5}),
+            ("hc.post", ["f", "x", "post", "comb"], {}),
+            ("hc.head", ["x", "fn_head", "scale1", "base_head"], {}),
+        ],
+        inputs,
+    )
