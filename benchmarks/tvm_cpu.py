@@ -1,0 +1,176 @@
+"""The `small` model through the TVM backend on this CPU against eager PyTorch and torch.compile
+(Inductor, CPU), measured in one run: a decode step at a long context (batch 1 and 8) and a
+prefill. Checks TVM == eager first (fp32, 1e-4 relative, same argmax). Writes JSON.
+
+    .venv/bin/python benchmarks/tvm_cpu.py                                  # 4K context, 4K prefill
+    .venv/bin/python benchmarks/tvm_cpu.py --context 4096 --batches 1 --prefill-tokens 512
+
+The decode cache is filled with random values of the right shapes (the cost of a step does not
+depend on them; prefilling 4K tokens eagerly first would dominate the run). Times are medians of
+`--repeat` calls after a warm-up; ratios > 1 mean TVM is faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def timed(fn: Callable[[], Any], repeat: int) -> float:
+    """Median seconds per call after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def compare(got: Any, want: Any) -> dict[str, Any]:
+    got, want = got.float(), want.float()
+    rel = ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
+    same = bool((got.argmax(-1) == want.argmax(-1)).all())
+    return {"max_rel_err": rel, "same_argmax": same, "ok": rel <= 1e-4 and same}
+
+
+def _params(model: Any, g: Any) -> dict[str, Any]:
+    names = {v.name for v in g.params}
+    return {k: v for k, v in model.state_dict().items() if k in names}
+
+
+def _summary(exe: Any) -> dict[str, Any]:
+    r = exe.report()
+    return {
+        "kernels": len(r["kernels"]),
+        "ops": r["ops"],
+        "kernel_ops": sum(k["uses"] for k in r["kernels"]),
+        "fallback_ops": sum(f["count"] for f in r["fallbacks"]),
+        "blas_calls": r["blas_calls"],
+        "llvm": r["llvm"],
+    }
+
+
+def bench_decode(model: Any, batch: int, context: int, args: argparse.Namespace) -> dict:
+    import torch
+
+    import passes
+    from backends.tvm import TVMBackend
+    from frontend import capture
+
+    gen = torch.Generator().manual_seed(batch)
+    cache = model.init_cache(batch, context + 8)
+    for t in cache.values():
+        t.copy_(torch.randn(t.shape, generator=gen) * 0.1)
+    token = torch.randint(0, model.cfg.vocab_size, (batch, 1), generator=gen)
+    pos = torch.tensor(context)
+    row: dict[str, Any] = {"kind": "decode", "batch": batch, "context": context}
+    start = time.perf_counter()
+    dyn = {"token": {0: "B"}, "cache": {0: "B"}}
+    g = passes.pipeline(capture(model, (token, pos, cache), dynamic=dyn, method="decode"))
+    row["capture_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    exe = TVMBackend().compile(g, "cpu", blas=args.blas)
+    row["tvm_compile_s"] = time.perf_counter() - start
+    params = _params(model, g)
+    step = lambda: exe(token, pos, *cache.values(), params=params)  # noqa: E731
+    with torch.no_grad():
+        row["check"] = compare(step()[0], model.decode(token, pos, cache)[0])
+        row["tvm_s"] = timed(step, args.repeat)
+        row["eager_s"] = timed(lambda: model.decode(token, pos, cache), args.repeat)
+        if args.torch_compile:
+            compiled = torch.compile(model.decode)
+            start = time.perf_counter()
+            compiled(token, pos, cache)
+            row["inductor_compile_s"] = time.perf_counter() - start
+            row["inductor_s"] = timed(lambda: compiled(token, pos, cache), args.repeat)
+    row["tvm"] = _summary(exe)
+    return _ratios(row)
+
+
+def bench_prefill(model: Any, tokens: int, args: argparse.Namespace) -> dict:
+    import torch
+
+    import passes
+    from backends.tvm import TVMBackend
+    from frontend import capture
+
+    gen = torch.Generator().manual_seed(7)
+    prompt = torch.randint(0, model.cfg.vocab_size, (1, tokens), generator=gen)
+    row: dict[str, Any] = {"kind": "prefill", "batch": 1, "tokens": tokens}
+    start = time.perf_counter()
+    dyn = {"tokens": {0: "B", 1: "T"}}
+    g = passes.pipeline(capture(model, (prompt[:, :64],), dynamic=dyn, method="prefill"))
+    row["capture_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    exe = TVMBackend().compile(g, "cpu", blas=args.blas)
+    row["tvm_compile_s"] = time.perf_counter() - start
+    params = _params(model, g)
+    with torch.no_grad():
+        row["check"] = compare(exe(prompt, params=params)[0], model.prefill(prompt))
+        row["tvm_s"] = timed(lambda: exe(prompt, params=params), args.repeat)
+        row["eager_s"] = timed(lambda: model.prefill(prompt), args.repeat)
+        if args.torch_compile:
+            compiled = torch.compile(model.prefill)
+            start = time.perf_counter()
+            compiled(prompt)
+            row["inductor_compile_s"] = time.perf_counter() - start
+            row["inductor_s"] = timed(lambda: compiled(prompt), args.repeat)
+    row["tvm"] = _summary(exe)
+    return _ratios(row)
+
+
+def _ratios(row: dict) -> dict:
+    row["speedup_vs_eager"] = row["eager_s"] / row["tvm_s"]
+    if "inductor_s" in row:
+        row["speedup_vs_inductor"] = row["inductor_s"] / row["tvm_s"]
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--context", type=int, default=4096, help="decode position (cache length)")
+    ap.add_argument("--batches", type=int, nargs="*", default=[1, 8], help="decode batch sizes")
+    ap.add_argument("--prefill-tokens", type=int, default=4096, help="0 skips the prefill")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--blas", choices=["auto", "never", "always"], default="auto")
+    ap.add_argument("--no-torch-compile", dest="torch_compile", action="store_false")
+    ap.add_argument("--json", default="benchmarks/results/tvm_cpu.json")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from models.deepseek_v4 import Config, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(Config.preset(args.preset)).eval()
+    rows = []
+    for batch in args.batches:
+        rows.append(bench_decode(model, batch, args.context, args))
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "tvm"}), flush=True)
+    if args.prefill_tokens:
+        rows.append(bench_prefill(model, args.prefill_tokens, args))
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "tvm"}), flush=True)
+    out = {
+        "preset": args.preset,
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        "torch_threads": torch.get_num_threads(),
+        "blas": args.blas,
+        "rows": rows,
+    }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, indent=1))
+    return 0 if all(r["check"]["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
