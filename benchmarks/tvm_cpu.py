@@ -18,8 +18,9 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -81,7 +82,7 @@ def bench_decode(model: Any, batch: int, context: int, args: argparse.Namespace)
     exe = TVMBackend().compile(g, "cpu", blas=args.blas)
     row["tvm_compile_s"] = time.perf_counter() - start
     params = _params(model, g)
-    step = lambda: exe(token, pos, *cache.values(), params=params)  # noqa: E731
+    step = lambda: exe(token, pos, *cache.values(), params=params)
     with torch.no_grad():
         row["check"] = compare(step()[0], model.decode(token, pos, cache)[0])
         row["tvm_s"] = timed(step, args.repeat)
