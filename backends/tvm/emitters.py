@@ -13,7 +13,6 @@ DLPack, zero copy). Families:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,8 +112,6 @@ def _numel(shape: list[int]) -> int:
 
 
 TVM_EMITTERS: EmitterTable = EmitterTable("tvm")
-
-Emit = Callable[[ir.Node, Target, dict], Launch]
 
 
 def kernel_name(node: ir.Node, key: str, variant: str = "") -> str:
