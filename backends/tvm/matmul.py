@@ -76,14 +76,18 @@ def transposed_layout(t: Any) -> bool:
 
 
 def schedule_matmul_cpu(func: Any, nt: bool) -> Any:
-    """Tile i×j (8×32), keep the k loop outside the register tile, vectorise j, parallelise
-    the fused batch/row tiles. `nt` tiles j by 8 and vectorises nothing (dot products)."""
+    """nn: tile i×j (8×32), keep the k loop outside the register tile, vectorise j, parallelise
+    the fused batch/row tiles. nt (weights as stored): vectorised dot products when K is a
+    static multiple of the vector width (GEMV-like decode matmuls), else 4×8 tiles."""
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
     block = sch.get_sblock("matmul")
     loops = sch.get_loops(block)
     *batch, i, j, k = loops
+    width = static(sch.get(k).extent)
+    if nt and width is not None and width % VECTOR == 0:
+        return _schedule_dots(sch, func)
     n = static(sch.get(j).extent)
     tile_j = _tile_j(n, nt)
     i0, i1 = sch.split(i, [None, 8 if not nt else 4])
@@ -100,6 +104,26 @@ def schedule_matmul_cpu(func: Any, nt: bool) -> Any:
             _ok(sch.vectorize, sch.get_loops(init)[-1])
     for b in sch.get_child_blocks(sch.get_sblock("root")):
         if sch.get(b).name_hint != "matmul" and "init" not in sch.get(b).name_hint:
+            _cast_loops(sch, b)
+    return sch.mod["main"].with_attr("global_symbol", func.attrs["global_symbol"])
+
+
+def _schedule_dots(sch: Any, func: Any) -> Any:
+    """nt with a static K: each output is a dot product of two contiguous rows, computed as
+    VECTOR partial sums (rfactor) in one vector register, then reduced; parallel over outputs."""
+    block = sch.get_sblock("matmul")
+    *_, k = sch.get_loops(block)
+    _, k_lanes = sch.split(k, [None, VECTOR])
+    partial = sch.rfactor(k_lanes, 0)
+    *outer, _ = sch.get_loops(block)
+    fused = sch.fuse(*outer)
+    sch.compute_at(partial, fused)
+    lanes, ko = sch.get_loops(partial)[-2:]
+    sch.reorder(ko, lanes)
+    _ok(sch.vectorize, lanes)
+    sch.parallel(fused)
+    for b in sch.get_child_blocks(sch.get_sblock("root")):
+        if sch.get(b).name_hint.startswith("cast"):
             _cast_loops(sch, b)
     return sch.mod["main"].with_attr("global_symbol", func.attrs["global_symbol"])
 

@@ -149,8 +149,11 @@ def _matmuls(b):
     w = b.input("w", ir.TensorType((50, 70), F32))  # stored [out, in]: used transposed
     v = b.input("v", ir.TensorType((70, 33), F32))
     bx = b.input("bx", ir.TensorType((B, 1, 70, 9), F32))
+    x64 = b.input("x64", ir.TensorType((T, 64), F32))
+    w64 = b.input("w64", ir.TensorType((24, 64), F32))
     wt = b.op("permute", [w], dims=[1, 0])
     return [
+        b.op("matmul", [x64, b.op("permute", [w64], dims=[1, 0])]),  # nt, K = 64: dot products
         b.op("matmul", [x, wt]),  # nt: reads w as stored
         b.op("matmul", [x, v]),  # nn, N = 33 (not a tile multiple)
         b.op("matmul", [b.op("permute", [bx], dims=[0, 1, 3, 2]), bx]),  # batched, broadcast
@@ -163,12 +166,12 @@ def test_matmul_layouts_and_blas(blas):
     report = exe.report()
     assert {f["op"] for f in report["fallbacks"]} == {"permute"}
     if blas == "always":
-        assert len(report["blas_calls"]) == 3
+        assert len(report["blas_calls"]) == 4
     else:
         assert not report["blas_calls"]
         names = {k["name"].split("_")[1] for k in report["kernels"]}
         assert names == {"nn"}  # keys name the first variant; both layouts built
-        assert len(exe.kernels()) == 6
+        assert len(exe.kernels()) == 8
 
 
 def test_fused_body_with_constants_iota_and_unaligned_views():
