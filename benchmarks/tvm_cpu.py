@@ -92,7 +92,7 @@ def bench_decode(model: Any, batch: int, context: int, compiled: tuple, args: An
     token = torch.randint(0, model.cfg.vocab_size, (batch, 1), generator=gen)
     pos = torch.tensor(context)
     row: dict[str, Any] = {"kind": "decode", "batch": batch, "context": context, **times}
-    step = lambda: exe(token, pos, *cache.values(), params=params)  # noqa: E731
+    step = lambda: exe(token, pos, *cache.values(), params=params)
     with torch.no_grad():
         row["check"] = compare(step()[0], model.decode(token, pos, cache)[0])
         row["tvm_s"] = timed(step, args.repeat)
