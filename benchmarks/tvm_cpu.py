@@ -48,6 +48,15 @@ def _params(model: Any, g: Any) -> dict[str, Any]:
     return {k: v for k, v in model.state_dict().items() if k in names}
 
 
+def _profile(exe: Any, call: Callable[[], Any], top: int = 12) -> dict[str, float]:
+    """Seconds per op (kernel or reference) over one profiled call: where the time goes."""
+    exe.step_seconds.clear()
+    exe.profile = True
+    call()
+    exe.profile = False
+    return {k: round(v, 5) for k, v in exe.step_seconds.most_common(top)}
+
+
 def _summary(exe: Any) -> dict[str, Any]:
     r = exe.report()
     return {
@@ -104,6 +113,7 @@ def bench_decode(model: Any, batch: int, context: int, compiled: tuple, args: An
             inductor(token, pos, cache)
             row["inductor_compile_s"] = time.perf_counter() - start
             row["inductor_s"] = timed(lambda: inductor(token, pos, cache), args.repeat)
+        row["tvm_profile"] = _profile(exe, step)
     row["tvm"] = _summary(exe)
     return _ratios(row)
 
@@ -137,6 +147,7 @@ def bench_prefill(model: Any, tokens: int, args: argparse.Namespace) -> dict:
             inductor(prompt)
             row["inductor_compile_s"] = time.perf_counter() - start
             row["inductor_s"] = timed(lambda: inductor(prompt), args.repeat)
+        row["tvm_profile"] = _profile(exe, lambda: exe(prompt, params=params))
     row["tvm"] = _summary(exe)
     return _ratios(row)
 

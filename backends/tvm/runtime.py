@@ -8,6 +8,9 @@ kernels: B, T are bound from the input tensors on each call, so one build serves
 Tensors cross into TVM by DLPack (torch tensors are passed to the packed functions directly; the
 outputs are torch tensors the kernels write in place): no copies.
 
+`exe.profile = True` times every step; `report()["profile"]` sums the seconds per op and
+whether it ran a kernel or the reference (where the time goes).
+
 `blas`: "auto" (GEMMs of at least `BLAS_MIN_FLOPS` call `torch.matmul`, i.e. MKL/OpenBLAS, as
 Inductor does), "never" (every matmul runs its TVM kernel) or "always". The report says which
 matmuls called BLAS and how often.
@@ -15,6 +18,7 @@ matmuls called BLAS and how often.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -60,6 +64,8 @@ class TVMExecutable:
                 self.steps.append(Step(node, found))
         self.llvm_target = host_target()
         self.fns = build(self.kernels(), self.llvm_target)
+        self.profile = False  # True: time every step (report()["profile"])
+        self.step_seconds: Counter[str] = Counter()
 
     def __call__(self, *args: Any, params: Mapping[str, Any] | None = None) -> tuple[Any, ...]:
         feed, env = feed_inputs(self.graph, args, params)
@@ -67,10 +73,14 @@ class TVMExecutable:
         device = next((t.device for t in feed if hasattr(t, "device")), None)
         for step in self.steps:
             ins = [values[v.name] for v in step.node.operands]
+            start = time.perf_counter() if self.profile else 0.0
             if step.launch is None:
                 outs = run_node(step.node, ins, env, device)
             else:
                 outs = step.launch(ins, env, self.fns)
+            if self.profile:
+                where = "reference" if step.launch is None else "kernel"
+                self.step_seconds[f"{step.node.name} ({where})"] += time.perf_counter() - start
             values.update({r.name: t for r, t in zip(step.node.results, outs)})
         return tuple(values[v.name] for v in self.graph.outputs)
 
@@ -117,6 +127,7 @@ class TVMExecutable:
                 by_key[k].name: c["blas"] for k, c in calls.items() if c.get("blas", 0) > 0
             },
             "fallbacks": [{"op": op, "reason": r, "count": n} for (op, r), n in falls.items()],
+            "profile": {k: round(v, 6) for k, v in self.step_seconds.most_common()},
         }
 
 
