@@ -280,6 +280,94 @@ def lower_compress(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
     return [_rope(lw, entry, cos, sin, lambda b, i, ch: i, False, out)]
 
 
+@lowers("attn.compress_step")
+def lower_compress_step(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
+    """One decode token into the compressor state; the open block pooled and, when it completes,
+    written to its cache row. Outputs are whole new buffers (functional update), one pass each."""
+    from tvm import te, tirx
+
+    op = node.op
+    x, pos, kv_state, score_state, wkv, wgate, ape, norm, cos, sin, cache = args
+    m, c = op.ratio, norm.shape[0]
+    p = _i32(pos())
+    st_dt, out = tvm_dtype(node.results[1].dtype), tvm_dtype(node.operands[0].dtype)
+    kd, kd2 = (
+        te.reduce_axis((0, x.shape[2]), name="kd"),
+        te.reduce_axis((0, x.shape[2]), name="kd2"),
+    )
+    shape = (x.shape[0], wkv.shape[0])
+    kv = te.compute(
+        shape, lambda b, w: te.sum(_f(x(b, 0, kd)) * _f(wkv(w, kd)), axis=kd), name="kv"
+    )
+    proj = te.compute(
+        shape, lambda b, w: te.sum(_f(x(b, 0, kd2)) * _f(wgate(w, kd2)), axis=kd2), name="zp"
+    )
+    slot = tirx.floormod(p, m) + (m if op.overlap else 0)
+    ape_row = tirx.floormod(p, m)
+
+    def put(state: Any, value: Any) -> Any:
+        return lambda b, r, w: tirx.Select(
+            tirx.EQ(r, slot), convert(value(b, w), st_dt), state(b, r, w)
+        )
+
+    score = lambda b, w: proj(b, w) + _f(ape(ape_row, w))
+    kv_new = te.compute(kv_state.shape, put(kv_state, kv), name=lw.tag("kv_state"))
+    sc_new = te.compute(score_state.shape, put(score_state, score), name=lw.tag("score_state"))
+    rows = 2 * m if op.overlap else m
+
+    def cand(b: Any, r: Any, ch: Any) -> tuple[Any, Any]:
+        if not op.overlap:
+            return _f(kv_new(b, r, ch)), _f(sc_new(b, r, ch))
+        col = tirx.Select(r < m, ch, ch + c)
+        return _f(kv_new(b, r, col)), _f(sc_new(b, r, col))
+
+    pshape = (x.shape[0], 1, c)
+    kr, kr2, kr3 = (te.reduce_axis((0, rows), name=n) for n in ("kr", "kr2", "kr3"))
+    mx = te.compute(pshape, lambda b, _, ch: te.max(cand(b, kr, ch)[1], axis=kr), name="mx")
+    den = te.compute(
+        pshape, lambda b, _, ch: te.sum(te.exp(cand(b, kr2, ch)[1] - mx(b, 0, ch)), axis=kr2)
+    )
+    num = te.compute(
+        pshape,
+        lambda b, _, ch: te.sum(
+            cand(b, kr3, ch)[0] * te.exp(cand(b, kr3, ch)[1] - mx(b, 0, ch)), axis=kr3
+        ),
+    )
+    pooled = te.compute(pshape, lambda *i: convert(num(*i) / den(*i), out), name="pooled")
+    entry = _rope(
+        lw,
+        _rms_rows(lw, pooled, op.eps, out, weight=norm),
+        cos,
+        sin,
+        lambda b, t, ch: 0,
+        False,
+        out,
+    )
+    emit = tirx.EQ(tirx.floormod(p + 1, m), 0)
+    row = tirx.min(tirx.floordiv(p, m), cache.shape[1] - 1)
+    cache_dt = tvm_dtype(node.results[0].dtype)
+    cache_new = te.compute(
+        cache.shape,
+        lambda b, r, ch: tirx.Select(
+            tirx.And(emit, tirx.EQ(r, row)), convert(entry(b, 0, ch), cache_dt), cache(b, r, ch)
+        ),
+        name=lw.tag("cache"),
+    )
+    if not op.overlap:
+        return [cache_new, kv_new, sc_new]
+
+    def roll(state: Any) -> Any:
+        return lambda b, r, w: tirx.Select(
+            emit, state(b, m + tirx.floormod(r, m), w), state(b, r, w)
+        )
+
+    return [
+        cache_new,
+        te.compute(kv_state.shape, roll(kv_new), name=lw.tag("kv_state_out")),
+        te.compute(score_state.shape, roll(sc_new), name=lw.tag("score_state_out")),
+    ]
+
+
 # --- MoE ---------------------------------------------------------------------------------------
 
 
@@ -537,6 +625,7 @@ def lower_hc_post(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
 
 
 SEMANTIC = (
+    "attn.compress_step",
     "attn.sparse_mqa",
     "attn.indexer_topk",
     "attn.compress",

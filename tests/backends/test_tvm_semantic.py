@@ -226,3 +226,36 @@ def test_hc_pre_post_head():
         ],
         inputs,
     )
+
+
+@pytest.mark.parametrize("pos", [5, 7])  # inside a block / completing one (written to the cache)
+def test_compress_step_decode(pos):
+    b, d, c, m, rows = 2, 8, 4, 4, 6
+    cos, sin = _rope(1, 1)
+    inputs = {
+        "x": _t(b, 1, d),
+        "pos": torch.tensor(pos),
+        "kv_state": _t(b, 2 * m, 2 * c),
+        "score_state": _t(b, 2 * m, 2 * c),
+        "wkv": _t(2 * c, d),
+        "wgate": _t(2 * c, d),
+        "ape": _t(m, 2 * c),
+        "kv1": _t(b, m, c),
+        "score1": _t(b, m, c),
+        "wkv1": _t(c, d),
+        "wgate1": _t(c, d),
+        "ape1": _t(m, c),
+        "norm": _t(c),
+        "cos": cos,
+        "sin": sin,
+        "cache": _t(b, rows, c),
+    }
+    overlap = ["x", "pos", "kv_state", "score_state", "wkv", "wgate", "ape", "norm", "cos", "sin"]
+    plain = ["x", "pos", "kv1", "score1", "wkv1", "wgate1", "ape1", "norm", "cos", "sin"]
+    _check(
+        [
+            ("attn.compress_step", [*overlap, "cache"], {"ratio": m}),
+            ("attn.compress_step", [*plain, "cache"], {"ratio": m, "overlap": False}),
+        ],
+        inputs,
+    )
