@@ -73,9 +73,15 @@ def _attach_producers(sch: Any, out_block: Any) -> None:
     loops = sch.get_loops(out_block)
     if len(loops) < 2:
         return
+    extents = [str(sch.get(lp).extent) for lp in loops]
     for producer in reversed(sch.get_producers(out_block)):
-        for loop in reversed(loops[:-1]):
-            if _ok(sch.compute_at, producer, loop, True):
+        domain = [str(iv.dom.extent) for iv in sch.get(producer).iter_vars if iv.iter_type == 0]
+        for depth in range(len(loops) - 1, 0, -1):
+            # only where the producer's leading dims are the output's outer loops (a row
+            # statistic): elsewhere it would be recomputed for every outer iteration
+            if domain[:depth] != extents[:depth]:
+                continue
+            if _ok(sch.compute_at, producer, loops[depth - 1], True):
                 break
 
 

@@ -343,6 +343,7 @@ def lower_compress_step(lw: Lowering, node: ir.Node, args: list[Any]) -> list[An
         False,
         out,
     )
+    entry = te.compute(entry.shape, lambda *i: entry(*i), name="keep_entry")  # computed once
     emit = tirx.EQ(tirx.floormod(p + 1, m), 0)
     row = tirx.min(tirx.floordiv(p, m), cache.shape[1] - 1)
     cache_dt = tvm_dtype(node.results[0].dtype)
