@@ -178,23 +178,25 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     model = Transformer(Config.preset(args.preset)).eval()
-    rows = []
-    compiled = compile_decode(model, args.context, args) if args.batches else None
-    for batch in args.batches:
-        rows.append(bench_decode(model, batch, args.context, compiled, args))
-        print(json.dumps({k: v for k, v in rows[-1].items() if k != "tvm"}), flush=True)
-    if args.prefill_tokens:
-        rows.append(bench_prefill(model, args.prefill_tokens, args))
-        print(json.dumps({k: v for k, v in rows[-1].items() if k != "tvm"}), flush=True)
-    out = {
+    rows: list[dict] = []
+    head = {
         "preset": args.preset,
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
         "torch_threads": torch.get_num_threads(),
         "blas": args.blas,
-        "rows": rows,
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1))
+
+    def record(row: dict) -> None:  # written after every row: a long run keeps what it measured
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "tvm"}), flush=True)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({**head, "rows": rows}, indent=1))
+
+    compiled = compile_decode(model, args.context, args) if args.batches else None
+    for batch in args.batches:
+        record(bench_decode(model, batch, args.context, compiled, args))
+    if args.prefill_tokens:
+        record(bench_prefill(model, args.prefill_tokens, args))
     return 0 if all(r["check"]["ok"] for r in rows) else 1
 
 
