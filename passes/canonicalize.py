@@ -10,7 +10,12 @@ Afterwards:
   dtype, round trips through a wider dtype, `copy`, no-op views (reshape/expand/squeeze to the
   same type, full slices, zero pads, unit repeats, identity permutations, single-operand concat);
 - `x * -1` and `0 - x` are `neg(x)`; `x + neg(y)` is `x - y`; `x - neg(y)` is `x + y`;
-  `x / 2**k` is `x * 2**-k` (exact); `not(not(x))` is `x`;
+  `x / 2**k` is `x * 2**-k` (exact); `not(not(x))` is `x`; `where(not(c), a, b)` is
+  `where(c, b, a)`;
+- spelled-out library functions are the op: `exp(x - amax(x)) / sum(exp(x - amax(x)))` (or
+  without the max) along one dim is `softmax(x)` (fp32 only: the op rounds once where the
+  spelling rounds per step, a few ulps apart), and the first k entries of `sort(x)` are
+  `topk(x, k)` (ties between equal scores are implementation-defined for both);
 - binary broadcasting ops take un-expanded operands (`expand(x) + y` is `x + y`);
 - views that only add or drop size-1 dims or regroup dims (`unsqueeze`, `squeeze`, `select` of a
   size-1 dim, `reshape`) are all spelled `reshape` with an explicit shape (no -1), chains of
@@ -209,6 +214,44 @@ def implicit_broadcast(m: Match, rw: Rewriter) -> Value | None:
     return out if out.type == root.results[0].type else None
 
 
+def swap_branches(m: Match, rw: Rewriter) -> Value:
+    a, b = m.root.operands[1:]
+    return rw.op("where", [m["c"], b, a])
+
+
+def as_softmax(m: Match, rw: Rewriter) -> Value:
+    return rw.op("softmax", [m["x"]], dim=m.attr("e_sum", "dims")[0] % m["x"].type.rank)
+
+
+def as_topk(m: Match, rw: Rewriter) -> Value:
+    sort, r = m.node("sorted"), m.root.results[0]
+    d = sort.attrs["dim"] % r.type.rank
+    picked = rw.op("topk", [m["x"]], k=r.type.shape[d], dim=d, largest=sort.attrs["descending"])
+    return picked[m.root.operands[0] == sort.results[1]]
+
+
+def _one_dim_kept(m: Match) -> bool | str:
+    """The normaliser sums `e` over one dim, keeping it; a max (if any) is over the same dim."""
+    rank = m["x"].type.rank
+    dims = [d % rank for d in m.attr("e_sum", "dims")]
+    if len(dims) != 1 or not m.attr("e_sum", "keepdim"):
+        return f"sum over dims {dims} (keepdim={m.attr('e_sum', 'keepdim')}), not one kept dim"
+    if "max" in m.nodes:
+        mx = m.node("max")
+        if [d % rank for d in mx.attrs["dims"]] != dims or not mx.attrs["keepdim"]:
+            return f"max over dims {mx.attrs['dims']}, sum over {dims}"
+    return True
+
+
+def _leading_slice(m: Match) -> bool | str:
+    """The slice keeps entries 0..k of the sorted dim."""
+    attrs, d = m.root.attrs, m.node("sorted").attrs["dim"]
+    rank = m.root.results[0].type.rank
+    if attrs["dim"] % rank != d % rank:
+        return f"slice along dim {attrs['dim']}, sort along {d}"
+    return True
+
+
 def _identity_dims(dims: tuple[int, ...]) -> bool:
     return [d % len(dims) for d in dims] == list(range(len(dims)))
 
@@ -310,6 +353,31 @@ RULES: list[Rule] = [
         "expand_into_broadcast",
         op(_BROADCASTING, op("expand", x, name="e"), var(), commute=True),
         implicit_broadcast,
+    ),
+    # where(not(c), a, b) -> where(c, b, a)
+    Rule("where_not", op("where", op("logical_not", var("c")), var(), var()), swap_branches),
+    # exp(x - amax(x, d)) / sum(exp(x - amax(x, d)), d) -> softmax(x, d), and without the max
+    *(
+        Rule(
+            name,
+            op("div", e, op("sum", e, name="e_sum"), dtype=DType.f32, where=_one_dim_kept),
+            as_softmax,
+        )
+        for name, e in (
+            ("spelled_softmax", op("exp", op("sub", x, op("amax", x, name="max")), name="e")),
+            ("spelled_softmax_unshifted", op("exp", x, name="e")),
+        )
+    ),
+    # sort(x, d)[r][.., 0:k] -> topk(x, k, d)[r]
+    Rule(
+        "sort_slice_to_topk",
+        op(
+            "slice",
+            op("sort", x, name="sorted"),
+            attrs={"start": 0, "step": 1},
+            where=_leading_slice,
+        ),
+        as_topk,
     ),
     # not(not(x)) -> x for bool x
     Rule("not_not", op("logical_not", op("logical_not", x), where=same_type), keep_x),

@@ -9,7 +9,7 @@ Matches the canonical form (after `canonicalize`) of models/attention.py (prefil
                           the zero/-inf padded projections x·wkvᵀ, x·wgateᵀ + ape[t % m] gathered
                           per block ([prev b-half ++ this a-half] when overlapping)
     indexer_topk        = where(isinf(vals) | idx >= S, -1, idx),
-                          (vals, idx) = topk(pad(where(¬visible, -inf, Σ_h relu(q·kᵀ)·w·c)), k)
+                          (vals, idx) = topk(pad(where(visible, Σ_h relu(q·kᵀ)·w·c, -inf)), k)
     sparse_mqa          = inv_rope(softmax([mask(scale·q'·Gᵀ), sink])[:-1] · G)   with
                           q' = rope(q·rsqrt(mean(q²)+ε)), G = entries[b, clamp(idx)], idx = window
                           [++ visible compressed entries (hca) | ++ indexer picks (csa)] + T
@@ -242,7 +242,7 @@ TOPK = op(
     "topk",
     op(
         "pad",
-        op("where", op("logical_not", var("visible")), const(float("-inf")), var("score")),
+        op("where", var("visible"), var("score"), const(float("-inf"))),
         name="padded",
         attrs={"value": float("-inf")},
     ),
@@ -341,12 +341,7 @@ LOGITS = op(
     ),
     const(name="scale"),
 )
-MASKED = op(
-    "where",
-    op("logical_not", op("reshape", op("ge", var("idx"), const(0)))),
-    const(float("-inf")),
-    LOGITS,
-)
+MASKED = op("where", op("reshape", op("ge", var("idx"), const(0))), LOGITS, const(float("-inf")))
 SINK = op("expand", op("reshape", var("sink", rank=1)))
 PROBS = op(
     "slice",

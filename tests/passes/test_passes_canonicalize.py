@@ -33,6 +33,20 @@ def t(*shape, dtype=F32) -> TensorType:
     return TensorType(shape, dtype)
 
 
+def spelled_softmax(b: ir.Builder, x, shifted: bool = True, dim: int = 1):
+    """exp(x - amax(x)) / sum(exp(x - amax(x))) along `dim` (without the max if not shifted)."""
+    if shifted:
+        x = b.op("sub", [x, b.op("amax", [x], dims=(dim,), keepdim=True)])
+    e = b.op("exp", [x])
+    return b.op("div", [e, b.op("sum", [e], dims=(dim,), keepdim=True)])
+
+
+def sorted_head(b: ir.Builder, x, k: int, dim: int = 1, descending: bool = True):
+    """The first k values and indices of sort(x) along `dim`."""
+    values, indices = b.op("sort", [x], dim=dim, descending=descending)
+    return tuple(b.op("slice", [v], dim=dim, start=0, end=k) for v in (values, indices))
+
+
 # (rule, expected hits, builder, input types)
 CASES = [
     ("add_zero", 2, lambda b, x: b.op("add", [b.op("add", [x, c(b, 0.0)]), c(b, 0)]), [t(2, 3)]),
@@ -143,6 +157,15 @@ CASES = [
         [t(3), t(2, 3)],
     ),
     (
+        "where_not",
+        1,
+        lambda b, m, x, y: b.op("where", [b.op("logical_not", [m]), x, y]),
+        [t(4, dtype=DType.bool), t(4), t(4)],
+    ),
+    ("spelled_softmax", 1, lambda b, x: spelled_softmax(b, x), [t(2, 5)]),
+    ("spelled_softmax_unshifted", 1, lambda b, x: spelled_softmax(b, x, False), [t(2, 5)]),
+    ("sort_slice_to_topk", 2, lambda b, x: sorted_head(b, x, 3), [t(2, 5)]),
+    (
         "not_not",
         1,
         lambda b, x: b.op("logical_not", [b.op("logical_not", [x])]),
@@ -157,7 +180,8 @@ def test_rule_fires_and_keeps_semantics(rule: str, hits: int, build, types) -> N
     out, ctx = canonical(g)
     assert ctx.counters[rule] == hits, ctx.report()
     assert len(out.ops) <= len(g.ops)
-    assert_same_outputs(g, out)
+    # the softmax op rounds once where its spelling rounds per step
+    assert_same_outputs(g, out, atol=1e-6 if "softmax" in rule else 0.0)
 
 
 def test_every_rule_has_a_case() -> None:
@@ -233,13 +257,71 @@ def test_rewrites_keep_locations() -> None:
 B, T = ir.sym("B"), ir.sym("T")
 
 
-def spellings_equal(*builds: Callable, types) -> ir.Graph:
+def spellings_equal(*builds: Callable, types, atol: float = 0.0) -> ir.Graph:
     outs = [canonical(graph(build, *types))[0] for build in builds]
     for other in outs[1:]:
         ir.assert_structural_equal(outs[0], other, names=False, locs=False)
     for build, out in zip(builds, outs):
-        assert_same_outputs(graph(build, *types), out)
+        assert_same_outputs(graph(build, *types), out, atol=atol)
     return outs[0]
+
+
+def test_softmax_spellings() -> None:
+    out = spellings_equal(
+        lambda b, x: b.op("softmax", [x], dim=1),
+        lambda b, x: spelled_softmax(b, x, dim=-1),
+        lambda b, x: spelled_softmax(b, x, shifted=False, dim=1),
+        types=[t(B, 7)],
+        atol=1e-6,
+    )
+    assert [n.name for n in out.ops] == ["softmax"]
+
+
+def test_top_k_spellings() -> None:
+    out = spellings_equal(
+        lambda b, x: b.op("topk", [x], k=3, dim=1),
+        lambda b, x: sorted_head(b, x, 3),
+        lambda b, x: sorted_head(b, x, 3, dim=-1),
+        types=[t(B, 7)],
+    )
+    assert [n.name for n in out.ops] == ["topk"]
+    smallest = canonical(graph(lambda b, x: sorted_head(b, x, 2, descending=False), t(4, 6)))[0]
+    assert [(n.name, n.attrs["largest"]) for n in smallest.ops] == [("topk", False)]
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        # an epsilon in the denominator
+        lambda b, x: b.op(
+            "div",
+            [
+                e := b.op("exp", [x]),
+                b.op("add", [b.op("sum", [e], dims=(1,), keepdim=True), c(b, 1e-6)]),
+            ],
+        ),
+        # a sum over two dims
+        lambda b, x: b.op(
+            "div", [e := b.op("exp", [x]), b.op("sum", [e], dims=(0, 1), keepdim=True)]
+        ),
+        # sort's entries 1..k, not the first k
+        lambda b, x: b.op("slice", [b.op("sort", [x], dim=1)[0]], dim=1, start=1, end=3),
+        # sorted along one dim, sliced along the other
+        lambda b, x: b.op("slice", [b.op("sort", [x], dim=1)[1]], dim=0, start=0, end=2),
+    ],
+    ids=["softmax_eps", "softmax_two_dims", "sort_offset", "sort_other_dim"],
+)
+def test_look_alikes_keep_their_spelling(build) -> None:
+    g = graph(build, t(4, 6))
+    out, _ = canonical(g)
+    assert [n.name for n in out.ops] == [n.name for n in g.ops]
+    assert_same_outputs(g, out)
+
+
+def test_bf16_softmax_spelling_is_kept() -> None:
+    g = graph(lambda b, x: spelled_softmax(b, x), t(2, 5, dtype=BF16))
+    out, ctx = canonical(g)
+    assert ctx.counters["spelled_softmax"] == 0 and "softmax" not in [n.name for n in out.ops]
 
 
 def test_scaling_spellings() -> None:
