@@ -17,7 +17,7 @@ from passes.explain import Explanation, explain
 from passes.fuse_elementwise import FusionPolicy, fuse_elementwise
 from passes.manager import pipeline
 from passes.memory_plan import MemoryPlan, plan_memory
-from passes.pattern import COMMUTATIVE, Fail, Match, Pat, Rule, const, op, var
+from passes.pattern import COMMUTATIVE, Fail, Match, Pat, Rule, const, either, op, var
 from passes.rewrite import GraphView, RewriteError, Rewriter, rewrite
 from passes.schedule import Schedule, build_schedule, schedule
 from passes.structural_hash import (
@@ -49,6 +49,7 @@ __all__ = [
     "common_subexpression_elimination",
     "const",
     "dead_code_elimination",
+    "either",
     "explain",
     "fuse_elementwise",
     "graph_signature",

@@ -12,6 +12,8 @@ Afterwards:
 - `x * -1` and `0 - x` are `neg(x)`; `x + neg(y)` is `x - y`; `x - neg(y)` is `x + y`;
   `x / 2**k` is `x * 2**-k` (exact); `not(not(x))` is `x`; `where(not(c), a, b)` is
   `where(c, b, a)`;
+- reductions, scans, softmax, top-k and sorts name their dims non-negative, in order
+  (`softmax(x, -1)` on a rank-3 x is `softmax(x, 2)`);
 - spelled-out library functions are the op: `exp(x - amax(x)) / sum(exp(x - amax(x)))` (or
   without the max) along one dim is `softmax(x)` (fp32 only: the op rounds once where the
   spelling rounds per step, a few ulps apart), and the first k entries of `sort(x)` are
@@ -53,6 +55,10 @@ _BROADCASTING = frozenset(
     m for m, c in ir.OPS.items() if c.kind == Kind.BROADCAST and c.num_operands == 2
 )
 # Injective views whose result is uniform when the operand is.
+_DIM_OPS = frozenset(  # ops reducing, scanning or ordering along `dim` / `dims`
+    {"sum", "mean", "prod", "amax", "amin", "any", "all", "argmax", "argmin", "softmax"}
+    | {"log_softmax", "cumsum", "topk", "sort", "argsort"}
+)
 _VIEWS = frozenset(
     {"reshape", "permute", "expand", "squeeze", "unsqueeze", "select", "slice", "flip", "repeat"}
 )
@@ -214,6 +220,27 @@ def implicit_broadcast(m: Match, rw: Rewriter) -> Value | None:
     return out if out.type == root.results[0].type else None
 
 
+def nonnegative_dims(m: Match, rw: Rewriter) -> Any:
+    root = m.root
+    rank = root.operands[0].type.rank
+    attrs = dict(root.attrs)
+    if "dims" in attrs:
+        attrs["dims"] = tuple(sorted(d % rank for d in attrs["dims"]))
+    else:
+        attrs["dim"] %= rank
+    return rw.op(root.name, root.operands, **attrs)
+
+
+def _negative_or_unordered(m: Match) -> bool | str:
+    attrs = m.root.attrs
+    if m.root.operands[0].type.rank == 0:
+        return "a 0-d operand has no dims to name"
+    if "dims" in attrs:
+        dims = list(attrs["dims"])
+        return any(d < 0 for d in dims) or dims != sorted(dims) or "dims are canonical"
+    return attrs["dim"] is not None and attrs["dim"] < 0 or "dim is non-negative"
+
+
 def swap_branches(m: Match, rw: Rewriter) -> Value:
     a, b = m.root.operands[1:]
     return rw.op("where", [m["c"], b, a])
@@ -354,6 +381,8 @@ RULES: list[Rule] = [
         op(_BROADCASTING, op("expand", x, name="e"), var(), commute=True),
         implicit_broadcast,
     ),
+    # sum(x, dims=[-1, 0]) -> sum(x, dims=[0, r-1]), softmax(x, -1) -> softmax(x, r-1), ...
+    Rule("nonnegative_dims", op(_DIM_OPS, where=_negative_or_unordered), nonnegative_dims),
     # where(not(c), a, b) -> where(c, b, a)
     Rule("where_not", op("where", op("logical_not", var("c")), var(), var()), swap_branches),
     # exp(x - amax(x, d)) / sum(exp(x - amax(x, d)), d) -> softmax(x, d), and without the max

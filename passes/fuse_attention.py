@@ -38,7 +38,7 @@ from passes.fuse_common import (
     rounded,
     scalar,
 )
-from passes.pattern import Match, const, op, var
+from passes.pattern import Match, const, either, op, var
 
 __all__ = ["fuse_attention"]
 
@@ -219,21 +219,16 @@ VISIBLE = op(
         op("floordiv", op("add", var("rows"), const(1)), const(name="ratio")),
     ),
 )
-SCORE = op(
+_QK = op(
+    "matmul",
+    op("reshape", var("q", rank=4)),
+    op("permute", var("keys", rank=3), attrs={"dims": (0, 2, 1)}),
+)
+SCORE = op(  # Σ_h relu(q·kᵀ)·w: the relu before or after the [B, T·H, S] -> [B, T, H, S] view
     "sum",
     op(
         "mul",
-        op(
-            "relu",
-            op(
-                "reshape",
-                op(
-                    "matmul",
-                    op("reshape", var("q", rank=4)),
-                    op("permute", var("keys", rank=3), attrs={"dims": (0, 2, 1)}),
-                ),
-            ),
-        ),
+        either(op("relu", op("reshape", _QK)), op("reshape", op("relu", _QK))),
         op("reshape", var("w")),
     ),
     attrs={"keepdim": False},
@@ -328,16 +323,23 @@ GATHERED = op(
     attrs={"dims": (0, 1)},
     name="g",
 )
+_GT = op("permute", GATHERED, attrs={"dims": (0, 1, 3, 2)})
 LOGITS = op(
     "mul",
-    op(
-        "reshape",
-        op(
-            "matmul",
-            op("reshape", var("qr")),
-            op("reshape", op("permute", GATHERED, attrs={"dims": (0, 1, 3, 2)})),
-            name="qk",
+    either(
+        op(  # over merged (B, T) rows; Gᵀ transposed before or after the merge
+            "reshape",
+            op(
+                "matmul",
+                op("reshape", var("qr")),
+                either(
+                    op("reshape", _GT),
+                    op("permute", op("reshape", GATHERED), attrs={"dims": (0, 2, 1)}),
+                ),
+                name="qk",
+            ),
         ),
+        op("matmul", var("qr", rank=4), _GT, name="qk"),  # batched over (B, T)
     ),
     const(name="scale"),
 )
@@ -350,7 +352,10 @@ PROBS = op(
     attrs={"start": 0, "end": -1, "step": 1},
 )
 ATTENDS = tuple(  # probabilities rounded to the entries' dtype (bf16 models) or not (fp32)
-    op("reshape", op("matmul", op("reshape", p), op("reshape", GATHERED), name="pv"), rank=4)
+    either(
+        op("reshape", op("matmul", op("reshape", p), op("reshape", GATHERED), name="pv"), rank=4),
+        op("matmul", p, GATHERED, name="pv", rank=4),
+    )
     for p in (PROBS, op("cast", PROBS))
 )
 QNORM = op(

@@ -13,9 +13,9 @@ from ir import Graph
 from passes.canonicalize import canonicalize
 from passes.context import PassContext
 from passes.fuse_attention import fuse_attention
+from passes.fuse_elementwise import fuse_elementwise
 from passes.fuse_hc import fuse_hc
 from passes.fuse_moe import fuse_moe
-from passes.fuse_elementwise import fuse_elementwise
 from passes.memory_plan import plan_memory
 from passes.schedule import schedule
 

@@ -7,7 +7,9 @@ feeding it. It can constrain:
 - attributes, each a value (compared strictly: `1` is not `1.0`, NaN equals NaN) or a predicate;
 - the value's dtype and rank, its use count (`uses=1`: single use, graph outputs count as uses);
 - the operands, as nested sub-patterns (`None`: any operands); commutative ops try both orders;
-- extra constraints (`where=`) over the captures made so far.
+- extra constraints (`where=`) over the captures made so far;
+- alternatives: `either(p, q)` matches what `p` or `q` matches (tried in order, with
+  backtracking: when a later part of the pattern fails, the next alternative is tried).
 
 Named captures (`name="x"`) bind values; a name used twice must bind the same value, so
 `op("mul", var("x"), op("sigmoid", var("x")))` matches `x * sigmoid(x)` and not `y * sigmoid(x)`.
@@ -38,6 +40,7 @@ __all__ = [
     "Pat",
     "Rule",
     "const",
+    "either",
     "match_node",
     "op",
     "var",
@@ -83,10 +86,17 @@ class Pat:
     result: int | None = None
     commute: bool = False
     where: Where | None = None
+    either: tuple[Pat, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.either and (self.op is not None or self.operands is not None or self.name):
+            raise ValueError("either(...) takes its constraints from its alternatives")
 
     @property
     def needs_node(self) -> bool:
         """Whether the value must be produced by an op (not a graph input)."""
+        if self.either:
+            return all(p.needs_node for p in self.either)
         return bool(
             self.op is not None
             or self.operands is not None
@@ -97,12 +107,17 @@ class Pat:
 
     def mnemonics(self) -> frozenset[str] | None:
         """Root mnemonics this pattern can match (None: any op); used to index rules."""
+        if self.either:
+            alts = [p.mnemonics() for p in self.either]
+            return None if any(a is None for a in alts) else frozenset().union(*alts)
         if self.op is None:
             return None
         return frozenset([self.op]) if isinstance(self.op, str) else frozenset(self.op)
 
     def describe(self) -> str:
         """Short text of the pattern, e.g. `mul(x, s=sigmoid(x))` (`name=` marks captures)."""
+        if self.either:
+            return "either(" + " | ".join(p.describe() for p in self.either) + ")"
         head = self.name or "_"
         if self.op is not None:
             head = self.op if isinstance(self.op, str) else "{" + "|".join(sorted(self.op)) + "}"
@@ -129,6 +144,13 @@ def op(mnemonic: str | Collection[str] | None, *operands: Pat, **kw: Any) -> Pat
     if isinstance(mnemonic, str) and "commute" not in kw:
         kw["commute"] = mnemonic in COMMUTATIVE and len(operands) == 2
     return Pat(op=mnemonic, operands=tuple(operands) if operands else None, **kw)
+
+
+def either(*alternatives: Pat) -> Pat:
+    """Pattern matching any of `alternatives` (other spellings of one value), tried in order."""
+    if len(alternatives) < 2:
+        raise ValueError("either(...) needs at least two alternatives")
+    return Pat(either=tuple(alternatives))
 
 
 def var(name: str | None = None, **kw: Any) -> Pat:
@@ -248,7 +270,10 @@ def match_node(pat: Pat, node: Node, env: MatchEnv) -> Match | Fail:
     """
     m = Match(node, {}, {}, env)
     parents: dict[str, Node] = {}
-    out = _match_node(pat, node, node.results[0], env, m, "root", 0, _done, parents)
+    if pat.either:
+        out = _match_either(pat, node.results[0], env, m, "root", 0, _done, parents)
+    else:
+        out = _match_node(pat, node, node.results[0], env, m, "root", 0, _done, parents)
     if isinstance(out, Fail):
         out.parent = parents.get(out.path)
         return out
@@ -265,6 +290,8 @@ def _done(score: int) -> int:
 def _match_value(
     pat: Pat, v: Value, env: MatchEnv, m: Match, path: str, score: int, k: Cont, parents
 ):
+    if pat.either:
+        return _match_either(pat, v, env, m, path, score, k, parents)
     node = env.producer(v)
     if node is not None:
         return _match_node(pat, node, v, env, m, path, score, k, parents)
@@ -312,6 +339,20 @@ def _match_node(
     if pat.operands is None:
         return finish(out)
     return _match_operands(pat, node, v, env, m, path, out, finish, parents)
+
+
+def _match_either(pat: Pat, v: Value, env, m: Match, path: str, score: int, k: Cont, parents):
+    best: Fail | None = None
+    for i, alt in enumerate(pat.either):
+        saved = (dict(m.values), dict(m.nodes))
+        out = _match_value(alt, v, env, m, f"{path}.either[{i}]", score, k, parents)
+        if not isinstance(out, Fail):
+            return out
+        m.values, m.nodes = saved  # undo captures made under the failed alternative
+        if best is None or out.score > best.score:
+            best = out
+    assert best is not None
+    return best
 
 
 def _match_operands(pat: Pat, node: Node, v: Value, env, m: Match, path: str, score, k, parents):

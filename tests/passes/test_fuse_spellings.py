@@ -3,14 +3,20 @@ modules, canonicalised), and look-alikes that must stay unfused."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import ir
+import models.attention as attention_module
 import passes
 from frontend import capture
+from models.attention import Attention, Compressor, Indexer, sparse_attention, topk_visible
+from models.config import Config
 from models.hc import hc_post, hc_pre
+from models.layers import apply_rope
+from passes.fuse_attention import fuse_attention
 from passes.fuse_hc import fuse_hc
 from passes.fuse_moe import fuse_moe
 
@@ -196,3 +202,102 @@ def test_bf16_moe_and_hc_fuse_exactly() -> None:
     assert fused(Pre(20), args, fuse_hc) == (1, [0.0, 0.0, 0.0])
     post = tuple(t.to(torch.bfloat16) if i < 2 else t for i, t in enumerate(post_args()))
     assert fused(PostEinsum(), post, fuse_hc) == (1, [0.0])
+
+
+# --- attention: the CSA layer of tiny-512 with its helpers spelled differently ----------------
+
+
+def matmul_sparse_attention(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor, scale: float):
+    """`@` instead of einsum, `where(valid, ..)` instead of masked_fill, softmax spelled out."""
+    b, t, h, _ = q.shape
+    entries = kv[torch.arange(b).view(b, 1, 1), idx.clamp(min=0)]
+    scores = (q @ entries.transpose(-1, -2)).float() * scale
+    scores = torch.where((idx >= 0).unsqueeze(2), scores, float("-inf"))
+    logits = torch.cat((scores, sink.float().view(1, 1, h, 1).expand(b, t, h, 1)), dim=-1)
+    e = (logits - logits.amax(-1, keepdim=True)).exp()
+    return (e / e.sum(-1, keepdim=True))[..., :-1].to(q.dtype) @ entries
+
+
+def bmm_sparse_attention(q: Tensor, kv: Tensor, idx: Tensor, sink: Tensor, scale: float):
+    """One bmm over the flattened (batch, query) rows; F.softmax over dim -1 of a negated mask."""
+    b, t, h, c = q.shape
+    entries = kv[torch.arange(b).view(b, 1, 1), idx.clamp(min=0)].flatten(0, 1)  # [BT, n, c]
+    scores = torch.bmm(q.flatten(0, 1), entries.transpose(1, 2)).view(b, t, h, -1)
+    scores = (scores.float() * scale).masked_fill(~(idx >= 0)[:, :, None, :], float("-inf"))
+    logits = torch.cat((scores, sink.float()[None, None, :, None].expand(b, t, h, 1)), dim=3)
+    probs = F.softmax(logits, dim=-1)[..., :-1].to(q.dtype)
+    return torch.bmm(probs.flatten(0, 1), entries).view(b, t, h, c)
+
+
+def sorted_topk_visible(scores: Tensor, visible: Tensor, k: int) -> Tensor:
+    """`sort` + slice instead of `topk`, `where(visible, ..)` instead of masked_fill."""
+    n = scores.shape[-1]
+    masked = torch.where(visible, scores.float(), float("-inf"))
+    values, picks = F.pad(masked, (0, k), value=float("-inf")).sort(dim=-1, descending=True)
+    values, picks = values[..., :k], picks[..., :k]
+    return torch.where(torch.isinf(values) | (picks >= n), -1, picks)
+
+
+def bmm_indexer_scores(self, x: Tensor, cq: Tensor, cos: Tensor, sin: Tensor, keys: Tensor):
+    """q·kᵀ as one batched matmul over (query, head) rows; the head sum over dim -2."""
+    b, t = x.shape[:2]
+    q = self.wq_b(cq).unflatten(-1, (self.n_heads, self.head_dim))
+    q = apply_rope(q, cos.unsqueeze(-2), sin.unsqueeze(-2)).float()
+    w = self.weights_proj(x).float() * (self.head_dim * self.n_heads) ** -0.5
+    logits = F.relu(q.flatten(1, 2) @ keys.float().transpose(1, 2)).view(b, t, self.n_heads, -1)
+    return (logits * w[..., None]).sum(-2)
+
+
+class SpelledPooling(Compressor):
+    """The prefill compressor with its gated pooling spelled out (max-shifted exp / sum)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = x.shape[1]
+        m, nb = self.ratio, t // self.ratio
+        kv, score = self._project(x, torch.arange(t))
+        kv = F.pad(kv, (0, 0, m, 0))
+        score = F.pad(score, (0, 0, m, 0), value=float("-inf"))
+        rows = torch.arange(nb * m).view(nb, m)
+        kv, score = self._window(kv[:, rows + m], score[:, rows + m], kv[:, rows], score[:, rows])
+        e = torch.exp(score - score.amax(dim=-2, keepdim=True))
+        pooled = torch.sum(kv * (e / e.sum(dim=-2, keepdim=True)), dim=-2)
+        return self._finish(pooled, torch.arange(nb) * m, x.dtype)
+
+
+CSA = {"attn.compress": 2, "attn.indexer_topk": 1, "attn.sparse_mqa": 1}
+
+
+@pytest.mark.parametrize(
+    "attention, topk, scores, pooling",
+    [
+        (matmul_sparse_attention, sorted_topk_visible, bmm_indexer_scores, SpelledPooling),
+        (bmm_sparse_attention, topk_visible, Indexer.scores, SpelledPooling),
+        (sparse_attention, sorted_topk_visible, bmm_indexer_scores, Compressor),
+    ],
+    ids=["matmul_sort_bmm_spelled", "bmm_masked_fill", "einsum_sort_bmm"],
+)
+def test_csa_layer_spellings(monkeypatch, attention, topk, scores, pooling) -> None:
+    """The layer with its helpers spelled differently fuses to the same three ops, which compute
+    what the model's own spelling does (the same top-k op breaks ties among equal scores, e.g.
+    all-zero ReLU sums, the same way; `sort` may break them differently)."""
+    torch.manual_seed(4)
+    cfg = Config.preset("tiny-512")
+    layer = Attention(cfg, 4).eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape) * 0.2)
+        x29 = torch.randn(2, 29, cfg.dim)
+        want = layer(x29)
+    monkeypatch.setattr(attention_module, "sparse_attention", attention)
+    monkeypatch.setattr(attention_module, "topk_visible", topk)
+    monkeypatch.setattr(Indexer, "scores", scores)
+    layer.compressor.__class__ = layer.indexer.compressor.__class__ = pooling
+    x = torch.randn(2, 24, cfg.dim)
+    g = passes.canonicalize(capture(layer, (x,), dynamic={"x": {0: "B", 1: "T"}}))
+    ctx = passes.PassContext()
+    out = fuse_attention(g, ctx)
+    ir.verify(out)
+    fired = {k.split(".", 1)[1]: v for k, v in ctx.counters.items() if k.startswith("fuse_")}
+    assert fired == CSA
+    got = ir.interpret(out, x29, params=layer.state_dict())[0]
+    assert (got - want).abs().max().item() <= 1e-5

@@ -157,6 +157,17 @@ CASES = [
         [t(3), t(2, 3)],
     ),
     (
+        "nonnegative_dims",
+        3,  # the sum's dims, then softmax's and topk's dim
+        lambda b, x: b.op(
+            "topk",
+            [b.op("softmax", [b.op("sum", [x], dims=(-1, 0), keepdim=True)], dim=-2)],
+            k=1,
+            dim=-1,
+        ),
+        [t(2, 3, 4)],
+    ),
+    (
         "where_not",
         1,
         lambda b, m, x, y: b.op("where", [b.op("logical_not", [m]), x, y]),

@@ -10,7 +10,7 @@ from passes_helpers import assert_same_outputs
 import ir
 import passes
 from ir import DType, Kind, Loc, TensorType
-from passes import Match, PassContext, Rule, const, explain, op, rewrite, var
+from passes import Match, PassContext, Rule, const, either, explain, op, rewrite, var
 from passes.pattern import match_node
 from passes.rewrite import GraphView
 
@@ -62,6 +62,29 @@ def test_commutative_choice_is_revisited_when_a_later_sibling_fails() -> None:
     m = match_node(pat, root(g, "sub"), GraphView(g))
     assert isinstance(m, Match) and m["x"].name == "b" and m["y"].name == "a"
     assert not matches(op("sub", op("mul", var("x"), var("y"), commute=False), var("x")), g, "sub")
+
+
+def test_either_matches_each_spelling_and_backtracks() -> None:
+    # silu as one op or spelled out: the graph's x * sigmoid(x) matches the second alternative
+    act = either(op("silu", var("x")), op("mul", var("x"), op("sigmoid", var("x"))))
+    assert matches(act, silu_graph(), "mul")
+    assert not matches(act, silu_graph(same=False), "mul")
+    b = ir.Builder()
+    a, c = b.input("a", TensorType((4,), F32)), b.input("c", TensorType((4,), F32))
+    b.output(b.op("sub", [b.op("add", [a, c]), c]))
+    g = b.build()
+    # alternative 0 binds y = a (and fails on the sibling), alternative 1 binds y = c
+    pat = op(
+        "sub",
+        either(op("add", var("y"), var(), commute=False), op("add", var(), var("y"))),
+        var("y"),
+    )
+    m = match_node(pat, root(g, "sub"), GraphView(g))
+    assert isinstance(m, Match) and m["y"].name == "c"
+    assert act.mnemonics() == frozenset({"silu", "mul"})
+    assert act.describe() == "either(silu(x) | mul(x, sigmoid(x)))"
+    with pytest.raises(ValueError, match="at least two"):
+        either(op("silu"))
 
 
 def test_kind_dtype_rank_uses_and_attrs() -> None:
