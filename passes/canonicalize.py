@@ -17,7 +17,11 @@ Afterwards:
 - spelled-out library functions are the op: `exp(x - amax(x)) / sum(exp(x - amax(x)))` (or
   without the max) along one dim is `softmax(x)` (fp32 only: the op rounds once where the
   spelling rounds per step, a few ulps apart), and the first k entries of `sort(x)` are
-  `topk(x, k)` (ties between equal scores are implementation-defined for both);
+  `topk(x, k)` (ties between equal scores are implementation-defined for both), fp32
+  `x * sigmoid(x)` is `silu(x)`, and a `scatter_add` whose index is a 1-D index broadcast
+  across the other dims is `index_put(accumulate)` (index_add; both leave the order in which
+  duplicates are summed unspecified);
+- `index_select(x, i, d)` is `index(x, i, d)` (one spelling of a gather by a 1-D index);
 - binary broadcasting ops take un-expanded operands (`expand(x) + y` is `x + y`);
 - views that only add or drop size-1 dims or regroup dims (`unsqueeze`, `squeeze`, `select` of a
   size-1 dim, `reshape`) are all spelled `reshape` with an explicit shape (no -1), chains of
@@ -257,6 +261,33 @@ def as_topk(m: Match, rw: Rewriter) -> Value:
     return picked[m.root.operands[0] == sort.results[1]]
 
 
+def as_index(m: Match, rw: Rewriter) -> Value:
+    return rw.op("index", [m["x"], m["i"]], dim=m.root.attrs["dim"])
+
+
+def as_silu(m: Match, rw: Rewriter) -> Value:
+    return rw.op("silu", [m["x"]])
+
+
+def as_index_add(m: Match, rw: Rewriter) -> Value:
+    root = m.root
+    base, _, src = root.operands
+    return rw.op("index_put", [base, m["i"], src], dim=root.attrs["dim"], accumulate=True)
+
+
+def _broadcast_row_index(m: Match) -> bool | str:
+    """The scatter index is i (1-D) along `dim`, broadcast across the others to src's shape."""
+    base, idx, src = m.root.operands
+    d = m.root.attrs["dim"] % base.type.rank
+    column = tuple(m["i"].type.shape[0] if j == d else 1 for j in range(base.type.rank))
+    if m["col"].type.shape != column:
+        return f"index {m['col'].type.shape} is not i along dim {d}, size 1 elsewhere"
+    if idx.type.shape != src.type.shape:
+        return "index and src shapes differ"
+    same = all(a == b for j, (a, b) in enumerate(zip(base.type.shape, src.type.shape)) if j != d)
+    return same or "src and base differ outside the scattered dim"
+
+
 def _one_dim_kept(m: Match) -> bool | str:
     """The normaliser sums `e` over one dim, keeping it; a max (if any) is over the same dim."""
     rank = m["x"].type.rank
@@ -396,6 +427,22 @@ RULES: list[Rule] = [
             ("spelled_softmax", op("exp", op("sub", x, op("amax", x, name="max")), name="e")),
             ("spelled_softmax_unshifted", op("exp", x, name="e")),
         )
+    ),
+    # index_select(x, i, d) -> index(x, i, d)
+    Rule("index_select_to_index", op("index_select", x, var("i")), as_index),
+    # x * sigmoid(x) -> silu(x)
+    Rule("spelled_silu", op("mul", x, op("sigmoid", x), dtype=DType.f32), as_silu),
+    # scatter_add(b, d, expand(reshape(i)), src) -> index_put(b, i, src, d, accumulate)
+    Rule(
+        "scatter_add_to_index_add",
+        op(
+            "scatter_add",
+            var(),
+            op("expand", op("reshape", var("i", rank=1), name="col")),
+            var(),
+            where=_broadcast_row_index,
+        ),
+        as_index_add,
     ),
     # sort(x, d)[r][.., 0:k] -> topk(x, k, d)[r]
     Rule(

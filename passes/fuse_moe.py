@@ -6,9 +6,11 @@ Matches the canonical form (after `canonicalize`) of models/moe.py:
     e  = index(tid2eid, ids) | topk(s + bias | s).indices
     w  = gather(s, e) [/ sum(gather(s, e))] [· route_scale]      -> moe.route(...) = (w, e)
 
-    order = argsort(reshape(e)); token = order // k; offs = i32(cumsum(scatter_add(0, e, 1)))
+    order = argsort(reshape(e)) (or sort's indices); token = order // k; offs = i32(cumsum(scatter_add(0, e, 1)))
     h     = silu(clamp(grouped_mm(x[token], w1ᵀ, offs), max=L)) · clamp(grouped_mm(.., w3ᵀ), ±L)
     y     = index_put(0, token, grouped_mm(h · w[order], w2ᵀ, offs), accumulate)
+            (fp32: or grouped_mm(h, w2ᵀ, offs) · w[order]; scatter_add spellings canonicalise
+            to index_put)
     [y   += (silu(clamp(x @ s1ᵀ)) · clamp(x @ s3ᵀ)) @ s2ᵀ]          -> moe.experts(...)
 
 The grouped GEMMs' offsets come from a host-free histogram, so the fused op needs no counts:
@@ -22,7 +24,7 @@ from __future__ import annotations
 from ir import DType, Graph, Node, Value
 from passes.context import PassContext
 from passes.fuse_common import Fusion, FusionView, apply, narrow, scalar
-from passes.pattern import Match, const, op, var
+from passes.pattern import Match, const, either, op, var
 
 __all__ = ["fuse_moe"]
 
@@ -104,7 +106,11 @@ def _fuse_route(view: FusionView, root: Node) -> Fusion | None:
 
 # --- experts -------------------------------------------------------------------------------
 
-ORDER = op("argsort", op("reshape", var("experts", rank=2), name="flat"), name="order")
+_FLAT = op("reshape", var("experts", rank=2), name="flat")
+ORDER = either(  # argsort, or the indices of a sort
+    op("argsort", _FLAT, attrs={"descending": False}, name="order"),
+    op("sort", _FLAT, attrs={"descending": False}, result=1, name="order"),
+)
 TOKEN = op("floordiv", ORDER, const(name="k"))
 OFFS = op("cast", op("cumsum", op("scatter_add", const(0), var("flat"), const(1))), name="offs")
 ROWS = op("index", var("x", rank=2), TOKEN, attrs={"dim": 0})
@@ -119,14 +125,26 @@ def _swiglu(gate, up, limit: str) -> object:
     return op("mul", op("silu", clamp_gate), op("clamp", up, name=f"{limit}_up"))
 
 
-WEIGHTED = op(
-    "mul",
-    _swiglu(_gemm(ROWS, "w1"), _gemm(ROWS, "w3"), "routed"),
-    op("reshape", op("index", op("reshape", var("weights", rank=2)), ORDER, attrs={"dim": 0})),
-)
-ROUTEDS = tuple(  # hidden rows rounded to x's dtype before w2 (bf16 models) or not (fp32)
-    op("index_put", const(0.0), TOKEN, _gemm(h, "w2"), attrs={"dim": 0, "accumulate": True})
-    for h in (WEIGHTED, op("cast", WEIGHTED))
+_HIDDEN = _swiglu(_gemm(ROWS, "w1"), _gemm(ROWS, "w3"), "routed")
+_ROW_WEIGHTS = op("index", op("reshape", var("weights", rank=2)), ORDER, attrs={"dim": 0})
+ROW_WEIGHTS = either(op("reshape", _ROW_WEIGHTS), _ROW_WEIGHTS)  # [N·k, 1] before or after
+WEIGHTED = op("mul", _HIDDEN, ROW_WEIGHTS)
+ROUTEDS = (  # hidden rows rounded to x's dtype before w2 (bf16 models) or not (fp32)
+    op(
+        "index_put",
+        const(0.0),
+        TOKEN,
+        # fp32: the weights scale the rows before or after w2 (equal up to rounding)
+        either(_gemm(WEIGHTED, "w2"), op("mul", _gemm(_HIDDEN, "w2"), ROW_WEIGHTS)),
+        attrs={"dim": 0, "accumulate": True},
+    ),
+    op(
+        "index_put",
+        const(0.0),
+        TOKEN,
+        _gemm(op("cast", WEIGHTED), "w2"),
+        attrs={"dim": 0, "accumulate": True},
+    ),
 )
 
 

@@ -153,6 +153,8 @@ def mutated(pattern: str, repl: str, loc: str) -> ir.Graph:
         (r"largest=true", "largest=false", "layers.2.ffn.gate @", "moe.route", 3),
         # shared expert clamped differently: routed experts fuse, the shared expert does not
         (r"min=-10.0, max=10.0", "min=-5.0, max=5.0", "layers.0.ffn.shared_experts @", "moe.experts", 4),
+        # tokens ordered by descending expert id: the offsets no longer bound each expert's rows
+        (r"descending=false", "descending=true", "layers.2.ffn.experts @", "moe.experts", 3),
     ],
 )  # fmt: skip
 def test_look_alikes_are_not_fused(pattern, repl, loc, counter, fires) -> None:

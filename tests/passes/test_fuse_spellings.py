@@ -16,6 +16,7 @@ from models.attention import Attention, Compressor, Indexer, sparse_attention, t
 from models.config import Config
 from models.hc import hc_post, hc_pre
 from models.layers import apply_rope
+from models.moe import Experts, MoE, grouped_mm
 from passes.fuse_attention import fuse_attention
 from passes.fuse_hc import fuse_hc
 from passes.fuse_moe import fuse_moe
@@ -179,9 +180,6 @@ def test_moe_route_spellings() -> None:
 
 
 def test_bf16_moe_and_hc_fuse_exactly() -> None:
-    from models.config import Config
-    from models.moe import MoE
-
     cfg = Config.preset("tiny")
     torch.manual_seed(3)
     moe = MoE(cfg, hash_routing=False).eval()
@@ -301,3 +299,73 @@ def test_csa_layer_spellings(monkeypatch, attention, topk, scores, pooling) -> N
     assert fired == CSA
     got = ir.interpret(out, x29, params=layer.state_dict())[0]
     assert (got - want).abs().max().item() <= 1e-5
+
+
+# --- moe.experts: dispatch, expert FFNs and combine spelled differently ----------------------
+
+
+def spelled_swiglu(gate: Tensor, up: Tensor, limit: float) -> Tensor:
+    """silu spelled x·sigmoid(x)."""
+    gate = gate.float().clamp(max=limit)
+    return gate * torch.sigmoid(gate) * torch.clamp(up.float(), min=-limit, max=limit)
+
+
+class WeightedAfterDown(Experts):
+    """Routing weights scale the rows after w2; the combine is a scatter_add; silu spelled."""
+
+    def forward(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:
+        k = experts.shape[-1]
+        flat = experts.flatten()
+        order = torch.argsort(flat, stable=True)
+        token = order // k
+        counts = torch.zeros(self.w1.shape[0], dtype=torch.int64)
+        offs = counts.scatter_add(0, flat, torch.ones_like(flat)).cumsum(0).to(torch.int32)
+        rows = x[token]
+        gate, up = (grouped_mm(rows, w.transpose(1, 2), offs) for w in (self.w1, self.w3))
+        hidden = spelled_swiglu(gate, up, self.limit)
+        down = grouped_mm(hidden, self.w2.transpose(1, 2), offs) * weights.flatten()[order, None]
+        index = token[:, None].expand(-1, x.shape[1])
+        return torch.zeros(x.shape).scatter_add(0, index, down)
+
+
+class IndexSelectExperts(Experts):
+    """Rows by index_select, weights by a [N·k, 1] gather, combine by in-place index_add_."""
+
+    def forward(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:
+        k = experts.shape[-1]
+        flat = experts.reshape(-1)
+        order = flat.argsort(stable=True)
+        token = torch.div(order, k, rounding_mode="floor")
+        counts = torch.zeros(self.w1.shape[0], dtype=torch.int64).scatter_add(
+            0, flat, torch.ones_like(flat)
+        )
+        offs = torch.cumsum(counts, dim=0).int()
+        rows = x.index_select(0, token)
+        gate = grouped_mm(rows, self.w1.permute(0, 2, 1), offs).clamp(max=self.limit)
+        up = grouped_mm(rows, self.w3.permute(0, 2, 1), offs).clamp(-self.limit, self.limit)
+        hidden = torch.sigmoid(gate) * gate * up * weights.reshape(-1, 1)[order]
+        out = torch.zeros_like(x)
+        out.index_add_(0, token, grouped_mm(hidden, self.w2.permute(0, 2, 1), offs))
+        return out
+
+
+@pytest.mark.parametrize("experts", [WeightedAfterDown, IndexSelectExperts])
+def test_moe_experts_spellings(experts) -> None:
+    cfg = Config.preset("tiny")
+    torch.manual_seed(5)
+    moe = MoE(cfg, hash_routing=False).eval()
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.copy_(torch.randn(p.shape) * 0.3)
+        x, ids = torch.randn(2, 7, cfg.dim), torch.randint(0, cfg.vocab_size, (2, 7))
+        want = moe(x, ids)
+    moe.experts.__class__ = experts
+    g = passes.canonicalize(capture(moe, (x, ids)))
+    ctx = passes.PassContext()
+    out = fuse_moe(g, ctx)
+    ir.verify(out)
+    assert ctx.counters["fuse_moe.moe.route"] == 1 and ctx.counters["fuse_moe.moe.experts"] == 1
+    (fused_op,) = [n for n in out.ops if n.name == "moe.experts"]
+    assert fused_op.attrs["shared"]
+    got = ir.interpret(out, x, ids, params=moe.state_dict())[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # outputs up to ~20

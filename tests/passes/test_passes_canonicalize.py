@@ -33,6 +33,12 @@ def t(*shape, dtype=F32) -> TensorType:
     return TensorType(shape, dtype)
 
 
+def iota(b: ir.Builder, n: int, modulo: int | None = None):
+    """0..n-1 (i64), optionally % modulo: in-range indices with repeats."""
+    out = b.op("iota", [], start=0, end=n, step=1, dtype=I64)
+    return out if modulo is None else b.op("remainder", [out, c(b, modulo, I64)])
+
+
 def spelled_softmax(b: ir.Builder, x, shifted: bool = True, dim: int = 1):
     """exp(x - amax(x)) / sum(exp(x - amax(x))) along `dim` (without the max if not shifted)."""
     if shifted:
@@ -176,6 +182,27 @@ CASES = [
     ("spelled_softmax", 1, lambda b, x: spelled_softmax(b, x), [t(2, 5)]),
     ("spelled_softmax_unshifted", 1, lambda b, x: spelled_softmax(b, x, False), [t(2, 5)]),
     ("sort_slice_to_topk", 2, lambda b, x: sorted_head(b, x, 3), [t(2, 5)]),
+    ("spelled_silu", 1, lambda b, x: b.op("mul", [b.op("sigmoid", [x]), x]), [t(2, 5)]),
+    (
+        "index_select_to_index",
+        1,
+        lambda b, x: b.op("index_select", [x, iota(b, 4)], dim=1),
+        [t(2, 5)],
+    ),
+    (
+        "scatter_add_to_index_add",
+        1,  # out[j % 3, :] += src[j, :]
+        lambda b, x, src: b.op(
+            "scatter_add",
+            [
+                x,
+                b.op("expand", [b.op("reshape", [iota(b, 6, 3)], shape=(6, 1))], shape=(6, 5)),
+                src,
+            ],
+            dim=0,
+        ),
+        [t(3, 5), t(6, 5)],
+    ),
     (
         "not_not",
         1,
@@ -191,8 +218,8 @@ def test_rule_fires_and_keeps_semantics(rule: str, hits: int, build, types) -> N
     out, ctx = canonical(g)
     assert ctx.counters[rule] == hits, ctx.report()
     assert len(out.ops) <= len(g.ops)
-    # the softmax op rounds once where its spelling rounds per step
-    assert_same_outputs(g, out, atol=1e-6 if "softmax" in rule else 0.0)
+    # softmax and silu round once where their spellings round per step
+    assert_same_outputs(g, out, atol=1e-6 if "softmax" in rule or "silu" in rule else 0.0)
 
 
 def test_every_rule_has_a_case() -> None:
@@ -303,6 +330,10 @@ def test_top_k_spellings() -> None:
 @pytest.mark.parametrize(
     "build",
     [
+        # a scatter whose index differs per column: not an index_add
+        lambda b, x: b.op(
+            "scatter_add", [x, b.op("reshape", [iota(b, 24, 4)], shape=(4, 6)), x], dim=0
+        ),
         # an epsilon in the denominator
         lambda b, x: b.op(
             "div",
@@ -320,7 +351,7 @@ def test_top_k_spellings() -> None:
         # sorted along one dim, sliced along the other
         lambda b, x: b.op("slice", [b.op("sort", [x], dim=1)[1]], dim=0, start=0, end=2),
     ],
-    ids=["softmax_eps", "softmax_two_dims", "sort_offset", "sort_other_dim"],
+    ids=["scatter_per_element", "softmax_eps", "softmax_two_dims", "sort_offset", "sort_other_dim"],
 )
 def test_look_alikes_keep_their_spelling(build) -> None:
     g = graph(build, t(4, 6))
