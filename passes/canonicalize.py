@@ -6,6 +6,7 @@ Afterwards:
 - elementwise/broadcast ops on uniform tensors (`constant`/`full`) are folded into one
   `constant` (0-d) or `full`; views of uniform tensors are `full`s too;
 - a commutative binary op with one uniform operand has it on the right: `2 * x` is `x * 2`;
+- `x ** 2` is `x * x` (exact);
 - identities are gone: `x + 0`, `x - 0`, `x * 1`, `x / 1`, `x ** 1`, `-(-x)`, casts to the same
   dtype, round trips through a wider dtype, `copy`, no-op views (reshape/expand/squeeze to the
   same type, full slices, zero pads, unit repeats, identity permutations, single-operand concat);
@@ -164,6 +165,10 @@ def view_of_uniform(m: Match, rw: Rewriter) -> Value:
 
 def commute(m: Match, rw: Rewriter) -> Value:
     return rw.op(m.root.op, [m["x"], m["c"]])
+
+
+def square(m: Match, rw: Rewriter) -> Value:
+    return rw.op("mul", [m["x"], m["x"]])
 
 
 def to_neg(m: Match, rw: Rewriter) -> Value:
@@ -350,6 +355,8 @@ RULES: list[Rule] = [
     Rule("div_one", op("div", x, const(1), where=same_type), keep_x),
     # x ** 1 -> x
     Rule("pow_one", op("pow", x, const(1), where=same_type), keep_x),
+    # x ** 2 -> x * x
+    Rule("pow_two", op("pow", x, const(2), where=same_type), square),
     # -(-x) -> x
     Rule("neg_neg", op("neg", op("neg", x)), keep_x),
     # x * -1 -> -x

@@ -14,7 +14,7 @@ import passes
 from frontend import capture
 from models.attention import Attention, Compressor, Indexer, sparse_attention, topk_visible
 from models.config import Config
-from models.hc import hc_post, hc_pre
+from models.hc import hc_head, hc_post, hc_pre
 from models.layers import apply_rope
 from models.moe import Experts, MoE, grouped_mm
 from passes.fuse_attention import fuse_attention
@@ -122,6 +122,50 @@ def test_hc_pre_spellings_and_sinkhorn_lengths() -> None:
         assert len(ops) == 1 and ops[0].attrs["iters"] == iters, (type(module).__name__, iters)
         assert not any(n.name in ("div", "softmax") for n in out.ops)
         count, diffs = fused(module, pre_args(), fuse_hc)
+        assert count == 1 and max(diffs) <= 1e-5
+
+
+# --- hc.head: the final contraction of the streams ------------------------------------------
+
+
+class Head(nn.Module):
+    def forward(self, x: Tensor, fn: Tensor, scale: Tensor, base: Tensor) -> Tensor:
+        return hc_head(x, fn, scale, base, 1e-6, 1e-6)
+
+
+class HeadMatmul(nn.Module):
+    """`@ fn.T`, x·x for the square, the stream sum over dim -2 of x·pre."""
+
+    def forward(self, x: Tensor, fn: Tensor, scale: Tensor, base: Tensor) -> Tensor:
+        xf = x.flatten(2)
+        mix = (xf @ fn.T) * torch.rsqrt((xf * xf).mean(dim=-1, keepdim=True) + 1e-6)
+        pre = F.sigmoid(mix * scale + base) + 1e-6
+        return torch.sum(x * pre[..., None], dim=-2)
+
+
+class HeadPow(nn.Module):
+    """`pow(2)` for the square, F.linear with the norm applied before the projection."""
+
+    def forward(self, x: Tensor, fn: Tensor, scale: Tensor, base: Tensor) -> Tensor:
+        xf = x.flatten(2)
+        mix = F.linear(xf, fn) * xf.pow(2).mean(-1, keepdim=True).add(1e-6).rsqrt()
+        pre = torch.sigmoid(mix * scale + base).add(1e-6)
+        return (pre.unsqueeze(-1) * x).sum(2)
+
+
+def head_args() -> tuple:
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 3, 4, 16, generator=gen)
+    fn = torch.randn(4, 64, generator=gen) * 0.1
+    return x, fn, torch.rand(1, generator=gen), torch.randn(4, generator=gen)
+
+
+def test_hc_head_spellings() -> None:
+    for module in (Head(), HeadMatmul(), HeadPow()):
+        g = passes.canonicalize(capture(module, head_args()))
+        out = fuse_hc(g, passes.PassContext())
+        assert [n.name for n in out.ops if n.name.startswith("hc.")] == ["hc.head"], module
+        count, diffs = fused(module, head_args(), fuse_hc)
         assert count == 1 and max(diffs) <= 1e-5
 
 
@@ -262,6 +306,21 @@ class SpelledPooling(Compressor):
         return self._finish(pooled, torch.arange(nb) * m, x.dtype)
 
 
+class NegativeDimPooling(Compressor):
+    """The prefill compressor with F.softmax / torch.sum over dim -2 (the block's rows)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = x.shape[1]
+        m, nb = self.ratio, t // self.ratio
+        kv, score = self._project(x, torch.arange(t))
+        kv = F.pad(kv, (0, 0, m, 0))
+        score = F.pad(score, (0, 0, m, 0), value=float("-inf"))
+        rows = torch.arange(nb * m).view(nb, m)
+        kv, score = self._window(kv[:, rows + m], score[:, rows + m], kv[:, rows], score[:, rows])
+        pooled = torch.sum(kv * F.softmax(score, dim=-2), dim=-2)
+        return self._finish(pooled, torch.arange(nb) * m, x.dtype)
+
+
 CSA = {"attn.compress": 2, "attn.indexer_topk": 1, "attn.sparse_mqa": 1}
 
 
@@ -270,9 +329,9 @@ CSA = {"attn.compress": 2, "attn.indexer_topk": 1, "attn.sparse_mqa": 1}
     [
         (matmul_sparse_attention, sorted_topk_visible, bmm_indexer_scores, SpelledPooling),
         (bmm_sparse_attention, topk_visible, Indexer.scores, SpelledPooling),
-        (sparse_attention, sorted_topk_visible, bmm_indexer_scores, Compressor),
+        (sparse_attention, sorted_topk_visible, bmm_indexer_scores, NegativeDimPooling),
     ],
-    ids=["matmul_sort_bmm_spelled", "bmm_masked_fill", "einsum_sort_bmm"],
+    ids=["matmul_sort_bmm_spelled", "bmm_masked_fill", "einsum_sort_bmm_negdim"],
 )
 def test_csa_layer_spellings(monkeypatch, attention, topk, scores, pooling) -> None:
     """The layer with its helpers spelled differently fuses to the same three ops, which compute

@@ -60,6 +60,7 @@ CASES = [
     ("mul_one", 2, lambda b, x: b.op("mul", [b.op("mul", [x, c(b, 1.0)]), c(b, 1)]), [t(4)]),
     ("div_one", 1, lambda b, x: b.op("div", [x, c(b, 1.0)]), [t(4)]),
     ("pow_one", 1, lambda b, x: b.op("pow", [x, c(b, 1.0)]), [t(4)]),
+    ("pow_two", 2, lambda b, x: b.op("pow", [b.op("pow", [x, c(b, 2, I64)]), c(b, 2.0)]), [t(4)]),
     ("neg_neg", 1, lambda b, x: b.op("neg", [b.op("neg", [x])]), [t(4)]),
     ("mul_minus_one", 1, lambda b, x: b.op("mul", [x, c(b, -1.0)]), [t(4)]),
     ("zero_sub", 1, lambda b, x: b.op("sub", [c(b, 0.0), x]), [t(4)]),
