@@ -360,6 +360,76 @@ def test_csa_layer_spellings(monkeypatch, attention, topk, scores, pooling) -> N
     assert (got - want).abs().max().item() <= 1e-5
 
 
+def spelled_pool(kv: Tensor, score: Tensor) -> Tensor:
+    e = torch.exp(score - score.amax(dim=-2, keepdim=True))
+    return torch.sum(kv * (e / e.sum(dim=-2, keepdim=True)), dim=-2, keepdim=True)
+
+
+def negative_dim_pool(kv: Tensor, score: Tensor) -> Tensor:
+    return (kv * F.softmax(score, dim=-2)).sum(-2, keepdim=True)
+
+
+class PooledStep(Compressor):
+    """The decode step of the compressor with its pooling spelled by `pool` (a class attribute)."""
+
+    pool = staticmethod(spelled_pool)
+
+    def decode(self, x, pos, kv_state, score_state):
+        m = self.ratio
+        kv, score = self._project(x, pos.view(1))
+        slot = pos % m + (m if self.overlap else 0)
+        kv_state = kv_state.index_copy(1, slot.view(1), kv)
+        score_state = score_state.index_copy(1, slot.view(1), score)
+        cur_kv, cur_score = kv_state[:, -m:], score_state[:, -m:]
+        win_kv, win_score = self._window(cur_kv, cur_score, kv_state[:, :m], score_state[:, :m])
+        entry = self._finish(self.pool(win_kv, win_score), (pos // m * m).view(1), x.dtype)
+        emit = (pos + 1) % m == 0
+        if self.overlap:
+            kv_state = torch.where(emit, cur_kv.repeat(1, 2, 1), kv_state)
+            score_state = torch.where(emit, cur_score.repeat(1, 2, 1), score_state)
+        return entry, emit, kv_state, score_state
+
+
+class NegativeDimStep(PooledStep):
+    pool = staticmethod(negative_dim_pool)
+
+
+@pytest.mark.parametrize(
+    "attention, topk, scores, step",
+    [
+        (matmul_sparse_attention, sorted_topk_visible, bmm_indexer_scores, PooledStep),
+        (bmm_sparse_attention, topk_visible, Indexer.scores, NegativeDimStep),
+    ],
+    ids=["matmul_sort_bmm_spelled", "bmm_masked_fill_negdim"],
+)
+def test_csa_decode_spellings(monkeypatch, attention, topk, scores, step) -> None:
+    """Decode of the CSA layer (compressor steps, indexer, sparse attention at one position)."""
+    torch.manual_seed(7)
+    cfg = Config.preset("tiny-512")
+    layer = Attention(cfg, 4).eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape) * 0.2)
+        cache = layer.init_cache(2, 64, torch.float32, torch.device("cpu"))
+        _, cache = layer(torch.randn(2, 40, cfg.dim), cache)
+        x = torch.randn(2, 1, cfg.dim)
+        want = [layer.decode(x, torch.tensor(p), cache)[0] for p in (40, 43)]
+    monkeypatch.setattr(attention_module, "sparse_attention", attention)
+    monkeypatch.setattr(attention_module, "topk_visible", topk)
+    monkeypatch.setattr(Indexer, "scores", scores)
+    layer.compressor.__class__ = layer.indexer.compressor.__class__ = step
+    dynamic = {"x": {0: "B"}, "cache": {0: "B"}}
+    g = capture(layer, (x, torch.tensor(40), cache), dynamic=dynamic, method="decode")
+    ctx = passes.PassContext()
+    out = fuse_attention(passes.canonicalize(g), ctx)
+    ir.verify(out)
+    fired = {k.split(".", 1)[1]: v for k, v in ctx.counters.items() if k.startswith("fuse_")}
+    assert fired == {"attn.compress_step": 2, "attn.indexer_topk": 1, "attn.sparse_mqa": 1}
+    for pos, w in zip((40, 43), want):  # 43: a block completes, an entry is emitted
+        got = ir.interpret(out, x, torch.tensor(pos), *cache.values(), params=layer.state_dict())
+        assert (got[0] - w).abs().max().item() <= 1e-5
+
+
 # --- moe.experts: dispatch, expert FFNs and combine spelled differently ----------------------
 
 
