@@ -1,6 +1,6 @@
 """`report.json` of an artifact: compile time per phase, the fusion summary (captured ops ->
-kernel launches, per fusion), per-kernel flops/bytes against the target's roofline, the memory
-plan and the AOT metadata of each kernel. `dsv4c report DIR` renders it as HTML (report_html.py).
+kernel launches, per fusion), a picture of one layer before and after fusion, per-kernel
+flops/bytes against the target's roofline, the memory plan and the AOT metadata of each kernel. `dsv4c report DIR` renders it as HTML (report_html.py).
 
 Kernel costs come from `passes.cost.kernel_cost`, evaluated at the entry point's bindings (the
 example inputs' sizes unless the compile said otherwise).
@@ -87,10 +87,26 @@ def _roofline(row: dict[str, Any], tgt: Target) -> None:
     }
 
 
+def picture_module(g: ir.Graph) -> str:
+    """The module the report draws: the first layer with an indexer (a CSA layer shows every
+    kind of fusion), else the first `layers.N`, else the whole graph ("")."""
+    first = None
+    for n in g.ops:
+        parts = n.loc.module.split(".") if n.loc else []
+        if len(parts) >= 2 and parts[0] == "layers" and parts[1].isdigit():
+            if "indexer" in parts:
+                return f"layers.{parts[1]}"
+            first = first or f"layers.{parts[1]}"
+    return first or ""
+
+
 def pipeline_summary(g0: ir.Graph, ctx: Any) -> dict[str, Any]:
     """What the report keeps of the capture and the pass pipeline (JSON; cacheable)."""
     sched = ctx.products.get("schedule")
+    module = picture_module(g0)
     return {
+        "picture_module": module,
+        "picture_before": ir.region_view(g0, module, by_line=True),
         "ops_captured": len(g0.ops),
         "captured_by_op": dict(Counter(n.name for n in g0.ops).most_common()),
         "launches": sched.count if sched is not None else None,
@@ -105,6 +121,8 @@ def entry_report(
     summary: Mapping[str, Any], g: ir.Graph, exe: Any, env: Mapping[str, int], tgt: Target
 ) -> dict[str, Any]:
     """The report section of one entry point (`summary` from `pipeline_summary`, `g` final)."""
+    from passes.schedule import category
+
     final = Counter(n.name for n in g.ops)
     fused_bodies = [len(n.attrs["body"].ops) for n in g.ops if n.name == "fused.kernel"]
     semantic = {k: v for k, v in final.items() if k.startswith(("attn.", "moe.", "hc."))}
@@ -127,8 +145,18 @@ def entry_report(
         "graph_cached": summary.get("cached", False),
         "memory_plan": summary["memory_plan"],
         "kernels": kernel_rows(g, exe, env, tgt),
+        "picture": _picture(summary, g, lambda n: category(n) != "free"),
         "fallbacks": backend_report.get("fallbacks", []),
     }
+
+
+def _picture(summary: Mapping[str, Any], g: ir.Graph, launches) -> dict[str, Any] | None:
+    """One layer before fusion (ops grouped by source line) and after (its kernel launches)."""
+    if "picture_module" not in summary:  # a graph cached by an older dsv4c
+        return None
+    module = summary["picture_module"]
+    after = ir.region_view(g, module, keep=launches)
+    return {"module": module, "before": summary["picture_before"], "after": after}
 
 
 def _plan(plan: Any) -> dict[str, Any] | None:

