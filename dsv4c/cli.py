@@ -5,6 +5,7 @@
     dsv4c ir --model tiny --after fuse_elementwise                        # IR after a pass
     dsv4c ir --model tiny --explain mul_one                               # why a rule (not) fires
     dsv4c report out/                                                     # out/report.html
+    dsv4c bench --model small --backends eager,inductor,tvm,tvm-relax     # side by side
 
 Errors (unknown model, target or backend, a bad directory, unreadable weights) print one line and
 exit with status 1; `--debug` shows the traceback instead.
@@ -204,6 +205,32 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.interpret:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton.runtime")
+    from dsv4c.bench import bench
+
+    _config(args.model)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    _say(f"bench {args.model} on {args.target}: {', '.join(backends)}")
+    doc = bench(
+        args.model,
+        backends,
+        target=args.target,
+        prompt_len=args.prompt_len,
+        context=args.context,
+        batches=args.batches,
+        repeat=args.repeat,
+        interpret=args.interpret,
+        json_path=args.json,
+        say=_say,
+    )
+    print(f"wrote {args.json} and {Path(args.json).with_suffix('.svg')}")
+    bad = [r for r in doc["rows"] if "check" in r and not r["check"]["ok"]]
+    return 1 if bad else 0
+
+
 # --- parser --------------------------------------------------------------------------------
 
 
@@ -247,6 +274,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write report.html for an artifact directory")
     p.add_argument("dir", help="artifact directory from `dsv4c compile`")
     p.set_defaults(fn=cmd_report)
+
+    from dsv4c.bench import BACKENDS
+
+    b = sub.add_parser("bench", help="prefill and decode under several backends, side by side")
+    b.add_argument("--model", default="small", help=f"model preset: {', '.join(PRESETS)}")
+    b.add_argument(
+        "--backends",
+        default="eager,inductor,tvm,tvm-relax",
+        help=f"comma separated: {', '.join(BACKENDS)}",
+    )
+    b.add_argument("--target", default="cpu", help="cpu, or the GPU this machine has (sm_90, ...)")
+    b.add_argument("--prompt-len", type=int, default=128, help="prefill tokens (0: no prefill)")
+    b.add_argument("--context", type=int, default=4096, help="decode position (cache length)")
+    b.add_argument("--batches", type=int, nargs="*", default=[1], help="decode batch sizes")
+    b.add_argument("--repeat", type=int, default=3, help="timed calls per row (median)")
+    b.add_argument("--interpret", action="store_true", help="allow Triton's CPU interpreter")
+    b.add_argument("--json", default="bench.json", help="output JSON (and .svg beside it)")
+    b.set_defaults(fn=cmd_bench)
     return ap
 
 
