@@ -10,7 +10,7 @@ import torch
 import ir
 import passes
 from frontend import capture
-from models.attention import Attention
+from models.attention import Attention, topk_visible
 from models.config import Config
 from passes.fuse_attention import fuse_attention
 
@@ -103,3 +103,46 @@ def test_bf16_layer_rounds_where_the_model_does() -> None:
     assert fired == {"attn.compress": 2, "attn.indexer_topk": 1, "attn.sparse_mqa": 1}
     p = a.state_dict()
     assert max_diff(ir.interpret(g, x, params=p), ir.interpret(out, x, params=p)) == 0.0
+
+
+class IndexerPicks(torch.nn.Module):
+    """The indexer of a CSA layer on its own: (x, cq, keys) -> top-k visible entry indices."""
+
+    def __init__(self, layer: Attention) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor, cq: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(x.shape[1])
+        cos, sin = self.layer.rotary.cos_sin(pos)
+        visible = torch.arange(keys.shape[1]).unsqueeze(0) < ((pos + 1) // 4).unsqueeze(1)
+        scores = self.layer.indexer.scores(x, cq, cos, sin, keys)
+        return topk_visible(scores, visible, self.layer.indexer.topk)
+
+
+def test_indexer_picks_identical_indices() -> None:
+    """The fused indexer picks exactly the entries the model picks. Positive weights, queries
+    and keys keep the ReLU sums away from 0 and every score distinct (checked), so the top-k is
+    unique and any correct kernel agrees."""
+    a = layer(4)
+    with torch.no_grad():
+        a.indexer.weights_proj.weight.abs_()
+        a.indexer.wq_b.weight.abs_()
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 24, CFG.dim, generator=gen)
+    cq = torch.rand(2, 24, CFG.q_lora_rank, generator=gen)
+    keys = torch.rand(2, 6, CFG.index_head_dim, generator=gen)
+    module = IndexerPicks(a).eval()
+    g = capture(module, (x, cq, keys))
+    out, fired = fuse(g)
+    assert fired == {"attn.indexer_topk": 1}
+    with torch.no_grad():
+        pos = torch.arange(24)
+        scores = a.indexer.scores(x, cq, *a.rotary.cos_sin(pos), keys)
+        want = module(x, cq, keys)
+    for row in scores.flatten(0, 1):  # no ties among a query's candidates
+        assert row.unique().numel() == row.numel()
+    p = module.state_dict()
+    got = ir.interpret(out, x, cq, keys, params=p)[0]
+    assert torch.equal(got, want) and torch.equal(ir.interpret(g, x, cq, keys, params=p)[0], want)
+    assert (want >= 0).any() and (want < 0).any()  # some queries see fewer than k entries
