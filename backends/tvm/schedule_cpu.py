@@ -9,7 +9,10 @@ leaves the loop nest as it was; the result is still correct, only slower):
    the output that reads them, so a row is reduced and normalised while it is in cache;
 3. per root loop nest: fuse the outer spatial loops and run them in parallel over the cores;
    vectorise the innermost loop of spatial nests when its extent is static (AVX-512: 16 lanes of
-   f32), unrolled by `VECTOR` lanes otherwise.
+   f32), unrolled by `VECTOR` lanes otherwise;
+4. a reduction whose innermost loop runs over a static multiple of `VECTOR` (a dot product over
+   channels) is split into `VECTOR` partial sums (rfactor) kept in one vector register, then
+   summed: LLVM does not reassociate a float reduction by itself (16x on a 512-wide dot).
 
 Matmuls have their own tiled schedule (`backends.tvm.matmul`).
 """
@@ -22,6 +25,7 @@ __all__ = ["VECTOR", "schedule_cpu"]
 
 VECTOR = 16  # f32 lanes of one AVX-512 register
 KEEP = "keep_"  # stages named so are never inlined (each reads many elements of the last)
+ROWS = "rows_"  # reductions named so accumulate whole rows: Σ_j p[j]·E[j, :] (vectorised over :)
 
 
 def _try(fn: Any, *args: Any) -> Any:
@@ -65,6 +69,8 @@ def schedule_cpu(func: Any) -> Any:
             _attach_producers(sch, block)
     for block in sch.get_child_blocks(root):
         _parallelise(sch, block)
+    for block in sch.get_child_blocks(root):
+        _vectorise_reduction(sch, block)
     return sch.mod["main"].with_attr("global_symbol", func.attrs["global_symbol"])
 
 
@@ -105,6 +111,53 @@ def _parallelise(sch: Any, block: Any) -> None:
         _try(sch.parallel, outer if outer is not None else loops[0])
     if inner is not None:
         _vectorise(sch, inner)
+
+
+def _vectorise_reduction(sch: Any, block: Any) -> None:
+    """Innermost reduction loop of static extent n·VECTOR -> VECTOR lanes of partial sums; for
+    `rows_*` blocks, the reduction loop moves outside the innermost spatial loop instead, which
+    is vectorised (a row of the output accumulates a row of the input: contiguous loads)."""
+    if sch.get(block).name_hint.startswith(ROWS):
+        _accumulate_rows(sch, block)
+        return
+    loops = sch.get_loops(block)
+    if len(loops) < 2 or _is_spatial(sch, block):
+        return
+    inner = sch.get(loops[-1])
+    extent = _static(inner.extent)
+    if extent is None or extent < 2 * VECTOR or extent % VECTOR:
+        return
+    iters = sch.get(block).iter_vars
+    reductions = [iv for iv in iters if iv.iter_type == 2]  # 2: a reduction iterator
+    if len(reductions) != 1 or _static(reductions[0].dom.extent) != extent:
+        return
+    parts = _try(sch.split, loops[-1], [None, VECTOR])
+    if parts is None:
+        return
+    rf = _try(sch.rfactor, parts[1], len(iters) - 1)  # lanes: a new last dim of the partials
+    if rf is None:
+        return
+    rf_loops = sch.get_loops(rf)  # outer..., lane groups (reduction), lanes
+    if len(rf_loops) >= 3:
+        _try(sch.reverse_compute_at, block, rf_loops[-3])
+    _try(sch.vectorize, sch.get_loops(rf)[-1])
+
+
+def _accumulate_rows(sch: Any, block: Any) -> None:
+    """loops (..., c, j) -> (..., c / VECTOR, j, VECTOR lanes of c): a vector of output channels
+    accumulates a contiguous piece of each input row."""
+    loops = sch.get_loops(block)
+    if len(loops) < 2:
+        return
+    red, spatial = loops[-1], loops[-2]
+    extent = _static(sch.get(spatial).extent)
+    if extent is None or extent % VECTOR:
+        return
+    parts = _try(sch.split, spatial, [None, VECTOR])
+    if parts is None:
+        return
+    if _ok(sch.reorder, parts[0], red, parts[1]):
+        _try(sch.vectorize, parts[1])
 
 
 def _vectorise(sch: Any, loop: Any) -> None:

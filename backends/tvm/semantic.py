@@ -8,14 +8,21 @@ the host; an expert no token chose is never read). All math in fp32, results in 
 - `attn.sparse_mqa`: q RMS norm + RoPE, entries = window ∪ (every visible compressed entry |
   indexer picks), scores, softmax with the sink, weighted sum, inverse RoPE (prefill and decode).
 - `attn.indexer_topk`, `attn.compress`, `moe.route`, `moe.experts`, `hc.pre`, `hc.post`, `hc.head`.
+
+`moe.experts` has a BLAS path beside its kernel, chosen per call like a large `matmul` (the
+executable's `blas` policy; the report counts it): tokens sorted by expert, then one GEMM per
+expert over its rows (MKL/OpenBLAS through torch), as the eager model's grouped GEMM does. The
+kernel gathers each token's expert weights and so reads them once per token; the grouped GEMM
+reads them once per expert, which is what a prefill needs.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import ir
-from backends.tvm.emitters import TVM_EMITTERS, emit_single
+from backends.tvm.emitters import BLAS_MIN_FLOPS, TVM_EMITTERS, KernelLaunch, emit_single
 from backends.tvm.lower import Lowering, Unsupported, convert, lowers, static, tvm_dtype
 
 F32 = "float32"
@@ -88,6 +95,7 @@ def lower_sparse_mqa(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
     if op.q_norm_eps is not None:
         q = _rms_rows(lw, q, op.q_norm_eps, out)
     q = _rope(lw, q, cos, sin, lambda b, t, h, c: t, False, out)
+    q = te.compute(q.shape, lambda *i: q(*i), name=lw.tag("keep_q"))  # once, not once per entry
     win = op.window
     rows = kv.shape[1]
     extra = 0 if comp is None else (picks.shape[2] if picks is not None else comp.shape[1])
@@ -111,13 +119,33 @@ def lower_sparse_mqa(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
         is_raw = j < win
         return tirx.Select(is_raw, raw_ok, comp_ok), is_raw, tirx.Select(is_raw, raw_row, crow)
 
-    def entry(b: Any, t: Any, j: Any, c: Any) -> Any:
+    # one table of rows (raw ++ compressed) and, per (query, entry), the row it reads: the
+    # channel loops then load one contiguous row instead of selecting between two gathers
+    if comp is None:
+        table = kv
+    else:
+        n_comp = comp.shape[1]
+        table = te.compute(
+            (kv.shape[0], rows + n_comp, kv.shape[2]),
+            lambda b, r, c: tirx.Select(
+                r < rows,
+                kv(b, tirx.min(r, rows - 1), c),
+                comp(b, tirx.min(tirx.max(r - rows, 0), n_comp - 1), c),
+            ),
+            name=lw.tag("keep_table"),
+        )
+
+    def table_row(b: Any, t: Any, j: Any) -> Any:
         _, is_raw, row = where(b, t, j)
-        raw = _f(kv(b, tirx.min(tirx.max(row, 0), rows - 1), c))
+        raw = tirx.min(tirx.max(row, 0), rows - 1)
         if comp is None:
             return raw
-        cmp_ = _f(comp(b, tirx.min(tirx.max(row, 0), comp.shape[1] - 1), c))
-        return tirx.Select(is_raw, raw, cmp_)
+        return tirx.Select(is_raw, raw, rows + tirx.min(tirx.max(row, 0), comp.shape[1] - 1))
+
+    row_of = te.compute((*q.shape[:2], n_entries), table_row, name=lw.tag("keep_row"))
+
+    def entry(b: Any, t: Any, j: Any, c: Any) -> Any:
+        return _f(table(b, row_of(b, t, j), c))
 
     width = q.shape[3]
     kc = te.reduce_axis((0, width), name="kc")
@@ -151,11 +179,16 @@ def lower_sparse_mqa(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
     )
     kj3 = te.reduce_axis((0, n_entries), name="kj3")
 
-    def weighted(b: Any, t: Any, h: Any, c: Any) -> Any:
-        p = te.exp(zm(b, t, h, kj3) - m(b, t, h)) / den(b, t, h)
-        return te.sum(_f(convert(p, out)) * entry(b, t, kj3, c), axis=kj3)
+    p = te.compute(  # once per (query, head, entry), not once per output channel
+        z.shape,
+        lambda b, t, h, j: _f(convert(te.exp(zm(b, t, h, j) - m(b, t, h)) / den(b, t, h), out)),
+        name=lw.tag("keep_p"),
+    )
 
-    o = te.compute(q.shape, weighted, name=lw.tag("o"))
+    def weighted(b: Any, t: Any, h: Any, c: Any) -> Any:
+        return te.sum(p(b, t, h, kj3) * entry(b, t, kj3, c), axis=kj3)
+
+    o = te.compute(q.shape, weighted, name=lw.tag("rows_o"))
     o = te.compute(q.shape, lambda *i: convert(o(*i), out), name=lw.tag("o_cast"))
     return [_rope(lw, o, cos, sin, lambda b, t, h, c: t, True, out)]
 
@@ -631,9 +664,71 @@ SEMANTIC = (
     "attn.indexer_topk",
     "attn.compress",
     "moe.route",
-    "moe.experts",
     "hc.pre",
     "hc.head",
     "hc.post",
 )
 TVM_EMITTERS.register(*SEMANTIC)(emit_single)
+
+
+@dataclass
+class ExpertsLaunch(KernelLaunch):
+    """`moe.experts`: the kernel, or grouped GEMMs through BLAS when the policy says so."""
+
+    blas: str = "auto"
+
+    def __call__(self, inputs: list[Any], env: dict, fns: dict[str, Any]) -> tuple[Any, ...]:
+        x, _, experts, w1 = inputs[:4]
+        flops = 6 * experts.numel() * w1.shape[1] * w1.shape[2]
+        on_cpu = x.device.type == "cpu"
+        if on_cpu and (self.blas == "always" or (self.blas == "auto" and flops >= BLAS_MIN_FLOPS)):
+            self.count("blas")
+            return (grouped_experts(self.node.op, *inputs),)
+        return super().__call__(inputs, env, fns)
+
+
+@TVM_EMITTERS.register("moe.experts")
+def emit_experts(node: ir.Node, target: Any, options: dict) -> ExpertsLaunch:
+    single = emit_single(node, target, options)
+    return ExpertsLaunch(node, single.kernels, single.operands, blas=options.get("blas", "auto"))
+
+
+def grouped_experts(
+    op: Any, x: Any, weights: Any, experts: Any, w1: Any, w3: Any, w2: Any, *shared: Any
+) -> Any:
+    """`moe.experts` (ir/ops/moe.py) with one GEMM per expert over the tokens that chose it.
+
+    Rows are the (token, slot) pairs sorted by expert; the per-expert row counts are read on the
+    host (a CPU executable: no device round-trip). Same numerics as the op: GEMMs in x's dtype,
+    SwiGLU and routing weight in fp32, hidden rows cast to x's dtype before w2, fp32 sum.
+    """
+    import torch
+
+    n, k = experts.shape
+    flat = experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    token = order // k
+    counts = torch.bincount(flat, minlength=w1.shape[0]).tolist()
+    rows = x[token]
+    scale = weights.reshape(-1)[order].float().unsqueeze(-1)
+    down = torch.empty(n * k, x.shape[1], dtype=torch.float32)
+    start = 0
+    for e, count in enumerate(counts):
+        if count:
+            r = rows[start : start + count]
+            gate, up = ((r @ w[e].T).float() for w in (w1, w3))
+            h = gate.clamp(max=op.limit)
+            h = (
+                torch.nn.functional.silu(h)
+                * up.clamp(-op.limit, op.limit)
+                * scale[start : start + count]
+            )
+            down[start : start + count] = (h.to(x.dtype) @ w2[e].T).float()
+            start += count
+    y = torch.zeros(x.shape, dtype=torch.float32).index_add_(0, token, down).to(x.dtype)
+    if not op.shared:
+        return y
+    s1, s3, s2 = shared
+    g, u = ((x @ s.T).float() for s in (s1, s3))
+    h = torch.nn.functional.silu(g.clamp(max=op.limit)) * u.clamp(-op.limit, op.limit)
+    return y + h.to(x.dtype) @ s2.T

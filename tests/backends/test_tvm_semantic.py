@@ -27,8 +27,11 @@ def _type(t: torch.Tensor) -> ir.TensorType:
     return ir.TensorType(tuple(t.shape), ir.DType.from_torch(t.dtype))
 
 
-def _check(nodes: list[tuple[str, list[str], dict]], inputs: dict[str, torch.Tensor]) -> None:
-    """Build one graph of `nodes` (mnemonic, input names, attrs), run TVM and the reference."""
+def _check(
+    nodes: list[tuple[str, list[str], dict]], inputs: dict[str, torch.Tensor], blas: str = "auto"
+) -> dict:
+    """Build one graph of `nodes` (mnemonic, input names, attrs), run TVM and the reference;
+    returns the executable's report."""
     b = ir.Builder(name="semantic")
     vals = {k: b.input(k, _type(v)) for k, v in inputs.items()}
     outs = []
@@ -37,12 +40,13 @@ def _check(nodes: list[tuple[str, list[str], dict]], inputs: dict[str, torch.Ten
         outs.extend(r if isinstance(r, tuple) else (r,))
     b.output(*outs)
     g = b.build()
-    exe = TVMBackend().compile(g, "cpu")
+    exe = TVMBackend().compile(g, "cpu", blas=blas)
     assert not exe.fallbacks(), exe.fallbacks()
     args = list(inputs.values())
     for v, got, want in zip(g.outputs, exe(*args), ir.interpret(g, *args)):
         assert got.dtype == want.dtype and got.shape == want.shape, v
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=str(v))
+    return exe.report()
 
 
 def _rope(rows: int, half: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,7 +185,8 @@ def test_moe_route_scores_bias_and_hash():
     )
 
 
-def test_moe_experts_with_idle_experts_and_shared():
+@pytest.mark.parametrize("blas", ["never", "always"])  # the kernel, or grouped GEMMs via BLAS
+def test_moe_experts_with_idle_experts_and_shared(blas):
     n, d, inter, e, k = 3, 8, 6, 6, 2
     inputs = {
         "x": _t(n, d),
@@ -195,13 +200,15 @@ def test_moe_experts_with_idle_experts_and_shared():
         "s2": _t(d, 5),
     }
     routed = ["x", "weights", "experts", "w1", "w3", "w2"]
-    _check(
+    report = _check(
         [
             ("moe.experts", routed, {"limit": 1.5}),
             ("moe.experts", [*routed, "s1", "s3", "s2"], {"shared": True}),
         ],
         inputs,
+        blas,
     )
+    assert len(report["blas_calls"]) == (2 if blas == "always" else 0)
 
 
 def test_hc_pre_post_head():
