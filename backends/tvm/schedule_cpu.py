@@ -12,7 +12,10 @@ leaves the loop nest as it was; the result is still correct, only slower):
    f32), unrolled by `VECTOR` lanes otherwise;
 4. a reduction whose innermost loop runs over a static multiple of `VECTOR` (a dot product over
    channels) is split into `VECTOR` partial sums (rfactor) kept in one vector register, then
-   summed: LLVM does not reassociate a float reduction by itself (16x on a 512-wide dot).
+   summed: LLVM does not reassociate a float reduction by itself (16x on a 512-wide dot);
+   `rows_*` reductions instead keep their last spatial loop (static, a multiple of `VECTOR`)
+   innermost and vectorised, the reduction loop just outside it: Σ_j p[j]·E[j, :] accumulates
+   contiguous rows, and hand-split dot products (`[..., lane]` partial sums) fill their lanes.
 
 Matmuls have their own tiled schedule (`backends.tvm.matmul`).
 """
@@ -25,7 +28,7 @@ __all__ = ["VECTOR", "schedule_cpu"]
 
 VECTOR = 16  # f32 lanes of one AVX-512 register
 KEEP = "keep_"  # stages named so are never inlined (each reads many elements of the last)
-ROWS = "rows_"  # reductions named so accumulate whole rows: Σ_j p[j]·E[j, :] (vectorised over :)
+ROWS = "rows_"  # reductions whose last spatial loop is vectorised with the reduction outside it
 
 
 def _try(fn: Any, *args: Any) -> Any:
@@ -67,6 +70,12 @@ def schedule_cpu(func: Any) -> Any:
     for block in sch.get_child_blocks(root):
         if sch.get(block).name_hint in outputs:
             _attach_producers(sch, block)
+    for block in sch.get_child_blocks(root):  # partial sums live next to their one reader
+        name = sch.get(block).name_hint
+        if name.startswith(ROWS) and name not in outputs:
+            consumers = sch.get_consumers(block)
+            if len(consumers) == 1:
+                _attach_producers(sch, consumers[0], only=block)
     for block in sch.get_child_blocks(root):
         _parallelise(sch, block)
     for block in sch.get_child_blocks(root):
@@ -74,13 +83,14 @@ def schedule_cpu(func: Any) -> Any:
     return sch.mod["main"].with_attr("global_symbol", func.attrs["global_symbol"])
 
 
-def _attach_producers(sch: Any, out_block: Any) -> None:
-    """compute_at every non-output producer of `out_block` at the deepest outer loop that works."""
+def _attach_producers(sch: Any, out_block: Any, only: Any = None) -> None:
+    """compute_at every non-output producer of `out_block` (or just `only`) at the deepest outer
+    loop that works."""
     loops = sch.get_loops(out_block)
     if len(loops) < 2:
         return
     extents = [str(sch.get(lp).extent) for lp in loops]
-    for producer in reversed(sch.get_producers(out_block)):
+    for producer in reversed([only] if only is not None else sch.get_producers(out_block)):
         domain = [str(iv.dom.extent) for iv in sch.get(producer).iter_vars if iv.iter_type == 0]
         for depth in range(len(loops) - 1, 0, -1):
             # only where the producer's leading dims are the output's outer loops (a row
@@ -106,6 +116,8 @@ def _parallelise(sch: Any, block: Any) -> None:
     if spatial and n_outer == len(loops):
         inner = loops[-1]
         n_outer -= 1
+    elif sch.get(block).name_hint.startswith(ROWS) and n_outer >= 2:
+        n_outer -= 1  # the last spatial loop stays for _accumulate_rows
     if n_outer >= 1:
         outer = _try(sch.fuse, *loops[:n_outer]) if n_outer > 1 else loops[0]
         _try(sch.parallel, outer if outer is not None else loops[0])

@@ -24,6 +24,7 @@ from typing import Any
 import ir
 from backends.tvm.emitters import BLAS_MIN_FLOPS, TVM_EMITTERS, KernelLaunch, emit_single
 from backends.tvm.lower import Lowering, Unsupported, convert, lowers, static, tvm_dtype
+from backends.tvm.schedule_cpu import VECTOR
 
 F32 = "float32"
 NEG_INF = float("-inf")
@@ -226,12 +227,30 @@ def lower_indexer_topk(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any
     q, keys, w, *pos = args
     p0 = _i32(pos[0]()) if pos else 0
     n_keys = keys.shape[1]
-    kc = te.reduce_axis((0, q.shape[3]), name="kc")
-    dot = te.compute(
-        (*q.shape[:3], n_keys),
-        lambda b, t, h, s: te.sum(_f(q(b, t, h, kc)) * _f(keys(b, s, kc)), axis=kc),
-        name=lw.tag("dot"),
-    )
+    width = static(q.shape[3])
+    if width % VECTOR:
+        kc = te.reduce_axis((0, width), name="kc")
+        dot = te.compute(
+            (*q.shape[:3], n_keys),
+            lambda b, t, h, s: te.sum(_f(q(b, t, h, kc)) * _f(keys(b, s, kc)), axis=kc),
+            name=lw.tag("dot"),
+        )
+    else:  # q·k as VECTOR partial sums over channel groups, then their sum: a hand-written
+        # rfactor (the schedule's rfactor refuses a function that also holds the extern top-k)
+        kg = te.reduce_axis((0, width // VECTOR), name="kg")
+        lanes = te.compute(
+            (*q.shape[:3], n_keys, VECTOR),
+            lambda b, t, h, s, v: te.sum(
+                _f(q(b, t, h, kg * VECTOR + v)) * _f(keys(b, s, kg * VECTOR + v)), axis=kg
+            ),
+            name=lw.tag("rows_qk"),
+        )
+        kv = te.reduce_axis((0, VECTOR), name="kv")
+        dot = te.compute(
+            (*q.shape[:3], n_keys),
+            lambda b, t, h, s: te.sum(lanes(b, t, h, s, kv), axis=kv),
+            name=lw.tag("dot"),
+        )
     kh = te.reduce_axis((0, q.shape[2]), name="kh")
     scale = tirx.const(op.scale, F32)
     score = te.compute(

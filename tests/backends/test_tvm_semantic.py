@@ -112,9 +112,10 @@ def test_sparse_mqa_decode(pos):
     )
 
 
-def test_indexer_topk_prefill_and_decode():
+@pytest.mark.parametrize("c", [8, 32])  # 32: q·k as 16 vector lanes of partial sums
+def test_indexer_topk_prefill_and_decode(c):
     """Positive q/keys/w: distinct scores, so the order of the picks is well defined."""
-    b, t, h, c, s = 2, 9, 3, 8, 4
+    b, t, h, s = 2, 9, 3, 4
     inputs = {
         "q": _t(b, t, h, c, positive=True),
         "keys": _t(b, s, c, positive=True),
