@@ -7,7 +7,8 @@ DLPack, zero copy). Families:
 - `fused.kernel` whose body ops all have te lowerings -> one kernel for the whole body;
 - a lone elementwise, broadcast, reduction or softmax op -> a kernel of a one-op body;
 - `matmul` -> a tiled kernel in the layout the weight arrives in, or BLAS (`torch.matmul`) for
-  large GEMMs when the executable's `blas` policy says so;
+  large GEMMs when the executable's `blas` policy says so; a `fused.kernel` GEMM with an
+  elementwise epilogue the same way (BLAS, then the epilogue by the reference interpreter);
 - the semantic attention / MoE / mHC ops -> `backends.tvm.semantic`.
 """
 
@@ -143,12 +144,33 @@ def _fused_check(node: ir.Node) -> bool | str:
     return lowerable(node.attrs["body"])
 
 
+@dataclass
+class GemmEpilogueLaunch(KernelLaunch):
+    """A `fused.kernel` that starts with a matmul: the kernel, or (large GEMMs, `blas` policy as
+    for `matmul`) the GEMM through BLAS and the epilogue ops by the reference interpreter."""
+
+    blas: str = "auto"
+
+    def __call__(self, inputs: list[Any], env: dict, fns: dict[str, Any]) -> tuple[Any, ...]:
+        body: ir.Graph = self.node.attrs["body"]
+        a = inputs[0]
+        flops = 2 * a.shape[-1] * _numel(shape_of(body.ops[0].results[0], env))
+        big = self.blas == "always" or (self.blas == "auto" and flops >= BLAS_MIN_FLOPS)
+        if big and a.device.type == "cpu":
+            self.count("blas")
+            return tuple(ir.interpret(body, *inputs))
+        return super().__call__(inputs, env, fns)
+
+
 @TVM_EMITTERS.register("fused.kernel", check=_fused_check)
 def emit_fused(node: ir.Node, target: Target, options: dict) -> Launch:
     body: ir.Graph = node.attrs["body"]
     key = signature(node)
     kernel = make_kernel(body, kernel_name(node, key), key, schedule_cpu)
-    return KernelLaunch(node, [kernel], tuple(range(len(body.inputs))))
+    operands = tuple(range(len(body.inputs)))
+    if body.ops and body.ops[0].name == "matmul":
+        return GemmEpilogueLaunch(node, [kernel], operands, blas=options.get("blas", "auto"))
+    return KernelLaunch(node, [kernel], operands)
 
 
 # standalone creation ops run on the host; standalone data movement stays a torch view

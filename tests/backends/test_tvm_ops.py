@@ -247,3 +247,21 @@ def test_fused_body_with_data_movement():
 
     exe, _ = _run(build)
     assert not exe.fallbacks(), exe.fallbacks()
+
+
+@pytest.mark.parametrize("blas", ["never", "always"])
+def test_gemm_epilogue_kernel_or_blas(blas):
+    """A fused GEMM + epilogue (bias row, silu): the kernel, or BLAS then the epilogue."""
+
+    def build(b):
+        x = b.input("x", ir.TensorType((B, T, 40), F32))
+        w = b.input("w", ir.TensorType((40, 24), F32))
+        bias = b.input("bias", ir.TensorType((T, 24), F32))
+        bb = ir.Builder(name="gemm")
+        xs, ws, bs = (bb.input(v.name, v.type) for v in (x, w, bias))
+        bb.output(bb.op("silu", [bb.op("add", [bb.op("matmul", [xs, ws]), bs])]))
+        return [b.op("fused.kernel", [x, w, bias], body=bb.build())]
+
+    exe, _ = _run(build, blas)
+    assert not exe.fallbacks(), exe.fallbacks()
+    assert len(exe.report()["blas_calls"]) == (1 if blas == "always" else 0)
