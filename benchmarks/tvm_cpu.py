@@ -9,12 +9,13 @@ The decode cache is filled with random values of the right shapes (the cost of a
 depend on them; prefilling 4K tokens eagerly first would dominate the run). Times are medians of
 `--repeat` calls after a warm-up; ratios > 1 mean TVM is faster.
 
-Status (2026-11-29, 2 shared AMD EPYC cores, load ~3, so ±5x noise between runs): every row equals
-eager (max rel err <= 2.2e-6, same argmax). Decode at 4K: TVM 0.20 s (batch 1) / 0.44 s (batch 8),
-eager 1.38 / 0.21 s, Inductor 0.037 / 0.20 s. Prefill of 1024 tokens: TVM 132 s vs eager 1.4 s:
-the semantic-op kernels (moe.experts 22 s, attn.sparse_mqa 16 s, attn.compress 3.7 s in one
-profiled call) have generic, untuned schedules (reductions not vectorised, gathers recomputed).
-Goals (decode >= 2x eager and 1.3x Inductor, prefill >= 1.2x eager) are not met.
+Status: superseded for side-by-side figures by `dsv4c bench` (dsv4c/bench.py), which measures
+eager, Inductor, TVM and TVM's own relax pipeline in one process; this script keeps the per-op
+profile of the TVM executable (`tvm_profile` in its JSON). Figures of 2026-11-29 are in the
+session notes: after the BLAS path for MoE experts and fused GEMM epilogues and the vectorised
+reductions, a 4K-token prefill of `small` runs in about eager's time, decode is still slower
+than eager and Inductor. Goals (decode >= 2x eager and 1.3x Inductor, prefill >= 1.2x eager)
+are not met.
 """
 
 from __future__ import annotations
