@@ -2,8 +2,8 @@
 process, on the same weights and inputs.
 
 Per (workload, backend) row: compile seconds, the median latency of `repeat` calls after a
-warm-up, tokens/s, the peak resident memory above the pre-call level while those calls ran
-(sampled; CUDA: peak allocated bytes), and the check against eager (max relative error, same
+warm-up, tokens/s, the peak resident memory above the pre-call level during the first call
+(sampled every millisecond; CUDA: peak allocated bytes), and the check against eager (max relative error, same
 argmax). A backend that cannot run a workload gets a row with its error instead of numbers.
 
 Backends:
@@ -245,7 +245,8 @@ def bench_row(
             row["compile_s"], call = RUNNERS[backend](model, w, target)
             with peak_memory(device) as mem:  # the first call allocates the working set
                 first = call()
-                row["latency_s"] = timed(call, repeat, warmup=False)
+            # timed without the sampler: its thread would take the GIL from Python launch loops
+            row["latency_s"] = timed(call, repeat, warmup=False)
             if eager is not None:
                 row["check"] = compare(_logits(first), eager)
     except Exception as e:  # noqa: BLE001 - a backend that cannot run a workload is a result
