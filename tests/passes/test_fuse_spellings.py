@@ -290,8 +290,21 @@ def bmm_indexer_scores(self, x: Tensor, cq: Tensor, cos: Tensor, sin: Tensor, ke
     return (logits * w[..., None]).sum(-2)
 
 
+def spelled_pool(kv: Tensor, score: Tensor, keepdim: bool) -> Tensor:
+    """Gated pooling over the block's rows as max-shifted exp / sum."""
+    e = torch.exp(score - score.amax(dim=-2, keepdim=True))
+    return torch.sum(kv * (e / e.sum(dim=-2, keepdim=True)), dim=-2, keepdim=keepdim)
+
+
+def negative_dim_pool(kv: Tensor, score: Tensor, keepdim: bool) -> Tensor:
+    """Gated pooling with F.softmax / sum over dim -2 (the block's rows)."""
+    return (kv * F.softmax(score, dim=-2)).sum(-2, keepdim=keepdim)
+
+
 class SpelledPooling(Compressor):
-    """The prefill compressor with its gated pooling spelled out (max-shifted exp / sum)."""
+    """The compressor (prefill and decode step) with its pooling spelled by `pool`."""
+
+    pool = staticmethod(spelled_pool)
 
     def forward(self, x: Tensor) -> Tensor:
         t = x.shape[1]
@@ -301,24 +314,27 @@ class SpelledPooling(Compressor):
         score = F.pad(score, (0, 0, m, 0), value=float("-inf"))
         rows = torch.arange(nb * m).view(nb, m)
         kv, score = self._window(kv[:, rows + m], score[:, rows + m], kv[:, rows], score[:, rows])
-        e = torch.exp(score - score.amax(dim=-2, keepdim=True))
-        pooled = torch.sum(kv * (e / e.sum(dim=-2, keepdim=True)), dim=-2)
-        return self._finish(pooled, torch.arange(nb) * m, x.dtype)
+        return self._finish(self.pool(kv, score, False), torch.arange(nb) * m, x.dtype)
+
+    def decode(self, x, pos, kv_state, score_state):
+        m = self.ratio
+        kv, score = self._project(x, pos.view(1))
+        slot = pos % m + (m if self.overlap else 0)
+        kv_state = kv_state.index_copy(1, slot.view(1), kv)
+        score_state = score_state.index_copy(1, slot.view(1), score)
+        cur_kv, cur_score = kv_state[:, -m:], score_state[:, -m:]
+        win_kv, win_score = self._window(cur_kv, cur_score, kv_state[:, :m], score_state[:, :m])
+        pooled = self.pool(win_kv, win_score, True)
+        entry = self._finish(pooled, (pos // m * m).view(1), x.dtype)
+        emit = (pos + 1) % m == 0
+        if self.overlap:
+            kv_state = torch.where(emit, cur_kv.repeat(1, 2, 1), kv_state)
+            score_state = torch.where(emit, cur_score.repeat(1, 2, 1), score_state)
+        return entry, emit, kv_state, score_state
 
 
-class NegativeDimPooling(Compressor):
-    """The prefill compressor with F.softmax / torch.sum over dim -2 (the block's rows)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        t = x.shape[1]
-        m, nb = self.ratio, t // self.ratio
-        kv, score = self._project(x, torch.arange(t))
-        kv = F.pad(kv, (0, 0, m, 0))
-        score = F.pad(score, (0, 0, m, 0), value=float("-inf"))
-        rows = torch.arange(nb * m).view(nb, m)
-        kv, score = self._window(kv[:, rows + m], score[:, rows + m], kv[:, rows], score[:, rows])
-        pooled = torch.sum(kv * F.softmax(score, dim=-2), dim=-2)
-        return self._finish(pooled, torch.arange(nb) * m, x.dtype)
+class NegativeDimPooling(SpelledPooling):
+    pool = staticmethod(negative_dim_pool)
 
 
 CSA = {"attn.compress": 2, "attn.indexer_topk": 1, "attn.sparse_mqa": 1}
@@ -360,45 +376,11 @@ def test_csa_layer_spellings(monkeypatch, attention, topk, scores, pooling) -> N
     assert (got - want).abs().max().item() <= 1e-5
 
 
-def spelled_pool(kv: Tensor, score: Tensor) -> Tensor:
-    e = torch.exp(score - score.amax(dim=-2, keepdim=True))
-    return torch.sum(kv * (e / e.sum(dim=-2, keepdim=True)), dim=-2, keepdim=True)
-
-
-def negative_dim_pool(kv: Tensor, score: Tensor) -> Tensor:
-    return (kv * F.softmax(score, dim=-2)).sum(-2, keepdim=True)
-
-
-class PooledStep(Compressor):
-    """The decode step of the compressor with its pooling spelled by `pool` (a class attribute)."""
-
-    pool = staticmethod(spelled_pool)
-
-    def decode(self, x, pos, kv_state, score_state):
-        m = self.ratio
-        kv, score = self._project(x, pos.view(1))
-        slot = pos % m + (m if self.overlap else 0)
-        kv_state = kv_state.index_copy(1, slot.view(1), kv)
-        score_state = score_state.index_copy(1, slot.view(1), score)
-        cur_kv, cur_score = kv_state[:, -m:], score_state[:, -m:]
-        win_kv, win_score = self._window(cur_kv, cur_score, kv_state[:, :m], score_state[:, :m])
-        entry = self._finish(self.pool(win_kv, win_score), (pos // m * m).view(1), x.dtype)
-        emit = (pos + 1) % m == 0
-        if self.overlap:
-            kv_state = torch.where(emit, cur_kv.repeat(1, 2, 1), kv_state)
-            score_state = torch.where(emit, cur_score.repeat(1, 2, 1), score_state)
-        return entry, emit, kv_state, score_state
-
-
-class NegativeDimStep(PooledStep):
-    pool = staticmethod(negative_dim_pool)
-
-
 @pytest.mark.parametrize(
     "attention, topk, scores, step",
     [
-        (matmul_sparse_attention, sorted_topk_visible, bmm_indexer_scores, PooledStep),
-        (bmm_sparse_attention, topk_visible, Indexer.scores, NegativeDimStep),
+        (matmul_sparse_attention, sorted_topk_visible, bmm_indexer_scores, SpelledPooling),
+        (bmm_sparse_attention, topk_visible, Indexer.scores, NegativeDimPooling),
     ],
     ids=["matmul_sort_bmm_spelled", "bmm_masked_fill_negdim"],
 )
