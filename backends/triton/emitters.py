@@ -162,3 +162,4 @@ def emit_node(node: ir.Node, target: Target) -> Launch | str:
 
 
 from backends.triton import matmul as _matmul  # noqa: E402,F401  (registers matmul, grouped_mm)
+from backends.triton import templates as _templates  # noqa: E402,F401  (semantic-op templates)

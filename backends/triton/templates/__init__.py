@@ -1,0 +1,16 @@
+"""Hand-written Triton templates for the semantic ops (v4-architecture.md §5), one module per
+family; importing a module registers its emitters in `TRITON_EMITTERS`.
+
+| module | ops |
+|---|---|
+| `attention.py` | `attn.sparse_mqa` (prefill; split-KV decode), `attn.indexer_topk` |
+| `compress.py` | `attn.compress`, `attn.compress_step` |
+| `hc.py` | `hc.pre` (Sinkhorn in registers), `hc.post`, `hc.head` |
+| `moe.py` | `moe.route`, `moe.experts` |
+
+The kernels themselves live as source text (`KernelSource`), so they are content-hashed,
+cached and compiled ahead of time like the generated ones; importing this package does not
+import triton.
+"""
+
+from backends.triton.templates import attention, compress, hc, moe  # noqa: F401

@@ -1,0 +1,1 @@
+"""Triton templates: see the package docstring (backends/triton/templates/__init__.py)."""
