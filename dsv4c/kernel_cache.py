@@ -77,13 +77,14 @@ def jobs_of(exe: Any, target: Target, bindings: Mapping[str, int]) -> list[AotJo
         if step.launch is None:
             continue
         for variant in step.launch.aot_variants(env, target):
+            source = variant.source or step.launch.source
             key = (
-                step.launch.source.key,
+                source.key,
                 tuple(sorted(variant.constexprs.items())),
                 tuple(sorted(variant.options.items())),
                 tuple(sorted(variant.hints.items())),
             )
-            seen.setdefault(key, AotJob(step.launch.source, variant, target))
+            seen.setdefault(key, AotJob(source, variant, target))
     return list(seen.values())
 
 

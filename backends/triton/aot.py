@@ -160,8 +160,9 @@ def aot_compile(
             if step.launch is None:
                 continue
             for variant in step.launch.aot_variants(env, target):
+                source = variant.source or step.launch.source
                 key = (
-                    step.launch.source.key,
+                    source.key,
                     tuple(sorted(variant.constexprs.items())),
                     tuple(sorted(variant.options.items())),
                     tuple(sorted(variant.hints.items())),
@@ -169,7 +170,7 @@ def aot_compile(
                 if key in seen:
                     continue
                 seen.add(key)
-                jobs.append((step.launch.source, variant, target))
+                jobs.append((source, variant, target))
     if _interpreting():
         return _compile_in_subprocess(jobs, keep)
     return [_compile_one(src, variant, target, keep) for src, variant, target in jobs]

@@ -35,9 +35,13 @@ class AotVariant:
     constexprs: dict[str, Any]
     options: dict[str, Any] = field(default_factory=dict)
     hints: dict[str, int] = field(default_factory=dict)
+    source: KernelSource | None = None  # the kernel compiled, when not the launch's `source`
 
 
 class Launch(Protocol):
+    """A launch of one kernel (`source`), or of several: then `sources` lists them all, first
+    `source`, and each `AotVariant` of another kernel names it."""
+
     source: KernelSource
 
     def __call__(self, inputs: list[Any], env: dict) -> tuple[Any, ...]: ...

@@ -78,8 +78,10 @@ class TritonExecutable:
         """The distinct kernels of the graph, in first-use order."""
         seen: dict[str, KernelSource] = {}
         for step in self.steps:
-            if step.launch is not None:
-                seen.setdefault(step.launch.source.key, step.launch.source)
+            if step.launch is None:
+                continue
+            for source in getattr(step.launch, "sources", (step.launch.source,)):
+                seen.setdefault(source.key, source)
         return list(seen.values())
 
     def fallbacks(self) -> list[tuple[str, str]]:
