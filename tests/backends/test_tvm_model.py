@@ -1,6 +1,7 @@
-"""The whole tiny DeepSeek-V4 through the TVM backend on this CPU (llvm): prefill and one decode
-step equal eager PyTorch (fp32, 1e-4), most ops run as TVM kernels, identical layers share them,
-and every op left to the reference says why."""
+"""The whole tiny and tiny-512 DeepSeek-V4 through the TVM backend on this CPU (llvm): prefill and
+one decode step equal eager PyTorch (fp32, 1e-4), most ops run as TVM kernels, identical layers
+share them, and every op left to the reference says why. tiny-512 has the real head geometry
+(head dim 512 = 448 NoPE + 64 RoPE, index head dim 128) on two layers (CSA m=4, HCA m=8)."""
 
 from __future__ import annotations
 
@@ -15,17 +16,27 @@ pytest.importorskip("tvm")
 
 from backends.tvm import TVMBackend
 
+PRESETS = ["tiny", "tiny-512"]
+# decode position per preset: 16 opens a ratio-4 block (tiny); at 23 both the ratio-4 and the
+# ratio-8 block of tiny-512 complete, so the step writes a compressed cache row of each
+DECODE_AT = {"tiny": 16, "tiny-512": 23}
+
 
 @functools.cache
-def tiny():
-    from frontend import capture
+def model_of(preset: str):
     from models.deepseek_v4 import Config, Transformer
 
     torch.manual_seed(0)
-    model = Transformer(Config.preset("tiny")).eval()
+    return Transformer(Config.preset(preset)).eval()
+
+
+@functools.cache
+def prefill_graph(preset: str):
+    from frontend import capture
+
     tokens = torch.zeros(2, 24, dtype=torch.long)
-    g = capture(model, (tokens,), dynamic={"tokens": {0: "B", 1: "T"}}, method="prefill")
-    return model, passes.pipeline(g)
+    g = capture(model_of(preset), (tokens,), dynamic={"tokens": {0: "B", 1: "T"}}, method="prefill")
+    return passes.pipeline(g)
 
 
 def _params(model, g) -> dict:
@@ -33,8 +44,9 @@ def _params(model, g) -> dict:
     return {k: v for k, v in model.state_dict().items() if k in names}
 
 
-def test_tiny_prefill_equals_eager():
-    model, g = tiny()
+@pytest.mark.parametrize("preset", PRESETS)
+def test_prefill_equals_eager(preset):
+    model, g = model_of(preset), prefill_graph(preset)
     exe = TVMBackend().compile(g, "cpu")
     tokens = torch.randint(0, 128, (1, 19), generator=torch.Generator().manual_seed(1))
     (logits,) = exe(tokens, params=_params(model, g))
@@ -52,22 +64,23 @@ def test_tiny_prefill_equals_eager():
     assert any("matmul" in k["ops"] for k in report["kernels"])
 
 
-def test_tiny_decode_step_equals_eager():
-    """One decode step at position 16 (a ratio-4 block boundary): logits and the new cache."""
+@pytest.mark.parametrize("preset", PRESETS)
+def test_decode_step_equals_eager(preset):
+    """One decode step after a prefill: logits and the new cache."""
     from frontend import capture
 
-    model, _ = tiny()
-    tokens = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(2))
+    model, at = model_of(preset), DECODE_AT[preset]
+    tokens = torch.randint(0, 128, (2, at + 1), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         cache = model.init_cache(2, 32)
-        _, cache = model.prefill(tokens[:, :16], cache)
-        want_logits, want_cache = model.decode(tokens[:, 16:17], torch.tensor(16), cache)
-    args = (tokens[:, 16:17], torch.tensor(16), cache)
+        _, cache = model.prefill(tokens[:, :at], cache)
+        want_logits, want_cache = model.decode(tokens[:, at:], torch.tensor(at), cache)
+    args = (tokens[:, at:], torch.tensor(at), cache)
     g = capture(model, args, dynamic={"token": {0: "B"}, "cache": {0: "B"}}, method="decode")
     g = passes.pipeline(g)
     exe = TVMBackend().compile(g, "cpu")
     logits, *new_cache = exe(
-        tokens[:, 16:17], torch.tensor(16), *cache.values(), params=_params(model, g)
+        tokens[:, at:], torch.tensor(at), *cache.values(), params=_params(model, g)
     )
     torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
     assert torch.equal(logits.argmax(-1), want_logits.argmax(-1))
