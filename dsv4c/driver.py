@@ -5,11 +5,17 @@
 
 `compile_methods` does the same for several entry points of one module (the CLI compiles
 `prefill` and `decode` of a model into one artifact). Each phase is timed and announced through
-`progress(phase, detail)`; the times go into `report.json`.
+`progress(phase, detail)`; the times go into `report.json`. With the graph cache on, methods after
+the first are captured and run through the passes in forked worker processes at the same time
+(`_start_workers`; `DSV4C_JOBS=1` turns that off).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -126,9 +132,16 @@ def compile_methods(
     aot_rows: list[dict[str, Any]] = []
     cache_stats = {"hits": 0, "misses": 0}
     bound = _bound_params(module)
+    workers = _start_workers(module, methods, tgt, graph_key, run)
     for i, (method, spec) in enumerate(methods.items()):
         env = dict(spec.bindings or {})
-        g, summary = _lower(module, method, spec, tgt, env, run, graph_key)
+        if method in workers and workers.pop(method).join(run):
+            loaded = _Run(None)  # the worker's graph, from the cache: not a "hit" to announce
+            g, summary = _lower(module, method, spec, tgt, env, loaded, graph_key)
+            run.times[f"load {method}"] = sum(loaded.times.values())
+            summary = summary | {"cached": False}
+        else:
+            g, summary = _lower(module, method, spec, tgt, env, run, graph_key)
         with run.phase(f"backend {method}", f"{backend} for {tgt.name}"):
             exe = be.compile(g, tgt)
         files[graph_file(method, i)] = ir.to_text(g).encode()
@@ -191,6 +204,79 @@ def _lower(
     if key is not None:
         graph_cache.put(key, g, summary)
     return g, summary
+
+
+@dataclass
+class _Worker:
+    """A forked process lowering one method into the graph cache (see `_start_workers`)."""
+
+    method: str
+    pid: int
+    times_file: Path
+
+    def join(self, run: _Run) -> bool:
+        """Wait for the worker; True when its graph is in the cache. Its phase times join
+        `run.times` marked "(worker)"; a failed worker only costs the time it took."""
+        with run.phase(f"wait {self.method}", f"worker {self.pid}"):
+            _, status = os.waitpid(self.pid, 0)
+        try:
+            times = json.loads(self.times_file.read_text()) if status == 0 else {}
+        except (OSError, ValueError):
+            times = {}
+        finally:
+            self.times_file.unlink(missing_ok=True)
+        run.times |= {f"{k} (worker)": v for k, v in times.items()}
+        if not times and run.progress:
+            run.progress(f"wait {self.method}", "the worker failed; lowering here instead")
+        return bool(times)
+
+
+def _start_workers(
+    module: Any,
+    methods: Mapping[str, MethodSpec],
+    tgt: Target,
+    graph_key: str | None,
+    run: _Run,
+) -> dict[str, _Worker]:
+    """Fork one process per method after the first to capture it and run the passes into the
+    graph cache, while this process lowers the first: capture and passes are pure Python, so
+    on two cores prefill and decode of a preset take about the time of the slower one. Only
+    with the graph cache (it carries the graphs back) and more than one core; `DSV4C_JOBS=1`
+    turns it off. Nothing is pickled: the child inherits the module and writes IR text."""
+    jobs = int(os.environ.get("DSV4C_JOBS", "0") or 0) or (os.cpu_count() or 1)
+    if graph_key is None or len(methods) < 2 or jobs < 2 or not hasattr(os, "fork"):
+        return {}
+    workers: dict[str, _Worker] = {}
+    for method, spec in list(methods.items())[1:jobs]:
+        fd, name = tempfile.mkstemp(prefix=f"dsv4c-{method}-", suffix=".json")
+        os.close(fd)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the worker: lower, leave the graph in the cache, report the times
+            _worker_main(module, method, spec, tgt, graph_key, Path(name))
+        workers[method] = _Worker(method, pid, Path(name))
+        if run.progress:
+            run.progress(f"worker {method}", f"capture + passes in process {pid}")
+    return workers
+
+
+def _worker_main(
+    module: Any, method: str, spec: MethodSpec, tgt: Target, graph_key: str, times: Path
+) -> None:
+    code = 1
+    try:
+        import torch
+
+        torch.set_num_threads(1)  # the parent keeps the thread pool (OpenMP is not fork-safe)
+        run = _Run(None)
+        _lower(module, method, spec, tgt, dict(spec.bindings or {}), run, graph_key)
+        times.write_text(json.dumps(run.times))
+        code = 0
+    except Exception as e:  # noqa: BLE001  (any failure: the parent lowers it and shows why)
+        print(f"dsv4c: worker for {method} failed: {type(e).__name__}: {e}", file=sys.stderr)
+    finally:
+        os._exit(code)
 
 
 def _target(target: str | Target) -> Target:

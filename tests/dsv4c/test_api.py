@@ -11,6 +11,7 @@ import torch
 from dsv4c_helpers import compiled, eager, mlp, x
 
 import dsv4c
+import ir
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -182,3 +183,70 @@ def test_dict_inputs_are_matched_by_key() -> None:
     torch.testing.assert_close(got, WithState()(x(), state))
     with pytest.raises(dsv4c.InputError, match=r"input state has other keys than compiled"):
         c(x(), {"scale": state["scale"], "bias": state["shift"]})
+
+
+class TwoMethods(torch.nn.Module):
+    """Two entry points, like a model's prefill and decode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = mlp()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+    def scaled(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x * 2.0).log()
+
+
+def _two_methods(tmp_path: Path, jobs: str, phases: list[str]) -> dsv4c.Compiled:
+    spec = dsv4c.MethodSpec((x(),), {"x": {0: "B"}})
+    return dsv4c.compile_methods(
+        TwoMethods(),
+        {"forward": spec, "scaled": spec},
+        graph_key=f"tests.TwoMethods jobs={jobs}",
+        progress=lambda phase, detail: phases.append(phase),
+    )
+
+
+def test_second_method_is_lowered_in_a_worker_process(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("DSV4C_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("DSV4C_JOBS", "2")
+    phases: list[str] = []
+    c = _two_methods(tmp_path, "2", phases)
+    assert "worker scaled" in phases and "capture scaled" not in phases
+    times = c.report()["compile_times_s"]
+    assert times["capture scaled (worker)"] > 0 and "load scaled" in times
+    assert not c.report()["entries"]["scaled"]["graph_cached"]
+
+    monkeypatch.setenv("DSV4C_JOBS", "1")
+    alone = _two_methods(tmp_path, "1", phases := [])
+    assert "worker scaled" not in phases and "capture scaled" in phases
+    assert ir.to_text(c.entries["scaled"].graph) == ir.to_text(alone.entries["scaled"].graph)
+    (got,) = c.entries["scaled"](x(5, seed=3))
+    with torch.no_grad():
+        want = TwoMethods().scaled(x(5, seed=3))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_failed_worker_leaves_the_method_to_the_parent(tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    from dsv4c import driver
+
+    monkeypatch.setenv("DSV4C_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("DSV4C_JOBS", "2")
+    parent, lower = os.getpid(), driver._lower
+
+    def fails_in_the_child(*args, **kwargs):
+        if os.getpid() != parent:
+            raise MemoryError("simulated")
+        return lower(*args, **kwargs)
+
+    monkeypatch.setattr(driver, "_lower", fails_in_the_child)
+    phases: list[str] = []
+    c = _two_methods(tmp_path, "fail", phases)
+    assert "worker scaled" in phases and "capture scaled" in phases
+    (got,) = c.entries["scaled"](x(5, seed=3))
+    with torch.no_grad():
+        torch.testing.assert_close(got, TwoMethods().scaled(x(5, seed=3)), rtol=1e-5, atol=1e-6)
