@@ -81,7 +81,10 @@ def compile_source(source: KernelSource, variant: AotVariant, target: Target) ->
         if p.kind == "ptr" or variant.hints.get(p.name) == 16
     }
     src = ASTSource(_jit_function(source), signature, constexprs, attrs)
-    return triton.compile(src, target=target.gpu_target(), options=dict(variant.options))
+    # FMA contraction stays on, as the JIT does by default (said explicitly: Triton 3.9 warns
+    # that its default changes in 3.10)
+    options = {"enable_fp_fusion": True} | dict(variant.options)
+    return triton.compile(src, target=target.gpu_target(), options=options)
 
 
 def _compile_one(
