@@ -1,0 +1,143 @@
+"""The MoE templates (`moe.route`, `moe.experts`) on the Triton CPU interpreter vs the ops'
+reference, at small shapes: score and hash routing, every score function, fp32 and bf16,
+experts no token chose, token counts that are not multiples of the tiles, with and without the
+shared expert. Each test builds a graph of the nodes under test (as test_tvm_semantic.py does)
+and asserts they ran as Triton kernels, not as the reference fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ir
+from backends.triton import TritonBackend
+
+GEN = torch.Generator().manual_seed(0)
+
+
+def _t(*shape: int, scale: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (torch.randn(*shape, generator=GEN) * scale).to(dtype)
+
+
+def _type(t: torch.Tensor) -> ir.TensorType:
+    return ir.TensorType(tuple(t.shape), ir.DType.from_torch(t.dtype))
+
+
+def _graph(nodes: list[tuple[str, list[str], dict]], inputs: dict[str, torch.Tensor]) -> ir.Graph:
+    b = ir.Builder(name="moe")
+    vals = {k: b.input(k, _type(v)) for k, v in inputs.items()}
+    outs = []
+    for mnemonic, names, attrs in nodes:
+        r = b.op(mnemonic, [vals[n] for n in names], **attrs)
+        outs.extend(r if isinstance(r, tuple) else (r,))
+    b.output(*outs)
+    return b.build()
+
+
+def _run(
+    nodes: list[tuple[str, list[str], dict]], inputs: dict[str, torch.Tensor]
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """(Triton outputs, reference outputs) of a graph of `nodes`; every node is a kernel."""
+    g = _graph(nodes, inputs)
+    exe = TritonBackend().compile(g, "cpu")
+    assert not exe.fallbacks(), exe.fallbacks()
+    args = list(inputs.values())
+    got, want = exe(*args), ir.interpret(g, *args)
+    assert {k["name"] for k in exe.report()["kernels"]} <= {"moe_route", "moe_experts"}
+    for v, a, b in zip(g.outputs, got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape, v
+    return got, want
+
+
+# --- moe.route --------------------------------------------------------------------------------
+
+
+def _distinct_picks(scores: torch.Tensor, k: int) -> None:
+    """The test's inputs have no near-ties at the k-th pick (so top-k is well defined)."""
+    top = scores.topk(k + 1, dim=-1).values
+    assert (top[:, :-1] - top[:, 1:]).min() > 2e-5, "inputs too close to a top-k tie"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_route_scores_bias_and_hash(dtype):
+    """N = 21 tokens: a block of 16 and a partial one; E = 37 experts: 27 masked score columns."""
+    n, d, e, k = 21, 40, 37, 6
+    x, gate = _t(n, d, dtype=dtype), _t(e, d, scale=0.3, dtype=dtype)
+    inputs = {
+        "x": x,
+        "gate": gate,
+        "bias": _t(e, scale=0.1),
+        "table": torch.randint(0, e, (11, k), generator=GEN),
+        "ids": torch.randint(0, 11, (n, 2), generator=GEN)[:, 1],  # strided, like a decode step's
+    }
+    logits = x.float() @ gate.float().T
+    scores = torch.nn.functional.softplus(logits).sqrt()
+    _distinct_picks(scores + inputs["bias"], k)
+    _distinct_picks(scores, k)
+    _distinct_picks(logits, 3)  # softmax and sigmoid are monotonic in the logits
+    got, want = _run(
+        [
+            ("moe.route", ["x", "gate", "bias"], {"k": k, "bias": True, "route_scale": 2.5}),
+            (
+                "moe.route",
+                ["x", "gate", "table", "ids"],
+                {"k": k, "hash": True, "route_scale": 1.5},
+            ),
+            ("moe.route", ["x", "gate"], {"k": 3, "score": "softmax"}),
+            ("moe.route", ["x", "gate"], {"k": 3, "score": "sigmoid", "renorm": False}),
+        ],
+        inputs,
+    )
+    for i, (a, b) in enumerate(zip(got, want)):
+        if i % 2:  # expert indices: exactly the reference's, in its (descending) order
+            assert torch.equal(a, b), (i, a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"weights of node {i // 2}")
+
+
+# --- moe.experts ------------------------------------------------------------------------------
+
+
+def _experts_inputs(n: int, d: int, inter: int, e: int, dtype: torch.dtype) -> dict:
+    k = 2
+    experts = torch.randint(0, e - 2, (n, k), generator=GEN)  # the last two experts: no tokens
+    experts[:, 1] = (experts[:, 0] + 1 + torch.randint(0, e - 3, (n,), generator=GEN)) % (e - 2)
+    return {
+        "x": _t(n, d, dtype=dtype),
+        "weights": torch.rand(n, k, generator=GEN) + 0.1,
+        "experts": experts,
+        "w1": _t(e, inter, d, scale=0.3, dtype=dtype),
+        "w3": _t(e, inter, d, scale=0.3, dtype=dtype),
+        "w2": _t(e, d, inter, scale=0.3, dtype=dtype),
+        "s1": _t(24, d, scale=0.3, dtype=dtype),
+        "s3": _t(24, d, scale=0.3, dtype=dtype),
+        "s2": _t(d, 24, scale=0.3, dtype=dtype),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_experts_routed_and_shared(dtype):
+    """N = 19 tokens (rows per expert are not multiples of the 16-row tiles), 6 experts of which
+    two get no token; the shared expert's width J = 24 differs from I = 32; limit 1.5 clips."""
+    inputs = _experts_inputs(19, 48, 32, 6, dtype)
+    assert not torch.isin(torch.tensor([4, 5]), inputs["experts"]).any()
+    routed = ["x", "weights", "experts", "w1", "w3", "w2"]
+    got, want = _run(
+        [
+            ("moe.experts", routed, {"limit": 1.5}),
+            ("moe.experts", [*routed, "s1", "s3", "s2"], {"shared": True}),
+        ],
+        inputs,
+    )
+    tol = {} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_experts_hash_duplicates_and_single_token():
+    """A hash table may send a token to one expert twice (weights add up), and a decode step
+    has one token: most of the static grid exits early."""
+    inputs = _experts_inputs(1, 32, 16, 5, torch.float32)
+    inputs["experts"] = torch.tensor([[2, 2]])
+    got, want = _run([("moe.experts", ["x", "weights", "experts", "w1", "w3", "w2"], {})], inputs)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
