@@ -25,7 +25,7 @@ from backends.targets import Target
 
 __all__ = ["CHUNK", "AotJob", "aot_cache_dir", "aot_with_cache"]
 
-CHUNK = 24  # kernels per compiler batch (one progress step)
+CHUNK = 24  # kernels per compiler process and batch (one progress step)
 Progress = Callable[[int, int], None]  # (done, total)
 
 
@@ -99,7 +99,7 @@ def aot_with_cache(
     """Compile every kernel of `exe` for `target`. Returns (rows, files, stats): one row per job
     (the AotResult fields, `files` relative to the artifact), the files' bytes by artifact path
     (`kernels/<target>/<name>_<key>.<ext>`), and {"hits", "misses"}."""
-    from backends.triton.aot import aot_compile
+    from backends.triton.aot import aot_compile, compile_workers
 
     jobs = jobs_of(exe, target, bindings)
     cache = aot_cache_dir() / target.name
@@ -115,8 +115,9 @@ def aot_with_cache(
     done = len(jobs) - len(misses)
     if progress:
         progress(done, len(jobs))
-    for start in range(0, len(misses), CHUNK):
-        chunk = misses[start : start + CHUNK]
+    step = CHUNK * compile_workers()
+    for start in range(0, len(misses), step):
+        chunk = misses[start : start + step]
         fake = SimpleNamespace(
             graph=exe.graph,
             steps=[SimpleNamespace(launch=_OneVariant(jobs[i])) for i in chunk],

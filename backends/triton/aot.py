@@ -174,9 +174,16 @@ def aot_compile(
                     continue
                 seen.add(key)
                 jobs.append((source, variant, target))
-    if _interpreting():
-        return _compile_in_subprocess(jobs, keep)
+    workers = min(len(jobs), compile_workers())
+    if workers > 1 or _interpreting():
+        return _compile_in_subprocesses(jobs, keep, max(1, workers))
     return [_compile_one(src, variant, target, keep) for src, variant, target in jobs]
+
+
+def compile_workers() -> int:
+    """How many compiler processes run at once: `DSV4C_JOBS`, else one per core. Triton's
+    compile is single-threaded Python + LLVM + ptxas, so kernels compile side by side."""
+    return int(os.environ.get("DSV4C_JOBS", "0") or 0) or (os.cpu_count() or 1)
 
 
 def _interpreting() -> bool:
@@ -185,33 +192,45 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _compile_in_subprocess(
-    jobs: list[tuple[KernelSource, AotVariant, Target]], keep: Path | None
+def _compile_in_subprocesses(
+    jobs: list[tuple[KernelSource, AotVariant, Target]], keep: Path | None, workers: int
 ) -> list[AotResult]:
-    payload = [
-        {
-            "name": src.name,
-            "source": src.source,
-            "params": [[p.name, p.kind, p.dtype.value if p.dtype else None] for p in src.params],
-            "fused_ops": list(src.fused_ops),
-            "constexprs": variant.constexprs,
-            "options": variant.options,
-            "hints": variant.hints,
-            "target": target.name,
-        }
-        for src, variant, target in jobs
-    ]
+    """Compile `jobs` in `workers` child processes at once (`--worker`, JSON on stdin and
+    stdout), dealt round-robin so the slow attention kernels spread out; rows in job order."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     cmd = [sys.executable, "-m", "backends.triton.aot", "--worker", str(keep or "")]
-    proc = subprocess.run(
-        cmd, input=json.dumps(payload), capture_output=True, text=True, env=env, cwd=root
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"AOT worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
-    return [AotResult(**{**r, "files": tuple(r["files"])}) for r in rows]
+    procs = []
+    for w in range(workers):
+        payload = json.dumps([_job_json(*job) for job in jobs[w::workers]])
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env=env, cwd=root,
+        )  # fmt: skip
+        procs.append((proc, payload))
+    outputs = [proc.communicate(payload) for proc, payload in procs]
+    rows: list[AotResult | None] = [None] * len(jobs)
+    for w, ((proc, _), (stdout, stderr)) in enumerate(zip(procs, outputs)):
+        if proc.returncode != 0:
+            raise RuntimeError(f"AOT worker failed ({proc.returncode}):\n{stderr[-3000:]}")
+        done = json.loads(stdout.strip().splitlines()[-1])
+        for i, r in zip(range(w, len(jobs), workers), done):
+            rows[i] = AotResult(**{**r, "files": tuple(r["files"])})
+    return rows  # type: ignore[return-value]
+
+
+def _job_json(src: KernelSource, variant: AotVariant, target: Target) -> dict[str, Any]:
+    return {
+        "name": src.name,
+        "source": src.source,
+        "params": [[p.name, p.kind, p.dtype.value if p.dtype else None] for p in src.params],
+        "fused_ops": list(src.fused_ops),
+        "constexprs": variant.constexprs,
+        "options": variant.options,
+        "hints": variant.hints,
+        "target": target.name,
+    }
 
 
 def _worker(keep: str) -> None:
