@@ -162,8 +162,8 @@ def _up(
     w3_ptrs = w3 + w_cols[None, :] * stride_wn + ds[:, None]
     gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for d in range(tl.cdiv(D, BLOCK_D)):
-        d_mask = ds < D - d * BLOCK_D
+    for d in range(0, D, BLOCK_D):
+        d_mask = ds < D - d
         a = tl.load(x_ptrs, mask=d_mask[None, :], other=0.0)
         gate = _dot(a, tl.load(w1_ptrs, mask=d_mask[:, None], other=0.0), gate, DOT_IN_F32)
         up = _dot(a, tl.load(w3_ptrs, mask=d_mask[:, None], other=0.0), up, DOT_IN_F32)
@@ -223,8 +223,8 @@ def _down(
     h_ptrs = hidden_ptr + h_rows[:, None] * stride_hm + ks[None, :]
     w_ptrs = w2 + (cols % D)[None, :] * stride_wn + ks[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(tl.cdiv(n_hidden, BLOCK_D)):
-        k_mask = ks < n_hidden - k * BLOCK_D
+    for k in range(0, n_hidden, BLOCK_D):
+        k_mask = ks < n_hidden - k
         a = tl.load(h_ptrs, mask=k_mask[None, :], other=0.0)
         acc = _dot(a, tl.load(w_ptrs, mask=k_mask[:, None], other=0.0), acc, DOT_IN_F32)
         h_ptrs += BLOCK_D

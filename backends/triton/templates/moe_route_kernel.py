@@ -67,8 +67,8 @@ def moe_route(
     x_ptrs = x_ptr + x_rows[:, None] * stride_xn + ds[None, :] * stride_xd
     g_ptrs = gate_ptr + ds[:, None] * stride_gd + g_cols[None, :] * stride_ge
     logits = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
-    for d in range(tl.cdiv(D, BLOCK_D)):
-        d_mask = ds < D - d * BLOCK_D
+    for d in range(0, D, BLOCK_D):
+        d_mask = ds < D - d
         a = tl.load(x_ptrs, mask=d_mask[None, :], other=0.0)
         b = tl.load(g_ptrs, mask=d_mask[:, None], other=0.0)
         if DOT_IN_F32:
