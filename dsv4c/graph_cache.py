@@ -5,8 +5,9 @@ caller can name what fully determines the module — the CLI passes the preset's
 key is the sha256 of that name, the method, the example inputs' shapes and dtypes, the dynamic
 dims, the bindings, the target, the tool versions and the source of every package capture and
 the passes depend on (ir, frontend, passes, models, dsv4c), so any change there is a miss. Entries live in
-`$DSV4C_CACHE_DIR/graphs/<key>/` (default `~/.cache/dsv4c`) as `graph.ir` + `summary.json`, and
-a hit is re-verified (`ir.verify`) before use.
+`$DSV4C_CACHE_DIR/graphs/<key>/` (default `~/.cache/dsv4c`) as `graph.ir` + `summary.json` (which
+records graph.ir's sha256; summary.json is written last), and a hit is re-hashed and re-verified
+(`ir.verify`) before use.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import ir
 __all__ = ["cache_key", "get", "put", "source_digest"]
 
 PACKAGES = ("ir", "frontend", "passes", "models", "dsv4c")  # what capture + passes depend on
+_SHA = "graph_ir_sha256"  # summary.json's record of graph.ir's content
 
 
 def _root() -> Path:
@@ -58,14 +60,18 @@ def cache_key(identity: str, method: str, inputs: Any, spec: Mapping[str, Any]) 
 
 
 def get(key: str) -> tuple[ir.Graph, dict[str, Any]] | None:
+    """The cached (graph, summary) for `key`, or None: absent, damaged (its text no longer has
+    the sha256 recorded when it was written) or not a valid graph are all misses."""
     folder = _root() / key
     try:
-        text = (folder / "graph.ir").read_text()
+        data = (folder / "graph.ir").read_bytes()
         summary = json.loads((folder / "summary.json").read_text())
-        graph = ir.parse(text)
+        if summary.pop(_SHA, None) != hashlib.sha256(data).hexdigest():
+            return None
+        graph = ir.parse(data.decode())
         ir.verify(graph)
     except (OSError, ValueError, ir.ParseError, ir.VerifyError):
-        return None  # absent or damaged: a miss
+        return None
     return graph, summary
 
 
@@ -73,5 +79,7 @@ def put(key: str, graph: ir.Graph, summary: Mapping[str, Any]) -> None:
     from dsv4c.artifact import atomic_write
 
     folder = _root() / key
+    data = ir.to_text(graph).encode()
+    atomic_write(folder / "graph.ir", data)
+    summary = dict(summary) | {_SHA: hashlib.sha256(data).hexdigest()}
     atomic_write(folder / "summary.json", json.dumps(summary, default=str).encode())
-    atomic_write(folder / "graph.ir", ir.to_text(graph).encode())

@@ -148,6 +148,16 @@ def test_graph_cache_skips_capture_on_a_second_compile(tmp_path: Path, monkeypat
     (got,) = second(x(6, seed=2))
     torch.testing.assert_close(got, eager(x(6, seed=2)), rtol=1e-5, atol=1e-6)
 
+    # an entry edited on disk (still a valid graph: only a source line differs) is a miss
+    (entry,) = (tmp_path / "cache" / "graphs").iterdir()
+    text = (entry / "graph.ir").read_text()
+    edited = text.replace("dsv4c_helpers.py:22", "dsv4c_helpers.py:23", 1)
+    assert edited != text
+    (entry / "graph.ir").write_text(edited)
+    phases.clear()
+    third = build()
+    assert "capture forward" in phases and not third.report()["entries"]["forward"]["graph_cached"]
+
 
 class TopK(torch.nn.Module):
     """Ops without a Triton kernel (top-k, cumsum) next to ones with one: still compiles."""
