@@ -118,8 +118,9 @@ def _experts_inputs(n: int, d: int, inter: int, e: int, dtype: torch.dtype) -> d
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_experts_routed_and_shared(dtype):
     """N = 19 tokens (rows per expert are not multiples of the 16-row tiles), 6 experts of which
-    two get no token; the shared expert's width J = 24 differs from I = 32; limit 1.5 clips."""
-    inputs = _experts_inputs(19, 48, 32, 6, dtype)
+    two get no token; I = 80 is two blocks of hidden columns, the shared expert's J = 24 only
+    one; limit 1.5 clips."""
+    inputs = _experts_inputs(19, 48, 80, 6, dtype)
     assert not torch.isin(torch.tensor([4, 5]), inputs["experts"]).any()
     routed = ["x", "weights", "experts", "w1", "w3", "w2"]
     got, want = _run(
@@ -136,8 +137,8 @@ def test_experts_routed_and_shared(dtype):
 
 def test_experts_hash_duplicates_and_single_token():
     """A hash table may send a token to one expert twice (weights add up), and a decode step
-    has one token: most of the static grid exits early."""
+    has one token: most of the static grid exits early. Expert indices as int32."""
     inputs = _experts_inputs(1, 32, 16, 5, torch.float32)
-    inputs["experts"] = torch.tensor([[2, 2]])
+    inputs["experts"] = torch.tensor([[2, 2]], dtype=torch.int32)
     got, want = _run([("moe.experts", ["x", "weights", "experts", "w1", "w3", "w2"], {})], inputs)
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)

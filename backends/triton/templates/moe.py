@@ -274,7 +274,7 @@ class ExpertsLaunch:
             "BLOCK_P": 64,
             "BLOCK_E": next_pow2(sz.e + sz.shared),
             "BLOCK_M": 16,
-            "BLOCK_N": 32,
+            "BLOCK_N": 64,
             "BLOCK_D": 32,
             "BLOCK_T": 16,
             "BLOCK_C": 64,

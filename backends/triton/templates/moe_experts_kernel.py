@@ -24,17 +24,6 @@ import triton.language as tl
 
 
 @triton.jit
-def _dot(a, b, acc, DOT_IN_F32: tl.constexpr):
-    # IEEE fp32 products for fp32 inputs, and for bf16 on the CPU interpreter (which
-    # mis-multiplies bf16 tiles); tensor cores with fp32 accumulation otherwise
-    if DOT_IN_F32:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc)
-    return acc
-
-
-@triton.jit
 def _cast(x, dtype: tl.constexpr):
     """x (fp32) rounded to `dtype`, to nearest even. For bf16 the rounding is done by hand: the
     CPU interpreter's fp32 -> bf16 cast truncates; on GPUs this equals the native cast."""
@@ -103,17 +92,18 @@ def _tile_group(
 
 @triton.jit
 def _up(
+    group,
+    first,
+    end,
     x_ptr,
     weights_ptr,
     w1_ptr,
     w3_ptr,
     s1_ptr,
     s3_ptr,
-    counts_ptr,
     pair_of_row_ptr,
     hidden_ptr,
     N,
-    E,
     D,
     I,
     J,
@@ -129,13 +119,7 @@ def _up(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    BLOCK_E: tl.constexpr,
 ):
-    group, first, end = _tile_group(
-        tl.program_id(0), counts_ptr, E, N, HAS_SHARED, BLOCK_M, BLOCK_E
-    )
-    if group >= E + HAS_SHARED:
-        return  # the grid is a static upper bound: tiles past the last group exit here
     rows = first + tl.arange(0, BLOCK_M)
     row_mask = rows < end
     if group < HAS_SHARED:  # group 0 is the shared expert: every token, unweighted
@@ -165,8 +149,15 @@ def _up(
     for d in range(0, D, BLOCK_D):
         d_mask = ds < D - d
         a = tl.load(x_ptrs, mask=d_mask[None, :], other=0.0)
-        gate = _dot(a, tl.load(w1_ptrs, mask=d_mask[:, None], other=0.0), gate, DOT_IN_F32)
-        up = _dot(a, tl.load(w3_ptrs, mask=d_mask[:, None], other=0.0), up, DOT_IN_F32)
+        b1 = tl.load(w1_ptrs, mask=d_mask[:, None], other=0.0)
+        b3 = tl.load(w3_ptrs, mask=d_mask[:, None], other=0.0)
+        if DOT_IN_F32:
+            a, b1, b3 = a.to(tl.float32), b1.to(tl.float32), b3.to(tl.float32)
+            gate = tl.dot(a, b1, gate, input_precision="ieee")
+            up = tl.dot(a, b3, up, input_precision="ieee")
+        else:
+            gate = tl.dot(a, b1, gate)
+            up = tl.dot(a, b3, up)
         x_ptrs += BLOCK_D
         w1_ptrs += BLOCK_D
         w3_ptrs += BLOCK_D
@@ -182,13 +173,13 @@ def _up(
 
 @triton.jit
 def _down(
+    group,
+    first,
+    end,
     hidden_ptr,
     w2_ptr,
     s2_ptr,
-    counts_ptr,
     out_rows_ptr,
-    N,
-    E,
     D,
     I,
     J,
@@ -202,13 +193,7 @@ def _down(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    BLOCK_E: tl.constexpr,
 ):
-    group, first, end = _tile_group(
-        tl.program_id(0), counts_ptr, E, N, HAS_SHARED, BLOCK_M, BLOCK_E
-    )
-    if group >= E + HAS_SHARED:
-        return  # past the last group
     rows = first + tl.arange(0, BLOCK_M)
     if group < HAS_SHARED:  # the shared expert
         w2, stride_wn, n_hidden = s2_ptr, stride_s2d, J
@@ -226,7 +211,11 @@ def _down(
     for k in range(0, n_hidden, BLOCK_D):
         k_mask = ks < n_hidden - k
         a = tl.load(h_ptrs, mask=k_mask[None, :], other=0.0)
-        acc = _dot(a, tl.load(w_ptrs, mask=k_mask[:, None], other=0.0), acc, DOT_IN_F32)
+        b = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
+        if DOT_IN_F32:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
         h_ptrs += BLOCK_D
         w_ptrs += BLOCK_D
 
@@ -330,62 +319,7 @@ def moe_experts(
             BLOCK_P,
             BLOCK_E,
         )
-    elif PHASE == "up":
-        _up(
-            x_ptr,
-            weights_ptr,
-            w1_ptr,
-            w3_ptr,
-            s1_ptr,
-            s3_ptr,
-            counts_ptr,
-            pair_of_row_ptr,
-            hidden_ptr,
-            N,
-            E,
-            D,
-            I,
-            J,
-            stride_xn,
-            stride_w1e,
-            stride_w1i,
-            stride_s1j,
-            stride_hm,
-            K,
-            LIMIT,
-            HAS_SHARED,
-            DOT_IN_F32,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_D,
-            BLOCK_E,
-        )
-    elif PHASE == "down":
-        _down(
-            hidden_ptr,
-            w2_ptr,
-            s2_ptr,
-            counts_ptr,
-            out_rows_ptr,
-            N,
-            E,
-            D,
-            I,
-            J,
-            stride_hm,
-            stride_w2e,
-            stride_w2d,
-            stride_s2d,
-            stride_om,
-            HAS_SHARED,
-            DOT_IN_F32,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_D,
-            BLOCK_E,
-        )
-    else:
-        tl.static_assert(PHASE == "combine", "PHASE: count, place, up, down or combine")
+    elif PHASE == "combine":
         _combine(
             out_rows_ptr,
             row_of_pair_ptr,
@@ -399,3 +333,64 @@ def moe_experts(
             BLOCK_T,
             BLOCK_C,
         )
+    else:
+        tl.static_assert(PHASE == "up" or PHASE == "down", "PHASE: count, place, up, down, combine")
+        # one row tile of one group; the grid is a static upper bound on the tiles
+        group, first, end = _tile_group(
+            tl.program_id(0), counts_ptr, E, N, HAS_SHARED, BLOCK_M, BLOCK_E
+        )
+        if group >= E + HAS_SHARED:
+            return  # a tile past the last group's rows
+        if PHASE == "up":
+            _up(
+                group,
+                first,
+                end,
+                x_ptr,
+                weights_ptr,
+                w1_ptr,
+                w3_ptr,
+                s1_ptr,
+                s3_ptr,
+                pair_of_row_ptr,
+                hidden_ptr,
+                N,
+                D,
+                I,
+                J,
+                stride_xn,
+                stride_w1e,
+                stride_w1i,
+                stride_s1j,
+                stride_hm,
+                K,
+                LIMIT,
+                HAS_SHARED,
+                DOT_IN_F32,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_D,
+            )
+        else:
+            _down(
+                group,
+                first,
+                end,
+                hidden_ptr,
+                w2_ptr,
+                s2_ptr,
+                out_rows_ptr,
+                D,
+                I,
+                J,
+                stride_hm,
+                stride_w2e,
+                stride_w2d,
+                stride_s2d,
+                stride_om,
+                HAS_SHARED,
+                DOT_IN_F32,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_D,
+            )
