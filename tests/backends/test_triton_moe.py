@@ -142,3 +142,75 @@ def test_experts_hash_duplicates_and_single_token():
     inputs["experts"] = torch.tensor([[2, 2]], dtype=torch.int32)
     got, want = _run([("moe.experts", ["x", "weights", "experts", "w1", "w3", "w2"], {})], inputs)
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+
+
+# --- AOT at DeepSeek-V4 sizes -----------------------------------------------------------------
+
+V4 = {"v4-flash": (4096, 256, 2048), "v4-pro": (7168, 384, 3072)}  # d, experts, expert width
+
+
+def v4_moe_graph(preset: str = "v4-flash", k: int = 6, vocab: int = 129280) -> ir.Graph:
+    """One MoE layer of `preset` in bf16 over N symbolic tokens: score routing, hash routing
+    and the routed + shared experts (sizes from models/config.py)."""
+    d, e, inter = V4[preset]
+    n = ir.sym("N")
+    b = ir.Builder(name=preset.replace("-", "_") + "_moe")
+
+    def param(name: str, shape: tuple, dtype: ir.DType = ir.DType.bf16) -> ir.Value:
+        return b.input(name, ir.TensorType(shape, dtype), role="parameter")
+
+    x = b.input("x", ir.TensorType((n, d), ir.DType.bf16))
+    ids = b.input("ids", ir.TensorType((n,), ir.DType.i64))
+    gate, bias = param("gate", (e, d)), param("bias", (e,), ir.DType.f32)
+    table = param("tid2eid", (vocab, k), ir.DType.i64)
+    w1, w3, w2 = param("w1", (e, inter, d)), param("w3", (e, inter, d)), param("w2", (e, d, inter))
+    s1, s3, s2 = param("s1", (inter, d)), param("s3", (inter, d)), param("s2", (d, inter))
+    weights, experts = b.op("moe.route", [x, gate, bias], k=k, bias=True, route_scale=1.5)
+    hashed = b.op("moe.route", [x, gate, table, ids], k=k, hash=True, route_scale=1.5)
+    y = b.op("moe.experts", [x, weights, experts, w1, w3, w2, s1, s3, s2], shared=True)
+    b.output(y, *hashed)
+    return b.build()
+
+
+def aot_rows(preset: str, tokens: int, targets: list[str]) -> list:
+    """`aot_compile` of the layer's kernels, each row named by its variant (score/hash route,
+    the phase of moe.experts)."""
+    import dataclasses
+
+    from backends.triton.aot import aot_compile
+
+    exe = TritonBackend().compile(v4_moe_graph(preset), targets[0])
+    assert not exe.fallbacks(), exe.fallbacks()
+    rows = aot_compile(exe, targets, bindings={"N": tokens})
+    named = []
+    for r in rows:
+        variant = r.constexprs.get("PHASE") or ("hash" if r.constexprs.get("HASH") else "score")
+        named.append(dataclasses.replace(r, kernel=f"{r.kernel}[{variant}]"))
+    return named
+
+
+def test_aot_sm90_v4_flash_no_spills():
+    """Every kernel variant compiles for sm_90 at v4-flash sizes (256 experts, top-6, d = 4096,
+    I = 2048) for a 4096-token prefill, without spills."""
+    try:
+        rows = aot_rows("v4-flash", 4096, ["sm_90"])
+    except RuntimeError as e:  # e.g. a triton wheel without the GPU backends' toolchains
+        pytest.skip(f"Triton cannot compile for GPUs on this machine: {e}")
+    phases = [f"moe_experts[{p}]" for p in ("count", "place", "up", "down", "combine")]
+    assert [r.kernel for r in rows] == ["moe_route[score]", "moe_route[hash]", *phases]
+    for r in rows:
+        assert r.error is None, (r.kernel, r.error)
+        assert r.spills == 0 and 0 < r.registers <= 255, (r.kernel, r.registers, r.spills)
+        assert r.shared < 227 * 1024
+
+
+if __name__ == "__main__":  # the table: python tests/backends/test_triton_moe.py v4-pro 4096
+    import sys
+
+    from backends.targets import GPU_TARGETS
+    from backends.triton.aot import format_table
+
+    preset = sys.argv[1] if len(sys.argv) > 1 else "v4-flash"
+    tokens = int(sys.argv[2]) if len(sys.argv) > 2 else 4096
+    print(f"{preset} MoE layer, {tokens} tokens")
+    print(format_table(aot_rows(preset, tokens, list(GPU_TARGETS))))

@@ -3,11 +3,11 @@ clamped-SwiGLU expert GEMMs, weighted combine, with the shared expert as one mor
 
 One entry, five launches: PHASE (a constexpr, so each launch compiles to its step alone) picks
 
-    COUNT    per (token, slot) pair: rank = atomic counts[expert]++        grid cdiv(P, BLOCK_P)
-    PLACE    row = (shared rows) + Σ counts[< expert] + rank                grid cdiv(P, BLOCK_P)
-    UP       hidden = weight · swiglu(x·w1ᵀ, x·w3ᵀ) for one row tile        grid TILES x cdiv(I, BLOCK_N)
-    DOWN     out_rows = hidden · w2ᵀ for one row tile                       grid TILES x cdiv(d, BLOCK_N)
-    COMBINE  y[n] = Σ_slots out_rows[row of (n, slot)] (+ shared row n)      grid cdiv(N, BLOCK_T) x ...
+    count    per (token, slot) pair: rank = atomic counts[expert]++
+    place    its row = (N shared rows) + Σ counts[< expert] + rank; pair <-> row maps
+    up       hidden = weight · swiglu(x·w1ᵀ, x·w3ᵀ)     one row tile x BLOCK_N hidden columns
+    down     out_rows = hidden · w2ᵀ                     one row tile x BLOCK_N of d
+    combine  y[n] = Σ_slots out_rows[row of (n, slot)] (+ shared row n), per BLOCK_T tokens
 
 Rows are grouped: the shared expert's N rows first (group 0, token n at row n), then each
 routed expert's rows in expert order. Every program of UP/DOWN derives its group from the
