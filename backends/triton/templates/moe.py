@@ -30,6 +30,7 @@ MAX_EXPERTS = 1024  # one row of scores (route) / of group counts (experts) per 
 EXPERTS_PHASES = ("count", "place", "up", "down", "combine")
 _DOT_DTYPES = (ir.DType.f32, ir.DType.bf16, ir.DType.f16)
 _HERE = Path(__file__).parent
+_CPU = get_target("cpu")  # the interpreter's tiles, for CPU tensors whatever the compile target
 
 
 def _template(file: str, name: str, params: list[Param], op: str) -> KernelSource:
@@ -84,7 +85,7 @@ def emit_route(node: ir.Node, target: Target | None) -> RouteLaunch:
     params = [Param(n, "ptr", t) for n, t in ptrs]
     params += [Param(n, "int") for n in ints] + [Param(n, "constexpr") for n in consts]
     source = _template("moe_route_kernel.py", "moe_route", params, "moe.route")
-    return RouteLaunch(source, node, target or get_target("cpu"))
+    return RouteLaunch(source, node, target or _CPU)
 
 
 @dataclass
@@ -140,7 +141,7 @@ class RouteLaunch:
         bias = rest[0] if op.bias else weights  # placeholders are never read
         table, ids = rest if op.hash else (experts, experts)
         gpu = x.device.type != "cpu"
-        tiles, options = self.config(self.target if gpu else get_target("cpu"), n_experts)
+        tiles, options = self.config(self.target if gpu else _CPU, n_experts)
         grid = (cdiv(n, tiles["BLOCK_N"]),)
         load_jit(self.source)[grid](
             x_ptr=x,
@@ -206,7 +207,7 @@ def emit_experts(node: ir.Node, target: Target | None) -> ExpertsLaunch:
     params = [Param(n, "ptr", t) for n, t in ptrs]
     params += [Param(n, "int") for n in ints] + [Param(n, "constexpr") for n in consts]
     source = _template("moe_experts_kernel.py", "moe_experts", params, "moe.experts")
-    return ExpertsLaunch(source, node, target or get_target("cpu"))
+    return ExpertsLaunch(source, node, target or _CPU)
 
 
 _EXPERTS_STRIDES = ("xn", "w1e", "w1i", "w2e", "w2d", "s1j", "s2d", "hm", "om", "yn")
@@ -229,8 +230,9 @@ class ExpertsSizes:
     def pairs(self) -> int:
         return self.n * self.k
 
+    @property
     def rows(self) -> int:
-        """Routed rows, then the shared expert's N rows (first, at rows 0..N-1)."""
+        """All rows: the shared expert's N first (when there is one), then the N·k routed."""
         return self.pairs + self.n * self.shared
 
     @property
@@ -356,10 +358,7 @@ def _scratch(sz: ExpertsSizes, x: Any) -> dict[str, Any]:
     return {
         "counts_ptr": torch.zeros(sz.e, dtype=torch.int32, device=x.device),
         "row_of_pair_ptr": empty(sz.pairs, dtype=torch.int32),
-        "pair_of_row_ptr": empty(sz.rows(), dtype=torch.int32),  # shared rows' entries unused
-        "hidden_ptr": empty(sz.rows(), sz.hidden),
-        "out_rows_ptr": empty(sz.rows(), sz.d),
+        "pair_of_row_ptr": empty(sz.rows, dtype=torch.int32),  # shared rows' entries unused
+        "hidden_ptr": empty(sz.rows, sz.hidden),
+        "out_rows_ptr": empty(sz.rows, sz.d),
     }
-
-
-_CPU = get_target("cpu")
