@@ -150,8 +150,8 @@ def test_compress_ragged_sequence(target):
 @pytest.mark.parametrize("target", TARGETS)
 def test_compress_across_entry_and_channel_tiles(target):
     """Ratio 16: 4-entry tiles, T = 100 gives 6 entries (a second, ragged tile whose first entry
-    pools the previous tile's last block); c = 72: two of sm_90's 64-channel tiles; d = 40: two
-    of its 32-wide K tiles."""
+    pools the previous tile's last block); c = 72: three of sm_90's 32-channel tiles; d = 40:
+    three of its 16-wide fp32 K tiles."""
     _check(_compress_nodes(16), _compress_inputs(1, 100, 40, 72, 16, 4, torch.float32), target)
 
 

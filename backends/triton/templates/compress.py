@@ -70,18 +70,21 @@ def _dot_f32(x: ir.DType, w: ir.DType, gate: ir.DType) -> bool:
 
 
 def pool_config(target: Target, ratio: int, c: int, d: int, item: int) -> dict[str, int]:
-    """`compress_pool` tiles: at least 64 token rows (whole blocks) by BLOCK_C channels. On GPUs
-    the K tile and pipeline depth fit shared memory (`item`: bytes per GEMM operand element)."""
+    """`compress_pool` tiles: at least 64 token rows (whole blocks) by BLOCK_C channels; on GPUs
+    the pipeline depth fits shared memory (`item`: bytes per GEMM operand element)."""
     block_e = max(1, 64 // ratio)
     if not target.is_gpu:
         block_c = min(max(next_pow2(c), 16), 128)
         return {"BLOCK_E": block_e, "BLOCK_C": block_c, "BLOCK_K": 64, "num_warps": 4,
                 "num_stages": 1}  # fmt: skip
+    # 32 channels, 8 warps: the two fp32 accumulators, their [entries, rows, channels] view and
+    # the pooled softmax fit the registers (64 channels, or 4 warps, spill on sm_80/sm_120);
+    # fp32 products (FMA, not tensor cores) also need a narrow K tile
     rows = block_e * ratio
-    block_c, block_k = 64, (64 if item == 2 else 32)
+    block_c, block_k = 32, (64 if item == 2 else 16)
     stage = (rows * block_k + 2 * block_k * block_c) * item
     stages = max(1, min(3, int(0.75 * target.smem_per_block) // stage))
-    warps = 8 if rows * block_c >= 128 * 64 else 4
+    warps = 8
     return {"BLOCK_E": block_e, "BLOCK_C": block_c, "BLOCK_K": block_k, "num_warps": warps,
             "num_stages": stages}  # fmt: skip
 
@@ -223,7 +226,7 @@ class CompressStepLaunch:
 
         x, pos, kv_state, score_state, wkv, wgate, ape, norm, cos, sin, cache = inputs
         dev = x.device
-        pos = pos.to(dev)  # a host position is copied over, never read back
+        pos = pos.to(dev, non_blocking=True)  # a host position is copied over, never read back
         x, kv_state, score_state, wkv, wgate, ape, norm, cos, sin = (
             t.contiguous() for t in (x, kv_state, score_state, wkv, wgate, ape, norm, cos, sin)
         )

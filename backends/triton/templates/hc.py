@@ -52,23 +52,23 @@ def hc_config(op: str, target: Target, d: int) -> dict[str, int]:
 # --- kernels and their parameters -------------------------------------------------------------
 
 
+_POINTERS = {  # operands then results, in each kernel's parameter order
+    "hc.pre": ("x_ptr", "fn_ptr", "scale_ptr", "base_ptr", "y_ptr", "post_ptr", "comb_ptr"),
+    "hc.post": ("f_ptr", "res_ptr", "post_ptr", "comb_ptr", "out_ptr"),
+    "hc.head": ("x_ptr", "fn_ptr", "scale_ptr", "base_ptr", "y_ptr"),
+}
+_CONSTEXPRS = {
+    "hc.pre": ("N_HC", "ITERS", "EPS", "NORM_EPS", "BLOCK_T", "BLOCK_PP", "BLOCK_K", "BLOCK_D"),
+    "hc.post": ("N_HC", "BLOCK_T", "BLOCK_D"),
+    "hc.head": ("N_HC", "EPS", "NORM_EPS", "BLOCK_T", "BLOCK_P", "BLOCK_K", "BLOCK_D"),
+}
+
+
 def _params(node: ir.Node) -> list[Param]:
-    if node.name == "hc.post":
-        f, res, post, comb = node.operands
-        ptrs = [("f_ptr", f), ("res_ptr", res), ("post_ptr", post), ("comb_ptr", comb)]
-        ptrs.append(("out_ptr", node.result))
-        consts = ("N_HC", "BLOCK_T", "BLOCK_D")
-    else:
-        x, fn, scale, base = node.operands
-        ptrs = [("x_ptr", x), ("fn_ptr", fn), ("scale_ptr", scale), ("base_ptr", base)]
-        ptrs.append(("y_ptr", node.results[0]))
-        consts = ("N_HC", "EPS", "NORM_EPS", "BLOCK_T", "BLOCK_P", "BLOCK_K", "BLOCK_D")
-    if node.name == "hc.pre":
-        ptrs += [("post_ptr", node.results[1]), ("comb_ptr", node.results[2])]
-        consts = ("N_HC", "ITERS", "EPS", "NORM_EPS", "BLOCK_T", "BLOCK_PP", "BLOCK_K", "BLOCK_D")
-    params = [Param(name, "ptr", v.dtype) for name, v in ptrs]
+    values = (*node.operands, *node.results)
+    params = [Param(p, "ptr", v.dtype) for p, v in zip(_POINTERS[node.name], values, strict=True)]
     params += [Param("n_tokens", "int"), Param("D", "int")]
-    return params + [Param(c, "constexpr") for c in consts]
+    return params + [Param(c, "constexpr") for c in _CONSTEXPRS[node.name]]
 
 
 def _constexprs(node: ir.Node, n: int) -> dict[str, Any]:
