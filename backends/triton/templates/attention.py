@@ -31,6 +31,7 @@ __all__ = ["IndexerTopKLaunch", "SparseMQALaunch", "indexer_config", "mqa_config
 _FLOATS = (ir.DType.f32, ir.DType.bf16, ir.DType.f16)
 _COMP = {"window": 0, "hca": 1, "csa": 2}
 MAX_HEAD_DIM = 512  # BLOCK_H x c of query and accumulator stay in registers
+THREADS = 256  # per program on GPUs: 8 warps of 32 (NVIDIA), 4 of 64 (AMD)
 
 
 def _dims(v: ir.Value, env: dict) -> list[int]:
@@ -56,8 +57,8 @@ def _dot_in_f32(dtype: ir.DType, target: Target) -> bool:
 
 def mqa_config(target: Target, head_dim: int, dtype: ir.DType) -> dict[str, int]:
     """Tiles of one program: BLOCK_H heads x BLOCK_N entries, channels as two halves of BLOCK_C.
-    On GPUs: 32 heads on 8 warps (the fp32 accumulator, 32 x 512 at c = 512, is 64 registers a
-    thread on NVIDIA), and BLOCK_N as large as two stages of entry tiles fit in 3/4 of the
+    On GPUs: 32 heads on 256 threads (the fp32 accumulator, 32 x 512 at c = 512, is 64
+    registers a thread), and BLOCK_N as large as two stages of entry tiles fit in 3/4 of the
     target's shared memory per block (the query stays in registers)."""
     block_c = max(16, next_pow2(head_dim // 2))
     if not target.is_gpu:
@@ -65,8 +66,8 @@ def mqa_config(target: Target, head_dim: int, dtype: ir.DType) -> dict[str, int]
                 "num_stages": 1}  # fmt: skip
     entry_row = 2 * block_c * dtype.itemsize
     block_n = 32 if 2 * 32 * entry_row <= 0.75 * target.smem_per_block else 16
-    return {"BLOCK_H": 32, "BLOCK_N": block_n, "BLOCK_C": block_c, "num_warps": 8,
-            "num_stages": 2}  # fmt: skip
+    return {"BLOCK_H": 32, "BLOCK_N": block_n, "BLOCK_C": block_c,
+            "num_warps": THREADS // target.warp_size, "num_stages": 2}  # fmt: skip
 
 
 def _decode_splits(target: Target, entries: int, batch: int, head_blocks: int, block_n: int):
@@ -240,7 +241,7 @@ def indexer_config(target: Target, heads: int, head_dim: int, k: int) -> dict[st
         return {"BLOCK_H": block_h, "BLOCK_S": 16, "BLOCK_C": block_c, "K_PAD": k_pad,
                 "num_warps": 4}  # fmt: skip
     return {"BLOCK_H": block_h, "BLOCK_S": 64, "BLOCK_C": block_c, "K_PAD": k_pad,
-            "num_warps": 8}  # fmt: skip
+            "num_warps": THREADS // target.warp_size}  # fmt: skip
 
 
 def _indexer_source(q: ir.DType, keys: ir.DType, w: ir.DType, pos: ir.DType) -> KernelSource:
