@@ -244,3 +244,92 @@ def test_refused_nodes_run_the_reference_with_a_reason(node, inputs, reason):
     assert op == node[0] and reason in why
     for got, want in zip(exe(*inputs.values()), ir.interpret(g, *inputs.values())):
         torch.testing.assert_close(got, want)
+
+
+# --- AOT at DeepSeek-V4 sizes -----------------------------------------------------------------
+
+V4 = {"v4-flash": 4096, "v4-pro": 7168}  # model dim d; n = 4 streams, rope half 32 in both
+COMPRESSORS = (("csa", 512, 4, True), ("indexer", 128, 4, True), ("hca", 512, 128, False))
+
+
+def v4_graph(preset: str = "v4-flash", dtype: ir.DType = ir.DType.bf16) -> ir.Graph:
+    """The mHC ops and the three compressors of `preset` (prefill over T tokens and one decode
+    step each), activations and weights in `dtype`, mHC parameters and states in fp32."""
+    d, n, f32 = V4[preset], 4, ir.DType.f32
+    bsz, t = ir.sym("B"), ir.sym("T")
+    b = ir.Builder(name=preset.replace("-", "_") + "_compress_hc")
+
+    def inp(name: str, shape: tuple, kind: ir.DType = dtype, role: str = "activation"):
+        return b.input(name, ir.TensorType(shape, kind), role=role)
+
+    def param(name: str, shape: tuple, kind: ir.DType = dtype):
+        return inp(name, shape, kind, "parameter")
+
+    streams, x, x1 = inp("streams", (bsz, t, n, d)), inp("x", (bsz, t, d)), inp("x1", (bsz, 1, d))
+    pos = inp("pos", (), ir.DType.i64)
+    mix = [param("fn", ((2 + n) * n, n * d), f32), param("scale", (3,), f32)]
+    outs = list(b.op("hc.pre", [streams, *mix, param("base", ((2 + n) * n,), f32)]))
+    weights = [inp("post", (bsz, t, n), f32), inp("comb", (bsz, t, n, n), f32)]
+    outs.append(b.op("hc.post", [x, streams, *weights]))
+    head = [param("fn_head", (n, n * d), f32), param("scale1", (1,), f32)]
+    outs.append(b.op("hc.head", [streams, *head, param("base_head", (n,), f32)]))
+    for name, c, m, overlap in COMPRESSORS:
+        w, rows = (2 * c, 2 * m) if overlap else (c, m)
+        proj = [param(f"{name}_wkv", (w, d)), param(f"{name}_wgate", (w, d))]
+        proj += [param(f"{name}_ape", (m, w), f32), param(f"{name}_norm", (c,))]
+        rope = [param(f"{name}_cos", (t // m, 32), f32), param(f"{name}_sin", (t // m, 32), f32)]
+        attrs = {"ratio": m, "overlap": overlap}
+        outs.append(b.op("attn.compress", [x, *proj, *rope], **attrs))
+        state = [inp(f"{name}_{s}_state", (bsz, rows, w), f32) for s in ("kv", "score")]
+        rope1 = [inp(f"{name}_cos1", (1, 32), f32), inp(f"{name}_sin1", (1, 32), f32)]
+        cache = inp(f"{name}_cache", (bsz, 4096 // m, c), role="cache")
+        step = [x1, pos, *state, *proj, *rope1, cache]
+        outs.extend(b.op("attn.compress_step", step, **attrs))
+    b.output(*outs)
+    return b.build()
+
+
+def aot_rows(preset: str, dtype: ir.DType, tokens: int, targets: list[str]) -> list:
+    """`aot_compile` of the graph's kernels, each row named by its variant (ratio, step)."""
+    import dataclasses
+
+    from backends.triton.aot import aot_compile
+
+    exe = TritonBackend().compile(v4_graph(preset, dtype), targets[0])
+    assert not exe.fallbacks(), exe.fallbacks()
+    rows = aot_compile(exe, targets, bindings={"T": tokens, "B": 1})
+    named = []
+    for r in rows:
+        variant = [f"m={r.constexprs['RATIO']}"] if "RATIO" in r.constexprs else []
+        variant += ["step"] if r.constexprs.get("STEP") else []
+        name = f"{r.kernel}[{','.join(variant)}]" if variant else r.kernel
+        named.append(dataclasses.replace(r, kernel=name))
+    return named
+
+
+def test_aot_sm90_v4_flash_no_spills():
+    """Every kernel and variant compiles for sm_90 at v4-flash sizes in bf16 (d = 4096, the CSA,
+    indexer and HCA compressors, a 4096-token prefill), without spills."""
+    try:
+        rows = aot_rows("v4-flash", ir.DType.bf16, 4096, ["sm_90"])
+    except RuntimeError as e:  # e.g. a triton wheel without the GPU backends' toolchains
+        pytest.skip(f"Triton cannot compile for GPUs on this machine: {e}")
+    kernels = {r.kernel for r in rows}
+    assert {"hc_pre", "hc_post", "hc_head", "compress_pool[m=4]", "compress_pool[m=128]"} <= kernels
+    assert {"compress_step[m=4]", "compress_norm_rope[m=128,step]"} <= kernels
+    for r in rows:
+        assert r.error is None, (r.kernel, r.error)
+        assert r.spills == 0 and 0 < r.registers <= 255, (r.kernel, r.registers, r.spills)
+        assert r.shared < 227 * 1024
+
+
+if __name__ == "__main__":  # the table: python tests/backends/test_triton_compress_hc.py v4-pro f32
+    import sys
+
+    from backends.targets import GPU_TARGETS
+    from backends.triton.aot import format_table
+
+    preset = sys.argv[1] if len(sys.argv) > 1 else "v4-flash"
+    dtype = ir.DType(sys.argv[2]) if len(sys.argv) > 2 else ir.DType.bf16
+    print(f"{preset} mHC and compressors in {dtype.value}, 4096 tokens")
+    print(format_table(aot_rows(preset, dtype, 4096, list(GPU_TARGETS))))
