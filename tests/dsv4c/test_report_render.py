@@ -74,6 +74,8 @@ def test_report_plots_render_in_a_browser(capsys, tmp_path: Path) -> None:
 
     assert sorted(set(kinds)) == ["bars", "dag", "roofline"], kinds
     for name, (ink, colors) in drawn.items():
-        assert ink > 0.005 and colors >= 3, f"plot {name} looks empty: ink {ink:.4f}, {colors} colours"
+        assert ink > 0.005 and colors >= 3, (
+            f"plot {name} looks empty: ink {ink:.4f}, {colors} colours"
+        )
     assert not errors, errors
     assert (tmp_path / "report.png").stat().st_size > 10_000
