@@ -58,7 +58,7 @@ def _check_close(nodes, inputs) -> dict:
         tol = {"rtol": 1e-5, "atol": 1e-5}
         if y.dtype == torch.bfloat16:  # 2 ulp of the largest output: o and its rotation round
             tol = {"rtol": 2 * BF16_EPS, "atol": 2 * BF16_EPS * y.abs().max().item()}
-        torch.testing.assert_close(x, y, **tol, msg=lambda m: f"{where}: {m}")
+        torch.testing.assert_close(x, y, **tol, msg=lambda m, where=where: f"{where}: {m}")
     return report
 
 
@@ -200,3 +200,51 @@ def test_indexer_topk_decode(dtype, pos):
     for x, y in zip(got, want):
         _assert_topk(x, y, _scores(q, keys, w, 1.0, 2, pos))
     assert [k["name"] for k in report["kernels"]] == ["indexer_topk"]
+
+
+# --- ahead of time ----------------------------------------------------------------------------
+
+
+def _flash_graph() -> ir.Graph:
+    """CSA prefill at 4096 tokens, CSA decode and the prefill indexer at v4-flash sizes, bf16."""
+    bf16, f32, i64 = ir.DType.bf16, ir.DType.f32, ir.DType.i64
+    t, h, c = 4096, 64, 512
+    shapes = {
+        "q": (bf16, (1, t, h, c)), "kv": (bf16, (1, t, c)), "sink": (f32, (h,)),
+        "cos": (f32, (t, 32)), "sin": (f32, (t, 32)), "comp": (bf16, (1, t // 4, c)),
+        "picks": (i64, (1, t, 512)), "q1": (bf16, (1, 1, h, c)), "ring": (bf16, (1, 128, c)),
+        "cos1": (f32, (1, 32)), "sin1": (f32, (1, 32)), "picks1": (i64, (1, 1, 512)),
+        "pos": (i64, ()), "qi": (bf16, (1, t, 64, 128)), "keys": (bf16, (1, t // 4, 128)),
+        "w": (f32, (1, t, 64)),
+    }  # fmt: skip
+    b = ir.Builder(name="flash_attention")
+    v = {n: b.input(n, ir.TensorType(s, d)) for n, (d, s) in shapes.items()}
+    attrs = {"window": 128, "scale": c**-0.5, "q_norm_eps": 1e-6, "variant": "csa", "ratio": 4}
+    prefill = [v[n] for n in ("q", "kv", "sink", "cos", "sin", "comp", "picks")]
+    decode = [v[n] for n in ("q1", "ring", "sink", "cos1", "sin1", "comp", "picks1", "pos")]
+    b.output(
+        b.op("attn.sparse_mqa", prefill, **attrs),
+        b.op("attn.sparse_mqa", decode, **attrs, decode=True),
+        b.op("attn.indexer_topk", [v["qi"], v["keys"], v["w"]], k=512, ratio=4),
+    )
+    return b.build()
+
+
+def test_aot_sm90_at_flash_sizes_without_spills():
+    """Five compiles (prefill, decode partials and combine, indexer scores and selection);
+    `benchmarks/aot_table.py` covers the six targets."""
+    from backends.triton.aot import aot_compile
+
+    exe = TritonBackend().compile(_flash_graph(), "sm_90")
+    try:
+        results = aot_compile(exe, ["sm_90"])
+    except RuntimeError as e:  # a triton wheel without the GPU backends' toolchains
+        pytest.skip(f"Triton cannot compile for GPUs on this machine: {e}")
+    names = [(r.kernel, r.constexprs.get("STAGE")) for r in results]
+    assert names == [("sparse_mqa_prefill", None), ("sparse_mqa_decode", 0),
+                     ("sparse_mqa_decode", 1), ("indexer_topk", 0), ("indexer_topk", 1)]  # fmt: skip
+    for r in results:
+        assert r.error is None, r.error
+        assert r.spills == 0 and r.registers <= 255, r
+        assert r.shared <= 227 * 1024, r
+    assert results[0].constexprs["BLOCK_C"] == 256  # head dim 512 as two halves

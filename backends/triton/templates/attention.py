@@ -32,6 +32,8 @@ _FLOATS = (ir.DType.f32, ir.DType.bf16, ir.DType.f16)
 _COMP = {"window": 0, "hca": 1, "csa": 2}
 MAX_HEAD_DIM = 512  # BLOCK_H x c of query and accumulator stay in registers
 THREADS = 256  # per program on GPUs: 8 warps of 32 (NVIDIA), 4 of 64 (AMD)
+COMBINE_THREADS = 512  # the decode combine holds two BLOCK_H x c fp32 tiles (AMD spilled)
+SELECT_THREADS = 128  # the top-k sort of K_PAD int64 keys (AMD spilled with 256 or 512)
 
 
 def _dims(v: ir.Value, env: dict) -> list[int]:
@@ -58,14 +60,17 @@ def _dot_in_f32(dtype: ir.DType, target: Target) -> bool:
 def mqa_config(target: Target, head_dim: int, dtype: ir.DType) -> dict[str, int]:
     """Tiles of one program: BLOCK_H heads x BLOCK_N entries, channels as two halves of BLOCK_C.
     On GPUs: 32 heads on 256 threads (the fp32 accumulator, 32 x 512 at c = 512, is 64
-    registers a thread), and BLOCK_N as large as two stages of entry tiles fit in 3/4 of the
-    target's shared memory per block (the query stays in registers)."""
+    registers a thread). BLOCK_N: 32 where two stages of entry tiles fit in 3/4 of the
+    target's shared memory per block (NVIDIA: the query stays in registers, entries go through
+    shared memory); 16 on AMD, whose MFMA dots hold both operands in registers (32 entry rows
+    of 512 channels spill on gfx950)."""
     block_c = max(16, next_pow2(head_dim // 2))
     if not target.is_gpu:
         return {"BLOCK_H": 16, "BLOCK_N": 16, "BLOCK_C": block_c, "num_warps": 4,
                 "num_stages": 1}  # fmt: skip
     entry_row = 2 * block_c * dtype.itemsize
-    block_n = 32 if 2 * 32 * entry_row <= 0.75 * target.smem_per_block else 16
+    fits = 2 * 32 * entry_row <= 0.75 * target.smem_per_block
+    block_n = 32 if fits and target.backend == "cuda" else 16
     return {"BLOCK_H": 32, "BLOCK_N": block_n, "BLOCK_C": block_c,
             "num_warps": THREADS // target.warp_size, "num_stages": 2}  # fmt: skip
 
@@ -111,6 +116,10 @@ def _split(cfg: dict[str, int]) -> tuple[dict[str, int], dict[str, int]]:
     """(tile constexprs, launch options) of a config."""
     opts = {k: v for k, v in cfg.items() if k.startswith("num_")}
     return {k: v for k, v in cfg.items() if k not in opts}, opts
+
+
+def _combine_options(target: Target) -> dict[str, int]:
+    return {"num_warps": COMBINE_THREADS // target.warp_size} if target.is_gpu else {}
 
 
 @dataclass
@@ -194,7 +203,7 @@ class SparseMQALaunch:
             "SPLIT_LEN": split_len,
         }
         kernel[(batch, head_blocks, splits)](**args, STAGE=0)
-        kernel[(batch, head_blocks)](**args, STAGE=1)
+        kernel[(batch, head_blocks)](**{**args, **_combine_options(self.target)}, STAGE=1)
         return (out,)
 
     def aot_variants(self, env: dict, target: Target) -> list[AotVariant]:
@@ -203,7 +212,9 @@ class SparseMQALaunch:
         hints = {"C": 16} if head_dim % 16 == 0 else {}
         if not self.decode:
             return [AotVariant(consts, opts, hints)]
-        return [AotVariant({**consts, "STAGE": s}, opts, hints) for s in (0, 1)]
+        combine = {**opts, **_combine_options(target)}
+        return [AotVariant({**consts, "STAGE": 0}, opts, hints),
+                AotVariant({**consts, "STAGE": 1}, combine, hints)]  # fmt: skip
 
 
 def _mqa_check(node: ir.Node) -> bool | str:
@@ -259,6 +270,10 @@ def _indexer_source(q: ir.DType, keys: ir.DType, w: ir.DType, pos: ir.DType) -> 
     return KernelSource("indexer_topk", INDEXER_SOURCE, tuple(params), ("attn.indexer_topk",))
 
 
+def _select_options(target: Target) -> dict[str, int]:
+    return {"num_warps": SELECT_THREADS // target.warp_size} if target.is_gpu else {}
+
+
 @dataclass
 class IndexerTopKLaunch:
     source: KernelSource
@@ -310,14 +325,16 @@ class IndexerTopKLaunch:
         rows = batch * tokens
         if n_keys:
             kernel[(rows, cdiv(n_keys, consts["BLOCK_S"]))](**args, STAGE=0)
-        kernel[(rows,)](**args, STAGE=1)
+        kernel[(rows,)](**{**args, **_select_options(self.target)}, STAGE=1)
         return (idx,)
 
     def aot_variants(self, env: dict, target: Target) -> list[AotVariant]:
         _, _, heads, head_dim = _dims(self.operands[0], env)
         consts, opts = self._constexprs(heads, head_dim, target)
         hints = {n: 16 for n, v in (("H", heads), ("C", head_dim)) if v % 16 == 0}
-        return [AotVariant({**consts, "STAGE": s}, opts, hints) for s in (0, 1)]
+        select = {**opts, **_select_options(target)}
+        return [AotVariant({**consts, "STAGE": 0}, opts, hints),
+                AotVariant({**consts, "STAGE": 1}, select, hints)]  # fmt: skip
 
 
 def _indexer_check(node: ir.Node) -> bool | str:
