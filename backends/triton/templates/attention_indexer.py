@@ -12,6 +12,9 @@ complement of the index in the low 32 (ties go to the lower index). Each chunk o
 scores is sorted ascending and merged by one bitonic half-cleaner step, max(best[i], chunk[i]),
 which holds exactly the K_PAD largest of both; one sort restores the order. Slots that never
 received a visible key (an empty key) become -1.
+
+Loop bounds depend on the query's visible keys: compiled Triton takes that on 3.6 and 3.9, but
+triton 3.6's CPU interpreter cannot (see attention_mqa.py); the CPU tests run on the pinned 3.9.
 """
 
 from __future__ import annotations

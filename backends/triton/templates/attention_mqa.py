@@ -15,6 +15,11 @@ Decode (one query row per sequence) splits the entries over SPLITS programs per 
 each leaving an unnormalised partial (acc, max, sum) in fp32; `STAGE=1` combines them with the
 sink and finishes like prefill. Both stages are one jit function (the `Launch` protocol holds
 one kernel source) selected by the constexpr STAGE.
+
+Loop bounds depend on the program (window start, visible entries, split range): compiled
+Triton takes that on every version used here (3.6 and 3.9 AOT), but triton 3.6's CPU
+interpreter cannot (its program ids are 1-element arrays that `range` refuses); the CPU tests
+run on the pinned 3.9.
 """
 
 from __future__ import annotations
