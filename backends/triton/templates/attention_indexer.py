@@ -7,11 +7,12 @@ time), written in fp32 to a scratch row. Blocks past the query's visible keys
 (s >= (p+1) // ratio) exit at once: in prefill about half of them.
 
 STAGE 1, selection: one program per query row keeps the K_PAD best (score, index) pairs as
-int64 keys, sorted descending: the score's order-preserving integer in the high 32 bits, the
-complement of the index in the low 32 (ties go to the lower index). Each chunk of K_PAD visible
-scores is sorted ascending and merged by one bitonic half-cleaner step, max(best[i], chunk[i]),
-which holds exactly the K_PAD largest of both; one sort restores the order. Slots that never
-received a visible key (an empty key) become -1.
+int64 keys: the score's order-preserving integer in the high 32 bits, the complement of the
+index in the low 32 (ties go to the lower index). The first K_PAD visible scores, sorted
+descending, are the best so far; each further chunk is sorted ascending and merged by one
+bitonic half-cleaner step, max(best[i], chunk[i]), which holds exactly the K_PAD largest of
+both; one sort restores the order. Slots that never received a visible key (an empty key)
+become -1.
 
 Loop bounds depend on the query's visible keys: compiled Triton takes that on 3.6 and 3.9, but
 triton 3.6's CPU interpreter cannot (see attention_mqa.py); the CPU tests run on the pinned 3.9.
@@ -93,8 +94,11 @@ def indexer_topk(
         tl.store(scores_ptr + row * S + keys, score, mask=keys < n_visible)
     else:
         slots = tl.arange(0, K_PAD)
-        best = tl.full((K_PAD,), EMPTY, dtype=tl.int64)  # sorted descending
-        for s0 in range(0, n_visible, K_PAD):
+        # the first K_PAD visible scores as keys, sorted descending: the best so far
+        visible = slots < n_visible
+        score = tl.load(scores_ptr + row * S + slots, mask=visible, other=0.0)
+        best = tl.sort(tl.where(visible, _order_key(score, slots), EMPTY), descending=True)
+        for s0 in range(K_PAD, n_visible, K_PAD):
             # the next K_PAD visible scores as keys, sorted ascending
             s = s0 + slots
             visible = s < n_visible
