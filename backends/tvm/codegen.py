@@ -7,9 +7,12 @@
 
 The kernels are the CPU backend's (same emitters, same TensorIR, symbolic shapes); only the
 schedule differs: GEMMs get a hand schedule (16×16 output tiles, one thread per element; DLight's
-Matmul rule is not used: its fp16 tensor-core path crashes in TVM 0.27), everything else the DLight
-rules (Reduction, GeneralReduction, Fallback), and when a rule refuses, a plain one-thread-per-
-output-element binding.
+Matmul rule is not used: its fp16 tensor-core path crashes in TVM 0.27); kernels with `keep_*`
+stages (the semantic attention, compressor and mHC kernels) a plain one-thread-per-output-element
+binding of each stage, because DLight inlines every stage it can (for hc.pre's unrolled Sinkhorn
+chain that grows the expression exponentially: DLight did not finish in minutes); everything else
+the DLight rules (Reduction, GeneralReduction, Fallback), and when a rule refuses, the plain
+binding.
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ def schedule_gpu(func: Any, target: Any) -> Any:
 
     if _has_block(func, "matmul"):
         return _schedule_matmul(func)
+    if _keeps_stages(func):  # DLight would inline them (the Sinkhorn chain grows exponentially)
+        return _bind_all(func)
     mod = tvm.IRModule({"main": func})
     try:
         with target:
@@ -81,6 +86,15 @@ def _has_block(func: Any, name: str) -> bool:
     except Exception:  # noqa: BLE001
         return False
     return True
+
+
+def _keeps_stages(func: Any) -> bool:
+    """Whether `func` has stages that must not be inlined (named `keep_*`, see schedule_cpu)."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    return any(sch.get(b).name_hint.startswith(KEEP) for b in blocks)
 
 
 def _inline_stages(sch: Any) -> None:
@@ -158,7 +172,7 @@ def device_source(
             skipped[k.name] = "WebGPU (WGSL) has no 64-bit integers"
             continue
         try:
-            funcs[k.name] = schedule_gpu(k.tensor_ir, tgt)
+            funcs[k.name] = schedule_gpu(k.gpu_ir(), tgt)
         except Exception as e:  # noqa: BLE001  (listed in `skipped` with the reason)
             skipped[k.name] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}"
     ex = tvm.tirx.build(tvm.IRModule(funcs), target=tgt)

@@ -14,6 +14,8 @@ DLPack, zero copy). Families:
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,13 +29,22 @@ from backends.tvm.matmul import lower_matmul_nt, schedule_matmul_cpu, transposed
 from backends.tvm.schedule_cpu import schedule_cpu
 from ir.symbolic import subs_dim
 
-__all__ = ["TVM_EMITTERS", "KernelLaunch", "Launch", "MatmulLaunch", "emit_node"]
+__all__ = [
+    "TVM_EMITTERS",
+    "Call",
+    "KernelLaunch",
+    "Launch",
+    "MatmulLaunch",
+    "body_call",
+    "emit_node",
+    "reference_call",
+]
 
 BLAS_MIN_FLOPS = 1 << 22  # "auto": GEMMs of at least 4 MFLOP call torch.matmul (MKL/OpenBLAS)
 
 
-def shape_of(v: ir.Value, env: dict) -> list[int]:
-    return [int(subs_dim(d, env)) for d in v.shape]
+def shape_of(v: ir.Value, env: dict) -> tuple[int, ...]:
+    return tuple(int(subs_dim(d, env)) for d in v.shape)
 
 
 ALIGN = 64  # bytes: TVM kernels assume buffers aligned like its own allocations
@@ -46,66 +57,136 @@ def aligned(t: Any) -> Any:
     return t if t.data_ptr() % ALIGN == 0 else t.clone()
 
 
-def _alloc(results: tuple[ir.Value, ...], env: dict, device: Any) -> list[Any]:
-    import torch
+# One node's work for one binding of the symbols: its input tensors -> its result tensors.
+Call = Callable[[Sequence[Any]], tuple[Any, ...]]
 
-    return [torch.empty(shape_of(v, env), dtype=v.dtype.to_torch(), device=device) for v in results]
+
+def result_specs(node: ir.Node, env: dict) -> list[tuple[tuple[int, ...], Any]]:
+    """(shape, torch dtype) of each result of `node` with the symbols bound by `env`."""
+    return [(shape_of(v, env), v.dtype.to_torch()) for v in node.results]
+
+
+def reference_call(node: ir.Node, env: dict) -> Call:
+    """The node's torch reference with its attributes bound once (what `run_node` does per call)."""
+    op = node.op.bind(env)
+    if node.operands:
+        return lambda inputs: op.reference(*inputs)
+    return lambda inputs: op.reference(device="cpu")
+
+
+def body_call(body: ir.Graph, env: dict) -> Call:
+    """A body graph run op by op by the references (bound once), like `ir.interpret` without its
+    per-call input checks (the executable checked the graph's inputs)."""
+    names = {v.name: i for i, v in enumerate(body.inputs)}
+    steps = []
+    for node in body.ops:
+        slots = [names[v.name] for v in node.operands]
+        for r in node.results:
+            names[r.name] = len(names)
+        steps.append((reference_call(node, env), slots))
+    outs = [names[v.name] for v in body.outputs]
+
+    def run(inputs: Sequence[Any]) -> tuple[Any, ...]:
+        values = list(inputs)
+        for call, slots in steps:
+            values.extend(call([values[i] for i in slots]))
+        return tuple(values[i] for i in outs)
+
+    return run
 
 
 @dataclass
 class Launch:
-    """Host side of one node: `kernels` to build, then `__call__(inputs, env, fns)`."""
+    """Host side of one node: `kernels` to build, then `bind(env, fns)` -> the `Call` for one
+    binding of the symbols (shapes, the implementation and the packed function resolved once)."""
 
     node: ir.Node
     kernels: list[Kernel]
     operands: tuple[int, ...]  # node operand index of each kernel input
-    calls: dict[str, int] = field(default_factory=dict)  # impl ("tvm", "blas") -> calls
+    calls: Counter = field(default_factory=Counter)  # impl ("tvm", "blas") -> calls
 
-    def count(self, impl: str) -> None:
-        self.calls[impl] = self.calls.get(impl, 0) + 1
+    def bind(self, env: dict, fns: dict[str, Any]) -> Call:
+        raise NotImplementedError
+
+    def counted(self, impl: str, call: Call) -> Call:
+        """`call`, counting its uses under `impl` (the report's kernel/BLAS call counts)."""
+        calls = self.calls
+
+        def run(inputs: Sequence[Any]) -> tuple[Any, ...]:
+            calls[impl] += 1
+            return call(inputs)
+
+        return run
 
     def __call__(self, inputs: list[Any], env: dict, fns: dict[str, Any]) -> tuple[Any, ...]:
-        raise NotImplementedError
+        """One call with `env` (binds on every call: for tests; the executable binds once)."""
+        return self.bind(env, fns)(inputs)
 
 
 @dataclass
 class KernelLaunch(Launch):
-    def __call__(self, inputs: list[Any], env: dict, fns: dict[str, Any]) -> tuple[Any, ...]:
-        args = [aligned(inputs[i]) for i in self.operands]
-        device = args[0].device if args else None
-        outs = _alloc(self.node.results, env, device)
-        if any(o.numel() for o in outs):
-            fns[self.kernels[0].key](*args, *outs)
-        self.count("tvm")
+    def bind(self, env: dict, fns: dict[str, Any]) -> Call:
+        return self.counted(
+            "tvm", kernel_call(fns[self.kernels[0].key], self.node, env, self.operands)
+        )
+
+
+def kernel_call(fn: Any, node: ir.Node, env: dict, operands: Sequence[int]) -> Call:
+    """Run packed function `fn` on the chosen operands, writing fresh result tensors (torch
+    allocates them; TVM writes through DLPack)."""
+    import torch
+
+    specs = result_specs(node, env)
+    if any(0 in shape for shape, _ in specs):  # nothing to compute
+        return lambda inputs: tuple(torch.empty(s, dtype=d) for s, d in specs)
+    empty = torch.empty
+    if len(specs) == 1:
+        ((shape, dtype),) = specs
+
+        def run_one(inputs: Sequence[Any]) -> tuple[Any, ...]:
+            out = empty(shape, dtype=dtype)
+            fn(*[aligned(inputs[i]) for i in operands], out)
+            return (out,)
+
+        return run_one
+
+    def run(inputs: Sequence[Any]) -> tuple[Any, ...]:
+        outs = [empty(s, dtype=d) for s, d in specs]
+        fn(*[aligned(inputs[i]) for i in operands], *outs)
         return tuple(outs)
+
+    return run
+
+
+def uses_blas(policy: str, flops: int) -> bool:
+    return policy == "always" or (policy == "auto" and flops >= BLAS_MIN_FLOPS)
 
 
 @dataclass
 class MatmulLaunch(Launch):
-    """`kernels[0]` reads B as stored (nn), `kernels[1]` reads Bᵀ row-major (nt)."""
+    """`kernels[0]` reads B as stored (nn), `kernels[1]` reads Bᵀ row-major (nt), chosen per call
+    from B's strides; BLAS (`torch.matmul`) instead when the policy says so for these sizes."""
 
     blas: str = "auto"
 
-    def __call__(self, inputs: list[Any], env: dict, fns: dict[str, Any]) -> tuple[Any, ...]:
+    def bind(self, env: dict, fns: dict[str, Any]) -> Call:
         import torch
 
-        a, b = inputs
-        out_shape = shape_of(self.node.result, env)
-        flops = 2 * a.shape[-1] * _numel(out_shape)
-        if self.blas == "always" or (self.blas == "auto" and flops >= BLAS_MIN_FLOPS):
-            self.count("blas")
-            return (torch.matmul(a, b),)
-        (out,) = _alloc(self.node.results, env, a.device)
-        if out.numel():
-            if transposed_layout(b):
-                fns[self.kernels[1].key](aligned(a), aligned(b.mT), out)
-            else:
-                fns[self.kernels[0].key](aligned(a), aligned(b), out)
-        self.count("tvm")
-        return (out,)
+        a = self.node.operands[0]
+        flops = 2 * int(subs_dim(a.shape[-1], env)) * _numel(shape_of(self.node.result, env))
+        if uses_blas(self.blas, flops):
+            return self.counted("blas", lambda inputs: (torch.matmul(*inputs),))
+        nn = kernel_call(fns[self.kernels[0].key], self.node, env, (0, 1))
+        nt = kernel_call(fns[self.kernels[1].key], self.node, env, (0, 1))
+
+        def run(inputs: Sequence[Any]) -> tuple[Any, ...]:
+            a, b = inputs
+            return nt((a, b.mT)) if transposed_layout(b) else nn(inputs)
+
+        return self.counted("tvm", run)
 
 
-def _numel(shape: list[int]) -> int:
+def _numel(shape: Sequence[int]) -> int:
     n = 1
     for s in shape:
         n *= s
@@ -147,19 +228,17 @@ def _fused_check(node: ir.Node) -> bool | str:
 @dataclass
 class GemmEpilogueLaunch(KernelLaunch):
     """A `fused.kernel` that starts with a matmul: the kernel, or (large GEMMs, `blas` policy as
-    for `matmul`) the GEMM through BLAS and the epilogue ops by the reference interpreter."""
+    for `matmul`) the GEMM through BLAS and the epilogue ops by their references."""
 
     blas: str = "auto"
 
-    def __call__(self, inputs: list[Any], env: dict, fns: dict[str, Any]) -> tuple[Any, ...]:
+    def bind(self, env: dict, fns: dict[str, Any]) -> Call:
         body: ir.Graph = self.node.attrs["body"]
-        a = inputs[0]
-        flops = 2 * a.shape[-1] * _numel(shape_of(body.ops[0].results[0], env))
-        big = self.blas == "always" or (self.blas == "auto" and flops >= BLAS_MIN_FLOPS)
-        if big and a.device.type == "cpu":
-            self.count("blas")
-            return tuple(ir.interpret(body, *inputs))
-        return super().__call__(inputs, env, fns)
+        gemm = body.ops[0]
+        k = int(subs_dim(gemm.operands[0].shape[-1], env))
+        if uses_blas(self.blas, 2 * k * _numel(shape_of(gemm.results[0], env))):
+            return self.counted("blas", body_call(body, env))
+        return super().bind(env, fns)
 
 
 @TVM_EMITTERS.register("fused.kernel", check=_fused_check)

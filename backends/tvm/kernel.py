@@ -22,13 +22,22 @@ __all__ = ["BUILT", "Kernel", "build", "host_target", "make_kernel"]
 @dataclass
 class Kernel:
     """One distinct kernel: `tensor_ir` is the unscheduled TensorIR PrimFunc (inputs then
-    outputs), `func` the same scheduled for the CPU; GPU schedules start from `tensor_ir`."""
+    outputs), `func` the same scheduled for the CPU; GPU schedules start from `gpu_ir()`."""
 
     name: str
     key: str
     fused_ops: tuple[str, ...]
     func: Any = field(repr=False)
     tensor_ir: Any = field(repr=False, default=None)
+    body: ir.Graph | None = field(repr=False, default=None)
+    overrides: dict[str, Any] | None = field(repr=False, default=None)
+
+    def gpu_ir(self) -> Any:
+        """The unscheduled TensorIR for a GPU: `tensor_ir`, or lowered again without the CPU's
+        extern calls when the kernel has them (top-k)."""
+        if self.body is None or not any(op in EXTERN_ON_CPU for op in self.fused_ops):
+            return self.tensor_ir
+        return Lowering(self.body, self.name, self.overrides, gpu=True).prim_func()
 
     def script(self) -> str:
         """The kernel's TensorIR as TVMScript (what gets built)."""
@@ -70,8 +79,11 @@ def _lower_and_schedule(
             func = schedule(func)
         except Exception as e:  # noqa: BLE001  (a schedule TVM refuses: report, run the reference)
             return f"TVM schedule failed: {type(e).__name__}: {_first_line(e)}"
-    return Kernel(name, key, tuple(n.name for n in body.ops), func, tensor_ir)
+    return Kernel(name, key, tuple(n.name for n in body.ops), func, tensor_ir, body, overrides)
 
+
+# ops whose CPU lowering calls an extern function (tvm.contrib.sort top-k) a GPU cannot call
+EXTERN_ON_CPU = ("attn.indexer_topk", "moe.route")
 
 KERNELS: dict[str, Kernel | str] = {}  # key -> kernel, or why it cannot be lowered (session)
 

@@ -68,14 +68,20 @@ def lowerable(g: ir.Graph) -> bool | str:
 
 
 class Lowering:
-    """te for one body graph; `dims` maps IR dim expressions to TIR expressions."""
+    """te for one body graph; `dims` maps IR dim expressions to TIR expressions. `gpu`: lower for
+    a GPU (no extern CPU calls: top-k is computed in the kernel, see `semantic.topk`)."""
 
     def __init__(
-        self, body: ir.Graph, name: str, overrides: dict[str, LowerFn] | None = None
+        self,
+        body: ir.Graph,
+        name: str,
+        overrides: dict[str, LowerFn] | None = None,
+        gpu: bool = False,
     ) -> None:
         from tvm import te
 
         self.body = body
+        self.gpu = gpu
         self.name = name
         self.dims: dict[Any, Any] = {}
         self.placeholders: list[Any] = []

@@ -25,13 +25,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import ir
-from backends.base import Support, feed_inputs
-from backends.reference import run_node
+from backends.base import Support
 from backends.targets import Target, get_target
-from backends.tvm.emitters import TVM_EMITTERS, Launch, emit_node
+from backends.tvm.emitters import TVM_EMITTERS, Call, Launch, emit_node, reference_call
+from backends.tvm.inputs import Inputs
 from backends.tvm.kernel import Kernel, build, host_target
 
-__all__ = ["Step", "TVMBackend", "TVMExecutable"]
+__all__ = ["Plan", "Step", "TVMBackend", "TVMExecutable"]
 
 BLAS_POLICIES = ("auto", "never", "always")
 
@@ -41,6 +41,37 @@ class Step:
     node: ir.Node
     launch: Launch | None
     reason: str = ""  # why it falls back (when launch is None)
+    operands: tuple[int, ...] = ()  # value slot of each operand
+    results: tuple[int, ...] = ()  # value slot of each result
+
+    def bind(self, env: dict, fns: dict[str, Any]) -> Call:
+        if self.launch is None:
+            return reference_call(self.node, env)
+        return self.launch.bind(env, fns)
+
+
+@dataclass
+class Plan:
+    """The graph's steps for one binding of the symbols: each node's `Call` resolved once, and
+    the value slots (graph inputs first) it reads and writes; `last_use` frees what no later step
+    reads, so intermediates die as early as in eager."""
+
+    calls: list[tuple[Call, tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
+    outputs: tuple[int, ...]
+    slots: int
+
+    def run(self, feed: list[Any]) -> tuple[Any, ...]:
+        values: list[Any] = feed + [None] * (self.slots - len(feed))
+        for call, ins, outs, dead in self.calls:
+            results = call([values[i] for i in ins])
+            if len(outs) == 1:
+                values[outs[0]] = results[0]
+            else:
+                for i, t in zip(outs, results):
+                    values[i] = t
+            for i in dead:
+                values[i] = None
+        return tuple(values[i] for i in self.outputs)
 
 
 class TVMExecutable:
@@ -55,34 +86,57 @@ class TVMExecutable:
         self.graph = graph
         self.target = target
         self.blas = blas
+        self.slot = {v.name: i for i, v in enumerate(graph.inputs)}
         self.steps: list[Step] = []
         for node in graph.ops:
             found = emit_node(node, target, {"blas": blas})
-            if isinstance(found, str):
-                self.steps.append(Step(node, None, found))
-            else:
-                self.steps.append(Step(node, found))
+            launch, reason = (None, found) if isinstance(found, str) else (found, "")
+            operands = tuple(self.slot[v.name] for v in node.operands)
+            for r in node.results:
+                self.slot[r.name] = len(self.slot)
+            results = tuple(self.slot[r.name] for r in node.results)
+            self.steps.append(Step(node, launch, reason, operands, results))
         self.llvm_target = host_target()
         self.fns = build(self.kernels(), self.llvm_target)
+        self.inputs = Inputs(graph)
+        self.plans: dict[tuple, Plan] = {}  # per binding of the symbols (B, T, ...)
         self.profile = False  # True: time every step (report()["profile"])
         self.step_seconds: Counter[str] = Counter()
 
     def __call__(self, *args: Any, params: Mapping[str, Any] | None = None) -> tuple[Any, ...]:
-        feed, env = feed_inputs(self.graph, args, params)
-        values = {v.name: t for v, t in zip(self.graph.inputs, feed)}
-        device = next((t.device for t in feed if hasattr(t, "device")), None)
-        for step in self.steps:
-            ins = [values[v.name] for v in step.node.operands]
-            start = time.perf_counter() if self.profile else 0.0
-            if step.launch is None:
-                outs = run_node(step.node, ins, env, device)
-            else:
-                outs = step.launch(ins, env, self.fns)
-            if self.profile:
-                where = "reference" if step.launch is None else "kernel"
-                self.step_seconds[f"{step.node.name} ({where})"] += time.perf_counter() - start
-            values.update({r.name: t for r, t in zip(step.node.results, outs)})
-        return tuple(values[v.name] for v in self.graph.outputs)
+        feed, env = self.inputs.feed(args, params)
+        plan = self.plan(env)
+        if self.profile:
+            return self._profiled(plan, feed)
+        return plan.run(feed)
+
+    def plan(self, env: dict) -> Plan:
+        """The `Plan` for this binding of the symbols (built on first use)."""
+        key = tuple(sorted((str(k), v) for k, v in env.items()))
+        if key not in self.plans:
+            self.plans[key] = self._make_plan(env)
+        return self.plans[key]
+
+    def _make_plan(self, env: dict) -> Plan:
+        outputs = tuple(self.slot[v.name] for v in self.graph.outputs)
+        last: dict[int, int] = {}
+        for i, step in enumerate(self.steps):
+            for s in step.operands:
+                last[s] = i
+        keep = set(outputs) | set(range(len(self.graph.inputs)))
+        calls = []
+        for i, step in enumerate(self.steps):
+            dead = tuple(s for s in dict.fromkeys(step.operands) if last[s] == i and s not in keep)
+            calls.append((step.bind(env, self.fns), step.operands, step.results, dead))
+        return Plan(calls, outputs, len(self.slot))
+
+    def _profiled(self, plan: Plan, feed: list[Any]) -> tuple[Any, ...]:
+        """`plan.run` timing each step into `step_seconds` (op, and kernel or reference)."""
+        timed = []
+        for (call, *rest), step in zip(plan.calls, self.steps):
+            where = "reference" if step.launch is None else "kernel"
+            timed.append((_timed(call, self.step_seconds, f"{step.node.name} ({where})"), *rest))
+        return Plan(timed, plan.outputs, plan.slots).run(feed)
 
     def kernels(self) -> list[Kernel]:
         """The distinct kernels of the graph, in first-use order."""
@@ -141,3 +195,13 @@ class TVMBackend:
         self, graph: ir.Graph, target: str | Target = "cpu", *, blas: str = "auto"
     ) -> TVMExecutable:
         return TVMExecutable(graph, get_target(target), blas=blas)
+
+
+def _timed(call: Call, seconds: Counter[str], key: str) -> Call:
+    def run(inputs: Any) -> tuple[Any, ...]:
+        start = time.perf_counter()
+        out = call(inputs)
+        seconds[key] += time.perf_counter() - start
+        return out
+
+    return run

@@ -22,7 +22,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import ir
-from backends.tvm.emitters import BLAS_MIN_FLOPS, TVM_EMITTERS, KernelLaunch, emit_single
+from backends.tvm.emitters import (
+    TVM_EMITTERS,
+    Call,
+    KernelLaunch,
+    emit_single,
+    shape_of,
+    uses_blas,
+)
 from backends.tvm.lower import Lowering, Unsupported, convert, lowers, static, tvm_dtype
 from backends.tvm.schedule_cpu import VECTOR
 
@@ -194,10 +201,47 @@ def lower_sparse_mqa(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
     return [_rope(lw, o, cos, sin, lambda b, t, h, c: t, True, out)]
 
 
+def topk(lw: Lowering, x: Any, k: int) -> tuple[Any, Any]:
+    """(values, int64 indices) of the k largest entries of x [..., n] along the last dim, best
+    first. CPU: `topi.topk` (an extern call to TVM's sort). GPU (`lw.gpu`): in the kernel, by
+    rank: entry s has rank #{entries that beat it} (larger, or equal at a lower index), and
+    output j is the entry of rank j; n² comparisons per row, no sort, no extern call."""
+    from tvm import te, tirx, topi
+
+    if not lw.gpu:
+        return topi.topk(x, k=k, axis=-1, ret_type="both", is_ascend=False, dtype="int64")
+    *lead, n = x.shape
+    r = te.reduce_axis((0, n), name="r")
+
+    def beats(i: tuple, other: Any) -> Any:
+        mine, theirs = x(*i), x(*i[:-1], other)
+        return tirx.Or(theirs > mine, tirx.And(theirs == mine, other < i[-1]))
+
+    one, zero = tirx.const(1, "int32"), tirx.const(0, "int32")
+    rank = te.compute(
+        x.shape,
+        lambda *i: te.sum(tirx.Select(beats(i, r), one, zero), axis=r),
+        name=lw.tag("keep_rank"),
+    )
+    s = te.reduce_axis((0, n), name="s")
+    found = te.compute(  # 1 + the index of the entry of rank j (every j < n has one)
+        (*lead, k),
+        lambda *i: te.sum(tirx.Select(rank(*i[:-1], s) == i[-1], s + 1, zero), axis=s),
+        name=lw.tag("keep_pick"),
+    )
+    index = te.compute(found.shape, lambda *i: convert(found(*i) - 1, "int64"), name=lw.tag("pick"))
+    values = te.compute(
+        found.shape,
+        lambda *i: x(*i[:-1], tirx.max(found(*i) - 1, 0)),
+        name=lw.tag("picked_value"),
+    )
+    return values, index
+
+
 def _topk_or_pad(lw: Lowering, score: Any, n: Any, k: int) -> Any:
     """Indices (i64) of the k best columns of score [..., n] (-inf = invisible), -1 past the
     visible ones; k may exceed n."""
-    from tvm import te, tirx, topi
+    from tvm import te, tirx
 
     lead = score.shape[:-1]
     padded = te.compute(
@@ -207,7 +251,7 @@ def _topk_or_pad(lw: Lowering, score: Any, n: Any, k: int) -> Any:
         ),
         name=lw.tag("padded"),
     )
-    values, picks = topi.topk(padded, k=k, axis=-1, ret_type="both", is_ascend=False, dtype="int64")
+    values, picks = topk(lw, padded, k)
     return te.compute(
         picks.shape,
         lambda *i: tirx.Select(
@@ -434,7 +478,7 @@ def _swiglu(gate: Any, up: Any, limit: float) -> Any:
 
 @lowers("moe.route")
 def lower_route(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
-    from tvm import te, tirx, topi
+    from tvm import te, tirx
 
     op = node.op
     x, gate, *rest = args
@@ -469,9 +513,7 @@ def lower_route(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
         if op.bias:
             (bias,) = rest
             chooser = te.compute(s.shape, lambda n, e: s(n, e) + _f(bias(e)), name="chooser")
-        _, experts = topi.topk(
-            chooser, k=op.k, axis=-1, ret_type="both", is_ascend=False, dtype="int64"
-        )
+        _, experts = topk(lw, chooser, op.k)
     picked = te.compute(experts.shape, lambda n, j: s(n, _i32(experts(n, j))), name="picked")
     kj = te.reduce_axis((0, op.k), name="kj")
     total = te.compute((x.shape[0],), lambda n: te.sum(picked(n, kj), axis=kj), name="total")
@@ -696,14 +738,12 @@ class ExpertsLaunch(KernelLaunch):
 
     blas: str = "auto"
 
-    def __call__(self, inputs: list[Any], env: dict, fns: dict[str, Any]) -> tuple[Any, ...]:
-        x, _, experts, w1 = inputs[:4]
-        flops = 6 * experts.numel() * w1.shape[1] * w1.shape[2]
-        on_cpu = x.device.type == "cpu"
-        if on_cpu and (self.blas == "always" or (self.blas == "auto" and flops >= BLAS_MIN_FLOPS)):
-            self.count("blas")
-            return (grouped_experts(self.node.op, *inputs),)
-        return super().__call__(inputs, env, fns)
+    def bind(self, env: dict, fns: dict[str, Any]) -> Call:
+        experts, w1 = (shape_of(self.node.operands[i], env) for i in (2, 3))
+        if uses_blas(self.blas, 6 * experts[0] * experts[1] * w1[1] * w1[2]):
+            op = self.node.op
+            return self.counted("blas", lambda inputs: (grouped_experts(op, *inputs),))
+        return super().bind(env, fns)
 
 
 @TVM_EMITTERS.register("moe.experts")

@@ -28,10 +28,14 @@ def _type(t: torch.Tensor) -> ir.TensorType:
 
 
 def _check(
-    nodes: list[tuple[str, list[str], dict]], inputs: dict[str, torch.Tensor], blas: str = "auto"
+    nodes: list[tuple[str, list[str], dict]],
+    inputs: dict[str, torch.Tensor],
+    blas: str = "auto",
+    gpu_ir: bool = False,
 ) -> dict:
     """Build one graph of `nodes` (mnemonic, input names, attrs), run TVM and the reference;
-    returns the executable's report."""
+    returns the executable's report. `gpu_ir`: run the kernels as lowered for a GPU (top-k in
+    the kernel instead of TVM's extern CPU sort), built for this CPU."""
     b = ir.Builder(name="semantic")
     vals = {k: b.input(k, _type(v)) for k, v in inputs.items()}
     outs = []
@@ -42,11 +46,27 @@ def _check(
     g = b.build()
     exe = TVMBackend().compile(g, "cpu", blas=blas)
     assert not exe.fallbacks(), exe.fallbacks()
+    if gpu_ir:
+        _use_gpu_ir(exe)
     args = list(inputs.values())
     for v, got, want in zip(g.outputs, exe(*args), ir.interpret(g, *args)):
         assert got.dtype == want.dtype and got.shape == want.shape, v
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=str(v))
     return exe.report()
+
+
+_MODULES = []  # built modules stay alive while their functions are used
+
+
+def _use_gpu_ir(exe) -> None:
+    import tvm
+
+    for k in exe.kernels():
+        gpu = k.gpu_ir()
+        assert gpu is not k.tensor_ir, k.name  # these tests lower top-k kernels only
+        assert "tvm_call_packed" not in gpu.script()
+        _MODULES.append(tvm.tirx.build(tvm.IRModule({k.name: gpu}), target=exe.llvm_target))
+        exe.fns[k.key] = _MODULES[-1][k.name]
 
 
 def _rope(rows: int, half: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,8 +132,9 @@ def test_sparse_mqa_decode(pos):
     )
 
 
+@pytest.mark.parametrize("gpu_ir", [False, True], ids=["cpu_ir", "gpu_ir"])
 @pytest.mark.parametrize("c", [8, 32])  # 32: q·k as 16 vector lanes of partial sums
-def test_indexer_topk_prefill_and_decode(c):
+def test_indexer_topk_prefill_and_decode(c, gpu_ir):
     """Positive q/keys/w: distinct scores, so the order of the picks is well defined."""
     b, t, h, s = 2, 9, 3, 4
     inputs = {
@@ -135,6 +156,7 @@ def test_indexer_topk_prefill_and_decode(c):
             ),
         ],
         inputs,
+        gpu_ir=gpu_ir,
     )
 
 
@@ -166,7 +188,8 @@ def test_compress_with_and_without_overlap():
     )
 
 
-def test_moe_route_scores_bias_and_hash():
+@pytest.mark.parametrize("gpu_ir", [False, True], ids=["cpu_ir", "gpu_ir"])
+def test_moe_route_scores_bias_and_hash(gpu_ir):
     n, d, e, k = 5, 8, 7, 2
     inputs = {
         "x": _t(n, d),
@@ -183,6 +206,7 @@ def test_moe_route_scores_bias_and_hash():
             ("moe.route", ["x", "gate", "table", "ids"], {"k": k, "hash": True}),
         ],
         inputs,
+        gpu_ir=gpu_ir,
     )
 
 
