@@ -4,7 +4,7 @@ interpreter. Edge cases: head dim 512 with 64 RoPE channels, -1 picks, windows t
 before position 0, decode rings not yet full, decode splits with no visible entry, head counts
 and sequence lengths that are not multiples of the tiles, top-k wider than the visible keys.
 fp32 compares at 1e-5; bf16 at 2 ulp of the largest output (the reference rounds the softmax
-weights after normalising, the kernel before; both round o before its inverse rotation).
+weights after normalising, the kernel before; 1 ulp is what it measured).
 """
 
 from __future__ import annotations

@@ -107,7 +107,7 @@ def _mqa_source(node: ir.Node) -> KernelSource:
     else:
         params += _ints("T", "H", "C", "HALF_ROPE", "S", "K")
     params += _consts("WINDOW", "RATIO", "COMP", "Q_NORM", "EPS", "SCALE")
-    params += _consts("BLOCK_H", "BLOCK_N", "BLOCK_C", "DOT_IN_F32")
+    params += _consts("BLOCK_H", "BLOCK_N", "BLOCK_C", "DOT_IN_F32", "ROUND_BITS")
     if decode:
         params += _consts("STAGE")
     name = "sparse_mqa_decode" if decode else "sparse_mqa_prefill"
@@ -150,6 +150,8 @@ class SparseMQALaunch:
             "SCALE": float(a["scale"]),
             **tiles,
             "DOT_IN_F32": _dot_in_f32(self.dtype, target),
+            # the interpreter's fp32 -> bf16 cast truncates; GPUs round to nearest even
+            "ROUND_BITS": self.dtype == ir.DType.bf16 and not target.is_gpu,
         }
         return consts, opts
 

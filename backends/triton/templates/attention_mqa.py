@@ -33,6 +33,17 @@ import triton.language as tl
 
 
 @triton.jit
+def _round(x, dtype, ROUND_BITS: tl.constexpr):
+    """fp32 x rounded to dtype (to nearest even), back in fp32. ROUND_BITS rounds bf16 by its
+    bits first: the CPU interpreter's fp32 -> bf16 cast truncates (compiled casts round)."""
+    if ROUND_BITS:
+        bits = x.to(tl.int32, bitcast=True)
+        bits += 0x7FFF + ((bits >> 16) & 1)
+        x = (bits & -65536).to(tl.float32, bitcast=True)
+    return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
 def _rope_factors(cos_ptr, sin_ptr, t, HALF_C, HALF_ROPE, BLOCK_C: tl.constexpr):
     """cos/sin per channel pair of query row t: the rotary table on the last HALF_ROPE pairs,
     (1, 0) on the others, so one elementwise rotation covers the whole head."""
@@ -48,7 +59,7 @@ def _rope_factors(cos_ptr, sin_ptr, t, HALF_C, HALF_ROPE, BLOCK_C: tl.constexpr)
 @triton.jit
 def _load_query(q_ptr, cos_ptr, sin_ptr, row, t, head0, H, C, HALF_ROPE,
                 Q_NORM: tl.constexpr, EPS: tl.constexpr,
-                BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr):
+                BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, ROUND_BITS: tl.constexpr):
     """q' = rope(rms_norm(q)) of BLOCK_H heads of one token, as even/odd channel halves in q's
     dtype (the reference rounds after the norm and after the rotation)."""
     dtype = q_ptr.dtype.element_ty
@@ -61,12 +72,14 @@ def _load_query(q_ptr, cos_ptr, sin_ptr, row, t, head0, H, C, HALF_ROPE,
     if Q_NORM:
         mean_sq = tl.sum(q_even * q_even + q_odd * q_odd, axis=1) / C
         inv_rms = 1.0 / tl.sqrt(mean_sq + EPS)
-        q_even = (q_even * inv_rms[:, None]).to(dtype).to(tl.float32)
-        q_odd = (q_odd * inv_rms[:, None]).to(dtype).to(tl.float32)
+        q_even = _round(q_even * inv_rms[:, None], dtype, ROUND_BITS)
+        q_odd = _round(q_odd * inv_rms[:, None], dtype, ROUND_BITS)
     # RoPE on the interleaved pairs (even, odd) of the last channels
     cos, sin = _rope_factors(cos_ptr, sin_ptr, t, C // 2, HALF_ROPE, BLOCK_C)
     rot_even = q_even * cos[None, :] - q_odd * sin[None, :]
     rot_odd = q_even * sin[None, :] + q_odd * cos[None, :]
+    rot_even = _round(rot_even, dtype, ROUND_BITS)
+    rot_odd = _round(rot_odd, dtype, ROUND_BITS)
     return rot_even.to(dtype), rot_odd.to(dtype)
 
 
@@ -81,7 +94,7 @@ def _dot(a, b, acc, DOT_IN_F32: tl.constexpr):
 @triton.jit
 def _attend(q_even, q_odd, acc_even, acc_odd, m_i, l_i, entry_ptr, rows, valid, C,
             SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-            DOT_IN_F32: tl.constexpr):
+            DOT_IN_F32: tl.constexpr, ROUND_BITS: tl.constexpr):
     """One block of BLOCK_N entries (rows of entry_ptr, masked by `valid`) into the running
     softmax state: acc (unnormalised output halves), m_i (running max), l_i (running sum)."""
     dtype = q_even.dtype
@@ -94,7 +107,7 @@ def _attend(q_even, q_odd, acc_even, acc_odd, m_i, l_i, entry_ptr, rows, valid, 
     qk = tl.zeros((q_even.shape[0], BLOCK_N), dtype=tl.float32)
     qk = _dot(q_even, tl.trans(e_even), qk, DOT_IN_F32)
     qk = _dot(q_odd, tl.trans(e_odd), qk, DOT_IN_F32)
-    z = qk.to(dtype).to(tl.float32) * SCALE
+    z = _round(qk, dtype, ROUND_BITS) * SCALE
     z = tl.where(valid[None, :], z, float("-inf"))
     # online softmax: rescale the state to the new running max
     m_new = tl.maximum(m_i, tl.max(z, axis=1))
@@ -102,7 +115,7 @@ def _attend(q_even, q_odd, acc_even, acc_odd, m_i, l_i, entry_ptr, rows, valid, 
     p = tl.exp(z - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     # acc = acc * alpha + p @ e, with p rounded to q's dtype
-    p = p.to(dtype)
+    p = _round(p, dtype, ROUND_BITS).to(dtype)
     acc_even = _dot(p, e_even, acc_even * alpha[:, None], DOT_IN_F32)
     acc_odd = _dot(p, e_odd, acc_odd * alpha[:, None], DOT_IN_F32)
     return acc_even, acc_odd, m_new, l_i
@@ -113,7 +126,7 @@ def _attend_entries(q_even, q_odd, acc_even, acc_odd, m_i, l_i,
                     kv_ptr, comp_ptr, picks_ptr, b, row, p, lo, hi, R, S, K, C,
                     DECODE: tl.constexpr, WINDOW: tl.constexpr, RATIO: tl.constexpr,
                     COMP: tl.constexpr, SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_C: tl.constexpr, DOT_IN_F32: tl.constexpr):
+                    BLOCK_C: tl.constexpr, DOT_IN_F32: tl.constexpr, ROUND_BITS: tl.constexpr):
     """Entries [lo, hi) of the query at position p, in the order: window rows, compressed rows.
     COMP: 0 none (window only), 1 every visible compressed row (HCA), 2 picks (CSA)."""
     # window: prefill rows p-WINDOW+1 .. p of kv (those >= 0); decode ring slots 0 .. p
@@ -137,7 +150,7 @@ def _attend_entries(q_even, q_odd, acc_even, acc_odd, m_i, l_i,
         valid = j < tl.minimum(hi, n_win)
         acc_even, acc_odd, m_i, l_i = _attend(
             q_even, q_odd, acc_even, acc_odd, m_i, l_i, kv_base, win_first + j, valid, C,
-            SCALE, BLOCK_N, BLOCK_C, DOT_IN_F32)
+            SCALE, BLOCK_N, BLOCK_C, DOT_IN_F32, ROUND_BITS)
     if COMP > 0:
         comp_base = comp_ptr + b * S * C
         for start in range(tl.maximum(lo, n_win) - n_win, hi - n_win, BLOCK_N):
@@ -151,17 +164,17 @@ def _attend_entries(q_even, q_odd, acc_even, acc_odd, m_i, l_i,
                 valid = in_range
             acc_even, acc_odd, m_i, l_i = _attend(
                 q_even, q_odd, acc_even, acc_odd, m_i, l_i, comp_base, rows, valid, C,
-                SCALE, BLOCK_N, BLOCK_C, DOT_IN_F32)
+                SCALE, BLOCK_N, BLOCK_C, DOT_IN_F32, ROUND_BITS)
     return acc_even, acc_odd, m_i, l_i
 
 
 @triton.jit
 def _finish(acc_even, acc_odd, l_i, out_ptr, cos_ptr, sin_ptr, row, t, head0, H, C, HALF_ROPE,
-            BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr):
+            BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, ROUND_BITS: tl.constexpr):
     """o = acc / l rounded to the output dtype, rotated back by -angle, stored."""
     dtype = out_ptr.dtype.element_ty
-    o_even = (acc_even / l_i[:, None]).to(dtype).to(tl.float32)
-    o_odd = (acc_odd / l_i[:, None]).to(dtype).to(tl.float32)
+    o_even = _round(acc_even / l_i[:, None], dtype, ROUND_BITS)
+    o_odd = _round(acc_odd / l_i[:, None], dtype, ROUND_BITS)
     # inverse RoPE: rotate the pairs by -angle
     cos, sin = _rope_factors(cos_ptr, sin_ptr, t, C // 2, HALF_ROPE, BLOCK_C)
     out_even = o_even * cos[None, :] + o_odd * sin[None, :]
@@ -170,7 +183,8 @@ def _finish(acc_even, acc_odd, l_i, out_ptr, cos_ptr, sin_ptr, row, t, head0, H,
     heads = head0 + tl.arange(0, BLOCK_H)
     cols = tl.arange(0, 2 * BLOCK_C)
     mask = (heads < H)[:, None] & (cols < C)[None, :]
-    tl.store(out_ptr + (row * H + heads[:, None]) * C + cols[None, :], out.to(dtype), mask=mask)
+    out = _round(out, dtype, ROUND_BITS).to(dtype)
+    tl.store(out_ptr + (row * H + heads[:, None]) * C + cols[None, :], out, mask=mask)
 
 
 @triton.jit
@@ -180,7 +194,7 @@ def sparse_mqa_prefill(
     WINDOW: tl.constexpr, RATIO: tl.constexpr, COMP: tl.constexpr,
     Q_NORM: tl.constexpr, EPS: tl.constexpr, SCALE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    DOT_IN_F32: tl.constexpr,
+    DOT_IN_F32: tl.constexpr, ROUND_BITS: tl.constexpr,
 ):
     tl.static_assert(BLOCK_H >= 16 and BLOCK_N >= 16 and BLOCK_C >= 16, "tl.dot tiles >= 16")
     # program: one query token (row = b*T + t, at position t) and BLOCK_H of its heads
@@ -189,7 +203,7 @@ def sparse_mqa_prefill(
     b = row // T
     t = row % T
     q_even, q_odd = _load_query(q_ptr, cos_ptr, sin_ptr, row, t, head0, H, C, HALF_ROPE,
-                                Q_NORM, EPS, BLOCK_H, BLOCK_C)
+                                Q_NORM, EPS, BLOCK_H, BLOCK_C, ROUND_BITS)
     # softmax state: the running max starts at the sink logit, whose term exp(0) = 1 is in l
     heads = head0 + tl.arange(0, BLOCK_H)
     m_i = tl.load(sink_ptr + heads, mask=heads < H, other=0.0).to(tl.float32)
@@ -200,9 +214,9 @@ def sparse_mqa_prefill(
     acc_even, acc_odd, m_i, l_i = _attend_entries(
         q_even, q_odd, acc_even, acc_odd, m_i, l_i, kv_ptr, comp_ptr, picks_ptr,
         b, row, t, 0, WINDOW + tl.maximum(S, K), T, S, K, C,
-        False, WINDOW, RATIO, COMP, SCALE, BLOCK_N, BLOCK_C, DOT_IN_F32)
+        False, WINDOW, RATIO, COMP, SCALE, BLOCK_N, BLOCK_C, DOT_IN_F32, ROUND_BITS)
     _finish(acc_even, acc_odd, l_i, out_ptr, cos_ptr, sin_ptr, row, t, head0, H, C, HALF_ROPE,
-            BLOCK_H, BLOCK_C)
+            BLOCK_H, BLOCK_C, ROUND_BITS)
 
 
 @triton.jit
@@ -213,7 +227,7 @@ def sparse_mqa_decode(
     WINDOW: tl.constexpr, RATIO: tl.constexpr, COMP: tl.constexpr,
     Q_NORM: tl.constexpr, EPS: tl.constexpr, SCALE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    DOT_IN_F32: tl.constexpr, STAGE: tl.constexpr,
+    DOT_IN_F32: tl.constexpr, ROUND_BITS: tl.constexpr, STAGE: tl.constexpr,
 ):
     tl.static_assert(BLOCK_H >= 16 and BLOCK_N >= 16 and BLOCK_C >= 16, "tl.dot tiles >= 16")
     # program: the one query of sequence b, BLOCK_H heads, (stage 0) one split of its entries
@@ -229,7 +243,7 @@ def sparse_mqa_decode(
         split = tl.program_id(2)
         p = tl.load(pos_ptr).to(tl.int64)
         q_even, q_odd = _load_query(q_ptr, cos_ptr, sin_ptr, b, 0, head0, H, C, HALF_ROPE,
-                                    Q_NORM, EPS, BLOCK_H, BLOCK_C)
+                                    Q_NORM, EPS, BLOCK_H, BLOCK_C, ROUND_BITS)
         # the running max starts at the sink; its exp term is added once, by the combine
         m_i = sink
         l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
@@ -239,7 +253,7 @@ def sparse_mqa_decode(
         acc_even, acc_odd, m_i, l_i = _attend_entries(
             q_even, q_odd, acc_even, acc_odd, m_i, l_i, kv_ptr, comp_ptr, picks_ptr,
             b, b, p, lo, lo + SPLIT_LEN, WINDOW, S, K, C,
-            True, WINDOW, RATIO, COMP, SCALE, BLOCK_N, BLOCK_C, DOT_IN_F32)
+            True, WINDOW, RATIO, COMP, SCALE, BLOCK_N, BLOCK_C, DOT_IN_F32, ROUND_BITS)
         at = part + split * H * C
         tl.store(part_acc_ptr + at[:, None] + pairs[None, :], acc_even, mask=part_mask)
         tl.store(part_acc_ptr + at[:, None] + C // 2 + pairs[None, :], acc_odd, mask=part_mask)
@@ -269,5 +283,5 @@ def sparse_mqa_decode(
             acc_odd = acc_odd * alpha[:, None] + acc_o * beta[:, None]
             m_i = m_new
         _finish(acc_even, acc_odd, l_i, out_ptr, cos_ptr, sin_ptr, b, 0, head0, H, C,
-                HALF_ROPE, BLOCK_H, BLOCK_C)
+                HALF_ROPE, BLOCK_H, BLOCK_C, ROUND_BITS)
 '''
