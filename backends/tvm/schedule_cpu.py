@@ -7,7 +7,8 @@ leaves the loop nest as it was; the result is still correct, only slower):
    except stages named `keep_*` (Sinkhorn steps: inlining them would grow exponentially);
 2. compute the remaining producers (row statistics of softmax, norms) inside the outer loops of
    the output that reads them, so a row is reduced and normalised while it is in cache;
-3. per root loop nest: fuse the outer spatial loops and run them in parallel over the cores;
+3. per root loop nest: fuse the outer spatial loops and run them in parallel over the cores
+   (unless its static extents multiply to at most `SERIAL_MAX`: tiny stages run serially);
    vectorise the innermost loop of spatial nests when its extent is static (AVX-512: 16 lanes of
    f32), unrolled by `VECTOR` lanes otherwise;
 4. a reduction whose innermost loop runs over a static multiple of `VECTOR` (a dot product over
@@ -29,6 +30,9 @@ __all__ = ["VECTOR", "schedule_cpu"]
 VECTOR = 16  # f32 lanes of one AVX-512 register
 KEEP = "keep_"  # stages named so are never inlined (each reads many elements of the last)
 ROWS = "rows_"  # reductions whose last spatial loop is vectorised with the reduction outside it
+# a stage doing at most this many iterations per value of its symbolic dims (B, T) runs serially:
+# waking the thread pool costs more (the Sinkhorn steps of hc.pre: 40 stages of 4×4 per token)
+SERIAL_MAX = 256
 
 
 def _try(fn: Any, *args: Any) -> Any:
@@ -101,10 +105,19 @@ def _attach_producers(sch: Any, out_block: Any, only: Any = None) -> None:
                 break
 
 
+def _static_volume(sch: Any, loops: list[Any]) -> int:
+    """The product of the static loop extents (a symbolic extent counts as 1)."""
+    volume = 1
+    for lp in loops:
+        volume *= _static(sch.get(lp).extent) or 1
+    return volume
+
+
 def _parallelise(sch: Any, block: Any) -> None:
     loops = sch.get_loops(block)
     if not loops:
         return
+    serial = _static_volume(sch, loops) <= SERIAL_MAX
     spatial = _is_spatial(sch, block)
     iters = sch.get(block).iter_vars
     n_outer = 0
@@ -118,7 +131,7 @@ def _parallelise(sch: Any, block: Any) -> None:
         n_outer -= 1
     elif sch.get(block).name_hint.startswith(ROWS) and n_outer >= 2:
         n_outer -= 1  # the last spatial loop stays for _accumulate_rows
-    if n_outer >= 1:
+    if n_outer >= 1 and not serial:
         outer = _try(sch.fuse, *loops[:n_outer]) if n_outer > 1 else loops[0]
         _try(sch.parallel, outer if outer is not None else loops[0])
     if inner is not None:

@@ -127,12 +127,14 @@ def lower_sparse_mqa(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
         is_raw = j < win
         return tirx.Select(is_raw, raw_ok, comp_ok), is_raw, tirx.Select(is_raw, raw_row, crow)
 
-    # one table of rows (raw ++ compressed) and, per (query, entry), the row it reads: the
-    # channel loops then load one contiguous row instead of selecting between two gathers
+    # per (query, entry), the row it reads in the table raw ++ compressed. Prefill builds that
+    # table once (the channel loops then load one contiguous row instead of selecting between
+    # two gathers); a decode step selects between the two rows instead: copying the whole cache
+    # for one query would cost more than all its entries
+    n_comp = comp.shape[1] if comp is not None else 0
     if comp is None:
         table = kv
-    else:
-        n_comp = comp.shape[1]
+    elif pos is None:
         table = te.compute(
             (kv.shape[0], rows + n_comp, kv.shape[2]),
             lambda b, r, c: tirx.Select(
@@ -148,12 +150,16 @@ def lower_sparse_mqa(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
         raw = tirx.min(tirx.max(row, 0), rows - 1)
         if comp is None:
             return raw
-        return tirx.Select(is_raw, raw, rows + tirx.min(tirx.max(row, 0), comp.shape[1] - 1))
+        return tirx.Select(is_raw, raw, rows + tirx.min(tirx.max(row, 0), n_comp - 1))
 
     row_of = te.compute((*q.shape[:2], n_entries), table_row, name=lw.tag("keep_row"))
 
     def entry(b: Any, t: Any, j: Any, c: Any) -> Any:
-        return _f(table(b, row_of(b, t, j), c))
+        r = row_of(b, t, j)
+        if comp is None or pos is None:
+            return _f(table(b, r, c))
+        raw = kv(b, tirx.min(r, rows - 1), c)
+        return _f(tirx.Select(r < rows, raw, comp(b, tirx.max(r - rows, 0), c)))
 
     width = q.shape[3]
     kc = te.reduce_axis((0, width), name="kc")
@@ -554,14 +560,17 @@ def lower_experts(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
             * _f(weights(n, j)),
             out,
         ),
-        name=lw.tag("h"),
+        name=lw.tag("keep_h"),  # once per hidden unit, not once per output channel
+    )
+    ki = te.reduce_axis((0, inter), name="ki")
+    down = te.compute(  # one reduction axis per stage: the dot over ki is vectorised (rfactor)
+        (n_tok, k, width),
+        lambda n, j, c: te.sum(_f(h(n, j, ki)) * _f(w2(eid(n, j), c, ki)), axis=ki),
+        name=lw.tag("down_proj"),
     )
     kj = te.reduce_axis((0, k), name="kj")
-    ki = te.reduce_axis((0, inter), name="ki")
     y = te.compute(
-        (n_tok, width),
-        lambda n, c: te.sum(_f(h(n, kj, ki)) * _f(w2(eid(n, kj), c, ki)), axis=[kj, ki]),
-        name=lw.tag("routed"),
+        (n_tok, width), lambda n, c: te.sum(down(n, kj, c), axis=kj), name=lw.tag("routed")
     )
     if not op.shared:
         return [te.compute(y.shape, lambda n, c: convert(y(n, c), out), name=lw.tag("y"))]
@@ -732,15 +741,23 @@ SEMANTIC = (
 TVM_EMITTERS.register(*SEMANTIC)(emit_single)
 
 
+BLAS_MIN_ROWS = 4
+
+
 @dataclass
 class ExpertsLaunch(KernelLaunch):
-    """`moe.experts`: the kernel, or grouped GEMMs through BLAS when the policy says so."""
+    """`moe.experts`: the kernel, or grouped GEMMs through BLAS when the policy says so and
+    ("auto") the experts get `BLAS_MIN_ROWS` (token, slot) rows each on average: with fewer
+    (a decode step), every per-expert GEMM is a GEMV and the kernel's gather does the same reads
+    without a torch call per expert."""
 
     blas: str = "auto"
 
     def bind(self, env: dict, fns: dict[str, Any]) -> Call:
         experts, w1 = (shape_of(self.node.operands[i], env) for i in (2, 3))
-        if uses_blas(self.blas, 6 * experts[0] * experts[1] * w1[1] * w1[2]):
+        pairs = experts[0] * experts[1]
+        few = self.blas == "auto" and pairs < BLAS_MIN_ROWS * w1[0]
+        if not few and uses_blas(self.blas, 6 * pairs * w1[1] * w1[2]):
             op = self.node.op
             return self.counted("blas", lambda inputs: (grouped_experts(op, *inputs),))
         return super().bind(env, fns)
