@@ -65,16 +65,20 @@ def mqa_config(target: Target, head_dim: int, dtype: ir.DType) -> dict[str, int]
     registers a thread). BLOCK_N: 32 where two stages of entry tiles fit in 3/4 of the
     target's shared memory per block (NVIDIA: the query stays in registers, entries go through
     shared memory); 16 on AMD, whose MFMA dots hold both operands in registers (32 entry rows
-    of 512 channels spill on gfx950)."""
+    of 512 channels spill on gfx950). fp32 (IEEE products, no tensor cores): 16 x 16."""
     block_c = max(16, next_pow2(head_dim // 2))
     if not target.is_gpu:
         return {"BLOCK_H": 16, "BLOCK_N": 16, "BLOCK_C": block_c, "num_warps": 4,
                 "num_stages": 1}  # fmt: skip
+    warps = THREADS // target.warp_size
+    if dtype == ir.DType.f32:  # IEEE fp32 dots run on FMA units, operands in registers
+        return {"BLOCK_H": 16, "BLOCK_N": 16, "BLOCK_C": block_c, "num_warps": warps,
+                "num_stages": 1}  # fmt: skip
     entry_row = 2 * block_c * dtype.itemsize
     fits = 2 * 32 * entry_row <= 0.75 * target.smem_per_block
     block_n = 32 if fits and target.backend == "cuda" else 16
-    return {"BLOCK_H": 32, "BLOCK_N": block_n, "BLOCK_C": block_c,
-            "num_warps": THREADS // target.warp_size, "num_stages": 2}  # fmt: skip
+    return {"BLOCK_H": 32, "BLOCK_N": block_n, "BLOCK_C": block_c, "num_warps": warps,
+            "num_stages": 2}  # fmt: skip
 
 
 def _decode_splits(target: Target, entries: int, batch: int, head_blocks: int, block_n: int):
