@@ -1,14 +1,15 @@
 """The TVM backend's op -> emitter table and the host side of each kernel (a `Launch`).
 
-An emitter turns one graph node into a `Launch`: the unbuilt `Kernel`s it may call and how to
-call them on the node's input tensors (outputs allocated by torch and written in place through
-DLPack, zero copy). Families:
+An emitter turns one graph node into a `Launch`: the unbuilt `Kernel`s it may call, and
+`bind(env, fns)`, which resolves for one binding of the symbols what a call does (output shapes,
+kernel or BLAS, the packed function) and returns it as a `Call` on the node's input tensors
+(outputs allocated by torch and written in place through DLPack, zero copy). Families:
 
 - `fused.kernel` whose body ops all have te lowerings -> one kernel for the whole body;
 - a lone elementwise, broadcast, reduction or softmax op -> a kernel of a one-op body;
 - `matmul` -> a tiled kernel in the layout the weight arrives in, or BLAS (`torch.matmul`) for
   large GEMMs when the executable's `blas` policy says so; a `fused.kernel` GEMM with an
-  elementwise epilogue the same way (BLAS, then the epilogue by the reference interpreter);
+  elementwise epilogue the same way (BLAS, then the epilogue ops by their references);
 - the semantic attention / MoE / mHC ops -> `backends.tvm.semantic`.
 """
 

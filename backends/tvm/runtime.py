@@ -8,6 +8,13 @@ kernels: B, T are bound from the input tensors on each call, so one build serves
 Tensors cross into TVM by DLPack (torch tensors are passed to the packed functions directly; the
 outputs are torch tensors the kernels write in place): no copies.
 
+A call costs little Python beyond the launches (a decode step launches ~150 kernels): each
+binding of the symbols gets a `Plan` once, where every step is a closure with its output
+shapes, its implementation (kernel, BLAS, reference with bound attributes) and its packed
+function resolved, reading and writing a list of value slots; a slot is cleared after its last
+reader. The inputs are checked on every call, the parameters once per set of tensor objects
+(`backends.tvm.inputs`).
+
 `exe.profile = True` times every step; `report()["profile"]` sums the seconds per op and
 whether it ran a kernel or the reference (where the time goes).
 

@@ -265,3 +265,30 @@ def test_gemm_epilogue_kernel_or_blas(blas):
     exe, _ = _run(build, blas)
     assert not exe.fallbacks(), exe.fallbacks()
     assert len(exe.report()["blas_calls"]) == (1 if blas == "always" else 0)
+
+
+def test_inputs_checked_on_every_call_parameters_once_per_tensor_set():
+    """A call with the same parameter tensors checks only the activations; other parameter
+    tensors are checked again. Every error names the input."""
+    from ir.interpreter import InterpretError
+
+    b = ir.Builder(name="linear")
+    x = b.input("x", ir.TensorType((B, 16), F32))
+    w = b.input("w", ir.TensorType((16, 8), F32), role="parameter")
+    b.output(b.op("matmul", [x, w]))
+    exe = TVMBackend().compile(b.build(), "cpu", blas="never")
+    params = {"w": torch.randn(16, 8)}
+    x1, x2 = torch.randn(3, 16), torch.randn(5, 16)
+    for x in (x1, x2):  # the second call reuses the checked parameters, B rebinds
+        (got,) = exe(x, params=params)
+        torch.testing.assert_close(got, x @ params["w"])
+    with pytest.raises(InterpretError, match="input %x: expected"):
+        exe(torch.randn(3, 15), params=params)
+    with pytest.raises(InterpretError, match="input %x: expected"):
+        exe(torch.ones(3, 16, dtype=torch.int64), params=params)
+    with pytest.raises(InterpretError, match="input %w: expected"):
+        exe(x1, params={"w": torch.randn(16, 9)})
+    with pytest.raises(InterpretError, match="missing parameter %w"):
+        exe(x1, params={})
+    with pytest.raises(InterpretError, match="not graph parameters: v"):
+        exe(x1, params={**params, "v": torch.ones(1)})
