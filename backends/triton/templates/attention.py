@@ -250,7 +250,9 @@ def emit_sparse_mqa(node: ir.Node, target: Target | None) -> SparseMQALaunch:
 # --- attn.indexer_topk ------------------------------------------------------------------------
 
 
-def indexer_config(target: Target, heads: int, head_dim: int, k: int) -> dict[str, int]:
+def indexer_config(
+    target: Target, heads: int, head_dim: int, k: int, dtype: ir.DType
+) -> dict[str, int]:
     """Scores: BLOCK_H index heads x BLOCK_S keys per dot, channels BLOCK_C at a time.
     Selection: K_PAD = the power of two >= k (the sort's length)."""
     block_h = min(64, max(16, next_pow2(heads)))
@@ -259,6 +261,8 @@ def indexer_config(target: Target, heads: int, head_dim: int, k: int) -> dict[st
     if not target.is_gpu:
         return {"BLOCK_H": block_h, "BLOCK_S": 16, "BLOCK_C": block_c, "K_PAD": k_pad,
                 "num_warps": 4}  # fmt: skip
+    if dtype == ir.DType.f32:  # IEEE fp32 dots hold their operands in registers
+        block_c = min(block_c, 32)
     return {"BLOCK_H": block_h, "BLOCK_S": 64, "BLOCK_C": block_c, "K_PAD": k_pad,
             "num_warps": THREADS // target.warp_size}  # fmt: skip
 
@@ -291,7 +295,8 @@ class IndexerTopKLaunch:
     operands: tuple[ir.Value, ...]
 
     def _constexprs(self, heads: int, head_dim: int, target: Target) -> tuple[dict, dict]:
-        tiles, opts = _split(indexer_config(target, heads, head_dim, self.attrs["k"]))
+        cfg = indexer_config(target, heads, head_dim, self.attrs["k"], self.dtype)
+        tiles, opts = _split(cfg)
         consts = {
             "RATIO": self.attrs["ratio"],
             "SCALE": float(self.attrs["scale"]),
