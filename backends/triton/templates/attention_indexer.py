@@ -14,8 +14,7 @@ bitonic half-cleaner step, max(best[i], chunk[i]), which holds exactly the K_PAD
 both; one sort restores the order. Slots that never received a visible key (an empty key)
 become -1.
 
-Loop bounds depend on the query's visible keys: compiled Triton takes that on 3.6 and 3.9, but
-triton 3.6's CPU interpreter cannot (see attention_mqa.py); the CPU tests run on the pinned 3.9.
+Loop bounds depend on the query's visible keys (see attention_mqa.py on Triton versions).
 """
 
 from __future__ import annotations

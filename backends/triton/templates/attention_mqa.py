@@ -16,10 +16,9 @@ each leaving an unnormalised partial (acc, max, sum) in fp32; `STAGE=1` combines
 sink and finishes like prefill. Both stages are one jit function (the `Launch` protocol holds
 one kernel source) selected by the constexpr STAGE.
 
-Loop bounds depend on the program (window start, visible entries, split range): compiled
-Triton takes that on every version used here (3.6 and 3.9 AOT), but triton 3.6's CPU
-interpreter cannot (its program ids are 1-element arrays that `range` refuses); the CPU tests
-run on the pinned 3.9.
+Loop bounds depend on the program (window start, visible entries, split range): Triton 3.6
+and 3.9 compile that, and both interpreters run it (3.6's only with numpy < 2.4, whose `int()`
+of a 1-element array it relies on; see backends/README.md).
 """
 
 from __future__ import annotations
