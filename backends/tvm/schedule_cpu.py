@@ -8,7 +8,7 @@ leaves the loop nest as it was; the result is still correct, only slower):
 2. compute the remaining producers (row statistics of softmax, norms) inside the outer loops of
    the output that reads them, so a row is reduced and normalised while it is in cache;
 3. per root loop nest: fuse the outer spatial loops and run them in parallel over the cores
-   (unless its static extents multiply to at most `SERIAL_MAX`: tiny stages run serially);
+   (unless it has at most `SERIAL_MAX` iterations per batch row: tiny stages run serially);
    vectorise the innermost loop of spatial nests when its extent is static (AVX-512: 16 lanes of
    f32), unrolled by `VECTOR` lanes otherwise;
 4. a reduction whose innermost loop runs over a static multiple of `VECTOR` (a dot product over
@@ -30,8 +30,8 @@ __all__ = ["VECTOR", "schedule_cpu"]
 VECTOR = 16  # f32 lanes of one AVX-512 register
 KEEP = "keep_"  # stages named so are never inlined (each reads many elements of the last)
 ROWS = "rows_"  # reductions whose last spatial loop is vectorised with the reduction outside it
-# a stage doing at most this many iterations per value of its symbolic dims (B, T) runs serially:
-# waking the thread pool costs more (the Sinkhorn steps of hc.pre: 40 stages of 4×4 per token)
+# a stage doing at most this many iterations per value of its outermost symbolic dim (B) runs
+# serially: waking the thread pool costs more (hc.pre's Sinkhorn: 40 stages of 4×4 per token)
 SERIAL_MAX = 256
 
 
@@ -106,10 +106,14 @@ def _attach_producers(sch: Any, out_block: Any, only: Any = None) -> None:
 
 
 def _static_volume(sch: Any, loops: list[Any]) -> int:
-    """The product of the static loop extents (a symbolic extent counts as 1)."""
+    """The product of the loop extents, the outermost one counted as 1 when symbolic (the batch
+    B of a decode step); any other symbolic extent (T, keys) counts as large."""
     volume = 1
-    for lp in loops:
-        volume *= _static(sch.get(lp).extent) or 1
+    for depth, lp in enumerate(loops):
+        extent = _static(sch.get(lp).extent)
+        if extent is None and depth > 0:
+            return SERIAL_MAX + 1
+        volume *= extent or 1
     return volume
 
 
