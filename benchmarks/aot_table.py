@@ -6,8 +6,9 @@ registers, shared memory and spills per kernel and target. No GPU needed.
 
 The kernels come from `backends.triton.samples.layer_kernels` (RMSNorm, q projection, router
 softmax, expert grouped GEMM, clamped SwiGLU) at the preset's sizes, or, with --model, from the
-captured prefill of that model preset after `passes.pipeline` (every distinct kernel the Triton
-backend launches for it). Symbolic dims are bound with --tokens (GEMM tiles depend on it).
+captured prefill and decode of that preset after `passes.pipeline` (every distinct kernel the
+Triton backend launches for it; one they share compiles once). Symbolic dims are bound with
+--tokens (tiles depend on it).
 
     .venv/bin/python benchmarks/aot_table.py --model tiny-512 --targets sm_90 gfx942
 """
@@ -35,20 +36,20 @@ PRESETS = {  # dim, MoE intermediate dim, routed experts (models/config.py)
 }
 
 
-def _graph(args: argparse.Namespace):
+def _graphs(args: argparse.Namespace) -> dict[str, object]:
+    """The graphs whose kernels to compile: the sample layer, or a preset's prefill and decode."""
     if not args.model:
-        return layer_kernels(*PRESETS[args.preset])
-    import torch
-
+        return {"layer": layer_kernels(*PRESETS[args.preset])}
     import passes
+    from dsv4c.cli import _meta_model, model_methods
     from frontend import capture
-    from models.deepseek_v4 import Config, Transformer
 
-    with torch.device("meta"):  # no weights needed: kernels depend on shapes only
-        model = Transformer(Config.preset(args.model)).eval()
-        tokens = torch.zeros(2, 256, dtype=torch.long)
-    graph = capture(model, (tokens,), dynamic={"tokens": {0: "B", 1: "T"}}, method="prefill")
-    return passes.pipeline(graph)
+    model = _meta_model(args.model)  # no weights needed: kernels depend on shapes only
+    graphs = {}
+    for method, spec in model_methods(model, max_len=256).items():
+        g = capture(model, spec.inputs, dynamic=spec.dynamic, method=method)
+        graphs[method] = passes.pipeline(g, target=args.targets[0])
+    return graphs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,17 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write the rows as JSON here")
     args = ap.parse_args(argv)
 
-    exe = TritonBackend().compile(_graph(args), args.targets[0])
-    for op, reason in exe.fallbacks():
+    exes = [TritonBackend().compile(g, args.targets[0]) for g in _graphs(args).values()]
+    for op, reason in sorted({f for exe in exes for f in exe.fallbacks()}):
         print(f"note: {op} runs its reference: {reason}")
     start = time.perf_counter()
     bindings = {"T": args.tokens, "B": 1}
-    results = aot_compile(exe, args.targets, bindings=bindings, keep_dir=args.keep)
+    results = aot_compile(exes, args.targets, bindings=bindings, keep_dir=args.keep)
     seconds = time.perf_counter() - start
     what = args.model or args.preset
-    print(
-        f"{what}: {len(exe.kernels())} kernels x {len(args.targets)} targets in {seconds:.1f} s\n"
-    )
+    kernels = len({k.key for exe in exes for k in exe.kernels()})
+    print(f"{what}: {kernels} kernels x {len(args.targets)} targets in {seconds:.1f} s\n")
     print(format_table(results))
     if args.json:
         rows = [dataclasses.asdict(r) for r in results]

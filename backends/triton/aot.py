@@ -146,34 +146,36 @@ def _env(graph: ir.Graph, bindings: Mapping[str, int] | None) -> dict:
 
 
 def aot_compile(
-    exe: TritonExecutable,
+    exe: TritonExecutable | Sequence[TritonExecutable],
     targets: Iterable[str | Target] = GPU_TARGETS,
     *,
     bindings: Mapping[str, int] | None = None,
     keep_dir: str | Path | None = None,
 ) -> list[AotResult]:
-    """Compile every distinct kernel of `exe` for each target (see the module docstring)."""
-    env = _env(exe.graph, bindings)
+    """Compile every distinct kernel of `exe` (or of several executables, e.g. a model's prefill
+    and decode: a kernel they share compiles once) for each target (see the module docstring)."""
+    exes = [exe] if hasattr(exe, "steps") else list(exe)
     keep = Path(keep_dir) if keep_dir is not None else None
     jobs: list[tuple[KernelSource, AotVariant, Target]] = []
     for t in targets:
         target = get_target(t)
         seen: set[tuple] = set()
-        for step in exe.steps:
-            if step.launch is None:
-                continue
-            for variant in step.launch.aot_variants(env, target):
-                source = variant.source or step.launch.source
-                key = (
-                    source.key,
-                    tuple(sorted(variant.constexprs.items())),
-                    tuple(sorted(variant.options.items())),
-                    tuple(sorted(variant.hints.items())),
-                )
-                if key in seen:
+        for e in exes:
+            env = _env(e.graph, bindings)
+            for step in e.steps:
+                if step.launch is None:
                     continue
-                seen.add(key)
-                jobs.append((source, variant, target))
+                for variant in step.launch.aot_variants(env, target):
+                    source = variant.source or step.launch.source
+                    key = (
+                        source.key,
+                        tuple(sorted(variant.constexprs.items())),
+                        tuple(sorted(variant.options.items())),
+                        tuple(sorted(variant.hints.items())),
+                    )
+                    if key not in seen:
+                        seen.add(key)
+                        jobs.append((source, variant, target))
     workers = min(len(jobs), compile_workers())
     if workers > 1 or _interpreting():
         return _compile_in_subprocesses(jobs, keep, max(1, workers))

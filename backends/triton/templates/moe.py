@@ -287,7 +287,8 @@ class ExpertsLaunch:
         # rows per tile: about the mean rows per expert, 16 (decode) to 64 (prefill)
         base["BLOCK_M"] = max(16, min(64, next_pow2(cdiv(sz.pairs, sz.e))))
         m, step = base["BLOCK_M"], 64 if item == 2 else 32
-        up = {"BLOCK_N": 64, "BLOCK_D": step}
+        # fp32 takes IEEE dots, operands in registers: two 64-wide weight tiles spill at m=64
+        up = {"BLOCK_N": 64 if item == 2 or m < 64 else 32, "BLOCK_D": step}
         down = {"BLOCK_N": 128 if item == 2 else 64, "BLOCK_D": step}
         up_stage = (m + 2 * up["BLOCK_N"]) * step * item  # x tile, w1 and w3 tiles
         down_stage = (m + down["BLOCK_N"]) * step * item
