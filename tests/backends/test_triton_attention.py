@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from backend_graphs import graph_of, rope_tables
 
 import ir
 from backends.targets import get_target
@@ -26,24 +27,9 @@ def _t(*shape: int, dtype=torch.float32, positive: bool = False) -> torch.Tensor
     return (x.abs() + 0.05 if positive else x).to(dtype)
 
 
-def _rope(rows: int, half: int) -> tuple[torch.Tensor, torch.Tensor]:
-    angle = torch.rand(rows, half, generator=GEN) * 6.0
-    return angle.cos(), angle.sin()
-
-
-def _graph(nodes: list[tuple[str, list[str], dict]], inputs: dict[str, torch.Tensor]) -> ir.Graph:
-    b = ir.Builder(name="attention")
-    vals = {
-        k: b.input(k, ir.TensorType(tuple(v.shape), ir.DType.from_torch(v.dtype)))
-        for k, v in inputs.items()
-    }
-    b.output(*(b.op(m, [vals[n] for n in names], **attrs) for m, names, attrs in nodes))
-    return b.build()
-
-
 def _run(nodes, inputs) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
     """(Triton outputs, reference outputs, report) of one graph holding `nodes`."""
-    g = _graph(nodes, inputs)
+    g = graph_of(nodes, inputs)
     exe = TritonBackend().compile(g, "cpu")
     assert not exe.fallbacks(), exe.fallbacks()
     args = list(inputs.values())
@@ -63,7 +49,7 @@ def _check_close(nodes, inputs) -> dict:
 
 
 def _mqa_inputs(b, t, h, c, half, s, k, dtype, window_rows=None) -> dict[str, torch.Tensor]:
-    cos, sin = _rope(t, half)
+    cos, sin = rope_tables(GEN, t, half)
     picks = torch.randint(-1, s, (b, t, k), generator=GEN)  # about 1 in s+1 is -1
     return {
         "q": _t(b, t, h, c, dtype=dtype),
@@ -138,7 +124,7 @@ def test_sparse_mqa_check_gives_reasons():
     odd = _mqa_inputs(b=1, t=3, h=2, c=15, half=2, s=2, k=2, dtype=torch.float32)
     wide = _mqa_inputs(b=1, t=2, h=1, c=1024, half=2, s=2, k=2, dtype=torch.float32)
     for case, ok in ((inputs, True), (odd, False), (wide, False)):
-        g = _graph([("attn.sparse_mqa", BASE, {"window": 2})], case)
+        g = graph_of([("attn.sparse_mqa", BASE, {"window": 2})], case)
         reasons = TritonBackend().compile(g, "cpu").fallbacks()
         assert (reasons == []) == ok, reasons
         if not ok:

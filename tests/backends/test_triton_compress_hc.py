@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from backend_graphs import graph_of, rope_tables
 
 import ir
 from backends.triton import TritonBackend
@@ -24,28 +25,9 @@ def _t(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.randn(*shape, generator=GEN).to(dtype)
 
 
-def _rope(rows: int, half: int) -> tuple[torch.Tensor, torch.Tensor]:
-    angle = torch.rand(rows, half, generator=GEN) * 6.0
-    return angle.cos(), angle.sin()
-
-
-def _graph(nodes: list[tuple[str, list[str], dict]], inputs: dict[str, torch.Tensor]) -> ir.Graph:
-    b = ir.Builder(name="semantic")
-    vals = {
-        k: b.input(k, ir.TensorType(tuple(v.shape), ir.DType.from_torch(v.dtype)))
-        for k, v in inputs.items()
-    }
-    outs = []
-    for mnemonic, names, attrs in nodes:
-        r = b.op(mnemonic, [vals[n] for n in names], **attrs)
-        outs.extend(r if isinstance(r, tuple) else (r,))
-    b.output(*outs)
-    return b.build()
-
-
 def _check(nodes, inputs: dict[str, torch.Tensor], target: str) -> dict:
     """Run the graph of `nodes` through Triton kernels (no fallback) and the reference."""
-    g = _graph(nodes, inputs)
+    g = graph_of(nodes, inputs)
     exe = TritonBackend().compile(g, target)
     assert not exe.fallbacks(), exe.fallbacks()
     args = list(inputs.values())
@@ -106,7 +88,7 @@ def test_hc_sinkhorn_runs_its_iterations():
     inputs = _hc_inputs(1, 2, 4, 8, torch.float32)
     outs = []
     for iters in (1, 20):
-        g = _graph([("hc.pre", ["x", "fn", "scale", "base"], {"iters": iters})], inputs)
+        g = graph_of([("hc.pre", ["x", "fn", "scale", "base"], {"iters": iters})], inputs)
         exe = TritonBackend().compile(g, "cpu")
         outs.append(exe(*inputs.values())[2])
         torch.testing.assert_close(outs[-1], ir.interpret(g, *inputs.values())[2])
@@ -118,7 +100,7 @@ def test_hc_sinkhorn_runs_its_iterations():
 
 
 def _compress_inputs(b, t, d, c, m, half, dtype) -> dict[str, torch.Tensor]:
-    cos, sin = _rope(t // m, half)
+    cos, sin = rope_tables(GEN, t // m, half)
     return {
         "x": _t(b, t, d, dtype=dtype),
         "wkv2": _t(2 * c, d, dtype=dtype),
@@ -171,7 +153,7 @@ def _step_inputs(pos: int, dtype: torch.dtype, c: int = 20) -> dict[str, torch.T
     kv2, score2 = _t(b, 2 * m, 2 * c), _t(b, 2 * m, 2 * c)
     if pos < m:  # the first block: no predecessor (the model's init_state)
         kv2[:, :m], score2[:, :m] = 0.0, float("-inf")
-    cos, sin = _rope(1, 4)
+    cos, sin = rope_tables(GEN, 1, 4)
     return {
         "x": _t(b, 1, d, dtype=dtype),
         "pos": torch.tensor(pos),
@@ -216,7 +198,7 @@ def test_compress_step_bf16(pos):
 
 def test_compress_step_writes_the_cache_only_on_a_block_boundary():
     inputs = _step_inputs(5, torch.float32)
-    g = _graph(_step_nodes()[:1], inputs)
+    g = graph_of(_step_nodes()[:1], inputs)
     exe = TritonBackend().compile(g, "cpu")
     cache, kv_state, _ = exe(*inputs.values())
     assert torch.equal(cache, inputs["cache"])
@@ -238,7 +220,7 @@ def test_compress_step_writes_the_cache_only_on_a_block_boundary():
     ],
 )
 def test_refused_nodes_run_the_reference_with_a_reason(node, inputs, reason):
-    g = _graph([node], inputs)
+    g = graph_of([node], inputs)
     exe = TritonBackend().compile(g, "cpu")
     ((op, why),) = exe.fallbacks()
     assert op == node[0] and reason in why

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from backend_graphs import graph_of
 
 import ir
 from backends.triton import TritonBackend
@@ -19,26 +20,11 @@ def _t(*shape: int, scale: float = 1.0, dtype: torch.dtype = torch.float32) -> t
     return (torch.randn(*shape, generator=GEN) * scale).to(dtype)
 
 
-def _type(t: torch.Tensor) -> ir.TensorType:
-    return ir.TensorType(tuple(t.shape), ir.DType.from_torch(t.dtype))
-
-
-def _graph(nodes: list[tuple[str, list[str], dict]], inputs: dict[str, torch.Tensor]) -> ir.Graph:
-    b = ir.Builder(name="moe")
-    vals = {k: b.input(k, _type(v)) for k, v in inputs.items()}
-    outs = []
-    for mnemonic, names, attrs in nodes:
-        r = b.op(mnemonic, [vals[n] for n in names], **attrs)
-        outs.extend(r if isinstance(r, tuple) else (r,))
-    b.output(*outs)
-    return b.build()
-
-
 def _run(
     nodes: list[tuple[str, list[str], dict]], inputs: dict[str, torch.Tensor]
 ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     """(Triton outputs, reference outputs) of a graph of `nodes`; every node is a kernel."""
-    g = _graph(nodes, inputs)
+    g = graph_of(nodes, inputs)
     exe = TritonBackend().compile(g, "cpu")
     assert not exe.fallbacks(), exe.fallbacks()
     args = list(inputs.values())

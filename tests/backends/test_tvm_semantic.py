@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from backend_graphs import graph_of, rope_tables
 
 import ir
 
@@ -23,10 +24,6 @@ def _t(*shape: int, positive: bool = False) -> torch.Tensor:
     return x.abs() + 0.05 if positive else x
 
 
-def _type(t: torch.Tensor) -> ir.TensorType:
-    return ir.TensorType(tuple(t.shape), ir.DType.from_torch(t.dtype))
-
-
 def _check(
     nodes: list[tuple[str, list[str], dict]],
     inputs: dict[str, torch.Tensor],
@@ -36,14 +33,7 @@ def _check(
     """Build one graph of `nodes` (mnemonic, input names, attrs), run TVM and the reference;
     returns the executable's report. `gpu_ir`: run the kernels as lowered for a GPU (top-k in
     the kernel instead of TVM's extern CPU sort), built for this CPU."""
-    b = ir.Builder(name="semantic")
-    vals = {k: b.input(k, _type(v)) for k, v in inputs.items()}
-    outs = []
-    for mnemonic, names, attrs in nodes:
-        r = b.op(mnemonic, [vals[n] for n in names], **attrs)
-        outs.extend(r if isinstance(r, tuple) else (r,))
-    b.output(*outs)
-    g = b.build()
+    g = graph_of(nodes, inputs)
     exe = TVMBackend().compile(g, "cpu", blas=blas)
     assert not exe.fallbacks(), exe.fallbacks()
     if gpu_ir:
@@ -69,14 +59,9 @@ def _use_gpu_ir(exe) -> None:
         exe.fns[k.key] = _MODULES[-1][k.name]
 
 
-def _rope(rows: int, half: int) -> tuple[torch.Tensor, torch.Tensor]:
-    angle = torch.rand(rows, half, generator=GEN) * 6.0
-    return angle.cos(), angle.sin()
-
-
 def test_sparse_mqa_prefill_variants():
     b, t, h, c, half = 2, 7, 2, 16, 4
-    cos, sin = _rope(t, half)
+    cos, sin = rope_tables(GEN, t, half)
     picks = torch.tensor([[-1, 0], [2, -1], [1, 0], [-1, -1], [0, 1], [2, 1], [1, 2]])
     inputs = {
         "q": _t(b, t, h, c),
@@ -102,7 +87,7 @@ def test_sparse_mqa_prefill_variants():
 @pytest.mark.parametrize("pos", [1, 9])  # ring not yet full / wrapped
 def test_sparse_mqa_decode(pos):
     b, h, c, half, window = 2, 2, 16, 4, 4
-    cos, sin = _rope(1, half)
+    cos, sin = rope_tables(GEN, 1, half)
     inputs = {
         "q": _t(b, 1, h, c),
         "kv": _t(b, window, c),
@@ -162,7 +147,7 @@ def test_indexer_topk_prefill_and_decode(c, gpu_ir):
 
 def test_compress_with_and_without_overlap():
     b, t, d, c, m = 2, 9, 8, 6, 2  # T = 9: the last token is not a complete block
-    cos, sin = _rope(t // m, 2)
+    cos, sin = rope_tables(GEN, t // m, 2)
     inputs = {
         "x": _t(b, t, d),
         "wkv2": _t(2 * c, d),
@@ -263,7 +248,7 @@ def test_hc_pre_post_head():
 @pytest.mark.parametrize("pos", [5, 7])  # inside a block / completing one (written to the cache)
 def test_compress_step_decode(pos):
     b, d, c, m, rows = 2, 8, 4, 4, 6
-    cos, sin = _rope(1, 1)
+    cos, sin = rope_tables(GEN, 1, 1)
     inputs = {
         "x": _t(b, 1, d),
         "pos": torch.tensor(pos),
