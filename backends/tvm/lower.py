@@ -22,7 +22,7 @@ import sympy
 import ir
 from ir.types import DType, TensorType
 
-__all__ = ["TE_OPS", "Lowering", "Unsupported", "dtype_of", "lowerable", "tvm_dtype"]
+__all__ = ["TE_OPS", "Lowering", "Unsupported", "dtype_of", "guarded", "lowerable", "tvm_dtype"]
 
 _DTYPES = {
     DType.f32: "float32",
@@ -193,6 +193,19 @@ def convert(x: Any, dtype: str) -> Any:
     if dtype == "bool":
         return tirx.NE(x, tirx.const(0, src))
     return x.astype(dtype)
+
+
+def guarded(cond: Any, then: Any, otherwise: Any) -> Any:
+    """`cond ? then : otherwise`, evaluating only the branch taken (`tirx.if_then_else`).
+
+    Use it, not `tirx.Select`, when a branch loads at an index that is in bounds only under its
+    condition. TVM's simplifier rewrites each branch of a Select assuming that branch's condition
+    (a clamp like `max(i - s, 0)` becomes `i - s`), yet a Select evaluates both branches: the
+    other one then reads out of bounds (seen: sparse_mqa read cos/sin before their first row).
+    """
+    from tvm import tirx
+
+    return tirx.if_then_else(cond, then, otherwise)
 
 
 def dtype_of(x: Any) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import ir
-from backends.tvm.lower import Lowering, Unsupported, convert, lowers, tvm_dtype
+from backends.tvm.lower import Lowering, Unsupported, convert, guarded, lowers, tvm_dtype
 
 SHAPE_OPS = ("reshape", "permute", "expand", "slice", "select", "squeeze", "unsqueeze")
 SHAPE_OPS += ("concat", "pad")
@@ -115,9 +115,9 @@ def lower_concat(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
     def f(*i: Any) -> Any:
         value = None
         for t, s in zip(args, starts):  # later pieces win from their start on
-            j = tirx.min(tirx.max(i[d] - s, 0), t.shape[d] - 1)  # clamped: Select reads both
+            j = tirx.min(tirx.max(i[d] - s, 0), t.shape[d] - 1)
             read = convert(t(*i[:d], j, *i[d + 1 :]), out)
-            value = read if value is None else tirx.Select(i[d] >= s, read, value)
+            value = read if value is None else guarded(i[d] >= s, read, value)
         return value
 
     return _compute(lw, node, f)
@@ -141,6 +141,6 @@ def lower_pad(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
         for a in range(rank):
             inside = tirx.And(inside, tirx.And(src[a] >= 0, src[a] < x.shape[a]))
         safe = [tirx.min(tirx.max(s, 0), x.shape[a] - 1) for a, s in enumerate(src)]
-        return tirx.Select(inside, x(*safe), fill)
+        return guarded(inside, x(*safe), fill)
 
     return _compute(lw, node, f)

@@ -30,7 +30,7 @@ from backends.tvm.emitters import (
     shape_of,
     uses_blas,
 )
-from backends.tvm.lower import Lowering, Unsupported, convert, lowers, static, tvm_dtype
+from backends.tvm.lower import Lowering, Unsupported, convert, guarded, lowers, static, tvm_dtype
 from backends.tvm.schedule_cpu import VECTOR
 
 F32 = "float32"
@@ -64,7 +64,7 @@ def _rope(lw: Lowering, x: Any, cos: Any, sin: Any, row: Any, inverse: bool, out
         r = row(*i)
         cs, sn = _f(cos(r, p)), _f(sin(r, p)) * sign
         rotated = tirx.Select(even, a * cs - b * sn, a * sn + b * cs)
-        return convert(tirx.Select(c < off, _f(x(*i)), rotated), out)
+        return convert(guarded(c < off, _f(x(*i)), rotated), out)
 
     return te.compute(x.shape, f, name=lw.tag("rope"))
 
@@ -125,7 +125,7 @@ def lower_sparse_mqa(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
             crow = s
             comp_ok = s < tirx.floordiv(p_t + 1, op.ratio)
         is_raw = j < win
-        return tirx.Select(is_raw, raw_ok, comp_ok), is_raw, tirx.Select(is_raw, raw_row, crow)
+        return guarded(is_raw, raw_ok, comp_ok), is_raw, guarded(is_raw, raw_row, crow)
 
     # per (query, entry), the row it reads in the table raw ++ compressed. Prefill builds that
     # table once (the channel loops then load one contiguous row instead of selecting between
@@ -137,7 +137,7 @@ def lower_sparse_mqa(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
     elif pos is None:
         table = te.compute(
             (kv.shape[0], rows + n_comp, kv.shape[2]),
-            lambda b, r, c: tirx.Select(
+            lambda b, r, c: guarded(
                 r < rows,
                 kv(b, tirx.min(r, rows - 1), c),
                 comp(b, tirx.min(tirx.max(r - rows, 0), n_comp - 1), c),
@@ -150,7 +150,7 @@ def lower_sparse_mqa(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
         raw = tirx.min(tirx.max(row, 0), rows - 1)
         if comp is None:
             return raw
-        return tirx.Select(is_raw, raw, rows + tirx.min(tirx.max(row, 0), n_comp - 1))
+        return guarded(is_raw, raw, rows + tirx.min(tirx.max(row, 0), n_comp - 1))
 
     row_of = te.compute((*q.shape[:2], n_entries), table_row, name=lw.tag("keep_row"))
 
@@ -159,7 +159,7 @@ def lower_sparse_mqa(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
         if comp is None or pos is None:
             return _f(table(b, r, c))
         raw = kv(b, tirx.min(r, rows - 1), c)
-        return _f(tirx.Select(r < rows, raw, comp(b, tirx.max(r - rows, 0), c)))
+        return _f(guarded(r < rows, raw, comp(b, tirx.max(r - rows, 0), c)))
 
     width = q.shape[3]
     kc = te.reduce_axis((0, width), name="kc")
@@ -358,7 +358,7 @@ def lower_compress(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
         col = tirx.Select(prev, ch, ch + c)
         ok = tirx.Or(tirx.Not(prev), i >= 1)
         zero = tirx.const(0.0, F32)
-        return tirx.Select(ok, kv(b, t, col), zero), tirx.Select(ok, gate(b, t, col), NEG_INF)
+        return guarded(ok, kv(b, t, col), zero), guarded(ok, gate(b, t, col), NEG_INF)
 
     shape = (x.shape[0], blocks, c)
     kr = te.reduce_axis((0, rows), name="kr")

@@ -30,3 +30,27 @@ def rope_tables(gen: torch.Generator, rows: int, half: int) -> tuple[torch.Tenso
     """cos and sin of random angles in [0, 6) rad, [rows, half]."""
     angle = torch.rand(rows, half, generator=gen) * 6.0
     return angle.cos(), angle.sin()
+
+
+_GUARDED: list = []  # the mappings behind guard_paged tensors stay alive for the session
+
+
+def guard_paged(t: torch.Tensor, side: str) -> torch.Tensor:
+    """A copy of `t` whose bytes start right after (side="before") or end right before
+    (side="after", up to the 64-byte alignment kernels need) a page that cannot be read: a kernel
+    reading out of bounds on that side crashes instead of reading a neighbour's bytes."""
+    import ctypes
+    import mmap
+
+    page, n = mmap.PAGESIZE, t.numel() * t.element_size()
+    span = -(-max(n, 1) // page) * page
+    buf = mmap.mmap(-1, span + 2 * page)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    libc = ctypes.CDLL(None, use_errno=True)
+    for start in (base, base + page + span):  # a locked page on each side
+        if libc.mprotect(ctypes.c_void_p(start), page, 0) != 0:
+            raise OSError(ctypes.get_errno(), "mprotect failed")
+    offset = page if side == "before" else page + (span - n) // 64 * 64
+    out = torch.frombuffer(buf, dtype=t.dtype, count=t.numel(), offset=offset).view(t.shape)
+    _GUARDED.append(buf)
+    return out.copy_(t)
