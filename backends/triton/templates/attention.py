@@ -12,7 +12,8 @@ at c = 512 a program holds BLOCK_H x 512 of query and accumulator and streams BL
 entry tiles. `mqa_config` picks BLOCK_N by the target's shared memory per block and its dot
 unit; warps follow from threads per program (256; the decode combine 512, the top-k sort 128),
 so wave64 AMD targets get half as many. `benchmarks/aot_table.py` shows what the compiler made
-of it: at v4-flash sizes no kernel spills on the six targets (triton 3.9).
+of it: at v4-flash sizes in bf16 no kernel spills on the six targets (triton 3.9); in fp32
+the gfx950 indexer score stage spills 2-11 registers (cause not found).
 """
 
 from __future__ import annotations
