@@ -71,21 +71,9 @@ class _OneVariant:
 
 def jobs_of(exe: Any, target: Target, bindings: Mapping[str, int]) -> list[AotJob]:
     """Every distinct AOT job of a Triton executable, in first-use order."""
-    env = {s: int(bindings.get(s.name, 1024)) for v in exe.graph.inputs for s in v.type.symbols}
-    seen: dict[tuple, AotJob] = {}
-    for step in exe.steps:
-        if step.launch is None:
-            continue
-        for variant in step.launch.aot_variants(env, target):
-            source = variant.source or step.launch.source
-            key = (
-                source.key,
-                tuple(sorted(variant.constexprs.items())),
-                tuple(sorted(variant.options.items())),
-                tuple(sorted(variant.hints.items())),
-            )
-            seen.setdefault(key, AotJob(source, variant, target))
-    return list(seen.values())
+    from backends.triton.aot import distinct_variants
+
+    return [AotJob(s, v, target) for s, v in distinct_variants([exe], target, bindings)]
 
 
 def aot_with_cache(

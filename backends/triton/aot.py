@@ -32,7 +32,7 @@ from backends.triton.emitters import AotVariant
 from backends.triton.kernel import KernelSource, Param, load_jit
 from backends.triton.runtime import TritonExecutable
 
-__all__ = ["AotResult", "aot_compile", "compile_source", "format_table", "DEFAULT_DIM"]
+__all__ = ["DEFAULT_DIM", "AotResult", "aot_compile", "compile_source", "distinct_variants", "format_table"]
 
 DEFAULT_DIM = 1024  # value for symbolic dims without a binding (only tile choices depend on it)
 _KEEP = {"cuda": ("ptx", "cubin"), "hip": ("amdgcn", "hsaco")}
@@ -145,6 +145,29 @@ def _env(graph: ir.Graph, bindings: Mapping[str, int] | None) -> dict:
     return env
 
 
+def distinct_variants(
+    exes: Sequence[Any], target: Target, bindings: Mapping[str, int] | None
+) -> list[tuple[KernelSource, AotVariant]]:
+    """Every distinct (kernel source, variant) the executables launch on `target`, in first-use
+    order; symbols without a binding take `DEFAULT_DIM`."""
+    seen: dict[tuple, tuple[KernelSource, AotVariant]] = {}
+    for exe in exes:
+        env = _env(exe.graph, bindings)
+        for step in exe.steps:
+            if step.launch is None:
+                continue
+            for variant in step.launch.aot_variants(env, target):
+                source = variant.source or step.launch.source
+                key = (
+                    source.key,
+                    tuple(sorted(variant.constexprs.items())),
+                    tuple(sorted(variant.options.items())),
+                    tuple(sorted(variant.hints.items())),
+                )
+                seen.setdefault(key, (source, variant))
+    return list(seen.values())
+
+
 def aot_compile(
     exe: TritonExecutable | Sequence[TritonExecutable],
     targets: Iterable[str | Target] = GPU_TARGETS,
@@ -156,26 +179,11 @@ def aot_compile(
     and decode: a kernel they share compiles once) for each target (see the module docstring)."""
     exes = [exe] if hasattr(exe, "steps") else list(exe)
     keep = Path(keep_dir) if keep_dir is not None else None
-    jobs: list[tuple[KernelSource, AotVariant, Target]] = []
-    for t in targets:
-        target = get_target(t)
-        seen: set[tuple] = set()
-        for e in exes:
-            env = _env(e.graph, bindings)
-            for step in e.steps:
-                if step.launch is None:
-                    continue
-                for variant in step.launch.aot_variants(env, target):
-                    source = variant.source or step.launch.source
-                    key = (
-                        source.key,
-                        tuple(sorted(variant.constexprs.items())),
-                        tuple(sorted(variant.options.items())),
-                        tuple(sorted(variant.hints.items())),
-                    )
-                    if key not in seen:
-                        seen.add(key)
-                        jobs.append((source, variant, target))
+    jobs = [
+        (source, variant, target)
+        for target in map(get_target, targets)
+        for source, variant in distinct_variants(exes, target, bindings)
+    ]
     workers = min(len(jobs), compile_workers())
     if workers > 1 or _interpreting():
         return _compile_in_subprocesses(jobs, keep, max(1, workers))
