@@ -15,10 +15,19 @@ means without 2:4 structured sparsity (datasheets often print the sparse figure,
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Target", "TARGETS", "GPU_TARGETS", "UnknownTargetError", "get_target"]
+__all__ = [
+    "GPU_TARGETS",
+    "TARGETS",
+    "Target",
+    "UnknownTargetError",
+    "get_target",
+    "host_cores",
+    "parallel_jobs",
+]
 
 TFLOPS = 1e12
 TB_S = 1e12  # bytes per second
@@ -167,3 +176,16 @@ def get_target(target: str | Target) -> Target:
         return TARGETS[target]
     known = ", ".join(f"{n} ({t.description})" for n, t in TARGETS.items())
     raise UnknownTargetError(f"unknown target {target!r}; known targets: {known}")
+
+
+def host_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def parallel_jobs() -> int:
+    """How many processes dsv4c runs side by side (kernel compiles, methods lowered at once):
+    `DSV4C_JOBS`, else one per core."""
+    return int(os.environ.get("DSV4C_JOBS", "0") or 0) or host_cores()

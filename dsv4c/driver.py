@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import ir
-from backends.targets import Target, get_target
+from backends.targets import Target, get_target, parallel_jobs
 from dsv4c.artifact import FORMAT, FORMAT_VERSION, versions
 from dsv4c.compiled import Compiled, EntryPoint, signature
 from dsv4c.errors import DsvError, UnavailableError
@@ -243,7 +243,7 @@ def _start_workers(
     on two cores prefill and decode of a preset take about the time of the slower one. Only
     with the graph cache (it carries the graphs back) and more than one core; `DSV4C_JOBS=1`
     turns it off. Nothing is pickled: the child inherits the module and writes IR text."""
-    jobs = int(os.environ.get("DSV4C_JOBS", "0") or 0) or (os.cpu_count() or 1)
+    jobs = parallel_jobs()
     if graph_key is None or len(methods) < 2 or jobs < 2 or not hasattr(os, "fork"):
         return {}
     workers: dict[str, _Worker] = {}

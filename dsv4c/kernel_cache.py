@@ -21,7 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from backends.targets import Target
+from backends.targets import Target, parallel_jobs
 
 __all__ = ["CHUNK", "AotJob", "aot_cache_dir", "aot_with_cache"]
 
@@ -87,7 +87,7 @@ def aot_with_cache(
     """Compile every kernel of `exe` for `target`. Returns (rows, files, stats): one row per job
     (the AotResult fields, `files` relative to the artifact), the files' bytes by artifact path
     (`kernels/<target>/<name>_<key>.<ext>`), and {"hits", "misses"}."""
-    from backends.triton.aot import aot_compile, compile_workers
+    from backends.triton.aot import aot_compile
 
     jobs = jobs_of(exe, target, bindings)
     cache = aot_cache_dir() / target.name
@@ -103,7 +103,7 @@ def aot_with_cache(
     done = len(jobs) - len(misses)
     if progress:
         progress(done, len(jobs))
-    step = CHUNK * compile_workers()
+    step = CHUNK * parallel_jobs()
     for start in range(0, len(misses), step):
         chunk = misses[start : start + step]
         fake = SimpleNamespace(

@@ -250,10 +250,9 @@ def render(manifest: Mapping[str, Any], report: Mapping[str, Any]) -> str:
         f"<p>kernel cache: {_e(_pairs(report['kernel_cache']))}</p>",
     ]
     if any(k.endswith("(worker)") for k in report["compile_times_s"]):
-        out.insert(
-            -1,
+        out.append(
             "<p>Phases marked (worker) ran in a forked process at the same time as this "
-            "process's phases; the total is wall time.</p>",
+            "process's phases; the total is wall time.</p>"
         )
     kv = report.get("model", {}).get("kv_cache")
     if kv:

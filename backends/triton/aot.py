@@ -26,13 +26,20 @@ from pathlib import Path
 from typing import Any
 
 import ir
-from backends.targets import GPU_TARGETS, Target, get_target
+from backends.targets import GPU_TARGETS, Target, get_target, parallel_jobs
 from backends.triton.binary import cubin_usage, hsaco_usage, ptxas_spills
 from backends.triton.emitters import AotVariant
 from backends.triton.kernel import KernelSource, Param, load_jit
 from backends.triton.runtime import TritonExecutable
 
-__all__ = ["DEFAULT_DIM", "AotResult", "aot_compile", "compile_source", "distinct_variants", "format_table"]
+__all__ = [
+    "DEFAULT_DIM",
+    "AotResult",
+    "aot_compile",
+    "compile_source",
+    "distinct_variants",
+    "format_table",
+]
 
 DEFAULT_DIM = 1024  # value for symbolic dims without a binding (only tile choices depend on it)
 _KEEP = {"cuda": ("ptx", "cubin"), "hip": ("amdgcn", "hsaco")}
@@ -184,16 +191,11 @@ def aot_compile(
         for target in map(get_target, targets)
         for source, variant in distinct_variants(exes, target, bindings)
     ]
-    workers = min(len(jobs), compile_workers())
+    # Triton's compile is single-threaded Python + LLVM + ptxas: kernels compile side by side
+    workers = min(len(jobs), parallel_jobs())
     if workers > 1 or _interpreting():
         return _compile_in_subprocesses(jobs, keep, max(1, workers))
     return [_compile_one(src, variant, target, keep) for src, variant, target in jobs]
-
-
-def compile_workers() -> int:
-    """How many compiler processes run at once: `DSV4C_JOBS`, else one per core. Triton's
-    compile is single-threaded Python + LLVM + ptxas, so kernels compile side by side."""
-    return int(os.environ.get("DSV4C_JOBS", "0") or 0) or (os.cpu_count() or 1)
 
 
 def _interpreting() -> bool:

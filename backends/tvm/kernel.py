@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ir
+from backends.targets import host_cores
 from backends.tvm.lower import Lowering, Unsupported
 
 __all__ = ["BUILT", "Kernel", "build", "host_target", "make_kernel"]
@@ -98,13 +99,7 @@ def host_target() -> Any:
     import tvm
 
     cpu = tvm.target.codegen.llvm_get_system_cpu()
-    return tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": _cores()})
-
-
-def _cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": host_cores()})
 
 
 # (target text, kernel key) -> packed function; modules kept alive alongside
