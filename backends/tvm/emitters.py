@@ -10,7 +10,7 @@ kernel or BLAS, the packed function) and returns it as a `Call` on the node's in
 - `matmul` -> a tiled kernel in the layout the weight arrives in, or BLAS (`torch.matmul`) for
   large GEMMs when the executable's `blas` policy says so; a `fused.kernel` GEMM with an
   elementwise epilogue the same way (BLAS, then the epilogue ops by their references);
-- the semantic attention / MoE / mHC ops -> `backends.tvm.semantic`.
+- the semantic attention / mHC ops -> `backends.tvm.semantic`, MoE -> `semantic_moe`.
 """
 
 from __future__ import annotations
@@ -309,4 +309,5 @@ def emit_node(node: ir.Node, target: Target, options: dict | None = None) -> Lau
         return str(e)
 
 
-from backends.tvm import semantic as _semantic  # noqa: F401  (registers attn/moe/hc ops)
+from backends.tvm import semantic as _semantic  # noqa: F401  (registers attn/hc ops)
+from backends.tvm import semantic_moe as _semantic_moe  # noqa: F401  (registers moe ops)

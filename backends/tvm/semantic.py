@@ -7,28 +7,19 @@ the host; an expert no token chose is never read). All math in fp32, results in 
 
 - `attn.sparse_mqa`: q RMS norm + RoPE, entries = window ∪ (every visible compressed entry |
   indexer picks), scores, softmax with the sink, weighted sum, inverse RoPE (prefill and decode).
-- `attn.indexer_topk`, `attn.compress`, `moe.route`, `moe.experts`, `hc.pre`, `hc.post`, `hc.head`.
+- `attn.indexer_topk`, `attn.compress`, `attn.compress_step`, `hc.pre`, `hc.post`, `hc.head`.
 
-`moe.experts` has a BLAS path beside its kernel, chosen per call like a large `matmul` (the
-executable's `blas` policy; the report counts it): tokens sorted by expert, then one GEMM per
-expert over its rows (MKL/OpenBLAS through torch), as the eager model's grouped GEMM does. The
-kernel gathers each token's expert weights and so reads them once per token; the grouped GEMM
-reads them once per expert, which is what a prefill needs.
+The MoE ops (`moe.route`, `moe.experts` and its BLAS path) are in `semantic_moe.py`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import ir
 from backends.tvm.emitters import (
     TVM_EMITTERS,
-    Call,
-    KernelLaunch,
     emit_single,
-    shape_of,
-    uses_blas,
 )
 from backends.tvm.lower import Lowering, Unsupported, convert, guarded, lowers, static, tvm_dtype
 from backends.tvm.schedule_cpu import VECTOR
@@ -37,11 +28,11 @@ F32 = "float32"
 NEG_INF = float("-inf")
 
 
-def _f(x: Any) -> Any:
+def f32(x: Any) -> Any:
     return convert(x, F32)
 
 
-def _i32(x: Any) -> Any:
+def i32(x: Any) -> Any:
     return convert(x, "int32")
 
 
@@ -59,12 +50,12 @@ def _rope(lw: Lowering, x: Any, cos: Any, sin: Any, row: Any, inverse: bool, out
         c = i[-1]
         p = tirx.floordiv(tirx.max(c - off, 0), 2)
         even = tirx.floormod(c - off, 2) == 0
-        a = _f(x(*i[:-1], tirx.min(off + 2 * p, width - 1)))
-        b = _f(x(*i[:-1], tirx.min(off + 2 * p + 1, width - 1)))
+        a = f32(x(*i[:-1], tirx.min(off + 2 * p, width - 1)))
+        b = f32(x(*i[:-1], tirx.min(off + 2 * p + 1, width - 1)))
         r = row(*i)
-        cs, sn = _f(cos(r, p)), _f(sin(r, p)) * sign
+        cs, sn = f32(cos(r, p)), f32(sin(r, p)) * sign
         rotated = tirx.Select(even, a * cs - b * sn, a * sn + b * cs)
-        return convert(guarded(c < off, _f(x(*i)), rotated), out)
+        return convert(guarded(c < off, f32(x(*i)), rotated), out)
 
     return te.compute(x.shape, f, name=lw.tag("rope"))
 
@@ -76,12 +67,12 @@ def _rms_rows(lw: Lowering, x: Any, eps: float, out: str, weight: Any = None) ->
     width = x.shape[-1]
     k = te.reduce_axis((0, width), name="k")
     ss = te.compute(
-        x.shape[:-1], lambda *i: te.sum(_f(x(*i, k)) * _f(x(*i, k)), axis=k), name=lw.tag("ss")
+        x.shape[:-1], lambda *i: te.sum(f32(x(*i, k)) * f32(x(*i, k)), axis=k), name=lw.tag("ss")
     )
 
     def f(*i: Any) -> Any:
-        y = _f(x(*i)) * te.rsqrt(ss(*i[:-1]) / tirx.Cast(F32, width) + tirx.const(eps, F32))
-        y = convert(convert(y, out), F32) if weight is None else y * _f(weight(i[-1]))
+        y = f32(x(*i)) * te.rsqrt(ss(*i[:-1]) / tirx.Cast(F32, width) + tirx.const(eps, F32))
+        y = convert(convert(y, out), F32) if weight is None else y * f32(weight(i[-1]))
         return convert(y, out)
 
     return te.compute(x.shape, f, name=lw.tag("rms"))
@@ -97,7 +88,7 @@ def lower_sparse_mqa(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
     op = node.op
     q, kv, sink, cos, sin, *rest = args
     out = tvm_dtype(node.result.dtype)
-    pos = _i32(rest.pop()()) if op.decode else None
+    pos = i32(rest.pop()()) if op.decode else None
     comp = rest[0] if op.variant != "window" else None
     picks = rest[1] if op.variant == "csa" else None
     if op.q_norm_eps is not None:
@@ -119,7 +110,7 @@ def lower_sparse_mqa(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
         s = j - win
         s_safe = tirx.min(tirx.max(s, 0), extra - 1)
         if picks is not None:
-            crow = _i32(picks(b, t, s_safe))
+            crow = i32(picks(b, t, s_safe))
             comp_ok = crow >= 0
         else:
             crow = s
@@ -157,16 +148,16 @@ def lower_sparse_mqa(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
     def entry(b: Any, t: Any, j: Any, c: Any) -> Any:
         r = row_of(b, t, j)
         if comp is None or pos is None:
-            return _f(table(b, r, c))
+            return f32(table(b, r, c))
         raw = kv(b, tirx.min(r, rows - 1), c)
-        return _f(guarded(r < rows, raw, comp(b, tirx.max(r - rows, 0), c)))
+        return f32(guarded(r < rows, raw, comp(b, tirx.max(r - rows, 0), c)))
 
     width = q.shape[3]
     kc = te.reduce_axis((0, width), name="kc")
     scale = tirx.const(op.scale, F32)
 
     def score(b: Any, t: Any, h: Any, j: Any) -> Any:
-        dot = te.sum(_f(q(b, t, h, kc)) * entry(b, t, j, kc), axis=kc)
+        dot = te.sum(f32(q(b, t, h, kc)) * entry(b, t, j, kc), axis=kc)
         return dot
 
     z = te.compute((*q.shape[:3], n_entries), score, name=lw.tag("dot"))
@@ -178,7 +169,7 @@ def lower_sparse_mqa(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
     kj = te.reduce_axis((0, n_entries), name="kj")
     zmax = te.compute(q.shape[:3], lambda b, t, h: te.max(zm(b, t, h, kj), axis=kj), name="zmax")
     m = te.compute(
-        q.shape[:3], lambda b, t, h: tirx.max(zmax(b, t, h), _f(sink(h))), name=lw.tag("m")
+        q.shape[:3], lambda b, t, h: tirx.max(zmax(b, t, h), f32(sink(h))), name=lw.tag("m")
     )
     kj2 = te.reduce_axis((0, n_entries), name="kj2")
     zsum = te.compute(
@@ -188,14 +179,14 @@ def lower_sparse_mqa(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
     )
     den = te.compute(
         q.shape[:3],
-        lambda b, t, h: zsum(b, t, h) + te.exp(_f(sink(h)) - m(b, t, h)),
+        lambda b, t, h: zsum(b, t, h) + te.exp(f32(sink(h)) - m(b, t, h)),
         name=lw.tag("den"),
     )
     kj3 = te.reduce_axis((0, n_entries), name="kj3")
 
     p = te.compute(  # once per (query, head, entry), not once per output channel
         z.shape,
-        lambda b, t, h, j: _f(convert(te.exp(zm(b, t, h, j) - m(b, t, h)) / den(b, t, h), out)),
+        lambda b, t, h, j: f32(convert(te.exp(zm(b, t, h, j) - m(b, t, h)) / den(b, t, h), out)),
         name=lw.tag("keep_p"),
     )
 
@@ -275,14 +266,14 @@ def lower_indexer_topk(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any
 
     op = node.op
     q, keys, w, *pos = args
-    p0 = _i32(pos[0]()) if pos else 0
+    p0 = i32(pos[0]()) if pos else 0
     n_keys = keys.shape[1]
     width = static(q.shape[3])
     if width % VECTOR:
         kc = te.reduce_axis((0, width), name="kc")
         dot = te.compute(
             (*q.shape[:3], n_keys),
-            lambda b, t, h, s: te.sum(_f(q(b, t, h, kc)) * _f(keys(b, s, kc)), axis=kc),
+            lambda b, t, h, s: te.sum(f32(q(b, t, h, kc)) * f32(keys(b, s, kc)), axis=kc),
             name=lw.tag("dot"),
         )
     else:  # q·k as VECTOR partial sums over channel groups, then their sum: a hand-written
@@ -291,7 +282,7 @@ def lower_indexer_topk(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any
         lanes = te.compute(
             (*q.shape[:3], n_keys, VECTOR),
             lambda b, t, h, s, v: te.sum(
-                _f(q(b, t, h, kg * VECTOR + v)) * _f(keys(b, s, kg * VECTOR + v)), axis=kg
+                f32(q(b, t, h, kg * VECTOR + v)) * f32(keys(b, s, kg * VECTOR + v)), axis=kg
             ),
             name=lw.tag("rows_qk"),
         )
@@ -306,7 +297,7 @@ def lower_indexer_topk(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any
     score = te.compute(
         (q.shape[0], q.shape[1], n_keys),
         lambda b, t, s: te.sum(
-            _f(w(b, t, kh)) * scale * tirx.max(dot(b, t, kh, s), tirx.const(0.0, F32)), axis=kh
+            f32(w(b, t, kh)) * scale * tirx.max(dot(b, t, kh, s), tirx.const(0.0, F32)), axis=kh
         ),
         name=lw.tag("score"),
     )
@@ -332,18 +323,18 @@ def lower_compress(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
     kd = te.reduce_axis((0, x.shape[2]), name="kd")
     kv = te.compute(
         (x.shape[0], x.shape[1], wkv.shape[0]),
-        lambda b, t, ch: te.sum(_f(x(b, t, kd)) * _f(wkv(ch, kd)), axis=kd),
+        lambda b, t, ch: te.sum(f32(x(b, t, kd)) * f32(wkv(ch, kd)), axis=kd),
         name=lw.tag("kv"),
     )
     kd2 = te.reduce_axis((0, x.shape[2]), name="kd2")
     proj = te.compute(
         kv.shape,
-        lambda b, t, ch: te.sum(_f(x(b, t, kd2)) * _f(wgate(ch, kd2)), axis=kd2),
+        lambda b, t, ch: te.sum(f32(x(b, t, kd2)) * f32(wgate(ch, kd2)), axis=kd2),
         name=lw.tag("gate_proj"),
     )
     gate = te.compute(
         kv.shape,
-        lambda b, t, ch: proj(b, t, ch) + _f(ape(tirx.floormod(t, m), ch)),
+        lambda b, t, ch: proj(b, t, ch) + f32(ape(tirx.floormod(t, m), ch)),
         name=lw.tag("gate"),
     )
     rows = 2 * m if op.overlap else m
@@ -391,7 +382,7 @@ def lower_compress_step(lw: Lowering, node: ir.Node, args: list[Any]) -> list[An
     op = node.op
     x, pos, kv_state, score_state, wkv, wgate, ape, norm, cos, sin, cache = args
     m, c = op.ratio, norm.shape[0]
-    p = _i32(pos())
+    p = i32(pos())
     st_dt, out = tvm_dtype(node.results[1].dtype), tvm_dtype(node.operands[0].dtype)
     kd, kd2 = (
         te.reduce_axis((0, x.shape[2]), name="kd"),
@@ -399,10 +390,10 @@ def lower_compress_step(lw: Lowering, node: ir.Node, args: list[Any]) -> list[An
     )
     shape = (x.shape[0], wkv.shape[0])
     kv = te.compute(
-        shape, lambda b, w: te.sum(_f(x(b, 0, kd)) * _f(wkv(w, kd)), axis=kd), name="kv"
+        shape, lambda b, w: te.sum(f32(x(b, 0, kd)) * f32(wkv(w, kd)), axis=kd), name="kv"
     )
     proj = te.compute(
-        shape, lambda b, w: te.sum(_f(x(b, 0, kd2)) * _f(wgate(w, kd2)), axis=kd2), name="zp"
+        shape, lambda b, w: te.sum(f32(x(b, 0, kd2)) * f32(wgate(w, kd2)), axis=kd2), name="zp"
     )
     slot = tirx.floormod(p, m) + (m if op.overlap else 0)
     ape_row = tirx.floormod(p, m)
@@ -412,16 +403,16 @@ def lower_compress_step(lw: Lowering, node: ir.Node, args: list[Any]) -> list[An
             tirx.EQ(r, slot), convert(value(b, w), st_dt), state(b, r, w)
         )
 
-    score = lambda b, w: proj(b, w) + _f(ape(ape_row, w))
+    score = lambda b, w: proj(b, w) + f32(ape(ape_row, w))
     kv_new = te.compute(kv_state.shape, put(kv_state, kv), name=lw.tag("kv_state"))
     sc_new = te.compute(score_state.shape, put(score_state, score), name=lw.tag("score_state"))
     rows = 2 * m if op.overlap else m
 
     def cand(b: Any, r: Any, ch: Any) -> tuple[Any, Any]:
         if not op.overlap:
-            return _f(kv_new(b, r, ch)), _f(sc_new(b, r, ch))
+            return f32(kv_new(b, r, ch)), f32(sc_new(b, r, ch))
         col = tirx.Select(r < m, ch, ch + c)
-        return _f(kv_new(b, r, col)), _f(sc_new(b, r, col))
+        return f32(kv_new(b, r, col)), f32(sc_new(b, r, col))
 
     pshape = (x.shape[0], 1, c)
     kr, kr2, kr3 = (te.reduce_axis((0, rows), name=n) for n in ("kr", "kr2", "kr3"))
@@ -471,133 +462,6 @@ def lower_compress_step(lw: Lowering, node: ir.Node, args: list[Any]) -> list[An
     ]
 
 
-# --- MoE ---------------------------------------------------------------------------------------
-
-
-def _swiglu(gate: Any, up: Any, limit: float) -> Any:
-    from tvm import te, tirx
-
-    g = tirx.min(gate, tirx.const(limit, F32))
-    u = tirx.min(tirx.max(up, tirx.const(-limit, F32)), tirx.const(limit, F32))
-    return g / (tirx.const(1.0, F32) + te.exp(-g)) * u
-
-
-@lowers("moe.route")
-def lower_route(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
-    from tvm import te, tirx
-
-    op = node.op
-    x, gate, *rest = args
-    kd = te.reduce_axis((0, x.shape[1]), name="kd")
-    logits = te.compute(
-        (x.shape[0], gate.shape[0]),
-        lambda n, e: te.sum(_f(x(n, kd)) * _f(gate(e, kd)), axis=kd),
-        name=lw.tag("logits"),
-    )
-    n_exp = gate.shape[0]
-    if op.score == "softmax":
-        ke = te.reduce_axis((0, n_exp), name="ke")
-        mx = te.compute((x.shape[0],), lambda n: te.max(logits(n, ke), axis=ke), name="mx")
-        ke2 = te.reduce_axis((0, n_exp), name="ke2")
-        den = te.compute(
-            (x.shape[0],), lambda n: te.sum(te.exp(logits(n, ke2) - mx(n)), axis=ke2), name="den"
-        )
-        s = te.compute(logits.shape, lambda n, e: te.exp(logits(n, e) - mx(n)) / den(n), name="s")
-    elif op.score == "sigmoid":
-        s = te.compute(logits.shape, lambda n, e: te.sigmoid(logits(n, e)), name="s")
-    else:
-        lg = logits
-        soft = lambda n, e: tirx.Select(lg(n, e) > 20.0, lg(n, e), tirx.log1p(te.exp(lg(n, e))))
-        s = te.compute(logits.shape, lambda n, e: te.sqrt(soft(n, e)), name="s")
-    if op.hash:
-        table, ids = rest
-        experts = te.compute(
-            (x.shape[0], op.k), lambda n, j: table(ids(n), j), name=lw.tag("experts")
-        )
-    else:
-        chooser = s
-        if op.bias:
-            (bias,) = rest
-            chooser = te.compute(s.shape, lambda n, e: s(n, e) + _f(bias(e)), name="chooser")
-        _, experts = topk(lw, chooser, op.k)
-    picked = te.compute(experts.shape, lambda n, j: s(n, _i32(experts(n, j))), name="picked")
-    kj = te.reduce_axis((0, op.k), name="kj")
-    total = te.compute((x.shape[0],), lambda n: te.sum(picked(n, kj), axis=kj), name="total")
-    scale = tirx.const(op.route_scale, F32)
-    weights = te.compute(
-        experts.shape,
-        lambda n, j: (picked(n, j) / total(n) if op.renorm else picked(n, j)) * scale,
-        name=lw.tag("weights"),
-    )
-    return [weights, experts]
-
-
-@lowers("moe.experts")
-def lower_experts(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
-    from tvm import te
-
-    op = node.op
-    x, weights, experts, w1, w3, w2, *shared = args
-    out = tvm_dtype(node.result.dtype)
-    n_tok, k, inter, width = x.shape[0], weights.shape[1], w1.shape[1], x.shape[1]
-    kd = te.reduce_axis((0, width), name="kd")
-    kd3 = te.reduce_axis((0, width), name="kd3")
-    eid = lambda n, j: _i32(experts(n, j))
-    up1 = te.compute(
-        (n_tok, k, inter),
-        lambda n, j, i: te.sum(_f(x(n, kd)) * _f(w1(eid(n, j), i, kd)), axis=kd),
-        name=lw.tag("gate_proj"),
-    )
-    up3 = te.compute(
-        (n_tok, k, inter),
-        lambda n, j, i: te.sum(_f(x(n, kd3)) * _f(w3(eid(n, j), i, kd3)), axis=kd3),
-        name=lw.tag("up_proj"),
-    )
-    h = te.compute(
-        up1.shape,
-        lambda n, j, i: convert(
-            _swiglu(convert(convert(up1(n, j, i), out), F32), up3(n, j, i), op.limit)
-            * _f(weights(n, j)),
-            out,
-        ),
-        name=lw.tag("keep_h"),  # once per hidden unit, not once per output channel
-    )
-    ki = te.reduce_axis((0, inter), name="ki")
-    down = te.compute(  # one reduction axis per stage: the dot over ki is vectorised (rfactor)
-        (n_tok, k, width),
-        lambda n, j, c: te.sum(_f(h(n, j, ki)) * _f(w2(eid(n, j), c, ki)), axis=ki),
-        name=lw.tag("down_proj"),
-    )
-    kj = te.reduce_axis((0, k), name="kj")
-    y = te.compute(
-        (n_tok, width), lambda n, c: te.sum(down(n, kj, c), axis=kj), name=lw.tag("routed")
-    )
-    if not op.shared:
-        return [te.compute(y.shape, lambda n, c: convert(y(n, c), out), name=lw.tag("y"))]
-    s1, s3, s2 = shared
-    ks, ks3 = (te.reduce_axis((0, width), name=nm) for nm in ("ks", "ks3"))
-    g1 = te.compute(
-        (n_tok, s1.shape[0]), lambda n, i: te.sum(_f(x(n, ks)) * _f(s1(i, ks)), axis=ks), name="sg"
-    )
-    g3 = te.compute(
-        g1.shape, lambda n, i: te.sum(_f(x(n, ks3)) * _f(s3(i, ks3)), axis=ks3), name="su"
-    )
-    hs = te.compute(
-        g1.shape, lambda n, i: convert(_swiglu(g1(n, i), g3(n, i), op.limit), out), name="hs"
-    )
-    kss = te.reduce_axis((0, s1.shape[0]), name="kss")
-    ys = te.compute(
-        y.shape, lambda n, c: te.sum(_f(hs(n, kss)) * _f(s2(c, kss)), axis=kss), name="ys"
-    )
-    return [
-        te.compute(
-            y.shape,
-            lambda n, c: convert(convert(y(n, c), out) + convert(ys(n, c), out), out),
-            name=lw.tag("y"),
-        )
-    ]
-
-
 # --- mHC ---------------------------------------------------------------------------------------
 
 
@@ -607,13 +471,13 @@ def _mix(lw: Lowering, x: Any, fn: Any, norm_eps: float) -> Any:
 
     *lead, n, d = x.shape
     km = te.reduce_axis((0, n * d), name="km")
-    at = lambda i, m_: _f(x(*i, tirx.floordiv(m_, d), tirx.floormod(m_, d)))
+    at = lambda i, m_: f32(x(*i, tirx.floordiv(m_, d), tirx.floormod(m_, d)))
     ss = te.compute(lead, lambda *i: te.sum(at(i, km) * at(i, km), axis=km), name=lw.tag("ss"))
     km2 = te.reduce_axis((0, n * d), name="km2")
     rs = lambda i: te.rsqrt(ss(*i) / tirx.Cast(F32, n * d) + tirx.const(norm_eps, F32))
     raw = te.compute(
         (*lead, fn.shape[0]),
-        lambda *i: te.sum(at(i[:-1], km2) * _f(fn(i[-1], km2)), axis=km2),
+        lambda *i: te.sum(at(i[:-1], km2) * f32(fn(i[-1], km2)), axis=km2),
         name=lw.tag("proj"),
     )
     return te.compute(raw.shape, lambda *i: raw(*i) * rs(i[:-1]), name=lw.tag("mix"))
@@ -626,7 +490,7 @@ def _pre_mix(lw: Lowering, x: Any, pre: Any, out: str) -> Any:
     kj = te.reduce_axis((0, n), name="kj")
     acc = te.compute(
         (*lead, d),
-        lambda *i: te.sum(pre(*i[:-1], kj) * _f(x(*i[:-1], kj, i[-1])), axis=kj),
+        lambda *i: te.sum(pre(*i[:-1], kj) * f32(x(*i[:-1], kj, i[-1])), axis=kj),
         name=lw.tag("mixed"),
     )
     return te.compute(acc.shape, lambda *i: convert(acc(*i), out), name=lw.tag("y"))
@@ -644,7 +508,7 @@ def lower_hc_pre(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
         raise Unsupported("hc.pre needs a static stream count n")
     lead = list(x.shape[:-2])
     mix = _mix(lw, x, fn, op.norm_eps)
-    lin = lambda i, r, sc: mix(*i, r) * _f(scale(sc)) + _f(base(r))
+    lin = lambda i, r, sc: mix(*i, r) * f32(scale(sc)) + f32(base(r))
     eps = tirx.const(op.eps, F32)
     pre = te.compute(
         (*lead, n), lambda *i: te.sigmoid(lin(i[:-1], i[-1], 0)) + eps, name=lw.tag("pre")
@@ -701,7 +565,7 @@ def lower_hc_head(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
     eps = tirx.const(op.eps, F32)
     pre = te.compute(
         mix.shape,
-        lambda *i: te.sigmoid(mix(*i) * _f(scale(0)) + _f(base(i[-1]))) + eps,
+        lambda *i: te.sigmoid(mix(*i) * f32(scale(0)) + f32(base(i[-1]))) + eps,
         name=lw.tag("pre"),
     )
     return [_pre_mix(lw, x, pre, tvm_dtype(node.result.dtype))]
@@ -717,13 +581,13 @@ def lower_hc_post(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
 
     def g(*i: Any) -> Any:
         lead, k, d = i[:-2], i[-2], i[-1]
-        return te.sum(_f(comb(*lead, kj, k)) * _f(res(*lead, kj, d)), axis=kj)
+        return te.sum(f32(comb(*lead, kj, k)) * f32(res(*lead, kj, d)), axis=kj)
 
     acc = te.compute(res.shape, g, name=lw.tag("carried"))
 
     def h(*i: Any) -> Any:
         lead, k, d = i[:-2], i[-2], i[-1]
-        return convert(_f(post(*lead, k)) * _f(f(*lead, d)) + acc(*i), out)
+        return convert(f32(post(*lead, k)) * f32(f(*lead, d)) + acc(*i), out)
 
     return [te.compute(res.shape, h, name=lw.tag("hc_post"))]
 
@@ -733,78 +597,8 @@ SEMANTIC = (
     "attn.sparse_mqa",
     "attn.indexer_topk",
     "attn.compress",
-    "moe.route",
     "hc.pre",
     "hc.head",
     "hc.post",
 )
 TVM_EMITTERS.register(*SEMANTIC)(emit_single)
-
-
-BLAS_MIN_ROWS = 4
-
-
-@dataclass
-class ExpertsLaunch(KernelLaunch):
-    """`moe.experts`: the kernel, or grouped GEMMs through BLAS when the policy says so and
-    ("auto") the experts get `BLAS_MIN_ROWS` (token, slot) rows each on average: with fewer
-    (a decode step), every per-expert GEMM is a GEMV and the kernel's gather does the same reads
-    without a torch call per expert."""
-
-    blas: str = "auto"
-
-    def bind(self, env: dict, fns: dict[str, Any]) -> Call:
-        experts, w1 = (shape_of(self.node.operands[i], env) for i in (2, 3))
-        pairs = experts[0] * experts[1]
-        few = self.blas == "auto" and pairs < BLAS_MIN_ROWS * w1[0]
-        if not few and uses_blas(self.blas, 6 * pairs * w1[1] * w1[2]):
-            op = self.node.op
-            return self.counted("blas", lambda inputs: (grouped_experts(op, *inputs),))
-        return super().bind(env, fns)
-
-
-@TVM_EMITTERS.register("moe.experts")
-def emit_experts(node: ir.Node, target: Any, options: dict) -> ExpertsLaunch:
-    single = emit_single(node, target, options)
-    return ExpertsLaunch(node, single.kernels, single.operands, blas=options.get("blas", "auto"))
-
-
-def grouped_experts(
-    op: Any, x: Any, weights: Any, experts: Any, w1: Any, w3: Any, w2: Any, *shared: Any
-) -> Any:
-    """`moe.experts` (ir/ops/moe.py) with one GEMM per expert over the tokens that chose it.
-
-    Rows are the (token, slot) pairs sorted by expert; the per-expert row counts are read on the
-    host (a CPU executable: no device round-trip). Same numerics as the op: GEMMs in x's dtype,
-    SwiGLU and routing weight in fp32, hidden rows cast to x's dtype before w2, fp32 sum.
-    """
-    import torch
-
-    n, k = experts.shape
-    flat = experts.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    token = order // k
-    counts = torch.bincount(flat, minlength=w1.shape[0]).tolist()
-    rows = x[token]
-    scale = weights.reshape(-1)[order].float().unsqueeze(-1)
-    down = torch.empty(n * k, x.shape[1], dtype=torch.float32)
-    start = 0
-    for e, count in enumerate(counts):
-        if count:
-            r = rows[start : start + count]
-            gate, up = ((r @ w[e].T).float() for w in (w1, w3))
-            h = gate.clamp(max=op.limit)
-            h = (
-                torch.nn.functional.silu(h)
-                * up.clamp(-op.limit, op.limit)
-                * scale[start : start + count]
-            )
-            down[start : start + count] = (h.to(x.dtype) @ w2[e].T).float()
-            start += count
-    y = torch.zeros(x.shape, dtype=torch.float32).index_add_(0, token, down).to(x.dtype)
-    if not op.shared:
-        return y
-    s1, s3, s2 = shared
-    g, u = ((x @ s.T).float() for s in (s1, s3))
-    h = torch.nn.functional.silu(g.clamp(max=op.limit)) * u.clamp(-op.limit, op.limit)
-    return y + h.to(x.dtype) @ s2.T

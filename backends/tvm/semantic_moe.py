@@ -1,0 +1,218 @@
+"""te lowerings of the MoE ops (ir/ops/moe.py), `moe.route` and `moe.experts`, one kernel per
+node, and the experts' BLAS path. Shared helpers (fp32 casts, top-k) are in `semantic.py`.
+
+The experts kernel gathers each token's k expert weights by index (no per-expert row counts on the
+host; an expert no token chose is never read). `moe.experts` also has a BLAS path, chosen per call
+like a large `matmul` (the executable's `blas` policy; the report counts it): tokens sorted by
+expert, then one GEMM per expert over its rows (MKL/OpenBLAS through torch), as the eager model's
+grouped GEMM does. The kernel reads each expert's weights once per token; the grouped GEMM once
+per expert, which is what a prefill needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import ir
+from backends.tvm.emitters import TVM_EMITTERS, Call, KernelLaunch, emit_single, shape_of, uses_blas
+from backends.tvm.lower import Lowering, convert, lowers, tvm_dtype
+from backends.tvm.semantic import F32, f32, i32, topk
+
+
+def _swiglu(gate: Any, up: Any, limit: float) -> Any:
+    from tvm import te, tirx
+
+    g = tirx.min(gate, tirx.const(limit, F32))
+    u = tirx.min(tirx.max(up, tirx.const(-limit, F32)), tirx.const(limit, F32))
+    return g / (tirx.const(1.0, F32) + te.exp(-g)) * u
+
+
+@lowers("moe.route")
+def lower_route(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
+    from tvm import te, tirx
+
+    op = node.op
+    x, gate, *rest = args
+    kd = te.reduce_axis((0, x.shape[1]), name="kd")
+    logits = te.compute(
+        (x.shape[0], gate.shape[0]),
+        lambda n, e: te.sum(f32(x(n, kd)) * f32(gate(e, kd)), axis=kd),
+        name=lw.tag("logits"),
+    )
+    n_exp = gate.shape[0]
+    if op.score == "softmax":
+        ke = te.reduce_axis((0, n_exp), name="ke")
+        mx = te.compute((x.shape[0],), lambda n: te.max(logits(n, ke), axis=ke), name="mx")
+        ke2 = te.reduce_axis((0, n_exp), name="ke2")
+        den = te.compute(
+            (x.shape[0],), lambda n: te.sum(te.exp(logits(n, ke2) - mx(n)), axis=ke2), name="den"
+        )
+        s = te.compute(logits.shape, lambda n, e: te.exp(logits(n, e) - mx(n)) / den(n), name="s")
+    elif op.score == "sigmoid":
+        s = te.compute(logits.shape, lambda n, e: te.sigmoid(logits(n, e)), name="s")
+    else:
+        lg = logits
+        soft = lambda n, e: tirx.Select(lg(n, e) > 20.0, lg(n, e), tirx.log1p(te.exp(lg(n, e))))
+        s = te.compute(logits.shape, lambda n, e: te.sqrt(soft(n, e)), name="s")
+    if op.hash:
+        table, ids = rest
+        experts = te.compute(
+            (x.shape[0], op.k), lambda n, j: table(ids(n), j), name=lw.tag("experts")
+        )
+    else:
+        chooser = s
+        if op.bias:
+            (bias,) = rest
+            chooser = te.compute(s.shape, lambda n, e: s(n, e) + f32(bias(e)), name="chooser")
+        _, experts = topk(lw, chooser, op.k)
+    picked = te.compute(experts.shape, lambda n, j: s(n, i32(experts(n, j))), name="picked")
+    kj = te.reduce_axis((0, op.k), name="kj")
+    total = te.compute((x.shape[0],), lambda n: te.sum(picked(n, kj), axis=kj), name="total")
+    scale = tirx.const(op.route_scale, F32)
+    weights = te.compute(
+        experts.shape,
+        lambda n, j: (picked(n, j) / total(n) if op.renorm else picked(n, j)) * scale,
+        name=lw.tag("weights"),
+    )
+    return [weights, experts]
+
+
+@lowers("moe.experts")
+def lower_experts(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
+    from tvm import te
+
+    op = node.op
+    x, weights, experts, w1, w3, w2, *shared = args
+    out = tvm_dtype(node.result.dtype)
+    n_tok, k, inter, width = x.shape[0], weights.shape[1], w1.shape[1], x.shape[1]
+    kd = te.reduce_axis((0, width), name="kd")
+    kd3 = te.reduce_axis((0, width), name="kd3")
+    eid = lambda n, j: i32(experts(n, j))
+    up1 = te.compute(
+        (n_tok, k, inter),
+        lambda n, j, i: te.sum(f32(x(n, kd)) * f32(w1(eid(n, j), i, kd)), axis=kd),
+        name=lw.tag("gate_proj"),
+    )
+    up3 = te.compute(
+        (n_tok, k, inter),
+        lambda n, j, i: te.sum(f32(x(n, kd3)) * f32(w3(eid(n, j), i, kd3)), axis=kd3),
+        name=lw.tag("up_proj"),
+    )
+    h = te.compute(
+        up1.shape,
+        lambda n, j, i: convert(
+            _swiglu(convert(convert(up1(n, j, i), out), F32), up3(n, j, i), op.limit)
+            * f32(weights(n, j)),
+            out,
+        ),
+        name=lw.tag("keep_h"),  # once per hidden unit, not once per output channel
+    )
+    ki = te.reduce_axis((0, inter), name="ki")
+    down = te.compute(  # one reduction axis per stage: the dot over ki is vectorised (rfactor)
+        (n_tok, k, width),
+        lambda n, j, c: te.sum(f32(h(n, j, ki)) * f32(w2(eid(n, j), c, ki)), axis=ki),
+        name=lw.tag("down_proj"),
+    )
+    kj = te.reduce_axis((0, k), name="kj")
+    y = te.compute(
+        (n_tok, width), lambda n, c: te.sum(down(n, kj, c), axis=kj), name=lw.tag("routed")
+    )
+    if not op.shared:
+        return [te.compute(y.shape, lambda n, c: convert(y(n, c), out), name=lw.tag("y"))]
+    s1, s3, s2 = shared
+    ks, ks3 = (te.reduce_axis((0, width), name=nm) for nm in ("ks", "ks3"))
+    g1 = te.compute(
+        (n_tok, s1.shape[0]),
+        lambda n, i: te.sum(f32(x(n, ks)) * f32(s1(i, ks)), axis=ks),
+        name="sg",
+    )
+    g3 = te.compute(
+        g1.shape, lambda n, i: te.sum(f32(x(n, ks3)) * f32(s3(i, ks3)), axis=ks3), name="su"
+    )
+    hs = te.compute(
+        g1.shape, lambda n, i: convert(_swiglu(g1(n, i), g3(n, i), op.limit), out), name="hs"
+    )
+    kss = te.reduce_axis((0, s1.shape[0]), name="kss")
+    ys = te.compute(
+        y.shape, lambda n, c: te.sum(f32(hs(n, kss)) * f32(s2(c, kss)), axis=kss), name="ys"
+    )
+    return [
+        te.compute(
+            y.shape,
+            lambda n, c: convert(convert(y(n, c), out) + convert(ys(n, c), out), out),
+            name=lw.tag("y"),
+        )
+    ]
+
+
+TVM_EMITTERS.register("moe.route")(emit_single)
+
+
+BLAS_MIN_ROWS = 4
+
+
+@dataclass
+class ExpertsLaunch(KernelLaunch):
+    """`moe.experts`: the kernel, or grouped GEMMs through BLAS when the policy says so and
+    ("auto") the experts get `BLAS_MIN_ROWS` (token, slot) rows each on average: with fewer
+    (a decode step), every per-expert GEMM is a GEMV and the kernel's gather does the same reads
+    without a torch call per expert."""
+
+    blas: str = "auto"
+
+    def bind(self, env: dict, fns: dict[str, Any]) -> Call:
+        experts, w1 = (shape_of(self.node.operands[i], env) for i in (2, 3))
+        pairs = experts[0] * experts[1]
+        few = self.blas == "auto" and pairs < BLAS_MIN_ROWS * w1[0]
+        if not few and uses_blas(self.blas, 6 * pairs * w1[1] * w1[2]):
+            op = self.node.op
+            return self.counted("blas", lambda inputs: (grouped_experts(op, *inputs),))
+        return super().bind(env, fns)
+
+
+@TVM_EMITTERS.register("moe.experts")
+def emit_experts(node: ir.Node, target: Any, options: dict) -> ExpertsLaunch:
+    single = emit_single(node, target, options)
+    return ExpertsLaunch(node, single.kernels, single.operands, blas=options.get("blas", "auto"))
+
+
+def grouped_experts(
+    op: Any, x: Any, weights: Any, experts: Any, w1: Any, w3: Any, w2: Any, *shared: Any
+) -> Any:
+    """`moe.experts` (ir/ops/moe.py) with one GEMM per expert over the tokens that chose it.
+
+    Rows are the (token, slot) pairs sorted by expert; the per-expert row counts are read on the
+    host (a CPU executable: no device round-trip). Same numerics as the op: GEMMs in x's dtype,
+    SwiGLU and routing weight in fp32, hidden rows cast to x's dtype before w2, fp32 sum.
+    """
+    import torch
+
+    n, k = experts.shape
+    flat = experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    token = order // k
+    counts = torch.bincount(flat, minlength=w1.shape[0]).tolist()
+    rows = x[token]
+    scale = weights.reshape(-1)[order].float().unsqueeze(-1)
+    down = torch.empty(n * k, x.shape[1], dtype=torch.float32)
+    start = 0
+    for e, count in enumerate(counts):
+        if count:
+            r = rows[start : start + count]
+            gate, up = ((r @ w[e].T).float() for w in (w1, w3))
+            h = gate.clamp(max=op.limit)
+            h = (
+                torch.nn.functional.silu(h)
+                * up.clamp(-op.limit, op.limit)
+                * scale[start : start + count]
+            )
+            down[start : start + count] = (h.to(x.dtype) @ w2[e].T).float()
+            start += count
+    y = torch.zeros(x.shape, dtype=torch.float32).index_add_(0, token, down).to(x.dtype)
+    if not op.shared:
+        return y
+    s1, s3, s2 = shared
+    g, u = ((x @ s.T).float() for s in (s1, s3))
+    h = torch.nn.functional.silu(g.clamp(max=op.limit)) * u.clamp(-op.limit, op.limit)
+    return y + h.to(x.dtype) @ s2.T
