@@ -188,7 +188,7 @@ def _tvm_relax(model: Any, w: Workload, target: str) -> tuple[float, Callable[[]
     from tvm.relax.frontend.torch import from_exported_program
 
     if target != "cpu":
-        raise NotImplementedError("the tvm-relax peer is measured on the CPU only")
+        raise ValueError("the tvm-relax peer is measured on the CPU only (--target cpu)")
 
     class Method(torch.nn.Module):
         def __init__(self) -> None:

@@ -15,6 +15,7 @@ kernel or BLAS, the packed function) and returns it as a `Call` on the node's in
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -97,7 +98,7 @@ def body_call(body: ir.Graph, env: dict) -> Call:
 
 
 @dataclass
-class Launch:
+class Launch(ABC):
     """Host side of one node: `kernels` to build, then `bind(env, fns)` -> the `Call` for one
     binding of the symbols (shapes, the implementation and the packed function resolved once)."""
 
@@ -106,8 +107,8 @@ class Launch:
     operands: tuple[int, ...]  # node operand index of each kernel input
     calls: Counter = field(default_factory=Counter)  # impl ("tvm", "blas") -> calls
 
-    def bind(self, env: dict, fns: dict[str, Any]) -> Call:
-        raise NotImplementedError
+    @abstractmethod
+    def bind(self, env: dict, fns: dict[str, Any]) -> Call: ...
 
     def counted(self, impl: str, call: Call) -> Call:
         """`call`, counting its uses under `impl` (the report's kernel/BLAS call counts)."""
