@@ -6,3 +6,4 @@ To add an op: write one frozen dataclass with a docstring, `mnemonic`, `kind`, `
 
 from ir.ops import creation, elementwise, fused, index, linalg, reduction, shape  # noqa: F401
 from ir.ops import attn, hc, moe  # noqa: F401  (semantic ops: attention, mHC, MoE)
+from ir.ops import collective  # noqa: F401  (dist.* collectives over mesh axes, MoE EP exchange)

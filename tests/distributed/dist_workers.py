@@ -1,0 +1,28 @@
+"""Functions run inside spawned gloo ranks (importable by module name, as spawn needs)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+import ir
+from backends.distributed import Mesh, init_mesh
+from ir.ops.collective import bind_groups
+
+
+def collectives(rank: int, mesh_text: str, graph_text: str, inputs: list) -> list:
+    """Run a graph of collectives with this rank's inputs; returns its outputs."""
+    groups = init_mesh(Mesh.parse(mesh_text))
+    with bind_groups(groups):
+        return list(ir.interpret(ir.parse(graph_text), *inputs[rank]))
+
+
+def die_or_reduce(rank: int) -> float:
+    """Rank 1 dies before the collective; rank 0 must fail (not hang)."""
+    if rank == 1:
+        os._exit(3)
+    t = torch.ones(4)
+    dist.all_reduce(t)
+    return float(t[0])
