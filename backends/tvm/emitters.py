@@ -53,10 +53,25 @@ ALIGN = 64  # bytes: TVM kernels assume buffers aligned like its own allocations
 
 
 def aligned(t: Any) -> Any:
-    """`t` as a contiguous tensor whose data is ALIGN-byte aligned (vector loads assume it);
-    a view at an odd offset (a slice of a fused weight, a column of a row) is copied."""
+    """`t` as a compact row-major tensor whose data is ALIGN-byte aligned (vector loads assume
+    it); a view at an odd offset (a slice of a fused weight, a column of a row) is copied.
+
+    Torch calls a tensor contiguous whatever the stride of a dim of size 0 or 1 (a slice of 0 or
+    1 compressed rows at odd T, B = 1), but TVM checks every stride of a symbolic shape: such a
+    view is re-strided in place (same elements, no copy)."""
     t = t.contiguous()
-    return t if t.data_ptr() % ALIGN == 0 else t.clone()
+    if t.data_ptr() % ALIGN:
+        t = t.clone()
+    shape = t.shape
+    if 0 in shape or 1 in shape:
+        compact, step = [], 1
+        for n in reversed(shape):
+            compact.append(step)
+            step *= n
+        compact.reverse()
+        if list(t.stride()) != compact:
+            t = t.as_strided(shape, compact)
+    return t
 
 
 # One node's work for one binding of the symbols: its input tensors -> its result tensors.
