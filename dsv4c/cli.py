@@ -292,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--interpret", action="store_true", help="allow Triton's CPU interpreter")
     b.add_argument("--json", default="bench.json", help="output JSON (and .svg beside it)")
     b.set_defaults(fn=cmd_bench)
+
+    from dsv4c import plan as plan_cmd  # scale-out planner: `dsv4c plan --model v4-pro --mesh ...`
+
+    plan_cmd.add_parser(sub)
     return ap
 
 

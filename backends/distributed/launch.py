@@ -95,7 +95,8 @@ def _collect(procs, results, world: int, timeout_s: float, grace_s: float) -> li
     bad = {r: v for r, v in got.items() if v[0] != "ok"}
     missing = [r for r in range(world) if r not in got]
     if bad or missing:
-        lines = [f"rank {r} {s}: {str(p).strip().splitlines()[0]}" for r, (s, p) in sorted(bad.items())]
+        lines = [f"rank {r} {s}: {str(p).strip().splitlines()[0]}"
+                 for r, (s, p) in sorted(bad.items())]
         lines += [f"rank {r}: no result (terminated after the failure or the {timeout_s:.0f} s "
                   "timeout)" for r in missing]
         detail = "\n".join(f"--- rank {r} ---\n{p}" for r, (s, p) in sorted(bad.items()))

@@ -1,0 +1,111 @@
+"""Placement vocabulary and the parameter-placement rule lists for the `shard` pass and the
+`dsv4c plan` planner (one source of truth for what each rank holds).
+
+Placements follow DTensor: `Shard(dim)` (each rank of the axis holds one contiguous block of
+`dim`), `REPLICATE` (every rank holds all of it), `PARTIAL` (every rank holds a summand; the value
+is their sum). A rule maps a parameter-name glob to a placement on one mesh axis; the first
+matching rule per axis wins, no match means replicated.
+
+Strategies (the brief, shared/scale-out.md §3, §5):
+- `tp_attention(axis)`: query heads split (`wq_b` rows, `attn_sink`), output groups split
+  (`wo_a` rows: whole groups per rank), `wo_b` row-parallel (columns split -> partial sums). The
+  single K=V head (`wkv`), `wq_a`, compressors, the indexer and the KV cache stay replicated.
+- `vocab_head(axis)`: `head.weight` rows split (each rank computes its vocabulary slice).
+- `expert_parallel(axis)`: routed experts split along the expert dim; gate and shared expert
+  replicated.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+__all__ = [
+    "Shard",
+    "Replicate",
+    "Partial",
+    "Placement",
+    "REPLICATE",
+    "PARTIAL",
+    "Rule",
+    "tp_attention",
+    "vocab_head",
+    "expert_parallel",
+    "rules_for_mesh",
+    "placement_of",
+]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Each rank of the axis holds block `rank` of dim `dim` (size / axis size elements)."""
+
+    dim: int
+
+    def __str__(self) -> str:
+        return f"S({self.dim})"
+
+
+@dataclass(frozen=True)
+class Replicate:
+    def __str__(self) -> str:
+        return "R"
+
+
+@dataclass(frozen=True)
+class Partial:
+    """Every rank holds a summand; an all_reduce makes it Replicate."""
+
+    def __str__(self) -> str:
+        return "P(sum)"
+
+
+Placement = Shard | Replicate | Partial
+REPLICATE = Replicate()
+PARTIAL = Partial()
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Parameters whose name matches `pattern` (fnmatch glob) get `placement` on mesh `axis`."""
+
+    pattern: str
+    axis: str
+    placement: Placement
+
+
+def tp_attention(axis: str = "tp") -> list[Rule]:
+    return [
+        Rule("*attn.wq_b.weight", axis, Shard(0)),  # column-parallel: H/tp query heads
+        Rule("*attn.attn_sink", axis, Shard(0)),  # one sink per local head
+        Rule("*attn.wo_a.weight", axis, Shard(0)),  # whole output groups: g/tp per rank
+        Rule("*attn.wo_b.weight", axis, Shard(1)),  # row-parallel -> partial sums, all_reduce
+    ]
+
+
+def vocab_head(axis: str = "tp") -> list[Rule]:
+    return [Rule("head.weight", axis, Shard(0))]
+
+
+def expert_parallel(axis: str = "ep") -> list[Rule]:
+    return [Rule("*ffn.experts.w[123]", axis, Shard(0))]  # E/ep local experts per rank
+
+
+def rules_for_mesh(sizes: dict[str, int]) -> list[Rule]:
+    """Default rules for a mesh: TP attention and vocabulary head over `tp`, experts over `ep`
+    (data-parallel attention over `dp` shards activations, not parameters)."""
+    rules: list[Rule] = []
+    if sizes.get("tp", 1) > 1:
+        rules += tp_attention("tp") + vocab_head("tp")
+    if sizes.get("ep", 1) > 1:
+        rules += expert_parallel("ep")
+    return rules
+
+
+def placement_of(name: str, rules: list[Rule]) -> dict[str, Placement]:
+    """Axis -> placement of parameter `name` (axes without a matching rule: replicated)."""
+    out: dict[str, Placement] = {}
+    for rule in rules:
+        if rule.axis not in out and fnmatch.fnmatchcase(name, rule.pattern):
+            out[rule.axis] = rule.placement
+    return out
