@@ -175,7 +175,7 @@ def _group(name: str) -> str:
 def weight_bytes(cfg: Config, sizes: dict[str, int]) -> dict[str, float]:
     """Group -> checkpoint bytes one rank holds under the mesh's default placement rules
     (MTP included, since serving with speculative decoding keeps it; tid2eid tables included)."""
-    rules = rules_for_mesh(sizes)
+    rules = rules_for_mesh(sizes, moe="all_reduce" if sizes.get("dp", 1) == 1 else "dispatch")
     out: dict[str, float] = {}
     for name, shape in param_specs(cfg):
         n = math.prod(shape)
@@ -226,8 +226,8 @@ def comm_per_token(
     d, tp, ep = cfg.dim, sizes.get("tp", 1), sizes.get("ep", 1)
     ring = 2 * (tp - 1) / tp * 2 * d
     out = {"attention all_reduce (tp)": ring}
-    if ep > 1 and sizes.get("dp", 1) == 1 and tp == world:
-        out["MoE all_reduce (ep over tp ranks)"] = ring
+    if ep > 1 and sizes.get("dp", 1) == 1:  # tokens replicated: local experts + all_reduce
+        out["MoE all_reduce (ep)"] = 2 * (ep - 1) / ep * 2 * d
     elif ep > 1:
         dispatch = d + 4 * d / 128 + 8 * cfg.n_activated_experts
         m = _remote_ranks(cfg, ep, per_expert=decode)

@@ -87,18 +87,29 @@ def vocab_head(axis: str = "tp") -> list[Rule]:
     return [Rule("head.weight", axis, Shard(0))]
 
 
-def expert_parallel(axis: str = "ep") -> list[Rule]:
-    return [Rule("*ffn.experts.w[123]", axis, Shard(0))]  # E/ep local experts per rank
+def expert_parallel(axis: str = "ep", split_shared: bool = False) -> list[Rule]:
+    """Routed experts: E/size per rank. `split_shared` also splits the shared expert's hidden
+    units (s1/s3 rows, s2 columns) so the MoE output is one partial sum (all_reduce layout)."""
+    rules = [Rule("*ffn.experts.w[123]", axis, Shard(0))]
+    if split_shared:
+        rules += [
+            Rule("*ffn.shared_experts.w1.weight", axis, Shard(0)),
+            Rule("*ffn.shared_experts.w3.weight", axis, Shard(0)),
+            Rule("*ffn.shared_experts.w2.weight", axis, Shard(1)),
+        ]
+    return rules
 
 
-def rules_for_mesh(sizes: dict[str, int]) -> list[Rule]:
-    """Default rules for a mesh: TP attention and vocabulary head over `tp`, experts over `ep`
-    (data-parallel attention over `dp` shards activations, not parameters)."""
+def rules_for_mesh(sizes: dict[str, int], moe: str = "all_reduce") -> list[Rule]:
+    """Default rules for a mesh: TP attention and vocabulary head over `tp`; routed experts over
+    `ep` (or over `tp` when there is no ep axis — the reference code's "EP inside TP"); with
+    `moe="all_reduce"` the shared expert is split on the same axis."""
     rules: list[Rule] = []
     if sizes.get("tp", 1) > 1:
         rules += tp_attention("tp") + vocab_head("tp")
-    if sizes.get("ep", 1) > 1:
-        rules += expert_parallel("ep")
+    expert_axis = "ep" if sizes.get("ep", 1) > 1 else "tp" if sizes.get("tp", 1) > 1 else None
+    if expert_axis:
+        rules += expert_parallel(expert_axis, split_shared=moe == "all_reduce")
     return rules
 
 

@@ -12,5 +12,15 @@ gloo on CPUs, NCCL on GPUs. No transport of our own.
 from backends.distributed.groups import TorchAxisGroup, init_mesh
 from backends.distributed.launch import RankFailed, run_ranks
 from backends.distributed.mesh import Mesh
+from backends.distributed.params import local_params
+from backends.distributed.runtime import run_rank_program
 
-__all__ = ["Mesh", "RankFailed", "TorchAxisGroup", "init_mesh", "run_ranks"]
+__all__ = [
+    "Mesh",
+    "RankFailed",
+    "TorchAxisGroup",
+    "init_mesh",
+    "local_params",
+    "run_rank_program",
+    "run_ranks",
+]

@@ -26,3 +26,23 @@ def die_or_reduce(rank: int) -> float:
     t = torch.ones(4)
     dist.all_reduce(t)
     return float(t[0])
+
+
+def sharded_model(rank: int, cases: list, graph_text: str, state: dict, inputs: list) -> dict:
+    """Shard the global graph for each (name, mesh, moe) case on this rank and run it; returns
+    name -> (outputs, op counts of this rank's program)."""
+    from collections import Counter
+
+    from backends.distributed import run_rank_program
+    from passes.shard import shard
+    from passes.shard_rules import rules_for_mesh
+
+    g = ir.parse(graph_text)
+    out = {}
+    for name, mesh_text, moe in cases:
+        mesh = Mesh.parse(mesh_text)
+        rules = rules_for_mesh(mesh.to_json(), moe=moe)
+        program = ir.verify(shard(g, mesh.to_json(), rules=rules, moe=moe))
+        res = run_rank_program(program, mesh, rules, state, inputs)
+        out[name] = (list(res), dict(Counter(n.name for n in program.ops)))
+    return out
