@@ -292,7 +292,9 @@ def _bound_params(module: Any) -> dict[str, Any] | None:
     state = getattr(module, "state_dict", None)
     if state is None:
         return None
-    tensors = state()
+    # non-persistent buffers (Hugging Face's rotary inv_freq) are graph inputs too
+    buffers = dict(module.named_buffers()) if hasattr(module, "named_buffers") else {}
+    tensors = {**buffers, **state()}
     if any(getattr(t, "is_meta", False) for t in tensors.values()):
         return None  # compiled on the meta device: weights come at run time
     return tensors

@@ -208,7 +208,10 @@ def _softmax(cx, x, dim, dtype_or_half=None):
 def _cumsum(cx, x, dim, *, dtype=None):
     if dtype is not None:
         x = cx.op("cast", x, dtype=DType.from_torch(dtype))
-    return cx.op("cumsum", x, dim=_dim(dim, cx.type_of(x).rank))
+    y = cx.op("cumsum", x, dim=_dim(dim, cx.type_of(x).rank))
+    if cx.type_of(y).dtype != cx.expected_dtype():  # cumsum(dtype=int32): the IR scans in i64
+        y = cx.op("cast", y, dtype=cx.expected_dtype())
+    return y
 
 
 # --- linear algebra ------------------------------------------------------------------------
@@ -272,7 +275,9 @@ def _index(cx, x, indices):
 
 @translates(aten.scatter.src, aten.scatter.value)
 def _scatter(cx, x, dim, index, src):
-    (src,) = cx.operands(src, like=x)
+    if not isinstance(src, Value):  # scatter.value: the scalar fills index's shape, in x's dtype
+        shape = tuple(cx.type_of(index).shape)
+        src = cx.op("full", shape=shape, value=_scalar(src), dtype=cx.type_of(x).dtype)
     return cx.op("scatter", x, index, src, dim=_dim(dim, cx.type_of(x).rank))
 
 
@@ -337,7 +342,16 @@ def _argsort(cx, x, *args, stable=False, dim=-1, descending=False):
 
 @translates(aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 def _reshape(cx, x, shape):
-    return cx.op("reshape", x, shape=tuple(shape))
+    return cx.op("reshape", x, shape=_resolve_holes(cx, shape))
+
+
+def _resolve_holes(cx, shape) -> tuple:
+    """A -1 in a view shape becomes torch's own size for it: with a zero-sized dim elsewhere the
+    IR cannot infer it from the element count (0 / 0), but torch's shape propagation knows it."""
+    shape = tuple(shape)
+    if -1 not in shape:
+        return shape
+    return tuple(cx.expected_shape())
 
 
 @translates(aten.permute.default)
@@ -449,6 +463,12 @@ def _scalar_tensor(cx, value, **_kw):
 @translates(aten.arange.start_step, aten.arange.start, aten.arange.default)
 def _arange(cx, *args, **_kw):
     start, end, step = (0, args[0], 1) if len(args) == 1 else (list(args) + [1])[:3]
+    if any(isinstance(v, float) for v in (start, end, step)):
+        # arange(a, b, s) over floats = a + s * iota(0, n), n = torch's own length
+        (count,) = cx.expected_shape()
+        ramp = cx.op("iota", start=0, end=count, step=1, dtype=cx.expected_dtype())
+        scaled = cx.op("mul", ramp, cx.const(float(step), cx.expected_dtype()))
+        return cx.op("add", scaled, cx.const(float(start), cx.expected_dtype()))
     return cx.op("iota", start=start, end=end, step=step, dtype=cx.expected_dtype())
 
 
@@ -518,7 +538,8 @@ def _flatten(cx, x, start_dim=0, end_dim=-1):
 def _unflatten(cx, x, dim, sizes):
     shape = cx.type_of(x).shape
     d = _dim(dim, len(shape))
-    return cx.op("reshape", x, shape=tuple(shape[:d]) + tuple(sizes) + tuple(shape[d + 1 :]))
+    new = tuple(shape[:d]) + tuple(sizes) + tuple(shape[d + 1 :])
+    return cx.op("reshape", x, shape=_resolve_holes(cx, new))
 
 
 @translates(aten.square.default)
@@ -646,3 +667,7 @@ def _layer_norm(cx, x, normalized_shape, weight=None, bias=None, eps=1e-5, *_cud
     if cx.node.target is aten.layer_norm.default:
         return out
     return out, mean, rstd
+
+
+# Core ATen ops left by torch's decompositions (split_with_sizes, slice_scatter, histc, ...).
+from frontend import aten_core as _aten_core  # noqa: E402,F401  (registers into TABLE)

@@ -33,6 +33,7 @@ from torch.utils import _pytree as pytree
 
 import ir
 from frontend import aten as aten_table
+from frontend import outputs as outputs_lib
 from frontend import regions as regions_lib
 from frontend.symbolic import to_ir_expr
 from ir.core import check_value_name
@@ -80,6 +81,7 @@ def capture(
     method: str = "forward",
     name: str | None = None,
     reuse_layers: bool = True,
+    outputs: str = "auto",
 ) -> ir.Graph:
     """Trace `module.<method>(*example_inputs)` into a verified IR graph.
 
@@ -87,13 +89,15 @@ def capture(
     input the same dims are symbolic in every tensor inside it (`{"cache": {0: "B"}}`).
     `reuse_layers` traces one layer of each kind in a `ModuleList` and replays it for the others
     (`frontend/regions.py`); the graph is the same either way, only faster to get.
+    `outputs` says what a Hugging Face `ModelOutput` result becomes (`frontend/outputs.py`):
+    "auto" its logits, "logits+cache" the logits and the cache's tensors, flattened.
     """
     arg_names = _argument_names(module, method, len(example_inputs))
     scope = (
         regions_lib.replay_repeated(module, method) if reuse_layers else contextlib.nullcontext()
     )
     with scope as regions:
-        program = _export(module, tuple(example_inputs), arg_names, dynamic, method)
+        program = _export(module, tuple(example_inputs), arg_names, dynamic, method, outputs)
         if _untranslatable(program):
             # torch.export keeps some composite ops whole; the table covers the common ones, and
             # core-ATen decomposition (slower: it retraces the program) handles the rest.
@@ -109,13 +113,15 @@ def capture(
 class _Method(torch.nn.Module):
     """Exposes `module.<method>` as `forward`, so torch.export can trace any entry point."""
 
-    def __init__(self, module: torch.nn.Module, method: str) -> None:
+    def __init__(self, module: torch.nn.Module, method: str, outputs: str = "auto") -> None:
         super().__init__()
         self.module = module
         self.method = method
+        self.outputs = outputs
 
     def forward(self, *args: Any) -> Any:
-        return getattr(self.module, self.method)(*args)
+        out = getattr(self.module, self.method)(*args)
+        return outputs_lib.plain_outputs(out, self.outputs)
 
 
 def _argument_names(module: torch.nn.Module, method: str, count: int) -> list[str]:
@@ -133,7 +139,9 @@ def _argument_names(module: torch.nn.Module, method: str, count: int) -> list[st
     return names
 
 
-def _export(module, inputs, arg_names, dynamic: DynamicSpec, method: str) -> ExportedProgram:
+def _export(
+    module, inputs, arg_names, dynamic: DynamicSpec, method: str, outputs: str = "auto"
+) -> ExportedProgram:
     unknown = set(dynamic or {}) - set(arg_names)
     if unknown:
         raise CaptureError(
@@ -145,7 +153,7 @@ def _export(module, inputs, arg_names, dynamic: DynamicSpec, method: str) -> Exp
         shapes = tuple(_auto_dims(x, dynamic.get(n, {})) for n, x in zip(arg_names, inputs))
     try:
         program = torch.export.export(
-            _Method(module, method),
+            _Method(module, method, outputs),
             inputs,
             dynamic_shapes=None if shapes is None else (shapes,),
             strict=False,
@@ -274,6 +282,9 @@ class _Translator:
                 name, role = spec.target.removeprefix(prefix), "parameter"
             elif spec.kind == InputKind.USER_INPUT:
                 name, role = next(user_names), "activation"
+            elif spec.kind == InputKind.CONSTANT_TENSOR and self._uniform_constant(spec.target):
+                self.env[node] = self._constant_tensor(spec.target)
+                continue
             else:
                 raise CaptureError(
                     f"input {spec.arg.name} is a {spec.kind.name.lower()} "
@@ -286,6 +297,19 @@ class _Translator:
             self.env[node] = value
             if role == "parameter":
                 self.params[name] = value
+
+    def _uniform_constant(self, target: str) -> bool:
+        """A tensor made inside forward (`x[i] = 5.0`, `torch.tensor(0.5)`) that one value fills."""
+        t = self.program.constants.get(target)
+        return isinstance(t, torch.Tensor) and (t.numel() == 0 or bool((t == t.flatten()[0]).all()))
+
+    def _constant_tensor(self, target: str) -> ir.Value:
+        t = self.program.constants[target]
+        dtype = ir.DType.from_torch(t.dtype)
+        value = t.flatten()[0].item() if t.numel() else 0
+        if t.dim() == 0:
+            return self.builder.op("constant", [], value=value, dtype=dtype)
+        return self.builder.op("full", [], shape=tuple(t.shape), value=value, dtype=dtype)
 
     def _add_outputs(self) -> None:
         output = next(n for n in self.program.graph.nodes if n.op == "output")
@@ -452,6 +476,18 @@ class _Translator:
 
     def type_of(self, v: ir.Value) -> ir.TensorType:
         return v.type
+
+    def expected_shape(self) -> tuple[ir.Dim, ...]:
+        """torch's shape for the node being translated (its first result)."""
+        val = self.node.meta["val"]
+        fake = val[0] if isinstance(val, (tuple, list)) else val
+        return tuple(self._dim(s) for s in fake.shape)
+
+    def expected_shapes(self) -> list[tuple[ir.Dim, ...]]:
+        """torch's shapes for every tensor result of the node being translated."""
+        val = self.node.meta["val"]
+        vals = val if isinstance(val, (tuple, list)) else (val,)
+        return [tuple(self._dim(s) for s in v.shape) for v in vals]
 
     def expected_dtype(self) -> ir.DType:
         val = self.node.meta["val"]

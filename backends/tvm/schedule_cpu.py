@@ -196,6 +196,8 @@ def _vectorise(sch: Any, loop: Any) -> None:
         if parts is not None:
             _try(sch.unroll, parts[1])
         return
+    if extent == 0:  # a zero-sized dim (a prompt shorter than a compression ratio): no lanes
+        return
     if extent <= 64:
         _try(sch.vectorize, loop)
         return

@@ -1,0 +1,288 @@
+"""Translators for Core ATen ops that torch's decomposition table leaves in place.
+
+`frontend.capture` runs torch's core-ATen decompositions when a program holds an op the table
+cannot translate, so composite ops (chunk, split, unbind, repeat_interleave, new_zeros, diff, ...)
+arrive here as core ops. Each translator below spells one core op with existing IR ops; the
+one-line comment above it is the identity it relies on. Registered into `frontend.aten.TABLE`
+(this module is imported at the end of `frontend/aten.py`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from frontend.aten import _dim, _scalar, translates
+from ir import DType
+
+aten = torch.ops.aten
+
+_FLOATS = (DType.f32, DType.f16, DType.bf16)
+
+
+# --- splitting -----------------------------------------------------------------------------
+
+
+@translates(aten.split_with_sizes.default, aten.split_with_sizes_copy.default)
+def _split_with_sizes(cx, x, sizes, dim=0):
+    # split_with_sizes(x, [a, b], d) = (x[a0:a0+a], x[b0:b0+b]) along d
+    d = _dim(dim, cx.type_of(x).rank)
+    parts, start = [], 0
+    for size in sizes:
+        parts.append(cx.op("slice", x, dim=d, start=start, end=start + size, step=1))
+        start = start + size
+    return tuple(parts)
+
+
+@translates(aten.split.Tensor, aten.split_copy.Tensor)
+def _split(cx, x, split_size, dim=0):
+    # split(x, n, d) = split_with_sizes(x, [n, n, ..., rest], d)
+    d = _dim(dim, cx.type_of(x).rank)
+    sizes = [shape[d] for shape in cx.expected_shapes()]  # torch's split of a symbolic size too
+    return _split_with_sizes(cx, x, sizes, d)
+
+
+@translates(aten.unbind.int, aten.unbind_copy.int)
+def _unbind(cx, x, dim=0):
+    # unbind(x, d) = (x.select(d, 0), x.select(d, 1), ...)
+    d = _dim(dim, cx.type_of(x).rank)
+    size = cx.type_of(x).shape[d]
+    if not isinstance(size, int):
+        raise TypeError(f"unbind over a symbolic dim ({size}) gives a data-dependent tuple")
+    return tuple(cx.op("select", x, dim=d, index=i) for i in range(size))
+
+
+@translates(aten.slice_scatter.default)
+def _slice_scatter(cx, x, src, dim=0, start=None, end=None, step=1):
+    # slice_scatter(x, src, d, a, b, s) = x with x[a:b:s] along d replaced by src
+    t = cx.type_of(x)
+    d = _dim(dim, t.rank)
+    size = t.shape[d]
+    start = 0 if start is None else start
+    end = size if end is None or (isinstance(end, int) and end >= 2**62) else end
+    if isinstance(start, int) and start < 0:
+        start = start + size
+    if isinstance(end, int) and end < 0:
+        end = end + size
+    if isinstance(end, int) and isinstance(size, int):
+        end = min(end, size)
+    idx = cx.op("iota", start=start, end=end, step=step, dtype=DType.i64)
+    return cx.op("index_put", x, idx, src, dim=d, accumulate=False)
+
+
+@translates(aten.select_scatter.default)
+def _select_scatter(cx, x, src, dim, index):
+    # select_scatter(x, src, d, i) = x with x.select(d, i) replaced by src
+    t = cx.type_of(x)
+    d = _dim(dim, t.rank)
+    if isinstance(index, int) and index < 0:
+        index = index + t.shape[d]
+    idx = cx.op("iota", start=index, end=index + 1, step=1, dtype=DType.i64)
+    return cx.op("index_put", x, idx, cx.op("unsqueeze", src, dim=d), dim=d, accumulate=False)
+
+
+# --- copies and fresh tensors ----------------------------------------------------------------
+
+
+@translates(aten.copy.default)
+def _copy_into(cx, dst, src, non_blocking=False):
+    # copy(dst, src) = src cast to dst's dtype, broadcast to dst's shape
+    t = cx.type_of(dst)
+    if cx.type_of(src).dtype != t.dtype:
+        src = cx.op("cast", src, dtype=t.dtype)
+    if tuple(cx.type_of(src).shape) != tuple(t.shape):
+        src = cx.op("expand", src, shape=tuple(t.shape))
+    return src
+
+
+@translates(
+    aten.empty.memory_format, aten.empty_permuted.default, aten.empty_strided.default,
+    aten.new_empty.default, aten.new_empty_strided.default,
+)  # fmt: skip
+def _empty(cx, *args, **_kw):
+    # an empty tensor's contents are unspecified: zeros are one valid choice
+    return cx.op("full", shape=cx.expected_shape(), value=0, dtype=cx.expected_dtype())
+
+
+@translates(aten.empty_like.default)
+def _empty_like(cx, x, **_kw):
+    return cx.op("full", shape=tuple(cx.type_of(x).shape), value=0, dtype=cx.expected_dtype())
+
+
+@translates(aten.new_zeros.default, aten.new_ones.default, aten.new_full.default)
+def _new_full(cx, x, size, *fill, **_kw):
+    # new_zeros/new_ones/new_full(x, size[, v]) = full(size, 0 | 1 | v) in x's dtype
+    target = cx.node.target
+    value = 0 if target is aten.new_zeros.default else 1 if target is aten.new_ones.default else fill[0]
+    return cx.op("full", shape=tuple(size), value=_scalar(value), dtype=cx.expected_dtype())
+
+
+# --- reductions with indices ------------------------------------------------------------------
+
+
+@translates(aten.max.dim, aten.min.dim)
+def _max_dim(cx, x, dim, keepdim=False):
+    # max(x, d) = (amax(x, d), argmax(x, d)); torch returns the first index of the extreme value
+    is_max = cx.node.target is aten.max.dim
+    d = _dim(dim, cx.type_of(x).rank)
+    values = cx.op("amax" if is_max else "amin", x, dims=(d,), keepdim=bool(keepdim))
+    index = cx.op("argmax" if is_max else "argmin", x, dim=d, keepdim=bool(keepdim))
+    return values, index
+
+
+@translates(aten.max.default, aten.min.default)
+def _max_all(cx, x):
+    mnemonic = "amax" if cx.node.target is aten.max.default else "amin"
+    return cx.op(mnemonic, x, dims=tuple(range(cx.type_of(x).rank)), keepdim=False)
+
+
+@translates(aten.var.correction, aten.var.dim)
+def _var(cx, x, dims=None, *args, correction=None, keepdim=False):
+    # var(x, d, c) = Σ (x - mean)² / (N - c)
+    if cx.node.target is aten.var.dim:  # var(x, dims, unbiased=True, keepdim=False)
+        unbiased, keepdim = (list(args) + [True, keepdim])[:2]
+        correction = 1 if unbiased else 0
+    correction = 1 if correction is None else correction
+    rank = cx.type_of(x).rank
+    dims = tuple(range(rank)) if not dims else tuple(sorted(_dim(d, rank) for d in dims))
+    count = 1
+    for d in dims:
+        count = count * cx.type_of(x).shape[d]
+    centred = cx.op("sub", x, cx.op("mean", x, dims=dims, keepdim=True))
+    total = cx.op("sum", cx.op("mul", centred, centred), dims=dims, keepdim=bool(keepdim))
+    return cx.op("div", total, *cx.operands(_as_float(count - correction)))
+
+
+def _as_float(v):
+    return float(v) if isinstance(v, int) else v
+
+
+@translates(aten.histc.default)
+def _histc(cx, x, bins=100, min=0, max=0):
+    """histc(x, bins, lo, hi): counts of x in `bins` equal bins of [lo, hi] (values at hi fall in
+    the last bin, values outside are ignored; lo == hi == 0 uses the data's range) -- a
+    scatter_add of ones at pos = floor((x - lo) * bins / (hi - lo)), in x's dtype."""
+    dtype = cx.type_of(x).dtype
+    flat = cx.op("reshape", x, shape=(-1,))
+    if min == 0 and max == 0:
+        lo = cx.op("amin", flat, dims=(0,), keepdim=False)
+        hi = cx.op("amax", flat, dims=(0,), keepdim=False)
+        same = cx.op("eq", lo, hi)  # a constant input: torch widens the range by ±1
+        lo = cx.op("where", same, cx.op("sub", lo, cx.const(1.0, dtype)), lo)
+        hi = cx.op("where", same, cx.op("add", hi, cx.const(1.0, dtype)), hi)
+    else:
+        lo, hi = cx.const(float(min), dtype), cx.const(float(max), dtype)
+    width = cx.op("sub", hi, lo)
+    scaled = cx.op("div", cx.op("mul", cx.op("sub", flat, lo), cx.const(float(bins), dtype)), width)
+    pos = cx.op("cast", cx.op("floor", scaled), dtype=DType.i64)
+    pos = cx.op("minimum", pos, cx.const(bins - 1))  # x == hi lands in the last bin
+    inside = cx.op("logical_and", cx.op("ge", flat, lo), cx.op("le", flat, hi))
+    pos = cx.op("where", inside, pos, cx.const(0))
+    ones = cx.op("cast", inside, dtype=dtype)
+    zeros = cx.op("full", shape=(bins,), value=0, dtype=dtype)
+    return cx.op("scatter_add", zeros, pos, ones, dim=0)
+
+
+# --- elementwise ops the first table did not name ----------------------------------------------
+
+
+@translates(aten.fmod.Tensor, aten.fmod.Scalar)
+def _fmod(cx, a, b):
+    # fmod(a, b) = a - trunc(a / b) * b (the sign of a), remainder's sign follows b
+    a, b = cx.operands(a, b)
+    if cx.type_of(a).dtype in _FLOATS:
+        q = cx.op("div", a, b)
+        trunc = cx.op("where", cx.op("lt", q, cx.const(0.0)), cx.op("ceil", q), cx.op("floor", q))
+        return cx.op("sub", a, cx.op("mul", trunc, b))
+    rem = cx.op("remainder", a, b)  # integers: fix remainder's sign where a and rem differ
+    fix = cx.op(
+        "logical_and", cx.op("ne", rem, cx.const(0)),
+        cx.op("ne", cx.op("lt", rem, cx.const(0)), cx.op("lt", a, cx.const(0))),
+    )  # fmt: skip
+    return cx.op("where", fix, cx.op("sub", rem, b), rem)
+
+
+@translates(aten.trunc.default)
+def _trunc(cx, x):
+    return cx.op("where", cx.op("lt", x, cx.const(0.0)), cx.op("ceil", x), cx.op("floor", x))
+
+
+@translates(aten.round.default)
+def _round(cx, x):
+    # round half to even: r = floor(x + 0.5), minus 1 where x + 0.5 was an odd integer tie
+    up = cx.op("floor", cx.op("add", x, cx.const(0.5)))
+    tie = cx.op("eq", cx.op("sub", up, x), cx.const(0.5))
+    odd = cx.op("eq", cx.op("remainder", up, cx.const(2.0)), cx.const(1.0))
+    return cx.op("where", cx.op("logical_and", tie, odd), cx.op("sub", up, cx.const(1.0)), up)
+
+
+@translates(aten.expm1.default)
+def _expm1(cx, x):
+    return cx.op("sub", cx.op("exp", x), cx.const(1.0))
+
+
+@translates(aten.log2.default, aten.log10.default)
+def _log_base(cx, x):
+    base = 2.0 if cx.node.target is aten.log2.default else 10.0
+    return cx.op("mul", cx.op("log", x), cx.const(1.0 / math.log(base)))
+
+
+@translates(aten.exp2.default)
+def _exp2(cx, x):
+    return cx.op("exp", cx.op("mul", x, cx.const(math.log(2.0))))
+
+
+@translates(aten.tan.default)
+def _tan(cx, x):
+    return cx.op("div", cx.op("sin", x), cx.op("cos", x))
+
+
+@translates(aten.isnan.default)
+def _isnan(cx, x):
+    return cx.op("ne", x, x)  # NaN is the one value unequal to itself
+
+
+@translates(aten.logical_xor.default)
+def _logical_xor(cx, a, b):
+    return cx.op("ne", cx.op("cast", a, dtype=DType.bool), cx.op("cast", b, dtype=DType.bool))
+
+
+@translates(aten.hardtanh.default)
+def _hardtanh(cx, x, min_val=-1.0, max_val=1.0):
+    return cx.op("clamp", x, min=float(min_val), max=float(max_val))
+
+
+@translates(aten.leaky_relu.default)
+def _leaky_relu(cx, x, slope=0.01):
+    return cx.op("where", cx.op("gt", x, cx.const(0.0)), x, cx.op("mul", x, cx.const(float(slope))))
+
+
+@translates(aten.gelu.default)
+def _gelu(cx, x, approximate="none"):
+    half = cx.op("mul", x, cx.const(0.5))
+    if approximate == "tanh":  # 0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³)))
+        cube = cx.op("mul", cx.op("mul", x, x), x)
+        inner = cx.op("add", x, cx.op("mul", cube, cx.const(0.044715)))
+        t = cx.op("tanh", cx.op("mul", inner, cx.const(math.sqrt(2.0 / math.pi))))
+        return cx.op("mul", half, cx.op("add", t, cx.const(1.0)))
+    erf = cx.op("erf", cx.op("mul", x, cx.const(1.0 / math.sqrt(2.0))))  # 0.5 x (1 + erf(x/√2))
+    return cx.op("mul", half, cx.op("add", erf, cx.const(1.0)))
+
+
+@translates(aten.bitwise_xor.Tensor, aten.bitwise_xor.Scalar)
+def _bitwise_xor(cx, a, b):
+    a, b = cx.operands(a, b)
+    if cx.type_of(a).dtype != DType.bool or cx.type_of(b).dtype != DType.bool:
+        raise TypeError("bitwise_xor is only supported on bool tensors (as !=)")
+    return cx.op("ne", a, b)
+
+
+# --- custom ops with known semantics ------------------------------------------------------------
+
+
+# transformers' MoE fallback (integrations/moe.py) is exactly our grouped GEMM: x [S, K] sorted
+# by expert, w [E, K, N], offs [E] cumulative row ends -> [S, N].
+@translates("transformers::grouped_mm_fallback")
+def _hf_grouped_mm(cx, x, w, offs):
+    return cx.op("grouped_mm", x, w, offs)
