@@ -8,6 +8,19 @@ Hugging Face `config.json` keys (v4-architecture.md §2.1) onto them. Presets:
                        score routing, shared expert, MTP — runs prefill + decode in seconds on a CPU
     tiny-512           the real head geometry (512 = 448 NoPE + 64 RoPE) on two small layers
     small              CPU-benchmark size: head dim 512, window 128, ratios 4 and 128, 32 experts
+
+Attention variants (`attention`; the rest of the block — mHC, MoE, hash routing, MTP — is V4's):
+
+    "csa"   DeepSeek-V4 hybrid CSA/HCA/SWA by `compress_ratios` (models/attention.py; default)
+    "dsa"   DeepSeek-V3.2 sparse attention: MLA + lightning indexer over every previous token
+            (models/attention_dsa.py). `head_dim` = NoPE + RoPE query/key dims, `kv_lora_rank`
+            the latent width, `v_head_dim` the value width.
+    "nsa"   Native Sparse Attention, Yuan et al. 2025 (models/attention_nsa.py): compressed,
+            selected and sliding-window branches over `n_kv_heads` GQA groups.
+
+Variant presets: tiny-dsa, tiny-nsa (CPU tests), and v4-flash-dsa, v4-pro-dsa, v4-flash-nsa,
+v4-pro-nsa: the V4 backbones with the attention swapped (V3.2's MLA/indexer geometry and the NSA
+paper's branch geometry) — for parameter counts and compile-only shapes; no such checkpoint exists.
 """
 
 from __future__ import annotations
@@ -21,7 +34,8 @@ from typing import Any
 class Config:
     """Model shape and numerics. `compress_ratios` has one entry per main layer plus one per MTP
     layer: 0 = sliding window only, 4 = CSA (overlapping compressor + lightning indexer), any other
-    m > 0 = HCA (non-overlapping compressor, every completed block attended)."""
+    m > 0 = HCA (non-overlapping compressor, every completed block attended). The variants "dsa"
+    and "nsa" (module docstring) need every ratio 0; fields a variant does not use are ignored."""
 
     vocab_size: int
     dim: int
@@ -58,10 +72,28 @@ class Config:
     n_mtp_layers: int = 1
     init_std: float = 0.02
     seed: int = 0  # seeds the hash-routing tables (tid2eid); parameters use torch's global RNG
+    attention: str = "csa"  # "csa" | "dsa" | "nsa" (module docstring)
+    kv_lora_rank: int = 0  # dsa: MLA latent width (V3.2: 512)
+    v_head_dim: int = 0  # dsa, nsa: value head width
+    n_kv_heads: int = 1  # nsa: GQA groups (one selection per group)
+    nsa_cmp_block: int = 32  # nsa: l, tokens per compressed block
+    nsa_cmp_stride: int = 16  # nsa: d, stride between compressed blocks (d | l)
+    nsa_slc_block: int = 64  # nsa: l', tokens per selection block (d | l')
+    nsa_slc_topn: int = 16  # nsa: n, selected blocks incl. the initial one and 2 local ones
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "compress_ratios", tuple(int(r) for r in self.compress_ratios))
-        checks = [
+        if self.attention not in ("csa", "dsa", "nsa"):
+            raise ValueError(
+                f"Config: attention={self.attention!r} is unknown; use 'csa', 'dsa' or 'nsa'"
+            )
+        checks = self._common_checks() + getattr(self, f"_{self.attention}_checks")()
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"Config: {message}")
+
+    def _common_checks(self) -> list[tuple[bool, str]]:
+        return [
             (
                 len(self.compress_ratios) == self.n_layers + self.n_mtp_layers,
                 (
@@ -80,6 +112,16 @@ class Config:
                 self.rope_head_dim % 2 == 0 and 0 < self.rope_head_dim < self.head_dim,
                 "rope_head_dim must be even and smaller than head_dim",
             ),
+            (self.n_shared_experts == 1, "exactly one shared expert is supported"),
+            (
+                0 < self.n_activated_experts <= self.n_routed_experts,
+                "n_activated_experts must be in [1, n_routed_experts]",
+            ),
+            (self.n_hash_layers <= self.n_layers, "n_hash_layers must be <= n_layers"),
+        ]
+
+    def _csa_checks(self) -> list[tuple[bool, str]]:
+        return [
             (
                 self.rope_head_dim <= self.index_head_dim,
                 "index_head_dim must hold the rope_head_dim rotated dims",
@@ -88,16 +130,44 @@ class Config:
                 (self.n_heads * self.head_dim) % self.o_groups == 0,
                 "n_heads * head_dim must divide into o_groups",
             ),
-            (self.n_shared_experts == 1, "exactly one shared expert is supported"),
-            (
-                0 < self.n_activated_experts <= self.n_routed_experts,
-                "n_activated_experts must be in [1, n_routed_experts]",
-            ),
-            (self.n_hash_layers <= self.n_layers, "n_hash_layers must be <= n_layers"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"Config: {message}")
+
+    def _variant_checks(self) -> list[tuple[bool, str]]:
+        return [
+            (
+                all(r == 0 for r in self.compress_ratios),
+                f"attention={self.attention!r} needs every compress_ratios entry 0 (the variant "
+                f"selects with its own rule), got {self.compress_ratios}",
+            ),
+            (self.v_head_dim > 0, f"attention={self.attention!r} needs v_head_dim > 0"),
+        ]
+
+    def _dsa_checks(self) -> list[tuple[bool, str]]:
+        return self._variant_checks() + [
+            (self.kv_lora_rank > 0, "attention='dsa' needs kv_lora_rank > 0 (the MLA latent)"),
+            (
+                self.rope_head_dim <= self.index_head_dim,
+                "index_head_dim must hold the rope_head_dim rotated dims",
+            ),
+            (self.index_topk >= 1, f"index_topk must be >= 1, got {self.index_topk}"),
+        ]
+
+    def _nsa_checks(self) -> list[tuple[bool, str]]:
+        l, d, ls = self.nsa_cmp_block, self.nsa_cmp_stride, self.nsa_slc_block
+        return self._variant_checks() + [
+            (
+                self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0,
+                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})",
+            ),
+            (
+                0 < d <= l and l % d == 0 and ls % d == 0,
+                f"nsa_cmp_stride ({d}) must divide nsa_cmp_block ({l}) and nsa_slc_block ({ls})",
+            ),
+            (
+                self.nsa_slc_topn >= 3,
+                f"nsa_slc_topn must be >= 3 (initial + 2 local blocks), got {self.nsa_slc_topn}",
+            ),
+        ]
 
     def replace(self, **changes: Any) -> Config:
         """A copy with some fields changed (validated again)."""
@@ -105,7 +175,8 @@ class Config:
 
     @staticmethod
     def preset(name: str) -> Config:
-        """One of "tiny", "tiny-512", "small", "v4-flash", "v4-pro"."""
+        """One of "tiny", "tiny-512", "small", "v4-flash", "v4-pro", and the variants "tiny-dsa",
+        "tiny-nsa", "v4-flash-dsa", "v4-pro-dsa", "v4-flash-nsa", "v4-pro-nsa"."""
         if name not in _PRESETS:
             raise ValueError(f"unknown preset {name!r}; expected one of {sorted(_PRESETS)}")
         return _PRESETS[name]
@@ -274,3 +345,104 @@ _PRESETS: dict[str, Config] = {
         max_seq_len=8192,
     ),
 }
+
+# Attention variants on the V4 backbones (see the module docstring). DSA takes V3.2's attention
+# geometry (MLA: 128 NoPE + 64 RoPE query/key dims, latent 512, values 128; indexer 64 × 128,
+# top-2048 tokens; YaRN factor 40 over 4096 with mscale² in the softmax scale); NSA the paper's
+# §4.1 branch geometry (d_k 192, d_v 128, l = 32, d = 16, l' = 64, n = 16, w = 512, 4 groups on
+# Flash's 64 heads; 8 on Pro's 128 heads keeps 16 heads per group).
+_DSA: dict[str, Any] = {
+    "attention": "dsa",
+    "head_dim": 192,
+    "kv_lora_rank": 512,
+    "v_head_dim": 128,
+    "o_groups": 1,
+    "index_topk": 2048,
+    "rope_factor": 40.0,
+    "original_seq_len": 4096,
+    "max_seq_len": 163840,
+}
+_NSA: dict[str, Any] = {
+    "attention": "nsa",
+    "head_dim": 192,
+    "v_head_dim": 128,
+    "o_groups": 1,
+    "window_size": 512,
+    "rope_factor": 1.0,
+}
+
+
+def _variant(base: str, changes: dict[str, Any], **more: Any) -> Config:
+    cfg = _PRESETS[base]
+    ratios = (0,) * len(cfg.compress_ratios)
+    return cfg.replace(compress_ratios=ratios, **changes, **more)
+
+
+_PRESETS.update(
+    {
+        "v4-flash-dsa": _variant("v4-flash", _DSA),
+        "v4-pro-dsa": _variant("v4-pro", _DSA),
+        "v4-flash-nsa": _variant("v4-flash", _NSA, n_kv_heads=4),
+        "v4-pro-nsa": _variant("v4-pro", _NSA, n_kv_heads=8),
+        # 16 index heads and 24 = 16 NoPE + 8 RoPE query/key dims; top-6 of up to 48 tokens.
+        "tiny-dsa": Config(
+            vocab_size=128,
+            dim=64,
+            n_layers=2,
+            n_heads=4,
+            head_dim=24,
+            rope_head_dim=8,
+            q_lora_rank=32,
+            o_groups=1,
+            o_lora_rank=16,
+            window_size=8,
+            compress_ratios=(0, 0, 0),
+            index_n_heads=16,
+            index_head_dim=16,
+            index_topk=6,
+            n_routed_experts=8,
+            n_activated_experts=2,
+            moe_inter_dim=32,
+            n_hash_layers=1,
+            route_scale=1.5,
+            max_seq_len=256,
+            rope_factor=1.0,
+            attention="dsa",
+            kv_lora_rank=32,
+            v_head_dim=16,
+        ),
+        # 2 groups of 2 heads; compressed blocks of 8 every 4 tokens (overlapping), selection
+        # blocks of 8, top-5 (initial + 2 local + 2 chosen), window 8: 48..64-token tests make
+        # the indexer choose among up to 5 free blocks and wrap the window several times.
+        "tiny-nsa": Config(
+            vocab_size=128,
+            dim=64,
+            n_layers=2,
+            n_heads=4,
+            head_dim=16,
+            rope_head_dim=8,
+            q_lora_rank=32,
+            o_groups=1,
+            o_lora_rank=16,
+            window_size=8,
+            compress_ratios=(0, 0, 0),
+            index_n_heads=1,
+            index_head_dim=16,
+            index_topk=1,
+            n_routed_experts=8,
+            n_activated_experts=2,
+            moe_inter_dim=32,
+            n_hash_layers=1,
+            route_scale=1.5,
+            max_seq_len=256,
+            rope_factor=1.0,
+            attention="nsa",
+            v_head_dim=16,
+            n_kv_heads=2,
+            nsa_cmp_block=8,
+            nsa_cmp_stride=4,
+            nsa_slc_block=8,
+            nsa_slc_topn=5,
+        ),
+    }
+)

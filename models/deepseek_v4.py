@@ -18,7 +18,8 @@ both sides of a dot product, so it cancels exactly without quantisation); there 
 
 Cache: one dict, keys `layers.{i}.attn.<entry>` with the entries listed in models/attention.py
 (`window_kv`, `compressor.kv_state`, `compressor.score_state`, `compressed_kv`, `indexer.keys`,
-`indexer.compressor.kv_state`, `indexer.compressor.score_state`). `decode` is functional: it
+`indexer.compressor.kv_state`, `indexer.compressor.score_state`); the attention variants
+(Config.attention "dsa" / "nsa") list theirs in models/attention_dsa.py / attention_nsa.py. `decode` is functional: it
 returns a new tensor for every entry and never mutates its inputs, so torch.export captures it as
 a pure function of (token, position, cache); all batch rows share one position. Positions must
 stay below the `max_len` given to init_cache (not checked: no host syncs in decode). The MTP
@@ -44,6 +45,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.attention import Attention
+from models.attention_dsa import DSAttention
+from models.attention_nsa import NSAttention
 from models.config import Config
 from models.hc import hc_head, hc_post, hc_pre
 from models.layers import RMSNorm
@@ -67,6 +70,15 @@ def _add_prefix(entries: Cache, prefix: str) -> Cache:
     return {prefix + k: v for k, v in entries.items()}
 
 
+def _attention(cfg: Config, layer_id: int) -> nn.Module:
+    """The layer's attention by cfg.attention: V4's CSA/HCA/SWA by ratio, or a DSA / NSA layer."""
+    if cfg.attention == "dsa":
+        return DSAttention(cfg)
+    if cfg.attention == "nsa":
+        return NSAttention(cfg)
+    return Attention(cfg, cfg.compress_ratios[layer_id])
+
+
 class Block(nn.Module):
     """One transformer block: mHC around attention, then mHC around the MoE."""
 
@@ -77,7 +89,7 @@ class Block(nn.Module):
         mix = (2 + n) * n
         self.attn_norm = RMSNorm(d, cfg.norm_eps)
         self.ffn_norm = RMSNorm(d, cfg.norm_eps)
-        self.attn = Attention(cfg, cfg.compress_ratios[layer_id])
+        self.attn = _attention(cfg, layer_id)
         self.ffn = MoE(cfg, hash_routing=layer_id < cfg.n_hash_layers)
         self.hc_attn_fn = nn.Parameter(torch.empty(mix, n * d, dtype=torch.float32))
         self.hc_attn_base = nn.Parameter(torch.empty(mix, dtype=torch.float32))
