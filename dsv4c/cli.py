@@ -76,6 +76,19 @@ def model_methods(model: Any, max_len: int) -> dict[str, Any]:
     }
 
 
+METHODS = ("prefill", "decode")
+
+
+def input_limits(max_len: int) -> dict[str, dict[str, Any]]:
+    """What `model_methods`' entry points accept beyond their types (checked on every call,
+    `dsv4c.limits`): a prefill fills the cache from position 0, a decode step writes `position`."""
+    why = f"the compiled KV cache holds {max_len} positions (recompile with a larger --max-len)"
+    return {
+        "T": {"min": 1, "max": max_len, "why": why},
+        "position": {"min": 0, "max": max_len - 1, "why": why},
+    }
+
+
 def kv_cache_bytes(preset: str) -> dict[str, Any]:
     """KV cache / state bytes of one sequence (meta tensors, nothing allocated): the part that
     grows per token (the slope between two cache lengths) and the fixed part (window ring,
@@ -107,26 +120,50 @@ def kv_cache_bytes(preset: str) -> dict[str, Any]:
 # --- commands ------------------------------------------------------------------------------
 
 
+def _check_compile_args(args: argparse.Namespace) -> list[str] | None:
+    """Fail fast, before any work, on a bad model, target, backend, --max-len or --methods
+    name; returns the methods asked for (None: all)."""
+    from dsv4c.driver import _target, make_backend
+    from dsv4c.schema import MAX_LEN
+
+    _config(args.model)
+    _target(args.target), make_backend(args.backend)
+    if not 2 <= args.max_len <= MAX_LEN:
+        raise ValueError(
+            f"--max-len {args.max_len}: the KV cache needs 2 to {MAX_LEN} positions (default 256)"
+        )
+    if not args.methods:
+        return None
+    asked = [m.strip() for m in args.methods.split(",")]
+    bad = [m for m in asked if m not in METHODS] or (["(none)"] if not any(asked) else [])
+    if bad or len(set(asked)) != len(asked):
+        raise ValueError(
+            f"--methods {args.methods}: {', '.join(bad) or 'a repeated name'} is not an entry "
+            f"point; choose from {', '.join(METHODS)} (comma separated, each once)"
+        )
+    return asked
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     import dsv4c
 
-    _config(args.model)
-    if args.weights and not Path(args.weights).exists():
-        raise FileNotFoundError(f"weights {args.weights} do not exist")
-    from dsv4c.driver import _target, make_backend
-
-    _target(args.target), make_backend(args.backend)  # fail fast on a bad name
-    start = time.perf_counter()
+    asked = _check_compile_args(args)
     model = _meta_model(args.model)
+    if args.weights:  # checked here, not when the artifact first runs
+        from dsv4c.run import check_weights
+
+        check_weights(model, args.weights)
+    start = time.perf_counter()
     methods = model_methods(model, args.max_len)
-    if args.methods:
-        methods = {m: methods[m] for m in args.methods.split(",")}
+    if asked:
+        methods = {m: methods[m] for m in asked}
     _say(f"compiling {args.model} ({', '.join(methods)}) with {args.backend} for {args.target}")
     info = {
         "preset": args.model,
         "max_len": args.max_len,
         "weights": args.weights,
         "kv_cache": kv_cache_bytes(args.model),
+        "input_limits": input_limits(args.max_len),
     }
     compiled = dsv4c.compile_methods(
         model,
@@ -175,13 +212,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _peek_manifest(path: str) -> dict:
-    from dsv4c.artifact import MANIFEST
-    from dsv4c.errors import ArtifactError
+    """The checked manifest (read safely: no FIFO or link is followed), before triton loads."""
+    from dsv4c.artifact import read_manifest
 
-    try:
-        return json.loads((Path(path) / MANIFEST).read_text())
-    except (OSError, ValueError):
-        raise ArtifactError(f"{path} is not a dsv4c artifact directory (no readable {MANIFEST})")
+    return read_manifest(path)
 
 
 def cmd_ir(args: argparse.Namespace) -> int:

@@ -8,8 +8,10 @@ artifact files they came with.
 
 Inputs are checked before anything runs: their number, dtypes and shapes against the entry point's
 IR types (symbolic dims bound consistently), the parameters against the graph's parameter inputs,
-and the tensors' device against the target. Failures raise `InputError` saying which input and
-what was expected. Parameters are checked once per set of tensor objects (the bound state dict
+the tensors' device against the target, and their sizes and index values against the entry
+point's limits (`dsv4c.limits`: token ids within the tables they index, positions and lengths
+within the compiled cache). Failures raise `InputError` saying which input and what was
+expected. Parameters are checked once per set of tensor objects (the bound state dict
 is checked on the first call only).
 """
 
@@ -24,6 +26,7 @@ from typing import Any
 import ir
 from backends.targets import Target
 from dsv4c.errors import InputError, TargetMismatchError
+from dsv4c.limits import Limits, derive_limits
 
 __all__ = ["Compiled", "EntryPoint", "signature"]
 
@@ -50,6 +53,7 @@ class EntryPoint:
     executable: Any
     target: Target
     params: Mapping[str, Any] | None = None  # bound parameters (from the compiled module)
+    model: Mapping[str, Any] | None = None  # the manifest's model info (its input limits)
     calls: int = field(default=0)
     _checked_params: tuple[Any, ...] | None = field(default=None, repr=False)
 
@@ -110,10 +114,11 @@ class EntryPoint:
         again = not self._static_params or not _same(ordered, self._checked_params)
         inputs, tensors = (runtime + g.params, leaves + ordered) if again else (runtime, leaves)
         try:
-            bind_symbols(inputs, tensors)
+            env = bind_symbols(inputs, tensors)
         except InterpretError as e:
             raise InputError(f"{self.name}: {str(e).replace('%', '')}") from None
         self._check_device(tensors)
+        self.limits.check(self.name, runtime, leaves, env)
         if again:
             self._checked_params = tuple(ordered)
         return feed
@@ -121,6 +126,11 @@ class EntryPoint:
     @functools.cached_property
     def _runtime(self) -> list[ir.Value]:
         return [v for v in self.graph.inputs if self.graph.roles.get(v.name) != "parameter"]
+
+    @functools.cached_property
+    def limits(self) -> Limits:
+        """What the inputs' sizes and index values may be (`dsv4c.limits`)."""
+        return derive_limits(self.graph, self.model)
 
     @functools.cached_property
     def _static_params(self) -> bool:
@@ -192,6 +202,8 @@ class Compiled:
         if not entries:
             raise ValueError("Compiled needs at least one entry point")
         self.entries = dict(entries)
+        for e in self.entries.values():
+            e.model = manifest.get("model") or {}
         self.backend = backend
         self.target = target
         self.manifest = manifest

@@ -146,6 +146,11 @@ def compile_methods(
             exe = be.compile(g, tgt)
         files[graph_file(method, i)] = ir.to_text(g).encode()
         files |= source_files(exe, tgt)
+        if backend == "tvm" and not tgt.is_gpu:  # the built kernels: a load compiles nothing
+            from backends.tvm.library import export_files
+
+            with run.phase(f"library {method}", "CPU kernels as shared libraries"):
+                files |= export_files(exe, f"kernels/{tgt.name}", method)
         if tgt.is_gpu and backend == "triton":
             with run.phase(f"kernels {method}", f"AOT for {tgt.name}"):
                 rows, blobs, stats = _aot(exe, tgt, env, use_cache, progress)

@@ -1,18 +1,25 @@
 """`dsv4c.load(dir)`: an artifact directory back to a runnable `Compiled`.
 
-Every check happens before anything runs: the manifest's format and tool versions, the sha256 of
-every file, the target (when the caller names one), and that the backend regenerates exactly the
-kernels the artifact lists (same content hashes) from its `graph.ir`.
+Every check happens before anything runs: the manifest's own sha256, its schema, format and tool
+versions, the size and sha256 of every file (read as regular files inside the directory only),
+the target (when the caller names one), and that the IR graphs parse and verify.
+
+TVM CPU artifacts carry their kernels built (`backends.tvm.library`): the executable is put
+together from the IR and the library's functions, nothing is lowered or compiled, and the library
+is loaded from the already verified bytes. Every other artifact (or a TVM library built for a CPU
+this one cannot run) is compiled again from its `graph.ir`, and must regenerate exactly the
+kernels the artifact lists (same content hashes).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import ir
-from backends.targets import get_target
+from backends.targets import Target, get_target
 from dsv4c.artifact import read_artifact
 from dsv4c.compiled import Compiled, EntryPoint
 from dsv4c.driver import kernel_list, make_backend
@@ -38,20 +45,14 @@ def load(
             f"{path}: compiled for target {built_for} ({manifest.get('target_description')}), "
             f"expected {target}; recompile with --target {target}"
         )
-    tgt = get_target(built_for)
-    backend = make_backend(manifest["backend"])
-    listed = {k["key"] for k in manifest.get("kernels", [])}
+    try:
+        tgt = get_target(built_for)
+    except ValueError as e:
+        raise ArtifactError(f"{path}: {e}") from None
     entries: dict[str, EntryPoint] = {}
     for spec in manifest["entry_points"]:
         graph = _parse(files, spec["graph"], path)
-        exe = backend.compile(graph, tgt)
-        made = {k.key for k in kernel_list(exe)}
-        if made - listed:
-            raise ArtifactError(
-                f"{path}: entry point {spec['name']}: this dsv4c generates {len(made - listed)} "
-                f"kernel(s) the artifact does not list (e.g. {min(made - listed)}); "
-                "it was compiled by a different code generator — recompile it"
-            )
+        exe = _executable(manifest, files, spec["name"], graph, tgt, path)
         entries[spec["name"]] = EntryPoint(spec["name"], graph, exe, tgt, params)
     return Compiled(
         entries,
@@ -63,13 +64,49 @@ def load(
     )
 
 
+def _executable(
+    manifest: dict, files: Mapping[str, bytes], name: str, graph: ir.Graph, tgt: Target, path: Any
+) -> Any:
+    """The entry point's executable: from the built library when there is a usable one."""
+    backend = make_backend(manifest["backend"])
+    if manifest["backend"] == "tvm" and not tgt.is_gpu:
+        from backends.tvm.kernel import MissingKernel
+        from backends.tvm.library import Unusable, load_library
+
+        try:
+            library = load_library(files, f"kernels/{tgt.name}", name)
+            return backend.load(graph, tgt, library)
+        except Unusable as e:  # another CPU: build the kernels here (needs the compiler)
+            print(f"dsv4c: {path}: {e}; compiling its kernels again", file=sys.stderr)
+        except MissingKernel as e:
+            raise ArtifactError(
+                f"{path}: entry point {name} needs kernel {e} which the artifact's library lacks; "
+                "it was compiled by a different code generator — recompile it"
+            ) from None
+        except (ValueError, KeyError, OSError, RuntimeError) as e:
+            raise ArtifactError(
+                f"{path}: entry point {name}: the kernel library cannot be loaded "
+                f"({type(e).__name__}: {str(e)[:120]}); recompile the artifact"
+            ) from None
+    exe = backend.compile(graph, tgt)
+    listed = {k.get("key") for k in manifest.get("kernels", [])}
+    made = {k.key for k in kernel_list(exe)}
+    if made - listed:
+        raise ArtifactError(
+            f"{path}: entry point {name}: this dsv4c generates {len(made - listed)} "
+            f"kernel(s) the artifact does not list (e.g. {min(made - listed)}); "
+            "it was compiled by a different code generator — recompile it"
+        )
+    return exe
+
+
 def _parse(files: Mapping[str, bytes], name: str, path: str | Path) -> ir.Graph:
     if name not in files:
         raise ArtifactError(f"{path}: the manifest names graph file {name} but does not hash it")
     try:
         graph = ir.parse(files[name].decode())
         ir.verify(graph)
-    except (ir.ParseError, ir.VerifyError, UnicodeDecodeError) as e:
+    except (ir.ParseError, ir.VerifyError, UnicodeDecodeError, RecursionError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ArtifactError(f"{path}/{name}: not a valid IR graph: {first}") from None
     return graph

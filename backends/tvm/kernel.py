@@ -9,7 +9,8 @@ in one `IRModule` (one LLVM invocation) and caches the packed functions for the 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,7 +54,11 @@ def make_kernel(
     overrides: dict[str, Any] | None = None,
 ) -> Kernel:
     """Lower `body` to te (`overrides`: mnemonic -> lowering replacing the table's), pack it as
-    a PrimFunc named `name` and apply `schedule` (if any). Cached per session by `key`."""
+    a PrimFunc named `name` and apply `schedule` (if any). Cached per session by `key`. Under
+    `PREBUILT` (loading a built library) nothing is lowered: see `Prebuilt`."""
+    pre = PREBUILT.get()
+    if pre is not None:
+        return pre.kernel(body, name, key)
     if key not in KERNELS:
         KERNELS[key] = _lower_and_schedule(body, name, key, schedule, overrides)
     found = KERNELS[key]
@@ -105,6 +110,47 @@ def host_target() -> Any:
 # (target text, kernel key) -> packed function; modules kept alive alongside
 BUILT: dict[tuple[str, str], Any] = {}
 _MODULES: list[Any] = []
+MODULE_OF: dict[tuple[str, str], Any] = {}  # (target text, kernel key) -> its built module
+
+
+def symbol_of(k: Kernel) -> str:
+    """The global symbol `build` gives the kernel's PrimFunc (its name in the built module)."""
+    return k.name
+
+
+def module_of(target: str, key: str) -> Any:
+    """The built LLVM module holding kernel `key` for `target` (to export it as a library)."""
+    return MODULE_OF[(target, key)]
+
+
+def unsupported_kernels() -> dict[str, str]:
+    """Key -> why it cannot be lowered, for every kernel this session failed to lower."""
+    return {key: why for key, why in KERNELS.items() if isinstance(why, str)}
+
+
+class MissingKernel(LookupError):
+    """A kernel the op needs is not in the prebuilt library (another code generator made it)."""
+
+
+@dataclass(frozen=True)
+class Prebuilt:
+    """The kernels of a built library, by key, for loading it without lowering anything: while
+    `PREBUILT` holds one, `make_kernel` returns a `Kernel` without TensorIR (`func` None; the
+    caller takes its packed function from the library), raises `Unsupported` for a key whose
+    lowering failed when the library was built, and `MissingKernel` for a key it does not know."""
+
+    symbols: Mapping[str, str]  # key -> the function's symbol in the library
+    unsupported: Mapping[str, str]  # key -> why it has no kernel
+
+    def kernel(self, body: ir.Graph, name: str, key: str) -> Kernel:
+        if key in self.unsupported:
+            raise Unsupported(self.unsupported[key])
+        if key not in self.symbols:
+            raise MissingKernel(key)
+        return Kernel(name, key, tuple(n.name for n in body.ops), None, body=body)
+
+
+PREBUILT: ContextVar[Prebuilt | None] = ContextVar("dsv4c_tvm_prebuilt", default=None)
 
 
 def build(kernels: list[Kernel], target: Any) -> dict[str, Any]:
@@ -117,6 +163,7 @@ def build(kernels: list[Kernel], target: Any) -> dict[str, Any]:
         mod = tvm.IRModule({k.name: k.func for k in todo.values()})
         ex = tvm.tirx.build(mod, target=target)
         _MODULES.append(ex)
+        MODULE_OF.update({(tkey, k.key): ex for k in todo.values()})
         for k in todo.values():
             BUILT[(tkey, k.key)] = ex[k.name]
     return {k.key: BUILT[(tkey, k.key)] for k in kernels}

@@ -36,7 +36,8 @@ from backends.base import Support
 from backends.targets import Target, get_target
 from backends.tvm.emitters import TVM_EMITTERS, Call, Launch, emit_node, reference_call
 from backends.tvm.inputs import Inputs
-from backends.tvm.kernel import Kernel, build, host_target
+from backends.tvm.kernel import PREBUILT, Kernel, build, host_target
+from backends.tvm.library import Library
 
 __all__ = ["Plan", "Step", "TVMBackend", "TVMExecutable"]
 
@@ -82,7 +83,12 @@ class Plan:
 
 
 class TVMExecutable:
-    def __init__(self, graph: ir.Graph, target: Target, blas: str = "auto") -> None:
+    """`library`: the kernels already built (an artifact's, `backends.tvm.library`): nothing is
+    lowered or compiled, each kernel's packed function comes from the library."""
+
+    def __init__(
+        self, graph: ir.Graph, target: Target, blas: str = "auto", library: Library | None = None
+    ) -> None:
         if blas not in BLAS_POLICIES:
             raise ValueError(f"blas must be one of {BLAS_POLICIES}, got {blas!r}")
         if target.is_gpu:
@@ -95,20 +101,32 @@ class TVMExecutable:
         self.blas = blas
         self.slot = {v.name: i for i, v in enumerate(graph.inputs)}
         self.steps: list[Step] = []
-        for node in graph.ops:
-            found = emit_node(node, target, {"blas": blas})
+        if library is None:
+            self._emit()
+            self.llvm_target = host_target()
+            self.fns = build(self.kernels(), self.llvm_target)
+        else:
+            token = PREBUILT.set(library.prebuilt)
+            try:
+                self._emit()
+            finally:
+                PREBUILT.reset(token)
+            self.llvm_target = library.llvm
+            self.fns = {k.key: library.functions[k.key] for k in self.kernels()}
+        self.inputs = Inputs(graph)
+        self.plans: dict[tuple, Plan] = {}  # per binding of the symbols (B, T, ...)
+        self.profile = False  # True: time every step (report()["profile"])
+        self.step_seconds: Counter[str] = Counter()
+
+    def _emit(self) -> None:
+        for node in self.graph.ops:
+            found = emit_node(node, self.target, {"blas": self.blas})
             launch, reason = (None, found) if isinstance(found, str) else (found, "")
             operands = tuple(self.slot[v.name] for v in node.operands)
             for r in node.results:
                 self.slot[r.name] = len(self.slot)
             results = tuple(self.slot[r.name] for r in node.results)
             self.steps.append(Step(node, launch, reason, operands, results))
-        self.llvm_target = host_target()
-        self.fns = build(self.kernels(), self.llvm_target)
-        self.inputs = Inputs(graph)
-        self.plans: dict[tuple, Plan] = {}  # per binding of the symbols (B, T, ...)
-        self.profile = False  # True: time every step (report()["profile"])
-        self.step_seconds: Counter[str] = Counter()
 
     def __call__(self, *args: Any, params: Mapping[str, Any] | None = None) -> tuple[Any, ...]:
         feed, env = self.inputs.feed(args, params)
@@ -202,6 +220,11 @@ class TVMBackend:
         self, graph: ir.Graph, target: str | Target = "cpu", *, blas: str = "auto"
     ) -> TVMExecutable:
         return TVMExecutable(graph, get_target(target), blas=blas)
+
+    def load(self, graph: ir.Graph, target: str | Target, library: Library) -> TVMExecutable:
+        """`graph` running the kernels of a built `library` (nothing compiled); raises
+        `MissingKernel` when the graph needs a kernel the library lacks."""
+        return TVMExecutable(graph, get_target(target), library=library)
 
 
 def _timed(call: Call, seconds: Counter[str], key: str) -> Call:
