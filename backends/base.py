@@ -5,7 +5,11 @@ A backend answers two questions:
 - `supports(node) -> True | str`: can it run this op itself? Anything but `True` is the reason
   it cannot (shown in reports: "fell back: softmax over dim 0 (only the last dim)").
 - `compile(graph, target) -> Executable`: something callable like `ir.interpret`,
-  `exe(*activations, params={...}) -> tuple of tensors`, with a `report()` saying what ran how.
+  `exe(*activations, params={...}) -> tuple of tensors`, with a `report()` saying what ran how
+  and `kernel_records()`: one typed `KernelRecord` per distinct kernel (name, key, language,
+  source, fused ops and their source locations, launch tiling, binaries per target). The
+  manifest, the report, the caches and `dsv4c run` read those records; nothing guesses a
+  kernel's details from its attributes.
 
 Each backend keeps one `EmitterTable`: mnemonic -> emitter, with an optional checker that can
 refuse a particular node (Thunder's `register_implementation(..., checker=)`).
@@ -14,16 +18,122 @@ refuse a particular node (Thunder's `register_implementation(..., checker=)`).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import ir
 from backends.targets import Target
 
-__all__ = ["Backend", "Executable", "Emitter", "EmitterTable", "feed_inputs", "Support"]
+__all__ = [
+    "Backend",
+    "Executable",
+    "Emitter",
+    "EmitterTable",
+    "KernelBinary",
+    "KernelRecord",
+    "feed_inputs",
+    "Support",
+]
 
 Support = bool | str  # True, or the reason an op is not supported
 E = TypeVar("E")
+
+
+@dataclass(frozen=True)
+class KernelBinary:
+    """One compiled variant of a kernel for one target (a GPU binary and its assembly).
+
+    `variant` tells the variants of one kernel apart (8 hex digits of its constexprs and
+    options; a kernel compiled with other tiles, or in two stages, has several); `files` are
+    file names inside the artifact's `kernels/<target>/`. Resources are None where the compiler
+    does not say (spills: NVIDIA spill-store bytes, AMD spilled registers)."""
+
+    target: str
+    variant: str
+    files: tuple[str, ...]
+    tiles: Mapping[str, Any] = field(default_factory=dict)  # constexprs (BLOCK_*, ...)
+    options: Mapping[str, Any] = field(default_factory=dict)  # num_warps, num_stages, ...
+    registers: int | None = None
+    shared: int | None = None  # bytes per block
+    spills: int | None = None
+    stack_bytes: int | None = None
+    binary_bytes: int | None = None
+    error: str | None = None  # why it did not compile (then `files` is empty)
+
+    def row(self) -> dict[str, Any]:
+        """The manifest/report form (JSON)."""
+        return {
+            "target": self.target,
+            "variant": self.variant,
+            "files": list(self.files),
+            "tiles": dict(self.tiles),
+            "options": dict(self.options),
+            "registers": self.registers,
+            "shared": self.shared,
+            "spills": self.spills,
+            "stack_bytes": self.stack_bytes,
+            "binary_bytes": self.binary_bytes,
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True)
+class KernelRecord:
+    """One distinct kernel of an executable, as the artifact, the report and the caches see it.
+
+    `key` is unique among the kernels of one executable (a content hash, 16 hex digits); the
+    source file is `<name>_<key>.<ext>` (safe characters only, see `backends.naming`).
+    `locations` are the source lines (`file.py:line`) of the fused ops; `sites` the indices in
+    `graph.ops` of the ops that launch it (their first kernel); `launch` says how it tiles its
+    domain; `binaries` holds the compiled variants (empty until an ahead-of-time compile adds
+    them with `with_binaries`)."""
+
+    name: str
+    key: str
+    language: str  # "triton" | "tvmscript" | "cuda" | "opencl" | "webgpu"
+    ext: str  # of the source file: "py", "tir.py", "cu", "cl", "wgsl"
+    source: str = field(repr=False)
+    fused_ops: tuple[str, ...]
+    locations: tuple[str, ...] = ()
+    sites: tuple[int, ...] = ()
+    launch: Mapping[str, Any] = field(default_factory=dict)
+    binaries: tuple[KernelBinary, ...] = ()
+
+    @property
+    def uses(self) -> int:
+        return len(self.sites)
+
+    @property
+    def stem(self) -> str:
+        return f"{self.name}_{self.key}"
+
+    @property
+    def source_file(self) -> str:
+        return f"{self.stem}.{self.ext}"
+
+    def files(self) -> list[str]:
+        """Every file of this kernel, source first, as names inside `kernels/<target>/`."""
+        return [self.source_file, *(f for b in self.binaries for f in b.files)]
+
+    def with_binaries(self, binaries: Sequence[KernelBinary]) -> KernelRecord:
+        return replace(self, binaries=tuple(binaries))
+
+    def row(self, folder: str) -> dict[str, Any]:
+        """The manifest row (JSON); file paths are `folder/<file>` (`kernels/<target>`)."""
+        return {
+            "name": self.name,
+            "key": self.key,
+            "language": self.language,
+            "source": f"{folder}/{self.source_file}",
+            "ops": list(self.fused_ops),
+            "locations": list(self.locations),
+            "uses": self.uses,
+            "launch": dict(self.launch),
+            "binaries": [
+                b.row() | {"files": [f"{folder}/{f}" for f in b.files]} for b in self.binaries
+            ],
+            "files": [f"{folder}/{f}" for f in self.files()],
+        }
 
 
 @runtime_checkable
@@ -31,6 +141,10 @@ class Executable(Protocol):
     def __call__(self, *args: Any, params: Mapping[str, Any] | None = None) -> tuple[Any, ...]: ...
 
     def report(self) -> dict[str, Any]: ...
+
+    def kernel_records(self) -> list[KernelRecord]:
+        """One record per distinct kernel, in first-use order (none for the reference)."""
+        ...
 
 
 @runtime_checkable

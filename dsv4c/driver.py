@@ -25,6 +25,7 @@ from typing import Any
 
 import ir
 from backends.targets import Target, get_target, parallel_jobs
+from backends.base import Executable, KernelRecord
 from dsv4c.artifact import FORMAT, FORMAT_VERSION, versions
 from dsv4c.compiled import Compiled, EntryPoint, signature
 from dsv4c.errors import DsvError, UnavailableError
@@ -129,7 +130,7 @@ def compile_methods(
     entries: dict[str, EntryPoint] = {}
     files: dict[str, bytes] = {}
     reports: dict[str, Any] = {}
-    aot_rows: list[dict[str, Any]] = []
+    records: dict[str, list[KernelRecord]] = {}
     cache_stats = {"hits": 0, "misses": 0}
     bound = _bound_params(module)
     workers = _start_workers(module, methods, tgt, graph_key, run)
@@ -145,23 +146,32 @@ def compile_methods(
         with run.phase(f"backend {method}", f"{backend} for {tgt.name}"):
             exe = be.compile(g, tgt)
         files[graph_file(method, i)] = ir.to_text(g).encode()
-        files |= source_files(exe, tgt)
+        found = kernel_list(exe)
+        if tgt.is_gpu and backend == "triton":
+            with run.phase(f"kernels {method}", f"AOT for {tgt.name}"):
+                binaries, blobs, stats = _aot(exe, tgt, env, use_cache, progress)
+            found = [k.with_binaries(binaries.get(k.key, ())) for k in found]
+            files |= {f"{kernel_dir(tgt)}/{name}": data for name, data in blobs.items()}
+            cache_stats = {k: cache_stats[k] + stats[k] for k in cache_stats}
+        if tgt.is_gpu and backend == "tvm":
+            with run.phase(f"kernels {method}", f"nvcc for {tgt.name}"):
+                binaries, blobs = _nvcc(exe)
+            found = [k.with_binaries(binaries.get(k.key, ())) for k in found]
+            files |= {f"{kernel_dir(tgt)}/{name}": data for name, data in blobs.items()}
+        files |= source_files(found, tgt)
         if backend == "tvm" and not tgt.is_gpu:  # the built kernels: a load compiles nothing
             from backends.tvm.library import export_files
 
             with run.phase(f"library {method}", "CPU kernels as shared libraries"):
                 files |= export_files(exe, f"kernels/{tgt.name}", method)
-        if tgt.is_gpu and backend == "triton":
-            with run.phase(f"kernels {method}", f"AOT for {tgt.name}"):
-                rows, blobs, stats = _aot(exe, tgt, env, use_cache, progress)
-            aot_rows += rows
-            files |= blobs
-            cache_stats = {k: cache_stats[k] + stats[k] for k in cache_stats}
+        records[method] = found
         entries[method] = EntryPoint(method, g, exe, tgt, bound)
-        reports[method] = entry_report(summary, g, exe, env, tgt)
+        reports[method] = entry_report(summary, g, exe, env, tgt, found)
     run.times["total"] = time.perf_counter() - start
-    manifest = build_manifest(entries, backend, tgt, files, model_info)
-    report = build_report(manifest, reports, run.times, aot_rows, cache_stats)
+    manifest = build_manifest(entries, backend, tgt, records, model_info)
+    if tgt.is_gpu and backend == "tvm":
+        manifest["device_code"] = _device_code()
+    report = build_report(manifest, reports, run.times, cache_stats)
     files["report.json"] = _json(report)
     compiled = Compiled(entries, backend=backend, target=tgt, manifest=manifest, files=files)
     if output_dir is not None:
@@ -325,45 +335,67 @@ def _aot(exe: Any, tgt: Target, env: Mapping[str, int], use_cache: bool, progres
     return aot_with_cache(exe, tgt, env, use_cache=use_cache, progress=tick)
 
 
+def _nvcc(exe: Any) -> tuple[dict[str, list[Any]], dict[str, bytes]]:
+    """The TVM GPU executable's cubins (`DeviceExecutable.compile_binaries`)."""
+    from backends.tvm.device import DeviceExecutable
+
+    if not isinstance(exe, DeviceExecutable):
+        raise TypeError(f"expected the TVM backend's DeviceExecutable, got {type(exe).__name__}")
+    return exe.compile_binaries()
+
+
+def _device_code() -> dict[str, Any]:
+    """What the manifest says about a TVM GPU artifact's code: CUDA source, and cubins when
+    nvcc was there (its version), else why there are none."""
+    from backends.tvm.device import nvcc_version
+
+    nvcc = nvcc_version()
+    if nvcc is None:
+        return {"source": "cuda", "binaries": None, "why": "nvcc not found on PATH at compile"}
+    return {"source": "cuda", "binaries": "cubin", "nvcc": nvcc}
+
+
 def graph_file(method: str, index: int) -> str:
     return "graph.ir" if index == 0 else f"graph.{method}.ir"
 
 
-def kernel_list(exe: Any) -> list[Any]:
-    """The executable's distinct kernels (objects with name, key), or none for the reference."""
-    kernels = getattr(exe, "kernels", None)
-    return list(kernels()) if callable(kernels) else []
+def kernel_dir(tgt: Target) -> str:
+    return f"kernels/{tgt.name}"
 
 
-def source_files(exe: Any, tgt: Target) -> dict[str, bytes]:
-    """Kernel sources by artifact path: Triton modules (`.py`), TVM TensorIR scripts."""
-    out = {}
-    for k in kernel_list(exe):
-        text = getattr(k, "source", None)
-        if text is None and hasattr(getattr(k, "func", None), "script"):
-            text = k.func.script()
-        if isinstance(text, str):
-            ext = "py" if hasattr(k, "params") else "tir.py"
-            out[f"kernels/{tgt.name}/{k.name}_{k.key}.{ext}"] = text.encode()
-    return out
+def kernel_list(exe: Executable) -> list[KernelRecord]:
+    """The executable's distinct kernels as typed records (none for the reference)."""
+    return list(exe.kernel_records())
+
+
+def source_files(records: Sequence[KernelRecord], tgt: Target) -> dict[str, bytes]:
+    """Kernel sources by artifact path: `kernels/<target>/<name>_<key>.<ext>`."""
+    return {f"{kernel_dir(tgt)}/{k.source_file}": k.source.encode() for k in records}
 
 
 def build_manifest(
     entries: Mapping[str, EntryPoint],
     backend: str,
     tgt: Target,
-    files: Mapping[str, bytes],
+    records: Mapping[str, Sequence[KernelRecord]],
     model_info: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
+    """The manifest without its `files` table (`write_artifact` adds it). One kernel row per
+    distinct key over all entry points: `KernelRecord.row` plus the entry points using it and
+    the binaries of every variant any of them compiled."""
     kernels: dict[str, dict[str, Any]] = {}
-    for e in entries.values():
-        for k in kernel_list(e.executable):
-            row = kernels.setdefault(
-                k.key, {"name": k.name, "key": k.key, "ops": list(k.fused_ops), "entries": []}
-            )
-            row["entries"].append(e.name)
-            stem = f"kernels/{tgt.name}/{k.name}_{k.key}."
-            row["files"] = sorted(f for f in files if f.startswith(stem))
+    for method, found in records.items():
+        for k in found:
+            new = k.row(kernel_dir(tgt))
+            if k.key not in kernels:
+                kernels[k.key] = new | {"entries": [method]}
+                continue
+            row = kernels[k.key]
+            if row["source"] != new["source"]:
+                raise RuntimeError(f"two kernels share key {k.key}: {row['name']}, {k.name}")
+            row["entries"].append(method)
+            row["uses"] += new["uses"]
+            _merge_binaries(row, new)
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -381,6 +413,18 @@ def build_manifest(
         ],
         "kernels": list(kernels.values()),
     }
+
+
+def _merge_binaries(row: dict[str, Any], other: Mapping[str, Any]) -> None:
+    """Add `other`'s binaries (variants another entry point compiled) to `row`."""
+    have = {(b["target"], b["variant"]) for b in row["binaries"]}
+    for b in other["binaries"]:
+        if (b["target"], b["variant"]) not in have:
+            row["binaries"].append(b)
+            row["files"] += b["files"]
+    for loc in other["locations"]:
+        if loc not in row["locations"]:
+            row["locations"].append(loc)
 
 
 def runnable_here(tgt: Target) -> dict[str, Any]:

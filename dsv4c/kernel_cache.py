@@ -5,7 +5,8 @@ key is the sha256 of those and the Triton version. A compiled job is stored unde
 `$DSV4C_CACHE_DIR/aot/<target>/<key>/` (default `~/.cache/dsv4c`): `result.json` (registers,
 shared memory, spills, ...) and the kernel's assembly and binary. A second compile of the same
 model finds every job there and starts no compiler at all. Misses go to
-`backends.triton.aot.aot_compile` in chunks, so long compiles report progress.
+`backends.triton.aot.aot_compile` in chunks, so long compiles report progress. Each job becomes
+a `KernelBinary` of its kernel's `KernelRecord`, its files named per variant.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from backends.base import KernelBinary
 from backends.targets import Target, parallel_jobs
 
 __all__ = ["CHUNK", "AotJob", "aot_cache_dir", "aot_with_cache"]
@@ -57,6 +59,17 @@ class AotJob:
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
+    @property
+    def variant_id(self) -> str:
+        """8 hex digits telling this job from the kernel's other variants (tiles, options)."""
+        parts = [sorted(self.variant.constexprs.items()), sorted(self.variant.options.items())]
+        parts.append(sorted(self.variant.hints.items()))
+        return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:8]
+
+    def file_name(self, ext: str) -> str:
+        """`<name>_<key>.<variant>.<ext>`: one file per kernel variant, never overwritten."""
+        return f"{self.source.name}_{self.source.key}.{self.variant_id}.{ext}"
+
 
 class _OneVariant:
     """A launch stand-in offering exactly one AOT variant, so `aot_compile` compiles one job."""
@@ -83,15 +96,16 @@ def aot_with_cache(
     *,
     use_cache: bool = True,
     progress: Progress | None = None,
-) -> tuple[list[dict[str, Any]], dict[str, bytes], dict[str, int]]:
-    """Compile every kernel of `exe` for `target`. Returns (rows, files, stats): one row per job
-    (the AotResult fields, `files` relative to the artifact), the files' bytes by artifact path
-    (`kernels/<target>/<name>_<key>.<ext>`), and {"hits", "misses"}."""
+) -> tuple[dict[str, list[KernelBinary]], dict[str, bytes], dict[str, int]]:
+    """Compile every kernel of `exe` for `target`. Returns (binaries, files, stats): the
+    `KernelBinary` of each job by kernel key (file names inside `kernels/<target>/`, one set per
+    variant: `<name>_<key>.<variant>.<ext>`), the files' bytes by that name, and
+    {"hits", "misses"}."""
     from backends.triton.aot import aot_compile
 
     jobs = jobs_of(exe, target, bindings)
     cache = aot_cache_dir() / target.name
-    rows: list[dict[str, Any] | None] = [None] * len(jobs)
+    rows: list[KernelBinary | None] = [None] * len(jobs)
     files: dict[str, bytes] = {}
     misses = []
     for i, job in enumerate(jobs):
@@ -99,7 +113,7 @@ def aot_with_cache(
         if hit is None:
             misses.append(i)
             continue
-        rows[i] = _place(hit[0], hit[1], target, files)
+        rows[i] = _place(job, hit[0], hit[1], files)
     done = len(jobs) - len(misses)
     if progress:
         progress(done, len(jobs))
@@ -119,23 +133,41 @@ def aot_with_cache(
                 blobs = {Path(f).name: Path(f).read_bytes() for f in result.files}
                 if use_cache and result.error is None:
                     _write_entry(cache / jobs[i].key, row, blobs)
-                rows[i] = _place(row, blobs, target, files)
+                rows[i] = _place(jobs[i], row, blobs, files)
         done += len(chunk)
         if progress:
             progress(done, len(jobs))
     stats = {"hits": len(jobs) - len(misses), "misses": len(misses)}
-    return [r for r in rows if r is not None], files, stats
+    out: dict[str, list[KernelBinary]] = {}
+    for job, binary in zip(jobs, rows):
+        if binary is not None:
+            out.setdefault(job.source.key, []).append(binary)
+    return out, files, stats
 
 
 def _place(
-    row: dict[str, Any], blobs: dict[str, bytes], target: Target, files: dict[str, bytes]
-) -> dict[str, Any]:
-    rels = []
-    for name, data in sorted(blobs.items()):
-        rel = f"kernels/{target.name}/{name}"
-        files[rel] = data
-        rels.append(rel)
-    return row | {"files": rels}
+    job: AotJob, row: dict[str, Any], blobs: dict[str, bytes], files: dict[str, bytes]
+) -> KernelBinary:
+    """The job's `KernelBinary`, its blobs added to `files` under the variant's file names
+    (a blob's extension is its kind: ptx, cubin, amdgcn, hsaco)."""
+    names = []
+    for blob, data in sorted(blobs.items()):
+        name = job.file_name(blob.rsplit(".", 1)[-1])
+        files[name] = data
+        names.append(name)
+    return KernelBinary(
+        target=job.target.name,
+        variant=job.variant_id,
+        files=tuple(names),
+        tiles=dict(row["constexprs"]),
+        options=dict(row["options"]),
+        registers=row.get("registers"),
+        shared=row.get("shared"),
+        spills=row.get("spills"),
+        stack_bytes=row.get("stack_bytes"),
+        binary_bytes=row.get("binary_bytes"),
+        error=row.get("error"),
+    )
 
 
 def _read_entry(folder: Path) -> tuple[dict[str, Any], dict[str, bytes]] | None:

@@ -9,13 +9,14 @@ example inputs' sizes unless the compile said otherwise).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ir
+from backends.base import Executable, KernelRecord
 from backends.targets import Target
 
-__all__ = ["build_report", "entry_report", "kernel_rows", "pipeline_summary"]
+__all__ = ["aot_rows", "build_report", "entry_report", "kernel_rows", "pipeline_summary"]
 
 
 def _num(d: Any, env: Mapping[str, int]) -> int | None:
@@ -27,24 +28,25 @@ def _num(d: Any, env: Mapping[str, int]) -> int | None:
         return None
 
 
-def _kernel_names(exe: Any) -> dict[int, tuple[str, str]]:
-    """id(node) -> (kernel name, key) of the op's kernel: a Triton launch's `source`, a TVM
-    launch's first kernel; empty for the reference backend."""
-    out = {}
-    for step in getattr(exe, "steps", []):
-        launch = getattr(step, "launch", None)
-        kernel = getattr(launch, "source", None) or next(iter(getattr(launch, "kernels", [])), None)
-        if kernel is not None:
-            out[id(step.node)] = (kernel.name, kernel.key)
+def _kernel_names(g: ir.Graph, records: Sequence[KernelRecord]) -> dict[int, tuple[str, str]]:
+    """id(node) -> (kernel name, key) of the op's (first) kernel, from the records' sites."""
+    out: dict[int, tuple[str, str]] = {}
+    for k in records:
+        for i in k.sites:
+            out.setdefault(id(g.ops[i]), (k.name, k.key))
     return out
 
 
-def kernel_rows(g: ir.Graph, exe: Any, env: Mapping[str, int], tgt: Target) -> list[dict]:
-    """One row per distinct kernel: name, ops, uses and the summed flops/bytes of its launches."""
+def kernel_rows(
+    g: ir.Graph, records: Sequence[KernelRecord], env: Mapping[str, int], tgt: Target
+) -> list[dict]:
+    """One row per distinct kernel: name, ops, uses and the summed flops/bytes of its launches,
+    with the registers, shared memory and spills of its largest compiled variant when known."""
     from passes.cost import is_free, kernel_cost
     from passes.structural_hash import op_signature
 
-    names = _kernel_names(exe)
+    names = _kernel_names(g, records)
+    by_key = {k.key: k for k in records}
     rows: dict[str, dict[str, Any]] = {}
     for node in g.ops:
         if is_free(node):
@@ -70,7 +72,19 @@ def kernel_rows(g: ir.Graph, exe: Any, env: Mapping[str, int], tgt: Target) -> l
     out = list(rows.values())
     for row in out:
         _roofline(row, tgt)
+        row |= _resources(by_key.get(row["key"]))
     return sorted(out, key=lambda r: -(r["roofline_s"] or 0.0))
+
+
+def _resources(record: KernelRecord | None) -> dict[str, Any]:
+    """Registers, shared memory and spills of a kernel: the maximum over its variants."""
+    bins = [b for b in (record.binaries if record else ()) if b.error is None]
+
+    def most(field: str) -> int | None:
+        vals = [getattr(b, field) for b in bins if getattr(b, field) is not None]
+        return max(vals) if vals else None
+
+    return {"registers": most("registers"), "shared": most("shared"), "spills": most("spills")}
 
 
 def _roofline(row: dict[str, Any], tgt: Target) -> None:
@@ -118,15 +132,21 @@ def pipeline_summary(g0: ir.Graph, ctx: Any) -> dict[str, Any]:
 
 
 def entry_report(
-    summary: Mapping[str, Any], g: ir.Graph, exe: Any, env: Mapping[str, int], tgt: Target
+    summary: Mapping[str, Any],
+    g: ir.Graph,
+    exe: Executable,
+    env: Mapping[str, int],
+    tgt: Target,
+    records: Sequence[KernelRecord],
 ) -> dict[str, Any]:
-    """The report section of one entry point (`summary` from `pipeline_summary`, `g` final)."""
+    """The report section of one entry point (`summary` from `pipeline_summary`, `g` final,
+    `records` the executable's kernels with their binaries)."""
     from passes.schedule import category
 
     final = Counter(n.name for n in g.ops)
     fused_bodies = [len(n.attrs["body"].ops) for n in g.ops if n.name == "fused.kernel"]
     semantic = {k: v for k, v in final.items() if k.startswith(("attn.", "moe.", "hc."))}
-    backend_report = exe.report() if hasattr(exe, "report") else {}
+    backend_report = exe.report()
     return {
         "bindings": dict(env),
         "ops_captured": summary["ops_captured"],
@@ -144,7 +164,8 @@ def entry_report(
         "pass_times_s": summary["pass_times_s"],
         "graph_cached": summary.get("cached", False),
         "memory_plan": summary["memory_plan"],
-        "kernels": kernel_rows(g, exe, env, tgt),
+        "kernels": kernel_rows(g, records, env, tgt),
+        "aot": aot_rows(records),
         "picture": _picture(summary, g, lambda n: category(n) != "free"),
         "fallbacks": backend_report.get("fallbacks", []),
     }
@@ -173,11 +194,15 @@ def _plan(plan: Any) -> dict[str, Any] | None:
     }
 
 
+def aot_rows(records: Sequence[KernelRecord]) -> list[dict[str, Any]]:
+    """One row per compiled kernel variant: the kernel's name and key, then `KernelBinary.row`."""
+    return [{"kernel": k.name, "key": k.key} | b.row() for k in records for b in k.binaries]
+
+
 def build_report(
     manifest: Mapping[str, Any],
     entries: Mapping[str, Any],
     times: Mapping[str, float],
-    aot_rows: list[dict[str, Any]],
     cache: Mapping[str, int],
 ) -> dict[str, Any]:
     from backends.targets import get_target
@@ -197,5 +222,14 @@ def build_report(
         "compile_times_s": dict(times),
         "kernel_cache": dict(cache),
         "entries": dict(entries),
-        "aot": aot_rows,
+        "aot": _distinct_aot(entries),
     }
+
+
+def _distinct_aot(entries: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every entry point's AOT rows, a variant two entry points share listed once."""
+    seen: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for e in entries.values():
+        for r in e.get("aot", []):
+            seen.setdefault((r["key"], r["target"], r["variant"]), r)
+    return list(seen.values())

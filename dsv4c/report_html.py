@@ -229,6 +229,10 @@ def _entry(name: str, e: Mapping[str, Any], target: Mapping[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _tiles(tiles: Mapping[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in tiles.items() if k.startswith("BLOCK"))
+
+
 def render(manifest: Mapping[str, Any], report: Mapping[str, Any]) -> str:
     t = report["target"]
     title = f"dsv4c report — {report.get('model', {}).get('preset') or 'module'} for {t['name']}"
@@ -279,13 +283,14 @@ def render(manifest: Mapping[str, Any], report: Mapping[str, Any]) -> str:
                 r.get("registers"),
                 r.get("shared"),
                 r.get("spills"),
-                f"{r.get('seconds', 0):.2f}",
+                r.get("variant", ""),
+                _tiles(r.get("tiles", {})),
                 r.get("error") or "",
             )
             for r in report["aot"]
         ]
         out.append("<h2>Ahead-of-time kernels</h2>")
-        head = ("kernel", "target", "registers", "shared B", "spills", "compile s", "error")
-        out.append(_table(head, rows, numeric=(2, 3, 4, 5)))
+        head = ("kernel", "target", "registers", "shared B", "spills", "variant", "tiles", "error")
+        out.append(_table(head, rows, numeric=(2, 3, 4)))
     out.append("</body></html>")
     return "\n".join(out)

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import ir
-from backends.base import Support, feed_inputs
+from backends.base import KernelRecord, Support, feed_inputs
 from backends.targets import Target, get_target
 
 __all__ = ["ReferenceBackend", "ReferenceExecutable", "run_node"]
@@ -35,6 +35,10 @@ class ReferenceExecutable:
             outs = run_node(node, [values[v.name] for v in node.operands], env, device)
             values.update({r.name: t for r, t in zip(node.results, outs)})
         return tuple(values[v.name] for v in self.graph.outputs)
+
+    def kernel_records(self) -> list[KernelRecord]:
+        """None: every op runs its torch reference."""
+        return []
 
     def report(self) -> dict[str, Any]:
         return {

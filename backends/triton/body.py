@@ -237,7 +237,8 @@ class BodyEmitter:
 
     def emit_nodes(self, nodes: Sequence[ir.Node]) -> None:
         for node in nodes:
-            self.emit("# " + node_text(node).split("  #")[0].strip())
+            where = f"  @ {node.loc.source}" if node.loc is not None and node.loc.source else ""
+            self.emit("# " + node_text(node).split("  #")[0].strip() + where)
             self.emit_node(node)
 
     def emit_node(self, node: ir.Node) -> None:

@@ -23,7 +23,7 @@ from backends.triton.fused import MAX_ROW, FusedKernel, emit_fused, fused_config
 from backends.triton.kernel import KernelSource, load_jit
 from ir.symbolic import subs_dim
 
-__all__ = ["Launch", "AotVariant", "TRITON_EMITTERS", "emit_node", "cdiv"]
+__all__ = ["Launch", "OneKernel", "AotVariant", "TRITON_EMITTERS", "emit_node", "cdiv"]
 
 
 @dataclass(frozen=True)
@@ -39,14 +39,27 @@ class AotVariant:
 
 
 class Launch(Protocol):
-    """A launch of one kernel (`source`), or of several: then `sources` lists them all, first
+    """A launch of one kernel (`source`), or of several: `sources` lists them all, first
     `source`, and each `AotVariant` of another kernel names it."""
 
     source: KernelSource
 
+    @property
+    def sources(self) -> tuple[KernelSource, ...]: ...
+
     def __call__(self, inputs: list[Any], env: dict) -> tuple[Any, ...]: ...
 
     def aot_variants(self, env: dict, target: Target) -> list[AotVariant]: ...
+
+
+class OneKernel:
+    """Mixin for launches of a single kernel: `sources` is `(source,)`."""
+
+    source: KernelSource
+
+    @property
+    def sources(self) -> tuple[KernelSource, ...]:
+        return (self.source,)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -58,7 +71,7 @@ def shape_of(v: ir.Value, env: dict) -> list[int]:
 
 
 @dataclass
-class FusedLaunch:
+class FusedLaunch(OneKernel):
     kernel: FusedKernel
     operands: tuple[int, ...]  # node operand index for each body input
     target: Target
@@ -139,7 +152,8 @@ def emit_fused_kernel(node: ir.Node, target: Target | None) -> Launch:
         from backends.triton.matmul import emit_matmul_epilogue
 
         return emit_matmul_epilogue(node, target)
-    return FusedLaunch(emit_fused(body), tuple(range(len(body.inputs))), target)  # type: ignore
+    kernel = emit_fused(body, loc=node.loc)
+    return FusedLaunch(kernel, tuple(range(len(body.inputs))), target)  # type: ignore[arg-type]
 
 
 def _single_check(node: ir.Node) -> bool | str:
@@ -154,7 +168,7 @@ def _single_check(node: ir.Node) -> bool | str:
 )
 def emit_single(node: ir.Node, target: Target | None) -> Launch:
     body, index = _body_of_one_op(node)
-    return FusedLaunch(emit_fused(body), index, target)  # type: ignore[arg-type]
+    return FusedLaunch(emit_fused(body, loc=node.loc), index, target)  # type: ignore[arg-type]
 
 
 def emit_node(node: ir.Node, target: Target) -> Launch | str:

@@ -33,6 +33,8 @@ from backends.triton.body import (
     reduced_dims,
     row_shapes,
 )
+from backends import naming
+from backends.naming import canonical_names, identifier
 from backends.triton.kernel import KernelSource, Param, call_lines, next_pow2
 from ir.symbolic import Dim, dim_str, subs_dim
 
@@ -92,56 +94,10 @@ def fused_config(plan: FusedPlan, n_cols: int, gpu: bool = True) -> dict[str, in
 
 
 def kernel_name(body: ir.Graph) -> str:
+    """`fused_<body name>` for a named body, else what it computes (`backends.naming`)."""
     if body.name:
-        return "fused_" + body.name.replace(".", "_")
-    ops: list[str] = []
-    for n in body.ops:
-        stem = n.name.split(".")[-1]
-        if n.name not in VIEWS and n.name not in ("constant", "full") and stem not in ops:
-            ops.append(stem)
-    return "fused_" + "_".join(ops[:5] or ["copy"])
-
-
-def canonical_names(body: ir.Graph) -> ir.Graph:
-    """`body` with site-specific names removed: numbered values renumbered 0, 1, ... in order of
-    appearance, dotted names cut to their last segment (`layers.3.attn_norm.weight` ->
-    `weight`), provenance dropped. The same computation at two sites of a model, say two
-    layers, then gives byte-identical kernel sources and so one kernel."""
-    mapping: dict[str, ir.Value] = {}
-    used: set[str] = set()
-    counter = 0
-
-    def short(name: str) -> str | None:
-        last = name.rsplit(".", 1)[-1]
-        return None if last.isdigit() else last
-
-    values = [*body.inputs, *(v for n in body.ops for v in (*n.operands, *n.results))]
-    for v in values:  # named values first, so numbers never take their names
-        stem = short(v.name)
-        if stem is None or v.name in mapping:
-            continue
-        name, i = stem, 1
-        while name in used:
-            name, i = f"{stem}_{i}", i + 1
-        used.add(name)
-        mapping[v.name] = ir.Value(name, v.type)
-
-    def rename(v: ir.Value) -> ir.Value:
-        nonlocal counter
-        if v.name not in mapping:
-            while str(counter) in used:
-                counter += 1
-            mapping[v.name] = ir.Value(str(counter), v.type)
-            counter += 1
-        return mapping[v.name]
-
-    inputs = [rename(v) for v in body.inputs]
-    nodes = [
-        ir.Node(n.op, tuple(map(rename, n.operands)), tuple(map(rename, n.results)))
-        for n in body.ops
-    ]
-    roles = {mapping[k].name: r for k, r in body.roles.items() if k in mapping}
-    return ir.Graph(inputs, nodes, [rename(v) for v in body.outputs], body.name, roles)
+        return identifier("fused_" + body.name)
+    return naming.kernel_name([n.name for n in body.ops if n.name not in VIEWS])
 
 
 def _broadcast(shapes: Sequence[Sequence[Dim]]) -> tuple[Dim, ...]:
@@ -199,8 +155,10 @@ _LOAD = {
 }
 
 
-def emit_fused(body: ir.Graph, name: str | None = None) -> FusedKernel:
-    """Generate the kernel for a fused body; raises `Unsupported` with the reason."""
+def emit_fused(body: ir.Graph, name: str | None = None, loc: ir.Loc | None = None) -> FusedKernel:
+    """Generate the kernel for a fused body; raises `Unsupported` with the reason. `loc`: the
+    fused op's provenance, the header's `source:` line (and the ops' without their own)."""
+    where = naming.locations(body.ops, loc)
     body = canonical_names(body)
     domain, reduction, axis = find_domain(body)
     if reduction and isinstance(domain[axis], int) and domain[axis] > MAX_ROW:
@@ -236,7 +194,7 @@ def emit_fused(body: ir.Graph, name: str | None = None) -> FusedKernel:
     params += [Param("n_inner", "int")] if plan.inner else []
     params += [Param("BLOCK_M", "constexpr"), Param("BLOCK_N", "constexpr")]
     fused_ops = tuple(n.name for n in body.ops if n.name not in VIEWS and n.name != "constant")
-    text = _module(name, body, plan, params, loads, em.lines, stores, fused_ops)
+    text = _module(name, body, plan, params, loads, em.lines, stores, fused_ops, where)
     return FusedKernel(KernelSource(name, text, tuple(params), fused_ops), plan, body)
 
 
@@ -280,6 +238,7 @@ def _module(
     ops: list[str],
     stores: list[str],
     fused_ops: tuple[str, ...],
+    where: tuple[str, ...] = (),
 ) -> str:
     domain = "[" + ", ".join(dim_str(d) for d in plan.domain) + "]"
     n_cols = plan.domain[plan.axis]
@@ -299,6 +258,7 @@ def _module(
         f"# tiling:    {how}",
         f"# inputs:    {ins}",
         f"# outputs:   {outs}",
+        *([f"# source:    {', '.join(where)}"] if where else []),
         "import triton",
         "import triton.language as tl",
         "",

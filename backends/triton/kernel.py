@@ -41,6 +41,11 @@ class Param:
 
 @dataclass(frozen=True)
 class KernelSource:
+    """One kernel module. `key` hashes the kernel's name, parameters and code (comment lines
+    left out: the same code generated at two source lines is one kernel, whose file carries the
+    comments of its first use); two kernels in one module (prefill and decode of sparse MQA)
+    therefore have two keys."""
+
     name: str  # the @triton.jit function's name
     source: str  # the whole module
     params: tuple[Param, ...]
@@ -48,7 +53,10 @@ class KernelSource:
 
     @property
     def key(self) -> str:
-        return hashlib.sha256(self.source.encode()).hexdigest()[:16]
+        code = [ln for ln in self.source.splitlines() if not ln.lstrip().startswith("#")]
+        params = [f"{p.name}:{p.kind}:{p.dtype}" for p in self.params]
+        blob = "\n".join([self.name, ",".join(params), *code])
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def signature(self, constexprs: dict[str, Any]) -> dict[str, str]:
         """The `ASTSource` signature: `*bf16` pointers, `i32` ints, `constexpr` tiles."""

@@ -19,7 +19,7 @@ from typing import Any
 import ir
 from backends.targets import Target, get_target
 from backends.triton.body import REDUCTIONS, BodyEmitter, Unsupported, classify, py_name
-from backends.triton.emitters import TRITON_EMITTERS, AotVariant, cdiv
+from backends.triton.emitters import TRITON_EMITTERS, AotVariant, OneKernel, cdiv
 from backends.triton.fused import canonical_names
 from backends.triton.kernel import KernelSource, Param, call_lines, load_jit
 from ir.symbolic import subs_dim
@@ -219,7 +219,7 @@ def _matmul_module(name, params, loads, epilogue, result, dtype, fused) -> str:
 
 
 @dataclass
-class MatmulLaunch:
+class MatmulLaunch(OneKernel):
     kernel: MatmulKernel
     dtype: ir.DType  # of A and B
     target: Target
@@ -360,7 +360,7 @@ def emit_grouped_mm(dtype: ir.DType, offsets: ir.DType) -> KernelSource:
 
 
 @dataclass
-class GroupedMMLaunch:
+class GroupedMMLaunch(OneKernel):
     source: KernelSource
     dtype: ir.DType
     target: Target

@@ -18,12 +18,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import ir
-from backends.base import Support, feed_inputs
+from backends.base import KernelRecord, Support, feed_inputs
+from backends.naming import locations
 from backends.reference import run_node
 from backends.targets import Target, get_target
 from backends.triton.body import Unsupported
-from backends.triton.emitters import TRITON_EMITTERS, Launch, emit_node
+from backends.triton.emitters import (
+    TRITON_EMITTERS,
+    FusedLaunch,
+    Launch,
+    emit_node,
+)
 from backends.triton.kernel import KernelSource
+from ir.symbolic import dim_str
 
 __all__ = ["TritonBackend", "TritonExecutable", "Step"]
 
@@ -78,11 +85,38 @@ class TritonExecutable:
         """The distinct kernels of the graph, in first-use order."""
         seen: dict[str, KernelSource] = {}
         for step in self.steps:
-            if step.launch is None:
-                continue
-            for source in getattr(step.launch, "sources", (step.launch.source,)):
+            for source in _sources(step):
                 seen.setdefault(source.key, source)
         return list(seen.values())
+
+    def kernel_records(self) -> list[KernelRecord]:
+        """One `KernelRecord` per distinct kernel (language "triton", a `.py` module), with the
+        source lines of every op it runs for and how the launch tiles its domain."""
+        sources: dict[str, KernelSource] = {}
+        where: dict[str, dict[str, None]] = {}
+        sites: dict[str, list[int]] = {}
+        launch: dict[str, dict[str, Any]] = {}
+        for i, step in enumerate(self.steps):
+            for source in _sources(step):
+                sources.setdefault(source.key, source)
+                sites.setdefault(source.key, []).append(i)
+                for loc in _step_locations(step.node):
+                    where.setdefault(source.key, {})[loc] = None
+                launch.setdefault(source.key, _launch_info(step.launch))
+        return [
+            KernelRecord(
+                name=s.name,
+                key=k,
+                language="triton",
+                ext="py",
+                source=s.source,
+                fused_ops=s.fused_ops,
+                locations=tuple(where.get(k, ())),
+                sites=tuple(sites[k]),
+                launch=launch[k],
+            )
+            for k, s in sources.items()
+        ]
 
     def fallbacks(self) -> list[tuple[str, str]]:
         """(op mnemonic, reason) for every op that runs its reference instead of a kernel."""
@@ -108,6 +142,30 @@ class TritonExecutable:
                 {"op": op, "reason": r, "calls": n} for (op, r), n in self.runtime_fallbacks.items()
             ],
         }
+
+
+def _sources(step: Step) -> tuple[KernelSource, ...]:
+    """The kernels a step launches (`Launch.sources`)."""
+    return () if step.launch is None else tuple(step.launch.sources)
+
+
+def _step_locations(node: ir.Node) -> tuple[str, ...]:
+    ops = node.attrs["body"].ops if node.name == "fused.kernel" else [node]
+    return locations(ops, node.loc)
+
+
+def _launch_info(launch: Launch | None) -> dict[str, Any]:
+    """How a launch covers its domain, from the IR (generated kernels) or the template."""
+    if isinstance(launch, FusedLaunch):
+        plan = launch.kernel.plan
+        return {
+            "kind": "generated",
+            "domain": [dim_str(d) for d in plan.domain],
+            "grid": "(cdiv(n_rows, BLOCK_M),)" if plan.reduction else
+                    "(cdiv(n_rows, BLOCK_M), cdiv(n_cols, BLOCK_N))",
+            "tiles": ["BLOCK_M", "BLOCK_N"],
+        }  # fmt: skip
+    return {"kind": "template" if launch is not None else "none"}
 
 
 def _require_interpreter() -> None:

@@ -169,12 +169,12 @@ def device_source(
     funcs, skipped = {}, {}
     for k in graph_kernels(graph):
         if kind == "webgpu" and "int64" in k.tensor_ir.script():
-            skipped[k.name] = "WebGPU (WGSL) has no 64-bit integers"
+            skipped[k.symbol] = "WebGPU (WGSL) has no 64-bit integers"
             continue
         try:
-            funcs[k.name] = schedule_gpu(k.gpu_ir(), tgt)
+            funcs[k.symbol] = schedule_gpu(k.gpu_ir(), tgt)
         except Exception as e:  # noqa: BLE001  (listed in `skipped` with the reason)
-            skipped[k.name] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}"
+            skipped[k.symbol] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}"
     ex = tvm.tirx.build(tvm.IRModule(funcs), target=tgt)
     dev = [m for m in ex.imports if m.kind in ("cuda", "opencl", "webgpu")]
     source = dev[0].inspect_source() if dev else ""

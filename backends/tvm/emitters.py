@@ -15,6 +15,7 @@ kernel or BLAS, the packed function) and returns it as a `Call` on the node's in
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ir
+from backends import naming
 from backends.base import EmitterTable
 from backends.targets import Target
 from backends.tvm.kernel import Kernel, make_kernel
@@ -213,18 +215,22 @@ def _numel(shape: Sequence[int]) -> int:
 TVM_EMITTERS: EmitterTable = EmitterTable("tvm")
 
 
-def kernel_name(node: ir.Node, key: str, variant: str = "") -> str:
-    base = node.name.replace(".", "_")
+def kernel_name(node: ir.Node, variant: str = "") -> str:
+    """What the kernel computes (`backends.naming.kernel_name` for a fused body, the op's
+    mnemonic otherwise), then the layout variant; the key is not part of the name."""
     if node.name == "fused.kernel":
-        ops = [n.name.replace(".", "_") for n in node.attrs["body"].ops]
-        base = "fused_" + "_".join(dict.fromkeys(ops))[:40]
-    return f"{base}{'_' + variant if variant else ''}_{key[:10]}"
+        base = naming.kernel_name([n.name for n in node.attrs["body"].ops])
+    else:
+        base = naming.identifier(node.name.replace(".", "_"))
+    return f"{base}_{variant}" if variant else base
 
 
-def signature(node: ir.Node) -> str:
+def signature(node: ir.Node, variant: str = "") -> str:
+    """16 hex digits: the op's structural signature (`passes.op_signature`), with a variant."""
     from passes import op_signature
 
-    return op_signature(node)
+    sig = op_signature(node)
+    return hashlib.sha256(f"{sig}:{variant}".encode()).hexdigest()[:16] if variant else sig
 
 
 def body_of_one_op(node: ir.Node) -> tuple[ir.Graph, tuple[int, ...]]:
@@ -262,7 +268,7 @@ class GemmEpilogueLaunch(KernelLaunch):
 def emit_fused(node: ir.Node, target: Target, options: dict) -> Launch:
     body: ir.Graph = node.attrs["body"]
     key = signature(node)
-    kernel = make_kernel(body, kernel_name(node, key), key, schedule_cpu)
+    kernel = make_kernel(body, kernel_name(node), key, schedule_cpu, loc=node.loc)
     operands = tuple(range(len(body.inputs)))
     if body.ops and body.ops[0].name == "matmul":
         return GemmEpilogueLaunch(node, [kernel], operands, blas=options.get("blas", "auto"))
@@ -282,8 +288,8 @@ def _single_check(node: ir.Node) -> bool | str:
 @TVM_EMITTERS.register(*SINGLE, check=_single_check)
 def emit_single(node: ir.Node, target: Target, options: dict) -> Launch:
     body, index = body_of_one_op(node)
-    key = signature(node)
-    return KernelLaunch(node, [make_kernel(body, kernel_name(node, key), key, schedule_cpu)], index)
+    kernel = make_kernel(body, kernel_name(node), signature(node), schedule_cpu, loc=node.loc)
+    return KernelLaunch(node, [kernel], index)
 
 
 def _matmul_check(node: ir.Node) -> bool | str:
@@ -298,18 +304,22 @@ def _matmul_check(node: ir.Node) -> bool | str:
 @TVM_EMITTERS.register("matmul", check=_matmul_check)
 def emit_matmul(node: ir.Node, target: Target, options: dict) -> Launch:
     body = ir.Graph(list(node.operands), [node], list(node.results))
-    key = signature(node)
     nn = make_kernel(
-        body, kernel_name(node, key, "nn"), key + ":nn", lambda f: schedule_matmul_cpu(f, False)
+        body,
+        kernel_name(node, "nn"),
+        signature(node, "nn"),
+        lambda f: schedule_matmul_cpu(f, False),
+        loc=node.loc,
     )
     a, b = node.operands
     bt = ir.Value(b.name, ir.TensorType((*b.shape[:-2], b.shape[-1], b.shape[-2]), b.dtype))
     nt = make_kernel(
         ir.Graph([a, bt], [node], list(node.results)),
-        kernel_name(node, key, "nt"),
-        key + ":nt",
+        kernel_name(node, "nt"),
+        signature(node, "nt"),
         lambda f: schedule_matmul_cpu(f, True),
         overrides={"matmul": lower_matmul_nt},
+        loc=node.loc,
     )
     return MatmulLaunch(node, [nn, nt], (0, 1), blas=options.get("blas", "auto"))
 

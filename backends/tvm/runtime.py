@@ -29,15 +29,18 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ir
-from backends.base import Support
+from backends.base import KernelRecord, Support
 from backends.targets import Target, get_target
 from backends.tvm.emitters import TVM_EMITTERS, Call, Launch, emit_node, reference_call
 from backends.tvm.inputs import Inputs
-from backends.tvm.kernel import PREBUILT, Kernel, build, host_target
 from backends.tvm.library import Library
+from backends.tvm.kernel import PREBUILT, Kernel, build, host_target, kernel_records
+
+if TYPE_CHECKING:
+    from backends.tvm.device import DeviceExecutable
 
 __all__ = ["Plan", "Step", "TVMBackend", "TVMExecutable"]
 
@@ -171,6 +174,11 @@ class TVMExecutable:
                 seen.setdefault(k.key, k)
         return list(seen.values())
 
+    def kernel_records(self) -> list[KernelRecord]:
+        """One `KernelRecord` per distinct kernel: TVMScript of the CPU kernel under a header."""
+        uses = [(s.node, s.launch.kernels if s.launch is not None else []) for s in self.steps]
+        return kernel_records(uses, lambda k: k.source())
+
     def fallbacks(self) -> list[tuple[str, str]]:
         """(op mnemonic, reason) for every op that runs its reference instead of a kernel."""
         return [(s.node.name, s.reason) for s in self.steps if s.launch is None]
@@ -203,7 +211,7 @@ class TVMExecutable:
                 for k, n in uses.items()
             ],
             "blas_calls": {
-                by_key[k].name: c["blas"] for k, c in calls.items() if c.get("blas", 0) > 0
+                by_key[k].symbol: c["blas"] for k, c in calls.items() if c.get("blas", 0) > 0
             },
             "fallbacks": [{"op": op, "reason": r, "count": n} for (op, r), n in falls.items()],
             "profile": {k: round(v, 6) for k, v in self.step_seconds.most_common()},
@@ -218,8 +226,14 @@ class TVMBackend:
 
     def compile(
         self, graph: ir.Graph, target: str | Target = "cpu", *, blas: str = "auto"
-    ) -> TVMExecutable:
-        return TVMExecutable(graph, get_target(target), blas=blas)
+    ) -> TVMExecutable | DeviceExecutable:
+        """A CPU executable, or for a GPU target the compile-only `DeviceExecutable` (CUDA)."""
+        tgt = get_target(target)
+        if tgt.is_gpu:
+            from backends.tvm.device import DeviceExecutable
+
+            return DeviceExecutable(graph, tgt)
+        return TVMExecutable(graph, tgt, blas=blas)
 
     def load(self, graph: ir.Graph, target: str | Target, library: Library) -> TVMExecutable:
         """`graph` running the kernels of a built `library` (nothing compiled); raises

@@ -23,7 +23,7 @@ from typing import Any
 
 import ir
 from backends.targets import Target, get_target
-from backends.triton.emitters import TRITON_EMITTERS, AotVariant, cdiv
+from backends.triton.emitters import TRITON_EMITTERS, AotVariant, OneKernel, cdiv
 from backends.triton.kernel import KernelSource, Param, load_jit, next_pow2
 from backends.triton.templates.attention_indexer import INDEXER_SOURCE
 from backends.triton.templates.attention_mqa import SPARSE_MQA_SOURCE
@@ -130,7 +130,7 @@ def _combine_options(target: Target) -> dict[str, int]:
 
 
 @dataclass
-class SparseMQALaunch:
+class SparseMQALaunch(OneKernel):
     source: KernelSource
     attrs: dict[str, Any]
     dtype: ir.DType  # of q, kv, comp and the output
@@ -288,7 +288,7 @@ def _select_options(target: Target) -> dict[str, int]:
 
 
 @dataclass
-class IndexerTopKLaunch:
+class IndexerTopKLaunch(OneKernel):
     source: KernelSource
     attrs: dict[str, Any]
     dtype: ir.DType  # of q and keys (the dot operands)

@@ -18,7 +18,7 @@ from typing import Any
 
 import ir
 from backends.targets import Target, get_target
-from backends.triton.emitters import TRITON_EMITTERS, AotVariant, cdiv
+from backends.triton.emitters import TRITON_EMITTERS, AotVariant, OneKernel, cdiv
 from backends.triton.kernel import KernelSource, Param, load_jit, next_pow2
 
 __all__ = ["HCLaunch", "hc_config"]
@@ -82,7 +82,7 @@ def _constexprs(node: ir.Node, n: int) -> dict[str, Any]:
 
 
 @dataclass
-class HCLaunch:
+class HCLaunch(OneKernel):
     source: KernelSource
     op: str
     target: Target

@@ -20,7 +20,7 @@ from typing import Any
 
 import ir
 from backends.targets import Target, get_target
-from backends.triton.emitters import TRITON_EMITTERS, AotVariant, cdiv
+from backends.triton.emitters import TRITON_EMITTERS, AotVariant, OneKernel, cdiv
 from backends.triton.kernel import KernelSource, Param, load_jit, next_pow2
 from ir.symbolic import subs_dim
 
@@ -89,7 +89,7 @@ def emit_route(node: ir.Node, target: Target | None) -> RouteLaunch:
 
 
 @dataclass
-class RouteLaunch:
+class RouteLaunch(OneKernel):
     """One program per BLOCK_N tokens; all BLOCK_E >= E scores of a token in registers."""
 
     source: KernelSource
@@ -256,7 +256,7 @@ class ExpertsSizes:
 
 
 @dataclass
-class ExpertsLaunch:
+class ExpertsLaunch(OneKernel):
     source: KernelSource
     node: ir.Node
     target: Target
