@@ -5,11 +5,11 @@ router's table, positions into caches and rope tables); an index outside the tab
 of bounds in native code — a segfault at best, a silently wrong answer at worst. So every call
 checks, on the host, before any kernel runs:
 
-- every symbolic dim is at least 1 (a prefill of T = 0 tokens has nothing to compute);
 - an integer input that indexes a table (through reshapes) lies in [0, rows) of every table it
   indexes: `embedding`, `index`, `index_select`, and `moe.route`'s hash table;
 - the limits the compiled model declares (`model.input_limits` in the manifest, written by
-  `dsv4c compile`): e.g. decode's `position` in [0, max_len) and prefill's `T` at most max_len.
+  `dsv4c compile`): e.g. decode's `position` in [0, max_len) and prefill's `T` in
+  [1, max_len] (a prefill of 0 tokens has nothing to compute).
 
 Failures raise `InputError` naming the input, the value found, the limit and where it comes from.
 """
@@ -54,8 +54,8 @@ class Limits:
         """Raise `InputError` for the first size or value outside its limit."""
         bound = {str(s): int(n) for s, n in env.items()}
         for sym, n in sorted(bound.items()):
-            lim = self.sizes.get(sym, Limit(1, 1 << 62, "a dim of size 0 has nothing to compute"))
-            if not lim.lo <= n <= lim.hi:
+            lim = self.sizes.get(sym)
+            if lim is not None and not lim.lo <= n <= lim.hi:
                 where = _first_with(inputs, sym)
                 raise InputError(
                     f"{entry}: {sym} = {n} (from input {where}) is outside [{lim.lo}, {lim.hi}]: "
