@@ -61,6 +61,8 @@ class ShardError(ValueError):
 class _State:
     sizes: dict[str, int]
     moe: str
+    batch_axis: str | None = None
+    free: set[str] = field(default_factory=set)  # values computed without activations
     nodes: list[Node] = field(default_factory=list)
     local: dict[str, Value] = field(default_factory=dict)  # global name -> local value
     place: dict[str, Pl] = field(default_factory=dict)
@@ -118,22 +120,30 @@ def shard(
     *,
     rules: list[Rule] | None = None,
     moe: str = "all_reduce",
+    batch_axis: str | None = None,
     counters: Counter | None = None,
 ) -> Graph:
-    """The per-rank program of `graph` on a mesh of `sizes` (see module docstring)."""
+    """The per-rank program of `graph` on a mesh of `sizes` (see module docstring).
+
+    `batch_axis` (data-parallel attention): activations and caches are split along their batch
+    dim over that axis; ops whose other operands are activation-free keep the split."""
     if moe not in MOE_MODES:
         raise ShardError(f"shard: moe={moe!r}; expected one of {MOE_MODES}")
     sizes = {a: s for a, s in sizes.items() if s > 1}
+    if batch_axis is not None and batch_axis not in sizes:
+        batch_axis = None  # an axis of size 1 splits nothing
     rules = rules_for_mesh(sizes, moe=moe) if rules is None else rules
     for r in rules:
         if r.axis not in sizes:
             raise ShardError(f"shard: rule {r.pattern!r} uses axis {r.axis!r}, not in {sizes}")
-    st = _State(sizes, moe)
+    st = _State(sizes, moe, batch_axis)
     st.taken = {v.name for v in graph.inputs} | {r.name for n in graph.ops for r in n.results}
     inputs = [_annotate(st, v, graph.role(v), rules) for v in graph.inputs]
     for node in graph.ops:
         pls = [st.place[v.name] for v in node.operands]
         _rule_for(node)(st, node, pls)
+        if all(v.name in st.free for v in node.operands):
+            st.free.update(r.name for r in node.results)
     outputs = [st.fetch(v, {}) for v in graph.outputs]
     if counters is not None:
         counters.update({f"shard.{k}": n for k, n in st.counters.items()})
@@ -142,6 +152,10 @@ def shard(
 
 def _annotate(st: _State, v: Value, role: str, rules: list[Rule]) -> Value:
     pl = placement_of(v.name, rules) if role == "parameter" else {}
+    if role == "parameter" or v.type.rank == 0:
+        st.free.add(v.name)  # weights and scalars (a decode position) carry no batch
+    elif st.batch_axis is not None:
+        pl = {st.batch_axis: Shard(0)}
     shape = list(v.type.shape)
     for axis, p in pl.items():
         if not isinstance(p, Shard):
@@ -149,7 +163,7 @@ def _annotate(st: _State, v: Value, role: str, rules: list[Rule]) -> Value:
         d, size = p.dim % len(shape), st.sizes[axis]
         if not isinstance(shape[d], int) or shape[d] % size:
             raise ShardError(
-                f"shard: parameter %{v.name} dim {d} ({shape[d]}) does not divide by "
+                f"shard: {role} %{v.name} dim {d} ({shape[d]}) does not divide by "
                 f"{axis}={size}; pick a mesh size that divides it or replicate it"
             )
         shape[d] //= size
@@ -165,7 +179,12 @@ RuleFn = Callable[[_State, Node, list[Pl]], None]
 
 
 def _replicated(st: _State, node: Node, pls: list[Pl]) -> None:
-    """Default: gather every operand, run the op whole, results replicated."""
+    """Default: keep a batch split when `_batch_ok`, else gather every operand, run the op
+    whole, results replicated."""
+    if _batch_ok(st, node, pls):
+        out = {st.batch_axis: Shard(0)}
+        _apply(st, node, pls, [dict(out) for _ in node.results], node.op)
+        return
     if any(pls):
         st.counters[f"gathered_for.{node.name}"] += 1
     _apply(st, node, [{} for _ in pls], [{} for _ in node.results], node.op)
@@ -176,6 +195,31 @@ def _apply(st: _State, node: Node, want: list[Pl], out: list[Pl], op: Op) -> lis
     res = st.emit(op, ins, node.loc, [r.name for r in node.results], own=True)
     st.bind(node.results, res, out)
     return res
+
+
+def _batch_ok(st: _State, node: Node, pls: list[Pl]) -> bool:
+    """Data-parallel: every operand is batch-split (only that) or activation-free, the op does
+    not address dim 0, and every result keeps the batch size as its dim 0."""
+    axis = st.batch_axis
+    if axis is None or not any(p == {axis: Shard(0)} for p in pls):
+        return False
+    batch = None
+    for v, p in zip(node.operands, pls):
+        if p == {axis: Shard(0)}:
+            batch = v.type.shape[0] if batch is None else batch
+            if v.type.shape[0] != batch:
+                return False
+        elif p or v.name not in st.free:
+            return False
+    if any(_addresses_dim0(node.op, v.type.rank) for v in node.operands[:1]):
+        return False
+    return all(r.type.rank and r.type.shape[0] == batch for r in node.results)
+
+
+def _addresses_dim0(op: Op, rank: int) -> bool:
+    attrs = op.attrs
+    dims = list(attrs.get("dims", ()) or ()) + ([attrs["dim"]] if "dim" in attrs else [])
+    return any(isinstance(d, int) and d % max(rank, 1) == 0 for d in dims)
 
 
 _LINEAR_ALL = {"add", "sub"}  # P op P = P
@@ -352,7 +396,10 @@ def _local_expert_ids(st: _State, node: Node, e: Value, axis: str) -> Value:
 
 def _experts_dispatch(st: _State, node: Node, pls: list[Pl], axis: str) -> None:
     size, loc = st.sizes[axis], node.loc
-    x, w, e = (st.fetch(v, {}, loc) for v in node.operands[:3])
+    # tokens split over the expert axis (data-parallel attention) stay local: dispatch moves them
+    split = all(p == {axis: Shard(0)} for p in pls[:3])
+    tokens: Pl = {axis: Shard(0)} if split else {}
+    x, w, e = (st.fetch(v, tokens, loc) for v in node.operands[:3])
     w1, w3, w2 = (st.fetch(v, {axis: Shard(0)}, loc) for v in node.operands[3:6])
     n, d = x.type.shape
     n_local, n_experts = w1.type.shape[0], w1.type.shape[0] * size
@@ -373,7 +420,7 @@ def _experts_dispatch(st: _State, node: Node, pls: list[Pl], axis: str) -> None:
     if node.op.shared:
         out = _op(st, "add", [out, _shared_expert(st, node, x)], loc)
     st.counters[f"moe.dispatch.{axis}"] += 1
-    st.bind(node.results, [out], [{}])
+    st.bind(node.results, [out], [tokens])
 
 
 def _shared_expert(st: _State, node: Node, x: Value) -> Value:

@@ -22,14 +22,20 @@ def run_rank_program(
     state: Mapping[str, Any],
     inputs: Sequence[Any],
     groups: dict | None = None,
+    batch_axis: str | None = None,
 ) -> tuple[Any, ...]:
     """Interpret this rank's program (from `passes.shard.shard`) on its parameter slices.
 
-    `state` holds the *global* parameters (state_dict names); `groups` (from `init_mesh`) may be
-    passed to reuse process groups across calls."""
+    `state` holds the *global* parameters (state_dict names) and `inputs` the global activations
+    and caches; with `batch_axis` (the program was sharded with it) each rank takes its block of
+    their batch dim. `groups` (from `init_mesh`) may be passed to reuse process groups."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     groups = init_mesh(mesh) if groups is None else groups
     params = local_params(state, rules, mesh, rank)
+    if batch_axis is not None and mesh.size(batch_axis) > 1:
+        size, coord = mesh.size(batch_axis), mesh.coords(rank)[batch_axis]
+        inputs = [t.chunk(size, 0)[coord] if t.dim() else t for t in inputs]
     names = {v.name for v in graph.params}
     with bind_groups(groups):
-        return ir.interpret(graph, *inputs, params={k: v for k, v in params.items() if k in names})
+        mine = {k: v for k, v in params.items() if k in names}
+        return ir.interpret(graph, *inputs, params=mine)

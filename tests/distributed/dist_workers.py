@@ -29,7 +29,8 @@ def die_or_reduce(rank: int) -> float:
 
 
 def sharded_model(rank: int, cases: list, graph_text: str, state: dict, inputs: list) -> dict:
-    """Shard the global graph for each (name, mesh, moe) case on this rank and run it; returns
+    """Shard the global graph for each (name, mesh, moe, batch axis) case on this rank and run it;
+    returns
     name -> (outputs, op counts of this rank's program)."""
     from collections import Counter
 
@@ -39,10 +40,11 @@ def sharded_model(rank: int, cases: list, graph_text: str, state: dict, inputs: 
 
     g = ir.parse(graph_text)
     out = {}
-    for name, mesh_text, moe in cases:
+    for name, mesh_text, moe, batch_axis in cases:
         mesh = Mesh.parse(mesh_text)
         rules = rules_for_mesh(mesh.to_json(), moe=moe)
-        program = ir.verify(shard(g, mesh.to_json(), rules=rules, moe=moe))
-        res = run_rank_program(program, mesh, rules, state, inputs)
+        program = shard(g, mesh.to_json(), rules=rules, moe=moe, batch_axis=batch_axis)
+        ir.verify(program)
+        res = run_rank_program(program, mesh, rules, state, inputs, batch_axis=batch_axis)
         out[name] = (list(res), dict(Counter(n.name for n in program.ops)))
     return out

@@ -24,16 +24,16 @@ from passes.fuse_moe import fuse_moe
 
 SLOW = os.environ.get("DSV4C_SLOW", "") not in ("", "0")
 
-CASES = {
+CASES = {  # name, mesh, MoE lowering, batch axis (data-parallel attention)
     2: [
-        ("tp attention + vocab head + experts over tp", "tp=2", "all_reduce"),
-        ("ep static-capacity dispatch", "ep=2", "dispatch"),
-        ("ep all_reduce", "ep=2", "all_reduce"),
+        ("tp attention + vocab head + experts over tp", "tp=2", "all_reduce", None),
+        ("ep static-capacity dispatch, tokens replicated", "ep=2", "dispatch", None),
+        ("dp attention + ep dispatch", "ep=2", "dispatch", "ep"),
     ],
     4: [
-        ("tp x ep, all_reduce", "tp=2,ep=2", "all_reduce"),
-        ("tp x ep, dispatch", "tp=2,ep=2", "dispatch"),
-        ("ep=4 dispatch", "ep=4", "dispatch"),
+        ("tp x ep, all_reduce", "tp=2,ep=2", "all_reduce", None),
+        ("tp x ep, dispatch", "tp=2,ep=2", "dispatch", None),
+        ("dp attention + ep=4 dispatch", "ep=4", "dispatch", "ep"),
     ],
 }
 SEMANTIC = ("attn.sparse_mqa", "attn.compress", "moe.route", "moe.experts", "hc.pre", "hc.post")
@@ -48,7 +48,7 @@ def _semantic_graph(model: torch.nn.Module, tokens: torch.Tensor) -> ir.Graph:
 def prefill(request):
     torch.manual_seed(0)
     model = Transformer(Config.preset(request.param)).eval()
-    tokens = torch.randint(0, 128, (2, 12))
+    tokens = torch.randint(0, 128, (4, 10))  # batch 4: one sequence per rank at 4
     g = _semantic_graph(model, tokens)
     want = ir.interpret(g, tokens, params=model.state_dict())
     assert torch.allclose(want[0], model.prefill(tokens), atol=1e-5)
@@ -61,7 +61,7 @@ def test_strategies_equal_single_process(prefill, world: int) -> None:
     got = run_ranks(dist_workers.sharded_model, world,
                     (CASES[world], ir.to_text(g), state, [tokens]), timeout_s=120)
     before = {op: sum(n.name == op for n in g.ops) for op in SEMANTIC}
-    for name, mesh, moe in CASES[world]:
+    for name, mesh, moe, batch_axis in CASES[world]:
         for rank in range(world):
             outs, counts = got[rank][name]
             for w, o in zip(want, outs):
@@ -70,14 +70,43 @@ def test_strategies_equal_single_process(prefill, world: int) -> None:
             for op in SEMANTIC:  # routed + shared experts under dispatch: two moe.experts
                 factor = 2 if op == "moe.experts" and moe == "dispatch" else 1
                 assert counts.get(op, 0) == factor * before[op], (name, op, counts)
-        _check_collectives(g, got[0][name][1], mesh, moe)
+        _check_collectives(g, got[0][name][1], mesh, moe, batch_axis)
 
 
-def _check_collectives(g: ir.Graph, counts: dict, mesh: str, moe: str) -> None:
+def _check_collectives(g: ir.Graph, counts: dict, mesh: str, moe: str, batch: str | None) -> None:
     layers = sum(n.name == "moe.experts" for n in g.ops)
     attn_tp = layers if "tp=2" in mesh else 0
     moe_ar = layers if moe == "all_reduce" else 0
     assert counts.get("dist.all_reduce", 0) == attn_tp + moe_ar
-    assert counts.get("dist.all_gather", 0) == (1 if "tp=2" in mesh else 0)  # vocabulary head
+    # vocabulary head (tp) or the logits' batch (data-parallel attention): one gather
+    assert counts.get("dist.all_gather", 0) == (1 if "tp=2" in mesh or batch else 0)
     assert counts.get("moe.dispatch", 0) == counts.get("moe.combine", 0)
     assert counts.get("moe.dispatch", 0) == (layers if moe == "dispatch" else 0)
+
+
+DECODE_CASES = [
+    ("tp attention + vocab head + experts over tp", "tp=2", "all_reduce", None),
+    ("dp attention + ep dispatch", "ep=2", "dispatch", "ep"),
+]
+
+
+@pytest.mark.skipif(not SLOW, reason="decode capture + 2 ranks take ~45 s; DSV4C_SLOW=1 runs it")
+@pytest.mark.parametrize("preset", ["tiny-512", "tiny"])
+def test_decode_strategies_equal_single_process(preset: str) -> None:
+    torch.manual_seed(0)
+    model = Transformer(Config.preset(preset)).eval()
+    tokens = torch.randint(0, 128, (2, 42))
+    with torch.no_grad():
+        _, cache = model.prefill(tokens[:, :40], model.init_cache(2, 64))
+    inputs = [tokens[:, 40:41], torch.tensor(40), *cache.values()]
+    g = frontend.capture(model, (inputs[0], inputs[1], cache), method="decode")
+    g = fuse_hc(fuse_moe(fuse_attention(passes.canonicalize(g))))
+    want = ir.interpret(g, *inputs, params=model.state_dict())
+    got = run_ranks(dist_workers.sharded_model, 2,
+                    (DECODE_CASES, ir.to_text(g), model.state_dict(), inputs), timeout_s=120)
+    for name, *_ in DECODE_CASES:
+        for rank in range(2):
+            outs, counts = got[rank][name]
+            err = max((w - o).abs().max().item() for w, o in zip(want, outs))  # logits + cache
+            assert err <= 1e-5, f"decode {name} rank {rank}: max |diff| {err:.2e}"
+            assert counts["attn.sparse_mqa"] == sum(n.name == "attn.sparse_mqa" for n in g.ops)
