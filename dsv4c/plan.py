@@ -226,8 +226,9 @@ def comm_per_token(
     d, tp, ep = cfg.dim, sizes.get("tp", 1), sizes.get("ep", 1)
     ring = 2 * (tp - 1) / tp * 2 * d
     out = {"attention all_reduce (tp)": ring}
-    if ep > 1 and sizes.get("dp", 1) == 1:  # tokens replicated: local experts + all_reduce
-        out["MoE all_reduce (ep)"] = 2 * (ep - 1) / ep * 2 * d
+    experts = ep if ep > 1 else tp  # no ep axis: experts split over tp (the reference layout)
+    if experts > 1 and sizes.get("dp", 1) == 1:  # tokens replicated: local experts + all_reduce
+        out["MoE all_reduce (experts)"] = 2 * (experts - 1) / experts * 2 * d
     elif ep > 1:
         dispatch = d + 4 * d / 128 + 8 * cfg.n_activated_experts
         m = _remote_ranks(cfg, ep, per_expert=decode)
