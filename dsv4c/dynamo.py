@@ -9,19 +9,50 @@ so it works without importing dsv4c first; `register()` registers it by hand (e.
 checkout that was not pip-installed). Dynamo hands over each FX graph with its example inputs;
 the graph is compiled with `dsv4c.compile` (parameters lifted by Dynamo arrive as ordinary
 inputs). Graphs dsv4c cannot take — symbolic sizes passed as ints, outputs that are not all
-tensors, an op the frontend cannot capture — run eagerly, with a warning saying why.
+tensors, an op the frontend cannot capture — run eagerly: each such graph warns once
+(`EagerFallbackWarning`, with the reason) and is counted (`fallbacks()`, `reset_fallbacks()`);
+with `DSV4C_STRICT=1` in the environment a fallback is an error (`EagerFallbackError`) instead.
+Dynamo's FX graphs are captured like any module: torch's core-ATen decompositions bring their
+composite ops down to the ops the frontend translates.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["NAME", "backend", "dsv4c_backend", "register"]
+from dsv4c.errors import DsvError
+
+__all__ = [
+    "NAME", "EagerFallbackError", "EagerFallbackWarning", "backend", "dsv4c_backend", "fallbacks", "register",
+    "reset_fallbacks",
+]  # fmt: skip
 
 NAME = "dsv4c"
 OPTIONS = ("backend", "target")
+STRICT_ENV = "DSV4C_STRICT"
+
+# One reason per graph that ran eagerly, in order (read with fallbacks()).
+_FALLBACKS: list[str] = []
+
+
+class EagerFallbackWarning(UserWarning):
+    """A graph Dynamo handed to dsv4c runs eagerly (not compiled); the message says why."""
+
+
+class EagerFallbackError(DsvError):
+    """DSV4C_STRICT=1 and a graph would have run eagerly; the message says why."""
+
+
+def fallbacks() -> list[str]:
+    """The reasons of every graph that fell back to eager since the last reset (one per graph)."""
+    return list(_FALLBACKS)
+
+
+def reset_fallbacks() -> None:
+    _FALLBACKS.clear()
 
 
 def dsv4c_backend(
@@ -82,7 +113,18 @@ def _unsupported(gm: Any, example_inputs: Sequence[Any]) -> str | None:
 
 
 def _eager(gm: Any, why: str) -> Callable[..., Any]:
-    warnings.warn(f"dsv4c: running this graph eagerly: {why}", stacklevel=2)
+    """Run `gm` eagerly: counted, warned once (here, when Dynamo hands it over), or an error."""
+    if os.environ.get(STRICT_ENV, "") not in ("", "0"):
+        raise EagerFallbackError(
+            f"dsv4c could not compile a graph of {len(gm.graph.nodes)} nodes: {why}\n"
+            f"  ({STRICT_ENV}=1 makes this an error; unset it to run such graphs eagerly)"
+        )
+    _FALLBACKS.append(why)
+    warnings.warn(
+        f"dsv4c: running this graph eagerly (fallback {len(_FALLBACKS)}): {why}",
+        EagerFallbackWarning,
+        stacklevel=2,
+    )
     return gm.forward
 
 

@@ -256,6 +256,8 @@ def _embedding(cx, weight, ids, padding_idx=-1, *_flags):
 
 @translates(aten.gather.default)
 def _gather(cx, x, dim, index, *, sparse_grad=False):
+    if cx.type_of(index).dtype != DType.i64:  # torch takes i32 indices too; the IR wants i64
+        index = cx.op("cast", index, dtype=DType.i64)
     return cx.op("gather", x, index, dim=_dim(dim, cx.type_of(x).rank))
 
 
@@ -463,7 +465,7 @@ def _scalar_tensor(cx, value, **_kw):
 @translates(aten.arange.start_step, aten.arange.start, aten.arange.default)
 def _arange(cx, *args, **_kw):
     start, end, step = (0, args[0], 1) if len(args) == 1 else (list(args) + [1])[:3]
-    if any(isinstance(v, float) for v in (start, end, step)):
+    if any(isinstance(v, float) for v in (start, end, step)) or (isinstance(step, int) and step < 0):
         # arange(a, b, s) over floats = a + s * iota(0, n), n = torch's own length
         (count,) = cx.expected_shape()
         ramp = cx.op("iota", start=0, end=count, step=1, dtype=cx.expected_dtype())

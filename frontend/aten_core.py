@@ -151,7 +151,8 @@ def _var(cx, x, dims=None, *args, correction=None, keepdim=False):
         count = count * cx.type_of(x).shape[d]
     centred = cx.op("sub", x, cx.op("mean", x, dims=dims, keepdim=True))
     total = cx.op("sum", cx.op("mul", centred, centred), dims=dims, keepdim=bool(keepdim))
-    return cx.op("div", total, *cx.operands(_as_float(count - correction)))
+    out = cx.op("div", total, *cx.operands(_as_float(count - correction)))
+    return out if cx.type_of(out).dtype == cx.expected_dtype() else cx.op("cast", out, dtype=cx.expected_dtype())
 
 
 def _as_float(v):
@@ -231,6 +232,90 @@ def _log_base(cx, x):
 @translates(aten.exp2.default)
 def _exp2(cx, x):
     return cx.op("exp", cx.op("mul", x, cx.const(math.log(2.0))))
+
+
+@translates(aten.sinh.default, aten.cosh.default)
+def _sinh_cosh(cx, x):
+    # sinh = (eˣ - e⁻ˣ) / 2, cosh = (eˣ + e⁻ˣ) / 2
+    a, b = cx.op("exp", x), cx.op("exp", cx.op("neg", x))
+    both = cx.op("sub" if cx.node.target is aten.sinh.default else "add", a, b)
+    return cx.op("mul", both, cx.const(0.5))
+
+
+@translates(aten.asinh.default)
+def _asinh(cx, x):
+    # asinh(x) = sign(x) · log(|x| + √(x² + 1)) (odd, so no cancellation for x < 0)
+    ax = cx.op("abs", x)
+    root = cx.op("sqrt", cx.op("add", cx.op("mul", ax, ax), cx.const(1.0)))
+    return cx.op("mul", cx.op("sign", x), cx.op("log", cx.op("add", ax, root)))
+
+
+@translates(aten.acosh.default)
+def _acosh(cx, x):
+    # acosh(x) = log(x + √(x² - 1)), NaN below 1 as in torch
+    root = cx.op("sqrt", cx.op("sub", cx.op("mul", x, x), cx.const(1.0)))
+    return cx.op("log", cx.op("add", x, root))
+
+
+@translates(aten.atanh.default)
+def _atanh(cx, x):
+    # atanh(x) = (log1p(x) - log1p(-x)) / 2
+    diff = cx.op("sub", cx.op("log1p", x), cx.op("log1p", cx.op("neg", x)))
+    return cx.op("mul", diff, cx.const(0.5))
+
+
+def _atan(cx, x):
+    """atan by range reduction and a series: |x| > 1 uses π/2 - atan(1/|x|); two half-angle
+    steps t -> t / (1 + √(1 + t²)) bring |t| <= 0.199, where 12 odd Taylor terms reach 1e-9."""
+    ax = cx.op("abs", x)
+    big = cx.op("gt", ax, cx.const(1.0))
+    t = cx.op("where", big, cx.op("reciprocal", ax), ax)
+    for _ in range(2):
+        t = cx.op("div", t, cx.op("add", cx.op("sqrt", cx.op("add", cx.op("mul", t, t), cx.const(1.0))), cx.const(1.0)))
+    t2, term, total = cx.op("mul", t, t), t, t
+    for n in range(1, 12):
+        term = cx.op("mul", term, t2)
+        total = cx.op("add", total, cx.op("mul", term, cx.const((-1.0) ** n / (2 * n + 1))))
+    total = cx.op("mul", total, cx.const(4.0))
+    total = cx.op("where", big, cx.op("sub", cx.const(math.pi / 2), total), total)
+    return cx.op("mul", cx.op("sign", x), total)
+
+
+@translates(aten.atan.default)
+def _atan_op(cx, x):
+    return _atan(cx, x)
+
+
+@translates(aten.asin.default, aten.acos.default)
+def _asin_acos(cx, x):
+    # asin(x) = atan(x / √(1 - x²)); acos(x) = π/2 - asin(x)
+    asin = _atan(cx, cx.op("div", x, cx.op("sqrt", cx.op("sub", cx.const(1.0), cx.op("mul", x, x)))))
+    if cx.node.target is aten.asin.default:
+        return asin
+    return cx.op("sub", cx.const(math.pi / 2), asin)
+
+
+@translates(aten.atan2.default)
+def _atan2(cx, y, x):
+    # atan2(y, x) = atan(y / x), + π·sign(y) (π at y = 0) in the left half-plane
+    base = _atan(cx, cx.op("div", y, x))
+    turn = cx.op("where", cx.op("lt", y, cx.const(0.0)), cx.const(-math.pi), cx.const(math.pi))
+    out = cx.op("where", cx.op("lt", x, cx.const(0.0)), cx.op("add", base, turn), base)
+    both_zero = cx.op("logical_and", cx.op("eq", x, cx.const(0.0)), cx.op("eq", y, cx.const(0.0)))
+    out = cx.op("where", both_zero, cx.op("mul", y, cx.const(0.0)), out)
+    return _as_expected(cx, out)
+
+
+def _as_expected(cx, v):
+    """0-d operands promote like tensors in the IR: cast back to torch's dtype where they won."""
+    want = cx.expected_dtype()
+    return v if cx.type_of(v).dtype == want else cx.op("cast", v, dtype=want)
+
+
+@translates(aten.round.decimals)
+def _round_decimals(cx, x, *, decimals=0):
+    scale = cx.const(10.0**decimals)
+    return cx.op("div", _round(cx, cx.op("mul", x, scale)), scale)
 
 
 @translates(aten.tan.default)

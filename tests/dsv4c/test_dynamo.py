@@ -60,3 +60,37 @@ def test_tiny_model(compiles: list[str]) -> None:
         want = model(tokens)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert compiles and all(b == "reference" for b in compiles)
+
+
+class _Spectrum(torch.nn.Module):
+    """A graph dsv4c cannot compile: an FFT (complex values; the IR has no complex dtype)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.fft.rfft(x).abs()
+
+
+def test_fallback_warns_once_per_graph_and_is_counted(compiles, monkeypatch) -> None:
+    import dsv4c.dynamo
+
+    monkeypatch.delenv("DSV4C_STRICT", raising=False)
+    dsv4c.dynamo.reset_fallbacks()
+    fn = torch.compile(_Spectrum(), backend="dsv4c", dynamic=False)
+    data = torch.randn(4, 3)
+    with pytest.warns(dsv4c.dynamo.EagerFallbackWarning, match="running this graph eagerly"):
+        got = fn(data)
+    torch.testing.assert_close(got, _Spectrum()(data))
+    reasons = dsv4c.dynamo.fallbacks()
+    assert len(reasons) == 1 and "complex" in reasons[0].lower() or "fft" in reasons[0]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", dsv4c.dynamo.EagerFallbackWarning)
+        fn(data)  # the same graph again: no second warning, no second count
+    assert len(dsv4c.dynamo.fallbacks()) == 1
+
+
+def test_strict_makes_a_fallback_an_error(compiles, monkeypatch) -> None:
+    monkeypatch.setenv("DSV4C_STRICT", "1")
+    fn = torch.compile(_Spectrum(), backend="dsv4c", dynamic=False)
+    with pytest.raises(Exception, match="DSV4C_STRICT=1 makes this an error"):
+        fn(torch.randn(4, 3))
