@@ -172,11 +172,15 @@ def read_member(root: Path, rel: str, size: int, *, limit: int | None = None) ->
         if not stat.S_ISREG(st.st_mode):
             raise ArtifactError(f"{root}: {rel} is {_kind(st.st_mode)}; {_REGULAR}")
         want = st.st_size if limit is not None else size
-        if (limit is not None and st.st_size > limit) or st.st_size != want:
+        if limit is not None and st.st_size > limit:
             raise ArtifactError(
-                f"{root}: {rel} holds {st.st_size} bytes, expected "
-                + (f"at most {limit}" if limit is not None else f"{size}")
-                + "; recompile the artifact"
+                f"{root}: {rel} holds {st.st_size} bytes, at most {limit} expected; "
+                "recompile the artifact"
+            )
+        if st.st_size != want:
+            raise ArtifactError(
+                f"{root}: file {rel} was altered: {st.st_size} bytes, expected {size}; "
+                "recompile the artifact"
             )
         return _read_exactly(fd, want, f"{root}/{rel}")
     finally:
@@ -212,7 +216,9 @@ def read_manifest(src: str | Path) -> dict[str, Any]:
     src = Path(src)
     if not src.is_dir():
         what = "is a file, not an artifact directory" if src.exists() else "does not exist"
-        raise ArtifactError(f"{src} {what} (expected a directory written by dsv4c compile)")
+        raise ArtifactError(
+            f"{src} {what}: not a dsv4c artifact directory (expected one written by dsv4c compile)"
+        )
     try:
         text = read_member(src, MANIFEST, 0, limit=MAX_MANIFEST_BYTES)
     except FileNotFoundError:
@@ -221,7 +227,10 @@ def read_manifest(src: str | Path) -> dict[str, Any]:
         raise ArtifactError(f"{src / MANIFEST} is not readable: {e}") from None
     manifest = _parse_json(text, src / MANIFEST)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{src / MANIFEST}: not a {FORMAT} manifest")
+        raise ArtifactError(
+            f"{src / MANIFEST}: not a {FORMAT} manifest (a JSON object with format {FORMAT!r}); "
+            "recompile the artifact"
+        )
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(
             f"{src}: artifact format version {_show(manifest.get('format_version'))}, this "

@@ -12,6 +12,7 @@ from dsv4c_helpers import compiled, eager, mlp, x
 
 import dsv4c
 import ir
+from dsv4c.artifact import sha256
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -24,7 +25,7 @@ def test_compile_run_save_load_round_trip(tmp_path: Path, backend: str) -> None:
     names = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
     assert {"manifest.json", "graph.ir", "report.json"} <= names
     manifest = json.loads((path / "manifest.json").read_text())
-    assert set(manifest["files"]) == names - {"manifest.json"}  # every file is hashed
+    assert set(manifest["files"]) == names - {"manifest.json", "manifest.json.sha256"}  # all hashed
     assert manifest["versions"]["torch"] == metadata.version("torch")
     (entry,) = manifest["entry_points"]
     assert entry["inputs"] == [{"name": "x", "type": "f32[B,16]", "role": "activation"}]
@@ -72,7 +73,7 @@ def test_tampered_missing_and_foreign_artifacts_are_refused(tmp_path: Path) -> N
     text = kernel.read_text()
     kernel.write_text(text.replace("tl.", "tl .", 1))
     rel = kernel.relative_to(path).as_posix()
-    with pytest.raises(dsv4c.ArtifactError, match=f"file {rel} was altered: sha256"):
+    with pytest.raises(dsv4c.ArtifactError, match=f"file {rel} was altered: "):
         dsv4c.load(path)
     kernel.unlink()
     with pytest.raises(dsv4c.ArtifactError, match=f"file {rel} is missing"):
@@ -85,6 +86,10 @@ def test_tampered_missing_and_foreign_artifacts_are_refused(tmp_path: Path) -> N
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["versions"]["triton"] = "0.0.1"
     (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(dsv4c.ArtifactError, match="manifest.json was altered"):
+        dsv4c.load(path)
+    sidecar = f"{sha256((path / 'manifest.json').read_bytes())}  manifest.json\n"
+    (path / "manifest.json.sha256").write_text(sidecar)  # re-signed: the versions differ
     with pytest.raises(dsv4c.ArtifactError, match="compiled with triton 0.0.1, this environment"):
         dsv4c.load(path)
     with pytest.raises(dsv4c.ArtifactError, match="does not exist"):
