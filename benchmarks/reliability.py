@@ -1,7 +1,7 @@
 """Hostile and careless input against dsv4c (issue 20), counted: each case runs in its own
 subprocess, so a crash (a signal, an unexpected traceback) is counted instead of ending the run.
 
-    .venv/bin/python benchmarks/reliability.py --json reliability.json          # ~2-4 min on 2 cores
+    .venv/bin/python benchmarks/reliability.py --json reliability.json      # ~2-4 min on 2 cores
     .venv/bin/python benchmarks/reliability.py --fuzz 10000 --json r.json
 
 Cases are built on the small language model of tests/dsv4c/test_reliability.py (compiled once

@@ -50,7 +50,9 @@ class Limits:
     values: Mapping[str, Limit]  # runtime input name -> range of every element
     sizes: Mapping[str, Limit]  # shape symbol -> range
 
-    def check(self, entry: str, inputs: Sequence[ir.Value], tensors: Sequence[Any], env: Mapping) -> None:
+    def check(
+        self, entry: str, inputs: Sequence[ir.Value], tensors: Sequence[Any], env: Mapping
+    ) -> None:
         """Raise `InputError` for the first size or value outside its limit."""
         bound = {str(s): int(n) for s, n in env.items()}
         for sym, n in sorted(bound.items()):

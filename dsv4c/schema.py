@@ -97,7 +97,8 @@ def validate_manifest(m: Any, where: str) -> None:
 
 
 def _json_name(t: type | tuple[type, ...]) -> str:
-    return {str: "string", int: "integer", dict: "object", list: "array"}.get(t, "value")  # type: ignore[call-overload]
+    names: dict[Any, str] = {str: "string", int: "integer", dict: "object", list: "array"}
+    return names.get(t, "value")
 
 
 def _check_versions(versions: Mapping[str, Any], where: str) -> None:

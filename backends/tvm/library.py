@@ -112,7 +112,8 @@ def load_library(files: Mapping[str, bytes], folder: str, entry: str) -> Library
     missing = sorted(set(table["cpu_flags"]) - cpu_flags())
     if missing or not table["cpu_flags"]:
         raise Unusable(f"built for a CPU with {', '.join(missing[:5]) or 'unknown'} features")
-    modules = {rel: _load_module(files[rel]) for rel in {r["library"] for r in table["kernels"].values()}}
+    libraries = {r["library"] for r in table["kernels"].values()}
+    modules = {rel: _load_module(files[rel]) for rel in libraries}
     functions = {key: modules[r["library"]][r["symbol"]] for key, r in table["kernels"].items()}
     symbols = {key: r["symbol"] for key, r in table["kernels"].items()}
     return Library(table["llvm"], functions, K.Prebuilt(symbols, table["unsupported"]))

@@ -15,6 +15,10 @@ function resolved, reading and writing a list of value slots; a slot is cleared 
 reader. The inputs are checked on every call, the parameters once per set of tensor objects
 (`backends.tvm.inputs`).
 
+`TVMBackend().load(graph, target, library)` puts the same executable together from a built
+library (`backends.tvm.library`, what an artifact ships): the emitters run under `PREBUILT`, so
+nothing is lowered or compiled and each kernel's packed function comes from the library.
+
 `exe.profile = True` times every step; `report()["profile"]` sums the seconds per op and
 whether it ran a kernel or the reference (where the time goes).
 
