@@ -28,6 +28,7 @@ RESULTS = os.path.join(os.path.dirname(__file__), "results", "comm_volume.json")
 CASES = [  # name, mesh, MoE lowering, batch axis
     ("tp=2: attention TP + experts over tp (all_reduce)", "tp=2", "all_reduce", None),
     ("ep=2: dp attention + static-capacity dispatch", "ep=2", "dispatch", "ep"),
+    ("ep=2: dp attention + ragged dispatch", "ep=2", "dispatch_ragged", "ep"),
 ]
 
 
@@ -58,6 +59,12 @@ class CountingGroup:
     def all_to_all(self, t, dim):
         self._count("all_to_all", t, (self.size - 1) / self.size)
         return self.inner.all_to_all(t, dim)
+
+    def all_to_all_v(self, t, in_splits, out_splits):
+        rank_rows = t.shape[0] or 1
+        mine = in_splits[self.rank] / rank_rows  # rows a rank keeps are not sent
+        self._count("all_to_all_v", t, 1 - mine)
+        return self.inner.all_to_all_v(t, in_splits, out_splits)
 
 
 def rank_main(rank: int, graph_text: str, state: dict, inputs: list) -> dict:

@@ -24,7 +24,8 @@ Steps, fused into one walk over the ops in order (each op sees its operands' pla
 MoE over an expert axis: `moe="all_reduce"` (every rank runs its local experts on all tokens and
 a local slice of the shared expert; the sum is one all_reduce — the reference code's layout) or
 `moe="dispatch"` (static-capacity `moe.dispatch` -> local experts -> `moe.combine`; the shared
-expert runs whole on each rank; no host sync).
+expert runs whole on each rank; no host sync) or `moe="dispatch_ragged"` (the same ops with
+`layout="ragged"`: counts exchanged, only valid rows sent, one host sync per exchange).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from passes.shard_rules import (
 
 __all__ = ["shard", "ShardError", "MOE_MODES"]
 
-MOE_MODES = ("all_reduce", "dispatch")
+MOE_MODES = ("all_reduce", "dispatch", "dispatch_ragged")
 Pl = dict[str, Placement]  # mesh axis -> placement; a missing axis is replicated
 
 
@@ -367,7 +368,7 @@ def _experts(st: _State, node: Node, pls: list[Pl]) -> None:
     if len(axes) > 1 or pls[4].get(axes[0]) != Shard(0) or pls[5].get(axes[0]) != Shard(0):
         raise ShardError(f"shard: w1/w3/w2 of {node.name} must share one expert axis, got {pls}")
     axis = axes[0]
-    if st.moe == "dispatch":
+    if st.moe in ("dispatch", "dispatch_ragged"):
         return _experts_dispatch(st, node, pls, axis)
     shared = node.op.shared
     if shared and (pls[6].get(axis) != Shard(0) or pls[8].get(axis) != Shard(1)):
@@ -403,7 +404,10 @@ def _experts_dispatch(st: _State, node: Node, pls: list[Pl], axis: str) -> None:
     w1, w3, w2 = (st.fetch(v, {axis: Shard(0)}, loc) for v in node.operands[3:6])
     n, d = x.type.shape
     n_local, n_experts = w1.type.shape[0], w1.type.shape[0] * size
-    dispatch = OPS["moe.dispatch"](group=axis, size=size, n_experts=n_experts, capacity=n)
+    layout = "ragged" if st.moe == "dispatch_ragged" else "padded"
+    dispatch = OPS["moe.dispatch"](
+        group=axis, size=size, n_experts=n_experts, capacity=n, layout=layout
+    )
     rx, rw, slots = st.emit(dispatch, [x, w, e], loc, ["recv_x", "recv_w", "slots"])
     rows = n_local * size * n
     flat_x = _op(st, "reshape", [rx], loc, shape=(rows, d))
@@ -415,7 +419,7 @@ def _experts_dispatch(st: _State, node: Node, pls: list[Pl], axis: str) -> None:
     routed_op = dataclasses.replace(node.op, shared=False)
     y = st.emit(routed_op, [flat_x, flat_w, ids, w1, w3, w2], loc, ["expert_out"])[0]
     y = _op(st, "reshape", [y], loc, shape=(n_local, size * n, d))
-    combine = OPS["moe.combine"](group=axis, size=size, n_experts=n_experts)
+    combine = OPS["moe.combine"](group=axis, size=size, n_experts=n_experts, layout=layout)
     out = st.emit(combine, [y, e, slots], loc, ["routed"])[0]
     if node.op.shared:
         out = _op(st, "add", [out, _shared_expert(st, node, x)], loc)

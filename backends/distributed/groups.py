@@ -42,6 +42,11 @@ class TorchAxisGroup:
         out = fc.wait_tensor(fc.all_to_all_single(moved, splits, splits, self.group))
         return out.movedim(0, dim).contiguous()
 
+    def all_to_all_v(self, t: torch.Tensor, in_splits: list[int], out_splits: list[int]):
+        """Uneven all_to_all along dim 0: in_splits[r] rows to rank r, out_splits[r] from it."""
+        out = fc.all_to_all_single(t.contiguous(), out_splits, in_splits, self.group)
+        return fc.wait_tensor(out)
+
 
 def init_mesh(mesh: Mesh, device: str = "cpu") -> dict[str, TorchAxisGroup]:
     """Axis name -> TorchAxisGroup for this process (the default group must be initialised).

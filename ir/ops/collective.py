@@ -54,6 +54,7 @@ class AxisGroup(Protocol):
     def all_gather(self, t: Any, dim: int) -> Any: ...
     def reduce_scatter(self, t: Any, dim: int) -> Any: ...
     def all_to_all(self, t: Any, dim: int) -> Any: ...
+    def all_to_all_v(self, t: Any, in_splits: list[int], out_splits: list[int]) -> Any: ...
 
 
 _GROUPS: contextvars.ContextVar[Mapping[str, AxisGroup]] = contextvars.ContextVar(
@@ -244,8 +245,12 @@ class Dispatch(_AxisOp):
     (slot -1). slots[n,j] = p or -1. Rank r's row block [s·C, (s+1)·C) of recv_x[i] holds the rows
     source rank s sent to its local expert i, zero-padded; recv_w holds their routing weights (0
     in padding), so an expert FFN scaled by recv_w sends 0 for empty rows. Capacity C = N drops
-    nothing (a token picks an expert at most once). Shapes never depend on the routing: no host
-    sync (DeepEP low-latency / masked layout).
+    nothing (a token picks an expert at most once). Shapes never depend on the routing.
+
+    `layout` picks the transport, not the result: "padded" sends the whole [E, C] buffers in an
+    equal-split all_to_all (no host sync; DeepEP low-latency / masked layout); "ragged" exchanges
+    the per-expert counts first and sends only the valid rows in an uneven all_to_all (the split
+    sizes are read on the host: one sync per exchange; DeepEP normal / torchtitan).
     """
 
     mnemonic = "moe.dispatch"
@@ -255,9 +260,11 @@ class Dispatch(_AxisOp):
     size: int = 1
     n_experts: int = 1
     capacity: Dim = 1  # int or symbolic (e.g. the token count N)
+    layout: str = "padded"
 
     def infer_type(self, x: TensorType, w: TensorType, e: TensorType):
         self._check_axis(x, w, e)
+        _check_layout(self, x)
         _route_check(self, x, w, e)
         require(self, self.n_experts % self.size == 0, "n_experts must divide by size", x)
         local = self.n_experts // self.size
@@ -279,8 +286,11 @@ class Dispatch(_AxisOp):
         tok = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(e)[keep]
         send_x[flat] = x[tok]
         send_w[flat] = w.float()[keep]
-        recv_x = _exchange(g, send_x.view(n_e, cap, -1), self.size)
-        recv_w = _exchange(g, send_w.view(n_e, cap, 1), self.size)
+        counts = _counts(e, slots, n_e)
+        ragged = self.layout == "ragged" and g is not None
+        recv_counts = g.all_to_all(counts, 0) if ragged else None
+        recv_x = _exchange(g, send_x.view(n_e, cap, -1), self.size, counts, recv_counts)
+        recv_w = _exchange(g, send_w.view(n_e, cap, 1), self.size, counts, recv_counts)
         return (recv_x, recv_w.squeeze(-1), slots)
 
     def cost(self, operand_types, result_types) -> Cost:
@@ -293,7 +303,8 @@ class Combine(_AxisOp):
     """Inverse of `moe.dispatch`: y [E/R, R·C, d] (expert outputs, already weighted), experts
     [N,k], slots [N,k] (from dispatch) -> out [N,d] in y's dtype, out[n] = Σ_j y_home[e_nj,
     slot_nj] summed in fp32 over the pairs not dropped, where y_home is the rows sent back to
-    the pair's source rank."""
+    the pair's source rank. `layout` as for `moe.dispatch` (ragged: counts exchanged again, only
+    valid rows sent back)."""
 
     mnemonic = "moe.combine"
     kind = Kind.OPAQUE
@@ -301,9 +312,11 @@ class Combine(_AxisOp):
     group: str = "ep"
     size: int = 1
     n_experts: int = 1
+    layout: str = "padded"
 
     def infer_type(self, y: TensorType, e: TensorType, slots: TensorType):
         self._check_axis(y, e, slots)
+        _check_layout(self, y)
         require(self, y.rank == 3 and y.dtype.is_float, "y must be float [E/R, R*C, d]", y)
         require(self, self.n_experts % self.size == 0, "n_experts must divide by size", y)
         ok = same_dim(y.shape[0], self.n_experts // self.size)
@@ -320,7 +333,13 @@ class Combine(_AxisOp):
         local = y.shape[0]
         # [E/R, R, C, d] -> [R, E/R, C, d]: block s goes back to source rank s
         back = y.view(local, self.size, cap, -1).transpose(0, 1).reshape(n_e, cap, -1)
-        home = back if g is None else g.all_to_all(back.contiguous(), 0)
+        if g is None:
+            home = back
+        elif self.layout == "ragged":  # valid rows: what each source sent (counts re-exchanged)
+            counts = _counts(e, slots, n_e)
+            home = _a2a_rows(g, back, g.all_to_all(counts, 0), counts)
+        else:
+            home = g.all_to_all(back.contiguous(), 0)
         keep = slots >= 0
         rows = home.reshape(n_e * cap, -1)[(e.long() * cap + slots.clamp(min=0)).view(-1)]
         rows = rows.view(*e.shape, -1).float() * keep[..., None]
@@ -345,9 +364,40 @@ def _slots(e, n_experts: int, cap: int):
     return torch.where(pos < cap, pos, torch.full_like(pos, -1)).view(e.shape)
 
 
-def _exchange(g: AxisGroup | None, send, size: int):
-    """[E, C, c] send buffer (expert-major) -> [E/R, R·C, c] rows received for local experts."""
-    if g is not None:
+def _check_layout(op: Op, *types: TensorType) -> None:
+    layout = getattr(op, "layout")
+    ok = layout in ("padded", "ragged")
+    require(op, ok, f"layout must be 'padded' or 'ragged', got {layout!r}", *types)
+
+
+def _counts(e, slots, n_experts: int):
+    """Kept (token, choice) pairs per expert on this rank: i64 [E]."""
+    kept = e.long()[slots >= 0]
+    return torch.bincount(kept, minlength=n_experts).to(torch.int64)
+
+
+def _a2a_rows(g: AxisGroup, send, send_counts, recv_counts):
+    """What `g.all_to_all(send, 0)` returns for an expert-major [E, C, c] buffer whose expert e
+    holds send_counts[e] leading valid rows (the rest zero), moving only the valid rows: an uneven
+    all_to_all whose split sizes are read on the host. recv_counts[e'] = valid rows in block e'
+    of the result (block s·E/R + i: what source s holds for local expert i)."""
+    n_e, cap = send.shape[0], send.shape[1]
+    pos = torch.arange(cap, device=send.device)[None, :]
+    packed = send[pos < send_counts[:, None]]  # expert-major = destination-rank-major
+    in_splits = send_counts.view(g.size, -1).sum(1).tolist()
+    out_splits = recv_counts.view(g.size, -1).sum(1).tolist()
+    got = g.all_to_all_v(packed.contiguous(), in_splits, out_splits)
+    out = send.new_zeros(send.shape)
+    out[pos < recv_counts[:, None]] = got
+    return out
+
+
+def _exchange(g: AxisGroup | None, send, size: int, counts=None, recv_counts=None):
+    """[E, C, c] send buffer (expert-major) -> [E/R, R·C, c] rows received for local experts
+    (ragged transport when `recv_counts` is given)."""
+    if g is not None and recv_counts is not None:
+        send = _a2a_rows(g, send, counts, recv_counts)
+    elif g is not None:
         send = g.all_to_all(send.contiguous(), 0)  # now block s = what rank s sent to my experts
     n_e, cap = send.shape[0], send.shape[1]
     local = n_e // size

@@ -15,7 +15,7 @@ from ir import DType, TensorType
 f32, i64 = DType.f32, DType.i64
 
 
-def _graph(size: int, n: int, n_experts: int) -> str:
+def _graph(size: int, n: int, n_experts: int, layout: str = "padded") -> str:
     b = ir.Builder(name="collectives")
     x = b.input("x", TensorType((n, 8), f32))
     w = b.input("w", TensorType((n, 2), f32))
@@ -25,15 +25,16 @@ def _graph(size: int, n: int, n_experts: int) -> str:
     s = b.op("dist.reduce_scatter", [x], group="ep", size=size, dim=0)
     a = b.op("dist.all_to_all", [x], group="ep", size=size, dim=0)
     rx, rw, sl = b.op("moe.dispatch", [x, w, e], group="ep", size=size,
-                      n_experts=n_experts, capacity=n)
+                      n_experts=n_experts, capacity=n, layout=layout)
     scaled = b.op("mul", [rx, b.op("reshape", [rw], shape=[n_experts // size, size * n, 1])])
-    y = b.op("moe.combine", [scaled, e, sl], group="ep", size=size, n_experts=n_experts)
+    y = b.op("moe.combine", [scaled, e, sl], group="ep", size=size, n_experts=n_experts,
+             layout=layout)
     b.output(r, g, s, a, y, b.op("dist.axis_index", [], group="ep", size=size))
     return ir.to_text(b.build())
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_collectives_match_torch_semantics(world: int) -> None:
+@pytest.mark.parametrize("world, layout", [(2, "ragged"), (4, "padded")])
+def test_collectives_match_torch_semantics(world: int, layout: str) -> None:
     n, n_experts = 8, 8
     torch.manual_seed(world)
     inputs = []
@@ -41,7 +42,7 @@ def test_collectives_match_torch_semantics(world: int) -> None:
         e = torch.stack([torch.randperm(n_experts)[:2] for _ in range(n)])
         inputs.append((torch.randn(n, 8), torch.rand(n, 2), e))
     outs = run_ranks(dist_workers.collectives, world,
-                     (f"ep={world}", _graph(world, n, n_experts), inputs), timeout_s=60)
+                     (f"ep={world}", _graph(world, n, n_experts, layout), inputs), timeout_s=60)
     xs = [x for x, _, _ in inputs]
     total = sum(xs)
     for r, (red, gat, sca, a2a, y, idx) in enumerate(outs):
