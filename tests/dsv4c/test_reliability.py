@@ -156,22 +156,38 @@ def _tokens(*rows: list[int]) -> torch.Tensor:
 
 # name -> (entry point, its arguments, what the one-line InputError says)
 INPUT_CASES = {
-    "token -1": ("prefill", lambda: (_tokens([3, -1]), toy().init_cache(1)), "holds -1, outside [0, 39]"),
+    "token -1": (
+        "prefill",
+        lambda: (_tokens([3, -1]), toy().init_cache(1)),
+        "holds -1, outside [0, 39]",
+    ),
     "token = vocab": ("prefill", lambda: (_tokens([VOCAB]), toy().init_cache(1)), f"holds {VOCAB}"),
     "token 2**62": ("prefill", lambda: (_tokens([2**62]), toy().init_cache(1)), "outside [0, 39]"),
-    "T = 0": ("prefill", lambda: (torch.zeros(1, 0, dtype=torch.long), toy().init_cache(1)), "T = 0"),
+    "T = 0": (
+        "prefill",
+        lambda: (torch.zeros(1, 0, dtype=torch.long), toy().init_cache(1)),
+        "T = 0",
+    ),
     "T > max_len": (
         "prefill",
         lambda: (torch.zeros(1, MAX_LEN + 1, dtype=torch.long), toy().init_cache(1)),
         f"T = {MAX_LEN + 1}",
     ),
-    "position -1": ("decode", lambda: (_tokens([0]), torch.tensor(-1), toy().init_cache(1)), "position holds -1"),
+    "position -1": (
+        "decode",
+        lambda: (_tokens([0]), torch.tensor(-1), toy().init_cache(1)),
+        "position holds -1",
+    ),
     "position = max_len": (
         "decode",
         lambda: (_tokens([0]), torch.tensor(MAX_LEN), toy().init_cache(1)),
         f"outside [0, {MAX_LEN - 1}]",
     ),
-    "decode token -7": ("decode", lambda: (_tokens([-7]), torch.tensor(2), toy().init_cache(1)), "holds -7"),
+    "decode token -7": (
+        "decode",
+        lambda: (_tokens([-7]), torch.tensor(2), toy().init_cache(1)),
+        "holds -7",
+    ),
 }
 INPUT_CASES_NAMES = list(INPUT_CASES)
 VALID_CASES = ["B1 T5", "B2 T7", "B3 T5", "B5 T9", "B3 T4", "B3 T16"]
@@ -268,14 +284,23 @@ MUTANTS = {
     | {"files": {k: {"bytes": v["bytes"]} for k, v in m["files"].items()}},
     "files as a list": lambda m: m | {"files": list(m["files"])},
     "no target": lambda m: {k: v for k, v in m.items() if k != "target"},
-    "bytes 10**400": lambda m: m | {"files": {k: v | {"bytes": 10**400} for k, v in m["files"].items()}},
+    "bytes 10**400": lambda m: m
+    | {"files": {k: v | {"bytes": 10**400} for k, v in m["files"].items()}},
     "max_len 1e29": lambda m: m | {"model": m["model"] | {"max_len": 1e29}},
     "format_version true": lambda m: m | {"format_version": True},
     "entry without graph": lambda m: m | {"entry_points": [{"name": "prefill"}]},
     "path outside": lambda m: m | {"files": m["files"] | {"../x": m["files"]["graph.ir"]}},
     "input_limits string": lambda m: m | {"model": m["model"] | {"input_limits": "all"}},
 }
-CASES = ["fifo", "symlink /dev/zero", "symlink outside", "folder symlink", "manifest edited", "no sidecar", *MUTANTS]
+CASES = [
+    "fifo",
+    "symlink /dev/zero",
+    "symlink outside",
+    "folder symlink",
+    "manifest edited",
+    "no sidecar",
+    *MUTANTS,
+]
 
 
 @pytest.mark.parametrize("kind", CASES)
@@ -294,7 +319,8 @@ def test_manifest_and_ir_fuzz_gives_only_clear_errors(artifact: Path, tmp_path: 
     load is refused with a DsvError or loads a graph that verifies — nothing else escapes."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("reliability", ROOT / "benchmarks" / "reliability.py")
+    path = ROOT / "benchmarks" / "reliability.py"
+    spec = importlib.util.spec_from_file_location("reliability", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     counts = bench.fuzz(artifact, tmp_path, n=300, seed=1)
@@ -305,7 +331,12 @@ def test_manifest_and_ir_fuzz_gives_only_clear_errors(artifact: Path, tmp_path: 
 # --- writing (cases shared with benchmarks/reliability.py) ----------------------------------
 
 
-WRITE_CASES = ["a file where a folder goes", "the destination cannot be replaced", "a file as destination", "a link as destination"]
+WRITE_CASES = [
+    "a file where a folder goes",
+    "the destination cannot be replaced",
+    "a file as destination",
+    "a link as destination",
+]
 
 
 def failed_write(art: Path, name: str) -> None:
@@ -356,7 +387,7 @@ def cli(*argv: str) -> subprocess.CompletedProcess:
     "argv,message",
     [
         (["--max-len", "0"], "--max-len 0: the KV cache needs 2 to"),
-        (["--methods", "prefill,bogus"], "bogus is not an entry point; choose from prefill, decode"),
+        (["--methods", "prefill,bogus"], "bogus is not an entry point; choose from prefill"),
         (["--weights", "{bad}"], "{bad}: not a readable safetensors checkpoint"),
     ],
 )
@@ -380,7 +411,9 @@ def test_run_check_tolerance_catches_a_changed_constant() -> None:
 
 # --- whole tiny (slow) -------------------------------------------------------------------
 
-SLOW = pytest.mark.skipif(not os.environ.get("DSV4C_SLOW"), reason="minutes on 2 cores; DSV4C_SLOW=1")
+SLOW = pytest.mark.skipif(
+    not os.environ.get("DSV4C_SLOW"), reason="minutes on 2 cores; DSV4C_SLOW=1"
+)
 
 
 @pytest.fixture(scope="module")
@@ -402,7 +435,8 @@ def test_tiny_batches_and_hostile_tokens(tiny_artifact: Path) -> None:
         tokens = torch.randint(0, 128, (B, T), generator=torch.Generator().manual_seed(B + T))
         got = c.entry("prefill")(tokens, m.init_cache(B, 256))[0]
         with torch.no_grad():
-            torch.testing.assert_close(got, m.prefill(tokens, m.init_cache(B, 256))[0], rtol=1e-4, atol=1e-4)
+            want = m.prefill(tokens, m.init_cache(B, 256))[0]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     with pytest.raises(InputError, match="holds -1"):
         c.entry("prefill")(torch.tensor([[5, -1]]), m.init_cache(1, 256))
 
