@@ -83,7 +83,11 @@ class LightningIndexer(nn.Module):
 
     def __init__(self, cfg: Config) -> None:
         super().__init__()
-        self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
+        self.n_heads, self.head_dim, self.topk = (
+            cfg.index_n_heads,
+            cfg.index_head_dim,
+            cfg.index_topk,
+        )
         self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, self.head_dim, bias=False)
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
@@ -109,7 +113,11 @@ class DSAttention(nn.Module):
         super().__init__()
         h, r = cfg.n_heads, cfg.rope_head_dim
         self.n_heads, self.qk_dim, self.rope_dim = h, cfg.head_dim, r
-        self.nope_dim, self.latent_dim, self.v_dim = cfg.head_dim - r, cfg.kv_lora_rank, cfg.v_head_dim
+        self.nope_dim, self.latent_dim, self.v_dim = (
+            cfg.head_dim - r,
+            cfg.kv_lora_rank,
+            cfg.v_head_dim,
+        )
         self.rotary = variant_rotary(cfg)
         mscale = 0.1 * math.log(cfg.rope_factor) + 1.0 if cfg.rope_factor > 1.0 else 1.0
         self.scale = cfg.head_dim**-0.5 * mscale * mscale
@@ -141,8 +149,17 @@ class DSAttention(nn.Module):
         w_uv = self.wkv_b.weight.unflatten(0, (self.n_heads, -1))[:, self.nope_dim :]  # [H,v,c]
         return self.wo(torch.einsum("bthc,hvc->bthv", o_lat, w_uv).flatten(2))
 
-    def _attend(self, x: Tensor, cq: Tensor, q: Tensor, kv: Tensor, keys: Tensor, pos: Tensor,
-                cos: Tensor, sin: Tensor) -> Tensor:
+    def _attend(
+        self,
+        x: Tensor,
+        cq: Tensor,
+        q: Tensor,
+        kv: Tensor,
+        keys: Tensor,
+        pos: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+    ) -> Tensor:
         """Index, pick and attend: queries at positions pos [T] over kv/keys rows 0..S−1."""
         scores = self.indexer.scores(x, cq, cos, sin, keys)  # [B,T,S]
         s = torch.arange(keys.shape[1], device=x.device)

@@ -48,13 +48,12 @@ def masked_attention(
     """GQA attention. q [B,T,G,hg,dk]; keys per query k [B,T,G,m,dk], v [B,T,G,m,dv], or shared
     by every query k [B,G,m,dk], v [B,G,m,dv]; valid bool broadcastable to [B,T,G,hg,m]. ->
     (o [B,T,G,hg,dv], probs [B,T,G,hg,m] fp32); a row with no valid key gives o = 0, probs = 0."""
-    shared = k.ndim == 4  # static: the rank of k is fixed per call site
-    spec = "btghc,bgmc->btghm" if shared else "btghc,btgmc->btghm"
-    scores = torch.einsum(spec, q, k).float() * scale
+    if k.ndim == 4:  # shared: broadcast over T by matmul (an einsum here makes export guard on T)
+        k, v = k.unsqueeze(1), v.unsqueeze(1)
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
     scores = scores.masked_fill(~valid, float("-inf"))
     probs = torch.where(valid, torch.softmax(scores, dim=-1), 0.0)
-    spec = "btghm,bgmc->btghc" if shared else "btghm,btgmc->btghc"
-    return torch.einsum(spec, probs.to(v.dtype), v), probs
+    return torch.matmul(probs.to(v.dtype), v), probs
 
 
 def block_overlap(n_cmp: int, n_slc: int, cfg: Config, device: torch.device) -> Tensor:
@@ -153,7 +152,9 @@ class NSAttention(nn.Module):
         token rows of win's k/v, −1 = none). Queries at positions pos [T]."""
         k_c, v_c, vis = cmp
         vis = vis[None, :, None, None, :]  # indexing, not view(-1): no divisibility guard on T
-        o_cmp, p_cmp = masked_attention(q, k_c.transpose(1, 2), v_c.transpose(1, 2), vis, self.scale)
+        o_cmp, p_cmp = masked_attention(
+            q, k_c.transpose(1, 2), v_c.transpose(1, 2), vis, self.scale
+        )
         o_slc = self._selected(q, self._select(p_cmp, pos, n_slc), *slc, pos)
         k_w, v_w, idx = win
         rows = idx.clamp(min=0)
@@ -180,7 +181,9 @@ class NSAttention(nn.Module):
         rows = torch.arange(n_cmp, device=x.device).unsqueeze(1) * self.d
         rows = rows + torch.arange(self.l, device=x.device)
         pad = (0, 0, 0, 0, 0, self.l - self.d)
-        k_c, v_c = self._compress(F.pad(kv["cmp"][0], pad)[:, rows], F.pad(kv["cmp"][1], pad)[:, rows])
+        k_c, v_c = self._compress(
+            F.pad(kv["cmp"][0], pad)[:, rows], F.pad(kv["cmp"][1], pad)[:, rows]
+        )
         vis = rows[:, -1].unsqueeze(0) <= pos.unsqueeze(1)  # [T, N]
         win = pos.unsqueeze(1) - self.window + 1 + torch.arange(self.window, device=x.device)
         win = win.masked_fill(win < 0, -1)
@@ -191,7 +194,11 @@ class NSAttention(nn.Module):
         return out, self._prefill_cache(kv, k_c, v_c, cache)
 
     def _prefill_cache(
-        self, kv: dict[str, tuple[Tensor, Tensor]], k_c: Tensor, v_c: Tensor, cache: dict[str, Tensor]
+        self,
+        kv: dict[str, tuple[Tensor, Tensor]],
+        k_c: Tensor,
+        v_c: Tensor,
+        cache: dict[str, Tensor],
     ) -> dict[str, Tensor]:
         t, n = kv["slc"][0].shape[1], k_c.shape[1]
         new = {}
@@ -212,7 +219,9 @@ class NSAttention(nn.Module):
         cache = {}
         for name, dim in (("k", self.dk), ("v", self.dv)):
             for c, n in lengths.items():
-                cache[f"{c}.{name}"] = torch.zeros(batch, n, self.groups, dim, dtype=dtype, device=device)
+                cache[f"{c}.{name}"] = torch.zeros(
+                    batch, n, self.groups, dim, dtype=dtype, device=device
+                )
             cache[f"cmp.{name}_state"] = torch.zeros(
                 batch, self.l, self.groups, dim, dtype=dtype, device=device
             )
@@ -250,8 +259,13 @@ class NSAttention(nn.Module):
         win = torch.where(slots <= pos, slots, -1).view(1, -1)
         n_slc = (new["slc.k"].shape[1] + self.ls - 1) // self.ls
         out = self._attend(
-            x, q, (new["cmp.k"], new["cmp.v"], vis), (new["slc.k"], new["slc.v"]),
-            (new["win.k"], new["win.v"], win), at, n_slc,
+            x,
+            q,
+            (new["cmp.k"], new["cmp.v"], vis),
+            (new["slc.k"], new["slc.v"]),
+            (new["win.k"], new["win.v"], win),
+            at,
+            n_slc,
         )
         return out, new
 

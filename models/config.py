@@ -136,8 +136,10 @@ class Config:
         return [
             (
                 all(r == 0 for r in self.compress_ratios),
-                f"attention={self.attention!r} needs every compress_ratios entry 0 (the variant "
-                f"selects with its own rule), got {self.compress_ratios}",
+                (
+                    f"attention={self.attention!r} needs every compress_ratios entry 0 (the "
+                    f"variant selects with its own rule), got {self.compress_ratios}"
+                ),
             ),
             (self.v_head_dim > 0, f"attention={self.attention!r} needs v_head_dim > 0"),
         ]

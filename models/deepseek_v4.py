@@ -19,9 +19,9 @@ both sides of a dot product, so it cancels exactly without quantisation); there 
 Cache: one dict, keys `layers.{i}.attn.<entry>` with the entries listed in models/attention.py
 (`window_kv`, `compressor.kv_state`, `compressor.score_state`, `compressed_kv`, `indexer.keys`,
 `indexer.compressor.kv_state`, `indexer.compressor.score_state`); the attention variants
-(Config.attention "dsa" / "nsa") list theirs in models/attention_dsa.py / attention_nsa.py. `decode` is functional: it
-returns a new tensor for every entry and never mutates its inputs, so torch.export captures it as
-a pure function of (token, position, cache); all batch rows share one position. Positions must
+(Config.attention "dsa" / "nsa") list theirs in models/attention_dsa.py / attention_nsa.py.
+`decode` is functional: it returns a new tensor for every entry and never mutates its inputs, so
+torch.export captures it as a pure function of (token, position, cache); all batch rows share one position. Positions must
 stay below the `max_len` given to init_cache (not checked: no host syncs in decode). The MTP
 module is not part of decode.
 
