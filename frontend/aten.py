@@ -292,6 +292,8 @@ def _scatter_add(cx, x, dim, index, src):
 def _index_put(cx, x, indices, values, accumulate=False):
     used = [(d, i) for d, i in enumerate(indices) if i is not None]
     (values,) = cx.operands(values, like=x)
+    if len(used) == 1 and used[0][0] == 0 and cx.type_of(used[0][1]).dtype == DType.bool:
+        return _masked_put(cx, x, used[0][1], values, accumulate)
     if len(used) == 1:
         dim, idx = used[0]
         return cx.op("index_put", x, idx, values, dim=dim, accumulate=bool(accumulate))
@@ -299,6 +301,26 @@ def _index_put(cx, x, indices, values, accumulate=False):
         "index_put_multi", x, *[i for _, i in used], values,
         dims=tuple(d for d, _ in used), accumulate=bool(accumulate),
     )  # fmt: skip
+
+
+def _masked_put(cx, x, mask, values, accumulate):
+    """x[mask] = values with values broadcastable to one selected row (x.shape[mask.rank:]):
+    where(mask, values, x); values listing one row per True entry are data-dependent."""
+    t, k = cx.type_of(x), cx.type_of(mask).rank
+    rest = tuple(t.shape[k:])
+    v = cx.type_of(values)
+    if v.rank > len(rest) or any(a not in (1, b) for a, b in zip(v.shape[::-1], rest[::-1])):
+        raise TypeError(
+            f"x[mask] = values with values {list(v.shape)} (one row per True entry) has a "
+            "data-dependent shape; write torch.where(mask[..., None], values, x) instead"
+        )
+    if v.dtype != t.dtype:
+        values = cx.op("cast", values, dtype=t.dtype)
+    values = cx.op("expand", values, shape=tuple(t.shape))
+    if accumulate:
+        values = cx.op("add", x, values)
+    mask = cx.op("reshape", mask, shape=tuple(cx.type_of(mask).shape) + (1,) * len(rest))
+    return cx.op("where", cx.op("expand", mask, shape=tuple(t.shape)), values, x)
 
 
 @translates(aten.topk.default)
@@ -398,7 +420,11 @@ def _select(cx, x, dim, index):
 
 @translates(aten.cat.default)
 def _cat(cx, tensors, dim=0):
-    return cx.op("concat", *tensors, dim=_dim(dim, cx.type_of(tensors[0]).rank))
+    # torch.cat skips 1-D empty tensors (a legacy rule caches built from torch.tensor([]) rely on)
+    full = [t for t in tensors if tuple(cx.type_of(t).shape) != (0,)] or list(tensors[:1])
+    if len(full) == 1:
+        return full[0]
+    return cx.op("concat", *full, dim=_dim(dim, cx.type_of(full[0]).rank))
 
 
 @translates(aten.constant_pad_nd.default)

@@ -371,3 +371,107 @@ def _bitwise_xor(cx, a, b):
 @translates("transformers::grouped_mm_fallback")
 def _hf_grouped_mm(cx, x, w, offs):
     return cx.op("grouped_mm", x, w, offs)
+
+
+# --- views and masked writes --------------------------------------------------------------------
+
+
+def _flat_take(cx, x, start, step, count):
+    """x's last dim, entries start, start + step, ... (count of them): an index_select."""
+    idx = cx.op("iota", start=start, end=start + step * count, step=step, dtype=DType.i64)
+    return cx.op("index_select", x, idx, dim=cx.type_of(x).rank - 1)
+
+
+@translates(aten.diagonal.default, aten.diagonal_copy.default)
+def _diagonal(cx, x, offset=0, dim1=0, dim2=1):
+    # diagonal(x, o, a, b): move a, b last, flatten them to [.., n·m]; entry i is at i·(m+1) + o
+    # (o >= 0) or (i - o)·m + i (o < 0)
+    t = cx.type_of(x)
+    a, b = _dim(dim1, t.rank), _dim(dim2, t.rank)
+    rest = [d for d in range(t.rank) if d not in (a, b)]
+    moved = cx.op("permute", x, dims=(*rest, a, b))
+    n, m = t.shape[a], t.shape[b]
+    flat = cx.op("reshape", moved, shape=(*[t.shape[d] for d in rest], n * m))
+    count = cx.expected_shape()[-1]
+    start = offset if offset >= 0 else -offset * m
+    return _flat_take(cx, flat, start, m + 1, count)
+
+
+@translates(aten.as_strided.default, aten.as_strided_copy.default)
+def _as_strided(cx, x, size, stride, storage_offset=None):
+    """as_strided on a contiguous tensor: entry (i, j, ..) is flat[offset + Σ i_d · stride_d]
+    (the frontend sees values, not storage: inputs are taken as contiguous)."""
+    flat = cx.op("reshape", x, shape=(-1,))
+    index = cx.op("full", shape=tuple(size), value=storage_offset or 0, dtype=DType.i64)
+    for d, (n, s) in enumerate(zip(size, stride)):
+        ramp = cx.op("iota", start=0, end=n * s if s else n, step=s or 1, dtype=DType.i64)
+        if not s:
+            ramp = cx.op("mul", ramp, cx.const(0))
+        shape = [1] * len(size)
+        shape[d] = n
+        index = cx.op("add", index, cx.op("reshape", ramp, shape=tuple(shape)))
+    picked = cx.op("index_select", flat, cx.op("reshape", index, shape=(-1,)), dim=0)
+    return cx.op("reshape", picked, shape=tuple(size))
+
+
+@translates(aten.masked_scatter.default)
+def _masked_scatter(cx, x, mask, source):
+    # masked_scatter(x, m, s): the k-th True of m (row-major) takes s.flatten()[k], i.e.
+    # s.flatten()[cumsum(m) - 1] where m, else x
+    shape = tuple(cx.expected_shape())
+    mask = cx.op("expand", mask, shape=shape) if tuple(cx.type_of(mask).shape) != shape else mask
+    x = cx.op("expand", x, shape=shape) if tuple(cx.type_of(x).shape) != shape else x
+    flat_mask = cx.op("reshape", mask, shape=(-1,))
+    order = cx.op("sub", cx.op("cumsum", cx.op("cast", flat_mask, dtype=DType.i64), dim=0), cx.const(1))
+    order = cx.op("clamp", order, min=0, max=None)
+    picked = cx.op("index_select", cx.op("reshape", source, shape=(-1,)), order, dim=0)
+    return cx.op("where", mask, cx.op("reshape", picked, shape=shape), x)
+
+
+@translates(aten.scatter_reduce.two)
+def _scatter_reduce(cx, x, dim, index, src, reduce, *, include_self=True):
+    """scatter_reduce with reduce 'sum' or 'mean' (scatter_add of values and of counts)."""
+    if reduce not in ("sum", "mean"):
+        raise TypeError(f"scatter_reduce(reduce={reduce!r}): only 'sum' and 'mean' are supported")
+    d = _dim(dim, cx.type_of(x).rank)
+    ishape = tuple(cx.type_of(index).shape)
+    if tuple(cx.type_of(src).shape) != ishape:  # torch reads src only where index has entries
+        for axis, n in enumerate(ishape):
+            src = cx.op("slice", src, dim=axis, start=0, end=n, step=1)
+    dtype = cx.type_of(x).dtype
+    zeros = cx.op("full", shape=tuple(cx.type_of(x).shape), value=0, dtype=dtype)
+    sums = cx.op("scatter_add", zeros, index, src, dim=d)
+    ones = cx.op("full", shape=ishape, value=1, dtype=dtype)
+    counts = cx.op("scatter_add", zeros, index, ones, dim=d)
+    touched = cx.op("gt", counts, cx.const(0, dtype))
+    if include_self:
+        total = cx.op("add", x, sums)
+        if reduce == "sum":
+            return total
+        return _as_expected(cx, cx.op("div", total, cx.op("add", counts, cx.const(1, dtype))))
+    if reduce == "sum":
+        return cx.op("where", touched, sums, x)
+    mean = cx.op("div", sums, cx.op("maximum", counts, cx.const(1, dtype)))
+    return cx.op("where", touched, _as_expected(cx, mean), x)
+
+
+@translates(aten.native_group_norm.default)
+def _group_norm(cx, x, weight, bias, n, c, hw, group, eps):
+    # per (sample, group): (x - mean) · rsqrt(var + eps), then the channel's weight and bias
+    shape, dtype = tuple(cx.type_of(x).shape), cx.type_of(x).dtype
+    if dtype != DType.f32:  # statistics in fp32, as torch's kernel accumulates them
+        x = cx.op("cast", x, dtype=DType.f32)
+    grouped = cx.op("reshape", x, shape=(n, group, -1) if c * hw else (n, group, 0))
+    mean = cx.op("mean", grouped, dims=(2,), keepdim=True)
+    centred = cx.op("sub", grouped, mean)
+    var = cx.op("mean", cx.op("mul", centred, centred), dims=(2,), keepdim=True)
+    rstd = cx.op("rsqrt", cx.op("add", var, cx.const(float(eps))))
+    out = cx.op("reshape", cx.op("mul", centred, rstd), shape=shape)
+    if dtype != DType.f32:
+        out, mean, rstd = (cx.op("cast", v, dtype=dtype) for v in (out, mean, rstd))
+    per_channel = (c,) + (1,) * (len(shape) - 2)
+    if weight is not None:
+        out = cx.op("mul", out, cx.op("reshape", weight, shape=per_channel))
+    if bias is not None:
+        out = cx.op("add", out, cx.op("reshape", bias, shape=per_channel))
+    return out, cx.op("reshape", mean, shape=(n, group)), cx.op("reshape", rstd, shape=(n, group))
