@@ -233,8 +233,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     manifest, files = read_artifact(args.dir, check_versions_=False)
     report = json.loads(files["report.json"])
+    other = None
+    if args.compare:  # another backend's artifact for the same target, side by side
+        other = json.loads(read_artifact(args.compare, check_versions_=False)[1]["report.json"])
     out = Path(args.dir) / "report.html"
-    atomic_write(out, render(manifest, report).encode())
+    atomic_write(out, render(manifest, report, other).encode())
     print(f"wrote {out}")
     return 0
 
@@ -307,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="write report.html for an artifact directory")
     p.add_argument("dir", help="artifact directory from `dsv4c compile`")
+    p.add_argument("--compare", metavar="DIR", help="another backend's artifact, same target")
     p.set_defaults(fn=cmd_report)
 
     from dsv4c.bench import BACKENDS

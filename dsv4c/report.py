@@ -16,7 +16,7 @@ import ir
 from backends.base import Executable, KernelRecord
 from backends.targets import Target
 
-__all__ = ["aot_rows", "build_report", "entry_report", "kernel_rows", "pipeline_summary"]
+__all__ = ["aot_rows", "build_report", "compare_backends", "entry_report", "kernel_rows", "pipeline_summary"]
 
 
 def _num(d: Any, env: Mapping[str, int]) -> int | None:
@@ -233,3 +233,38 @@ def _distinct_aot(entries: Mapping[str, Any]) -> list[dict[str, Any]]:
         for r in e.get("aot", []):
             seen.setdefault((r["key"], r["target"], r["variant"]), r)
     return list(seen.values())
+
+
+def compare_backends(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Two reports (say Triton and TVM for one target) side by side, one row per entry point and
+    backend: distinct kernels, kernels with compiled binaries, the largest register count and
+    shared memory of any kernel, total spills, and the cost model's estimated time (the sum of
+    the kernels' roofline times at the entry point's bindings). Raises ValueError when the two
+    reports are for different targets (their resources would not compare)."""
+    if a["target"]["name"] != b["target"]["name"]:
+        raise ValueError(
+            f"reports for different targets ({a['target']['name']}, {b['target']['name']}): "
+            "compare artifacts compiled for one target"
+        )
+    rows = []
+    for name in [n for n in a["entries"] if n in b["entries"]]:
+        for report in (a, b):
+            kernels = [k for k in report["entries"][name]["kernels"] if k["runs"] == "kernel"]
+            rows.append(
+                {
+                    "entry": name,
+                    "backend": report["backend"],
+                    "kernels": len(kernels),
+                    "compiled": sum(1 for k in kernels if k.get("registers") is not None),
+                    "max_registers": _most(kernels, "registers"),
+                    "max_shared": _most(kernels, "shared"),
+                    "spills": sum(k.get("spills") or 0 for k in kernels),
+                    "estimated_s": sum(k["roofline_s"] or 0.0 for k in kernels),
+                }
+            )
+    return rows
+
+
+def _most(rows: Sequence[Mapping[str, Any]], field: str) -> int | None:
+    vals = [r[field] for r in rows if r.get(field) is not None]
+    return max(vals) if vals else None

@@ -233,7 +233,37 @@ def _tiles(tiles: Mapping[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in tiles.items() if k.startswith("BLOCK"))
 
 
-def render(manifest: Mapping[str, Any], report: Mapping[str, Any]) -> str:
+def _comparison(report: Mapping[str, Any], other: Mapping[str, Any]) -> str:
+    """Side by side with another backend's report for the same target (`compare_backends`)."""
+    from dsv4c.report import compare_backends
+
+    rows = [
+        (
+            r["entry"],
+            r["backend"],
+            r["kernels"],
+            r["compiled"],
+            "–" if r["max_registers"] is None else r["max_registers"],
+            "–" if r["max_shared"] is None else r["max_shared"],
+            r["spills"],
+            f"{r['estimated_s'] * 1e6:.1f}",
+        )
+        for r in compare_backends(report, other)
+    ]
+    head = ("entry", "backend", "kernels", "compiled", "max regs", "max shared B", "spill B")
+    head += ("estimated µs",)
+    title = f"<h2>{_e(report['backend'])} and {_e(other['backend'])} side by side</h2>"
+    note = "<p>estimated: the cost model's roofline time summed over the kernels.</p>"
+    return title + _table(head, rows, numeric=(2, 3, 4, 5, 6, 7)) + note
+
+
+def render(
+    manifest: Mapping[str, Any],
+    report: Mapping[str, Any],
+    other: Mapping[str, Any] | None = None,
+) -> str:
+    """The HTML page of an artifact's report; `other`: another backend's report for the same
+    target, compared side by side at the top."""
     t = report["target"]
     title = f"dsv4c report — {report.get('model', {}).get('preset') or 'module'} for {t['name']}"
     out = [
@@ -253,6 +283,8 @@ def render(manifest: Mapping[str, Any], report: Mapping[str, Any]) -> str:
         ),
         f"<p>kernel cache: {_e(_pairs(report['kernel_cache']))}</p>",
     ]
+    if other is not None:
+        out.append(_comparison(report, other))
     if any(k.endswith("(worker)") for k in report["compile_times_s"]):
         out.append(
             "<p>Phases marked (worker) ran in a forked process at the same time as this "

@@ -91,3 +91,26 @@ def test_kernel_record_row_lists_source_and_binaries():
     row = rec.row("kernels/sm_90")
     assert row["source"] == "kernels/sm_90/rmsnorm_0123456789abcdef.py"
     assert row["files"] == [row["source"], f"kernels/sm_90/{cubin}"]
+
+
+def test_report_compares_triton_and_tvm_for_one_target(tmp_path: Path):
+    """The report puts both backends' kernels for sm_90 side by side: count, resources, time."""
+    pytest.importorskip("tvm")
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc is not installed: TVM kernels have no registers to compare")
+    from dsv4c.report import compare_backends
+    from dsv4c.report_html import render
+
+    args = {"target": "sm_90", "dynamic": {"x": {0: "B"}}}
+    tri = dsv4c.compile(mlp(), (x(),), backend="triton", **args)
+    tvm = dsv4c.compile(mlp(), (x(),), backend="tvm", **args)
+    rows = compare_backends(tri.report(), tvm.report())
+    assert [r["backend"] for r in rows] == ["triton", "tvm"]
+    for r in rows:
+        assert r["kernels"] > 0 and r["compiled"] == r["kernels"] and r["max_registers"] > 0
+        assert r["estimated_s"] > 0
+    page = render(tri.manifest, tri.report(), tvm.report())
+    assert "triton and tvm side by side" in page
+    cpu = dsv4c.compile(mlp(), (x(),), backend="reference", dynamic={"x": {0: "B"}})
+    with pytest.raises(ValueError, match="different targets"):
+        compare_backends(tri.report(), cpu.report())
