@@ -48,3 +48,22 @@ def sharded_model(rank: int, cases: list, graph_text: str, state: dict, inputs: 
         res = run_rank_program(program, mesh, rules, state, inputs, batch_axis=batch_axis)
         out[name] = (list(res), dict(Counter(n.name for n in program.ops)))
     return out
+
+
+def tvm_rank(rank: int, graph_text: str, state: dict, tokens) -> list:
+    """dp attention + ep=2 dispatch, fused and compiled by the TVM backend on this rank."""
+    import backends
+    from backends.distributed import local_params
+    from passes.fuse_elementwise import fuse_elementwise
+    from passes.shard import shard
+    from passes.shard_rules import rules_for_mesh
+
+    mesh = Mesh.parse("ep=2")
+    rules = rules_for_mesh(mesh.to_json(), moe="dispatch")
+    program = shard(ir.parse(graph_text), mesh.to_json(), rules=rules, moe="dispatch",
+                    batch_axis="ep")
+    exe = backends.get_backend("tvm").compile(fuse_elementwise(program), "cpu")
+    names = {v.name for v in program.params}
+    params = {k: v for k, v in local_params(state, rules, mesh, rank).items() if k in names}
+    with bind_groups(init_mesh(mesh)):
+        return list(exe(tokens.chunk(2, 0)[rank], params=params))
