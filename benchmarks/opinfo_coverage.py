@@ -38,6 +38,14 @@ UNSPECIFIED = {"empty", "empty_like", "empty_strided", "empty_permuted", "new_em
                "rand", "randint", "normal", "bernoulli", "uniform"}  # fmt: skip
 
 
+# The full sweep's last figure (capture + interpret, float32 and bfloat16, 2 samples each);
+# the test runs SUBSET (float32, one sample each) and fails below SUBSET_FLOOR.
+RECORDED_COVERAGE = 0.90
+SUBSET = ("where", "amax", "cumsum", "gather", "split_with_sizes", "index_select", "max",
+          "topk", "atan2", "native_group_norm", "diagonal", "cat")  # fmt: skip
+SUBSET_FLOOR = 1.0  # every op of the subset passes today
+
+
 @dataclass
 class OpResult:
     """What one OpInfo achieved; a stage is None when it was not tried."""
