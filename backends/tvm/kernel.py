@@ -141,7 +141,7 @@ def _children(stmt: Any) -> list[Any]:
         return [stmt.block.body]
     if isinstance(stmt, (tirx.IfThenElse, tirx.LetStmt, tirx.AttrStmt, tirx.DeclBuffer)):
         return [stmt.then_case if isinstance(stmt, tirx.IfThenElse) else stmt.body]
-    return [s_tir.SBlock.body.__get__(stmt)] if isinstance(stmt, s_tir.SBlock) else []
+    return [stmt.body] if isinstance(stmt, s_tir.SBlock) else []
 
 
 def make_kernel(
