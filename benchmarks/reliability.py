@@ -41,7 +41,8 @@ sys.path.insert(0, {tests!r}); sys.path.insert(0, {root!r})
 import dsv4c
 from dsv4c.errors import DsvError
 import test_reliability as R
-art, kind, arg = sys.argv[1], sys.argv[2], sys.argv[3]
+from pathlib import Path
+art, kind, arg = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 def done(outcome, detail=""):
     print(json.dumps({{"outcome": outcome, "detail": str(detail)[:200]}})); sys.exit(0)
 try:
@@ -49,7 +50,11 @@ try:
         dsv4c.load(art); done("silent", "loaded")
     if kind in ("input", "valid"):
         c = dsv4c.load(art).bind(R.toy().state_dict())
-        entry, args, want = R.INPUT_CASES[arg] if kind == "input" else R.valid_case(arg)
+        if kind == "input":
+            entry, make, _ = R.INPUT_CASES[arg]
+            args, want = make(), None
+        else:
+            entry, args, want = R.valid_case(arg)
         got = c.entry(entry)(*args)
         if kind == "input":
             done("silent", "ran")
