@@ -91,17 +91,20 @@ def core_opinfos(only: set[str] | None = None) -> list[Any]:
     return picked
 
 
+_SLOT = object()  # where a sample's tensor goes (None is a real argument value)
+
+
 class _Call(torch.nn.Module):
     """`op(*args, **kwargs)` with the sample's tensors as the module's inputs."""
 
     def __init__(self, fn: Any, spec: Any, leaves: list[Any]) -> None:
         super().__init__()
         self.fn, self.spec = fn, spec
-        self.constants = [None if isinstance(x, torch.Tensor) else x for x in leaves]
+        self.constants = [_SLOT if isinstance(x, torch.Tensor) else x for x in leaves]
 
     def forward(self, *tensors: torch.Tensor) -> Any:
         it = iter(tensors)
-        leaves = [next(it) if c is None else c for c in self.constants]
+        leaves = [next(it) if c is _SLOT else c for c in self.constants]
         args, kwargs = pytree.tree_unflatten(leaves, self.spec)
         return self.fn(*args, **kwargs)
 
