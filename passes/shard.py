@@ -377,22 +377,26 @@ def _experts(st: _State, node: Node, pls: list[Pl]) -> None:
             "so its partial sums add up once; use expert_parallel(axis, split_shared=True)"
         )
     x, w, e = (st.fetch(v, {}, node.loc) for v in node.operands[:3])
-    e_local = _local_expert_ids(st, node, e, axis)
+    w, e_local = _local_routing(st, node, w, e, axis)
     rest = [st.fetch(v, {axis: p} if p else {}, node.loc) for v, p in
             zip(node.operands[3:], [pl.get(axis) for pl in pls[3:]])]
     res = st.emit(node.op, [x, w, e_local, *rest], node.loc, [node.results[0].name], own=True)
     st.bind(node.results, res, [{axis: PARTIAL}])
 
 
-def _local_expert_ids(st: _State, node: Node, e: Value, axis: str) -> Value:
-    """experts - axis_index · E_local: ids of other ranks' experts fall outside [0, E_local) and
-    contribute nothing (moe.experts' contract)."""
-    n_local = st.local[node.operands[3].name].type.shape[0]
-    idx = st.emit(OPS["dist.axis_index"](group=axis, size=st.sizes[axis]), [], node.loc,
+def _local_routing(st: _State, node: Node, w: Value, e: Value, axis: str) -> tuple[Value, Value]:
+    """Local ids e - axis_index·E_local, clamped into [0, E_local), and routing weights zeroed
+    for other ranks' experts: they contribute exactly 0, and every kernel sees in-range ids."""
+    loc, n_local = node.loc, st.local[node.operands[3].name].type.shape[0]
+    idx = st.emit(OPS["dist.axis_index"](group=axis, size=st.sizes[axis]), [], loc,
                   [f"{axis}_index"])[0]
-    per = st.emit(OPS["constant"](value=n_local, dtype=DType.i64), [], node.loc, ["n_local"])[0]
-    first = st.emit(OPS["mul"](), [idx, per], node.loc, ["first_expert"])[0]
-    return st.emit(OPS["sub"](), [e, first], node.loc, [f"{e.name}.local"])[0]
+    per = _op(st, "constant", [], loc, value=n_local, dtype=DType.i64)
+    first = _op(st, "mul", [idx, per], loc)
+    local = _op(st, "sub", [e, first], loc)
+    clamped = _op(st, "clamp", [local], loc, min=0, max=n_local - 1)
+    mine = _op(st, "eq", [local, clamped], loc)
+    zero = _op(st, "constant", [], loc, value=0.0, dtype=w.type.dtype)
+    return _op(st, "where", [mine, w, zero], loc), clamped
 
 
 def _experts_dispatch(st: _State, node: Node, pls: list[Pl], axis: str) -> None:
