@@ -501,6 +501,8 @@ def _arange(cx, *args, **_kw):
 
 
 def _scalar(v):
+    if hasattr(v, "free_symbols") and v.free_symbols:
+        return v  # a symbolic size used as a fill value (full_like(x, T // 4)): a Dim
     return v if isinstance(v, bool) else (float(v) if isinstance(v, float) else int(v))
 
 

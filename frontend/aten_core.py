@@ -475,3 +475,4 @@ def _group_norm(cx, x, weight, bias, n, c, hw, group, eps):
     if bias is not None:
         out = cx.op("add", out, cx.op("reshape", bias, shape=per_channel))
     return out, cx.op("reshape", mean, shape=(n, group)), cx.op("reshape", rstd, shape=(n, group))
+
