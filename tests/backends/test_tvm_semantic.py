@@ -59,8 +59,8 @@ def _use_gpu_ir(exe) -> None:
         gpu = k.gpu_ir()
         assert gpu is not k.tensor_ir, k.name  # these tests lower top-k kernels only
         assert "tvm_call_packed" not in gpu.script()
-        _MODULES.append(tvm.tirx.build(tvm.IRModule({k.name: gpu}), target=exe.llvm_target))
-        exe.fns[k.key] = _MODULES[-1][k.name]
+        _MODULES.append(tvm.tirx.build(tvm.IRModule({k.symbol: gpu}), target=exe.llvm_target))
+        exe.fns[k.key] = _MODULES[-1][k.symbol]
 
 
 def test_sparse_mqa_prefill_variants():
