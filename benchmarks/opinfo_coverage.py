@@ -40,7 +40,7 @@ UNSPECIFIED = {"empty", "empty_like", "empty_strided", "empty_permuted", "new_em
 
 # The full sweep's last figure (capture + interpret, float32 and bfloat16, 2 samples each);
 # the test runs SUBSET (float32, one sample each) and fails below SUBSET_FLOOR.
-RECORDED_COVERAGE = 0.903  # 121 of 134 Core ATen OpInfos with samples (benchmarks/opinfo_coverage.json)
+RECORDED_COVERAGE = 0.903  # 121 of 134 Core ATen OpInfos with samples (opinfo_coverage.json)
 SUBSET = ("where", "amax", "cumsum", "gather", "split_with_sizes", "index_select", "max",
           "topk", "atan2", "native_group_norm", "diagonal", "cat")  # fmt: skip
 SUBSET_FLOOR = 1.0  # every op of the subset passes today
@@ -130,7 +130,8 @@ def _close(
         raise AssertionError(f"{len(got)} outputs, eager has {len(want)}")
     for g, w in zip(got, want):
         if not values:
-            assert g.shape == w.shape and g.dtype == w.dtype, f"{g.shape} {g.dtype} vs {w.shape} {w.dtype}"
+            same = g.shape == w.shape and g.dtype == w.dtype
+            assert same, f"{g.shape} {g.dtype} vs {w.shape} {w.dtype}"
             continue
         torch.testing.assert_close(g, w, rtol=rtol, atol=atol, equal_nan=True, check_stride=False)
 

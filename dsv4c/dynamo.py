@@ -26,7 +26,8 @@ from typing import Any
 from dsv4c.errors import DsvError
 
 __all__ = [
-    "NAME", "EagerFallbackError", "EagerFallbackWarning", "backend", "dsv4c_backend", "fallbacks", "register",
+    "NAME", "EagerFallbackError", "EagerFallbackWarning", "backend", "dsv4c_backend", "fallbacks",
+    "register",
     "reset_fallbacks",
 ]  # fmt: skip
 

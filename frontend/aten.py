@@ -491,7 +491,8 @@ def _scalar_tensor(cx, value, **_kw):
 @translates(aten.arange.start_step, aten.arange.start, aten.arange.default)
 def _arange(cx, *args, **_kw):
     start, end, step = (0, args[0], 1) if len(args) == 1 else (list(args) + [1])[:3]
-    if any(isinstance(v, float) for v in (start, end, step)) or (isinstance(step, int) and step < 0):
+    descending = isinstance(step, int) and step < 0
+    if descending or any(isinstance(v, float) for v in (start, end, step)):
         # arange(a, b, s) over floats = a + s * iota(0, n), n = torch's own length
         (count,) = cx.expected_shape()
         ramp = cx.op("iota", start=0, end=count, step=1, dtype=cx.expected_dtype())

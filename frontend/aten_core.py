@@ -114,7 +114,8 @@ def _empty_like(cx, x, **_kw):
 def _new_full(cx, x, size, *fill, **_kw):
     # new_zeros/new_ones/new_full(x, size[, v]) = full(size, 0 | 1 | v) in x's dtype
     target = cx.node.target
-    value = 0 if target is aten.new_zeros.default else 1 if target is aten.new_ones.default else fill[0]
+    value = {aten.new_zeros.default: 0, aten.new_ones.default: 1}.get(target)
+    value = fill[0] if value is None else value
     return cx.op("full", shape=tuple(size), value=_scalar(value), dtype=cx.expected_dtype())
 
 
@@ -152,7 +153,7 @@ def _var(cx, x, dims=None, *args, correction=None, keepdim=False):
     centred = cx.op("sub", x, cx.op("mean", x, dims=dims, keepdim=True))
     total = cx.op("sum", cx.op("mul", centred, centred), dims=dims, keepdim=bool(keepdim))
     out = cx.op("div", total, *cx.operands(_as_float(count - correction)))
-    return out if cx.type_of(out).dtype == cx.expected_dtype() else cx.op("cast", out, dtype=cx.expected_dtype())
+    return _as_expected(cx, out)
 
 
 def _as_float(v):
@@ -271,7 +272,8 @@ def _atan(cx, x):
     big = cx.op("gt", ax, cx.const(1.0))
     t = cx.op("where", big, cx.op("reciprocal", ax), ax)
     for _ in range(2):
-        t = cx.op("div", t, cx.op("add", cx.op("sqrt", cx.op("add", cx.op("mul", t, t), cx.const(1.0))), cx.const(1.0)))
+        hyp = cx.op("sqrt", cx.op("add", cx.op("mul", t, t), cx.const(1.0)))
+        t = cx.op("div", t, cx.op("add", hyp, cx.const(1.0)))
     t2, term, total = cx.op("mul", t, t), t, t
     for n in range(1, 12):
         term = cx.op("mul", term, t2)
@@ -289,7 +291,8 @@ def _atan_op(cx, x):
 @translates(aten.asin.default, aten.acos.default)
 def _asin_acos(cx, x):
     # asin(x) = atan(x / √(1 - x²)); acos(x) = π/2 - asin(x)
-    asin = _atan(cx, cx.op("div", x, cx.op("sqrt", cx.op("sub", cx.const(1.0), cx.op("mul", x, x)))))
+    cos = cx.op("sqrt", cx.op("sub", cx.const(1.0), cx.op("mul", x, x)))
+    asin = _atan(cx, cx.op("div", x, cos))
     if cx.node.target is aten.asin.default:
         return asin
     return cx.op("sub", cx.const(math.pi / 2), asin)
@@ -422,7 +425,8 @@ def _masked_scatter(cx, x, mask, source):
     mask = cx.op("expand", mask, shape=shape) if tuple(cx.type_of(mask).shape) != shape else mask
     x = cx.op("expand", x, shape=shape) if tuple(cx.type_of(x).shape) != shape else x
     flat_mask = cx.op("reshape", mask, shape=(-1,))
-    order = cx.op("sub", cx.op("cumsum", cx.op("cast", flat_mask, dtype=DType.i64), dim=0), cx.const(1))
+    rank = cx.op("cumsum", cx.op("cast", flat_mask, dtype=DType.i64), dim=0)
+    order = cx.op("sub", rank, cx.const(1))
     order = cx.op("clamp", order, min=0, max=None)
     picked = cx.op("index_select", cx.op("reshape", source, shape=(-1,)), order, dim=0)
     return cx.op("where", mask, cx.op("reshape", picked, shape=shape), x)

@@ -28,7 +28,7 @@ def is_model_output(out: Any) -> bool:
 
 
 def is_cache(obj: Any) -> bool:
-    """A transformers `Cache` (DynamicCache, StaticCache, ...): it has `layers` or `get_seq_length`."""
+    """A transformers `Cache` (DynamicCache, StaticCache, ...): has `layers` or `get_seq_length`."""
     return not isinstance(obj, (torch.Tensor, tuple, list, dict)) and (
         hasattr(obj, "layers") or callable(getattr(obj, "get_seq_length", None))
     )

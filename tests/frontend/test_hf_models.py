@@ -2,9 +2,9 @@
 
 Prefill is captured once with a symbolic sequence length and run at two lengths; errors are
 relative to the largest logit (bound 1e-4). The fast tier interprets the IR of Mixtral (and
-returns its DynamicCache as flat tensors); the slow tier (DSV4C_SLOW=1, a few minutes on 2 cores) compiles all three models
-for TVM and the Triton interpreter and through torch.compile(backend="dsv4c") with
-DSV4C_STRICT=1 (no graph may fall back to eager).
+returns its DynamicCache as flat tensors); the slow tier (DSV4C_SLOW=1, about 15 minutes on 2
+busy cores) interprets all three and compiles them for TVM and the Triton interpreter and
+through torch.compile(backend="dsv4c") with DSV4C_STRICT=1 (no graph may fall back to eager).
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ DYNAMIC = {"input_ids": {1: "T"}}
 
 
 @pytest.mark.parametrize(
-    "name", ["mixtral", pytest.param("deepseek_v32", marks=slow), pytest.param("deepseek_v4", marks=slow)]
+    "name",
+    ["mixtral", pytest.param("deepseek_v32", marks=slow), pytest.param("deepseek_v4", marks=slow)],
 )
 def test_prefill_interprets_like_hf_eager(name: str) -> None:
     model = _model(name)
