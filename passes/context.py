@@ -5,7 +5,8 @@ context down. Switches (documented in the README's "Debug switches" table):
 
 - `DEBUG_IR=1`    print the graph after each pass;
 - `VERIFY_EACH=1` run `ir.verify` after each pass (a failure names the pass);
-- `STATS=1`       print per-rule hit counts and per-pass times when the pipeline ends.
+- `STATS=1`       print per-rule hit and near-miss counts and per-pass times when the pipeline
+                  ends.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class PassContext:
     verify_each: bool = False
     stats: bool = False
     counters: Counter[str] = field(default_factory=Counter)
+    near_misses: Counter[str] = field(default_factory=Counter)  # rule name -> near misses
     times: dict[str, float] = field(default_factory=dict)
     rules: dict[str, Any] = field(default_factory=dict)  # name -> Rule, every rule a driver ran
     products: dict[str, Any] = field(default_factory=dict)  # what passes make besides the graph
@@ -97,6 +99,10 @@ class PassContext:
             lines.append(f"  {key:<32} {n:10d}")
         if not self.counters:
             lines.append("  (none)")
+        if self.near_misses:
+            lines.append("near misses (one check short; `dsv4c ir --explain RULE` says which):")
+            for key, n in sorted(self.near_misses.items(), key=lambda kv: (-kv[1], kv[0])):
+                lines.append(f"  {key:<32} {n:10d}")
         idle = sorted(name for name in self.rules if not self.counters[name])
         if idle:
             lines.append(

@@ -17,7 +17,7 @@ Matches the canonical form (after `canonicalize`) of models/attention.py (prefil
 Decode graphs: the ring window at a 0-d position gives `decode=true` variants, and the
 compressor's decode step becomes `attn.compress_step` (passes/fuse_compress_step.py).
 
-Counters: `fuse_attention.attn.compress`, `fuse_attention.attn.compress_step`,
+Rules (and counters): `fuse_attention.attn.compress`, `fuse_attention.attn.compress_step`,
 `fuse_attention.attn.indexer_topk`, `fuse_attention.attn.sparse_mqa`.
 """
 
@@ -25,80 +25,25 @@ from __future__ import annotations
 
 from typing import Any
 
-import ir
-from ir import Graph, Node, Value
+from ir import Graph, Value
 from ir.symbolic import same_dim
 from passes.context import PassContext
 from passes.fuse_common import (
-    Fusion,
+    Checks,
     FusionView,
-    apply,
     const_value,
+    fusion_rule,
     narrow,
+    replace,
     rounded,
     scalar,
 )
+from passes.fuse_compress_step import STEP_RULE
+from passes.fuse_rope import RMS, match_rope
 from passes.pattern import Match, const, either, op, var
+from passes.rewrite import Replace, Rewriter, rewrite
 
-__all__ = ["fuse_attention"]
-
-# --- rope ----------------------------------------------------------------------------------
-
-_PAIRS = op("reshape", op("slice", var("x"), name="rot"), name="pairs")
-_A = op("select", _PAIRS, name="a", attrs={"index": 0})
-_B = op("select", _PAIRS, name="b", attrs={"index": 1})
-_RE = op("sub", op("mul", _A, var("cb")), op("mul", _B, var("sb")))
-_IM = op("add", op("mul", _A, var("sb")), op("mul", _B, var("cb")))
-_ROT = op("reshape", op("concat", op("reshape", _RE), op("reshape", _IM), name="ri"))
-ROPES = tuple(  # rotated channels rounded back to x's dtype (bf16 models) or not (fp32)
-    op("concat", op("slice", var("x"), name="keep"), rot, name="out")
-    for rot in (_ROT, op("cast", _ROT))
-)
-
-
-def _unbroadcast(view: FusionView, v: Value) -> Value:
-    n = view.producer(v)
-    return n.operands[0] if n is not None and n.name in ("reshape", "unsqueeze") else v
-
-
-def match_rope(view: FusionView, v: Value) -> dict[str, Any] | None:
-    """-> {x, cos, sin, inverse} when v = rope(x) over the last 2·cos.shape[-1] channels."""
-    m = view.match(ROPES[narrow(v)], v)
-    if m is None:
-        return None
-    x, rank = m["x"], m["x"].type.rank
-    last = (-1, rank - 1)
-    if m.attr("out", "dim") not in last or m.attr("keep", "dim") not in last:
-        return None
-    if m.attr("a", "dim") not in (-1, rank) or m.attr("b", "dim") not in (-1, rank):
-        return None
-    inverse = False
-    sb = m["sb"]
-    neg = view.producer(sb)
-    if neg is not None and neg.name == "neg":
-        inverse, sb = True, neg.operands[0]
-    cos, sin = _unbroadcast(view, m["cb"]), _unbroadcast(view, sb)
-    if cos.type.rank != 2 or cos.type != sin.type or not isinstance(cos.type.shape[1], int):
-        return None
-    rope = 2 * cos.type.shape[1]
-    width = x.type.shape[-1]
-    rot, keep = m.node("rot").attrs, m.node("keep").attrs
-    if (rot["start"], rot["step"], keep["start"], keep["step"]) != (-rope, 1, 0, 1):
-        return None
-    if keep["end"] not in (-rope, width - rope if isinstance(width, int) else None):
-        return None
-    if m["pairs"].type.shape[-2:] != (rope // 2, 2):
-        return None
-    return {"x": x, "cos": cos, "sin": sin, "inverse": inverse}
-
-
-def _fits(mnemonic: str, operands: list[Value], attrs: dict, replaced: list[Value]) -> bool:
-    try:
-        types = ir.OPS[mnemonic](**attrs).infer_type(*(v.type for v in operands))
-    except ir.IRTypeError:
-        return False
-    return all(r is None or r.type.shape == t.shape for r, t in zip(replaced, types))
-
+__all__ = ["RULES", "fuse_attention"]
 
 def _iota_ok(view: FusionView, v: Value, end: Any) -> bool:
     n = view.producer(v)
@@ -110,15 +55,6 @@ def _iota_ok(view: FusionView, v: Value, end: Any) -> bool:
 
 # --- attn.compress -------------------------------------------------------------------------
 
-RMS = op(
-    "mul",
-    op(
-        "mul",
-        var("p"),
-        op("rsqrt", op("add", op("mean", op("mul", var("p"), var("p"))), const(name="eps"))),
-    ),
-    var("norm", rank=1),
-)
 POOL = op(
     "sum",
     op("mul", var("kv"), op("softmax", var("z"), attrs={"dim": 2}), commute=True),
@@ -167,46 +103,42 @@ KV_PLAIN = op("index", KV_PAD, CUR, attrs={"dim": 1})
 Z_PLAIN = op("index", Z_PAD, CUR, attrs={"dim": 1})
 
 
-def _fuse_compress(view: FusionView, root: Node) -> Fusion | None:
-    rope = match_rope(view, root.results[0])
-    if rope is None or rope["inverse"]:
-        return None
+def _compress(c: Checks, root: Match, rw: Rewriter) -> Replace:
+    """rope(rmsnorm(Σ_rows kv ⊙ softmax(z, rows))) over padded blocks -> attn.compress."""
+    view, out = c.view, root.root.results[0]
+    rope = match_rope(c, "rope", out, inverse=False)
     normed = rounded(view, rope["x"])
-    rm = view.match(RMS, normed)
-    pooled = rm and rounded(view, rm["p"])
-    pm = rm and view.match(POOL, pooled)
-    rounds = narrow(root.results[0])  # the reference rounds the pooled and the normed entry
-    if not pm or (normed != rope["x"]) != rounds or (pooled != rm["p"]) != rounds:
-        return None
+    rm = c.match("rmsnorm", RMS, normed)
+    pooled = rounded(view, rm["p"])
+    pm = c.match("pool", POOL, pooled)
+    rounds = narrow(out)  # the reference rounds the pooled and the normed entry
+    ok = (normed != rope["x"]) == rounds and (pooled != rm["p"]) == rounds
+    c.need(ok, "rounding", f"pooled/normed entries are rounded iff the output is ({out.dtype})")
     kv, z = pm["kv"], pm["z"]
-    for overlap, kv_pat, z_pat in ((True, KV_OVERLAP, Z_OVERLAP), (False, KV_PLAIN, Z_PLAIN)):
-        km, zm = view.match(kv_pat, kv), view.match(z_pat, z)
-        if km is not None and zm is not None and km["x"] == zm["x"]:
-            break
-    else:
-        return None
-    m = scalar(km, "m")
-    eps = scalar(rm, "eps")
-    if m is None or m != int(m) or eps is None or scalar(zm, "m2") != m:
-        return None
+    km = view.matches(KV_OVERLAP, kv)
+    zm = view.matches(Z_OVERLAP, z)
+    overlap = km is not None and zm is not None and km["x"] == zm["x"]
+    if not overlap:
+        km = c.match("kv_blocks", KV_PLAIN, kv)
+        zm = c.match("score_blocks", Z_PLAIN, z)
+        c.need(km["x"] == zm["x"], "blocks", "kv and scores project different inputs")
+    m, eps = scalar(km, "m"), scalar(rm, "eps")
+    c.need(m is not None and m == int(m) and scalar(zm, "m2") == m, "blocks.ratio",
+           "the block offsets and the ape index use different ratios")
+    c.need(eps is not None, "rmsnorm", "ε is not a constant")
     ratio = int(m)
-    if km.attr("kv_pad", "pads") != (0, 0, ratio, 0) or zm.attr("z_pad", "pads") != (
-        0,
-        0,
-        ratio,
-        0,
-    ):
-        return None
-    if km["rows"] != zm["rows"] or km["rows"].type.shape[-1] != ratio:
-        return None
-    c = rm["norm"].type.shape[0]
-    if overlap and not (_halves_ok(km, c) and _halves_ok(zm, c)):
-        return None
+    pads = (0, 0, ratio, 0)
+    c.need(km.attr("kv_pad", "pads") == pads and zm.attr("z_pad", "pads") == pads, "blocks.pad",
+           f"the projections are not padded by {ratio} leading rows", km.node("kv_pad"))
+    c.need(km["rows"] == zm["rows"] and km["rows"].type.shape[-1] == ratio, "blocks.rows",
+           f"blocks are not {ratio} consecutive rows")
+    width = rm["norm"].type.shape[0]
+    c.need(not overlap or (_halves_ok(km, width) and _halves_ok(zm, width)), "blocks.halves",
+           f"overlapping blocks do not take channels [0, {width}) of the previous block")
     operands = [km["x"], km["wkv"], zm["wgate"], zm["ape"], rm["norm"], rope["cos"], rope["sin"]]
     attrs = {"ratio": ratio, "overlap": overlap, "eps": eps}
-    if not _fits("attn.compress", operands, attrs, [root.results[0]]):
-        return None
-    return Fusion("attn.compress", operands, attrs, (root.results[0],), root.loc)
+    c.fits("attn.compress", operands, attrs, [out])
+    return replace(view, [(out, rw.op("attn.compress", operands, **attrs))])
 
 
 # --- attn.indexer_topk ---------------------------------------------------------------------
@@ -264,53 +196,54 @@ VISIBLE_AT = op(  # decode: s < (pos + 1) // m for one 0-d position
 Causal = tuple[int, Value | None]  # (ratio m, decode position or None for prefill)
 
 
-def visible_ratio(view: FusionView, visible: Value, t: Any, s: Any) -> Causal | None:
+def visible_ratio(c: Checks, visible: Value, t: Any, s: Any) -> Causal:
     """(m, None) when visible[t, s] = s < (t + 1) // m with iotas over T and S (prefill),
-    (m, pos) when visible[s] = s < (pos + 1) // m (decode), else None."""
-    m = view.match(VISIBLE, visible)
+    (m, pos) when visible[s] = s < (pos + 1) // m (decode); raises `Miss` otherwise."""
+    view = c.view
+    m = view.matches(VISIBLE, visible)
     pos = None
     if m is None or not _iota_ok(view, m["rows"], t):
-        m = view.match(VISIBLE_AT, visible)
-        pos = m and m["pos"]
-    if not m or not _iota_ok(view, m["cols"], s):
-        return None
+        m = c.match("causal", either(VISIBLE_AT, VISIBLE), visible)
+        pos = m["pos"] if "pos" in m else None
+        rows = view.producer(visible)
+        c.need(pos is not None, "causal.rows", "the query rows are not iota(T)", rows)
+    c.need(_iota_ok(view, m["cols"], s), "causal.cols", "the key columns are not iota(S)",
+           view.producer(visible))
     ratio = scalar(m, "ratio")
     ok = ratio is not None and ratio == int(ratio) and ratio >= 1
-    return (int(ratio), pos) if ok else None
+    c.need(ok, "causal.ratio", "the block ratio is not a positive integer constant")
+    return int(ratio), pos
 
 
-def _fuse_indexer(view: FusionView, root: Node) -> Fusion | None:
-    pm = view.match(PICKS, root.results[0])
-    if pm is None:
-        return None
+def _indexer(c: Checks, root: Match, rw: Rewriter) -> Replace:
+    """where(isinf(v) | i >= S, -1, i), (v, i) = topk(pad(causal Σ_h relu(q·kᵀ)·w)) -> op."""
+    view, out = c.view, root.root.results[0]
+    pm = c.match("picks", PICKS, out)
     topk = view.producer(pm["indices"])
-    tm = topk and view.match(TOPK, topk.results[0])
-    if not tm or topk.results != (pm["values"], pm["indices"]):
-        return None
+    tm = c.match("topk", TOPK, pm["indices"])
+    c.need(topk.results == (pm["values"], pm["indices"]), "picks",
+           "values and indices come from different top-ks", topk)
     score = tm["score"]
-    sm = view.match(SCORE, score)
-    if sm is None or score.type.rank != 3:
-        return None
+    sm = c.match("score", SCORE, score)
+    c.need(score.type.rank == 3, "score", f"scores {score.type} are not [B, T, S]")
     _, t, s = score.type.shape
     k = topk.attrs["k"]
     n_cols = view.producer(pm["n_cols"])
-    if n_cols is None or n_cols.name != "constant" or not same_dim(n_cols.attrs["value"], s):
-        return None
-    if tm.attr("padded", "pads") != (0, k) or topk.attrs["dim"] not in (-1, 2):
-        return None
-    causal = visible_ratio(view, tm["visible"], t, s)
+    ok = n_cols is not None and n_cols.name == "constant"
+    c.need(ok and same_dim(n_cols.attrs["value"], s), "picks.bound",
+           f"picks are not bounded by the key count {s}", root.root)
+    c.need(tm.attr("padded", "pads") == (0, k) and topk.attrs["dim"] in (-1, 2), "topk.pad",
+           f"the scores are not padded by k={k} columns before a top-k over keys", topk)
+    ratio, pos = visible_ratio(c, tm["visible"], t, s)
     w, scale = sm["w"], 1.0
     wn = view.producer(w)
     if wn is not None and wn.name == "mul" and const_value(view, wn.operands[1]) is not None:
         w, scale = wn.operands[0], float(const_value(view, wn.operands[1]))
-    if causal is None or not isinstance(k, int):
-        return None
-    ratio, pos = causal
+    c.need(isinstance(k, int), "topk", f"k={k} is not static", topk)
     operands = [sm["q"], sm["keys"], w] + ([] if pos is None else [pos])
     attrs = {"k": k, "ratio": ratio, "scale": scale, "decode": pos is not None}
-    if not _fits("attn.indexer_topk", operands, attrs, [root.results[0]]):
-        return None
-    return Fusion("attn.indexer_topk", operands, attrs, (root.results[0],), root.loc)
+    c.fits("attn.indexer_topk", operands, attrs, [out])
+    return replace(view, [(out, rw.op("attn.indexer_topk", operands, **attrs))])
 
 
 # --- attn.sparse_mqa -----------------------------------------------------------------------
@@ -388,104 +321,99 @@ RING = op(  # decode: where(slot <= pos, slot, -1) over the ring's slots
 )
 
 
-def _window(view: FusionView, idx: Value, t: Any) -> tuple[int, Value | None] | None:
+def _window(c: Checks, idx: Value, t: Any) -> tuple[int, Value | None]:
     """(window, None) for the prefill window t-w+1..t, (window, pos) for the decode ring."""
-    rm = view.match(RING, idx)
+    view = c.view
+    rm = view.matches(RING, idx)
     if rm is not None:
         n = view.producer(rm["slots"])
         w = n.attrs["end"] if n is not None and n.name == "iota" else None
-        return (w, rm["pos"]) if isinstance(w, int) and _iota_ok(view, rm["slots"], w) else None
-    m = view.match(WINDOW, idx)
-    wm = m and view.match(WINDOW_ROWS, m["wr"])
-    if not wm or not _iota_ok(view, wm["pos"], t):
-        return None
+        ok = isinstance(w, int) and _iota_ok(view, rm["slots"], w)
+        c.need(ok, "window.ring", "the ring's slots are not iota(window)", n)
+        return w, rm["pos"]
+    m = c.match("window", WINDOW, idx)
+    wm = c.match("window.rows", WINDOW_ROWS, m["wr"])
+    c.need(_iota_ok(view, wm["pos"], t), "window.rows", "the query positions are not iota(T)",
+           view.producer(m["wr"]))
     w = scalar(wm, "w")
-    if w is None or w != int(w) or not _iota_ok(view, wm["offsets"], int(w)):
-        return None
+    ok = w is not None and w == int(w) and _iota_ok(view, wm["offsets"], int(w))
+    c.need(ok, "window.offsets", f"rows t - {w} + 1 + iota(w) do not span the window",
+           view.producer(m["wr"]))
     return int(w), None
 
 
-def _variant(view: FusionView, idx: Value, entries: Value, t: Any) -> tuple | None:
+def _variant(c: Checks, idx: Value, entries: Value, t: Any) -> tuple:
     """-> (variant, window, ratio, extra operands, kv, decode pos or None) from the index and
     entry construction; prefill and decode parts must agree."""
-    win = _window(view, idx, t)
-    if win is not None:
-        return "window", win[0], 0, [], entries, win[1]
+    view = c.view
     cat, ecat = view.producer(idx), view.producer(entries)
-    if cat is None or ecat is None or cat.name != "concat" or ecat.name != "concat":
-        return None
-    if cat.attrs["dim"] not in (-1, 2) or ecat.attrs["dim"] != 1 or len(cat.operands) != 2:
-        return None
-    win = _window(view, cat.operands[0], t)
-    sm = view.match(SHIFTED, cat.operands[1])
-    kv, comp = ecat.operands if len(ecat.operands) == 2 else (None, None)
-    if win is None or sm is None or kv is None:
-        return None
-    w, pos = win
-    if not same_dim(sm.attr("t", "value"), t if pos is None else w):  # rows before comp
-        return None
+    if cat is None or cat.name != "concat":
+        w, pos = _window(c, idx, t)
+        return "window", w, 0, [], entries, pos
+    ok = ecat is not None and ecat.name == "concat" and ecat.attrs["dim"] == 1
+    ok = ok and len(ecat.operands) == 2
+    c.need(ok, "entries", "entries are not [window ++ compressed]", ecat)
+    ok = cat.attrs["dim"] in (-1, 2) and len(cat.operands) == 2
+    c.need(ok, "indices", "indices are not [window ++ compressed picks]", cat)
+    w, pos = _window(c, cat.operands[0], t)
+    sm = c.match("picks.shift", SHIFTED, cat.operands[1])
+    kv, comp = ecat.operands
+    c.need(same_dim(sm.attr("t", "value"), t if pos is None else w), "picks.shift",
+           "compressed picks are not shifted past the window rows", view.producer(cat.operands[1]))
     picks = sm["picks"]
     s = comp.type.shape[1]
-    am = view.match(ALL_VISIBLE, picks) or view.match(ALL_VISIBLE_AT, picks)
+    am = view.matches(ALL_VISIBLE, picks) or view.matches(ALL_VISIBLE_AT, picks)
     if am is not None and _iota_ok(view, am["cols"], s):
-        causal = visible_ratio(view, am["visible"], t, s)
-        if causal is None or causal[1] != pos:
-            return None
-        return "hca", w, causal[0], [comp], kv, pos
-    causal = _csa_causal(view, picks)
-    if causal is None or causal[1] != pos:
-        return None
-    return "csa", w, causal[0], [comp, picks], kv, pos
+        ratio, at = visible_ratio(c, am["visible"], t, s)
+        c.need(at == pos, "causal", "the window and the compressed entries disagree on decode")
+        return "hca", w, ratio, [comp], kv, pos
+    ratio, at = _csa_causal(c, picks)
+    c.need(at == pos, "causal", "the window and the indexer disagree on decode")
+    return "csa", w, ratio, [comp, picks], kv, pos
 
 
-def _csa_causal(view: FusionView, picks: Value) -> Causal | None:
+def _csa_causal(c: Checks, picks: Value) -> Causal:
     """The indexer's (ratio, pos) when `picks` comes from one (fused or not yet fused)."""
-    n = view.producer(picks)
+    n = c.view.producer(picks)
     if n is not None and n.name == "attn.indexer_topk":
         return n.attrs["ratio"], (n.operands[3] if n.attrs["decode"] else None)
-    pm = view.match(PICKS, picks)
-    topk = pm and view.producer(pm["indices"])
-    tm = topk and view.match(TOPK, topk.results[0])
-    if not tm:
-        return None
+    pm = c.match("indexer", PICKS, picks)
+    tm = c.match("indexer.topk", TOPK, pm["indices"])
     score = tm["score"]
-    return visible_ratio(view, tm["visible"], score.type.shape[1], score.type.shape[2])
+    return visible_ratio(c, tm["visible"], score.type.shape[1], score.type.shape[2])
 
 
-def _query(view: FusionView, qr: Value, cos: Value, sin: Value) -> tuple[Value, float | None]:
-    """(pre-norm query, q_norm_eps) from the rotated query, or (None, None)."""
-    rope = match_rope(view, qr)
-    if rope is None or rope["inverse"] or (rope["cos"], rope["sin"]) != (cos, sin):
-        return None, None
+def _query(c: Checks, qr: Value, cos: Value, sin: Value) -> tuple[Value, float | None]:
+    """(pre-norm query, q_norm_eps) from the rotated query."""
+    view = c.view
+    rope = match_rope(c, "query.rope", qr, inverse=False)
+    c.need((rope["cos"], rope["sin"]) == (cos, sin), "query.rope",
+           "the query and the output rotate by different tables", view.producer(qr))
     normed = rounded(view, rope["x"])
-    if (normed != rope["x"]) != narrow(rope["x"]):
-        return None, None
-    qm = view.match(QNORM, normed)
+    c.need((normed != rope["x"]) == narrow(rope["x"]), "query.rounding",
+           "the normed query is rounded iff it is narrower than f32", view.producer(qr))
+    qm = view.matches(QNORM, normed)
     if qm is None or scalar(qm, "eps") is None:
         return rope["x"], None
     return qm["q"], scalar(qm, "eps")
 
 
-def _fuse_mqa(view: FusionView, root: Node) -> Fusion | None:
-    rope = match_rope(view, root.results[0])
-    if rope is None or not rope["inverse"]:
-        return None
-    m = view.match(ATTENDS[narrow(rope["x"])], rope["x"])
-    scale = m and scalar(m, "scale")
-    if not m or scale is None or m.attr("softmax", "dim") not in (-1, 3):
-        return None
-    if m.attr("cat", "dim") not in (-1, 3):
-        return None
-    q, eps = _query(view, m["qr"], rope["cos"], rope["sin"])
-    if q is None or q.type.rank != 4:
-        return None
-    if m["qk"].dtype != q.dtype or m["pv"].dtype != q.dtype:  # the op's products are in q's dtype
-        return None
+def _mqa(c: Checks, root: Match, rw: Rewriter) -> Replace:
+    """inv_rope(softmax([mask(scale·q'·Gᵀ), sink])[:-1]·G) over gathered entries -> op."""
+    view, out = c.view, root.root.results[0]
+    rope = match_rope(c, "output.rope", out, inverse=True)
+    m = c.match("attend", ATTENDS[narrow(rope["x"])], rope["x"])
+    scale = scalar(m, "scale")
+    c.need(scale is not None, "attend.scale", "the logit scale is not a constant", m.node("qk"))
+    c.need(m.attr("softmax", "dim") in (-1, 3) and m.attr("cat", "dim") in (-1, 3),
+           "attend.softmax", "the softmax (with the sink) is not over the entries",
+           m.node("softmax"))
+    q, eps = _query(c, m["qr"], rope["cos"], rope["sin"])
+    c.need(q.type.rank == 4, "query", f"q {q.type} is not [B, T, H, D]")
+    ok = m["qk"].dtype == q.dtype and m["pv"].dtype == q.dtype
+    c.need(ok, "attend.dtype", f"the products are not in q's dtype {q.dtype}", m.node("qk"))
     t = q.type.shape[1]
-    found = _variant(view, m["idx"], m["entries"], t)
-    if found is None:
-        return None
-    variant, window, ratio, extra, kv, pos = found
+    variant, window, ratio, extra, kv, pos = _variant(c, m["idx"], m["entries"], t)
     operands = [q, kv, m["sink"], rope["cos"], rope["sin"], *extra]
     operands += [] if pos is None else [pos]
     attrs = {
@@ -496,23 +424,22 @@ def _fuse_mqa(view: FusionView, root: Node) -> Fusion | None:
         "q_norm_eps": eps,
         "decode": pos is not None,
     }
-    if not _fits("attn.sparse_mqa", operands, attrs, [root.results[0]]):
-        return None
-    return Fusion("attn.sparse_mqa", operands, attrs, (root.results[0],), root.loc)
+    c.fits("attn.sparse_mqa", operands, attrs, [out])
+    return replace(view, [(out, rw.op("attn.sparse_mqa", operands, **attrs))])
+
+
+RULES = [
+    # rope(rmsnorm(Σ_rows kv ⊙ softmax(z, rows))) over the padded blocks of x
+    fusion_rule("fuse_attention.attn.compress", op("concat"), _compress),
+    # inv_rope(softmax([scale·q'Gᵀ masked, sink])[:-1] G), G = entries[window ∪ picks]
+    fusion_rule("fuse_attention.attn.sparse_mqa", op("concat"), _mqa),
+    # -1 where the top-k of causal Σ_h relu(q·kᵀ)·w picked padding, else the index
+    fusion_rule("fuse_attention.attn.indexer_topk", op("where"), _indexer),
+    # the compressor's decode step with its cache and state writes
+    STEP_RULE,
+]
 
 
 def fuse_attention(g: Graph, ctx: PassContext | None = None) -> Graph:
     """Replace compressors, indexers and sparse attention by their ops (module docstring)."""
-    from passes.fuse_compress_step import fuse_step  # it builds on this module's patterns
-
-    view = FusionView(g)
-    fusions: list[Fusion] = []
-    for node in g.ops:
-        f = None
-        if node.name == "concat":
-            f = _fuse_compress(view, node) or _fuse_mqa(view, node)
-        elif node.name == "where":
-            f = _fuse_indexer(view, node) or fuse_step(view, node)
-        if f is not None:
-            fusions.append(f)
-    return apply(g, fusions, ctx, "fuse_attention")
+    return rewrite(g, RULES, ctx=ctx)

@@ -1,61 +1,139 @@
-"""Shared machinery of the semantic fusions (fuse_attention, fuse_moe, fuse_hc).
+"""Shared machinery of the semantic fusions (fuse_attention, fuse_moe, fuse_hc): every fusion is
+a `Rule` run by the one rewrite driver (`passes.rewrite`).
 
 A semantic fusion recognises a subgraph with *several* results (mHC pre -> input, post, comb;
-routing -> weights, experts) and replaces it by one named op. The rewrite driver replaces one
-root op's results; these passes instead collect `Fusion`s — a new op plus the old values its
-results stand for — and `apply` inserts the ops, redirects every use, restores a topological
-order (stable: original order wherever possible) and drops what became dead.
+routing -> weights, experts) and replaces it by one named op. Its rule's pattern names the root
+op; its rewrite function (wrapped by `fusion_rule`) walks the rest with named sub-patterns and
+checks (`Checks`), builds the op with the `Rewriter` and returns a `Replace` naming every value
+the op's results stand for. When a sub-pattern or a check does not hold, the rule returns a
+`Fail` naming it and saying why — what `STATS=1` counts as a near miss and `explain` prints.
 
 Matching uses the pattern language (`passes.pattern`) for the backward structure of a subgraph
-and small forward walks (`users`) where a subgraph fans out. A fusion never changes semantics
-beyond reassociation inside the op: interior values still used elsewhere simply stay alive.
+and small forward walks (`users`) where a subgraph fans out, on a `FusionView` of the graph. A
+fusion never changes semantics beyond reassociation inside the op: interior values still used
+elsewhere simply stay alive.
 """
 
 from __future__ import annotations
 
-import heapq
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ir
-from ir import Graph, Loc, Node, Value
-from passes.cleanup import dead_code_elimination
-from passes.context import PassContext
-from passes.pattern import Fail, Match, Pat, match_node
-from passes.rewrite import GraphView, Namer
+from ir import Graph, Node, Value
+from passes.pattern import RULE_BASE, RULE_STEP, Fail, Match, Pat, Rule, checks, match_node
+from passes.rewrite import GraphView, Replace, Rewriter
 
 __all__ = [
-    "Derived",
-    "Fusion",
+    "Checks",
     "FusionView",
-    "apply",
+    "Miss",
     "const_value",
+    "fusion_rule",
     "narrow",
+    "replace",
     "rounded",
     "scalar",
+    "settle",
 ]
 
-
-@dataclass(frozen=True)
-class Derived:
-    """An operand the fusion has to compute first: `mnemonic(source, **attrs)` (e.g. a reshape
-    of a value the matched subgraph only used in another shape)."""
-
-    mnemonic: str
-    source: Value
-    attrs: dict[str, Any] = field(default_factory=dict)
+BASE_SCORE, STEP = RULE_BASE, RULE_STEP  # how failures score (passes.pattern)
+# A fusion rule's failure is a near miss once two named sub-patterns matched, or when it fails in
+# a sub-pattern after three quarters of its checks.
+NEAR = BASE_SCORE + 2 * STEP
 
 
-@dataclass
-class Fusion:
-    """`mnemonic(operands, **attrs)` replaces `replaces[i]` by its result i (None: unused)."""
+class Miss(Exception):
+    """Raised by `Checks` when a sub-pattern or check fails; `fusion_rule` returns its Fail."""
 
-    mnemonic: str
-    operands: Sequence[Value | Derived]
-    attrs: dict[str, Any]
-    replaces: Sequence[Value | None]
-    loc: Loc | None = None
+    def __init__(self, fail: Fail) -> None:
+        super().__init__(f"{fail.path}: {fail.reason}")
+        self.fail = fail
+
+
+class Checks:
+    """The progress of one fusion attempt: named sub-pattern matches (each adds a step to the
+    score) and checks (each adds one); the first that fails raises `Miss` with a Fail naming it
+    and the op where it failed, whose location `explain` prints."""
+
+    def __init__(self, view: FusionView, root: Node) -> None:
+        self.view = view
+        self.root = root
+        self.score = BASE_SCORE
+
+    def match(self, name: str, pat: Pat, v: Value) -> Match:
+        """Match sub-pattern `name` at `v`, or raise naming it and the failing part."""
+        m = self.view.match(pat, v)
+        if isinstance(m, Fail):
+            path = name if m.path == "root" else f"{name}: {m.path.removeprefix('root.')}"
+            node = m.node or self.view.producer(v) or self.root
+            near = self.score >= NEAR or m.score >= 3 * checks(pat) // 4
+            fail = Fail(self.score + min(m.score, STEP - 1), path, m.reason, node, m.value)
+            fail.parent, fail.near = m.parent, near
+            raise Miss(fail)
+        self.score += STEP
+        return m
+
+    def need(self, ok: Any, name: str, reason: str, node: Node | None = None) -> None:
+        """Check `ok` (truthy), or raise: sub-pattern `name` fails because `reason`."""
+        if not ok:
+            raise Miss(Fail(self.score, name, reason, node or self.root))
+        self.score += 1
+
+    def fits(self, mnemonic: str, operands: Sequence[Value], attrs: dict, replaced) -> None:
+        """The op's types accept the operands, and its results have the replaced shapes."""
+        try:
+            types = ir.OPS[mnemonic](**attrs).infer_type(*(v.type for v in operands))
+        except ir.IRTypeError as e:
+            self.need(False, mnemonic, f"the op does not accept these operands: {e}")
+            return
+        for r, t in zip(replaced, types):
+            ok = r is None or r.type.shape == t.shape
+            self.need(ok, mnemonic, f"result {t} does not fit %{r.name if r else '?'}")
+
+
+def fusion_rule(name: str, root: Pat, fn: Callable[[Checks, Match, Rewriter], Any]) -> Rule:
+    """A `Rule` whose rewrite is `fn(checks, match, rw)` on a `FusionView`: a `Miss` raised by
+    the checks becomes the rule's Fail."""
+
+    def rewrite(m: Match, rw: Rewriter) -> Any:
+        checks = Checks(rw.env, m.root)  # type: ignore[arg-type]
+        try:
+            return fn(checks, m, rw)
+        except Miss as miss:
+            return miss.fail
+
+    rewrite.__name__ = fn.__name__
+    summary = (fn.__doc__ or "").strip().split("\n")[0] or None
+    return Rule(name, root, rewrite, view=FusionView, near=NEAR, summary=summary)
+
+
+def settle(view: FusionView, old: Value, new: Value) -> list[tuple[Value, Value]]:
+    """The (old, new) pairs `new` stands for: `old` itself, or — when the op rounds its result to
+    another float dtype, as the reference model does right after `old` — the casts of `old` to
+    it. Raises `Miss` when neither holds."""
+    if old.type == new.type:
+        return [(old, new)]
+    users = view.users(old)
+    ok = (
+        old.type.shape == new.type.shape
+        and users
+        and old.name not in view.outputs
+        and all(u.name == "cast" and u.results[0].type == new.type for u in users)
+    )
+    if not ok:
+        fail = Fail(BASE_SCORE, "result", f"the op gives {new.type}, %{old.name} is {old.type}")
+        raise Miss(fail)
+    return [(u.results[0], new) for u in users]
+
+
+def replace(view: FusionView, pairs: Sequence[tuple[Value | None, Value]]) -> Replace:
+    """A `Replace` of each old value (None: unused result) by its new one, casts settled."""
+    out: list[tuple[Value, Value]] = []
+    for old, new in pairs:
+        if old is not None:
+            out += settle(view, old, new)
+    return Replace(tuple(out))
 
 
 class FusionView(GraphView):
@@ -64,7 +142,7 @@ class FusionView(GraphView):
     Matching sees the graph with every widening float cast (bf16/f16 -> f32) removed, its users
     reading the cast's operand: widening is exact, and the semantic ops compute in fp32 anyway,
     so one pattern matches an fp32 model and a bf16 model. Rounding casts stay visible: patterns
-    allow them exactly where the reference model rounds (`rounded`), and `apply` moves a
+    allow them exactly where the reference model rounds (`rounded`), and `settle` moves a
     replacement past a final rounding cast.
     """
 
@@ -75,6 +153,7 @@ class FusionView(GraphView):
         self.users_of: dict[str, list[Node]] = shadow.users()
         self.graph_ops: list[Node] = shadow.ops
         self.outputs = {v.name for v in shadow.outputs}
+        self._memo: dict[str, Any] = {}
 
     def users(self, v: Value) -> list[Node]:
         return self.users_of.get(v.name, [])
@@ -88,21 +167,23 @@ class FusionView(GraphView):
             return None
         return us[0]
 
-    def match_first(self, pats: Sequence[Pat], v: Value) -> tuple[int, Match] | None:
-        """(index, match) of the first of `pats` (alternative spellings) that matches at `v`."""
-        for i, p in enumerate(pats):
-            m = self.match(p, v)
-            if m is not None:
-                return i, m
-        return None
-
-    def match(self, pat: Pat, v: Value) -> Match | None:
-        """Match `pat` against the producer of `v` (None when `v` is an input or no match)."""
+    def match(self, pat: Pat, v: Value) -> Match | Fail:
+        """Match `pat` against the producer of `v` (a Fail when `v` is a graph input)."""
         n = self.producer(v)
         if n is None:
-            return None
-        m = match_node(pat, n, self)
+            return Fail(0, "root", f"expected {pat.describe()}, got graph input %{v.name}", None, v)
+        return match_node(pat, n, self)
+
+    def matches(self, pat: Pat, v: Value) -> Match | None:
+        """`match`, when only whether it matched matters."""
+        m = self.match(pat, v)
         return None if isinstance(m, Fail) else m
+
+    def memo(self, key: str, build: Callable[[], Any]) -> Any:
+        """A value computed once per view (e.g. an index of every candidate of a kind)."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
 
 
 def _is_upcast(n: Node) -> bool:
@@ -162,111 +243,7 @@ def scalar(m: Match, name: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def apply(g: Graph, fusions: Sequence[Fusion], ctx: PassContext | None, counter: str) -> Graph:
-    """Insert the fused ops, redirect uses of the values they replace, reorder, DCE.
-
-    Each fused op is placed right after the last producer of a value it replaces; a stable
-    topological sort then moves any op whose operands come later (never needed for the captured
-    model, kept for safety). Counts `counter.<mnemonic>` per fusion in `ctx`.
-    """
-    if not fusions:
-        return g
-    namer = Namer(g)
-    position = {r.name: i for i, n in enumerate(g.ops) for r in n.results}
-    users = g.users()
-    after: dict[int, list[Node]] = {}
-    remap: dict[str, Value] = {}
-    for f in fusions:
-        nodes: list[Node] = []
-        operands = [_materialise(v, namer, f.loc, nodes) for v in f.operands]
-        op = ir.OPS[f.mnemonic](**f.attrs)
-        types = op.infer_type(*(v.type for v in operands))
-        results = tuple(Value(namer.fresh(), t) for t in types)
-        try:
-            pairs = [
-                (v, new)
-                for old, new in zip(f.replaces, results)
-                if old is not None
-                for v in _settle(old, new, users, g)
-            ]
-        except ir.IRTypeError as e:  # a rule matched something it cannot replace: leave it
-            if ctx is not None:
-                ctx.count(f"{counter}.skipped")
-                ctx.log(f"{counter}: {f.mnemonic} not applied: {e}")
-            continue
-        remap.update((v.name, new) for v, new in pairs)
-        replaced = [v for v, _ in pairs]
-        last = max(position[v.name] for v in replaced)
-        nodes.append(Node(op, tuple(operands), results, f.loc))
-        after.setdefault(last, []).extend(nodes)
-        if ctx is not None:
-            ctx.count(f"{counter}.{f.mnemonic}")
-    ops: list[Node] = []
-    for i, n in enumerate(g.ops):
-        ops.append(n)
-        ops.extend(after.get(i, ()))
-    ops = [_redirect(n, remap) for n in ops]
-    outputs = [remap.get(v.name, v) for v in g.outputs]
-    out = Graph(g.inputs, _stable_topo(ops, g), outputs, name=g.name, roles=dict(g.roles))
-    return dead_code_elimination(out, ctx)
-
-
-def _settle(old: Value, new: Value, users: dict[str, list[Node]], g: Graph) -> list[Value]:
-    """The values `new` stands for: `old` itself, or — when the op rounds its result to another
-    float dtype, as the reference model does right after `old` — the casts of `old` to it."""
-    if old.type == new.type:
-        return [old]
-    casts = [u.results[0] for u in users.get(old.name, ())]
-    ok = (
-        old.type.shape == new.type.shape
-        and casts
-        and old.name not in {v.name for v in g.outputs}
-        and all(u.name == "cast" and u.results[0].type == new.type for u in users[old.name])
-    )
-    if not ok:
-        raise ir.IRTypeError(f"fusion would replace %{old.name}: {old.type} by {new.type}")
-    return casts
-
-
-def _materialise(v: Value | Derived, namer: Namer, loc: Loc | None, new: list[Node]) -> Value:
-    if isinstance(v, Value):
-        return v
-    op = ir.OPS[v.mnemonic](**v.attrs)
-    (t,) = op.infer_type(v.source.type)
-    result = Value(namer.fresh(), t)
-    new.append(Node(op, (v.source,), (result,), loc))
-    return result
-
-
 def _redirect(n: Node, remap: dict[str, Value]) -> Node:
     if not any(v.name in remap for v in n.operands):
         return n
     return Node(n.op, tuple(remap.get(v.name, v) for v in n.operands), n.results, n.loc)
-
-
-def _stable_topo(ops: list[Node], g: Graph) -> list[Node]:
-    """Kahn's algorithm, always emitting the ready op that came first."""
-    defined = {v.name for v in g.inputs}
-    producer_of = {r.name: i for i, n in enumerate(ops) for r in n.results}
-    waiting: dict[int, int] = {}
-    dependents: dict[int, list[int]] = {}
-    ready: list[int] = []
-    for i, n in enumerate(ops):
-        deps = {producer_of[v.name] for v in n.operands if v.name not in defined}
-        waiting[i] = len(deps)
-        for d in deps:
-            dependents.setdefault(d, []).append(i)
-        if not deps:
-            ready.append(i)
-    heapq.heapify(ready)
-    out: list[Node] = []
-    while ready:
-        i = heapq.heappop(ready)
-        out.append(ops[i])
-        for j in dependents.get(i, ()):
-            waiting[j] -= 1
-            if waiting[j] == 0:
-                heapq.heappush(ready, j)
-    if len(out) != len(ops):
-        raise ir.IRTypeError("fusion produced a cycle; a fused op depends on a value it replaces")
-    return out

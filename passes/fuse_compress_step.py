@@ -1,5 +1,5 @@
 """Fuse the compressor's decode step (models/attention.py `Compressor.decode` + the cache write)
-into `attn.compress_step`; run by `fuse_attention`.
+into `attn.compress_step`; its rule is one of `fuse_attention`'s.
 
 Matches the canonical form, rooted at the cache update:
 
@@ -12,19 +12,20 @@ Matches the canonical form, rooted at the cache update:
     cache'  = where((pos+1) % m == 0, index_put(cache, min(pos // m, L-1), entry), cache)
     states' = where(emit, repeat(KVS[:, -m:], 2), KVS) with overlap, else KVS
 
-Counter: `fuse_attention.attn.compress_step`.
+Rule (and counter): `fuse_attention.attn.compress_step`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ir import Node, Value
-from passes.fuse_attention import RMS, _fits, match_rope
-from passes.fuse_common import Fusion, FusionView, narrow, rounded, scalar
-from passes.pattern import const, op, var
+from ir import Value
+from passes.fuse_common import Checks, FusionView, fusion_rule, narrow, replace, rounded, scalar
+from passes.fuse_rope import RMS, match_rope
+from passes.pattern import Match, const, op, var
+from passes.rewrite import Replace, Rewriter
 
-__all__ = ["fuse_step"]
+__all__ = ["STEP_RULE", "compress_step"]
 
 CACHE_WRITE = op(
     "where",
@@ -115,56 +116,50 @@ def _new_state(view: FusionView, state: Value, emit: Value, m: int, overlap: boo
     return None
 
 
-def _match_states(view: FusionView, kv_w: Value, z_w: Value, m: int, c, overlap: bool):
-    kvs, zs = _window(view, kv_w, m, c, overlap), _window(view, z_w, m, c, overlap)
-    km = kvs and view.match(KVS, kvs)
-    zm = zs and view.match(ZS, zs)
-    if not km or not zm or km["slot"] != zm["slot"] or km["x"] != zm["x"]:
-        return None
-    sm = view.match(SLOT_OVERLAP if overlap else SLOT_PLAIN, km["slot"])
-    if sm is None or scalar(sm, "m4") != m or (overlap and scalar(sm, "m5") != m):
-        return None
-    if scalar(zm, "m3") != m:
-        return None
+def _match_states(c: Checks, kv_w: Value, z_w: Value, m: int, width, overlap: bool):
+    view = c.view
+    kvs, zs = _window(view, kv_w, m, width, overlap), _window(view, z_w, m, width, overlap)
+    what = "overlapping windows" if overlap else "windows"
+    c.need(kvs is not None and zs is not None, "state.window",
+           f"the pooled rows are not the {what} of the updated states", view.producer(kv_w))
+    km = c.match("state.kv", KVS, kvs)
+    zm = c.match("state.score", ZS, zs)
+    c.need(km["slot"] == zm["slot"] and km["x"] == zm["x"], "state",
+           "kv and score states are written at different slots or from different inputs")
+    sm = c.match("state.slot", SLOT_OVERLAP if overlap else SLOT_PLAIN, km["slot"])
+    ok = scalar(sm, "m4") == m and (not overlap or scalar(sm, "m5") == m)
+    c.need(ok and scalar(zm, "m3") == m, "state.slot", f"slots and ape rows are not pos % {m}")
     return km, zm, sm["pos"], zm["pos"]
 
 
-def fuse_step(view: FusionView, root: Node) -> Fusion | None:
-    """The `attn.compress_step` fusion rooted at a cache update `where`, or None."""
-    cm = view.match(CACHE_WRITE, root.results[0])
-    m = cm and scalar(cm, "m")
-    if not cm or m is None or m != int(m) or scalar(cm, "m2") != m:
-        return None
+def compress_step(c: Checks, root: Match, rw: Rewriter) -> Replace:
+    """cache = where(emit, cache[row] <- rope(rmsnorm(pool(states after the write))), cache)."""
+    view, out = c.view, root.root.results[0]
+    cm = c.match("cache_write", CACHE_WRITE, out)
+    m = scalar(cm, "m")
+    ok = m is not None and m == int(m) and scalar(cm, "m2") == m
+    c.need(ok, "cache_write", "the emit test and the row use different ratios")
     m, cache, pos = int(m), cm["cache"], cm["pos"]
-    if cm.node("row").attrs["min"] is not None or cm.node("row").attrs["max"] not in (
-        cache.type.shape[1] - 1,
-    ):
-        return None
-    rope = match_rope(view, cm["entry"])
-    if rope is None or rope["inverse"]:
-        return None
+    row = cm.node("row").attrs
+    c.need(row["min"] is None and row["max"] == cache.type.shape[1] - 1, "cache_write.row",
+           "the cache row is not clamped to the cache's last row", cm.node("row"))
+    rope = match_rope(c, "entry.rope", cm["entry"], inverse=False)
     normed = rounded(view, rope["x"])
-    rm = view.match(RMS, normed)
-    pooled = rm and rounded(view, rm["p"])
-    pm = rm and view.match(POOL, pooled)
+    rm = c.match("entry.rmsnorm", RMS, normed)
+    pooled = rounded(view, rm["p"])
+    pm = c.match("entry.pool", POOL, pooled)
     rounds = narrow(rope["x"])
-    if not pm or (normed != rope["x"]) != rounds or (pooled != rm["p"]) != rounds:
-        return None
-    c = rm["norm"].type.shape[0]
-    for overlap in (True, False):
-        found = _match_states(view, pm["kv"], pm["z"], m, c, overlap)
-        if found is not None:
-            break
-    else:
-        return None
-    km, zm, slot_pos, ape_pos = found
-    if not (slot_pos == ape_pos == pos):
-        return None
-    emit = root.operands[0]
+    ok = (normed != rope["x"]) == rounds and (pooled != rm["p"]) == rounds
+    c.need(ok, "entry.rounding", "pooled/normed entries are rounded iff the entry is narrow")
+    width = rm["norm"].type.shape[0]
+    overlap = _window(view, pm["kv"], m, width, True) is not None
+    km, zm, slot_pos, ape_pos = _match_states(c, pm["kv"], pm["z"], m, width, overlap)
+    c.need(slot_pos == ape_pos == pos, "state.pos", "states, ape and cache use other positions")
+    emit = root.root.operands[0]
     kv_new = _new_state(view, km.root.results[0], emit, m, overlap)
     z_new = _new_state(view, zm.root.results[0], emit, m, overlap)
-    if kv_new is None or z_new is None:
-        return None
+    c.need(kv_new is not None and z_new is not None, "state.shift",
+           "the states are not shifted by m rows when an entry is emitted")
     operands = [
         km["x"],
         pos,
@@ -179,7 +174,12 @@ def fuse_step(view: FusionView, root: Node) -> Fusion | None:
         cache,
     ]
     attrs = {"ratio": m, "overlap": overlap, "eps": scalar(rm, "eps")}
-    replaced = [root.results[0], kv_new, z_new]
-    if attrs["eps"] is None or not _fits("attn.compress_step", operands, attrs, replaced):
-        return None
-    return Fusion("attn.compress_step", operands, attrs, replaced, root.loc)
+    replaced = [out, kv_new, z_new]
+    c.need(attrs["eps"] is not None, "entry.rmsnorm", "ε is not a constant")
+    c.fits("attn.compress_step", operands, attrs, replaced)
+    new = rw.op("attn.compress_step", operands, **attrs)
+    return replace(view, list(zip(replaced, new)))
+
+
+# the compressor's decode step: pool the updated window, norm, rope, write the cache row
+STEP_RULE = fusion_rule("fuse_attention.attn.compress_step", op("where"), compress_step)

@@ -13,18 +13,19 @@ Matches the canonical form (after `canonicalize`) of models/hc.py:
     y    = Σ_j reshape(sigmoid(mix·α + base) + ε)_j · X_j     -> hc.head(X, fn, scale, base)
 
 The Sinkhorn chain is walked forward from the softmax and its length becomes the `iters`
-attribute: the op keeps the loop, the graph loses the 6·iters unrolled ops. Counters:
-`fuse_hc.hc.pre`, `fuse_hc.hc.post`, `fuse_hc.hc.head`.
+attribute: the op keeps the loop, the graph loses the 6·iters unrolled ops. Rules (and
+counters): `fuse_hc.hc.pre`, `fuse_hc.hc.post`, `fuse_hc.hc.head`.
 """
 
 from __future__ import annotations
 
-from ir import Graph, Node, Value
+from ir import Graph, Value
 from passes.context import PassContext
-from passes.fuse_common import Derived, Fusion, FusionView, apply, const_value, scalar
-from passes.pattern import Match, const, op, var
+from passes.fuse_common import Checks, FusionView, const_value, fusion_rule, replace, scalar
+from passes.pattern import Match, const, either, op, var
+from passes.rewrite import Replace, Rewriter, rewrite
 
-__all__ = ["fuse_hc"]
+__all__ = ["RULES", "fuse_hc"]
 
 _BCAST = ("reshape", "unsqueeze")
 
@@ -186,7 +187,7 @@ def _posts(view: FusionView) -> dict[str, list[tuple[Match, Value]]]:
     for node in view.graph_ops:
         if node.name != "mul":
             continue
-        m = view.match(POST, node.results[0])
+        m = view.matches(POST, node.results[0])
         if m is not None:
             out.setdefault(m["mix"].name, []).append((m, node.results[0]))
     return out
@@ -207,7 +208,7 @@ def _find_comb(view: FusionView, mix: Value, n: int, eps: float) -> tuple[Value,
         soft = _only_user_chain(view, s.results[0], ("mul", "add", "reshape", "softmax"))
         if soft is None:
             continue
-        m = view.match(COMB_LOGITS, soft)
+        m = view.matches(COMB_LOGITS, soft)
         ok = m is not None and m["mix"] == mix and _select_ok(m, "a", 2)
         ok = ok and _slice_ok(m, "s_comb", 2 * n, (2 + n) * n)
         ok = ok and _slice_ok(m, "b_comb", 2 * n, (2 + n) * n)
@@ -228,71 +229,72 @@ def _only_user_chain(view: FusionView, v: Value, mnemonics: tuple[str, ...]) -> 
     return v
 
 
-def _fuse_pre(view: FusionView, root: Node, posts: dict) -> Fusion | None:
-    m = view.match(PRE, root.results[0])
-    if m is None or m["x"].type.rank < 3:
-        return None
+def _pre(c: Checks, root: Match, rw: Rewriter) -> Replace:
+    """y = Σ_j (sigmoid(mix[:n]·α₀ + b) + ε)_j X_j, post and Sinkhorn comb of the same mix."""
+    view, y = c.view, root.root.results[0]
+    m = c.match("pre", PRE, y)
+    c.need(m["x"].type.rank >= 3, "pre", f"streams {m['x'].type} have no [.., n, d] layout")
     n = m["x"].type.shape[-2]
     eps, norm_eps = scalar(m, "eps"), scalar(m, "norm_eps")
-    if not isinstance(n, int) or eps is None or norm_eps is None or not _pre_ok(m, n):
-        return None
-    post = _find_post(posts, m["mix"], n)
+    c.need(isinstance(n, int), "pre", f"the stream count {n} is not static")
+    c.need(eps is not None and norm_eps is not None, "pre", "ε or the norm's ε is not constant")
+    c.need(_pre_ok(m, n), "pre.slices", f"pre does not read mix[..., :{n}] summed over streams")
+    post = _find_post(view.memo("hc.posts", lambda: _posts(view)), m["mix"], n)
+    c.need(post is not None, "post", f"no 2·sigmoid(mix[{n}:{2 * n}]·α₁ + base) of this mix")
     comb = _find_comb(view, m["mix"], n, eps)
-    if post is None or comb is None:
-        return None
+    c.need(comb is not None, "comb", "no Sinkhorn(softmax(mix[2n:]·α₂ + base)) of this mix")
     attrs = {"iters": comb[1], "eps": eps, "norm_eps": norm_eps}
-    operands = (m["x"], m["fn"], m["scale"], m["base"])
-    return Fusion("hc.pre", operands, attrs, (root.results[0], post, comb[0]), root.loc)
+    out = rw.op("hc.pre", [m["x"], m["fn"], m["scale"], m["base"]], **attrs)
+    return replace(view, list(zip((y, post, comb[0]), out)))
 
 
-def _fuse_head(view: FusionView, root: Node) -> Fusion | None:
-    m = view.match(HEAD, root.results[0])
-    if m is None or m["x"].type.rank < 3 or not _sum_over_streams(root, m["x"]):
-        return None
+def _head(c: Checks, root: Match, rw: Rewriter) -> Replace:
+    """y = Σ_j (sigmoid(mix·α + base) + ε)_j X_j -> hc.head."""
+    view, y = c.view, root.root.results[0]
+    m = c.match("head", HEAD, y)
+    x = m["x"]
+    c.need(x.type.rank >= 3 and _sum_over_streams(root.root, x), "head", "not a sum over streams")
     eps, norm_eps = scalar(m, "eps"), scalar(m, "norm_eps")
-    if eps is None or norm_eps is None or m["pre_b"].type.shape != m["x"].type.shape[:-1] + (1,):
-        return None
-    attrs = {"eps": eps, "norm_eps": norm_eps}
-    operands = (m["x"], m["fn"], m["scale"], m["base"])
-    return Fusion("hc.head", operands, attrs, (root.results[0],), root.loc)
+    c.need(eps is not None and norm_eps is not None, "head", "ε or the norm's ε is not constant")
+    ok = m["pre_b"].type.shape == x.type.shape[:-1] + (1,)
+    c.need(ok, "head.weights", f"the stream weights {m['pre_b'].type} do not broadcast over d")
+    out = rw.op("hc.head", [x, m["fn"], m["scale"], m["base"]], eps=eps, norm_eps=norm_eps)
+    return replace(view, [(y, out)])
 
 
-def _fuse_post(view: FusionView, root: Node) -> Fusion | None:
-    m = next(filter(None, (view.match(p, root.results[0]) for p in POST_MIXES)), None)
-    if m is None:
-        return None
+def _post(c: Checks, root: Match, rw: Rewriter) -> Replace:
+    """out = post ⊗ f + combᵀ·R -> hc.post."""
+    view, out = c.view, root.root.results[0]
+    m = c.match("post", either(*POST_MIXES), out)
     res, f, post, comb = m["res"], m["f"], m["post"], m["comb"]
     r = res.type.rank
-    if r < 3 or root.results[0].type.shape != res.type.shape:
-        return None
+    c.need(r >= 3 and out.type.shape == res.type.shape, "post", f"R is {res.type}, out {out.type}")
     lead, n, d = res.type.shape[:-2], res.type.shape[-2], res.type.shape[-1]
     swap = tuple(range(r - 2)) + (r - 1, r - 2)
-    if f.type.shape != lead + (d,) and f.type.dtype == res.type.dtype:
-        f = Derived("reshape", f, {"shape": lead + (d,)})  # e.g. the MoE's [B*T, d] output
+    reshape_f = f.type.shape != lead + (d,) and f.type.dtype == res.type.dtype
     ok = (
         post.type.shape == lead + (n,)
         and comb.type.shape == lead + (n, n)
         and m["post_b"].type.shape == lead + (n, 1)
         and m["f_b"].type.shape == lead + (1, d)
-        and m.attr("comb_t", "dims") == swap
     )
-    if not ok:
-        return None
-    return Fusion("hc.post", (f, res, post, comb), {}, (root.results[0],), root.loc)
+    c.need(ok, "post.shapes", f"post {post.type}, comb {comb.type} do not fit R {res.type}")
+    c.need(m.attr("comb_t", "dims") == swap, "post.comb_t", "comb is not transposed (combᵀ·R)")
+    if reshape_f:  # e.g. the MoE's [B*T, d] output
+        f = rw.op("reshape", [f], shape=lead + (d,))
+    return replace(view, [(out, rw.op("hc.post", [f, res, post, comb]))])
+
+
+RULES = [
+    # Σ_j pre_j X_j with pre, post, comb from one normalised mix (Sinkhorn kept as a loop)
+    fusion_rule("fuse_hc.hc.pre", op("sum"), _pre),
+    # post ⊗ f + combᵀ·R
+    fusion_rule("fuse_hc.hc.post", op("add"), _post),
+    # Σ_j (sigmoid(mix·α + base) + ε)_j X_j
+    fusion_rule("fuse_hc.hc.head", op("sum"), _head),
+]
 
 
 def fuse_hc(g: Graph, ctx: PassContext | None = None) -> Graph:
     """Replace every mHC pre/post/head subgraph by its op (module docstring)."""
-    view = FusionView(g)
-    posts = _posts(view)
-    fusions: list[Fusion] = []
-    for node in g.ops:
-        if node.name == "sum":
-            f = _fuse_pre(view, node, posts) or _fuse_head(view, node)
-        elif node.name == "add":
-            f = _fuse_post(view, node)
-        else:
-            f = None
-        if f is not None:
-            fusions.append(f)
-    return apply(g, fusions, ctx, "fuse_hc")
+    return rewrite(g, RULES, ctx=ctx)

@@ -14,7 +14,8 @@ Matches the canonical form (after `canonicalize`) of models/moe.py:
     [y   += (silu(clamp(x @ s1ᵀ)) · clamp(x @ s3ᵀ)) @ s2ᵀ]          -> moe.experts(...)
 
 The grouped GEMMs' offsets come from a host-free histogram, so the fused op needs no counts:
-it takes the [N,k] expert indices. Counters: `fuse_moe.moe.route`, `fuse_moe.moe.experts`.
+it takes the [N,k] expert indices. Rules (and counters): `fuse_moe.moe.route`,
+`fuse_moe.moe.experts`.
 bf16 models match too: widening casts are looked through, and the rounding of the hidden rows
 before w2 and of the routed sum is required exactly when x is narrower than fp32.
 """
@@ -23,10 +24,20 @@ from __future__ import annotations
 
 from ir import DType, Graph, Node, Value
 from passes.context import PassContext
-from passes.fuse_common import Fusion, FusionView, apply, narrow, scalar
+from passes.fuse_common import (
+    STEP,
+    Checks,
+    FusionView,
+    const_value,
+    fusion_rule,
+    narrow,
+    replace,
+    scalar,
+)
 from passes.pattern import Match, const, either, op, var
+from passes.rewrite import Replace, Rewriter, rewrite
 
-__all__ = ["fuse_moe"]
+__all__ = ["RULES", "fuse_moe"]
 
 # --- routing -------------------------------------------------------------------------------
 
@@ -42,6 +53,7 @@ SCORES = (
     ("sigmoid", op("sigmoid", LOGITS)),
     ("softmax", op("softmax", LOGITS, attrs={"dim": lambda d: d in (-1, 1)})),
 )
+SCORE_OF = {"sqrt": "sqrtsoftplus", "sigmoid": "sigmoid", "softmax": "softmax"}
 HASHED = op("index", var("table"), var("ids", rank=1), attrs={"dim": 0})
 TOPK = op("topk", var("chooser"), attrs={"dim": lambda d: d in (-1, 1), "largest": True})
 SORTED = op(  # sort(descending)[..., :k].indices
@@ -51,57 +63,64 @@ SORTED = op(  # sort(descending)[..., :k].indices
 )
 
 
-def _score(view: FusionView, s: Value) -> tuple[str, Match] | None:
-    for name, pat in SCORES:
-        m = view.match(pat, s)
-        if m is not None:
-            return name, m
-    return None
+def _score(c: Checks, s: Value) -> tuple[str, Match]:
+    """The score function (sqrt-softplus, sigmoid or softmax over the router logits) of `s`."""
+    m = c.match("score", either(*(p for _, p in SCORES)), s)
+    return SCORE_OF[c.view.producer(s).name], m
 
 
-def _choice(view: FusionView, experts: Value, s: Value) -> tuple[list[Value], dict] | None:
+def _choice(c: Checks, experts: Value, s: Value) -> tuple[list[Value], dict]:
     """-> (extra operands, attrs) of the expert choice: hash table, top-k (+ bias)."""
-    m = view.match(HASHED, experts)
+    view = c.view
+    m = view.matches(HASHED, experts)
     if m is not None:
         return [m["table"], m["ids"]], {"hash": True, "bias": False}
-    m = view.match(TOPK, experts)
+    m = view.matches(TOPK, experts)
     if m is not None and view.producer(experts).results[1] != experts:
         m = None
-    m = m or view.match(SORTED, experts)
-    if m is None:
-        return None
+    m = m or c.match("choice", either(TOPK, SORTED, HASHED), experts)
     chooser = m["chooser"]
     if chooser == s:
         return [], {"hash": False, "bias": False}
     add = view.producer(chooser)
-    if add is None or add.name != "add" or s not in add.operands:
-        return None
+    c.need(add is not None and add.name == "add" and s in add.operands, "choice",
+           "the top-k ranks neither the scores nor scores + bias", add)
     bias = add.operands[1] if add.operands[0] == s else add.operands[0]
-    if bias.type.rank != 1 or chooser.type != s.type:
-        return None
+    c.need(bias.type.rank == 1 and chooser.type == s.type, "choice.bias",
+           f"the bias {bias.type} is not one value per expert", add)
     return [bias], {"hash": False, "bias": True}
 
 
-def _fuse_route(view: FusionView, root: Node) -> Fusion | None:
+def _outer_scale(view: FusionView, v: Value) -> Node | None:
+    """The `mul` scaling renormalised weights `v` by a constant (the rule fires there)."""
+    for u in view.users(v):
+        if u.name == "mul" and any(const_value(view, o) is not None for o in u.operands):
+            return u
+    return None
+
+
+def _route(c: Checks, root: Match, rw: Rewriter) -> Replace:
+    """w = gather(s, e) [/ Σ] [· c], s = score(x @ gateᵀ), e = top-k or hash -> moe.route."""
+    view, value = c.view, root.root.results[0]
+    outer = _outer_scale(view, value) if root.root.name == "div" else None
+    c.need(outer is None, "route", "the renormalised weights are scaled next: the mul fuses", outer)
     for pat, renorm, scaled in ROUTE_ROOTS:
-        m = view.match(pat, root.results[0])
+        m = view.matches(pat, value)
         if m is not None:
+            c.score += STEP
             break
     else:
-        return None
+        c.match("weights", either(*(p for p, _, _ in ROUTE_ROOTS)), value)
     s, experts = m["s"], m["experts"]
     scale = scalar(m, "scale") if scaled else 1.0
-    score = _score(view, s)
-    choice = _choice(view, experts, s)
-    if scale is None or score is None or choice is None or s.type.dtype != DType.f32:
-        return None
-    if not isinstance(experts.type.shape[1], int):
-        return None
-    name, sm = score
-    extra, attrs = choice
+    c.need(scale is not None, "weights.scale", "the route scale is not a constant")
+    name, sm = _score(c, s)
+    extra, attrs = _choice(c, experts, s)
+    c.need(s.type.dtype == DType.f32, "score", f"scores are {s.type.dtype}, the op scores in f32")
+    c.need(isinstance(experts.type.shape[1], int), "choice", "k is not a static size")
     attrs.update(k=experts.type.shape[1], score=name, route_scale=scale, renorm=bool(renorm))
-    operands = [sm["x"], sm["gate"], *extra]
-    return Fusion("moe.route", operands, attrs, (root.results[0], experts), root.loc)
+    w, e = rw.op("moe.route", [sm["x"], sm["gate"], *extra], **attrs)
+    return replace(view, [(value, w), (experts, e)])
 
 
 # --- experts -------------------------------------------------------------------------------
@@ -167,47 +186,54 @@ def _limit(m: Match, prefix: str) -> float | None:
     return float(limit) if (up["min"], up["max"]) == (-limit, limit) else None
 
 
-def _fuse_experts(view: FusionView, root: Node) -> Fusion | None:
-    found = view.match_first(ROUTEDS, root.results[0])
-    if found is None or found[0] != narrow(found[1]["x"]):  # rounds before w2 iff x is narrow
-        return None
-    m = found[1]
+def _experts(c: Checks, root: Match, rw: Rewriter) -> Replace:
+    """Dispatch (sort by expert, grouped GEMMs, weighted scatter-add) [+ shared] -> moe.experts."""
+    view, out = c.view, root.root.results[0]
+    narrow_rows = None
+    for i, pat in enumerate(ROUTEDS):
+        m = view.matches(pat, out)
+        if m is not None:
+            narrow_rows = i
+            break
+    m = m or c.match("routed", either(*ROUTEDS), out)
+    c.score += STEP
+    x = m["x"]
+    c.need(narrow_rows == narrow(x), "routed.rounding",
+           f"hidden rows {'are' if narrow_rows else 'are not'} rounded before w2, x is {x.dtype}")
     gemms = [n for n in view.users(m["offs"]) if n.name == "grouped_mm"]
-    if any(n.results[0].dtype != m["x"].dtype for n in gemms):  # the op's GEMMs are in x's dtype
-        return None
+    bad = next((n for n in gemms if n.results[0].dtype != x.dtype), None)
+    c.need(bad is None, "routed.gemm", f"a grouped GEMM is not in x's dtype {x.dtype}", bad)
     k, experts = scalar(m, "k"), m["experts"]
+    c.need(k == experts.type.shape[1], "routed.token", f"rows // {k} is not rows // top-k")
     limit = _limit(m, "routed")
-    if limit is None or k != experts.type.shape[1] or m.attr("offs", "dtype") != DType.i32:
-        return None
-    if m["weights"].type.shape != experts.type.shape:
-        return None
-    operands = [m["x"], m["weights"], experts, m["w1"], m["w3"], m["w2"]]
-    out = root.results[0]
+    c.need(limit is not None, "routed.swiglu", "gate and up clamps are not (-L, L], [-L, L]",
+           m.node("routed_gate"))
+    c.need(m.attr("offs", "dtype") == DType.i32, "routed.offsets", "offsets are not int32")
+    c.need(m["weights"].type.shape == experts.type.shape, "routed.weights",
+           f"weights {m['weights'].type} and expert ids {experts.type} differ in shape")
+    operands = [x, m["weights"], experts, m["w1"], m["w3"], m["w2"]]
     cast = view.only_user(out, "cast")  # the fp32 sum rounded to x's dtype (bf16 models)
-    add = view.only_user(out if cast is None else cast.results[0], "add")
+    mine = out if cast is None else cast.results[0]
+    add = view.only_user(mine, "add")
     if add is not None:
-        mine = out if cast is None else cast.results[0]
         other = add.operands[1] if add.operands[0] == mine else add.operands[0]
-        sm = view.match(SHAREDS[narrow(m["x"])], other)
-        if sm is not None and sm["x"] == m["x"] and _limit(sm, "shared") == limit:
-            operands += [sm["s1"], sm["s3"], sm["s2"]]
-            attrs = {"limit": limit, "shared": True}
-            return Fusion("moe.experts", operands, attrs, (add.results[0],), add.loc)
-    return Fusion("moe.experts", operands, {"limit": limit}, (out,), root.loc)
+        sm = view.matches(SHAREDS[narrow(x)], other)
+        if sm is not None and sm["x"] == x and _limit(sm, "shared") == limit:
+            shared = [sm["s1"], sm["s3"], sm["s2"]]
+            y = rw.op("moe.experts", operands + shared, limit=limit, shared=True, loc=add.loc)
+            return replace(view, [(add.results[0], y)])
+    y = rw.op("moe.experts", operands, limit=limit)
+    return replace(view, [(out, y)])
+
+
+RULES = [
+    # w = gather(s, e) [/ Σ_k gather(s, e)] [· c], s = score(x Wᵀ), e = top-k(s [+ b]) or hash
+    fusion_rule("fuse_moe.moe.route", op({"mul", "div"}), _route),
+    # Σ_experts scatter(token, w · SwiGLU_e(x[token])) [+ SwiGLU_shared(x)] = moe.experts
+    fusion_rule("fuse_moe.moe.experts", op("index_put"), _experts),
+]
 
 
 def fuse_moe(g: Graph, ctx: PassContext | None = None) -> Graph:
     """Replace routing and dispatch/expert/combine subgraphs by their ops (module docstring)."""
-    view = FusionView(g)
-    routes: dict[str, Fusion] = {}  # by expert-index value: the outermost root wins
-    fusions: list[Fusion] = []
-    for node in g.ops:
-        if node.name in ("mul", "div"):
-            f = _fuse_route(view, node)
-            if f is not None:
-                routes[f.replaces[1].name] = f
-        elif node.name == "index_put":
-            f = _fuse_experts(view, node)
-            if f is not None:
-                fusions.append(f)
-    return apply(g, [*routes.values(), *fusions], ctx, "fuse_moe")
+    return rewrite(g, RULES, ctx=ctx)

@@ -39,10 +39,14 @@ __all__ = [
     "MatchEnv",
     "Pat",
     "Rule",
+    "RULE_BASE",
+    "RULE_STEP",
+    "checks",
     "const",
     "either",
     "match_node",
     "op",
+    "progress",
     "var",
 ]
 
@@ -245,20 +249,67 @@ class Fail:
     node: Node | None = None
     value: Value | None = None
     parent: Node | None = None  # the op whose operand `value` is (None at the root)
+    near: bool | None = None  # whether it is a near miss (None: the rule decides by score)
 
 
 @dataclass(frozen=True)
 class Rule:
     """A rewrite rule: when `pattern` matches at an op, `rewrite(match, rw)` builds the
-    replacement (a value per result of the matched op) or returns None to decline."""
+    replacement — a value per result of the matched op, or a `Replace` naming the values it
+    stands for (several results, values other than the root's) — or declines with a `Fail`
+    saying which sub-pattern did not hold and why (None: declines without a reason).
+
+    view: builds the match environment of a graph (None: the graph as it is); the semantic
+        fusions match a view that looks through widening casts (`passes.fuse_common`).
+    near: a failure that passed at least this many checks is a near miss (counted by the
+        driver, shown by STATS=1); None: one check short of the whole pattern.
+    summary: the computation the rule recognises, for `explain` (when the pattern alone, e.g. a
+        root op, does not say it).
+    """
 
     name: str
     pattern: Pat
     rewrite: Callable[..., Any]
+    view: Callable[[Any], MatchEnv] | None = None
+    near: int | None = None
+    summary: str | None = None  # what a rule whose rewrite does the matching looks for
 
     def __post_init__(self) -> None:
         if not self.pattern.needs_node:
             raise ValueError(f"rule {self.name}: the root pattern must constrain the op")
+
+    def near_miss(self, fail: Fail) -> bool:
+        """Whether `fail` got close enough to count as a near miss."""
+        if fail.near is not None:
+            return fail.near
+        near = self.near if self.near is not None else max(3, checks(self.pattern) - 1)
+        return fail.score >= near
+
+
+# A rule whose rewrite makes further checks (the semantic fusions) scores its failures from
+# RULE_BASE: each step it passed (a named sub-pattern or a check) adds RULE_STEP, a failing
+# sub-pattern adds the checks it passed. So `explain` prefers the candidate that got furthest.
+RULE_BASE = 10_000
+RULE_STEP = 100
+
+
+def progress(score: int) -> str:
+    """`score` in words: "N checks", or "S steps and N checks" for a rewrite's own failures."""
+    if score < RULE_BASE:
+        return f"{score} checks"
+    steps, rest = divmod(score - RULE_BASE, RULE_STEP)
+    return f"{steps} steps and {rest} checks" if rest else f"{steps} steps"
+
+
+def checks(pat: Pat) -> int:
+    """How many checks a full match of `pat` passes (an `either` counts its smallest branch)."""
+    if pat.either:
+        return min(checks(p) for p in pat.either)
+    own = sum(
+        x is not None for x in (pat.op, pat.kind, pat.type, pat.dtype, pat.rank, pat.uses)
+    )
+    own += len(pat.attrs) + (pat.name is not None) + (pat.where is not None)
+    return own + sum(checks(p) for p in pat.operands or ())
 
 
 def match_node(pat: Pat, node: Node, env: MatchEnv) -> Match | Fail:

@@ -146,7 +146,7 @@ def mutated(pattern: str, repl: str, loc: str) -> ir.Graph:
         # attention softmax over heads instead of entries (sink concat stays)
         (r"softmax\((%\w+), dim=3\)", r"softmax(\1, dim=2)", "layers.0.attn @ attention.py:288", "attn.sparse_mqa", 3),
         # Sinkhorn logits normalised along the wrong axis
-        (r"softmax\((%\w+), dim=3\)", r"softmax(\1, dim=2)", "layers.3 @ deepseek_v4.py:109", "hc.pre", 7),
+        (r"softmax\((%\w+), dim=3\)", r"softmax(\1, dim=2)", "layers.3 @ deepseek_v4.py:", "hc.pre", 7),
         # sliding window shifted by two (t-9 .. t-2): shared by every layer, so no attention fuses
         (r"= add\((%\w+), (%\w+)\)", r"= sub(\1, \2)", "attention.py:273", "attn.sparse_mqa", 0),
         # routing that picks the lowest-scoring experts

@@ -230,7 +230,7 @@ def test_explain_names_the_failing_sub_pattern_with_text_and_location() -> None:
     why = explain(rule, silu_graph(same=False))
     assert not why.fires
     text = str(why)
-    assert "rule silu does not fire (1 candidate mul ops)" in text
+    assert "rule silu does not fire (1 candidate mul ops, 1 near miss)" in text
     assert "nearest: %" in text and "= mul(%x, %" in text and "mlp.act @ mlp.py:11" in text
     assert "capture x is %x here but %z there" in text
     assert "there: graph input %z: f32[4,8]" in text
