@@ -78,10 +78,11 @@ def explain(rule: Rule, graph: Graph) -> Explanation:
     fires: list[Node] = []
     declined: list[Node] = []
     near = 0
+    scratch = (GraphView(graph), Namer(graph))  # built once: a rewrite only reads them
     for n in candidates:
         m = match_node(rule.pattern, n, view)
         if isinstance(m, Match):
-            m = _accepts(rule, m, view, graph)
+            m = _accepts(rule, m, view, scratch)
             if m is True:
                 fires.append(n)
                 continue
@@ -105,10 +106,10 @@ def _ops(view: object, graph: Graph) -> list[Node]:
     return graph.ops if ops is None else ops
 
 
-def _accepts(rule: Rule, m: Match, view: MatchEnv, graph: Graph) -> bool | Fail | None:
+def _accepts(rule: Rule, m: Match, view: MatchEnv, scratch) -> bool | Fail | None:
     """Run the rewrite on a scratch rewriter (nothing is committed): True when it fires, its
     Fail (or None) when it declines."""
-    rw = Rewriter(GraphView(graph), m.root, Namer(graph), PassContext(), view)
+    rw = Rewriter(scratch[0], m.root, scratch[1], PassContext(), view)
     out = rule.rewrite(m, rw)
     if out is None or isinstance(out, Fail):
         return out
