@@ -16,7 +16,10 @@ leaves the loop nest as it was; the result is still correct, only slower):
    summed: LLVM does not reassociate a float reduction by itself (16x on a 512-wide dot);
    `rows_*` reductions instead keep their last spatial loop (static, a multiple of `VECTOR`)
    innermost and vectorised, the reduction loop just outside it: Σ_j p[j]·E[j, :] accumulates
-   contiguous rows, and hand-split dot products (`[..., lane]` partial sums) fill their lanes.
+   contiguous rows, and hand-split dot products (`[..., lane]` partial sums) fill their lanes;
+5. a reduction over a symbolic extent gets its initialisation hoisted out of the reduction loop
+   (`decompose_reduction`): TensorIR runs `T.init()` on the loop's first iteration, so a loop
+   that runs zero times (a sum over `x[:, :T // 4]` with T < 4) would leave the output unwritten.
 
 Matmuls have their own tiled schedule (`backends.tvm.matmul`).
 """
@@ -84,6 +87,8 @@ def schedule_cpu(func: Any) -> Any:
         _parallelise(sch, block)
     for block in sch.get_child_blocks(root):
         _vectorise_reduction(sch, block)
+    for block in sch.get_child_blocks(root):
+        _init_outside_empty_loops(sch, block)
     return sch.mod["main"].with_attr("global_symbol", func.attrs["global_symbol"])
 
 
@@ -170,6 +175,19 @@ def _vectorise_reduction(sch: Any, block: Any) -> None:
     if len(rf_loops) >= 3:
         _try(sch.reverse_compute_at, block, rf_loops[-3])
     _try(sch.vectorize, sch.get_loops(rf)[-1])
+
+
+def _init_outside_empty_loops(sch: Any, block: Any) -> None:
+    """Move a reduction's init before its reduction loops when one of them may run zero times.
+
+    TVM refuses `decompose_reduction` at a loop below a reduction loop, so the innermost loop it
+    accepts is the one just outside them (the init stays next to the row it initialises)."""
+    reductions = [iv for iv in sch.get(block).iter_vars if iv.iter_type == 2]
+    if all(_static(iv.dom.extent) for iv in reductions):
+        return  # no reduction, or every reduction loop runs at least once
+    for loop in reversed(sch.get_loops(block)):
+        if _ok(sch.decompose_reduction, block, loop):
+            return
 
 
 def _accumulate_rows(sch: Any, block: Any) -> None:
