@@ -70,7 +70,8 @@ class FusedPlan:
         domain = [int(subs_dim(d, env)) for d in self.domain]
         n_cols = domain[self.axis]
         n_inner = math.prod(domain[self.axis + 1 :])
-        return domain, math.prod(domain) // max(n_cols, 1), n_cols, n_inner
+        n_rows = math.prod(domain[: self.axis]) * n_inner  # not prod // n_cols: n_cols may be 0
+        return domain, n_rows, n_cols, n_inner
 
 
 @dataclass(frozen=True)
