@@ -373,8 +373,8 @@ def _resolve_holes(cx, shape) -> tuple:
     """A -1 in a view shape becomes torch's own size for it: with a zero-sized dim elsewhere the
     IR cannot infer it from the element count (0 / 0), but torch's shape propagation knows it."""
     shape = tuple(shape)
-    if -1 not in shape:
-        return shape
+    if -1 not in shape or "val" not in cx.node.meta:
+        return shape  # no torch shapes (the MLIR import): the IR infers the -1 from the count
     return tuple(cx.expected_shape())
 
 

@@ -141,6 +141,7 @@ class _FakeNode:
 
     def __init__(self, target: Any) -> None:
         self.target = target
+        self.meta: dict[str, Any] = {}  # MLIR carries no torch shape propagation (`val`)
 
 
 class _MlirTranslator(_capture._Translator):

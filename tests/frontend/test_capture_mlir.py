@@ -85,7 +85,11 @@ def test_tiny_prefill_matches_the_export_frontend() -> None:
     contexts = [passes.PassContext(), passes.PassContext()]
     after = [passes.pipeline(g, ctx=c) for g, c in zip((via_mlir, via_export), contexts)]
     assert histogram(after[0]) == histogram(after[1])
-    assert contexts[0].counters == contexts[1].counters
+    # the export path resolves a view's -1 from torch's shapes at capture; the MLIR import has
+    # none, so `reshape_explicit` does it there: every other rule fires the same number of times
+    via_mlir_counts, via_export_counts = (dict(c.counters) for c in contexts)
+    assert via_mlir_counts.pop("reshape_explicit", 0) > via_export_counts.pop("reshape_explicit", 0)
+    assert via_mlir_counts == via_export_counts
     assert sum(contexts[0].counters.values()) > 0
 
 
