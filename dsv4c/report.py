@@ -141,6 +141,7 @@ def entry_report(
 ) -> dict[str, Any]:
     """The report section of one entry point (`summary` from `pipeline_summary`, `g` final,
     `records` the executable's kernels with their binaries)."""
+    from frontend.custom_ops import opaque_calls
     from passes.schedule import category
 
     final = Counter(n.name for n in g.ops)
@@ -168,6 +169,7 @@ def entry_report(
         "aot": aot_rows(records),
         "picture": _picture(summary, g, lambda n: category(n) != "free"),
         "fallbacks": backend_report.get("fallbacks", []),
+        "not_compiled": opaque_calls(g),  # custom ops kept whole: run eagerly, never compiled
     }
 
 

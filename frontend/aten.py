@@ -33,6 +33,10 @@ ALTERNATIVES: dict[str, str] = {
     "_local_scalar_dense": "`.item()`/`.tolist()` move data to the host; keep the value a 0-d tensor",
     "unique": "data-dependent shapes cannot be compiled; use sort + a mask of first occurrences",
     "repeat_interleave": "use unsqueeze + expand + reshape",
+    "auto_functionalized": "dsv4c keeps only pure custom ops whole: declare the op with "
+    "mutates_args=() and return new tensors, or register a translator with frontend.translates",
+    "auto_functionalized_v2": "dsv4c keeps only pure custom ops whole: declare the op with "
+    "mutates_args=() and return new tensors, or register a translator with frontend.translates",
 }
 
 

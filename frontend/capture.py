@@ -33,6 +33,7 @@ from torch.utils import _pytree as pytree
 
 import ir
 from frontend import aten as aten_table
+from frontend import custom_ops
 from frontend import outputs as outputs_lib
 from frontend import regions as regions_lib
 from frontend.symbolic import to_ir_expr
@@ -66,7 +67,8 @@ class UnsupportedOpError(CaptureError):
     def __init__(self, op: str, module_path: str, source: str, code: str, hint: str) -> None:
         self.op, self.module_path, self.source = op, module_path, source
         where = f"  in module {module_path or '<root>'}, at {source or '<unknown source>'}"
-        lines = [f"unsupported ATen op {op}", where]
+        kind = "ATen op" if op.startswith("aten.") or "::" not in op else "custom op"
+        lines = [f"unsupported {kind} {op}", where]
         if code:
             lines.append(f"    {code}")
         lines.append(f"  hint: {hint}")
@@ -98,12 +100,15 @@ def capture(
     )
     with scope as regions:
         program = _export(module, tuple(example_inputs), arg_names, dynamic, method, outputs)
-        if _untranslatable(program):
+        missing = _untranslatable(program)
+        if missing:
             # torch.export keeps some composite ops whole; the table covers the common ones, and
-            # core-ATen decomposition (slower: it retraces the program) handles the rest.
-            program = _decompose(program)
+            # core-ATen decomposition (slower: it retraces the program) handles the rest, custom
+            # ops' registered decompositions included.
+            program = _decompose(program, {n.target for n in missing})
         graph = _Translator(program, arg_names, dynamic or {}, name or method, regions).run()
     ir.verify(graph)
+    custom_ops.report_opaque(graph)  # custom ops kept whole: printed with STATS=1
     return graph
 
 
@@ -170,12 +175,16 @@ def _auto_dims(arg: Any, dims: Mapping[int, str]) -> Any:
     return pytree.tree_map(lambda _leaf: {i: Dim.AUTO for i in dims} or None, arg)
 
 
-def _decompose(program: ExportedProgram) -> ExportedProgram:
-    """Lower to core ATen, keeping the ops in KEEP whole (the slow path: it retraces)."""
+def _decompose(program: ExportedProgram, missing: set | frozenset = frozenset()) -> ExportedProgram:
+    """Lower to core ATen, keeping the ops in KEEP whole (the slow path: it retraces). Custom ops
+    among `missing` decompose through their registered decompositions (CompositeImplicitAutograd
+    kernels already do by default)."""
     table = torch.export.default_decompositions()
     for op in KEEP:
         if op in table:
             del table[op]
+    for op, fn in custom_ops.decompositions_for(missing).items():
+        table[op] = fn
     return program.run_decompositions(table)
 
 
@@ -346,12 +355,16 @@ class _Translator:
             return
         translator = aten_table.lookup(target)
         module_path, source, code = _provenance(node)
+        if translator is None and custom_ops.is_custom(target):
+            translator = _Translator._opaque  # kept whole: runs the op's own implementation
         if translator is None:
-            raise UnsupportedOpError(_op_name(target), module_path, source, code, _hint(target))
+            raise UnsupportedOpError(_op_name(target, node), module_path, source, code,
+                                     _hint(target))  # fmt: skip
         self.node = node
         self.loc = ir.Loc(module=module_path, source=source)
         args = [self._arg(a) for a in node.args]
-        kwargs = {k: self._arg(v) for k, v in node.kwargs.items() if k not in _IGNORED_KWARGS}
+        ignored = () if translator is _Translator._opaque else _IGNORED_KWARGS  # a custom op's own kwargs
+        kwargs = {k: self._arg(v) for k, v in node.kwargs.items() if k not in ignored}
         try:
             result = translator(self, *args, **kwargs)
         except (ir.IRTypeError, TypeError, ValueError) as err:
@@ -361,6 +374,15 @@ class _Translator:
             ) from err
         self._check_types(result, val, target)
         self.env[node] = result
+
+    def _opaque(self, *args: Any, **kwargs: Any) -> Any:
+        """A custom op with no translator or decomposition as one `custom.call`."""
+        target = self.node.target
+        try:
+            return custom_ops.opaque_call(self, target, args, kwargs)
+        except TypeError as err:
+            module_path, source, code = _provenance(self.node)
+            raise UnsupportedOpError(_op_name(target), module_path, source, code, str(err)) from err
 
     def _arg(self, a: Any) -> Any:
         if isinstance(a, torch.fx.Node):
@@ -539,7 +561,12 @@ def _path_name(arg_name: str, path: tuple) -> str:
     return ".".join(parts)
 
 
-def _op_name(target: Any) -> str:
+def _op_name(target: Any, node: torch.fx.Node | None = None) -> str:
+    if isinstance(target, torch._ops.HigherOrderOperator) and target.name().startswith(
+        "auto_functionalized"
+    ):  # export wraps a custom op that mutates its inputs
+        inner = node.args[0] if node is not None and node.args else None
+        return f"{_op_name(inner) if inner is not None else 'a custom op'} (mutates its inputs)"
     if isinstance(target, torch._ops.OpOverload):
         return f"aten.{target.__name__}" if target.namespace == "aten" else target.name()
     return getattr(target, "__name__", str(target))
