@@ -12,13 +12,17 @@ inputs). Graphs dsv4c cannot take — symbolic sizes passed as ints, outputs tha
 tensors, an op the frontend cannot capture — run eagerly: each such graph warns once
 (`EagerFallbackWarning`, with the reason) and is counted (`fallbacks()`, `reset_fallbacks()`);
 with `DSV4C_STRICT=1` in the environment a fallback is an error (`EagerFallbackError`) instead.
+`report()` sums it up: graphs compiled, graphs run eagerly with their reasons, and the custom ops
+the compiled graphs run uncompiled (`dsv4c.report.dynamo_report`); `STATS=1` prints it at exit.
 Dynamo's FX graphs are captured like any module: torch's core-ATen decompositions bring their
 composite ops down to the ops the frontend translates.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -27,8 +31,7 @@ from dsv4c.errors import DsvError
 
 __all__ = [
     "NAME", "EagerFallbackError", "EagerFallbackWarning", "backend", "dsv4c_backend", "fallbacks",
-    "register",
-    "reset_fallbacks",
+    "register", "report", "reset_fallbacks",
 ]  # fmt: skip
 
 NAME = "dsv4c"
@@ -37,6 +40,8 @@ STRICT_ENV = "DSV4C_STRICT"
 
 # One reason per graph that ran eagerly, in order (read with fallbacks()).
 _FALLBACKS: list[str] = []
+# The `Compiled` of every graph dsv4c compiled, in order (summed up by report()).
+_COMPILED: list[Any] = []
 
 
 class EagerFallbackWarning(UserWarning):
@@ -53,7 +58,36 @@ def fallbacks() -> list[str]:
 
 
 def reset_fallbacks() -> None:
+    """Forget the graphs seen so far: the fallback count and report() start again from zero."""
     _FALLBACKS.clear()
+    _COMPILED.clear()
+
+
+def report() -> dict[str, Any]:
+    """What torch.compile(backend="dsv4c") did since the last reset: {"graphs", "compiled",
+    "eager_fallbacks" (the count), "fallback_reasons", "launches", "not_compiled"}."""
+    from dsv4c.report import dynamo_report
+
+    return dynamo_report(_COMPILED, _FALLBACKS)
+
+
+def _print_report() -> None:
+    """With STATS=1, the summary on stderr at exit (when any graph reached dsv4c)."""
+    if os.environ.get("STATS", "") in ("", "0") or not (_COMPILED or _FALLBACKS):
+        return
+    r = report()
+    print(
+        f"dsv4c (torch.compile): {r['graphs']} graph(s): {r['compiled']} compiled, "
+        f"{r['eager_fallbacks']} ran eagerly",
+        file=sys.stderr,
+    )
+    for row in r["fallback_reasons"]:
+        print(f"  eager x{row['graphs']}: {row['reason']}", file=sys.stderr)
+    for op, row in r["not_compiled"].items():
+        print(f"  custom op not compiled: {op} x{row['count']}", file=sys.stderr)
+
+
+atexit.register(_print_report)
 
 
 def dsv4c_backend(
@@ -91,6 +125,7 @@ def dsv4c_backend(
         return tuple(outs) if as_tuple else list(outs)
 
     run.compiled = compiled  # type: ignore[attr-defined]
+    _COMPILED.append(compiled)
     return run
 
 

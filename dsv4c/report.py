@@ -16,7 +16,10 @@ import ir
 from backends.base import Executable, KernelRecord
 from backends.targets import Target
 
-__all__ = ["aot_rows", "build_report", "compare_backends", "entry_report", "kernel_rows", "pipeline_summary"]
+__all__ = [
+    "aot_rows", "build_report", "compare_backends", "dynamo_report", "entry_report", "kernel_rows",
+    "pipeline_summary",
+]  # fmt: skip
 
 
 def _num(d: Any, env: Mapping[str, int]) -> int | None:
@@ -270,3 +273,27 @@ def compare_backends(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[dict[st
 def _most(rows: Sequence[Mapping[str, Any]], field: str) -> int | None:
     vals = [r[field] for r in rows if r.get(field) is not None]
     return max(vals) if vals else None
+
+
+def dynamo_report(compiled: Sequence[Any], fallbacks: Sequence[str]) -> dict[str, Any]:
+    """torch.compile(backend="dsv4c") summed up: `compiled` the `Compiled` of each graph dsv4c
+    took, `fallbacks` one reason per graph that ran eagerly. Launches and the custom ops left
+    uncompiled are added up over the compiled graphs' entry points."""
+    launches, not_compiled = 0, {}
+    for c in compiled:
+        for entry in c.report()["entries"].values():
+            launches += entry.get("launches") or 0
+            for op, row in entry.get("not_compiled", {}).items():
+                merged = not_compiled.setdefault(op, {"count": 0, "locations": []})
+                merged["count"] += row["count"]
+                merged["locations"] += [w for w in row["locations"] if w not in merged["locations"]]
+    return {
+        "graphs": len(compiled) + len(fallbacks),
+        "compiled": len(compiled),
+        "eager_fallbacks": len(fallbacks),
+        "fallback_reasons": [
+            {"reason": r, "graphs": n} for r, n in Counter(fallbacks).most_common()
+        ],
+        "launches": launches,
+        "not_compiled": not_compiled,
+    }

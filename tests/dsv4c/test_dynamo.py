@@ -94,3 +94,38 @@ def test_strict_makes_a_fallback_an_error(compiles, monkeypatch) -> None:
     fn = torch.compile(_Spectrum(), backend="dsv4c", dynamic=False)
     with pytest.raises(Exception, match="DSV4C_STRICT=1 makes this an error"):
         fn(torch.randn(4, 3))
+
+
+class _Mixed(torch.nn.Module):
+    """Two graphs (a graph break between them): an MLP dsv4c compiles, then an FFT it cannot."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = mlp()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.mlp(x)
+        torch._dynamo.graph_break()
+        return torch.fft.rfft(h).abs()
+
+
+def test_report_counts_compiled_and_eager_graphs(compiles, monkeypatch, capsys) -> None:
+    import dsv4c.dynamo
+
+    monkeypatch.delenv("DSV4C_STRICT", raising=False)
+    dsv4c.dynamo.reset_fallbacks()
+    model = _Mixed()
+    fn = torch.compile(model, backend="dsv4c", dynamic=False)
+    with pytest.warns(dsv4c.dynamo.EagerFallbackWarning), torch.no_grad():
+        got = fn(x(3))
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(x(3)), rtol=1e-5, atol=1e-5)
+    r = dsv4c.dynamo.report()
+    assert (r["graphs"], r["compiled"], r["eager_fallbacks"]) == (2, 1, 1)
+    assert r["fallback_reasons"][0]["graphs"] == 1 and r["launches"] > 0
+    assert r["not_compiled"] == {}
+    monkeypatch.setenv("STATS", "1")
+    dsv4c.dynamo._print_report()  # what STATS=1 prints at exit
+    assert "2 graph(s): 1 compiled, 1 ran eagerly" in capsys.readouterr().err
+    dsv4c.dynamo.reset_fallbacks()
+    assert dsv4c.dynamo.report()["graphs"] == 0

@@ -192,3 +192,21 @@ def test_backends_run_the_custom_op_and_the_report_says_not_compiled(
     entry = next(iter(compiled.report()["entries"].values()))
     row = entry["not_compiled"]["dsv4c_t14::scale_rows.default"]
     assert row["count"] == 1 and row["locations"][0].startswith("<root> (test_custom_ops.py:")
+
+
+def test_torch_compile_keeps_the_custom_op_whole_without_falling_back(monkeypatch) -> None:
+    import dsv4c.dynamo
+
+    monkeypatch.setenv("DSV4C_STRICT", "1")
+    torch._dynamo.reset()
+    dsv4c.dynamo.reset_fallbacks()
+    m, x = _Opaque(), _x(4, 5)
+    try:
+        with torch.no_grad():
+            got = torch.compile(m, backend="dsv4c", dynamic=False)(x)
+            torch.testing.assert_close(got, m(x), rtol=1e-6, atol=1e-6)
+        r = dsv4c.dynamo.report()
+    finally:
+        torch._dynamo.reset()
+    assert (r["compiled"], r["eager_fallbacks"]) == (1, 0)
+    assert r["not_compiled"]["dsv4c_t14::scale_rows.default"]["count"] == 1
