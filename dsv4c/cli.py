@@ -6,6 +6,7 @@
     dsv4c ir --model tiny --explain mul_one                               # why a rule (not) fires
     dsv4c report out/                                                     # out/report.html
     dsv4c bench --model small --backends eager,inductor,tvm,tvm-relax     # side by side
+    dsv4c tune --model tiny --target cpu                                  # CPU schedules -> DB
 
 Errors (unknown model, target or backend, a bad directory, unreadable weights) print one line and
 exit with status 1; `--debug` shows the traceback instead.
@@ -148,6 +149,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
     import dsv4c
 
     asked = _check_compile_args(args)
+    if args.mesh:  # sharded over local ranks: dsv4c/distributed.py (mesh.json + rank graphs)
+        from dsv4c.distributed import compile_from_args
+
+        if args.weights:
+            raise ValueError("--weights with --mesh is not supported yet: sharded artifacts run "
+                             "with random weights; drop --weights or --mesh")
+        args.methods_list = asked
+        return compile_from_args(args, _say)
     model = _meta_model(args.model)
     if args.weights:  # checked here, not when the artifact first runs
         from dsv4c.run import check_weights
@@ -190,6 +199,16 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from dsv4c.distributed import is_sharded, run_from_args
+
+    if is_sharded(args.dir):  # compiled with --mesh: start its ranks (or one under torchrun)
+        if args.weights:
+            raise ValueError(f"{args.dir} is sharded; --weights is not supported there yet")
+        return run_from_args(args, _say)
+    args.prompt_len = 16 if args.prompt_len is None else args.prompt_len
+    if args.nproc is not None:
+        raise ValueError(f"--nproc {args.nproc}: {args.dir} was compiled for one device; "
+                         "compile with --mesh (e.g. --mesh tp=2) to run on several ranks")
     manifest = _peek_manifest(args.dir)
     if manifest.get("backend") == "triton" and manifest.get("target") == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
@@ -289,15 +308,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-len", type=int, default=256, help="KV cache positions (default 256)")
     c.add_argument("--methods", help="entry points, comma separated (default prefill,decode)")
     c.add_argument("--no-cache", action="store_true", help="bypass the graph and kernel caches")
+    from dsv4c.distributed import add_compile_arguments  # --mesh, --moe, --batch-axis, ...
+
+    add_compile_arguments(c)
     c.set_defaults(fn=cmd_compile)
 
     r = sub.add_parser("run", help="generate tokens with a compiled model and print tokens/s")
     r.add_argument("dir", help="artifact directory from `dsv4c compile`")
-    r.add_argument("--prompt-len", type=int, default=16)
+    r.add_argument("--prompt-len", type=int, help="prompt tokens (default 16; a --mesh "
+                   "artifact's is fixed at compile time)")
     r.add_argument("--gen", type=int, default=8, help="tokens to generate after the prompt")
     r.add_argument("--weights", help="safetensors checkpoint (default: random weights)")
     r.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompt")
     r.add_argument("--no-check", action="store_true", help="skip the comparison with eager")
+    r.add_argument("--nproc", type=int, help="ranks to start for an artifact compiled with "
+                   "--mesh (default: its mesh's size; under torchrun: its WORLD_SIZE)")
     r.set_defaults(fn=cmd_run)
 
     i = sub.add_parser("ir", help="print a model's IR after a pipeline pass")
@@ -334,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     from dsv4c import plan as plan_cmd  # scale-out planner: `dsv4c plan --model v4-pro --mesh ...`
 
     plan_cmd.add_parser(sub)
+    from dsv4c import tune as tune_cmd  # `dsv4c tune --model tiny --target cpu`
+
+    tune_cmd.add_parser(sub)
     return ap
 
 

@@ -246,7 +246,8 @@ def make_plan(model: str, mesh: Mesh, gpu: str, *, gpus: int | None = None,
     sizes = mesh.to_json()
     world, folded = _world(mesh, gpus)
     plan = Plan(model, mesh, GPUS[gpu], world, folded, context)
-    _check_divisible(cfg, sizes)
+    moe = "all_reduce" if sizes.get("dp", 1) == 1 else "dispatch"  # as weight_bytes assumes
+    check_divisible(cfg, sizes, moe=moe, model=model)
     plan.weights = weight_bytes(cfg, sizes)
     plan.kv_per_seq = kv_bytes_per_token(cfg) * context + _window_bytes(cfg)
     plan.comm = comm_per_token(cfg, sizes, world, decode=True)
@@ -268,12 +269,37 @@ def _world(mesh: Mesh, gpus: int | None) -> tuple[int, bool]:
     )
 
 
-def _check_divisible(cfg: Config, sizes: dict[str, int]) -> None:
+def check_divisible(cfg: Config, sizes: dict[str, int], *, moe: str = "all_reduce",
+                    model: str = "the model") -> None:
+    """Raise ValueError when a mesh axis does not divide what the default placement rules split
+    over it, naming the axis, the config field, why it is split and the sizes that work."""
     tp, ep = sizes.get("tp", 1), sizes.get("ep", 1)
-    if cfg.o_groups % tp:
-        raise ValueError(f"tp={tp} must divide o_groups={cfg.o_groups} (whole output groups)")
-    if cfg.n_routed_experts % ep:
-        raise ValueError(f"ep={ep} must divide n_routed_experts={cfg.n_routed_experts}")
+    needs: list[tuple[str, int, str, int, str]] = []  # axis, size, field, value, why
+    if tp > 1:
+        needs += [("tp", tp, "o_groups", cfg.o_groups, "whole output groups per rank"),
+                  ("tp", tp, "n_heads", cfg.n_heads, "query heads are split over tp"),
+                  ("tp", tp, "vocab_size", cfg.vocab_size, "vocabulary-parallel embedding/head")]
+    axis = "ep" if ep > 1 else "tp" if tp > 1 else None
+    if axis:
+        size = sizes[axis]
+        needs.append((axis, size, "n_routed_experts", cfg.n_routed_experts, "experts per rank"))
+        if moe == "all_reduce":
+            needs.append((axis, size, "moe_inter_dim", cfg.moe_inter_dim,
+                           "the shared expert's hidden units are split with --moe all_reduce"))
+    for name, size, field_, value, why in needs:
+        if value % size:
+            ok = [d for d in range(1, value + 1)
+                  if all(v % d == 0 for a, _, _, v, _ in needs if a == name)]
+            raise ValueError(
+                f"{name}={size} must divide {field_}={value} of {model} ({why}); "
+                f"{name} can be {', '.join(map(str, ok[:8]))}{' ...' if len(ok) > 8 else ''}"
+            )
+    rules = rules_for_mesh(sizes, moe=moe)
+    for pname, shape in param_specs(cfg):  # anything else a rule splits
+        for a, pl in placement_of(pname, rules).items():
+            if isinstance(pl, Shard) and shape[pl.dim] % sizes[a]:
+                raise ValueError(f"{a}={sizes[a]} must divide dim {pl.dim} ({shape[pl.dim]}) "
+                                 f"of parameter {pname} of {model}; pick another {a} size")
 
 
 def _decode(cfg: Config, plan: Plan, sizes: dict[str, int], seqs: int) -> tuple[float, bool]:

@@ -1,42 +1,110 @@
-"""Sharded artifacts (`python -m dsv4c.distributed compile/run`): integrity and launch errors
-(fast), and compile + run on 4 ranks against eager (DSV4C_SLOW=1)."""
+"""Sharded artifacts through the main CLI (`dsv4c compile --mesh`, `dsv4c run --nproc`): bad
+meshes and launches are one-line errors before any capture (fast); compile + run on 4 ranks with
+TVM, prefill and decode checked against eager (DSV4C_SLOW=1)."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 
-from dsv4c import distributed
+from dsv4c import cli, distributed
 
 SLOW = os.environ.get("DSV4C_SLOW", "") not in ("", "0")
 
 
+def _error(capsys, argv: list[str]) -> str:
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def _compile(tmp_path, *mesh_args: str) -> list[str]:
+    return ["compile", "--model", "tiny-512", "--backend", "reference", "-o",
+            str(tmp_path / "art"), *mesh_args]
+
+
+@pytest.mark.parametrize(
+    "mesh_args, fragment",
+    [
+        (["--mesh", "tp=3"], "tp=3 must divide o_groups=2 of tiny-512 (whole output groups per "
+                             "rank); tp can be 1, 2"),
+        (["--mesh", "pp=2"], "mesh axis 'pp' unknown; expected some of ('dp', 'ep', 'tp')"),
+        (["--mesh", "tp2"], "bad part 'tp2'; expected axis=size pairs such as 'tp=8,ep=8'"),
+        (["--mesh", "ep=3"], "ep=3 must divide n_routed_experts=4 of tiny-512 (experts per "
+                             "rank); ep can be 1, 2, 4"),
+        (["--mesh", "ep=2", "--batch-axis", "tp"], "--batch-axis 'tp' is not an axis of mesh "
+                                                   "ep=2; use one of ep"),
+        (["--mesh", "ep=4", "--batch-axis", "ep", "--batch", "6"],
+         "--batch 6 does not divide by ep=4"),
+        (["--mesh", "ep=2", "--moe", "alltoall"], "--moe 'alltoall': expected one of all_reduce"),
+        (["--mesh", "tp=2", "--weights", "w.safetensors"], "--weights with --mesh is not "
+                                                           "supported yet"),
+    ],
+)
+def test_bad_mesh_is_a_clear_error(tmp_path, capsys, mesh_args, fragment) -> None:
+    line = _error(capsys, _compile(tmp_path, *mesh_args))
+    assert line.startswith("dsv4c compile: error: ") and fragment in line, line
+    assert not (tmp_path / "art" / distributed.MESH_FILE).exists()
+
+
 def _fake(tmp_path, text: str = "graph g() {\n  return\n}\n") -> str:
+    """A sharded artifact for mesh tp=2,ep=2 holding an empty graph (no capture needed)."""
     path = str(tmp_path / "art")
-    os.makedirs(path)
-    digest = distributed._write(os.path.join(path, distributed.GRAPH_FILE), text)
-    manifest = {"mesh": {"tp": 2, "ep": 2}, "world_size": 4, "rules": [],
-                "sha256": {distributed.GRAPH_FILE: digest}}
-    distributed._write(os.path.join(path, distributed.MESH_FILE), distributed.json.dumps(manifest))
+    rel = distributed.graph_file("prefill")
+    digest = distributed._write(os.path.join(path, rel), text)
+    manifest = {"model": "tiny-512", "mesh": {"ep": 2, "tp": 2}, "world_size": 4, "rules": [],
+                "prompt": 16, "max_len": 64, "batch": 4, "roles": {"all": {"prefill": rel}},
+                "sha256": {rel: digest}}
+    distributed._write(os.path.join(path, distributed.MESH_FILE), json.dumps(manifest))
     return path
 
 
-def test_wrong_nproc_and_tampered_graph_are_clear_errors(tmp_path) -> None:
+def test_launch_errors_name_the_fix(tmp_path, capsys) -> None:
     path = _fake(tmp_path)
-    with pytest.raises(ValueError, match="compiled for mesh .* = 4 ranks; run with --nproc 4"):
-        distributed.run_mesh(path, 2)
-    with open(os.path.join(path, distributed.GRAPH_FILE), "a") as f:
+    line = _error(capsys, ["run", path, "--nproc", "2"])
+    assert "compiled for mesh ep=2,tp=2 = 4 ranks; run with --nproc 4" in line, line
+    line = _error(capsys, ["run", path, "--prompt-len", "8"])
+    assert "compiled for prompts of 16 tokens (static shapes)" in line, line
+    line = _error(capsys, ["run", path, "--gen", "60"])
+    assert "--gen 60: the prompt (16) and the generated tokens must fit" in line, line
+    os.environ["WORLD_SIZE"] = "2"  # as torchrun sets it
+    try:
+        line = _error(capsys, ["run", path])
+    finally:
+        del os.environ["WORLD_SIZE"]
+    assert "torchrun started 2 ranks but" in line and "--nproc-per-node 4" in line, line
+    with open(os.path.join(path, distributed.graph_file("prefill")), "a") as f:
         f.write("# edited\n")
-    with pytest.raises(ValueError, match="sha256 differs from mesh.json; recompile"):
-        distributed.run_mesh(path, 4)
+    line = _error(capsys, ["run", path, "--nproc", "4"])
+    assert "graph.prefill.ir: sha256 differs from mesh.json; recompile" in line, line
 
 
-@pytest.mark.skipif(not SLOW, reason="capture + 4 ranks take about a minute; DSV4C_SLOW=1")
-def test_compile_and_run_on_four_ranks(tmp_path, capsys) -> None:
+def test_nproc_on_a_single_device_artifact(tmp_path, capsys) -> None:
+    line = _error(capsys, ["run", str(tmp_path), "--nproc", "2"])
+    assert "was compiled for one device; compile with --mesh" in line, line
+
+
+@pytest.mark.skipif(not SLOW, reason="2 captures + TVM build + 4 ranks: ~3 min; DSV4C_SLOW=1")
+def test_cli_compile_mesh_and_run_on_four_ranks(tmp_path, capsys) -> None:
     out = str(tmp_path / "tp2ep2")
-    argv = ["compile", "--model", "tiny-512", "--mesh", "tp=2,ep=2", "-o", out]
-    assert distributed.main(argv) == 0
-    assert distributed.main(["run", out, "--nproc", "4"]) == 0
+    argv = ["compile", "--model", "tiny-512", "--mesh", "tp=2,ep=2", "--backend", "tvm",
+            "--target", "cpu", "--max-len", "64", "-o", out]
+    assert cli.main(argv) == 0
+    assert (tmp_path / "tp2ep2" / "kernels" / "cpu").is_dir()  # built once, loaded by each rank
+    assert cli.main(["run", out, "--nproc", "4", "--gen", "4"]) == 0
     text = capsys.readouterr().out
-    assert "4 ranks: prefill" in text and "tokens/s" in text and "(ok)" in text
+    assert "prefill  4x16 tokens" in text and "decode   4x4 tokens" in text, text
+    diff = float(text.split("vs eager max |diff| ")[1].split(",")[0])
+    assert diff <= 1e-5 and text.rstrip().endswith("ok"), text
+
+
+@pytest.mark.skipif(not SLOW, reason="2 captures + 2 ranks: ~2 min; DSV4C_SLOW=1")
+def test_dp_attention_dispatch_artifact_decodes_like_eager(tmp_path) -> None:
+    out = str(tmp_path / "ep2")
+    distributed.compile_mesh("tiny", distributed.Mesh.parse("ep=2"), out, moe="dispatch",
+                             batch_axis="ep", batch=2, prompt=6, max_len=16)
+    res = distributed.run_mesh(out, 2, gen=3)
+    assert res["max_abs_diff"] <= 1e-5 and len(res["tokens"][0]) == 3, res
