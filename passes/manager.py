@@ -16,6 +16,7 @@ from passes.fuse_attention import fuse_attention
 from passes.fuse_elementwise import fuse_elementwise
 from passes.fuse_hc import fuse_hc
 from passes.fuse_moe import fuse_moe
+from passes.fuse_sdpa import fuse_sdpa
 from passes.memory_plan import plan_memory
 from passes.schedule import schedule
 
@@ -43,6 +44,8 @@ def pipeline(
     g = ctx.run("fuse_moe", fuse_moe, g)
     # mHC pre (Sinkhorn kept as a loop inside the op), post and head
     g = ctx.run("fuse_hc", fuse_hc, g)
+    # dense attention in any spelling (SDPA, softmax(QKᵀ)V; GQA, causal/band masks, sinks)
+    g = ctx.run("fuse_sdpa", fuse_sdpa, g)
     # --- generic fusion and scheduling ---------------------------------------------------------
     # remaining elementwise/reduction chains and GEMM epilogues -> fused.kernel (one launch each)
     g = ctx.run("fuse_elementwise", fuse_elementwise, g)
