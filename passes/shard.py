@@ -388,15 +388,42 @@ def _local_routing(st: _State, node: Node, w: Value, e: Value, axis: str) -> tup
     """Local ids e - axis_index·E_local, clamped into [0, E_local), and routing weights zeroed
     for other ranks' experts: they contribute exactly 0, and every kernel sees in-range ids."""
     loc, n_local = node.loc, st.local[node.operands[3].name].type.shape[0]
+    clamped, mine = _local_ids(st, e, n_local, axis, loc)
+    zero = _op(st, "constant", [], loc, value=0.0, dtype=w.type.dtype)
+    return _op(st, "where", [mine, w, zero], loc), clamped
+
+
+def _local_ids(st: _State, ids: Value, n_local: int, axis: str, loc: Loc | None
+               ) -> tuple[Value, Value]:
+    """Rank-local ids of a table split in blocks of `n_local` rows over `axis`: the ids minus
+    axis_index·n_local clamped into [0, n_local) (always in range for a kernel), and whether
+    each id is this rank's."""
     idx = st.emit(OPS["dist.axis_index"](group=axis, size=st.sizes[axis]), [], loc,
                   [f"{axis}_index"])[0]
     per = _op(st, "constant", [], loc, value=n_local, dtype=DType.i64)
     first = _op(st, "mul", [idx, per], loc)
-    local = _op(st, "sub", [e, first], loc)
+    local = _op(st, "sub", [ids, first], loc)
     clamped = _op(st, "clamp", [local], loc, min=0, max=n_local - 1)
-    mine = _op(st, "eq", [local, clamped], loc)
-    zero = _op(st, "constant", [], loc, value=0.0, dtype=w.type.dtype)
-    return _op(st, "where", [mine, w, zero], loc), clamped
+    return clamped, _op(st, "eq", [local, clamped], loc)
+
+
+def _embedding(st: _State, node: Node, pls: list[Pl]) -> None:
+    """Vocabulary-parallel lookup: table rows split over an axis -> each rank reads the rows of
+    the ids in its block and zeroes the others -> a partial sum (one all_reduce when needed).
+    The ids keep their own placement (a batch split passes through)."""
+    axes = [a for a, p in pls[0].items() if p == Shard(0)]
+    ids_i64 = node.operands[1].type.dtype == DType.i64
+    if len(axes) != 1 or axes[0] in pls[1] or len(pls[0]) != 1 or not ids_i64:
+        return _replicated(st, node, pls)
+    axis, loc = axes[0], node.loc
+    table, ids = st.local[node.operands[0].name], st.local[node.operands[1].name]
+    clamped, mine = _local_ids(st, ids, table.type.shape[0], axis, loc)
+    rows = _op(st, "embedding", [table, clamped], loc)
+    mask = _op(st, "unsqueeze", [mine], loc, dim=-1)
+    zero = _op(st, "constant", [], loc, value=0.0, dtype=table.type.dtype)
+    out = st.emit(OPS["where"](), [mask, rows, zero], loc, [node.results[0].name], own=True)
+    st.counters[f"vocab_parallel_embedding.{axis}"] += 1
+    st.bind(node.results, out, [{**pls[1], axis: PARTIAL}])
 
 
 def _experts_dispatch(st: _State, node: Node, pls: list[Pl], axis: str) -> None:
@@ -453,6 +480,7 @@ RULES: dict[str, RuleFn] = {
     "matmul": _matmul,
     "attn.sparse_mqa": _heads,
     "moe.experts": _experts,
+    "embedding": _embedding,
 }
 
 

@@ -11,6 +11,8 @@ Strategies (the brief, shared/scale-out.md §3, §5):
   (`wo_a` rows: whole groups per rank), `wo_b` row-parallel (columns split -> partial sums). The
   single K=V head (`wkv`), `wq_a`, compressors, the indexer and the KV cache stay replicated.
 - `vocab_head(axis)`: `head.weight` rows split (each rank computes its vocabulary slice).
+- `vocab_embedding(axis)`: `embed.weight` rows split (ids outside a rank's block read zeros;
+  the lookups add up in one all_reduce).
 - `expert_parallel(axis)`: routed experts split along the expert dim; gate and shared expert
   replicated.
 """
@@ -30,6 +32,7 @@ __all__ = [
     "Rule",
     "tp_attention",
     "vocab_head",
+    "vocab_embedding",
     "expert_parallel",
     "rules_for_mesh",
     "placement_of",
@@ -87,6 +90,12 @@ def vocab_head(axis: str = "tp") -> list[Rule]:
     return [Rule("head.weight", axis, Shard(0))]
 
 
+def vocab_embedding(axis: str = "tp") -> list[Rule]:
+    """Embedding rows split: each rank looks up the ids in its vocabulary block (a partial
+    sum, one all_reduce of [tokens, dim])."""
+    return [Rule("embed.weight", axis, Shard(0))]
+
+
 def expert_parallel(axis: str = "ep", split_shared: bool = False) -> list[Rule]:
     """Routed experts: E/size per rank. `split_shared` also splits the shared expert's hidden
     units (s1/s3 rows, s2 columns) so the MoE output is one partial sum (all_reduce layout)."""
@@ -101,12 +110,12 @@ def expert_parallel(axis: str = "ep", split_shared: bool = False) -> list[Rule]:
 
 
 def rules_for_mesh(sizes: dict[str, int], moe: str = "all_reduce") -> list[Rule]:
-    """Default rules for a mesh: TP attention and vocabulary head over `tp`; routed experts over
-    `ep` (or over `tp` when there is no ep axis — the reference code's "EP inside TP"); with
-    `moe="all_reduce"` the shared expert is split on the same axis."""
+    """Default rules for a mesh: TP attention, vocabulary-parallel embedding and head over `tp`;
+    routed experts over `ep` (or over `tp` when there is no ep axis — the reference code's "EP
+    inside TP"); with `moe="all_reduce"` the shared expert is split on the same axis."""
     rules: list[Rule] = []
     if sizes.get("tp", 1) > 1:
-        rules += tp_attention("tp") + vocab_head("tp")
+        rules += tp_attention("tp") + vocab_head("tp") + vocab_embedding("tp")
     expert_axis = "ep" if sizes.get("ep", 1) > 1 else "tp" if sizes.get("tp", 1) > 1 else None
     if expert_axis:
         rules += expert_parallel(expert_axis, split_shared=moe == "all_reduce")

@@ -26,7 +26,7 @@ SLOW = os.environ.get("DSV4C_SLOW", "") not in ("", "0")
 
 CASES = {  # name, mesh, MoE lowering, batch axis (data-parallel attention)
     2: [
-        ("tp attention + vocab head + experts over tp", "tp=2", "all_reduce", None),
+        ("tp attention + vocab embedding/head + experts over tp", "tp=2", "all_reduce", None),
         ("ep static-capacity dispatch, tokens replicated", "ep=2", "dispatch", None),
         ("dp attention + ep dispatch", "ep=2", "dispatch", "ep"),
     ],
@@ -76,7 +76,8 @@ def _check_collectives(g: ir.Graph, counts: dict, mesh: str, moe: str, batch: st
     layers = sum(n.name == "moe.experts" for n in g.ops)
     attn_tp = layers if "tp=2" in mesh else 0
     moe_ar = layers if moe == "all_reduce" else 0
-    assert counts.get("dist.all_reduce", 0) == attn_tp + moe_ar
+    embed = 1 if "tp=2" in mesh else 0  # vocabulary-parallel embedding: one partial sum
+    assert counts.get("dist.all_reduce", 0) == attn_tp + moe_ar + embed
     # vocabulary head (tp) or the logits' batch (data-parallel attention): one gather
     assert counts.get("dist.all_gather", 0) == (1 if "tp=2" in mesh or batch else 0)
     assert counts.get("moe.dispatch", 0) == counts.get("moe.combine", 0)
