@@ -2,13 +2,20 @@
 
     python -m benchmarks.opinfo_coverage -o opinfo_coverage.json            # float32, bfloat16
     python -m benchmarks.opinfo_coverage --ops add,histc --samples 2 --backends tvm,triton
+    python -m benchmarks.opinfo_coverage -o benchmarks/opinfo_coverage.json \
+        --samples 2 --backends tvm,triton --models                           # the recorded sweep
 
 For every OpInfo in `torch.testing._internal.common_methods_invocations.op_db` whose ATen op is
 in the Core ATen opset (an overload tagged `torch.Tag.core`), a few samples per dtype go through
 `frontend.capture` -> `ir.interpret` and, with --backends, `dsv4c.compile` for TVM / the Triton
-interpreter, each checked against eager PyTorch. Per op the JSON records captured / interpreted /
-tvm / triton (true, false, or null when not tried) and the first error; the summary gives the
-fraction of Core ATen ops with an OpInfo that pass capture + interpret in every tried dtype.
+interpreter (the first --backend-samples samples per dtype), each checked against eager PyTorch.
+Per op the JSON records captured / interpreted / tvm / triton and the first error. A backend
+column is true or false when the backend lowered at least one of the sample's ops to a kernel,
+null when it was not tried or lowered none (every op ran its torch reference: `not_lowered`
+lists such ops per backend). The summary gives the fraction of Core ATen ops with an OpInfo that
+pass capture + interpret in every tried dtype, and per backend passed/lowered. With --models,
+`models` names the listed Hugging Face models (tests/frontend/hf_tiny.py) whose captured program
+uses the op, and the summary says which of those ops fail a backend.
 """
 
 from __future__ import annotations
@@ -38,9 +45,14 @@ UNSPECIFIED = {"empty", "empty_like", "empty_strided", "empty_permuted", "new_em
                "rand", "randint", "normal", "bernoulli", "uniform"}  # fmt: skip
 
 
-# The full sweep's last figure (capture + interpret, float32 and bfloat16, 2 samples each);
-# the test runs SUBSET (float32, one sample each) and fails below SUBSET_FLOOR.
+JSON_PATH = Path(__file__).with_name("opinfo_coverage.json")  # the recorded sweep
+# The recorded sweep's figures (float32 and bfloat16, 2 samples each, 1 lowered sample through
+# each backend), which tests/frontend/test_opinfo_coverage.py holds the JSON to; the test also
+# runs SUBSET (capture + interpret, float32, one sample each; fails below SUBSET_FLOOR) and
+# BACKEND_SPOT_CHECK through both backends live.
 RECORDED_COVERAGE = 0.903  # 121 of 134 Core ATen OpInfos with samples (opinfo_coverage.json)
+RECORDED_BACKENDS = {"tvm": 0, "triton": 0}  # ops each backend lowered and passed
+BACKEND_SPOT_CHECK = ("where", "cumsum", "mul")
 SUBSET = ("where", "amax", "cumsum", "gather", "split_with_sizes", "index_select", "max",
           "topk", "atan2", "native_group_norm", "diagonal", "cat")  # fmt: skip
 SUBSET_FLOOR = 1.0  # every op of the subset passes today
@@ -59,6 +71,8 @@ class OpResult:
     tvm: bool | None = None
     triton: bool | None = None
     error: str | None = None
+    not_lowered: dict[str, list[str]] = field(default_factory=dict)  # backend -> IR ops
+    models: list[str] = field(default_factory=list)  # listed HF models whose program uses it
 
 
 def core_aten_names() -> set[str]:
@@ -137,7 +151,8 @@ def _close(
 
 
 def run_sample(info: Any, sample: Any, dtype: torch.dtype, backends: tuple[str, ...]) -> dict:
-    """Stages this sample passed: {"captured": bool, "interpreted": bool, "tvm": ..., ...}."""
+    """Stages this sample passed: {"captured": bool, "interpreted": bool, "tvm": ..., ...}; a
+    backend's stage is None when it lowered none of the graph's ops."""
     parts = _split(sample)
     if parts is None:
         return {}
@@ -158,16 +173,35 @@ def run_sample(info: Any, sample: Any, dtype: torch.dtype, backends: tuple[str, 
     except Exception as e:  # noqa: BLE001
         return result | {"interpreted": False, "error": _first_line(e)}
     for backend in backends:
-        try:
-            import dsv4c
-
-            compiled = dsv4c.compile(module, tuple(tensors), backend=backend, target="cpu")
-            _close(list(compiled(*tensors)), want, dtype, values)
-            result[backend] = True
-        except Exception as e:  # noqa: BLE001
-            result[backend] = False
-            result.setdefault("error", f"{backend}: {_first_line(e)}")
+        out = _run_backend(backend, module, tensors, want, dtype, values)
+        result["not_lowered"] = result.get("not_lowered", {}) | out.pop("not_lowered", {})
+        if "error" in out:
+            result.setdefault("error", out.pop("error"))
+        result |= out
     return result
+
+
+def _run_backend(
+    backend: str, module: Any, tensors: list, want: list, dtype: torch.dtype, values: bool
+) -> dict[str, Any]:
+    """{backend: True | False | None, "not_lowered": {backend: ops}, "error": ...}."""
+    import dsv4c
+
+    try:
+        compiled = dsv4c.compile(module, tuple(tensors), backend=backend, target="cpu")
+    except Exception as e:  # noqa: BLE001
+        return {backend: False, "error": f"{backend}: {_first_line(e)}"}
+    entries = compiled.report()["entries"].values()
+    kernels = [k for e in entries for k in e["kernels"] if k["runs"] == "kernel"]
+    reference = sorted({f["op"] for e in entries for f in e["fallbacks"]})
+    out: dict[str, Any] = {"not_lowered": {backend: reference}} if reference else {}
+    if not kernels:
+        return out | {backend: None}
+    try:
+        _close(list(compiled(*tensors)), want, dtype, values)
+    except Exception as e:  # noqa: BLE001
+        return out | {backend: False, "error": f"{backend}: {_first_line(e)}"}
+    return out | {backend: True}
 
 
 def _first_line(e: BaseException) -> str:
@@ -176,28 +210,38 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {detail}"[:300]
 
 
-def run_op(info: Any, samples: int, backends: tuple[str, ...], dtypes=DTYPES) -> OpResult:
-    """Up to `samples` samples per supported dtype; a stage passes when every sample passes it."""
+def run_op(
+    info: Any, samples: int, backends: tuple[str, ...], dtypes=DTYPES, backend_samples: int = 1
+) -> OpResult:
+    """Up to `samples` samples per supported dtype (the first `backend_samples` of them through
+    the backends too); a stage passes when every sample that tried it passes it."""
     res = OpResult(name=info.name, aten=info.aten_name or info.name)
     stages: dict[str, bool] = {}
     for dtype in dtypes:
         if dtype not in info.supported_dtypes("cpu"):
             continue
         res.dtypes.append(str(dtype).removeprefix("torch."))
-        tried = 0
+        tried, lowered = 0, dict.fromkeys(backends, 0)
         try:
             generator = info.sample_inputs("cpu", dtype, requires_grad=False)
             for sample in generator:
                 if tried >= samples:
                     break
+                # a backend sees samples until it has lowered `backend_samples` of them (0-d
+                # samples, say, run their reference on Triton: they say nothing of its kernels)
+                through = tuple(b for b in backends if lowered[b] < backend_samples)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    out = run_sample(info, sample, dtype, backends)
+                    out = run_sample(info, sample, dtype, through)
                 if not out:
                     continue
                 tried += 1
+                lowered.update({b: lowered[b] + 1 for b in through if out.get(b) is not None})
+                for backend, ops in out.get("not_lowered", {}).items():
+                    known = res.not_lowered.get(backend, [])
+                    res.not_lowered[backend] = sorted(set(known) | set(ops))
                 for stage in ("captured", "interpreted", *backends):
-                    if stage in out:
+                    if out.get(stage) is not None:
                         stages[stage] = stages.get(stage, True) and bool(out[stage])
                 if out.get("error") and res.error is None:
                     res.error = f"{res.dtypes[-1]}: {out['error']}"
@@ -224,8 +268,56 @@ def summary(results: list[OpResult]) -> dict[str, Any]:
     }
     for backend in ("tvm", "triton"):
         ran = [r for r in tried if getattr(r, backend) is not None]
-        if ran:
+        if ran:  # passed / lowered (ops whose samples the backend ran as kernels)
             out[backend] = f"{sum(bool(getattr(r, backend)) for r in ran)}/{len(ran)}"
+            out[f"{backend}_not_lowered"] = sum(
+                1 for r in tried if getattr(r, backend) is None and backend in r.not_lowered
+            )
+    return out
+
+
+def model_ops() -> dict[str, set[str]]:
+    """ATen op names (overload packets) in each listed Hugging Face model's program as capture
+    sees it: exported, then lowered with the core-ATen decompositions minus `capture.KEEP`."""
+    import importlib.util
+
+    from frontend.capture import KEEP
+    from frontend.outputs import plain_outputs
+
+    path = Path(__file__).resolve().parents[1] / "tests" / "frontend" / "hf_tiny.py"
+    spec = importlib.util.spec_from_file_location("hf_tiny", path)
+    hf_tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hf_tiny)
+
+    class Logits(torch.nn.Module):
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids: torch.Tensor) -> Any:
+            return plain_outputs(self.model(ids), "auto")
+
+    table = torch.export.default_decompositions()
+    for op in KEEP:
+        table.pop(op, None)
+    found = {}
+    for name, build in hf_tiny.MODELS.items():
+        program = torch.export.export(Logits(build()), (hf_tiny.tokens(1, 12),), strict=False)
+        nodes = program.run_decompositions(table).graph.nodes
+        targets = [n.target for n in nodes if isinstance(n.target, torch._ops.OpOverload)]
+        found[name] = {t.name().split("::")[1].split(".")[0] for t in targets}
+    return found
+
+
+def model_summary(results: list[OpResult], backends: tuple[str, ...]) -> dict[str, Any]:
+    """The swept ops the listed models use, and those that do not pass every backend."""
+    used = [r for r in results if r.models and r.samples]
+    out: dict[str, Any] = {"model_ops_swept": len(used)}
+    for backend in backends:
+        out[f"model_ops_failing_{backend}"] = [r.name for r in used if getattr(r, backend) is False]
+        out[f"model_ops_not_lowered_{backend}"] = [
+            r.name for r in used if getattr(r, backend) is None
+        ]
     return out
 
 
@@ -244,6 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ops", help="comma-separated OpInfo or ATen names (default: all core ops)")
     p.add_argument("--samples", type=int, default=3, help="samples per op and dtype")
     p.add_argument("--backends", default="", help="also run these: tvm,triton")
+    p.add_argument(
+        "--backend-samples", type=int, default=1, help="samples per op and dtype for backends"
+    )
+    p.add_argument("--models", action="store_true", help="mark the ops the HF models use")
     args = p.parse_args(argv)
     if "triton" in args.backends:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -252,13 +348,16 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     results = []
     infos = core_opinfos(only)
+    used = model_ops() if args.models else {}
     for i, info in enumerate(infos):
-        results.append(run_op(info, args.samples, backends))
+        results.append(run_op(info, args.samples, backends, backend_samples=args.backend_samples))
         r = results[-1]
-        print(f"[{i + 1}/{len(infos)}] {r.name}: captured={r.captured} "
-              f"interpreted={r.interpreted} {r.error or ''}"[:160], file=sys.stderr)  # fmt: skip
+        r.models = sorted(m for m, ops in used.items() if r.aten in ops)
+        print(f"[{i + 1}/{len(infos)}] {r.name}: captured={r.captured} interpreted={r.interpreted}"
+              f" tvm={r.tvm} triton={r.triton} {r.error or ''}"[:200], file=sys.stderr)  # fmt: skip
+    extra = model_summary(results, backends) if used else {}
     payload = {
-        "summary": summary(results) | {"seconds": round(time.time() - start, 1)},
+        "summary": summary(results) | extra | {"seconds": round(time.time() - start, 1)},
         "torch": torch.__version__,
         "ops": [asdict(r) for r in results],
     }
