@@ -110,6 +110,9 @@ def predicted(preset: str, mesh_text: str, tokens: int, moe: str, batch_axis) ->
     # plan payloads: bf16 all_reduce/combine (x2 for fp32), FP8 dispatch rows (x4 for fp32)
     scale = {k: (4.0 if "dispatch" in k else 2.0) for k in per_token}
     out = {k: v * scale[k] * local_tokens * cfg.n_layers for k, v in per_token.items()}
+    tp = mesh.size("tp")
+    if tp > 1:  # once per step: the vocabulary-parallel embedding's partial sums (fp32 [T, d])
+        out["embedding all_reduce (tp)"] = 2 * (tp - 1) / tp * local_tokens * cfg.dim * 4
     # once per step: the vocabulary head's all_gather (tp) or the logits' batch gather (dp)
     shards = mesh.size("tp") if mesh.size("tp") > 1 else mesh.size(batch_axis or "tp")
     out["logits all_gather"] = (shards - 1) * local_tokens * cfg.vocab_size * 4 / (

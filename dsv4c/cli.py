@@ -2,6 +2,8 @@
 
     dsv4c compile --model tiny --backend triton --target sm_90 -o out/    # prefill + decode
     dsv4c run out/ --prompt-len 32 --gen 16                               # tokens/s, vs eager
+    dsv4c compile --model tiny-512 --mesh tp=2,ep=2 --backend tvm -o d/   # sharded (scale-out)
+    dsv4c run d/ --nproc 4                                    # 4 local ranks (or under torchrun)
     dsv4c ir --model tiny --after fuse_elementwise                        # IR after a pass
     dsv4c ir --model tiny --explain mul_one                               # why a rule (not) fires
     dsv4c report out/                                                     # out/report.html
