@@ -28,6 +28,7 @@ from typing import Any
 from ir import Graph, Value
 from ir.symbolic import same_dim
 from passes.context import PassContext
+from passes.attention_forms import RULES as FORM_RULES
 from passes.fuse_common import (
     Checks,
     FusionView,
@@ -39,6 +40,7 @@ from passes.fuse_common import (
     scalar,
 )
 from passes.fuse_compress_step import STEP_RULE
+from passes.fuse_dense_mqa import CSA_MASK, DENSE, csa_picks, dense_entries, hca_ratio, window_of
 from passes.fuse_rope import RMS, match_rope
 from passes.pattern import Match, const, either, op, var
 from passes.rewrite import Replace, Rewriter, rewrite
@@ -46,11 +48,21 @@ from passes.rewrite import Replace, Rewriter, rewrite
 __all__ = ["RULES", "fuse_attention"]
 
 def _iota_ok(view: FusionView, v: Value, end: Any) -> bool:
+    """v = iota(0, end), possibly viewed with extra unit dims (HF's position_ids [1, T])."""
     n = view.producer(v)
+    while n is not None and n.name == "reshape" and _unit_view(n):
+        n = view.producer(n.operands[0])
     if n is None or n.name != "iota":
         return False
     a = n.attrs
     return a["start"] == 0 and a["step"] == 1 and same_dim(a["end"], end)
+
+
+def _unit_view(n) -> bool:
+    """A reshape that only adds or drops unit dims."""
+    src = [d for d in n.operands[0].type.shape if d != 1]
+    dst = [d for d in n.results[0].type.shape if d != 1]
+    return len(src) == len(dst) and all(same_dim(a, b) for a, b in zip(src, dst))
 
 
 # --- attn.compress -------------------------------------------------------------------------
@@ -103,18 +115,95 @@ KV_PLAIN = op("index", KV_PAD, CUR, attrs={"dim": 1})
 Z_PLAIN = op("index", Z_PAD, CUR, attrs={"dim": 1})
 
 
-def _compress(c: Checks, root: Match, rw: Rewriter) -> Replace:
-    """rope(rmsnorm(Σ_rows kv ⊙ softmax(z, rows))) over padded blocks -> attn.compress."""
-    view, out = c.view, root.root.results[0]
-    rope = match_rope(c, "rope", out, inverse=False)
-    normed = rounded(view, rope["x"])
-    rm = c.match("rmsnorm", RMS, normed)
-    pooled = rounded(view, rm["p"])
-    pm = c.match("pool", POOL, pooled)
-    rounds = narrow(out)  # the reference rounds the pooled and the normed entry
-    ok = (normed != rope["x"]) == rounds and (pooled != rm["p"]) == rounds
-    c.need(ok, "rounding", f"pooled/normed entries are rounded iff the output is ({out.dtype})")
-    kv, z = pm["kv"], pm["z"]
+# HF's spelling: the projections viewed as [B, T//m, m, W] blocks (after dropping a partial
+# block), the position bias broadcast over the blocks (no overlap)
+_PROJ = op("matmul", var("x"), op("permute", var("w"), attrs={"dims": (1, 0)}))
+_USABLE = either(op("slice", _PROJ, name="usable"), _PROJ)
+KV_VIEW = op("reshape", _USABLE, name="blocks")
+Z_VIEW = op("add", op("reshape", _USABLE, name="blocks"), var("ape", rank=2))
+
+
+def _viewed_blocks(c: Checks, kv: Value, z: Value) -> tuple | None:
+    """(x, wkv, wgate, ape, ratio) when kv/z are HF's viewed blocks, else None."""
+    view = c.view
+    km, zm = view.matches(KV_VIEW, kv), view.matches(Z_VIEW, z)
+    if km is None or zm is None:
+        return None
+    c.need(km["x"] == zm["x"], "blocks", "kv and scores project different inputs")
+    shape = kv.type.shape
+    ok = kv.type.rank == 4 and zm["blocks"].type.shape == shape
+    c.need(ok, "blocks.view", f"blocks {kv.type} are not [B, T//m, m, W]", km.node("blocks"))
+    ratio, width = shape[2], shape[3]
+    c.need(isinstance(ratio, int) and zm["ape"].type.shape == (ratio, width), "blocks.ape",
+           f"the position bias is not [{ratio}, {width}]", view.producer(z))
+    for bm in (km, zm):
+        cut = bm.node("usable")
+        ok = cut is None or (cut.attrs["dim"] in (1, -2) and cut.attrs["start"] == 0
+                             and cut.attrs["step"] == 1)
+        c.need(ok, "blocks.usable", "the blocks do not start at row 0", cut)
+        rows = bm.node("blocks").operands[0].type.shape[1]
+        t = bm["x"].type.shape[1]
+        c.need(cut is not None or same_dim(rows, t), "blocks.usable",
+               "the blocks do not cover the rows from 0", bm.node("blocks"))
+    return km["x"], km["w"], zm["w"], zm["ape"], ratio
+
+
+def _put(view: FusionView, v: Value, dim: int) -> tuple | None:
+    """(base, (start, end) of the iota rows, value) when v = index_put(base, iota, value, dim)."""
+    n = view.producer(v)
+    if n is None or n.name != "index_put" or n.attrs["accumulate"] or n.attrs["dim"] != dim:
+        return None
+    rows = view.producer(n.operands[1])
+    if rows is None or rows.name != "iota" or rows.attrs["step"] != 1:
+        return None
+    return n.operands[0], (rows.attrs["start"], rows.attrs["end"]), n.operands[2]
+
+
+def _cut(view: FusionView, v: Value, dim: int) -> tuple | None:
+    """(x, (start, end)) when v = x[dim: start:end] with step 1."""
+    n = view.producer(v)
+    if n is None or n.name != "slice" or n.attrs["dim"] != dim or n.attrs["step"] != 1:
+        return None
+    return n.operands[0], (n.attrs["start"], n.attrs["end"])
+
+
+def _scattered(c: Checks, w: Value, fill: float, width: Any) -> Value:
+    """The viewed blocks R [B, nb, m, 2c] when w [B, nb, 2m, c] is HF's overlap layout:
+    w = full(fill); w[:, :, m:] = R[..., c:]; w[:, 1:, :m] = R[:, :-1, :, :c], else Miss."""
+    view = c.view
+    b, nb, rows, _ = w.type.shape
+    m = rows // 2
+    outer = _put(view, w, 1)
+    a = w if outer is None else outer[0]
+    cur = _put(view, a, 2)
+    fn = None if cur is None else view.producer(cur[0])
+    ok = cur is not None and cur[1] == (m, 2 * m) and fn is not None and fn.name == "full"
+    ok = ok and fn.attrs["value"] == fill
+    c.need(ok, "blocks.current", f"rows [{m}, {2 * m}) of {fill}-filled blocks are not written",
+           view.producer(a))
+    half = _cut(view, cur[2], 3)
+    c.need(half is not None and half[1] in ((width, 2 * width), (width, None)), "blocks.current",
+           f"the current rows are not channels [{width}, {2 * width}) of the blocks",
+           view.producer(cur[2]))
+    r = half[0]
+    if outer is None:
+        c.need(nb == 1, "blocks.previous", "the previous block's rows are not written")
+        return r
+    inner = _put(view, outer[2], 2)
+    ok = outer[1] == (1, nb) and inner is not None and inner[1] == (0, m)
+    ok = ok and _cut(view, inner[0], 1) == (a, (1, nb))
+    prev = _cut(view, inner[2], 3) if ok else None
+    prev_rows = _cut(view, prev[0], 1) if prev is not None else None
+    ok = ok and prev is not None and prev[1] == (0, width) and prev_rows is not None
+    ok = ok and prev_rows[0] == r and prev_rows[1] in ((0, -1), (0, nb - 1))
+    c.need(ok, "blocks.previous", f"rows [0, {m}) of block i are not channels [0, {width}) "
+           "of block i-1", view.producer(w))
+    return r
+
+
+def _padded_blocks(c: Checks, kv: Value, z: Value, width: Any) -> tuple:
+    """(x, wkv, wgate, ape, ratio, overlap) of the gathered padded blocks (module docstring)."""
+    view = c.view
     km = view.matches(KV_OVERLAP, kv)
     zm = view.matches(Z_OVERLAP, z)
     overlap = km is not None and zm is not None and km["x"] == zm["x"]
@@ -122,23 +211,62 @@ def _compress(c: Checks, root: Match, rw: Rewriter) -> Replace:
         km = c.match("kv_blocks", KV_PLAIN, kv)
         zm = c.match("score_blocks", Z_PLAIN, z)
         c.need(km["x"] == zm["x"], "blocks", "kv and scores project different inputs")
-    m, eps = scalar(km, "m"), scalar(rm, "eps")
+    m = scalar(km, "m")
     c.need(m is not None and m == int(m) and scalar(zm, "m2") == m, "blocks.ratio",
            "the block offsets and the ape index use different ratios")
-    c.need(eps is not None, "rmsnorm", "ε is not a constant")
     ratio = int(m)
     pads = (0, 0, ratio, 0)
     c.need(km.attr("kv_pad", "pads") == pads and zm.attr("z_pad", "pads") == pads, "blocks.pad",
            f"the projections are not padded by {ratio} leading rows", km.node("kv_pad"))
     c.need(km["rows"] == zm["rows"] and km["rows"].type.shape[-1] == ratio, "blocks.rows",
            f"blocks are not {ratio} consecutive rows")
-    width = rm["norm"].type.shape[0]
     c.need(not overlap or (_halves_ok(km, width) and _halves_ok(zm, width)), "blocks.halves",
            f"overlapping blocks do not take channels [0, {width}) of the previous block")
-    operands = [km["x"], km["wkv"], zm["wgate"], zm["ape"], rm["norm"], rope["cos"], rope["sin"]]
+    return km["x"], km["wkv"], zm["wgate"], zm["ape"], ratio, overlap
+
+
+def unit_dims(view: FusionView, v: Value) -> Value:
+    """v before reshapes that only add or drop unit dims."""
+    n = view.producer(v)
+    while n is not None and n.name == "reshape" and _unit_view(n):
+        v = n.operands[0]
+        n = view.producer(v)
+    return v
+
+
+def _compress(c: Checks, root: Match, rw: Rewriter) -> Replace:
+    """rope(rmsnorm(Σ_rows kv ⊙ softmax(z, rows))) over padded blocks -> attn.compress."""
+    view, out = c.view, root.root.results[0]
+    rope = match_rope(c, "rope", out, inverse=False)
+    normed = rounded(view, unit_dims(view, rope["x"]))
+    rm = c.match("rmsnorm", RMS, normed)
+    pooled = rounded(view, rm["p"])
+    pm = c.match("pool", POOL, pooled)
+    rounds = narrow(out)  # the reference rounds the pooled and the normed entry
+    ok = (normed != unit_dims(view, rope["x"])) == rounds and (pooled != rm["p"]) == rounds
+    c.need(ok, "rounding", f"pooled/normed entries are rounded iff the output is ({out.dtype})")
+    width, eps = rm["norm"].type.shape[0], scalar(rm, "eps")
+    kv, z = pm["kv"], pm["z"]
+    put = view.producer(kv)
+    if put is not None and put.name == "index_put":  # HF's overlap layout
+        kv, z = _scattered(c, kv, 0.0, width), _scattered(c, z, float("-inf"), width)
+        blocks = _viewed_blocks(c, kv, z)
+        c.need(blocks is not None, "blocks.view", "the overlapped blocks are not projections")
+        blocks = (*blocks, True)
+    else:
+        blocks = _viewed_blocks(c, kv, z)
+        blocks = None if blocks is None else (*blocks, False)
+    if blocks is None:  # models/attention.py's gathered padded blocks
+        blocks = _padded_blocks(c, pm["kv"], pm["z"], width)
+    x, wkv, wgate, ape, ratio, overlap = blocks
+    c.need(eps is not None, "rmsnorm", "ε is not a constant")
+    operands = [x, wkv, wgate, ape, rm["norm"], rope["cos"], rope["sin"]]
     attrs = {"ratio": ratio, "overlap": overlap, "eps": eps}
-    c.fits("attn.compress", operands, attrs, [out])
-    return replace(view, [(out, rw.op("attn.compress", operands, **attrs))])
+    c.fits("attn.compress", operands, attrs, [None])
+    new = rw.op("attn.compress", operands, **attrs)
+    if new.type.shape != out.type.shape:  # HF's entries carry a unit head dim
+        new = rw.op("reshape", [new], shape=tuple(out.type.shape))
+    return replace(view, [(out, new)])
 
 
 # --- attn.indexer_topk ---------------------------------------------------------------------
@@ -151,18 +279,27 @@ VISIBLE = op(
         op("floordiv", op("add", var("rows"), const(1)), const(name="ratio")),
     ),
 )
-_QK = op(
-    "matmul",
-    op("reshape", var("q", rank=4)),
-    op("permute", var("keys", rank=3), attrs={"dims": (0, 2, 1)}),
+_QK = either(
+    op(  # over merged (T, H) rows: [B, T·H, c] @ [B, c, S]
+        "matmul",
+        op("reshape", var("q", rank=4)),
+        op("permute", var("keys", rank=3), attrs={"dims": (0, 2, 1)}),
+    ),
+    op(  # batched over (B, T): [B, T, H, c] @ [B, 1, c, S]
+        "matmul",
+        var("q", rank=4),
+        op("reshape", op("permute", var("keys", rank=3), attrs={"dims": (0, 2, 1)}), name="kt"),
+    ),
 )
-SCORE = op(  # Σ_h relu(q·kᵀ)·w: the relu before or after the [B, T·H, S] -> [B, T, H, S] view
+_RELU = either(op("relu", op("reshape", _QK)), op("reshape", op("relu", _QK)), op("relu", _QK))
+SCORE = op(  # Σ_h relu(q·kᵀ)[·c]·w: the relu before or after a [B, T·H, S] -> [B, T, H, S] view
     "sum",
     op(
         "mul",
-        either(op("relu", op("reshape", _QK)), op("reshape", op("relu", _QK))),
+        either(op("mul", _RELU, const(name="c")), _RELU),
         op("reshape", var("w")),
     ),
+    name="sum",
     attrs={"keepdim": False},
 )
 TOPK = op(
@@ -235,10 +372,15 @@ def _indexer(c: Checks, root: Match, rw: Rewriter) -> Replace:
     c.need(tm.attr("padded", "pads") == (0, k) and topk.attrs["dim"] in (-1, 2), "topk.pad",
            f"the scores are not padded by k={k} columns before a top-k over keys", topk)
     ratio, pos = visible_ratio(c, tm["visible"], t, s)
-    w, scale = sm["w"], 1.0
+    c.need(tuple(d % 4 for d in sm.attr("sum", "dims")) == (2,), "score.heads",
+           "the scores are not summed over the index heads", sm.node("sum"))
+    kt = sm.node("kt")
+    ok = kt is None or kt.results[0].type.shape[1] == 1
+    c.need(ok, "score.keys", "the keys are not shared by the query rows", kt)
+    w, scale = sm["w"], 1.0 if scalar(sm, "c") is None else scalar(sm, "c")
     wn = view.producer(w)
     if wn is not None and wn.name == "mul" and const_value(view, wn.operands[1]) is not None:
-        w, scale = wn.operands[0], float(const_value(view, wn.operands[1]))
+        w, scale = wn.operands[0], scale * float(const_value(view, wn.operands[1]))
     c.need(isinstance(k, int), "topk", f"k={k} is not static", topk)
     operands = [sm["q"], sm["keys"], w] + ([] if pos is None else [pos])
     attrs = {"k": k, "ratio": ratio, "scale": scale, "decode": pos is not None}
@@ -387,7 +529,9 @@ def _query(c: Checks, qr: Value, cos: Value, sin: Value) -> tuple[Value, float |
     """(pre-norm query, q_norm_eps) from the rotated query."""
     view = c.view
     rope = match_rope(c, "query.rope", qr, inverse=False)
-    c.need((rope["cos"], rope["sin"]) == (cos, sin), "query.rope",
+    same = all(unit_dims(view, a) == unit_dims(view, b) and a.type == b.type
+               for a, b in ((rope["cos"], cos), (rope["sin"], sin)))
+    c.need(same, "query.rope",
            "the query and the output rotate by different tables", view.producer(qr))
     normed = rounded(view, rope["x"])
     c.need((normed != rope["x"]) == narrow(rope["x"]), "query.rounding",
@@ -402,6 +546,9 @@ def _mqa(c: Checks, root: Match, rw: Rewriter) -> Replace:
     """inv_rope(softmax([mask(scale·q'·Gᵀ), sink])[:-1]·G) over gathered entries -> op."""
     view, out = c.view, root.root.results[0]
     rope = match_rope(c, "output.rope", out, inverse=True)
+    dense = view.matches(DENSE, rope["x"]) if not narrow(rope["x"]) else None
+    if dense is not None:
+        return _dense_mqa(c, dense, rope, out, rw)
     m = c.match("attend", ATTENDS[narrow(rope["x"])], rope["x"])
     scale = scalar(m, "scale")
     c.need(scale is not None, "attend.scale", "the logit scale is not a constant", m.node("qk"))
@@ -428,6 +575,55 @@ def _mqa(c: Checks, root: Match, rw: Rewriter) -> Replace:
     return replace(view, [(out, rw.op("attn.sparse_mqa", operands, **attrs))])
 
 
+def _dense_mqa(c: Checks, m: Match, rope: dict, out: Value, rw: Rewriter) -> Replace:
+    """The dense-mask spelling over [B, H, T, c] (passes/fuse_dense_mqa.py) -> op."""
+    view = c.view
+    scale = scalar(m, "scale")
+    c.need(scale is not None, "attend.scale", "the logit scale is not a constant", m.node("qk"))
+    c.need(m.attr("softmax", "dim") in (-1, 3) and m.attr("cat", "dim") in (-1, 3),
+           "attend.softmax", "the softmax (with the sink) is not over the entries",
+           m.node("softmax"))
+    q, eps = _query(c, m["qr"], rope["cos"], rope["sin"])
+    kv4, comp4, mask = dense_entries(c, m)
+    b, _, t, d = kv4.type.shape
+    c.need(q.type.rank == 4 and q.type.shape[2] == t, "query", f"q {q.type} is not [B, H, T, c]")
+    ok = m["qk"].dtype == q.dtype and m["pv"].dtype == q.dtype
+    c.need(ok, "attend.dtype", f"the products are not in q's dtype {q.dtype}", m.node("qk"))
+    c.need(isinstance(t, int), "mask", f"the length {t} is symbolic: the mask cannot be checked")
+    extra: list[Value] = []
+    if comp4 is None:
+        variant, ratio, win_mask = "window", 0, mask
+    else:
+        cat = view.producer(mask)
+        ok = cat is not None and cat.name == "concat" and len(cat.operands) == 2
+        c.need(ok and cat.attrs["dim"] in (-1, 3), "mask", "the mask is not [window ++ blocks]",
+               cat)
+        win_mask, block = cat.operands
+        s = comp4.type.shape[2]
+        comp = rw.op("reshape", [comp4], shape=(b, s, d))
+        if view.matches(CSA_MASK, block) is not None:
+            picks = csa_picks(c, block, s)
+            ratio, pos = _csa_causal(c, picks)
+            c.need(pos is None, "causal", "a decode indexer feeds a prefill attention")
+            variant, extra = "csa", [comp, picks]
+        else:
+            src = view.producer(unit_dims(view, comp4))
+            ok = src is not None and src.name == "attn.compress"
+            c.need(ok, "entries.compressed", "the compressed entries are not an attn.compress",
+                   src)
+            variant, extra = "hca", [comp]
+            ratio = hca_ratio(c, block, t, s, src.attrs["ratio"])
+    window = window_of(c, win_mask, t)
+    kv = rw.op("reshape", [kv4], shape=(b, t, d))
+    qt = rw.op("permute", [q], dims=(0, 2, 1, 3))
+    operands = [qt, kv, m["sink"], rope["cos"], rope["sin"], *extra]
+    attrs = {"variant": variant, "window": window, "ratio": ratio, "scale": scale,
+             "q_norm_eps": eps, "decode": False}
+    c.fits("attn.sparse_mqa", operands, attrs, [None])
+    o = rw.op("attn.sparse_mqa", operands, **attrs)
+    return replace(view, [(out, rw.op("permute", [o], dims=(0, 2, 1, 3)))])
+
+
 RULES = [
     # rope(rmsnorm(Σ_rows kv ⊙ softmax(z, rows))) over the padded blocks of x
     fusion_rule("fuse_attention.attn.compress", op("concat"), _compress),
@@ -442,4 +638,5 @@ RULES = [
 
 def fuse_attention(g: Graph, ctx: PassContext | None = None) -> Graph:
     """Replace compressors, indexers and sparse attention by their ops (module docstring)."""
+    g = rewrite(g, FORM_RULES, ctx=ctx)  # other spellings -> the forms matched below
     return rewrite(g, RULES, ctx=ctx)

@@ -1,0 +1,222 @@
+"""Canonical forms of attention pieces, run by `fuse_attention` before its fusion rules, so that
+other spellings of the same math (Hugging Face `transformers`' DeepSeek-V4, ...) meet the form
+the fusion rules match (the one models/attention.py produces after `canonicalize`).
+
+    rope, rotate-half form   x·rep2(cos) + rotate_half(x)·rep2(sin), rep2 = repeat_interleave(2),
+                             rotate_half(x)[2i, 2i+1] = (-x[2i+1], x[2i])
+                          -> pairs (a, b) = (x[2i], x[2i+1]): interleave(a·cos - b·sin,
+                             a·sin + b·cos) — the same products and sums, so exact
+    softmax shift            softmax(x - max(x)) -> softmax(x)   (softmax is shift-invariant; its
+                             lowering subtracts the max itself)
+    empty concat piece       concat(a, e) -> a when e = full(...) has a zero-sized concat dim
+    masked top-k picks       where(i >= c_t, -1, i), (v, i) = topk(where(s >= c_t, -inf, x), k)
+                          -> where(isinf(v) | i >= S, -1, i), (v, i) = topk(pad(where(s < c_t,
+                             x, -inf), k), k)   for finite x: the masked columns are exactly the
+                             -inf values and the columns s >= c_t (module `fuse_attention`'s form)
+
+Each rule's comment states its algebra; `STATS=1` counts them like any rule.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ir import Value
+from passes.context import PassContext
+from passes.pattern import Fail, Match, Rule, const, op, var
+from passes.rewrite import GraphView, Rewriter, rewrite
+
+__all__ = ["RULES", "attention_forms"]
+
+
+# --- rope: rotate-half form -> interleaved pairs ---------------------------------------------
+
+def _rep2(name: str) -> Any:
+    """rep2(t) = repeat_interleave(t, 2, dim=-1) as capture spells it: reshape [.., n, 1],
+    expand [.., n, 2], reshape [.., 2n] (possibly with broadcast dims)."""
+    return op(
+        "reshape",
+        op("expand", op("reshape", var(name), name=f"{name}_col"), name=f"{name}_pair"),
+        name=f"{name}_rep",
+    )
+
+
+_HALF = op(
+    "reshape",
+    op(
+        "concat",
+        op("reshape", op("neg", op("slice", var("x"), name="odd"))),
+        op("reshape", op("slice", var("x"), name="even")),
+        name="pairs",
+    ),
+)
+ROTATE_HALF = op(
+    "add",
+    op("mul", var("x"), _rep2("cos")),
+    op("mul", _HALF, _rep2("sin")),
+    commute=False,
+)
+
+
+def _table(rw: Rewriter, t: Value, like: tuple) -> Value | None:
+    """t [1.., T, n] as the broadcast of a [T, n] table against `like` (the pair shape [.., T,
+    n]), spelled like the model's unsqueezed tables: reshape(table, like-with-1s)."""
+    if t.type.rank < 2 or any(d != 1 for d in t.type.shape[:-2]):
+        return None
+    table = t if t.type.rank == 2 else rw.op("reshape", [t], shape=tuple(t.type.shape[-2:]))
+    return table
+
+
+def _rope_pairs(m: Match, rw: Rewriter) -> Value | Fail:
+    x = m["x"]
+    rank, width = x.type.rank, x.type.shape[-1]
+    last = (-1, rank - 1)
+    odd, even = m.node("odd").attrs, m.node("even").attrs
+    ok = odd["dim"] in last and even["dim"] in last
+    ok = ok and (odd["start"], odd["step"], even["start"], even["step"]) == (1, 2, 0, 2)
+    ok = ok and m.attr("pairs", "dim") in (-1, rank)
+    if not ok or not isinstance(width, int) or width % 2:
+        return Fail(3, "rotate_half", "the rotated pairs are not (-x[2i+1], x[2i]) of x's last dim")
+    half = width // 2
+    cos, sin = m["cos"], m["sin"]
+    inverse = False
+    env = rw.env
+    neg = env.producer(sin)
+    if neg is not None and neg.name == "neg":
+        sin, inverse = neg.operands[0], True
+    if cos.type.shape[-1:] != (half,) or sin.type != cos.type:
+        return Fail(4, "rotate_half.table", f"cos {cos.type} / sin {sin.type} are not [.., {half}]")
+    for n in ("cos", "sin"):
+        col, pair = m.node(f"{n}_col"), m.node(f"{n}_pair")
+        if col.results[0].type.shape[-2:] != (half, 1) or pair.results[0].type.shape[-1] != 2:
+            return Fail(4, "rotate_half.table", f"{n} is not repeated twice per pair")
+    rep = m["cos_rep"].type.shape
+    bshape = tuple(rep[:-1]) + (half,)
+    cos_t, sin_t = _table(rw, cos, bshape), _table(rw, sin, bshape)
+    if cos_t is None or sin_t is None or cos_t.type.rank != 2:
+        return Fail(4, "rotate_half.table", f"cos {cos.type} has non-unit leading dims")
+    if math.prod(d for d in bshape if isinstance(d, int)) != 0 and rep[-1] != width:
+        return Fail(4, "rotate_half.table", "the repeated table does not cover x")
+    pairs = rw.op("reshape", [x], shape=tuple(x.type.shape[:-1]) + (half, 2))
+    a = rw.op("select", [pairs], dim=rank, index=0)
+    b = rw.op("select", [pairs], dim=rank, index=1)
+    cb = rw.op("reshape", [cos_t], shape=bshape)
+    sb = rw.op("reshape", [sin_t], shape=bshape)
+    if inverse:
+        sb = rw.op("neg", [sb])
+    re = rw.op("sub", [rw.op("mul", [a, cb]), rw.op("mul", [b, sb])])
+    im = rw.op("add", [rw.op("mul", [a, sb]), rw.op("mul", [b, cb])])
+    col = tuple(a.type.shape) + (1,)
+    ri = rw.op("concat", [rw.op("reshape", [re], shape=col), rw.op("reshape", [im], shape=col)],
+               dim=rank)
+    return rw.op("reshape", [ri], shape=tuple(x.type.shape))
+
+
+# --- softmax shift, empty concat pieces --------------------------------------------------------
+
+def _unshift(m: Match, rw: Rewriter) -> Value | Fail:
+    mx = m.node("max").attrs
+    sm = m.root.attrs
+    x = m["x"]
+    dims = [d % x.type.rank for d in mx["dims"]]
+    if dims != [sm["dim"] % x.type.rank] or not mx["keepdim"]:
+        return Fail(3, "shift", "the max is not over the softmax dim (keepdim)")
+    return rw.op("softmax", [x], **sm)
+
+
+def _drop_empty(m: Match, rw: Rewriter) -> Value | Fail:
+    n = m.root
+    d = n.attrs["dim"] % n.results[0].type.rank
+    env = rw.env
+
+    def empty_fill(v: Value) -> bool:  # a zero-sized `full` (HF's new_zeros for no entries)
+        p = env.producer(v)
+        return v.type.shape[d] == 0 and p is not None and p.name in ("full", "constant")
+
+    keep = [v for v in n.operands if not empty_fill(v)]
+    if len(keep) == len(n.operands) or not keep:
+        return Fail(1, "pieces", "no zero-sized piece to drop")
+    return keep[0] if len(keep) == 1 else rw.op("concat", keep, dim=n.attrs["dim"])
+
+
+# --- masked top-k picks -> padded top-k picks -------------------------------------------------
+
+_MASKED_TOPK = op(
+    "topk",
+    op("where", op("ge", var("cols"), var("thr"), name="future"), const(float("-inf")),
+       var("score")),
+    name="topk",
+    attrs={"largest": True},
+)
+MASKED_PICKS = op(
+    "where",
+    op("ge", var("indices"), var("thr2")),
+    const(-1),
+    var("indices"),
+)
+
+
+def _padded_picks(m: Match, rw: Rewriter) -> Value | Fail:
+    env = rw.env
+    topk = env.producer(m["indices"])
+    tm = _match(env, _MASKED_TOPK, topk)
+    if isinstance(tm, Fail):
+        return tm
+    if topk.results[1] != m["indices"]:
+        return Fail(3, "picks", "the picks are not the top-k's indices")
+    if _unsqueezed(env, m["thr2"]) != _unsqueezed(env, tm["thr"]):
+        return Fail(4, "picks.bound", "picks and the mask compare with different thresholds")
+    score = tm["score"]
+    if score.type.rank != 3 or topk.attrs["dim"] not in (-1, 2):
+        return Fail(4, "topk", f"the top-k is not over the keys of [B, T, S] scores {score.type}")
+    k, s = topk.attrs["k"], score.type.shape[2]
+    if not isinstance(k, int):
+        return Fail(4, "topk", f"k={k} is not static")
+    visible = rw.op("lt", [tm["cols"], tm["thr"]])
+    masked = rw.op("where", [visible, score, _scalar(rw, float("-inf"), score)])
+    padded = rw.op("pad", [masked], pads=(0, k), value=float("-inf"))
+    values, indices = rw.op("topk", [padded], k=k, dim=2, largest=True, sorted=True)
+    inf = rw.op("eq", [rw.op("abs", [values]), _scalar(rw, float("inf"), values)])
+    past = rw.op("ge", [indices, _scalar(rw, s, indices)])
+    bad = rw.op("logical_or", [inf, past])
+    return rw.op("where", [bad, _scalar(rw, -1, indices), indices])
+
+
+def _scalar(rw: Rewriter, value: Any, like: Value) -> Value:
+    return rw.op("constant", [], value=value, dtype=like.dtype)
+
+
+def _unsqueezed(env: GraphView, v: Value) -> Value:
+    n = env.producer(v)
+    while n is not None and n.name in ("reshape", "unsqueeze"):
+        v = n.operands[0]
+        n = env.producer(v)
+    return v
+
+
+def _match(env: GraphView, pat: Any, n: Any) -> Match | Fail:
+    from passes.pattern import match_node
+
+    if n is None:
+        return Fail(2, "topk", "the picks come from a graph input")
+    return match_node(pat, n, env)
+
+
+RULES = [
+    # x·rep2(cos) + rotate_half(x)·rep2(sin) = interleave(a·cos - b·sin, a·sin + b·cos)
+    Rule("attention_forms.rope_pairs", ROTATE_HALF, _rope_pairs),
+    # softmax(x - max(x)) = softmax(x)
+    Rule("attention_forms.softmax_unshift",
+         op("softmax", op("sub", var("x"), op("amax", var("x"), name="max"), commute=False)),
+         _unshift),
+    # concat(a, full(<0 rows>)) = a
+    Rule("attention_forms.concat_empty", op("concat"), _drop_empty),
+    # finite x: picks of topk(where(s >= c, -inf, x)) past c = the padded top-k's -inf picks
+    Rule("attention_forms.masked_topk", MASKED_PICKS, _padded_picks),
+]
+
+
+def attention_forms(g, ctx: PassContext | None = None):
+    """Rewrite other spellings of attention pieces into the canonical ones (module docstring)."""
+    return rewrite(g, RULES, ctx=ctx)
