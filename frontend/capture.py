@@ -22,7 +22,7 @@ import dataclasses
 import inspect
 import operator
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from typing import Any, ClassVar
 
 import sympy
@@ -175,7 +175,7 @@ def _auto_dims(arg: Any, dims: Mapping[int, str]) -> Any:
     return pytree.tree_map(lambda _leaf: {i: Dim.AUTO for i in dims} or None, arg)
 
 
-def _decompose(program: ExportedProgram, missing: set | frozenset = frozenset()) -> ExportedProgram:
+def _decompose(program: ExportedProgram, missing: Set[Any] = frozenset()) -> ExportedProgram:
     """Lower to core ATen, keeping the ops in KEEP whole (the slow path: it retraces). Custom ops
     among `missing` decompose through their registered decompositions (CompositeImplicitAutograd
     kernels already do by default)."""
@@ -358,12 +358,13 @@ class _Translator:
         if translator is None and custom_ops.is_custom(target):
             translator = _Translator._opaque  # kept whole: runs the op's own implementation
         if translator is None:
-            raise UnsupportedOpError(_op_name(target, node), module_path, source, code,
-                                     _hint(target))  # fmt: skip
+            name = _op_name(target, node)
+            raise UnsupportedOpError(name, module_path, source, code, _hint(target))
         self.node = node
         self.loc = ir.Loc(module=module_path, source=source)
         args = [self._arg(a) for a in node.args]
-        ignored = () if translator is _Translator._opaque else _IGNORED_KWARGS  # a custom op's own kwargs
+        # a custom op keeps all its kwargs (its `device=` is its own business)
+        ignored = () if translator is _Translator._opaque else _IGNORED_KWARGS
         kwargs = {k: self._arg(v) for k, v in node.kwargs.items() if k not in ignored}
         try:
             result = translator(self, *args, **kwargs)
