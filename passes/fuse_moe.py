@@ -1,21 +1,29 @@
 """Fuse MoE routing into `moe.route` and dispatch + expert FFNs + combine into `moe.experts`.
 
-Matches the canonical form (after `canonicalize`) of models/moe.py:
+Matches the canonical form (after `canonicalize` and `canonical_moe`, which brings Hugging Face's
+spellings — top-k values, top-k-then-softmax, histc offsets, un-permute + sum combine, stacked
+gate_up weights — to it) of models/moe.py:
 
     s  = score(x @ gateᵀ)                 sqrt(softplus(·)), sigmoid(·) or softmax(·, -1)
-    e  = index(tid2eid, ids) | topk(s + bias | s).indices
-    w  = gather(s, e) [/ sum(gather(s, e))] [· route_scale]      -> moe.route(...) = (w, e)
+    c  = s + bias | s                     [grouped: where(c's group in the topk_group groups
+                                           with the best Σ top-2, c, fill)]
+    e  = index(tid2eid, ids) | topk(c).indices
+    w  = gather(s, e) [/ (Σ_k gather(s, e) [+ eps])] [· route_scale]  -> moe.route(...) = (w, e)
 
-    order = argsort(reshape(e)) (or sort's indices); token = order // k; offs = i32(cumsum(scatter_add(0, e, 1)))
-    h     = silu(clamp(grouped_mm(x[token], w1ᵀ, offs), max=L)) · clamp(grouped_mm(.., w3ᵀ), ±L)
+    order = argsort(reshape(e)) (or sort's indices); token = order // k;
+    offs  = i32(cumsum([i32](scatter_add(0, e, 1))))
+    h     = silu([clamp](grouped_mm(x[token], w1ᵀ, offs), max=L)) ·
+            [clamp](grouped_mm(x[token], w3ᵀ, offs), ±L)
     y     = index_put(0, token, grouped_mm(h · w[order], w2ᵀ, offs), accumulate)
             (fp32: or grouped_mm(h, w2ᵀ, offs) · w[order]; scatter_add spellings canonicalise
             to index_put)
-    [y   += (silu(clamp(x @ s1ᵀ)) · clamp(x @ s3ᵀ)) @ s2ᵀ]          -> moe.experts(...)
+    [y   += (silu([clamp](x @ s1ᵀ)) · [clamp](x @ s3ᵀ)) @ s2ᵀ]        -> moe.experts(...)
+            (the shared expert on [N, d], or on the model's [B, S, d] before the flattening)
 
-The grouped GEMMs' offsets come from a host-free histogram, so the fused op needs no counts:
-it takes the [N,k] expert indices. Rules (and counters): `fuse_moe.moe.route`,
-`fuse_moe.moe.experts`.
+The SwiGLU is clamped (activation "clamped_swiglu", limit L) or not ("swiglu"); routed and
+shared experts must agree. The grouped GEMMs' offsets come from a host-free histogram, so the
+fused op needs no counts: it takes the [N,k] expert indices. Rules (and counters):
+`fuse_moe.moe.route`, `fuse_moe.moe.experts`.
 bf16 models match too: widening casts are looked through, and the rounding of the hidden rows
 before w2 and of the routed sum is required exactly when x is narrower than fp32.
 """
@@ -23,6 +31,7 @@ before w2 and of the routed sum is required exactly when x is narrower than fp32
 from __future__ import annotations
 
 from ir import DType, Graph, Node, Value
+from passes.canonical_moe import canonical_moe
 from passes.context import PassContext
 from passes.fuse_common import (
     STEP,
@@ -42,9 +51,12 @@ __all__ = ["RULES", "fuse_moe"]
 # --- routing -------------------------------------------------------------------------------
 
 _W1 = op("gather", var("s"), var("experts"), name="picked", attrs={"dim": 1})
+# Σ over the k picks of each token (a sum over tokens is no renormalisation)
+_SUM = op("sum", _W1, attrs={"dims": lambda d: tuple(d) in ((1,), (-1,)), "keepdim": True})
+_RENORMED = op("div", _W1, either(_SUM, op("add", _SUM, const(name="eps"))))  # Σ [+ eps]
 ROUTE_ROOTS = (  # (pattern, renorm, scaled)
-    (op("mul", op("div", _W1, op("sum", _W1, attrs={"keepdim": True})), const(name="scale")), 1, 1),
-    (op("div", _W1, op("sum", _W1, attrs={"keepdim": True})), 1, 0),
+    (op("mul", _RENORMED, const(name="scale")), 1, 1),
+    (_RENORMED, 1, 0),
     (op("mul", _W1, const(name="scale")), 0, 1),
 )
 LOGITS = op("matmul", var("x", rank=2), op("permute", var("gate"), attrs={"dims": (1, 0)}))
@@ -69,8 +81,43 @@ def _score(c: Checks, s: Value) -> tuple[str, Match]:
     return SCORE_OF[c.view.producer(s).name], m
 
 
+# DeepSeek-V3 group-limited choice: keep the topk_group groups whose two best choosers sum
+# highest, fill the rest, then top-k: where(expand(scatter(0, topk(Σ top2(c.view(N, G, E/G))),
+# 1)), c, fill)
+_GROUP_SCORE = op(
+    "sum",
+    op("topk", op("reshape", var("c", rank=2), name="groups", rank=3),
+       attrs={"k": 2, "dim": lambda d: d in (-1, 2)}, result=0),
+    attrs={"dims": (2,), "keepdim": False},
+)
+_KEPT = op("scatter", const(0), op("topk", _GROUP_SCORE, name="best_groups", result=1),
+           const(1), attrs={"dim": 1})
+GROUPED = op(
+    "where",
+    op("cast", op("reshape", op("expand", op("reshape", _KEPT, rank=3))), dtype=DType.bool),
+    var("c"),
+    const(name="fill"),
+)
+
+
+def _groups(c: Checks, chooser: Value) -> tuple[Value, dict]:
+    """(the chooser before group masking, grouped attrs) when `chooser` is group-limited."""
+    m = c.view.matches(GROUPED, chooser)
+    if m is None:
+        return chooser, {}
+    c.score += STEP
+    n, n_group, size = m["groups"].type.shape
+    topk_group = m.attr("best_groups", "k")
+    c.need(m["c"].type.shape == (n, n_group * size), "choice.groups",
+           f"groups {m['groups'].type} are not a split of the chooser {m['c'].type}")
+    c.need(m.attr("best_groups", "dim") in (-1, 1), "choice.groups", "groups ranked on a wrong dim")
+    fill = scalar(m, "fill")
+    c.need(fill is not None, "choice.fill", "the masked chooser is not a constant")
+    return m["c"], {"n_group": n_group, "topk_group": topk_group, "group_fill": fill}
+
+
 def _choice(c: Checks, experts: Value, s: Value) -> tuple[list[Value], dict]:
-    """-> (extra operands, attrs) of the expert choice: hash table, top-k (+ bias)."""
+    """-> (extra operands, attrs) of the expert choice: hash table, top-k (+ bias), grouped."""
     view = c.view
     m = view.matches(HASHED, experts)
     if m is not None:
@@ -79,16 +126,16 @@ def _choice(c: Checks, experts: Value, s: Value) -> tuple[list[Value], dict]:
     if m is not None and view.producer(experts).results[1] != experts:
         m = None
     m = m or c.match("choice", either(TOPK, SORTED, HASHED), experts)
-    chooser = m["chooser"]
+    chooser, grouped = _groups(c, m["chooser"])
     if chooser == s:
-        return [], {"hash": False, "bias": False}
+        return [], {"hash": False, "bias": False, **grouped}
     add = view.producer(chooser)
     c.need(add is not None and add.name == "add" and s in add.operands, "choice",
            "the top-k ranks neither the scores nor scores + bias", add)
     bias = add.operands[1] if add.operands[0] == s else add.operands[0]
     c.need(bias.type.rank == 1 and chooser.type == s.type, "choice.bias",
            f"the bias {bias.type} is not one value per expert", add)
-    return [bias], {"hash": False, "bias": True}
+    return [bias], {"hash": False, "bias": True, **grouped}
 
 
 def _outer_scale(view: FusionView, v: Value) -> Node | None:
@@ -114,11 +161,16 @@ def _route(c: Checks, root: Match, rw: Rewriter) -> Replace:
     s, experts = m["s"], m["experts"]
     scale = scalar(m, "scale") if scaled else 1.0
     c.need(scale is not None, "weights.scale", "the route scale is not a constant")
+    eps = scalar(m, "eps") if "eps" in m else 0.0
+    c.need(eps is not None, "weights.eps", "the renormalising sum adds a non-constant")
     name, sm = _score(c, s)
     extra, attrs = _choice(c, experts, s)
     c.need(s.type.dtype == DType.f32, "score", f"scores are {s.type.dtype}, the op scores in f32")
     c.need(isinstance(experts.type.shape[1], int), "choice", "k is not a static size")
     attrs.update(k=experts.type.shape[1], score=name, route_scale=scale, renorm=bool(renorm))
+    if eps:
+        attrs["eps"] = eps
+    c.fits("moe.route", [sm["x"], sm["gate"], *extra], attrs, [value, experts])
     w, e = rw.op("moe.route", [sm["x"], sm["gate"], *extra], **attrs)
     return replace(view, [(value, w), (experts, e)])
 
@@ -131,7 +183,8 @@ ORDER = either(  # argsort, or the indices of a sort
     op("sort", _FLAT, attrs={"descending": False}, result=1, name="order"),
 )
 TOKEN = op("floordiv", ORDER, const(name="k"))
-OFFS = op("cast", op("cumsum", op("scatter_add", const(0), var("flat"), const(1))), name="offs")
+_COUNTS = op("scatter_add", const(0), var("flat"), const(1))  # per-expert row counts
+OFFS = op("cast", op("cumsum", either(_COUNTS, op("cast", _COUNTS))), name="offs")
 ROWS = op("index", var("x", rank=2), TOKEN, attrs={"dim": 0})
 
 
@@ -139,9 +192,10 @@ def _gemm(rows, w: str) -> object:
     return op("grouped_mm", rows, op("permute", var(w), attrs={"dims": (0, 2, 1)}), OFFS)
 
 
-def _swiglu(gate, up, limit: str) -> object:
-    clamp_gate = op("clamp", gate, name=f"{limit}_gate")
-    return op("mul", op("silu", clamp_gate), op("clamp", up, name=f"{limit}_up"))
+def _swiglu(gate, up, prefix: str) -> object:
+    """silu(gate) · up, each optionally clamped (`_activation` checks the clamps agree)."""
+    gate = either(op("clamp", gate, name=f"{prefix}_gate"), gate)
+    return op("mul", op("silu", gate), either(op("clamp", up, name=f"{prefix}_up"), up))
 
 
 _HIDDEN = _swiglu(_gemm(ROWS, "w1"), _gemm(ROWS, "w3"), "routed")
@@ -178,12 +232,41 @@ SHAREDS = tuple(
 )
 
 
-def _limit(m: Match, prefix: str) -> float | None:
-    gate, up = m.node(f"{prefix}_gate").attrs, m.node(f"{prefix}_up").attrs
-    limit = gate["max"]
-    if gate["min"] is not None or not isinstance(limit, (int, float)):
+def _activation(m: Match, prefix: str) -> tuple[str, float] | str:
+    """("clamped_swiglu", L) for clamps (-inf, L] on the gate and [-L, L] on up, ("swiglu", 10.0)
+    without clamps (the limit is unused), else the reason neither holds."""
+    gate, up = m.node(f"{prefix}_gate"), m.node(f"{prefix}_up")
+    if gate is None and up is None:
+        return ("swiglu", 10.0)
+    if gate is None or up is None:
+        return "only one of gate and up is clamped"
+    limit = gate.attrs["max"]
+    if gate.attrs["min"] is not None or not isinstance(limit, (int, float)):
+        return f"the gate clamp is [{gate.attrs['min']}, {limit}], not (-inf, L]"
+    if (up.attrs["min"], up.attrs["max"]) != (-limit, limit):
+        return f"the up clamp is [{up.attrs['min']}, {up.attrs['max']}], not [-{limit}, {limit}]"
+    return ("clamped_swiglu", float(limit))
+
+
+def _shared(view: FusionView, x: Value, mine: Value, act: tuple) -> tuple | None:
+    """(s1, s3, s2, the add it ends in, reshape shape or None) when `mine` (the routed sum) is
+    added to a shared SwiGLU expert of the same tokens and activation — on [N, d] or, through a
+    reshape, on the model's [B, S, d] (the shared expert then reads x before its flattening)."""
+    shape, add = None, view.only_user(mine, "add")
+    view_op = view.only_user(mine, "reshape")
+    if add is None and view_op is not None:
+        shape, add = view_op.attrs["shape"], view.only_user(view_op.results[0], "add")
+    if add is None:
         return None
-    return float(limit) if (up["min"], up["max"]) == (-limit, limit) else None
+    sum_in = mine if shape is None else view_op.results[0]
+    other = add.operands[1] if add.operands[0] == sum_in else add.operands[0]
+    sm = view.matches(SHAREDS[narrow(x)], other)
+    if sm is None or _activation(sm, "shared") != act:
+        return None
+    flat = view.producer(x)
+    same = sm["x"] == x if shape is None else (
+        flat is not None and flat.name == "reshape" and flat.operands[0] == sm["x"])
+    return (sm["s1"], sm["s3"], sm["s2"], add, shape) if same else None
 
 
 def _experts(c: Checks, root: Match, rw: Rewriter) -> Replace:
@@ -205,29 +288,29 @@ def _experts(c: Checks, root: Match, rw: Rewriter) -> Replace:
     c.need(bad is None, "routed.gemm", f"a grouped GEMM is not in x's dtype {x.dtype}", bad)
     k, experts = scalar(m, "k"), m["experts"]
     c.need(k == experts.type.shape[1], "routed.token", f"rows // {k} is not rows // top-k")
-    limit = _limit(m, "routed")
-    c.need(limit is not None, "routed.swiglu", "gate and up clamps are not (-L, L], [-L, L]",
-           m.node("routed_gate"))
+    act = _activation(m, "routed")
+    c.need(not isinstance(act, str), "routed.swiglu", str(act), m.node("routed_gate"))
+    attrs = {"limit": act[1]} | ({} if act[0] == "clamped_swiglu" else {"activation": act[0]})
     c.need(m.attr("offs", "dtype") == DType.i32, "routed.offsets", "offsets are not int32")
     c.need(m["weights"].type.shape == experts.type.shape, "routed.weights",
            f"weights {m['weights'].type} and expert ids {experts.type} differ in shape")
     operands = [x, m["weights"], experts, m["w1"], m["w3"], m["w2"]]
     cast = view.only_user(out, "cast")  # the fp32 sum rounded to x's dtype (bf16 models)
     mine = out if cast is None else cast.results[0]
-    add = view.only_user(mine, "add")
-    if add is not None:
-        other = add.operands[1] if add.operands[0] == mine else add.operands[0]
-        sm = view.matches(SHAREDS[narrow(x)], other)
-        if sm is not None and sm["x"] == x and _limit(sm, "shared") == limit:
-            shared = [sm["s1"], sm["s3"], sm["s2"]]
-            y = rw.op("moe.experts", operands + shared, limit=limit, shared=True, loc=add.loc)
-            return replace(view, [(add.results[0], y)])
-    y = rw.op("moe.experts", operands, limit=limit)
+    shared = _shared(view, x, mine, act)
+    if shared is not None:
+        *weights, add, shape = shared
+        y = rw.op("moe.experts", operands + weights, shared=True, loc=add.loc, **attrs)
+        if shape is not None:
+            y = rw.op("reshape", [y], shape=shape, loc=add.loc)
+        return replace(view, [(add.results[0], y)])
+    y = rw.op("moe.experts", operands, **attrs)
     return replace(view, [(out, y)])
 
 
 RULES = [
-    # w = gather(s, e) [/ Σ_k gather(s, e)] [· c], s = score(x Wᵀ), e = top-k(s [+ b]) or hash
+    # w = gather(s, e) [/ (Σ_k gather(s, e) + ε)] [· c], s = score(x Wᵀ),
+    # e = top-k(s [+ b]) (within the best groups) or hash
     fusion_rule("fuse_moe.moe.route", op({"mul", "div"}), _route),
     # Σ_experts scatter(token, w · SwiGLU_e(x[token])) [+ SwiGLU_shared(x)] = moe.experts
     fusion_rule("fuse_moe.moe.experts", op("index_put"), _experts),
@@ -235,5 +318,6 @@ RULES = [
 
 
 def fuse_moe(g: Graph, ctx: PassContext | None = None) -> Graph:
-    """Replace routing and dispatch/expert/combine subgraphs by their ops (module docstring)."""
-    return rewrite(g, RULES, ctx=ctx)
+    """Replace routing and dispatch/expert/combine subgraphs by their ops (module docstring),
+    after rewriting other spellings to the canonical form (`passes.canonical_moe`)."""
+    return rewrite(canonical_moe(g, ctx), RULES, ctx=ctx)

@@ -65,17 +65,48 @@ def lower_route(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
         if op.bias:
             (bias,) = rest
             chooser = te.compute(s.shape, lambda n, e: s(n, e) + f32(bias(e)), name="chooser")
+        if op.n_group > 1:
+            chooser = _grouped(lw, op, chooser)
         _, experts = topk(lw, chooser, op.k)
     picked = te.compute(experts.shape, lambda n, j: s(n, i32(experts(n, j))), name="picked")
     kj = te.reduce_axis((0, op.k), name="kj")
     total = te.compute((x.shape[0],), lambda n: te.sum(picked(n, kj), axis=kj), name="total")
-    scale = tirx.const(op.route_scale, F32)
+    scale, eps = tirx.const(op.route_scale, F32), tirx.const(op.eps, F32)
     weights = te.compute(
         experts.shape,
-        lambda n, j: (picked(n, j) / total(n) if op.renorm else picked(n, j)) * scale,
+        lambda n, j: (picked(n, j) / (total(n) + eps) if op.renorm else picked(n, j)) * scale,
         name=lw.tag("weights"),
     )
     return [weights, experts]
+
+
+def _grouped(lw: Lowering, op: Any, chooser: Any) -> Any:
+    """Grouped top-k (DeepSeek-V3): the chooser with `group_fill` outside the `topk_group` groups
+    whose two best entries sum highest (ir/ops/moe.py `Route`)."""
+    from tvm import te, tirx
+
+    n, e = chooser.shape
+    size = e // op.n_group
+    groups = te.compute(
+        (n, op.n_group, size), lambda t, g, i: chooser(t, g * size + i), name="groups"
+    )
+    best2, _ = topk(lw, groups, 2)
+    kb = te.reduce_axis((0, 2), name="kb")
+    score = te.compute(
+        (n, op.n_group), lambda t, g: te.sum(best2(t, g, kb), axis=kb), name="group_score"
+    )
+    _, keep = topk(lw, score, op.topk_group)
+    kg = te.reduce_axis((0, op.topk_group), name="kg")
+    one, zero = tirx.const(1, "int32"), tirx.const(0, "int32")
+    kept = te.compute(
+        (n, e),
+        lambda t, i: te.sum(tirx.Select(i32(keep(t, kg)) == i // size, one, zero), axis=kg),
+        name="kept",
+    )
+    fill = tirx.const(op.group_fill, F32)
+    return te.compute(
+        (n, e), lambda t, i: tirx.Select(kept(t, i) > 0, chooser(t, i), fill), name="grouped"
+    )
 
 
 @lowers("moe.experts")
@@ -102,7 +133,7 @@ def lower_experts(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
     h = te.compute(
         up1.shape,
         lambda n, j, i: convert(
-            _swiglu(convert(convert(up1(n, j, i), out), F32), up3(n, j, i), op.limit)
+            _swiglu(convert(convert(up1(n, j, i), out), F32), up3(n, j, i), op.clamp)
             * f32(weights(n, j)),
             out,
         ),
@@ -131,7 +162,7 @@ def lower_experts(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
         g1.shape, lambda n, i: te.sum(f32(x(n, ks3)) * f32(s3(i, ks3)), axis=ks3), name="su"
     )
     hs = te.compute(
-        g1.shape, lambda n, i: convert(_swiglu(g1(n, i), g3(n, i), op.limit), out), name="hs"
+        g1.shape, lambda n, i: convert(_swiglu(g1(n, i), g3(n, i), op.clamp), out), name="hs"
     )
     kss = te.reduce_axis((0, s1.shape[0]), name="kss")
     ys = te.compute(
@@ -201,10 +232,10 @@ def grouped_experts(
         if count:
             r = rows[start : start + count]
             gate, up = ((r @ w[e].T).float() for w in (w1, w3))
-            h = gate.clamp(max=op.limit)
+            h = gate.clamp(max=op.clamp)
             h = (
                 torch.nn.functional.silu(h)
-                * up.clamp(-op.limit, op.limit)
+                * up.clamp(-op.clamp, op.clamp)
                 * scale[start : start + count]
             )
             down[start : start + count] = (h.to(x.dtype) @ w2[e].T).float()
@@ -214,5 +245,5 @@ def grouped_experts(
         return y
     s1, s3, s2 = shared
     g, u = ((x @ s.T).float() for s in (s1, s3))
-    h = torch.nn.functional.silu(g.clamp(max=op.limit)) * u.clamp(-op.limit, op.limit)
+    h = torch.nn.functional.silu(g.clamp(max=op.clamp)) * u.clamp(-op.clamp, op.clamp)
     return y + h.to(x.dtype) @ s2.T

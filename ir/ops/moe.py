@@ -1,9 +1,10 @@
 """MoE kernels of DeepSeek-V4 (v4-architecture.md §3.6, §5 K14-K18) as named ops.
 
 - `moe.route`: gate GEMM, scoring (sqrt-softplus, softmax or sigmoid), expert choice (top-k of
-  score + bias, or a token-id hash table), gather, renormalise, scale -> (weights, experts).
-- `moe.experts`: the fused MoE — dispatch, grouped clamped-SwiGLU expert GEMMs with the routing
-  weight applied before w2, weighted combine, and optionally the shared expert.
+  score + bias, the same within the best `topk_group` of `n_group` expert groups, or a token-id
+  hash table), gather, renormalise (+ eps), scale -> (weights, experts).
+- `moe.experts`: the fused MoE — dispatch, grouped SwiGLU (plain or clamped) expert GEMMs with the
+  routing weight applied before w2, weighted combine, and optionally the shared expert.
 
 Data-dependent routing never leaves the device: `moe.experts` takes the [N,k] expert-index tensor
 itself (not per-expert row counts known to the host), so a kernel sizes its grid by the static
@@ -20,9 +21,10 @@ from ir.ops._util import INT_INDEX, io_cost, require
 from ir.symbolic import same_dim
 from ir.types import DType, TensorType
 
-__all__ = ["SCORES", "Experts", "Route", "clamped_swiglu_reference"]
+__all__ = ["ACTIVATIONS", "SCORES", "Experts", "Route", "clamped_swiglu_reference"]
 
 SCORES = ("sqrtsoftplus", "softmax", "sigmoid")
+ACTIVATIONS = ("clamped_swiglu", "swiglu")  # silu(gate)·up, with or without the ±limit clamps
 
 
 def clamped_swiglu_reference(gate, up, limit: float):
@@ -39,8 +41,11 @@ class Route(Op):
     and ids [N] (`hash`) -> (weights [N,k] f32, experts [N,k] i64).
 
     s = score(x·gateᵀ) in fp32 with score = sqrt(softplus), softmax (over E) or sigmoid. Experts:
-    tid2eid[ids] when `hash`, else the indices of topk(s + bias, k) (bias only selects). weights =
-    s[experts], divided by their sum when `renorm`, times `route_scale`.
+    tid2eid[ids] when `hash`, else the indices of topk(c, k) with chooser c = s + bias (bias only
+    selects) or s. Grouped top-k (`n_group` > 1, DeepSeek-V3): the E experts form `n_group`
+    contiguous groups; a group's score is the sum of its two largest c; outside the `topk_group`
+    best groups c is replaced by `group_fill` before the top-k. weights = s[experts], divided by
+    (their sum + `eps`) when `renorm`, times `route_scale`.
     """
 
     mnemonic = "moe.route"
@@ -52,9 +57,17 @@ class Route(Op):
     renorm: bool = True
     bias: bool = False
     hash: bool = False
+    eps: float = 0.0
+    n_group: int = 1
+    topk_group: int = 1
+    group_fill: float = 0.0
 
     def infer_type(self, *types: TensorType):
         require(self, self.score in SCORES, f"score must be one of {SCORES}", *types)
+        grouped = self.n_group > 1
+        require(self, not (grouped and self.hash), "grouped top-k and hash exclude each other")
+        ok = 1 <= self.topk_group <= self.n_group
+        require(self, ok, f"topk_group must be in [1, n_group={self.n_group}]", *types)
         require(self, not (self.bias and self.hash), "bias and hash exclude each other", *types)
         arity = 4 if self.hash else (3 if self.bias else 2)
         require(self, len(types) == arity, f"expected {arity} operands, got {len(types)}", *types)
@@ -67,6 +80,11 @@ class Route(Op):
             require(
                 self, 1 <= self.k <= gate.shape[0], f"k must be in [1, E={gate.shape[0]}]", *types
             )
+        if grouped and isinstance(gate.shape[0], int):
+            size, rem = divmod(gate.shape[0], self.n_group)
+            ok = rem == 0 and size >= 2 and self.k <= self.topk_group * size
+            require(self, ok, f"E={gate.shape[0]} must split into n_group groups of >= 2 holding"
+                    " k picks", *types)
         if self.bias:
             bias = types[2]
             ok = bias.rank == 1 and same_dim(bias.shape[0], gate.shape[0])
@@ -92,11 +110,23 @@ class Route(Op):
             experts = rest[0][rest[1]]
         else:
             chooser = s + rest[0].float() if self.bias else s
+            if self.n_group > 1:
+                chooser = self._grouped(chooser)
             experts = chooser.topk(self.k, dim=-1).indices
         weights = s.gather(-1, experts)
         if self.renorm:
-            weights = weights / weights.sum(-1, keepdim=True)
+            weights = weights / (weights.sum(-1, keepdim=True) + self.eps)
         return (weights * self.route_scale, experts)
+
+    def _grouped(self, chooser):
+        """The chooser with `group_fill` outside the `topk_group` best of `n_group` groups."""
+        n, e = chooser.shape
+        groups = chooser.reshape(n, self.n_group, e // self.n_group)
+        group_score = groups.topk(2, dim=-1).values.sum(-1)
+        best = group_score.topk(self.topk_group, dim=-1).indices
+        keep = torch.zeros_like(group_score, dtype=torch.bool).scatter(1, best, True)
+        keep = keep[:, :, None].expand(groups.shape).reshape(n, e)
+        return chooser.masked_fill(~keep, self.group_fill)
 
     def cost(self, operand_types, result_types):
         x, gate = operand_types[0], operand_types[1]
@@ -111,10 +141,11 @@ class Experts(Op):
     and with `shared` also s1 [J,d], s3 [J,d], s2 [d,J] -> y [N,d] in x's dtype.
 
     y[n] = Σ_slots weights[n,j] · FFN_{experts[n,j]}(x[n])  (+ FFN_shared(x[n]) unweighted), with
-    FFN_e(x) = (weight · swiglu(x·w1[e]ᵀ, x·w3[e]ᵀ)) · w2[e]ᵀ: GEMMs in x's dtype, the clamped
-    SwiGLU (gate ≤ limit, |up| ≤ limit) and the routing weight in fp32, cast to x's dtype before
-    w2; the routed sum is accumulated in fp32. Experts no token chose contribute nothing; no count
-    of rows per expert is needed by the host (module docstring).
+    FFN_e(x) = (weight · swiglu(x·w1[e]ᵀ, x·w3[e]ᵀ)) · w2[e]ᵀ: GEMMs in x's dtype, the SwiGLU
+    silu(gate)·up (`activation` "clamped_swiglu": gate ≤ limit, |up| ≤ limit; "swiglu": no clamp,
+    `limit` unused) and the routing weight in fp32, cast to x's dtype before w2; the routed sum
+    is accumulated in fp32. The shared expert uses the same activation. Experts no token chose
+    contribute nothing; no count of rows per expert is needed by the host (module docstring).
     """
 
     mnemonic = "moe.experts"
@@ -122,8 +153,16 @@ class Experts(Op):
     num_operands = None
     limit: float = 10.0
     shared: bool = False
+    activation: str = "clamped_swiglu"
+
+    @property
+    def clamp(self) -> float:
+        """The SwiGLU clamp bound (inf when the activation does not clamp)."""
+        return self.limit if self.activation == "clamped_swiglu" else float("inf")
 
     def infer_type(self, *types: TensorType):
+        ok = self.activation in ACTIVATIONS
+        require(self, ok, f"activation must be one of {ACTIVATIONS}", *types)
         arity = 9 if self.shared else 6
         require(self, len(types) == arity, f"expected {arity} operands, got {len(types)}", *types)
         x, weights, experts, w1, w3, w2 = types[:6]
@@ -150,13 +189,13 @@ class Experts(Op):
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for e in range(w1.shape[0]):  # every token, weight 0 unless it chose e: no host sync
             we = (weights.float() * (experts == e)).sum(-1, keepdim=True)
-            h = clamped_swiglu_reference(x @ w1[e].T, x @ w3[e].T, self.limit) * we
+            h = clamped_swiglu_reference(x @ w1[e].T, x @ w3[e].T, self.clamp) * we
             out = out + (h.to(x.dtype) @ w2[e].T).float()
         y = out.to(x.dtype)
         if not self.shared:
             return (y,)
         s1, s3, s2 = shared
-        h = clamped_swiglu_reference(x @ s1.T, x @ s3.T, self.limit)
+        h = clamped_swiglu_reference(x @ s1.T, x @ s3.T, self.clamp)
         return (y + h.to(x.dtype) @ s2.T,)
 
     def cost(self, operand_types, result_types):

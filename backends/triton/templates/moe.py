@@ -80,7 +80,8 @@ def emit_route(node: ir.Node, target: Target | None) -> RouteLaunch:
     ptrs += [("tid2eid_ptr", ir.DType.i64), ("ids_ptr", ids)]
     ptrs += [("weights_ptr", ir.DType.f32), ("experts_ptr", ir.DType.i64)]
     ints = ("N", "E", "D", "stride_xn", "stride_xd", "stride_ge", "stride_gd")
-    consts = ("K", "SCORE", "HAS_BIAS", "HASH", "RENORM", "ROUTE_SCALE", "DOT_IN_F32")
+    consts = ("K", "SCORE", "HAS_BIAS", "HASH", "RENORM", "EPS", "N_GROUP", "TOPK_GROUP")
+    consts += ("GROUP_FILL", "ROUTE_SCALE", "DOT_IN_F32")
     consts += ("BLOCK_N", "BLOCK_E", "BLOCK_D", "K_PAD")
     params = [Param(n, "ptr", t) for n, t in ptrs]
     params += [Param(n, "int") for n in ints] + [Param(n, "constexpr") for n in consts]
@@ -121,6 +122,10 @@ class RouteLaunch(OneKernel):
             "HAS_BIAS": op.bias,
             "HASH": op.hash,
             "RENORM": op.renorm,
+            "EPS": float(op.eps),
+            "N_GROUP": op.n_group,
+            "TOPK_GROUP": op.topk_group,
+            "GROUP_FILL": float(op.group_fill),
             "ROUTE_SCALE": float(op.route_scale),
             "DOT_IN_F32": _route_dot_in_f32(x.dtype, gate.dtype, gpu),
             "K_PAD": next_pow2(op.k),
@@ -313,7 +318,7 @@ class ExpertsLaunch(OneKernel):
         dot_in_f32 = not gpu or self.node.operands[0].dtype == ir.DType.f32
         return {
             "K": sz.k,
-            "LIMIT": float(self.node.op.limit),
+            "LIMIT": float(self.node.op.clamp),  # inf: SwiGLU without clamps
             "HAS_SHARED": int(sz.shared),
             "DOT_IN_F32": dot_in_f32,
         }

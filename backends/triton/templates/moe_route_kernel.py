@@ -4,7 +4,8 @@ BLOCK_N tokens per program, every expert's score of a token held in registers.
     logits  = x · gateᵀ                      (fp32 accumulation)
     s       = sqrt(softplus(logits)) | softmax(logits) | sigmoid(logits)
     experts = top-K(s + bias)  or  tid2eid[ids]          (bias only selects)
-    weights = s[experts] (/ Σ s[experts]) · ROUTE_SCALE
+              (N_GROUP > 1: top-K within the TOPK_GROUP groups whose best two sum highest)
+    weights = s[experts] (/ (Σ s[experts] + EPS)) · ROUTE_SCALE
 
 Top-K is K rounds of a row max: each round takes the highest remaining score (the lowest expert
 index among equal ones) and removes it, so the picks come out in descending order like
@@ -22,6 +23,29 @@ def _softplus(x):
     w = 1.0 + u
     log1p = tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0)))
     return tl.maximum(x, 0.0) + log1p
+
+
+@triton.jit
+def _grouped(chooser, cols, E, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_FILL):
+    # DeepSeek-V3 group-limited choice: a group's score is the sum of its two best choosers; the
+    # TOPK_GROUP best groups (lowest index among equal) keep their choosers, the rest GROUP_FILL
+    group_of = cols // (E // N_GROUP)
+    kept = chooser < float("-inf")  # all False, the chooser's shape
+    score = tl.zeros_like(chooser) + float("-inf")  # a group's score in each of its columns
+    for g in tl.static_range(N_GROUP):
+        in_g = (group_of == g)[None, :]
+        c = tl.where(in_g, chooser, float("-inf"))
+        best = tl.max(c, axis=1)
+        first = tl.min(tl.where(c == best[:, None], cols[None, :], E), axis=1)
+        second = tl.max(tl.where(cols[None, :] == first[:, None], float("-inf"), c), axis=1)
+        score = tl.where(in_g, (best + second)[:, None], score)
+    for _ in tl.static_range(TOPK_GROUP):
+        best = tl.max(score, axis=1)
+        pick = tl.min(tl.where(score == best[:, None], group_of[None, :], N_GROUP), axis=1)
+        mine = group_of[None, :] == pick[:, None]
+        kept = kept | mine
+        score = tl.where(mine, float("-inf"), score)
+    return tl.where(kept, chooser, GROUP_FILL)
 
 
 @triton.jit
@@ -45,6 +69,10 @@ def moe_route(
     HAS_BIAS: tl.constexpr,
     HASH: tl.constexpr,
     RENORM: tl.constexpr,
+    EPS: tl.constexpr,  # added to the renormalising sum
+    N_GROUP: tl.constexpr,  # > 1: grouped top-k over N_GROUP contiguous expert groups
+    TOPK_GROUP: tl.constexpr,
+    GROUP_FILL: tl.constexpr,  # the chooser outside the kept groups
     ROUTE_SCALE: tl.constexpr,
     DOT_IN_F32: tl.constexpr,  # IEEE fp32 products (fp32 inputs; bf16 on the CPU interpreter)
     BLOCK_N: tl.constexpr,  # tokens per program
@@ -97,6 +125,8 @@ def moe_route(
         chooser = scores
         if HAS_BIAS:
             chooser += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        if N_GROUP > 1:
+            chooser = _grouped(chooser, cols, E, N_GROUP, TOPK_GROUP, GROUP_FILL)
         chooser = tl.where(col_mask[None, :], chooser, float("-inf"))
         experts = tl.zeros((BLOCK_N, K_PAD), dtype=tl.int64)
         for j in tl.static_range(K):
@@ -113,7 +143,7 @@ def moe_route(
         weight_j = tl.sum(tl.where(picked, scores, 0.0), axis=1)
         weights = tl.where(slots[None, :] == j, weight_j[:, None], weights)
     if RENORM:
-        weights = weights / tl.sum(weights, axis=1)[:, None]
+        weights = weights / (tl.sum(weights, axis=1)[:, None] + EPS)
     weights = weights * ROUTE_SCALE
 
     out = rows[:, None].to(tl.int64) * K + slots[None, :]

@@ -1,0 +1,182 @@
+"""Canonical forms of MoE spellings, so `fuse_moe`'s two rules see one form whatever the model.
+
+Run at the start of `fuse_moe` (after `canonicalize`), on the one rewrite driver. Each rule is an
+exact identity (one-line algebra comment at the rule) from a spelling found in third-party
+models — Hugging Face's routers and its `grouped_mm` experts (`integrations/moe.py`) — to the
+form `fuse_moe` matches (its module docstring):
+
+- top-k values are a gather of the scores at the top-k indices (HF routers renormalise
+  `topk(s).values`; ours gather `s` at the chosen experts);
+- a softmax over the top-k logits is the renormalised top-k of the softmax (GPT-OSS-style
+  top-k-then-softmax routers);
+- `histc` of the sorted expert ids over E bins [0, E-1] is their bincount (HF's offsets);
+- un-permuting the expert-sorted rows and summing each token's k slots is a scatter-add by
+  token (HF's combine);
+- a column slice of a grouped GEMM with stacked [gate; up] weights is the grouped GEMM with the
+  sliced weights (HF's `gate_up_proj`).
+
+A rule that does not apply returns a `Fail` naming the sub-pattern and why (`STATS=1`,
+`explain`). Rule names: `canonical_moe.<name>`.
+"""
+
+from __future__ import annotations
+
+from ir import DType, Graph, Value
+from passes.context import PassContext
+from passes.fuse_common import Checks, FusionView, const_value, fusion_rule
+from passes.pattern import Fail, Match, Rule, const, either, op, var
+from passes.rewrite import Replace, Rewriter, rewrite
+
+__all__ = ["RULES", "canonical_moe"]
+
+_LAST = {"dim": lambda d: d in (-1, 1)}
+
+
+_RENORMS = ("div", "sum", "softmax", "mul")  # the users of routing weights a rule looks at
+
+
+def _topk_values(m: Match, rw: Rewriter) -> Replace | Fail:
+    """topk(s, k).values = gather(s, topk(s, k).indices) for routing weights (rank-2 s).
+
+    A plain rule (no cast-blind view): it must see the operands as already rewritten in this
+    sweep, or the second user of the values would gather them again."""
+    found = [(v, rw.producer(v)) for v in m.root.operands]
+    found = [(v, n) for v, n in found if n is not None and n.name == "topk" and n.results[0] == v]
+    if not found:
+        return Fail(1, "values", "no operand is the values of a top-k", m.root)
+    values, topk = found[0]
+    s = topk.operands[0]
+    if s.type.rank != 2 or topk.attrs["dim"] not in (-1, 1):
+        dim = topk.attrs["dim"]
+        reason = f"not a top-k over the last dim of [N, E] scores ({s.type}, dim {dim})"
+        return Fail(2, "scores", reason, topk)
+    return Replace(((values, rw.op("gather", [s, topk.results[1]], dim=1)),))
+
+
+def _softmax_after_topk(c: Checks, root: Match, rw: Rewriter) -> Replace:
+    """softmax(topk(l).values) = renormalised topk(softmax(l)) (exp is monotone: same picks)."""
+    m = c.match("picked", op("gather", var("l", rank=2), var("e"), attrs={"dim": 1}),
+                root.root.operands[0])
+    e = m["e"]
+    topk = c.view.producer(e)
+    ok = topk is not None and topk.name == "topk" and topk.results[1] == e
+    c.need(ok and topk.operands[0] == m["l"], "choice", "the gathered indices are not the top-k "
+           "of the same logits", topk)
+    c.need(topk.attrs["largest"], "choice", "the top-k takes the smallest logits", topk)
+    c.need(m["l"].dtype == DType.f32, "logits", f"logits are {m['l'].dtype}, not f32")
+    s = rw.op("softmax", [m["l"]], dim=1)
+    _, experts = rw.op("topk", [s], k=topk.attrs["k"], dim=1, largest=True,
+                       sorted=topk.attrs["sorted"])
+    picked = rw.op("gather", [s, experts], dim=1)
+    w = rw.op("div", [picked, rw.op("sum", [picked], dims=(1,), keepdim=True)])
+    return Replace(((root.root.results[0], w), (e, experts)))
+
+
+# histc(v, bins, lo, hi) as torch decomposes it (lo = 0): the bin of v is
+# min(i64(floor(v · bins / (hi - lo))), bins - 1) where lo <= v <= hi, each counted once.
+_V = op("cast", op("sort", op("reshape", var("e", rank=2), name="flat"), result=0), name="v")
+_IN_RANGE = op("logical_and", op("ge", _V, const(name="lo")), op("le", _V, const(name="hi")),
+               name="in_range")
+_BIN = op("minimum", op("cast", op("floor", op("div", op("mul", _V, const(name="bins")),
+                                                  const(name="width")))), const(name="last"))
+HISTC = op("scatter_add", const(0), op("where", _IN_RANGE, _BIN, var()),
+           op("cast", _IN_RANGE), attrs={"dim": 0})
+
+
+def _expert_count(view: FusionView, e: Value) -> int | None:
+    """E when `e` [N, k] holds expert ids in [0, E): top-k indices over E columns, or
+    `moe.route`'s experts (E = gate rows); -1 for a hash router's tid2eid[ids], whose entries
+    are expert ids by the table's contract (histc would drop an out-of-range id, bincount and
+    moe.experts would not: such a table is invalid input either way)."""
+    n = view.producer(e)
+    if n is None:
+        return None
+    if n.name == "topk" and n.results[1] == e:
+        return n.operands[0].type.shape[-1]
+    if n.name == "moe.route":
+        return n.operands[1].type.shape[0]
+    if n.name == "index" and n.operands[0].dtype == DType.i64:  # tid2eid[ids] of a hash router
+        return -1
+    return None
+
+
+def _histc(c: Checks, root: Match, rw: Rewriter) -> Replace:
+    """histc(sort(e).values, E, 0, E-1) = bincount(e) for expert ids e in [0, E-1]."""
+    m = c.match("histc", HISTC, root.root.results[0])
+    counts = root.root.results[0]
+    n_exp = counts.type.shape[0]
+    c.need(isinstance(n_exp, int) and n_exp >= 2, "histc", f"{n_exp} bins: not a static E >= 2")
+    want = {"lo": 0, "hi": n_exp - 1, "bins": n_exp, "width": n_exp - 1, "last": n_exp - 1}
+    got = {k: const_value(c.view, m[k]) for k in want}
+    c.need(got == want, "histc.bins", f"bins {got} are not one per expert id 0..{n_exp - 1}")
+    e_count = _expert_count(c.view, m["e"])
+    c.need(e_count in (n_exp, -1), "histc.ids", f"the ids are not expert ids in [0, {n_exp})",
+           c.view.producer(m["e"]))
+    flat = m["flat"]
+    ones = rw.op("full", [], shape=flat.type.shape, value=1.0, dtype=counts.dtype)
+    zeros = rw.op("full", [], shape=counts.type.shape, value=0.0, dtype=counts.dtype)
+    return Replace(((counts, rw.op("scatter_add", [zeros, flat, ones], dim=0)),))
+
+
+_ORDER = either(
+    op("sort", var("flat", rank=1), result=1, name="order"),
+    op("argsort", var("flat", rank=1), name="order"),
+)
+_INVERSE = op("index_put", const(0), _ORDER, op("iota", name="iota"),
+              attrs={"dim": 0, "accumulate": False})
+UNSORT_SUM = op("sum", op("reshape", op("index", var("rows", rank=2), _INVERSE, attrs={"dim": 0}),
+                          name="slots", rank=3), attrs={"dims": (1,), "keepdim": False})
+
+
+def _unsort_sum(c: Checks, root: Match, rw: Rewriter) -> Replace:
+    """Σ_j rows[inv(order)].view(N, k, d)[:, j] = index_add(0, order // k, rows) by token."""
+    m = c.match("combine", UNSORT_SUM, root.root.results[0])
+    k = m["slots"].type.shape[1]
+    iota, p = m.node("iota").attrs, m["flat"].type.shape[0]
+    c.need((iota["start"], iota["end"], iota["step"]) == (0, p, 1), "combine.inverse",
+           f"the scattered values are not 0..{p}: not an inverse permutation", m.node("iota"))
+    c.need(isinstance(k, int), "combine.slots", f"k = {k} is not static", m.node("slots"))
+    order = m["order"]
+    token = next((u.results[0] for u in c.view.users(order) if u.name == "floordiv"
+                  and u.operands[0] == order and const_value(c.view, u.operands[1]) == k), None)
+    if token is None:
+        token = rw.op("floordiv", [order, rw.constant(k, order.dtype)])
+    out = root.root.results[0]
+    zeros = rw.op("full", [], shape=out.type.shape, value=0.0, dtype=out.dtype)
+    y = rw.op("index_put", [zeros, token, m["rows"]], dim=0, accumulate=True)
+    return Replace(((out, y),))
+
+
+STACKED = op("slice", op("grouped_mm", var("rows", rank=2),
+                         op("permute", var("w", rank=3), attrs={"dims": (0, 2, 1)}), var("offs")),
+             attrs={**_LAST, "step": 1})
+
+
+def _stacked_slice(c: Checks, root: Match, rw: Rewriter) -> Replace:
+    """(A · Wᵀ)[:, a:b] = A · W[:, a:b]ᵀ per expert group (stacked [gate; up] weights)."""
+    m = c.match("stacked", STACKED, root.root.results[0])
+    attrs = root.root.attrs
+    w = rw.op("slice", [m["w"]], dim=1, start=attrs["start"], end=attrs["end"], step=1)
+    wt = rw.op("permute", [w], dims=(0, 2, 1))
+    return Replace(((root.root.results[0], rw.op("grouped_mm", [m["rows"], wt, m["offs"]])),))
+
+
+RULES = [
+    # topk(s).values = gather(s, topk(s).indices)
+    Rule("canonical_moe.topk_values", op(set(_RENORMS)), _topk_values, near=2),
+    # softmax(topk(l).values) = gather(softmax(l), e) / Σ gather(softmax(l), e), e = topk(...)
+    fusion_rule(
+        "canonical_moe.softmax_after_topk", op("softmax", attrs=_LAST), _softmax_after_topk
+    ),
+    # histc(sort(e), E, 0, E-1) = scatter_add(0, e, 1) for e in [0, E)
+    fusion_rule("canonical_moe.histc", op("scatter_add"), _histc),
+    # Σ_k unsort(rows).view(N, k, d) = index_put(0, order // k, rows, accumulate)
+    fusion_rule("canonical_moe.unsort_sum", op("sum"), _unsort_sum),
+    # grouped_mm(A, Wᵀ)[:, a:b] = grouped_mm(A, W[:, a:b]ᵀ)
+    fusion_rule("canonical_moe.stacked_slice", op("slice"), _stacked_slice),
+]
+
+
+def canonical_moe(g: Graph, ctx: PassContext | None = None) -> Graph:
+    """Rewrite the MoE spellings above to `fuse_moe`'s canonical form (module docstring)."""
+    return rewrite(g, RULES, ctx=ctx)
