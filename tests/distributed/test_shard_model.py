@@ -84,32 +84,40 @@ def _check_collectives(g: ir.Graph, counts: dict, mesh: str, moe: str, batch: st
     assert counts.get("moe.dispatch", 0) == (layers if moe.startswith("dispatch") else 0)
 
 
-DECODE_CASES = [
-    ("tp attention + vocab head + experts over tp", "tp=2", "all_reduce", None),
-    ("dp attention + ep dispatch", "ep=2", "dispatch", "ep"),
-]
-
-
-@pytest.mark.skipif(not SLOW, reason="decode capture + 2 ranks take ~45 s; DSV4C_SLOW=1 runs it")
-@pytest.mark.parametrize("preset", ["tiny-512", "tiny"])
-def test_decode_strategies_equal_single_process(preset: str) -> None:
+@pytest.fixture(scope="module", params=["tiny-512", "tiny"])
+def decode(request):
+    """A decode step at position 40 after a 40-token prefill (batch 4), its semantic graph, the
+    single-process result (logits + cache) and the inputs."""
     torch.manual_seed(0)
-    model = Transformer(Config.preset(preset)).eval()
-    tokens = torch.randint(0, 128, (2, 42))
+    model = Transformer(Config.preset(request.param)).eval()
+    tokens = torch.randint(0, 128, (4, 42))
     with torch.no_grad():
-        _, cache = model.prefill(tokens[:, :40], model.init_cache(2, 64))
+        _, cache = model.prefill(tokens[:, :40], model.init_cache(4, 64))
     inputs = [tokens[:, 40:41], torch.tensor(40), *cache.values()]
     g = frontend.capture(model, (inputs[0], inputs[1], cache), method="decode")
     g = fuse_hc(fuse_moe(fuse_attention(passes.canonicalize(g))))
     want = ir.interpret(g, *inputs, params=model.state_dict())
-    got = run_ranks(dist_workers.sharded_model, 2,
-                    (DECODE_CASES, ir.to_text(g), model.state_dict(), inputs), timeout_s=120)
-    for name, *_ in DECODE_CASES:
-        for rank in range(2):
+    with torch.no_grad():
+        assert torch.allclose(want[0], model.decode(inputs[0], inputs[1], cache)[0], atol=1e-5)
+    return g, model.state_dict(), inputs, want
+
+
+@pytest.mark.skipif(not SLOW, reason="decode capture + 2 and 4 ranks take ~2 min; DSV4C_SLOW=1")
+@pytest.mark.parametrize("world", [2, 4])
+def test_decode_strategies_equal_single_process(decode, world: int) -> None:
+    """Every strategy of CASES on a decode step: logits and every cache tensor."""
+    g, state, inputs, want = decode
+    got = run_ranks(dist_workers.sharded_model, world,
+                    (CASES[world], ir.to_text(g), state, inputs), timeout_s=300)
+    for name, mesh, moe, batch_axis in CASES[world]:
+        for rank in range(world):
             outs, counts = got[rank][name]
             err = max((w - o).abs().max().item() for w, o in zip(want, outs))  # logits + cache
             assert err <= 1e-5, f"decode {name} rank {rank}: max |diff| {err:.2e}"
-            assert counts["attn.sparse_mqa"] == sum(n.name == "attn.sparse_mqa" for n in g.ops)
+            for op in SEMANTIC:
+                factor = 2 if op == "moe.experts" and moe.startswith("dispatch") else 1
+                want_n = factor * sum(n.name == op for n in g.ops)
+                assert counts.get(op, 0) == want_n, (name, op, counts)
 
 
 @pytest.mark.skipif(not SLOW, reason="TVM compiles each rank's kernels (~60 s); DSV4C_SLOW=1")
