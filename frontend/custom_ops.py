@@ -30,7 +30,12 @@ import ir
 
 __all__ = ["decompositions_for", "is_custom", "opaque_call", "opaque_calls", "report_opaque"]
 
-_TORCH_NAMESPACES = {"aten", "prims", "prim", "quantized", "_quantized", "higher_order"}
+# torch's own op namespaces: their ops are translated, decomposed or unsupported, never kept whole
+# (a collective kept whole would run outside dsv4c's own mesh handling)
+_TORCH_NAMESPACES = {
+    "aten", "prims", "prim", "quantized", "_quantized", "higher_order", "_c10d_functional",
+    "c10d_functional", "_c10d_functional_autograd", "c10d", "_dtensor",
+}  # fmt: skip
 
 
 def is_custom(target: Any) -> bool:
