@@ -13,7 +13,8 @@ form `fuse_moe` matches (its module docstring):
 - un-permuting the expert-sorted rows and summing each token's k slots is a scatter-add by
   token (HF's combine);
 - a column slice of a grouped GEMM with stacked [gate; up] weights is the grouped GEMM with the
-  sliced weights (HF's `gate_up_proj`).
+  sliced weights (HF's `gate_up_proj`), and likewise for per-row GEMMs with gathered weights
+  (HF's `batched_mm` experts).
 
 A rule that does not apply returns a `Fail` naming the sub-pattern and why (`STATS=1`,
 `explain`). Rule names: `canonical_moe.<name>`.
@@ -152,13 +153,25 @@ STACKED = op("slice", op("grouped_mm", var("rows", rank=2),
              attrs={**_LAST, "step": 1})
 
 
+# the batched form: row i times its gathered expert's weights, [S, 2I, d] · [S, d, 1]
+STACKED_ROWS = op("slice", op("reshape", op("matmul", op("index", var("w", rank=3), var("ids"),
+                                                          attrs={"dim": 0}), var("rows", rank=3)),
+                              rank=2), attrs={**_LAST, "step": 1})
+
+
 def _stacked_slice(c: Checks, root: Match, rw: Rewriter) -> Replace:
-    """(A · Wᵀ)[:, a:b] = A · W[:, a:b]ᵀ per expert group (stacked [gate; up] weights)."""
-    m = c.match("stacked", STACKED, root.root.results[0])
+    """(A · Wᵀ)[:, a:b] = A · W[:, a:b]ᵀ per expert group (stacked [gate; up] weights), in the
+    grouped form and in the batched form (each row times its own expert's W)."""
+    out = root.root.results[0]
+    m = c.view.matches(STACKED_ROWS, out) or c.match("stacked", either(STACKED, STACKED_ROWS), out)
     attrs = root.root.attrs
     w = rw.op("slice", [m["w"]], dim=1, start=attrs["start"], end=attrs["end"], step=1)
-    wt = rw.op("permute", [w], dims=(0, 2, 1))
-    return Replace(((root.root.results[0], rw.op("grouped_mm", [m["rows"], wt, m["offs"]])),))
+    if "offs" in m:
+        wt = rw.op("permute", [w], dims=(0, 2, 1))
+        return Replace(((out, rw.op("grouped_mm", [m["rows"], wt, m["offs"]])),))
+    c.need(m["rows"].type.shape[2] == 1, "stacked.rows", f"rows {m['rows'].type} are not [S, d, 1]")
+    product = rw.op("matmul", [rw.op("index", [w, m["ids"]], dim=0), m["rows"]])
+    return Replace(((out, rw.op("reshape", [product], shape=out.type.shape)),))
 
 
 RULES = [
@@ -172,7 +185,7 @@ RULES = [
     fusion_rule("canonical_moe.histc", op("scatter_add"), _histc),
     # Σ_k unsort(rows).view(N, k, d) = index_put(0, order // k, rows, accumulate)
     fusion_rule("canonical_moe.unsort_sum", op("sum"), _unsort_sum),
-    # grouped_mm(A, Wᵀ)[:, a:b] = grouped_mm(A, W[:, a:b]ᵀ)
+    # grouped_mm(A, Wᵀ)[:, a:b] = grouped_mm(A, W[:, a:b]ᵀ); (W[e_i] r_i)[a:b] = W[e_i][a:b] r_i
     fusion_rule("canonical_moe.stacked_slice", op("slice"), _stacked_slice),
 ]
 

@@ -248,10 +248,12 @@ def _activation(m: Match, prefix: str) -> tuple[str, float] | str:
     return ("clamped_swiglu", float(limit))
 
 
-def _shared(view: FusionView, x: Value, mine: Value, act: tuple) -> tuple | None:
+def _shared(view: FusionView, x: Value, mine: Value, act: tuple, base: Value | None = None
+            ) -> tuple | None:
     """(s1, s3, s2, the add it ends in, reshape shape or None) when `mine` (the routed sum) is
     added to a shared SwiGLU expert of the same tokens and activation — on [N, d] or, through a
-    reshape, on the model's [B, S, d] (the shared expert then reads x before its flattening)."""
+    reshape, on the model's [B, S, d] (the shared expert then reads x before its flattening,
+    `base`: by default the operand of x's reshape)."""
     shape, add = None, view.only_user(mine, "add")
     view_op = view.only_user(mine, "reshape")
     if add is None and view_op is not None:
@@ -263,9 +265,10 @@ def _shared(view: FusionView, x: Value, mine: Value, act: tuple) -> tuple | None
     sm = view.matches(SHAREDS[narrow(x)], other)
     if sm is None or _activation(sm, "shared") != act:
         return None
-    flat = view.producer(x)
-    same = sm["x"] == x if shape is None else (
-        flat is not None and flat.name == "reshape" and flat.operands[0] == sm["x"])
+    if base is None:
+        flat = view.producer(x)
+        base = flat.operands[0] if flat is not None and flat.name == "reshape" else None
+    same = sm["x"] == (x if shape is None else base)
     return (sm["s1"], sm["s3"], sm["s2"], add, shape) if same else None
 
 
@@ -290,14 +293,22 @@ def _experts(c: Checks, root: Match, rw: Rewriter) -> Replace:
     c.need(k == experts.type.shape[1], "routed.token", f"rows // {k} is not rows // top-k")
     act = _activation(m, "routed")
     c.need(not isinstance(act, str), "routed.swiglu", str(act), m.node("routed_gate"))
-    attrs = {"limit": act[1]} | ({} if act[0] == "clamped_swiglu" else {"activation": act[0]})
     c.need(m.attr("offs", "dtype") == DType.i32, "routed.offsets", "offsets are not int32")
     c.need(m["weights"].type.shape == experts.type.shape, "routed.weights",
            f"weights {m['weights'].type} and expert ids {experts.type} differ in shape")
     operands = [x, m["weights"], experts, m["w1"], m["w3"], m["w2"]]
+    return _build(view, rw, out, operands, act)
+
+
+def _build(view: FusionView, rw: Rewriter, out: Value, operands: list[Value], act: tuple,
+           base: Value | None = None) -> Replace:
+    """moe.experts(operands) standing for the routed sum `out`, or for `out` + the shared expert
+    when one is added to it (`_shared`)."""
+    x = operands[0]
+    attrs = {"limit": act[1]} | ({} if act[0] == "clamped_swiglu" else {"activation": act[0]})
     cast = view.only_user(out, "cast")  # the fp32 sum rounded to x's dtype (bf16 models)
     mine = out if cast is None else cast.results[0]
-    shared = _shared(view, x, mine, act)
+    shared = _shared(view, x, mine, act, base)
     if shared is not None:
         *weights, add, shape = shared
         y = rw.op("moe.experts", operands + weights, shared=True, loc=add.loc, **attrs)
@@ -308,12 +319,60 @@ def _experts(c: Checks, root: Match, rw: Rewriter) -> Replace:
     return replace(view, [(out, y)])
 
 
+# --- experts, batched form: each (token, slot) row times its gathered expert's weights --------
+# (HF's batched_mm experts): rows = x repeated k times, GEMMs against W[e] per row, combine by a
+# reshape to [N, k, d] and a sum over the slots
+
+_FLAT_E = op("reshape", var("experts", rank=2), name="flat_e", rank=1)
+_REPEATED = op("reshape", op("expand", op("reshape", var("base"), name="one_slot", rank=3)),
+               name="rows", rank=3)  # [N·k, d, 1]
+
+
+def _per_row(rows, w: str) -> object:
+    """[S, out]: row i times W[e_i]ᵀ, as a batched matmul of the gathered weights."""
+    gathered = op("index", var(w, rank=3), _FLAT_E, attrs={"dim": 0})
+    return op("reshape", op("matmul", gathered, rows), rank=2)
+
+
+_HIDDEN_B = _swiglu(_per_row(_REPEATED, "w1"), _per_row(_REPEATED, "w3"), "routed")
+_DOWN_B = _per_row(op("reshape", _HIDDEN_B, rank=3), "w2")
+BATCHED = op(
+    "sum",
+    op("reshape", op("mul", _DOWN_B, op("reshape", var("weights", rank=2), rank=2)),
+       name="slots", rank=3),
+    attrs={"dims": (1,), "keepdim": False},
+)
+
+
+def _experts_batched(c: Checks, root: Match, rw: Rewriter) -> Replace:
+    """Σ_slots w · W2[e] · SwiGLU(W1[e] x, W3[e] x) per (token, slot) row [+ shared] ->
+    moe.experts."""
+    view, out = c.view, root.root.results[0]
+    m = c.match("batched", BATCHED, out)
+    n, k, d = m["slots"].type.shape
+    experts, weights, base = m["experts"], m["weights"], m["base"]
+    c.need(experts.type.shape == weights.type.shape == (n, k), "batched.slots",
+           f"[N, k] = {experts.type.shape} ids, {weights.type.shape} weights, rows [{n}, {k}]")
+    c.need(m["one_slot"].type.shape == (n, 1, d) and m["rows"].type.shape == (n * k, d, 1),
+           "batched.rows", "the rows are not each token's x repeated k times", m.node("rows"))
+    c.need(not narrow(base), "batched.dtype", f"x is {base.dtype}: the batched form is matched "
+           "in fp32 only (where its rounding points do not matter)", m.node("rows"))
+    act = _activation(m, "routed")
+    c.need(not isinstance(act, str), "batched.swiglu", str(act), m.node("routed_gate"))
+    x = rw.op("reshape", [base], shape=(n, d))
+    operands = [x, weights, experts, m["w1"], m["w3"], m["w2"]]
+    c.fits("moe.experts", operands, {}, [out])
+    return _build(view, rw, out, operands, act, base)
+
+
 RULES = [
     # w = gather(s, e) [/ (Σ_k gather(s, e) + ε)] [· c], s = score(x Wᵀ),
     # e = top-k(s [+ b]) (within the best groups) or hash
     fusion_rule("fuse_moe.moe.route", op({"mul", "div"}), _route),
     # Σ_experts scatter(token, w · SwiGLU_e(x[token])) [+ SwiGLU_shared(x)] = moe.experts
     fusion_rule("fuse_moe.moe.experts", op("index_put"), _experts),
+    # Σ_slots (w · W2[e] SwiGLU(W1[e] x, W3[e] x)).view(N, k, d) [+ shared] = moe.experts
+    fusion_rule("fuse_moe.moe.experts_batched", op("sum"), _experts_batched),
 ]
 
 

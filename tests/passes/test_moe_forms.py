@@ -2,6 +2,8 @@
 DeepSeek-V3.2 routers and `grouped_mm` experts form `moe.route` + `moe.experts` like our model.
 
 Counter tests assert the fused op counts; the fused graph, interpreted, equals HF eager (fp32).
+HF's experts come in its default `grouped_mm` form and in its `batched_mm` form (its eager
+per-expert loop does not capture: the loop runs over a data-dependent set of experts).
 Variants come from patching one Mixtral layer's router: top-k-then-softmax (canonicalised to the
 renormalised softmax) and a near miss — top-k weights "renormalised" over the tokens (dim 0)
 instead of the k picks — that must not fuse to moe.route, stays exact, and is explained with its
@@ -71,6 +73,19 @@ def test_mixtral_one_route_and_experts_per_layer():
     assert experts.attrs["activation"] == "swiglu" and not experts.attrs["shared"]
     for rule in ("topk_values", "histc", "unsort_sum", "stacked_slice"):
         assert ctx.counters[f"canonical_moe.{rule}"] >= layers, rule
+    _check_logits(g, model, ids)
+
+
+def test_mixtral_batched_mm_experts():
+    """HF's other stacked-weight experts form (`batched_mm`: each (token, slot) row times its
+    gathered expert's weights, reshape + sum over the slots) forms the same moe.experts."""
+    model, ids = hf_tiny.mixtral(), hf_tiny.tokens(1, 16)
+    for layer in model.model.layers:
+        layer.mlp.experts.config._experts_implementation = "batched_mm"
+    ctx = PassContext()
+    g = _fused(model, ids, ctx)
+    assert _moe_counts(g) == {"moe.route": 2, "moe.experts": 2}
+    assert ctx.counters["fuse_moe.moe.experts_batched"] == 2
     _check_logits(g, model, ids)
 
 
