@@ -120,6 +120,7 @@ def compile_methods(
     """Compile several entry points of `module` into one `Compiled`. `graph_key` names what fully
     determines the module (e.g. a model preset's config): with it, capture + passes results are
     cached (graph_cache.py); `use_cache=False` bypasses that cache and the kernel cache."""
+    from dsv4c import tuning
     from dsv4c.report import build_report, entry_report
 
     graph_key = graph_key if use_cache else None
@@ -143,8 +144,10 @@ def compile_methods(
             summary = summary | {"cached": False}
         else:
             g, summary = _lower(module, method, spec, tgt, env, run, graph_key)
+        # TVM CPU kernels take their schedule knobs from the tuning database (dsv4c/tuning.py)
         with run.phase(f"backend {method}", f"{backend} for {tgt.name}"):
-            exe = be.compile(g, tgt)
+            with tuning.applied(backend, tgt, env):
+                exe = be.compile(g, tgt)
         files[graph_file(method, i)] = ir.to_text(g).encode()
         found = kernel_list(exe)
         if tgt.is_gpu and backend == "triton":

@@ -19,7 +19,7 @@ from backends.tvm.lower import (
     lowers,
     static,
 )
-from backends.tvm.schedule_cpu import VECTOR, _ok, _try
+from backends.tvm.schedule_cpu import VECTOR, _ok, _try, knobs_for, mark_tuned
 
 __all__ = ["matmul_te", "schedule_matmul_cpu", "transposed_layout"]
 
@@ -78,21 +78,23 @@ def transposed_layout(t: Any) -> bool:
 def schedule_matmul_cpu(func: Any, nt: bool) -> Any:
     """nn: tile i×j (8×32), keep the k loop outside the register tile, vectorise j, parallelise
     the fused batch/row tiles. nt (weights as stored): vectorised dot products when K is a
-    static multiple of the vector width (GEMV-like decode matmuls), else 4×8 tiles."""
+    static multiple of the vector width (GEMV-like decode matmuls), else 4×8 tiles. Tuned
+    knobs (`schedule_cpu.Knobs`: tile_i, tile_j, tile_k, vector, dots) replace these numbers."""
     from tvm import s_tir
 
+    knobs = knobs_for(func)
     sch = s_tir.Schedule(func)
     block = sch.get_sblock("matmul")
     loops = sch.get_loops(block)
     *batch, i, j, k = loops
     width = static(sch.get(k).extent)
-    if nt and width is not None and width % VECTOR == 0:
-        return _schedule_dots(sch, func)
+    if nt and knobs.dots and width is not None and width % knobs.vector == 0:
+        return mark_tuned(_schedule_dots(sch, func, knobs.vector), knobs)
     n = static(sch.get(j).extent)
-    tile_j = _tile_j(n, nt)
-    i0, i1 = sch.split(i, [None, 8 if not nt else 4])
+    tile_j = knobs.tile_j if knobs.tile_j is not None else _tile_j(n, nt)
+    i0, i1 = sch.split(i, [None, knobs.tile_i or (8 if not nt else 4)])
     j0, j1 = sch.split(j, [None, tile_j]) if tile_j else (j, None)
-    k0, k1 = sch.split(k, [None, 4])
+    k0, k1 = sch.split(k, [None, knobs.tile_k])
     order = [*batch, i0, j0, k0, i1, k1] + ([j1] if j1 is not None else [])
     sch.reorder(*order)
     outer = _try(sch.fuse, *batch, i0) if batch else i0
@@ -105,15 +107,16 @@ def schedule_matmul_cpu(func: Any, nt: bool) -> Any:
     for b in sch.get_child_blocks(sch.get_sblock("root")):
         if sch.get(b).name_hint != "matmul" and "init" not in sch.get(b).name_hint:
             _cast_loops(sch, b)
-    return sch.mod["main"].with_attr("global_symbol", func.attrs["global_symbol"])
+    out = sch.mod["main"].with_attr("global_symbol", func.attrs["global_symbol"])
+    return mark_tuned(out, knobs)
 
 
-def _schedule_dots(sch: Any, func: Any) -> Any:
+def _schedule_dots(sch: Any, func: Any, vector: int = VECTOR) -> Any:
     """nt with a static K: each output is a dot product of two contiguous rows, computed as
     VECTOR partial sums (rfactor) in one vector register, then reduced; parallel over outputs."""
     block = sch.get_sblock("matmul")
     *_, k = sch.get_loops(block)
-    _, k_lanes = sch.split(k, [None, VECTOR])
+    _, k_lanes = sch.split(k, [None, vector])
     partial = sch.rfactor(k_lanes, 0)
     *outer, _ = sch.get_loops(block)
     fused = sch.fuse(*outer)

@@ -22,13 +22,21 @@ leaves the loop nest as it was; the result is still correct, only slower):
    that runs zero times (a sum over `x[:, :T // 4]` with T < 4) would leave the output unwritten.
 
 Matmuls have their own tiled schedule (`backends.tvm.matmul`).
+
+Tuning: the numbers above (`VECTOR` lanes per rfactor/vector split, `SERIAL_MAX`, the matmul
+tiles) are `Knobs`. While `TUNED` maps a kernel's symbol to other knobs (dsv4c.tuning sets it
+from the tuning database during a compile), that kernel is scheduled with them and its PrimFunc
+carries the attribute `dsv4c.tuned` (printed in its TVMScript); untuned kernels are unchanged.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from contextvars import ContextVar
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-__all__ = ["VECTOR", "schedule_cpu"]
+__all__ = ["TUNED", "VECTOR", "Knobs", "knobs_for", "mark_tuned", "schedule_cpu"]
 
 VECTOR = 16  # f32 lanes of one AVX-512 register
 KEEP = "keep_"  # stages named so are never inlined (each reads many elements of the last)
@@ -36,6 +44,67 @@ ROWS = "rows_"  # reductions whose last spatial loop is vectorised with the redu
 # a stage doing at most this many iterations per value of its outermost symbolic dim (B) runs
 # serially: waking the thread pool costs more (hc.pre's Sinkhorn: 40 stages of 4×4 per token)
 SERIAL_MAX = 256
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """The tunable choices of the CPU schedules; the defaults are the hand-picked values.
+
+    `vector`: lanes of a vectorised split / rfactor partial sums (a power of two, 4..64);
+    `serial_max`: iterations per batch row below which a stage runs serially; matmul: `tile_i`
+    rows × `tile_j` columns per register tile (None: the layout's default, nn 8 × 32, nt 4 × 8),
+    `tile_k` the unrolled reduction step, `dots` whether an nt matmul with a static K multiple
+    of `vector` runs as rfactor dot products (else tiles)."""
+
+    vector: int = VECTOR
+    serial_max: int = SERIAL_MAX
+    tile_i: int | None = None
+    tile_j: int | None = None
+    tile_k: int = 4
+    dots: bool = True
+
+    def __post_init__(self) -> None:
+        if self.vector not in (4, 8, 16, 32, 64):
+            raise ValueError(f"Knobs.vector must be a power of two in 4..64, got {self.vector}")
+        for name in ("tile_i", "tile_j", "tile_k", "serial_max"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"Knobs.{name} must be a positive int or None, got {v!r}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> Knobs:
+        """Knobs from a JSON object; unknown names are an error (a database of another
+        version must not be half-applied)."""
+        known = {f.name for f in fields(Knobs)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown schedule knob(s) {unknown}; known: {sorted(known)}")
+        return Knobs(**dict(d))
+
+    def text(self) -> str:
+        """The knobs that differ from the defaults, `name=value` separated by spaces."""
+        default = Knobs().as_dict()
+        return " ".join(f"{k}={v}" for k, v in self.as_dict().items() if v != default[k])
+
+
+# kernel symbol (`<name>_<key>`) -> its tuned knobs, for the compile in progress
+TUNED: ContextVar[Mapping[str, Knobs]] = ContextVar("dsv4c_tvm_tuned", default={})
+
+
+def knobs_for(func: Any) -> Knobs:
+    """The knobs for PrimFunc `func` (by its global symbol): tuned ones, or the defaults."""
+    return TUNED.get().get(str(func.attrs["global_symbol"]), Knobs())
+
+
+def mark_tuned(func: Any, knobs: Knobs) -> Any:
+    """`func` with attribute `dsv4c.tuned` = the knobs' text when they are not the defaults
+    (so a tuned kernel says so in its source; untuned kernels stay byte-identical)."""
+    if knobs == Knobs():
+        return func
+    return func.with_attr("dsv4c.tuned", knobs.text())
 
 
 def _try(fn: Any, *args: Any) -> Any:
@@ -65,6 +134,7 @@ def _is_spatial(sch: Any, block: Any) -> bool:
 def schedule_cpu(func: Any) -> Any:
     from tvm import s_tir
 
+    knobs = knobs_for(func)
     sch = s_tir.Schedule(func)
     root = _try(sch.get_sblock, "root")
     if root is None:  # a lone extern call (e.g. tvm.contrib.sort.topk): nothing to schedule
@@ -84,12 +154,13 @@ def schedule_cpu(func: Any) -> Any:
             if len(consumers) == 1:
                 _attach_producers(sch, consumers[0], only=block)
     for block in sch.get_child_blocks(root):
-        _parallelise(sch, block)
+        _parallelise(sch, block, knobs)
     for block in sch.get_child_blocks(root):
-        _vectorise_reduction(sch, block)
+        _vectorise_reduction(sch, block, knobs.vector)
     for block in sch.get_child_blocks(root):
         _init_outside_empty_loops(sch, block)
-    return sch.mod["main"].with_attr("global_symbol", func.attrs["global_symbol"])
+    out = sch.mod["main"].with_attr("global_symbol", func.attrs["global_symbol"])
+    return mark_tuned(out, knobs)
 
 
 def _attach_producers(sch: Any, out_block: Any, only: Any = None) -> None:
@@ -110,23 +181,23 @@ def _attach_producers(sch: Any, out_block: Any, only: Any = None) -> None:
                 break
 
 
-def _static_volume(sch: Any, loops: list[Any]) -> int:
+def _static_volume(sch: Any, loops: list[Any], serial_max: int = SERIAL_MAX) -> int:
     """The product of the loop extents, the outermost one counted as 1 when symbolic (the batch
     B of a decode step); any other symbolic extent (T, keys) counts as large."""
     volume = 1
     for depth, lp in enumerate(loops):
         extent = _static(sch.get(lp).extent)
         if extent is None and depth > 0:
-            return SERIAL_MAX + 1
+            return serial_max + 1
         volume *= extent or 1
     return volume
 
 
-def _parallelise(sch: Any, block: Any) -> None:
+def _parallelise(sch: Any, block: Any, knobs: Knobs) -> None:
     loops = sch.get_loops(block)
     if not loops:
         return
-    serial = _static_volume(sch, loops) <= SERIAL_MAX
+    serial = _static_volume(sch, loops, knobs.serial_max) <= knobs.serial_max
     spatial = _is_spatial(sch, block)
     iters = sch.get(block).iter_vars
     n_outer = 0
@@ -144,28 +215,28 @@ def _parallelise(sch: Any, block: Any) -> None:
         outer = _try(sch.fuse, *loops[:n_outer]) if n_outer > 1 else loops[0]
         _try(sch.parallel, outer if outer is not None else loops[0])
     if inner is not None:
-        _vectorise(sch, inner)
+        _vectorise(sch, inner, knobs.vector)
 
 
-def _vectorise_reduction(sch: Any, block: Any) -> None:
+def _vectorise_reduction(sch: Any, block: Any, vector: int = VECTOR) -> None:
     """Innermost reduction loop of static extent n·VECTOR -> VECTOR lanes of partial sums; for
     `rows_*` blocks, the reduction loop moves outside the innermost spatial loop instead, which
     is vectorised (a row of the output accumulates a row of the input: contiguous loads)."""
     if sch.get(block).name_hint.startswith(ROWS):
-        _accumulate_rows(sch, block)
+        _accumulate_rows(sch, block, vector)
         return
     loops = sch.get_loops(block)
     if len(loops) < 2 or _is_spatial(sch, block):
         return
     inner = sch.get(loops[-1])
     extent = _static(inner.extent)
-    if extent is None or extent < 2 * VECTOR or extent % VECTOR:
+    if extent is None or extent < 2 * vector or extent % vector:
         return
     iters = sch.get(block).iter_vars
     reductions = [iv for iv in iters if iv.iter_type == 2]  # 2: a reduction iterator
     if len(reductions) != 1 or _static(reductions[0].dom.extent) != extent:
         return
-    parts = _try(sch.split, loops[-1], [None, VECTOR])
+    parts = _try(sch.split, loops[-1], [None, vector])
     if parts is None:
         return
     rf = _try(sch.rfactor, parts[1], len(iters) - 1)  # lanes: a new last dim of the partials
@@ -190,7 +261,7 @@ def _init_outside_empty_loops(sch: Any, block: Any) -> None:
             return
 
 
-def _accumulate_rows(sch: Any, block: Any) -> None:
+def _accumulate_rows(sch: Any, block: Any, vector: int = VECTOR) -> None:
     """loops (..., c, j) -> (..., c / VECTOR, j, VECTOR lanes of c): a vector of output channels
     accumulates a contiguous piece of each input row."""
     loops = sch.get_loops(block)
@@ -198,19 +269,19 @@ def _accumulate_rows(sch: Any, block: Any) -> None:
         return
     red, spatial = loops[-1], loops[-2]
     extent = _static(sch.get(spatial).extent)
-    if extent is None or extent % VECTOR:
+    if extent is None or extent % vector:
         return
-    parts = _try(sch.split, spatial, [None, VECTOR])
+    parts = _try(sch.split, spatial, [None, vector])
     if parts is None:
         return
     if _ok(sch.reorder, parts[0], red, parts[1]):
         _try(sch.vectorize, parts[1])
 
 
-def _vectorise(sch: Any, loop: Any) -> None:
+def _vectorise(sch: Any, loop: Any, vector: int = VECTOR) -> None:
     extent = _static(sch.get(loop).extent)
     if extent is None:
-        parts = _try(sch.split, loop, [None, VECTOR])
+        parts = _try(sch.split, loop, [None, vector])
         if parts is not None:
             _try(sch.unroll, parts[1])
         return
@@ -219,7 +290,7 @@ def _vectorise(sch: Any, loop: Any) -> None:
     if extent <= 64:
         _try(sch.vectorize, loop)
         return
-    if extent % VECTOR == 0:
-        parts = _try(sch.split, loop, [None, VECTOR])
+    if extent % vector == 0:
+        parts = _try(sch.split, loop, [None, vector])
         if parts is not None:
             _try(sch.vectorize, parts[1])
