@@ -333,10 +333,29 @@ VISIBLE_AT = op(  # decode: s < (pos + 1) // m for one 0-d position
 Causal = tuple[int, Value | None]  # (ratio m, decode position or None for prefill)
 
 
+VISIBLE_LE = op(  # token level (DSA): s <= t, i.e. s < (t + 1) // 1
+    "le",
+    op({"reshape", "unsqueeze"}, var("cols")),
+    op({"reshape", "unsqueeze"}, var("rows")),
+)
+VISIBLE_LE_AT = op("le", var("cols", rank=1), var("pos", rank=0))  # decode: s <= pos
+
+
 def visible_ratio(c: Checks, visible: Value, t: Any, s: Any) -> Causal:
     """(m, None) when visible[t, s] = s < (t + 1) // m with iotas over T and S (prefill),
-    (m, pos) when visible[s] = s < (pos + 1) // m (decode); raises `Miss` otherwise."""
+    (m, pos) when visible[s] = s < (pos + 1) // m (decode); raises `Miss` otherwise. The
+    token-level s <= t (s <= pos) is m = 1."""
     view = c.view
+    n = view.producer(visible)
+    if n is not None and n.name == "le":
+        m = c.match("causal", either(VISIBLE_LE_AT, VISIBLE_LE), visible)
+        pos = m["pos"] if "pos" in m else None
+        if pos is None and unit_dims(view, m["rows"]).type.rank == 0:  # decode: pos.view(1)
+            pos = unit_dims(view, m["rows"])
+        c.need(pos is not None or _iota_ok(view, m["rows"], t), "causal.rows",
+               "the query rows are not iota(T)", n)
+        c.need(_iota_ok(view, m["cols"], s), "causal.cols", "the key columns are not iota(S)", n)
+        return 1, pos
     m = view.matches(VISIBLE, visible)
     pos = None
     if m is None or not _iota_ok(view, m["rows"], t):

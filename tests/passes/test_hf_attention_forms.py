@@ -208,3 +208,54 @@ def test_hf_v4_compiles_with_fused_attention_and_equals_eager(backend: str) -> N
     with torch.no_grad():
         want = model(ids).logits
     assert _relative(got, want) <= 1e-4
+
+
+# --- DSA (token-level indexer, models/attention_dsa.py) --------------------------------------
+
+
+class _DSADecode(torch.nn.Module):
+    def __init__(self, layer: torch.nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x, pos, kv, keys):
+        out, new = self.layer.decode(x, pos, {"kv": kv, "indexer.keys": keys})
+        return out, new["kv"], new["indexer.keys"]
+
+
+def _dsa_layer() -> torch.nn.Module:
+    from models.attention_dsa import DSAttention
+    from models.deepseek_v4 import Config
+
+    torch.manual_seed(0)
+    return DSAttention(Config.preset("tiny-dsa")).eval()
+
+
+def test_dsa_prefill_indexer_forms_indexer_topk_with_ratio_1() -> None:
+    layer = _dsa_layer()
+    x = torch.randn(1, 12, layer.wq_a.in_features, generator=torch.Generator().manual_seed(5))
+    g = capture(layer, (x,))
+    fused = fuse_attention(passes.canonicalize(g))
+    (op,) = [n for n in fused.ops if n.name == "attn.indexer_topk"]
+    assert op.attrs["ratio"] == 1 and not op.attrs["decode"]
+    p = _params(layer)
+    torch.testing.assert_close(ir.interpret(fused, x, params=p)[0], ir.interpret(g, x, params=p)[0],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_dsa_decode_indexer_forms_indexer_topk_at_a_position() -> None:
+    layer = _dsa_layer()
+    gen = torch.Generator().manual_seed(6)
+    cache = layer.init_cache(1, 16, torch.float32, torch.device("cpu"))
+    kv, keys = (torch.randn(v.shape, generator=gen) for v in cache.values())
+    x = torch.randn(1, 1, layer.wq_a.in_features, generator=gen)
+    module = _DSADecode(layer)
+    g = capture(module, (x, torch.tensor(9), kv, keys))
+    fused = fuse_attention(passes.canonicalize(g))
+    (op,) = [n for n in fused.ops if n.name == "attn.indexer_topk"]
+    assert op.attrs["ratio"] == 1 and op.attrs["decode"]
+    p = _params(module)
+    for pos in (9, 3):  # fewer visible keys than k at 3: -1 picks
+        args = (x, torch.tensor(pos), kv, keys)
+        for a, b in zip(ir.interpret(fused, *args, params=p), ir.interpret(g, *args, params=p)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
