@@ -77,16 +77,18 @@ def _collect(procs, results, world: int, timeout_s: float, grace_s: float) -> li
     got: dict[int, tuple[str, Any]] = {}
     deadline = time.monotonic() + timeout_s + grace_s
     failed_at: float | None = None
+    first: int | None = None  # the rank that failed first: the likely cause
     while len(got) < world:
         while not results.empty():
             rank, status, payload = results.get()
             got[rank] = (status, payload)
             if status != "ok" and failed_at is None:
-                failed_at = time.monotonic()
+                failed_at, first = time.monotonic(), rank
         dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in got]
         for r in dead:
             got[r] = ("died", f"exit code {procs[r].exitcode} before reporting")
-            failed_at = failed_at or time.monotonic()
+            if failed_at is None:
+                failed_at, first = time.monotonic(), r
         now = time.monotonic()
         if failed_at is not None and now - failed_at > grace_s or now > deadline:
             break
@@ -95,14 +97,20 @@ def _collect(procs, results, world: int, timeout_s: float, grace_s: float) -> li
     bad = {r: v for r, v in got.items() if v[0] != "ok"}
     missing = [r for r in range(world) if r not in got]
     if bad or missing:
-        lines = [f"rank {r} {s}: {str(p).strip().splitlines()[0]}"
-                 for r, (s, p) in sorted(bad.items())]
+        lines = [f"rank {r} {s}: {_first_line(p)}" for r, (s, p) in sorted(bad.items())]
         lines += [f"rank {r}: no result (terminated after the failure or the {timeout_s:.0f} s "
                   "timeout)" for r in missing]
         detail = "\n".join(f"--- rank {r} ---\n{p}" for r, (s, p) in sorted(bad.items()))
-        raise RankFailed(f"{len(bad) + len(missing)} of {world} ranks failed:\n"
+        head = (f"rank {first} {got[first][0]} first ({_first_line(got[first][1])})"
+                if first is not None else f"no result within the {timeout_s:.0f} s timeout")
+        raise RankFailed(f"{len(bad) + len(missing)} of {world} ranks failed; {head}:\n"
                          + "\n".join(lines) + "\n" + detail)
     return [_tree(got[r][1], _to_torch) for r in range(world)]
+
+
+def _first_line(payload: Any) -> str:
+    text = str(payload).strip()
+    return text.splitlines()[0] if text else "(no message)"
 
 
 def _tree(obj: Any, leaf: Callable[[Any], Any]) -> Any:
