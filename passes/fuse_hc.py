@@ -12,16 +12,33 @@ Matches the canonical form (after `canonicalize`) of models/hc.py:
                                                     -> hc.post(f, R, post, comb)
     y    = Σ_j reshape(sigmoid(mix·α + base) + ε)_j · X_j     -> hc.head(X, fn, scale, base)
 
+Hugging Face's spelling (transformers' DeepseekV4HyperConnection / HyperHead) meets the same
+patterns through alternatives, each an identity: the RMS factor before the projection,
+(flat·r)·fnᵀ = (flat·fnᵀ)·r for one r per row; unbind's scale picks, reshape(scale[i:i+1]) =
+scale[i]; the comb split before the affine map, reshape(s·α + b) = reshape(s)·α + reshape(b);
+and the first layer's expanded streams, whose weighted sum canonicalize rewrote to read the
+unexpanded X₀ (pre ⊙ expand(X₀) = pre ⊙ X₀).
+
 The Sinkhorn chain is walked forward from the softmax and its length becomes the `iters`
-attribute: the op keeps the loop, the graph loses the 6·iters unrolled ops. Rules (and
-counters): `fuse_hc.hc.pre`, `fuse_hc.hc.post`, `fuse_hc.hc.head`.
+attribute: the op keeps the loop, the graph loses the 6·iters unrolled ops. A chain that breaks
+the column/row alternation is taken up to its last good column step (the rest stays in the
+graph); one that starts on the rows is not hc.pre's. Rules (and counters): `fuse_hc.hc.pre`,
+`fuse_hc.hc.post`, `fuse_hc.hc.head`; every non-match returns a Fail naming the sub-pattern.
 """
 
 from __future__ import annotations
 
-from ir import Graph, Value
+from ir import Graph, Node, Value
 from passes.context import PassContext
-from passes.fuse_common import Checks, FusionView, const_value, fusion_rule, replace, scalar
+from passes.fuse_common import (
+    Checks,
+    FusionView,
+    Miss,
+    const_value,
+    fusion_rule,
+    replace,
+    scalar,
+)
 from passes.pattern import Match, const, either, op, var
 from passes.rewrite import Replace, Rewriter, rewrite
 
@@ -30,54 +47,72 @@ __all__ = ["RULES", "fuse_hc"]
 _BCAST = ("reshape", "unsqueeze")
 
 
+def _rms_rows(m: Match) -> bool | str:
+    """The RMS factor is one per row of the flattened stream (mean over its last dim), the
+    condition under which it commutes with the projection."""
+    flat, ms = m["flat"], m.node("ms")
+    rank = ms.operands[0].type.rank
+    dims = tuple(d % rank for d in ms.attrs["dims"])
+    if dims != (rank - 1,):
+        return f"the RMS mean runs over dims {list(dims)}, not the last dim ({rank - 1})"
+    return m["rs"].type.shape == flat.type.shape[:-1] + (1,) or f"RMS factor {m['rs'].type}"
+
+
 def _mix_pattern() -> object:
+    """mix = (flat·fnᵀ)·r with r = rsqrt(mean(flat²) + ε₁) per row (models/hc.py), or HF's
+    (flat·r)·fnᵀ: (diag(r)·F)·Wᵀ = diag(r)·(F·Wᵀ), so both spellings are one `hc.*` op."""
     flat = op("reshape", var("x"), name="flat")
-    ms = op("mean", op("mul", flat, flat), attrs={"keepdim": True})
-    rs = op("rsqrt", op("add", ms, const(name="norm_eps")))
-    gemm = op("matmul", flat, op("permute", var("fn"), attrs={"dims": (1, 0)}))
-    return op("mul", gemm, rs, name="mix")
+    ms = op("mean", op("mul", flat, flat), attrs={"keepdim": True}, name="ms")
+    rs = op("rsqrt", op("add", ms, const(name="norm_eps")), name="rs")
+    fn_t = op("permute", var("fn"), attrs={"dims": (1, 0)})
+    return either(
+        op("mul", op("matmul", flat, fn_t), rs, name="mix", where=_rms_rows),
+        op("matmul", op("mul", flat, rs), fn_t, name="mix", where=_rms_rows),
+    )
+
+
+def _pick(name: str) -> object:
+    """α_i of the [3] scale: select(scale, 0, i), or HF's unbind, reshape(scale[i:i+1], [])."""
+    return either(
+        op("select", var("scale"), name=name),
+        op("reshape", op("slice", var("scale"), name=name), rank=0),
+    )
 
 
 def _weighted_sum(pre) -> object:
-    """Σ_j pre_j · X_j spelled sum(mul(reshape(pre), X), dims=[-2])."""
-    return op("sum", op("mul", op(_BCAST, pre, name="pre_b"), var("x")), attrs={"keepdim": False})
+    """Σ_j pre_j · X_j spelled sum(mul(reshape(pre), X), dims=[-2]); X is `xs`, the streams the
+    mix flattens or, where those are expand(X₀), X₀ (canonicalize drops an expand feeding a
+    broadcasting op: pre ⊙ expand(X₀) = pre ⊙ X₀)."""
+    mul = op("mul", op(_BCAST, pre, name="pre_b"), var("xs"))
+    return op("sum", mul, attrs={"keepdim": False})
+
+
+def _gate(part: str, mix) -> object:
+    """mix[part]·α + base[part] (the slices' bounds are checked by the rule)."""
+    return op(
+        "add",
+        op("mul", op("slice", mix, name=f"s_{part}"), _pick(f"a_{part}")),
+        op("slice", var("base"), name=f"b_{part}"),
+    )
 
 
 MIX = _mix_pattern()
-PRE = _weighted_sum(
+PRE = _weighted_sum(op("add", op("sigmoid", _gate("pre", MIX)), const(name="eps")))
+POST = op("mul", op("sigmoid", _gate("post", var("mix"))), const(2.0))
+# Sinkhorn's logits, split into the n×n matrix after the affine map (ours) or before it (HF's
+# comb_w.view(.., n, n)·α + base.view(n, n)): reshape(s·α + b) = reshape(s)·α + reshape(b).
+COMB_LOGITS = either(
+    op("softmax", op("reshape", _gate("comb", var("mix")), name="r_comb")),
     op(
-        "add",
+        "softmax",
         op(
-            "sigmoid",
+            "add",
             op(
-                "add",
-                op("mul", op("slice", MIX, name="s_pre"), op("select", var("scale"), name="a_pre")),
-                op("slice", var("base"), name="b_pre"),
+                "mul",
+                op("reshape", op("slice", var("mix"), name="s_comb"), name="r_comb"),
+                _pick("a_comb"),
             ),
-        ),
-        const(name="eps"),
-    )
-)
-POST = op(
-    "mul",
-    op(
-        "sigmoid",
-        op(
-            "add",
-            op("mul", op("slice", var("mix"), name="s_post"), op("select", var("scale"), name="a")),
-            op("slice", var("base"), name="b_post"),
-        ),
-    ),
-    const(2.0),
-)
-COMB_LOGITS = op(
-    "softmax",
-    op(
-        "reshape",
-        op(
-            "add",
-            op("mul", op("slice", var("mix"), name="s_comb"), op("select", var("scale"), name="a")),
-            op("slice", var("base"), name="b_comb"),
+            op("reshape", op("slice", var("base"), name="b_comb"), name="rb_comb"),
         ),
     ),
 )
@@ -117,55 +152,69 @@ def _slice_ok(m: Match, name: str, start: int, end: int) -> bool:
     )
 
 
-def _select_ok(m: Match, name: str, index: int) -> bool:
+def _pick_ok(m: Match, name: str, index: int) -> bool:
+    """Capture `name` (a `_pick`) reads scale[index]."""
     n = m.node(name)
-    return n.attrs["dim"] == 0 and n.attrs["index"] == index
+    if n.name == "select":
+        return n.attrs["dim"] == 0 and n.attrs["index"] == index
+    bounds = (n.attrs["start"], n.attrs["end"], n.attrs["step"])
+    return n.attrs["dim"] == 0 and bounds == (index, index + 1, 1)
 
 
 def _sum_over_streams(root: Node, x: Value) -> bool:
     return root.attrs["dims"] in ((x.type.rank - 2,), (-2,))
 
 
+def _streams(c: Checks, m: Match, name: str) -> tuple[int, int]:
+    """(n, d) of the matched streams X [.., n, d]; the mix must flatten exactly (n, d)."""
+    x, xs = m["x"], m["xs"]
+    c.need(x.type.rank >= 3, name, f"streams {x.type} have no [.., n, d] layout")
+    grown = c.view.producer(x)
+    ok = xs == x or (grown is not None and grown.name == "expand" and grown.operands[0] == xs)
+    c.need(ok, f"{name}.streams", f"Σ_j pre_j·X_j reads %{xs.name}, the mix flattens %{x.name}")
+    n, d = x.type.shape[-2], x.type.shape[-1]
+    c.need(isinstance(n, int) and isinstance(d, int), name, f"n={n}, d={d} are not static")
+    flat = m["flat"].type.shape
+    c.need(flat == x.type.shape[:-2] + (n * d,), f"{name}.mix", f"{flat} does not flatten (n, d)")
+    c.need(_sum_over_streams(m.root, x), name, "the weighted sum does not run over the streams")
+    ok = m["pre_b"].type.shape == x.type.shape[:-1] + (1,)
+    c.need(ok, f"{name}.weights", f"the stream weights {m['pre_b'].type} do not broadcast over d")
+    return n, d
+
+
 def _pre_ok(m: Match, n: int) -> bool:
-    x = m["x"]
-    return (
-        _slice_ok(m, "s_pre", 0, n)
-        and _slice_ok(m, "b_pre", 0, n)
-        and _select_ok(m, "a_pre", 0)
-        and m["pre_b"].type.shape == x.type.shape[:-1] + (1,)
-        and _sum_over_streams(m.root, x)
-    )
+    return _slice_ok(m, "s_pre", 0, n) and _slice_ok(m, "b_pre", 0, n) and _pick_ok(m, "a_pre", 0)
 
 
-def _sinkhorn(view: FusionView, start: Value, eps: float) -> tuple[Value, int] | None:
+def _sinkhorn(c: Checks, soft: Value, eps: float) -> tuple[Value, int]:
     """Walk `softmax -> +eps -> (÷ column sums) -> [(÷ row sums), (÷ column sums)]*` forward;
-    returns (last value after a column step, iteration count) or None."""
-    add = view.only_user(start, "add")
-    if add is None or const_value(view, add.operands[1]) != eps:
-        return None
+    returns (the value after the last column step of the alternation, iteration count). Steps
+    after the alternation breaks stay in the graph, reading that value."""
+    view = c.view
+    add = view.only_user(soft, "add")
+    ok = add is not None and const_value(view, add.operands[1]) == eps
+    c.need(ok, "comb.sinkhorn", f"the softmax is not followed by + ε ({eps}) alone", add)
     m = add.results[0]
     rank = m.type.rank
-    axes, values = [], []
-    while True:
-        step = _norm_step(view, m, eps)
-        if step is None:
-            break
-        axis, m = step
+    axes, values, sums = [], [], []
+    while (step := _norm_step(view, m, eps)) is not None:
+        axis, m, total = step
         axes.append(axis)
         values.append(m)
+        sums.append(total)
+    c.need(axes, "comb.sinkhorn", f"no m / (sum(m) + {eps}) step after softmax + ε", add)
     want = [rank - 2 if i % 2 == 0 else rank - 1 for i in range(len(axes))]
     good = 0
     while good < len(axes) and axes[good] == want[good]:
         good += 1
-    if good % 2 == 0:  # must end on a column step
-        good -= 1
-    if good < 1:
-        return None
+    good -= 1 if good % 2 == 0 else 0  # must end on a column step
+    reason = f"step 1 normalises dim {axes[0]}; Sinkhorn starts with the columns (dim {rank - 2})"
+    c.need(good >= 1, "comb.sinkhorn", reason, sums[0])
     return values[good - 1], (good + 1) // 2
 
 
-def _norm_step(view: FusionView, m: Value, eps: float) -> tuple[int, Value] | None:
-    """m / (sum(m, dims=[a], keepdim) + eps) -> (a, result)."""
+def _norm_step(view: FusionView, m: Value, eps: float) -> tuple[int, Value, Node] | None:
+    """m / (sum(m, dims=[a], keepdim) + eps) -> (a, result, the sum)."""
     users = view.users(m)
     if len(users) != 2 or m.name in view.outputs:
         return None
@@ -178,7 +227,7 @@ def _norm_step(view: FusionView, m: Value, eps: float) -> tuple[int, Value] | No
         return None
     if div.operands[1] != add.results[0]:
         return None
-    return total.attrs["dims"][0] % m.type.rank, div.results[0]
+    return total.attrs["dims"][0] % m.type.rank, div.results[0], total
 
 
 def _posts(view: FusionView) -> dict[str, list[tuple[Match, Value]]]:
@@ -196,70 +245,85 @@ def _posts(view: FusionView) -> dict[str, list[tuple[Match, Value]]]:
 def _find_post(posts: dict, mix: Value, n: int) -> Value | None:
     for m, value in posts.get(mix.name, ()):
         ok = _slice_ok(m, "s_post", n, 2 * n) and _slice_ok(m, "b_post", n, 2 * n)
-        if ok and _select_ok(m, "a", 1):
+        if ok and _pick_ok(m, "a_post", 1):
             return value
     return None
 
 
-def _find_comb(view: FusionView, mix: Value, n: int, eps: float) -> tuple[Value, int] | None:
+def _softmaxes(view: FusionView, mix: Value) -> list[Value]:
+    """Softmaxes reached from a slice of `mix` through single-use ops (at most three: the
+    affine map and a reshape, in either order)."""
+    out = []
     for s in view.users(mix):
-        if s.name != "slice":
-            continue
-        soft = _only_user_chain(view, s.results[0], ("mul", "add", "reshape", "softmax"))
-        if soft is None:
-            continue
-        m = view.matches(COMB_LOGITS, soft)
-        ok = m is not None and m["mix"] == mix and _select_ok(m, "a", 2)
-        ok = ok and _slice_ok(m, "s_comb", 2 * n, (2 + n) * n)
-        ok = ok and _slice_ok(m, "b_comb", 2 * n, (2 + n) * n)
-        rank = soft.type.rank
-        ok = ok and soft.type.shape[-2:] == (n, n)
-        ok = ok and view.producer(soft).attrs["dim"] % rank == rank - 1
-        if ok:
-            return _sinkhorn(view, soft, eps)
-    return None
+        v = s.results[0] if s.name == "slice" else None
+        for _ in range(4):
+            u = None if v is None else view.only_user(v)
+            v = None if u is None else u.results[0]
+            if u is not None and u.name == "softmax":
+                out.append(v)
+                break
+    return out
 
 
-def _only_user_chain(view: FusionView, v: Value, mnemonics: tuple[str, ...]) -> Value | None:
-    for mn in mnemonics:
-        u = view.only_user(v, mn)
-        if u is None:
-            return None
-        v = u.results[0]
-    return v
+def _find_comb(c: Checks, mix: Value, n: int, eps: float) -> tuple[Value, int]:
+    """The Sinkhorn comb of `mix` and its iteration count, or a Miss saying what is missing."""
+    softs = _softmaxes(c.view, mix)
+    c.need(softs, "comb", "no softmax of a slice of this mix (Sinkhorn's logits)")
+    for i, soft in enumerate(softs):
+        score = c.score
+        try:
+            return _comb_at(c, soft, mix, n, eps)
+        except Miss:
+            if i == len(softs) - 1:
+                raise
+            c.score = score
+    raise AssertionError("unreachable")
+
+
+def _comb_at(c: Checks, soft: Value, mix: Value, n: int, eps: float) -> tuple[Value, int]:
+    m = c.match("comb", COMB_LOGITS, soft)
+    c.need(m["mix"] == mix, "comb", f"the softmax reads %{m['mix'].name}, not this mix")
+    rows = (2 * n, (2 + n) * n)
+    ok = _slice_ok(m, "s_comb", *rows) and _slice_ok(m, "b_comb", *rows)
+    c.need(ok and _pick_ok(m, "a_comb", 2), "comb.slices", f"logits do not read [{rows}], α₂")
+    lead = mix.type.shape[:-1]
+    ok = m["r_comb"].type.shape == lead + (n, n)
+    if "rb_comb" in m:
+        b = m["rb_comb"].type.shape
+        ok = ok and b[-2:] == (n, n) and all(d == 1 for d in b[:-2]) and len(b) <= len(lead) + 2
+    c.need(ok, "comb.reshape", f"the logits are not split into [.., {n}, {n}] row-major")
+    rank, dim = soft.type.rank, c.view.producer(soft).attrs["dim"]
+    c.need(dim % rank == rank - 1, "comb.softmax", f"softmax over dim {dim}, not the rows")
+    return _sinkhorn(c, soft, eps)
 
 
 def _pre(c: Checks, root: Match, rw: Rewriter) -> Replace:
     """y = Σ_j (sigmoid(mix[:n]·α₀ + b) + ε)_j X_j, post and Sinkhorn comb of the same mix."""
     view, y = c.view, root.root.results[0]
     m = c.match("pre", PRE, y)
-    c.need(m["x"].type.rank >= 3, "pre", f"streams {m['x'].type} have no [.., n, d] layout")
-    n = m["x"].type.shape[-2]
+    n, _ = _streams(c, m, "pre")
     eps, norm_eps = scalar(m, "eps"), scalar(m, "norm_eps")
-    c.need(isinstance(n, int), "pre", f"the stream count {n} is not static")
     c.need(eps is not None and norm_eps is not None, "pre", "ε or the norm's ε is not constant")
-    c.need(_pre_ok(m, n), "pre.slices", f"pre does not read mix[..., :{n}] summed over streams")
+    c.need(_pre_ok(m, n), "pre.slices", f"pre does not read mix[..., :{n}]·α₀ + base[:{n}]")
     post = _find_post(view.memo("hc.posts", lambda: _posts(view)), m["mix"], n)
     c.need(post is not None, "post", f"no 2·sigmoid(mix[{n}:{2 * n}]·α₁ + base) of this mix")
-    comb = _find_comb(view, m["mix"], n, eps)
-    c.need(comb is not None, "comb", "no Sinkhorn(softmax(mix[2n:]·α₂ + base)) of this mix")
-    attrs = {"iters": comb[1], "eps": eps, "norm_eps": norm_eps}
-    out = rw.op("hc.pre", [m["x"], m["fn"], m["scale"], m["base"]], **attrs)
-    return replace(view, list(zip((y, post, comb[0]), out)))
+    comb, iters = _find_comb(c, m["mix"], n, eps)
+    attrs = {"iters": iters, "eps": eps, "norm_eps": norm_eps}
+    operands = [m["x"], m["fn"], m["scale"], m["base"]]
+    c.fits("hc.pre", operands, attrs, (y, post, comb))
+    return replace(view, list(zip((y, post, comb), rw.op("hc.pre", operands, **attrs))))
 
 
 def _head(c: Checks, root: Match, rw: Rewriter) -> Replace:
     """y = Σ_j (sigmoid(mix·α + base) + ε)_j X_j -> hc.head."""
     view, y = c.view, root.root.results[0]
     m = c.match("head", HEAD, y)
-    x = m["x"]
-    c.need(x.type.rank >= 3 and _sum_over_streams(root.root, x), "head", "not a sum over streams")
+    _streams(c, m, "head")
     eps, norm_eps = scalar(m, "eps"), scalar(m, "norm_eps")
     c.need(eps is not None and norm_eps is not None, "head", "ε or the norm's ε is not constant")
-    ok = m["pre_b"].type.shape == x.type.shape[:-1] + (1,)
-    c.need(ok, "head.weights", f"the stream weights {m['pre_b'].type} do not broadcast over d")
-    out = rw.op("hc.head", [x, m["fn"], m["scale"], m["base"]], eps=eps, norm_eps=norm_eps)
-    return replace(view, [(y, out)])
+    operands, attrs = [m["x"], m["fn"], m["scale"], m["base"]], {"eps": eps, "norm_eps": norm_eps}
+    c.fits("hc.head", operands, attrs, (y,))
+    return replace(view, [(y, rw.op("hc.head", operands, **attrs))])
 
 
 def _post(c: Checks, root: Match, rw: Rewriter) -> Replace:
