@@ -99,11 +99,13 @@ def _sink_column(c: Checks, col: Value, hq: Any) -> Value:
     return v
 
 
-def _probs(c: Checks, p: Value) -> tuple[Value, Value | None]:
-    """(logits z, sinks or None) of the attention probabilities p."""
+def _probs(c: Checks, p: Value) -> tuple[Value, Value | None, bool]:
+    """(logits z, sinks or None, whether a row of z that is all -inf gives 0 rather than NaN:
+    guarded, or with a sink) of the attention probabilities p."""
     view = c.view
     p = rounded(view, p)
-    p = _guarded(c, p)
+    guard = _guarded(c, p)
+    guarded, p = guard != p, guard
     n = view.producer(p)
     sinks = None
     if n is not None and n.name == "slice":
@@ -116,15 +118,17 @@ def _probs(c: Checks, p: Value) -> tuple[Value, Value | None]:
         ok = ok and _last(cat.results[0], cat.attrs["dim"])
         c.need(ok, "probs.sinks", "the softmax before the slice is not over [z, sinks]", sm)
         z, col = cat.operands
-        c.need(same_dim(z.type.shape[-1], n.attrs["end"]), "probs.sinks",
+        end = n.attrs["end"]
+        end = end + cat.results[0].type.shape[-1] if isinstance(end, int) and end < 0 else end
+        c.need(same_dim(z.type.shape[-1], end), "probs.sinks",
                "the slice does not drop exactly the sink column", n)  # fmt: skip
         sinks = _sink_column(c, col, z.type.shape[1])
-        return z, sinks
+        return z, sinks, True
     c.need(n is not None and n.name == "softmax", "probs",
            f"the P·V matmul's left operand is not a softmax", n or c.root)  # fmt: skip
     c.need(_last(p, n.attrs["dim"]), "probs", f"softmax over dim {n.attrs['dim']}, not over "
            f"the keys (the last dim)", n)  # fmt: skip
-    return _unshift(view, n.operands[0]), sinks
+    return _unshift(view, n.operands[0]), sinks, guarded
 
 
 # --- logits: masks, scale, q·kᵀ -----------------------------------------------------------------
@@ -155,10 +159,14 @@ def _is_scores(view: FusionView, v: Value) -> bool:
     return n is not None and n.name == "matmul"
 
 
-def _masks(c: Checks, z: Value) -> tuple[Value, list[tuple[str, Value]]]:
-    """(scores, [(kind, mask)]) peeling additive float masks and where(bool, ., -big) masks."""
+Masks = list[tuple[str, Value, float | None]]  # (kind, mask, where's drop value or None)
+
+
+def _masks(c: Checks, z: Value) -> tuple[Value, Masks]:
+    """(scores, masks) peeling additive float masks, where(keep, z, -big) ("bool") and
+    where(drop, -big, z) ("not": masked_fill) masks."""
     view = c.view
-    masks: list[tuple[str, Value]] = []
+    masks: Masks = []
     for _ in range(MAX_MASKS):
         n = view.producer(z)
         if n is None or _is_scores(view, z) or n.name not in ("add", "where"):
@@ -170,14 +178,17 @@ def _masks(c: Checks, z: Value) -> tuple[Value, list[tuple[str, Value]]]:
             c.need(_leads(view, a) and not _leads(view, b), "logits.mask",
                    "neither or both terms of the sum lead to a q·kᵀ product", n)  # fmt: skip
             c.need(b.dtype.is_float, "logits.mask", f"additive mask %{b.name} is not float", n)
-            masks.append(("add", b))
+            masks.append(("add", b, None))
             z = a
             continue
         cond, keep, drop = n.operands
+        kind = "bool"
+        if _leads(view, drop) and not _leads(view, keep):  # masked_fill(drop_mask, -inf)
+            kind, keep, drop = "not", drop, keep
         value = const_value(view, drop)
         ok = value is not None and not isinstance(value, bool) and value <= NEG_BIG
         c.need(ok, "logits.mask", f"where(mask, z, {value}) does not drop to -inf", n)
-        masks.append(("bool", cond))
+        masks.append((kind, cond, float(value)))
         z = keep
     return z, masks
 
@@ -268,35 +279,37 @@ def _evaluate(view: FusionView, v: Value) -> Any | None:
     return view.memo(f"sdpa.mask.{v.name}", lambda: ir.interpret(Graph([], cone, [v]))[0])
 
 
-def _visibility(kind: str, mask: Any) -> Any | None:
-    """[T,S] bool of a position mask that is the same for every batch and head, else None."""
-    import torch
-
+def _visibility(kind: str, mask: Any, drop: float | None) -> tuple[Any, bool] | None:
+    """([T,S] bool, whether masked logits are exactly -inf) of a position mask that is the same
+    for every batch and head, else None (a bias like ALiBi, or a per-sequence mask)."""
     if kind == "add":
         if not bool(((mask == 0) | (mask <= NEG_BIG)).all()):
-            return None  # a bias (ALiBi-like), not a mask
+            return None
+        exact = bool((mask[mask != 0] == float("-inf")).all())
         mask = mask == 0
+    else:
+        exact = drop == float("-inf")
+        mask = ~mask if kind == "not" else mask
     rows = mask.reshape(-1, *mask.shape[-2:]) if mask.dim() >= 2 else None
     if rows is None or not bool((rows == rows[:1]).all()):
         return None
-    vis = rows[0]
-    return vis if bool(vis.any(-1).all()) else None  # a query seeing nothing: keep the tensor
+    return rows[0], exact
 
 
 def _band(vis: Any) -> tuple[bool, int, int]:
     """(causal, offset, window) read off a [T,S] visibility; `_check_band` confirms it."""
-    t, s = vis.shape
+    t = vis.shape[0]
     cut = (~vis[:, -1]).nonzero()
     if bool(vis.all()) or len(cut) == 0:
         return False, 0, 0
     row = int(cut[0])
     offset = int(vis[row].nonzero().max()) - row
-    gap = (~vis[:, 0]).nonzero()
-    late = [int(r) for r in gap if bool(vis[int(r)].any()) and int(r) + offset >= 0]
+    # the window: the widest run of keys among rows whose first visible key is not key 0
     window = 0
-    if late and int(vis[late[-1]].nonzero().min()) > 0:
-        r = late[-1]
-        window = r + offset - int(vis[r].nonzero().min()) + 1
+    for r in range(t):
+        keys = vis[r].nonzero()
+        if len(keys) and int(keys.min()) > 0:
+            window = max(window, r + offset - int(keys.min()) + 1)
     return True, offset, window
 
 
@@ -313,23 +326,38 @@ def _check_band(c: Checks, vis: Any, at: Node | None) -> tuple[bool, int, int]:
     return causal, offset, window
 
 
-def _place_masks(c: Checks, masks: list[tuple[str, Value]], rw: Rewriter) -> tuple[dict, list]:
-    """(attributes, [mask operand]) of the peeled masks: position masks become attributes."""
+def _place_masks(
+    c: Checks, masks: Masks, sinks: bool, guarded: bool, rw: Rewriter
+) -> tuple[dict, list]:
+    """(attributes, [mask operand]) of the peeled masks: position masks, combined, become the
+    causal/offset/window attributes; other masks stay operands (at most one).
+
+    A query that sees no key gets 0 from the op; the model computes that too when its softmax
+    has a sink, or is guarded (SDPA) and the mask drops to exactly -inf. Otherwise (NaN from an
+    unguarded softmax, a uniform average under finfo.min) such a position mask is refused."""
     attrs: dict[str, Any] = {"causal": False, "offset": 0, "window": 0}
     operands: list[tuple[str, Value]] = []
-    found = False
-    for kind, m in masks:
+    seen, exact, at = None, True, None
+    for kind, m, drop in masks:
         value = _evaluate(c.view, m)
-        vis = None if value is None else _visibility(kind, value)
+        vis = None if value is None else _visibility(kind, value, drop)
+        if vis is None and kind == "not":
+            operands.append(("bool", rw.op("logical_not", [m])))
+            continue
         if vis is None:
             operands.append((kind, m))
             continue
-        c.need(not found, "mask.positions", "two position masks on one attention", c.view.producer(m))
-        causal, offset, window = _check_band(c, vis, c.view.producer(m))
-        attrs.update(causal=causal, offset=offset, window=window)
-        found = True
+        seen = vis[0] if seen is None else seen & vis[0]
+        exact, at = exact and vis[1], at or c.view.producer(m)
     c.need(len(operands) <= 1, "mask", f"{len(operands)} input-dependent masks; the op takes one")
-    return attrs, operands
+    if seen is None:
+        return attrs, operands
+    empty = (~seen.any(-1)).nonzero()
+    if len(empty) and not (sinks or guarded and exact):
+        c.need(False, "mask.positions", f"query {int(empty[0])} sees no key: the model's softmax "
+               "gives NaN or a uniform average there, attn.sdpa 0", at)  # fmt: skip
+    causal, offset, window = _check_band(c, seen, at)
+    return {"causal": causal, "offset": offset, "window": window}, operands
 
 
 # --- the rule -----------------------------------------------------------------------------------
@@ -341,7 +369,7 @@ def _attention(c: Checks, root: Match, rw: Rewriter) -> Replace:
     p, v_rep = root.root.operands
     c.need(out.type.rank == 4 and p.type.rank == 4, "output",
            f"P·V is {p.type} · {v_rep.type}, not [B,H,T,S] · [B,H,S,Dv]")  # fmt: skip
-    z, sinks = _probs(c, p)
+    z, sinks, guarded = _probs(c, p)
     scores, masks = _masks(c, z)
     q, k_rep, scale = _qk(c, scores)
     c.need(q.type.rank == 4, "logits.qk", f"q {q.type} is not [B,Hq,T,D]", view.producer(scores))
@@ -349,7 +377,7 @@ def _attention(c: Checks, root: Match, rw: Rewriter) -> Replace:
     v, gv = _kv_heads(c, "values", v_rep)
     c.need(same_dim(k.type.shape[1], v.type.shape[1]), "values",
            f"keys have {k.type.shape[1]} heads, values {v.type.shape[1]}")  # fmt: skip
-    attrs, mask_ops = _place_masks(c, masks, rw)
+    attrs, mask_ops = _place_masks(c, masks, sinks is not None, guarded, rw)
     operands = [q, k, v] + [m for _, m in mask_ops] + ([sinks] if sinks is not None else [])
     attrs.update(scale=scale, mask=mask_ops[0][0] if mask_ops else "none", sinks=sinks is not None)
     c.fits("attn.sdpa", operands, attrs, [out])
