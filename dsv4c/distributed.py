@@ -287,8 +287,6 @@ def _rank_main(rank: int, path: str, seed: int, gen: int, backend: str | None,
 
     manifest, graphs, rules, files = _load(path)
     mesh = Mesh(tuple(manifest["mesh"].items()))
-    if gen and "decode" not in graphs:
-        raise ValueError(f"{path} has no decode entry point; run with --gen 0 or recompile")
     torch.manual_seed(seed)
     model = Transformer(Config.preset(manifest["model"])).eval()
     tokens = torch.randint(0, model.cfg.vocab_size, (manifest["batch"], manifest["prompt"]),
@@ -337,6 +335,9 @@ def run_mesh(path: str, nproc: int | None = None, *, seed: int = 0, gen: int = 8
     if not 0 <= gen < manifest["max_len"] - manifest["prompt"] + 1:
         raise ValueError(f"--gen {gen}: the prompt ({manifest['prompt']}) and the generated "
                          f"tokens must fit the compiled cache of {manifest['max_len']} positions")
+    if gen and "decode" not in graphs:
+        raise ValueError(f"{path} has no decode entry point; run with --gen 0 or recompile "
+                         "with --methods prefill,decode")
     args = (path, seed, gen, backend, check)
     if launched:
         res = _under_torchrun(args, timeout_s)

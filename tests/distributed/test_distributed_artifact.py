@@ -70,6 +70,8 @@ def test_launch_errors_name_the_fix(tmp_path, capsys) -> None:
     assert "compiled for prompts of 16 tokens (static shapes)" in line, line
     line = _error(capsys, ["run", path, "--gen", "60"])
     assert "--gen 60: the prompt (16) and the generated tokens must fit" in line, line
+    line = _error(capsys, ["run", path, "--gen", "2"])
+    assert "has no decode entry point; run with --gen 0 or recompile" in line, line
     os.environ["WORLD_SIZE"] = "2"  # as torchrun sets it
     try:
         line = _error(capsys, ["run", path])
@@ -94,6 +96,10 @@ def test_cli_compile_mesh_and_run_on_four_ranks(tmp_path, capsys) -> None:
             "--target", "cpu", "--max-len", "64", "-o", out]
     assert cli.main(argv) == 0
     assert (tmp_path / "tp2ep2" / "kernels" / "cpu").is_dir()  # built once, loaded by each rank
+    decode = (tmp_path / "tp2ep2" / distributed.graph_file("decode")).read_text()
+    for op in ("attn.sparse_mqa(", "attn.compress_step(", "moe.experts(", "hc.pre(",
+               "fused.kernel(", "dist.all_reduce("):  # fusions fired inside the rank's graph
+        assert f"= {op}" in decode, op
     assert cli.main(["run", out, "--nproc", "4", "--gen", "4"]) == 0
     text = capsys.readouterr().out
     assert "prefill  4x16 tokens" in text and "decode   4x4 tokens" in text, text
