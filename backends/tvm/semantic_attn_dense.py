@@ -4,7 +4,7 @@ Stages, all fp32: z = scale·q·kᵀ (+ float mask; -inf where a key is not visi
 by a bool mask), the row max m (with the sink), the denominator Σ exp(z - m) (+ exp(sink - m)),
 p = exp(z - m) / den materialised once per (query, key) so the output loop reads it instead of
 recomputing it per output channel, then o = Σ_s p·v cast to q's dtype. Query head h reads KV
-head h // G. A row with no visible key and no sink has m = -inf: its p is 0, so o is 0.
+head h // G. A row with no visible key and no sink has a zero denominator: its p is 0, so o is 0.
 """
 
 from __future__ import annotations
@@ -75,13 +75,12 @@ def lower_sdpa(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
         m = te.compute(rows, lambda b, h, t: tirx.max(zmax(b, h, t), f32(sinks(h))), name="m")
     else:
         m = zmax
-    # m = -inf: the row sees nothing; exp(z - m) would be NaN, its weights are 0 instead
-    empty = lambda b, h, t: m(b, h, t) == neg  # noqa: E731
-    shift = lambda b, h, t: tirx.Select(empty(b, h, t), tirx.const(0.0, F32), m(b, h, t))  # noqa: E731
+    # a row that sees nothing: every z is -inf (te.max starts at the lowest finite float, so m
+    # stays finite), exp(z - m) = 0 and den = 0 without a sink; its weights are 0, not 0/0
     ks2 = te.reduce_axis((0, s_len), name="ks2")
     zsum = te.compute(
         rows,
-        lambda b, h, t: te.sum(te.exp(z(b, h, t, ks2) - shift(b, h, t)), axis=ks2),
+        lambda b, h, t: te.sum(te.exp(z(b, h, t, ks2) - m(b, h, t)), axis=ks2),
         name=lw.tag("zsum"),
     )
     if sinks is not None:
@@ -90,12 +89,11 @@ def lower_sdpa(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
         )
     else:
         den = zsum
+    zero = tirx.const(0.0, F32)
     p = te.compute(
         z.shape,
         lambda b, h, t, s: tirx.Select(
-            empty(b, h, t),
-            tirx.const(0.0, F32),
-            te.exp(z(b, h, t, s) - shift(b, h, t)) / den(b, h, t),
+            den(b, h, t) > zero, te.exp(z(b, h, t, s) - m(b, h, t)) / den(b, h, t), zero
         ),
         name=lw.tag("keep_p"),
     )
