@@ -6,7 +6,8 @@ models — Hugging Face's routers and its `grouped_mm` experts (`integrations/mo
 form `fuse_moe` matches (its module docstring):
 
 - top-k values are a gather of the scores at the top-k indices (HF routers renormalise
-  `topk(s).values`; ours gather `s` at the chosen experts);
+  `topk(s).values`; ours gather `s` at the chosen experts) — for any rank-2 top-k whose values
+  feed a div/sum/softmax/mul, routing or not (exact either way);
 - a softmax over the top-k logits is the renormalised top-k of the softmax (GPT-OSS-style
   top-k-then-softmax routers);
 - `histc` of the sorted expert ids over E bins [0, E-1] is their bincount (HF's offsets);
@@ -55,7 +56,8 @@ def _topk_values(m: Match, rw: Rewriter) -> Replace | Fail:
 
 
 def _softmax_after_topk(c: Checks, root: Match, rw: Rewriter) -> Replace:
-    """softmax(topk(l).values) = renormalised topk(softmax(l)) (exp is monotone: same picks)."""
+    """softmax(topk(l).values) = renormalised topk(softmax(l)) (exp is monotone: the same picks,
+    up to ties that rounding may create between nearly equal logits)."""
     m = c.match("picked", op("gather", var("l", rank=2), var("e"), attrs={"dim": 1}),
                 root.root.operands[0])
     e = m["e"]

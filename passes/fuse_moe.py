@@ -87,14 +87,15 @@ def _score(c: Checks, s: Value) -> tuple[str, Match]:
 _GROUP_SCORE = op(
     "sum",
     op("topk", op("reshape", var("c", rank=2), name="groups", rank=3),
-       attrs={"k": 2, "dim": lambda d: d in (-1, 2)}, result=0),
+       attrs={"k": 2, "dim": lambda d: d in (-1, 2), "largest": True}, result=0),
     attrs={"dims": (2,), "keepdim": False},
 )
-_KEPT = op("scatter", const(0), op("topk", _GROUP_SCORE, name="best_groups", result=1),
-           const(1), attrs={"dim": 1})
+_KEPT = op("scatter", const(0), op("topk", _GROUP_SCORE, name="best_groups", result=1,
+                                   attrs={"largest": True}), const(1), attrs={"dim": 1})
+_GROUP_COLS = op("expand", op("reshape", _KEPT, name="kept", rank=3), name="group_cols")
 GROUPED = op(
     "where",
-    op("cast", op("reshape", op("expand", op("reshape", _KEPT, rank=3))), dtype=DType.bool),
+    op("cast", op("reshape", _GROUP_COLS), dtype=DType.bool),
     var("c"),
     const(name="fill"),
 )
@@ -111,6 +112,11 @@ def _groups(c: Checks, chooser: Value) -> tuple[Value, dict]:
     c.need(m["c"].type.shape == (n, n_group * size), "choice.groups",
            f"groups {m['groups'].type} are not a split of the chooser {m['c'].type}")
     c.need(m.attr("best_groups", "dim") in (-1, 1), "choice.groups", "groups ranked on a wrong dim")
+    # group g's mask covers columns g·size .. (g+1)·size - 1: [N, G] -> [N, G, 1] -> [N, G, size]
+    cols = m["group_cols"].type
+    ok = m["kept"].type.shape == (n, n_group, 1) and cols.shape == (n, n_group, size)
+    c.need(ok, "choice.mask", f"the group mask {cols} does not cover each group's contiguous "
+           "columns", m.node("group_cols"))
     fill = scalar(m, "fill")
     c.need(fill is not None, "choice.fill", "the masked chooser is not a constant")
     return m["c"], {"n_group": n_group, "topk_group": topk_group, "group_fill": fill}

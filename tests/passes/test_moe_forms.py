@@ -22,6 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# the slow tier runs Triton kernels on CPU tensors: the interpreter must be on before triton loads
+# (as tests/backends/conftest.py does; nothing imported above loads triton)
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import ir
 import passes
 from frontend import capture
@@ -142,16 +146,82 @@ def test_deepseek_v32_grouped_topk_route(tmp_path):
     _check_logits(g, model, ids)
 
 
+class GroupedRouter(torch.nn.Module):
+    """DeepSeek-V3's group-limited router (as HF writes it): E = 8 experts in 4 groups, the 2
+    groups whose best two biased scores sum highest, top-3 within them. `interleaved`: a near
+    miss whose group mask covers columns g, g+4 (not g·2, g·2+1) — another routing."""
+
+    def __init__(self, interleaved: bool = False) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(8, 16) * 0.5)
+        self.bias = torch.nn.Parameter(torch.randn(8) * 0.2)
+        self.interleaved = interleaved
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = torch.nn.functional.linear(x, self.weight).sigmoid()
+        choice = scores + self.bias
+        group_scores = choice.view(-1, 4, 2).topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=2, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        if self.interleaved:
+            mask = group_mask.unsqueeze(1).expand(-1, 2, 4).reshape(-1, 8)
+        else:
+            mask = group_mask.unsqueeze(-1).expand(-1, 4, 2).reshape(-1, 8)
+        choice = choice.masked_fill(~mask.bool(), float("-inf"))
+        experts = torch.topk(choice, k=3, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, experts)
+        return weights / (weights.sum(dim=-1, keepdim=True) + 1e-20) * 2.5, experts
+
+
+def _by_expert(weights: torch.Tensor, experts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's (weight, expert) slots ordered by expert id (top-k(sorted=False) leaves the
+    slot order to the implementation)."""
+    order = experts.argsort(-1)
+    return weights.gather(1, order), experts.gather(1, order)
+
+
+@pytest.mark.parametrize("interleaved", [False, True], ids=["grouped", "near_miss"])
+def test_grouped_router_module(interleaved):
+    torch.manual_seed(0)
+    module, x = GroupedRouter(interleaved).eval(), torch.randn(11, 16)
+    ctx = PassContext()
+    g = fuse_moe(canonicalize(capture(module, (x,))), ctx)
+    params = dict(module.state_dict())
+    got, want = ir.interpret(g, x, params=params), module(x)
+    (got_w, got_e), (want_w, want_e) = _by_expert(*got), _by_expert(*want)
+    assert torch.equal(got_e, want_e)
+    torch.testing.assert_close(got_w, want_w, rtol=1e-6, atol=1e-6)
+    if not interleaved:
+        route = next(n for n in g.ops if n.name == "moe.route").attrs
+        assert (route["n_group"], route["topk_group"], route["k"]) == (4, 2, 3)
+        return
+    assert _moe_counts(g) == {} and ctx.near_misses["fuse_moe.moe.route"] == 1
+    why = str(explain(RULES[0], g))
+    assert "failed at choice.mask" in why and "contiguous columns" in why, why
+    assert "test_moe_forms.py:" in why, why
+
+
+def _our_config(hf: dict):
+    """models.config.Config of a transformers 5.x DeepseekV4Config dict: from_hf reads the
+    official config.json, whose `compress_ratios` / `num_hash_layers` 5.x spells per layer."""
+    from models.config import Config
+
+    per_layer = {
+        "compress_ratios": [hf["compress_rates"].get(t, 0) for t in hf["layer_types"]],
+        "num_hash_layers": hf["mlp_layer_types"].count("hash_moe"),
+    }
+    return Config.from_hf({**hf, **per_layer})
+
+
 @slow
 def test_deepseek_v4_counts_match_our_model():
     """HF DeepSeek-V4 (hash layer + sqrt-softplus-with-bias layer, shared expert, clamped
     SwiGLU): as many moe.route / moe.experts as models.deepseek_v4 from the same config."""
-    from models.config import Config
     from models.deepseek_v4 import Transformer
 
     hf, ids = hf_tiny.deepseek_v4(), hf_tiny.tokens(1, 16)
     g = _fused(hf, ids, PassContext())
-    ours = Transformer(Config.from_hf(hf.config.to_dict())).eval()
+    ours = Transformer(_our_config(hf.config.to_dict())).eval()
     mine = fuse_moe(fuse_attention(canonicalize(capture(ours, (ids,), method="prefill"))))
     assert _moe_counts(g) == _moe_counts(mine) == {"moe.route": 2, "moe.experts": 2}
     hashed = [n.attrs["hash"] for n in g.ops if n.name == "moe.route"]
