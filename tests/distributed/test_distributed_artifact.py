@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -105,6 +107,12 @@ def test_cli_compile_mesh_and_run_on_four_ranks(tmp_path, capsys) -> None:
     assert "prefill  4x16 tokens" in text and "decode   4x4 tokens" in text, text
     diff = float(text.split("vs eager max |diff| ")[1].split(",")[0])
     assert diff <= 1e-5 and text.rstrip().endswith("ok"), text
+    # the same artifact under torchrun: each process is one rank, rank 0 prints
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    done = subprocess.run([torchrun, "--nproc-per-node", "4", "-m", "dsv4c.cli", "run", out,
+                           "--gen", "2"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("decode   4x2 tokens") == 1 and "ok" in done.stdout, done.stdout
 
 
 @pytest.mark.skipif(not SLOW, reason="2 captures + 2 ranks: ~2 min; DSV4C_SLOW=1")
