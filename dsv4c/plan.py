@@ -149,6 +149,7 @@ class Plan:
     kv_per_seq: float = 0.0  # bytes per sequence at `context`, on each rank holding it
     comm: dict[str, float] = field(default_factory=dict)  # per decode token per layer, per rank
     comm_prefill: dict[str, float] = field(default_factory=dict)  # per prefill token per layer
+    comm_once: dict[str, float] = field(default_factory=dict)  # per token, once (not per layer)
     decode_ms: dict[int, float] = field(default_factory=dict)  # sequences -> ms/token
     fits: dict[int, bool] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -237,6 +238,16 @@ def comm_per_token(
     return out
 
 
+def comm_once_per_token(cfg: Config, sizes: dict[str, int]) -> dict[str, float]:
+    """Bytes one rank sends per token outside the layers, under tp: the vocabulary-parallel
+    embedding's all_reduce ([d] bf16, ring) and the head's all_gather of fp32 logits."""
+    tp = sizes.get("tp", 1)
+    if tp == 1:
+        return {}
+    return {"embedding all_reduce (tp)": 2 * (tp - 1) / tp * 2 * cfg.dim,
+            "head all_gather (tp)": (tp - 1) / tp * cfg.vocab_size * 4}
+
+
 def make_plan(model: str, mesh: Mesh, gpu: str, *, gpus: int | None = None,
               context: int = 1 << 20, batches: tuple[int, ...] = (1, 64)) -> Plan:
     """Arithmetic for `model` on `mesh` of `gpu`s (see module docstring for `gpus`)."""
@@ -252,6 +263,7 @@ def make_plan(model: str, mesh: Mesh, gpu: str, *, gpus: int | None = None,
     plan.kv_per_seq = kv_bytes_per_token(cfg) * context + _window_bytes(cfg)
     plan.comm = comm_per_token(cfg, sizes, world, decode=True)
     plan.comm_prefill = comm_per_token(cfg, sizes, world, decode=False)
+    plan.comm_once = comm_once_per_token(cfg, sizes)
     for b in batches:
         plan.decode_ms[b], plan.fits[b] = _decode(cfg, plan, sizes, b)
     return plan
@@ -314,7 +326,7 @@ def _decode(cfg: Config, plan: Plan, sizes: dict[str, int], seqs: int) -> tuple[
     hbm = dense + routed * touched + local_seqs * _kv_read(cfg, plan.context)
     flops = 2 * activated_params(cfg) * seqs / plan.world
     compute = max(hbm / plan.gpu.hbm_bw, flops / plan.gpu.fp8_flops)
-    per_token = sum(plan.comm.values()) * layers
+    per_token = sum(plan.comm.values()) * layers + sum(plan.comm_once.values())
     comm_t = local_seqs * per_token * _link_time(plan, max(ep, sizes.get("tp", 1)))
     fits = plan.weight_bytes + local_seqs * plan.kv_per_seq <= (1 - RESERVE) * plan.gpu.hbm_bytes
     return 1e3 * (compute + comm_t), fits
@@ -374,6 +386,8 @@ def format_plan(plan: Plan) -> str:
     lines += ["", "communication per token per layer, bytes one rank sends      decode    prefill"]
     for name, b in plan.comm.items():
         lines.append(f"  {name:<56} {b:10,.0f} {plan.comm_prefill[name]:10,.0f}")
+    for name, b in plan.comm_once.items():
+        lines.append(f"  {name + ', once per token':<56} {b:10,.0f} {b:10,.0f}")
     lines += ["", "decode estimate (roofline floor: HBM + links, no overlap)"]
     for b, ms in plan.decode_ms.items():
         verdict = "fits" if plan.fits[b] else "DOES NOT FIT"
@@ -396,6 +410,7 @@ def plan_to_json(plan: Plan) -> dict:
         "kv_bytes_per_sequence": plan.kv_per_seq,
         "comm_bytes_per_decode_token_per_layer": plan.comm,
         "comm_bytes_per_prefill_token_per_layer": plan.comm_prefill,
+        "comm_bytes_per_token_once": plan.comm_once,
         "decode_ms_per_token": {str(b): ms for b, ms in plan.decode_ms.items()},
         "fits": {str(b): ok for b, ok in plan.fits.items()}, "gpu_source": plan.gpu.source,
     }

@@ -42,11 +42,14 @@ def test_figures_of_the_brief() -> None:
     assert pro.weights["routed experts"] / 1e9 == pytest.approx(104.4, rel=1e-3)  # §5.1 EP8
     assert kv_bytes_per_token(Config.preset("v4-pro")) == pytest.approx(5031, abs=1)  # §5.1
     assert pro.fits[1] and not pro.fits[64]  # KV replicated 8x: one 1M sequence, not 64
+    assert pro.comm_once == {"embedding all_reduce (tp)": 2 * 7 / 8 * 2 * 7168,  # bf16 ring
+                             "head all_gather (tp)": 7 / 8 * 129280 * 4}  # fp32 logits
     ep64 = make_plan("v4-pro", Mesh.parse("dp=64,ep=64"), "h100", gpus=64)
     assert ep64.weights["routed experts"] / 1e9 == pytest.approx(13.06, rel=1e-3)
     per_token = ep64.comm["MoE dispatch (ep)"] / 7440  # 7,168 FP8 + 224 scales + 48 routing
     assert per_token == pytest.approx(6 * 63 / 64)  # low-latency: one copy per remote expert
     assert ep64.fits[64] and ep64.decode_ms[64] > ep64.decode_ms[1] > 0
+    assert ep64.comm_once == {}  # no tp: the embedding and head are whole on each rank
 
 
 def test_flash_on_one_h200_does_not_fit(capsys) -> None:
