@@ -28,8 +28,9 @@ one 2-D domain; matmul first, then an elementwise epilogue).
 Work is never duplicated: each op lands in at most one group. Only literal 0-d constants are
 cloned into every body that reads them (they become literals). A group is emitted as a
 `fused.kernel` when it holds at least two computing ops (a lone op plus views is left as is: it is
-one launch either way). The body's ops keep their value names; a GEMM body starts with the matmul
-of its first two inputs (the backend's epilogue convention).
+one launch either way). The body's ops keep their value names and source locations (the kernel
+op's own location is its anchor's); a GEMM body starts with the matmul of its first two inputs
+(the backend's epilogue convention).
 
 Counters (`STATS=1`): `fuse_elementwise.kernels`, `.gemm_epilogues`, `.ops_fused`; for every op
 left unfused `fuse_elementwise.no.<reason>`; for every refused merge `fuse_elementwise.refused.
@@ -469,7 +470,8 @@ def _body(grouping: Grouping, members: list[int]) -> tuple[Graph, list[Value], l
     body_ops = nodes[:1] + consts + nodes[1:] if gemm else consts + nodes
     outputs = [r for n in nodes for r in n.results if grouping.outside_use(r, mset)]
     outputs.sort(key=lambda v: grouping.producer[v.name])
-    body = Graph(inputs, [Node(n.op, n.operands, n.results) for n in body_ops], outputs)
+    # each body op keeps its source location: kernel headers and reports name the fused lines
+    body = Graph(inputs, [Node(n.op, n.operands, n.results, n.loc) for n in body_ops], outputs)
     return body, inputs, outputs
 
 
