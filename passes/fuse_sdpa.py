@@ -125,13 +125,13 @@ def _probs(c: Checks, p: Value) -> tuple[Value, Value | None, bool]:
         sinks = _sink_column(c, col, z.type.shape[1])
         return z, sinks, True
     c.need(n is not None and n.name == "softmax", "probs",
-           f"the P·V matmul's left operand is not a softmax", n or c.root)  # fmt: skip
+           "the P·V matmul's left operand is not a softmax", n or c.root)  # fmt: skip
     c.need(_last(p, n.attrs["dim"]), "probs", f"softmax over dim {n.attrs['dim']}, not over "
-           f"the keys (the last dim)", n)  # fmt: skip
+           "the keys (the last dim)", n)  # fmt: skip
     return _unshift(view, n.operands[0]), sinks, guarded
 
 
-# --- logits: masks, scale, q·kᵀ -----------------------------------------------------------------
+# --- logits: masks, scale, q·kᵀ ----------------------------------------------------------------
 
 
 def _scaled(view: FusionView, v: Value) -> tuple[Value, float]:
