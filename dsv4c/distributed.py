@@ -104,6 +104,12 @@ def check_mesh(model_name: str, mesh: Mesh, *, moe: str = "all_reduce",
 # --- compile -------------------------------------------------------------------------------
 
 
+def _check_target(target: str) -> None:
+    if target != "cpu":
+        raise ValueError(f"--target {target} with --mesh: sharded artifacts run on CPU ranks "
+                         "(gloo) for now; use --target cpu")
+
+
 def _entry_inputs(model: Any, batch: int, prompt: int, max_len: int) -> dict[str, tuple]:
     import torch
 
@@ -149,6 +155,7 @@ def compile_mesh(model_name: str, mesh: Mesh, out: str, *, moe: str = "all_reduc
     from models.deepseek_v4 import Config, Transformer
 
     batch_axis = check_mesh(model_name, mesh, moe=moe, batch_axis=batch_axis, batch=batch)
+    _check_target(target)
     if not 1 <= prompt < max_len:
         raise ValueError(f"--prompt-len {prompt} must be at least 1 and below --max-len {max_len}")
     with torch.device("meta"):
@@ -214,6 +221,11 @@ def _executables(manifest: dict, graphs: dict[str, ir.Graph], files: dict[str, b
     """Entry point -> call(*inputs, params=): the built TVM kernels, another backend's
     executable (compiled here) or the interpreter."""
     backend = backend or manifest.get("backend", "reference")
+    if backend == "triton":  # CPU ranks run Triton kernels in its interpreter
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        import warnings  # masked-off lanes compute on padding; numpy warns (as in `dsv4c run`)
+
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton.runtime")
     if backend == "reference":
         return {m: (lambda g: lambda *a, params: ir.interpret(g, *a, params=params))(g)
                 for m, g in graphs.items()}
@@ -381,6 +393,7 @@ def compile_from_args(args: argparse.Namespace, say: Callable[[str], None]) -> i
     mesh = Mesh.parse(args.mesh)
     methods = tuple(getattr(args, "methods_list", None) or METHODS)
     check_mesh(args.model, mesh, moe=args.moe, batch_axis=args.batch_axis, batch=args.batch)
+    _check_target(args.target)
     say(f"compiling {args.model} ({', '.join(methods)}) for mesh {mesh} ({mesh.world_size} "
         f"ranks) with {args.backend} for {args.target}")
     start = time.perf_counter()

@@ -44,6 +44,8 @@ def _compile(tmp_path, *mesh_args: str) -> list[str]:
         (["--mesh", "ep=2", "--moe", "alltoall"], "--moe 'alltoall': expected one of all_reduce"),
         (["--mesh", "tp=2", "--weights", "w.safetensors"], "--weights with --mesh is not "
                                                            "supported yet"),
+        (["--mesh", "tp=2", "--target", "sm_90"], "--target sm_90 with --mesh: sharded "
+                                                  "artifacts run on CPU ranks (gloo) for now"),
     ],
 )
 def test_bad_mesh_is_a_clear_error(tmp_path, capsys, mesh_args, fragment) -> None:
