@@ -19,15 +19,17 @@ Each rule's comment states its algebra; `STATS=1` counts them like any rule.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-from ir import Value
+from ir import DType, Value
 from passes.context import PassContext
+from passes.fuse_common import FusionView
 from passes.pattern import Fail, Match, Rule, const, op, var
 from passes.rewrite import GraphView, Rewriter, rewrite
 
 __all__ = ["RULES", "attention_forms"]
+
+_I64 = DType.i64
 
 
 # --- rope: rotate-half form -> interleaved pairs ---------------------------------------------
@@ -59,13 +61,10 @@ ROTATE_HALF = op(
 )
 
 
-def _table(rw: Rewriter, t: Value, like: tuple) -> Value | None:
-    """t [1.., T, n] as the broadcast of a [T, n] table against `like` (the pair shape [.., T,
-    n]), spelled like the model's unsqueezed tables: reshape(table, like-with-1s)."""
-    if t.type.rank < 2 or any(d != 1 for d in t.type.shape[:-2]):
-        return None
-    table = t if t.type.rank == 2 else rw.op("reshape", [t], shape=tuple(t.type.shape[-2:]))
-    return table
+def _table(rw: Rewriter, t: Value) -> Value:
+    """t [1.., T, n] as the [T, n] table the canonical rope broadcasts (t has unit leading
+    dims, checked by the caller)."""
+    return t if t.type.rank == 2 else rw.op("reshape", [t], shape=tuple(t.type.shape[-2:]))
 
 
 def _rope_pairs(m: Match, rw: Rewriter) -> Value | Fail:
@@ -91,13 +90,12 @@ def _rope_pairs(m: Match, rw: Rewriter) -> Value | Fail:
         col, pair = m.node(f"{n}_col"), m.node(f"{n}_pair")
         if col.results[0].type.shape[-2:] != (half, 1) or pair.results[0].type.shape[-1] != 2:
             return Fail(4, "rotate_half.table", f"{n} is not repeated twice per pair")
-    rep = m["cos_rep"].type.shape
+    rep = m.node("cos_rep").results[0].type.shape
+    if rep[-1] != width or cos.type.rank < 2 or any(d != 1 for d in cos.type.shape[:-2]):
+        return Fail(4, "rotate_half.table", f"cos {cos.type} is not one [T, {half}] table "
+                    f"repeated over x's {width} channels")
     bshape = tuple(rep[:-1]) + (half,)
-    cos_t, sin_t = _table(rw, cos, bshape), _table(rw, sin, bshape)
-    if cos_t is None or sin_t is None or cos_t.type.rank != 2:
-        return Fail(4, "rotate_half.table", f"cos {cos.type} has non-unit leading dims")
-    if math.prod(d for d in bshape if isinstance(d, int)) != 0 and rep[-1] != width:
-        return Fail(4, "rotate_half.table", "the repeated table does not cover x")
+    cos_t, sin_t = _table(rw, cos), _table(rw, sin)
     pairs = rw.op("reshape", [x], shape=tuple(x.type.shape[:-1]) + (half, 2))
     a = rw.op("select", [pairs], dim=rank, index=0)
     b = rw.op("select", [pairs], dim=rank, index=1)
@@ -203,6 +201,104 @@ def _match(env: GraphView, pat: Any, n: Any) -> Match | Fail:
     return match_node(pat, n, env)
 
 
+# --- Σ_h w_h·s_h spelled as a matmul ----------------------------------------------------------
+
+HEAD_SUM = op("reshape", op("matmul", op("reshape", var("w"), name="row"), var("s"), name="mm"))
+
+
+def _head_sum(m: Match, rw: Rewriter) -> Value | Fail:
+    row, s = m.node("row").results[0], m["s"]
+    rank = s.type.rank
+    want = tuple(s.type.shape[:-2]) + (1, s.type.shape[-2])
+    if rank < 3 or row.type.shape != want or m.root.results[0].type.shape != \
+            tuple(s.type.shape[:-2]) + (s.type.shape[-1],):
+        return Fail(2, "head_sum", "not a [.., 1, H] @ [.., H, S] product squeezed to [.., S]")
+    col = rw.op("reshape", [m["w"]], shape=tuple(s.type.shape[:-1]) + (1,))
+    return rw.op("sum", [rw.op("mul", [s, col])], dims=(rank - 2,), keepdim=False)
+
+
+# --- HF V3.2's index mask: picks of masked columns are masked again ------------------------
+
+INDEX_MASK = op(
+    "scatter",
+    const(True, name="ones"),
+    op("cast", op("cast", var("indices"), name="i32"), name="i64"),
+    const(False),
+    name="scatter",
+)
+
+
+def _index_mask(m: Match, rw: Rewriter) -> Value | Fail:
+    """scatter(true, picks, false) whose only use is `mask & ~it` over the indexer's own mask:
+    HF's top-k picks of masked (-inf) columns and the padded top-k's -1 picks give the same
+    result there, so the index mask may come from the canonical picks (module docstring)."""
+    from passes.fuse_dense_mqa import evaluate  # the static mask evaluation
+
+    env = rw.env
+    topk = env.producer(m["indices"])
+    tm = _match(env, _VISIBLE_TOPK, topk)
+    if isinstance(tm, Fail):
+        return tm
+    if topk.results[1] != m["indices"] or m.node("scatter").attrs["dim"] not in (-1, 2):
+        return Fail(3, "index_mask", "the scattered picks are not the top-k's over the keys")
+    visible, score = _unsqueezed(env, tm["visible"]), tm["score"]
+    if not _only_masks(env, m.root.results[0], visible):
+        return Fail(4, "index_mask.uses", "the index mask is used other than as mask & ~index")
+    b, t, s = score.type.shape
+    vals = evaluate(env, visible)
+    if vals is None or not isinstance(t, int) or vals.shape[-2:] != (t, s):
+        return Fail(4, "index_mask.causal", "the indexer's mask is not a static [T, S] mask")
+    from ir._lazy import torch
+
+    causal = torch.arange(s).unsqueeze(0) <= torch.arange(t).unsqueeze(1)
+    if not bool((vals.reshape(-1, t, s) == causal).all()):
+        return Fail(5, "index_mask.causal", "the indexer's mask is not s <= t")
+    k = topk.attrs["k"]
+    cols = rw.op("reshape", [rw.op("iota", [], start=0, end=s, step=1, dtype=_I64)], shape=(1, s))
+    rows = rw.op("reshape", [rw.op("iota", [], start=0, end=t, step=1, dtype=_I64)], shape=(t, 1))
+    seen = rw.op("le", [cols, rows])
+    masked = rw.op("where", [seen, score, _scalar(rw, float("-inf"), score)])
+    padded = rw.op("pad", [masked], pads=(0, k), value=float("-inf"))
+    values, indices = rw.op("topk", [padded], k=k, dim=2, largest=True, sorted=True)
+    inf = rw.op("eq", [rw.op("abs", [values]), _scalar(rw, float("inf"), values)])
+    past = rw.op("ge", [indices, _scalar(rw, s, indices)])
+    picks = rw.op("where", [rw.op("logical_or", [inf, past]), _scalar(rw, -1, indices), indices])
+    spill = rw.op("where", [rw.op("ge", [picks, _scalar(rw, 0, picks)]), picks,
+                            _scalar(rw, s, picks)])
+    ones = rw.op("full", [], shape=(b, t, s + 1), value=True, dtype=m["ones"].dtype)
+    off = rw.op("full", [], shape=tuple(spill.type.shape), value=False, dtype=m["ones"].dtype)
+    marked = rw.op("scatter", [ones, spill, off], dim=2)
+    return rw.op("slice", [marked], dim=2, start=0, end=s, step=1)
+
+
+_VISIBLE_TOPK = op(
+    "topk",
+    op("where", var("visible"), var("score"), const(float("-inf"))),
+    attrs={"largest": True},
+)
+
+
+def _only_masks(env: Any, v: Value, visible: Value) -> bool:
+    """Every use of v (through reshapes) is logical_not, and every use of that is an `and`
+    with the indexer's visibility (any view of it)."""
+    users = getattr(env, "users", None)
+    if users is None:
+        return False
+    for u in users(v):
+        if u.name in ("reshape", "unsqueeze"):
+            if not _only_masks(env, u.results[0], visible):
+                return False
+        elif u.name == "logical_not":
+            for a in users(u.results[0]):
+                other = [x for x in a.operands if x != u.results[0]]
+                ok = a.name in ("bitwise_and", "logical_and") and len(other) == 1
+                if not ok or _unsqueezed(env, other[0]) != visible:
+                    return False
+        else:
+            return False
+    return bool(users(v))
+
+
 RULES = [
     # x·rep2(cos) + rotate_half(x)·rep2(sin) = interleave(a·cos - b·sin, a·sin + b·cos)
     Rule("attention_forms.rope_pairs", ROTATE_HALF, _rope_pairs),
@@ -214,6 +310,10 @@ RULES = [
     Rule("attention_forms.concat_empty", op("concat"), _drop_empty),
     # finite x: picks of topk(where(s >= c, -inf, x)) past c = the padded top-k's -inf picks
     Rule("attention_forms.masked_topk", MASKED_PICKS, _padded_picks),
+    # squeeze([.., 1, H] @ [.., H, S]) = Σ_h w_h·s_h
+    Rule("attention_forms.head_sum", HEAD_SUM, _head_sum),
+    # mask & ~scatter(true, topk(causal x), false) = mask & ~scatter(true, padded picks, false)
+    Rule("attention_forms.index_mask", INDEX_MASK, _index_mask, view=FusionView),
 ]
 
 

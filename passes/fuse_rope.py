@@ -1,5 +1,5 @@
-"""Patterns shared by the attention fusions (fuse_attention, fuse_compress_step): rotary
-embedding on interleaved pairs and RMSNorm, in their canonical forms.
+"""Patterns shared by the attention fusions (fuse_attention, fuse_compress, fuse_compress_step):
+rotary embedding on interleaved pairs and RMSNorm in their canonical forms, iotas and unit views.
 
     rope(v; cos, sin) = concat(v[..., :-r], reshape(concat(re, im)))   interleaved pairs (a, b):
                         re = a·cos - b·sin, im = a·sin + b·cos; inverse: sin -> neg(sin)
@@ -10,11 +10,43 @@ from __future__ import annotations
 
 from typing import Any
 
-from ir import Value
+from ir import Node, Value
+from ir.symbolic import same_dim
 from passes.fuse_common import STEP, Checks, FusionView, narrow
 from passes.pattern import const, op, var
 
-__all__ = ["RMS", "ROPES", "match_rope"]
+__all__ = ["RMS", "ROPES", "iota_ok", "match_rope", "unit_dims", "unit_view"]
+
+
+# --- views and iotas -----------------------------------------------------------------------
+
+
+def iota_ok(view: FusionView, v: Value, end: Any) -> bool:
+    """v = iota(0, end), possibly viewed with extra unit dims (HF's position_ids [1, T])."""
+    n = view.producer(v)
+    while n is not None and n.name == "reshape" and unit_view(n):
+        n = view.producer(n.operands[0])
+    if n is None or n.name != "iota":
+        return False
+    a = n.attrs
+    return a["start"] == 0 and a["step"] == 1 and same_dim(a["end"], end)
+
+
+def unit_view(n: Node) -> bool:
+    """A reshape that only adds or drops unit dims."""
+    src = [d for d in n.operands[0].type.shape if d != 1]
+    dst = [d for d in n.results[0].type.shape if d != 1]
+    return len(src) == len(dst) and all(same_dim(a, b) for a, b in zip(src, dst))
+
+
+def unit_dims(view: FusionView, v: Value) -> Value:
+    """v before reshapes that only add or drop unit dims."""
+    n = view.producer(v)
+    while n is not None and n.name == "reshape" and unit_view(n):
+        v = n.operands[0]
+        n = view.producer(v)
+    return v
+
 
 # --- rope ----------------------------------------------------------------------------------
 

@@ -17,6 +17,8 @@ import collections
 import functools
 import os
 
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton loads: its kernels run on CPU
+
 import pytest
 import torch
 
@@ -199,9 +201,10 @@ def test_hf_v4_forms_the_same_attention_ops_as_ours_with_the_same_config() -> No
 
 @slow
 @pytest.mark.parametrize("backend", ["tvm", "triton"])
-def test_hf_v4_compiles_with_fused_attention_and_equals_eager(backend: str) -> None:
+def test_hf_v4_compiles_with_fused_attention_and_equals_eager(backend: str, monkeypatch) -> None:
     import dsv4c
 
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # Triton kernels on CPU tensors
     model, ids = _hf_model(ALL), _tokens(T)
     compiled = dsv4c.compile(model, (ids,), backend=backend, target="cpu")
     (got,) = compiled(ids)
@@ -259,3 +262,76 @@ def test_dsa_decode_indexer_forms_indexer_topk_at_a_position() -> None:
         args = (x, torch.tensor(pos), kv, keys)
         for a, b in zip(ir.interpret(fused, *args, params=p), ir.interpret(g, *args, params=p)):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# --- HF DeepSeek-V3.2 (token-level indexer, sparse attention through an index mask) ----------
+
+
+def _v32_config(**kw):
+    base = dict(
+        vocab_size=96, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
+        n_shared_experts=1, kv_lora_rank=32, q_lora_rank=32, qk_rope_head_dim=16,
+        v_head_dim=16, qk_nope_head_dim=16, n_group=2, topk_group=1, num_experts_per_tok=2,
+        first_k_dense_replace=1, mlp_layer_types=["dense"], layer_types=["indexed_attention"],
+        index_topk=4, index_head_dim=16, index_n_heads=16, head_dim=16,
+        max_position_embeddings=256, use_cache=False,
+    )  # fmt: skip
+    base.update(kw)
+    return transformers.DeepseekV32Config(**base)
+
+
+class _V32Attention(torch.nn.Module):
+    """One HF DeepseekV32Attention (eager) on a causal boolean mask built from positions.
+    16 index heads: an all-heads-zero relu score (an exact tie at 0) is rare, and the inputs
+    below have no tie at the k-th pick (the fused and the eager picks would differ only by
+    tie order there, both right)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers.models.deepseek_v32 import modeling_deepseek_v32 as hf
+
+        cfg = _v32_config()
+        cfg._attn_implementation = "eager"
+        torch.manual_seed(0)
+        self.attn = hf.DeepseekV32Attention(cfg, 0)
+        self.rotary = hf.DeepseekV32RotaryEmbedding(cfg)
+        with torch.no_grad():
+            for p in self.attn.parameters():
+                p.normal_(0, 0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[1]
+        pos = torch.arange(t).unsqueeze(0)
+        mask = (torch.arange(t).view(1, -1) <= torch.arange(t).view(-1, 1)).view(1, 1, t, t)
+        return self.attn(x, self.rotary(x, pos), mask, position_ids=pos)[0]
+
+
+def test_hf_v32_indexer_forms_indexer_topk_and_attention_stays_right() -> None:
+    module = _V32Attention().eval()
+    x = torch.randn(1, T, 64, generator=torch.Generator().manual_seed(7))
+    g = capture(module, (x,))
+    fused = fuse_attention(passes.canonicalize(g))
+    (op,) = [n for n in fused.ops if n.name == "attn.indexer_topk"]
+    assert op.attrs["ratio"] == 1 and op.attrs["k"] == 4
+    (got,) = ir.interpret(fused, x, params=_params(module))
+    with torch.no_grad():
+        want = module(x)
+    assert _relative(got, want) <= 1e-5
+
+
+@slow
+@pytest.mark.parametrize("backend", ["tvm", "triton"])
+@pytest.mark.parametrize("which", ["hf_v32", "dsa"])
+def test_token_level_indexers_compile_and_equal_eager(which: str, backend: str, monkeypatch):
+    import dsv4c
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    module = _V32Attention().eval() if which == "hf_v32" else _dsa_layer()
+    x = torch.randn(1, T, 64 if which == "hf_v32" else module.wq_a.in_features,
+                    generator=torch.Generator().manual_seed(7))
+    compiled = dsv4c.compile(module, (x,), backend=backend, target="cpu")
+    (got,) = compiled(x)
+    with torch.no_grad():
+        want = module(x)
+    assert _relative(got, want) <= 1e-4
