@@ -9,7 +9,9 @@ After `canonicalize` the spellings meet in one shape, matched from the P·V matm
     scores = c · q'·kᵀ  with c the product of constant factors on q, on kᵀ and on the product
     kv heads: reshape(expand(reshape(k, [B,Hkv,1,S,D]), [B,Hkv,G,S,D]), [B,Hkv·G,S,D]) — what
            HF's repeat_kv, `repeat_interleave(G, dim=1)` and SDPA's `enable_gqa` become — and
-           expand(k [B,1,S,D], [B,H,S,D]) (broadcast MQA) give k with its Hkv heads.
+           expand(k [B,1,S,D], [B,H,S,D]) (broadcast MQA) give k with its Hkv heads; or GQA by
+           broadcasting: q as [B,Hkv,G,T,D] against k, v [B,Hkv,1,S,D] (reshape(q4) = q, since
+           query head h = kv·G + g either way), the result reshaped back.
 
 A mask computed from positions alone (iota, constants: a causal `tril`, HF's mask builders, a
 sliding-window band), at static sizes, is evaluated once at compile time and must be causal
@@ -213,9 +215,10 @@ def _qk(c: Checks, scores: Value) -> tuple[Value, Value, float]:
     q, q_scale = _scaled(view, n.operands[0])
     kt, kt_scale = _scaled(view, n.operands[1])
     t = view.producer(kt)
-    ok = t is not None and t.name == "permute" and tuple(t.attrs["dims"]) == (0, 1, 3, 2)
-    c.need(ok, "logits.keys", "the right factor of q·kᵀ is not k transposed (permute "
-           "[0,1,3,2])", t or n)  # fmt: skip
+    swap = (*range(kt.type.rank - 2), kt.type.rank - 1, kt.type.rank - 2)
+    ok = t is not None and t.name == "permute" and tuple(t.attrs["dims"]) == swap
+    c.need(ok, "logits.keys", "the right factor of q·kᵀ is not k with its last two dims "
+           "swapped", t or n)  # fmt: skip
     k, k_scale = _scaled(view, t.operands[0])
     return q, k, scale * q_scale * kt_scale * k_scale
 
@@ -363,25 +366,54 @@ def _place_masks(
 # --- the rule -----------------------------------------------------------------------------------
 
 
+def _grouped(c: Checks, q: Value, k: Value, v: Value, rw: Rewriter) -> list[Value]:
+    """q, k, v as [B,Hq,T,D], [B,Hkv,S,D], [B,Hkv,S,Dv] from GQA by broadcasting: q viewed as
+    [B,Hkv,G,T,D] against k, v [B,Hkv,1,S,D] (the group dim G = query head h % G)."""
+    b, hkv, g, t, _ = q.type.shape
+    ok = k.type.rank == 5 and v.type.rank == 5 and k.type.shape[2] == 1 == v.type.shape[2]
+    ok = ok and k.type.shape[:2] == (b, hkv) == v.type.shape[:2]
+    c.need(ok, "keys", f"q {q.type}, k {k.type}, v {v.type} are not GQA by broadcasting "
+           "([B,Hkv,G,T,D] against [B,Hkv,1,S,D])", c.view.producer(k))  # fmt: skip
+    out = []
+    for x, heads in ((q, hkv * g), (k, hkv), (v, hkv)):
+        shape = [b, heads, x.type.shape[3], x.type.shape[4]]
+        src = c.view.producer(x)
+        if src is not None and src.name == "reshape" and list(src.operands[0].type.shape) == shape:
+            out.append(src.operands[0])  # the 4-D tensor the model grouped
+        else:
+            out.append(rw.op("reshape", [x], shape=shape))
+    return out
+
+
 def _attention(c: Checks, root: Match, rw: Rewriter) -> Replace:
     """o = softmax(scale·q·kᵀ + masks [, sinks])·v, GQA by repeated KV heads -> attn.sdpa."""
     view, out = c.view, root.root.results[0]
     p, v_rep = root.root.operands
-    c.need(out.type.rank == 4 and p.type.rank == 4, "output",
+    rank = out.type.rank
+    c.need(rank in (4, 5) and p.type.rank == rank, "output",
            f"P·V is {p.type} · {v_rep.type}, not [B,H,T,S] · [B,H,S,Dv]")  # fmt: skip
     z, sinks, guarded = _probs(c, p)
+    c.need(rank == 4 or sinks is None, "probs.sinks", "sinks on heads grouped as [B,Hkv,G,T,S]")
     scores, masks = _masks(c, z)
     q, k_rep, scale = _qk(c, scores)
-    c.need(q.type.rank == 4, "logits.qk", f"q {q.type} is not [B,Hq,T,D]", view.producer(scores))
-    k, gk = _kv_heads(c, "keys", k_rep)
-    v, gv = _kv_heads(c, "values", v_rep)
+    c.need(q.type.rank == rank, "logits.qk", f"q {q.type} is not rank {rank}",
+           view.producer(scores))  # fmt: skip
+    attrs, mask_ops = _place_masks(c, masks, sinks is not None, guarded, rw)
+    c.need(rank == 4 or not mask_ops, "mask", "a mask tensor on heads grouped as [B,Hkv,G,T,S]")
+    if rank == 5:
+        q, k, v = _grouped(c, q, k_rep, v_rep, rw)
+    else:
+        k, _ = _kv_heads(c, "keys", k_rep)
+        v, _ = _kv_heads(c, "values", v_rep)
     c.need(same_dim(k.type.shape[1], v.type.shape[1]), "values",
            f"keys have {k.type.shape[1]} heads, values {v.type.shape[1]}")  # fmt: skip
-    attrs, mask_ops = _place_masks(c, masks, sinks is not None, guarded, rw)
     operands = [q, k, v] + [m for _, m in mask_ops] + ([sinks] if sinks is not None else [])
     attrs.update(scale=scale, mask=mask_ops[0][0] if mask_ops else "none", sinks=sinks is not None)
-    c.fits("attn.sdpa", operands, attrs, [out])
-    return replace(view, [(out, rw.op("attn.sdpa", operands, **attrs))])
+    c.fits("attn.sdpa", operands, attrs, [out if rank == 4 else None])
+    o = rw.op("attn.sdpa", operands, **attrs)
+    if rank == 5:  # back to the model's grouped view
+        o = rw.op("reshape", [o], shape=list(out.type.shape))
+    return replace(view, [(out, o)])
 
 
 RULES = [

@@ -161,6 +161,20 @@ def test_repeat_interleave_gqa_and_broadcast_mqa():
     assert node.operands[1].type.shape[1] == 1
 
 
+def test_gqa_by_broadcasting_five_dims():
+    def how(q, k, v):  # q grouped as [B,Hkv,G,T,D] against k, v [B,Hkv,1,S,D]
+        b, h, t, d = q.shape
+        g = h // k.shape[1]
+        qg = q.reshape(b, k.shape[1], g, t, d)
+        z = qg @ k[:, :, None].transpose(-1, -2) * 0.3
+        z = z + torch.full((t, t), float("-inf")).triu(1)
+        o = torch.softmax(z, -1) @ v[:, :, None]
+        return o.reshape(b, h, t, -1)
+
+    node = _check(how, _t(2, 6, 5, 8), _t(2, 2, 5, 8), _t(2, 2, 5, 4), causal=True, scale=0.3)
+    assert [o.type.shape[1] for o in node.operands[:3]] == [6, 2, 2]
+
+
 def test_kv_cache_offset_from_iota_comparison():
     def how(q, k, v):
         t, s = q.shape[2], k.shape[2]
