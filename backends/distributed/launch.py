@@ -77,18 +77,17 @@ def _collect(procs, results, world: int, timeout_s: float, grace_s: float) -> li
     got: dict[int, tuple[str, Any]] = {}
     deadline = time.monotonic() + timeout_s + grace_s
     failed_at: float | None = None
-    first: int | None = None  # the rank that failed first: the likely cause
+    order: list[int] = []  # ranks in the order their failure was seen
     while len(got) < world:
         while not results.empty():
             rank, status, payload = results.get()
             got[rank] = (status, payload)
-            if status != "ok" and failed_at is None:
-                failed_at, first = time.monotonic(), rank
+            if status != "ok":
+                failed_at, order = failed_at or time.monotonic(), order + [rank]
         dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in got]
         for r in dead:
             got[r] = ("died", f"exit code {procs[r].exitcode} before reporting")
-            if failed_at is None:
-                failed_at, first = time.monotonic(), r
+            failed_at, order = failed_at or time.monotonic(), order + [r]
         now = time.monotonic()
         if failed_at is not None and now - failed_at > grace_s or now > deadline:
             break
@@ -101,11 +100,23 @@ def _collect(procs, results, world: int, timeout_s: float, grace_s: float) -> li
         lines += [f"rank {r}: no result (terminated after the failure or the {timeout_s:.0f} s "
                   "timeout)" for r in missing]
         detail = "\n".join(f"--- rank {r} ---\n{p}" for r, (s, p) in sorted(bad.items()))
-        head = (f"rank {first} {got[first][0]} first ({_first_line(got[first][1])})"
-                if first is not None else f"no result within the {timeout_s:.0f} s timeout")
+        cause = _culprit(bad, order)
+        head = (f"cause: rank {cause} {got[cause][0]} ({_first_line(got[cause][1])})"
+                if cause is not None else f"no result within the {timeout_s:.0f} s timeout")
         raise RankFailed(f"{len(bad) + len(missing)} of {world} ranks failed; {head}:\n"
                          + "\n".join(lines) + "\n" + detail)
     return [_tree(got[r][1], _to_torch) for r in range(world)]
+
+
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def _culprit(bad: dict[int, tuple[str, Any]], order: list[int]) -> int | None:
+    """The rank that most likely caused the failure, whatever order the reports arrived in: one
+    that died without reporting, else one whose error is not a lost peer, else the first seen."""
+    died = [r for r in order if bad[r][0] == "died"]
+    own = [r for r in order if not any(m in str(bad[r][1]) for m in _PEER_LOST)]
+    return (died or own or order or [None])[0]
 
 
 def _first_line(payload: Any) -> str:

@@ -60,7 +60,17 @@ def test_dead_rank_fails_the_others_fast() -> None:
         run_ranks(dist_workers.die_or_reduce, 2, timeout_s=20, grace_s=5)
     msg = str(err.value)
     assert "rank 1 died: exit code 3 before reporting" in msg, msg
-    assert msg.startswith("2 of 2 ranks failed; rank 1 died first (exit code 3 before "
-                          "reporting):") or msg.startswith("1 of 2 ranks failed; rank 1 died "
-                                                           "first"), msg
+    assert msg.startswith("2 of 2 ranks failed; cause: rank 1 died (exit code 3 before "
+                          "reporting):"), msg
     assert time.monotonic() - start < 40
+
+
+def test_the_cause_is_the_dead_rank_whatever_order_reports_arrive() -> None:
+    from backends.distributed.launch import _culprit
+
+    lost = ("error", "RuntimeError: [pair.cc:553] Connection closed by peer [127.0.0.1]:8118")
+    bad = {0: lost, 1: ("died", "exit code 3 before reporting"), 2: lost}
+    assert _culprit(bad, [0, 2, 1]) == 1 and _culprit(bad, [1, 0, 2]) == 1
+    bad[1] = ("error", "ValueError: bad shape")  # an error of its own beats a lost peer
+    assert _culprit(bad, [0, 2, 1]) == 1
+    assert _culprit({0: lost, 1: lost}, [1, 0]) == 1  # only lost peers: the first seen
