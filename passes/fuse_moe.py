@@ -20,6 +20,12 @@ gate_up weights — to it) of models/moe.py:
     [y   += (silu([clamp](x @ s1ᵀ)) · [clamp](x @ s3ᵀ)) @ s2ᵀ]        -> moe.experts(...)
             (the shared expert on [N, d], or on the model's [B, S, d] before the flattening)
 
+Two more expert spellings form the same op: HF's `batched_mm` (each (token, slot) row times its
+gathered expert's weights, then a reshape to [N, k, d] and a sum over the slots; rule
+`fuse_moe.moe.experts_batched`) and a dense loop over an nn.ModuleList of experts
+(Σ_i (Σ_k w · [e = i]) · FFN_i(x) over every expert; the weights are stacked in the graph; rule
+`fuse_moe.moe.experts_loop`), both in fp32 only.
+
 The SwiGLU is clamped (activation "clamped_swiglu", limit L) or not ("swiglu"); routed and
 shared experts must agree. The grouped GEMMs' offsets come from a host-free histogram, so the
 fused op needs no counts: it takes the [N,k] expert indices. Rules (and counters):
@@ -371,6 +377,80 @@ def _experts_batched(c: Checks, root: Match, rw: Rewriter) -> Replace:
     return _build(view, rw, out, operands, act, base)
 
 
+# --- experts, dense loop form: y = Σ_i (Σ_k w · [e == i]) · FFN_i(x), one term per expert ------
+# (a Python loop over nn.ModuleList experts, each run on every token with its routing weight or
+# 0): moe.experts over the experts' weights stacked along a new dim 0
+
+LOOP_TERM = op(
+    "mul",
+    op("sum", op("mul", var("weights", rank=2), op("eq", var("experts", rank=2), const(name="i"))),
+       attrs={"dims": (1,), "keepdim": True}),
+    SHAREDS[0],
+)
+
+
+def _loop_terms(c: Checks, out: Value) -> list[Match]:
+    """The terms of the add chain ending in `out`, in chain order (the first term first)."""
+    view, terms, v = c.view, [], out
+    while True:
+        add = view.producer(v)
+        if add is None or add.name != "add":
+            break
+        a, b = add.operands
+        m = view.matches(LOOP_TERM, b) or view.matches(LOOP_TERM, a)
+        if m is None:
+            break
+        terms.append(m)
+        rest = a if m.root.results[0] == b else b
+        if v != out:
+            c.need(view.uses(v) == 1, "loop.chain", f"a partial sum %{v.name} is used elsewhere")
+        v = rest
+    terms.append(c.match("loop.term", LOOP_TERM, v))
+    return terms[::-1]
+
+
+def _experts_loop(c: Checks, root: Match, rw: Rewriter) -> Replace:
+    """Σ_i (Σ_k w · [e = i]) · SwiGLU-FFN_i(x) over every expert i [+ shared] -> moe.experts."""
+    view, out = c.view, root.root.results[0]
+    terms = _loop_terms(c, out)
+    first = terms[0]
+    x, weights, experts = first["x"], first["weights"], first["experts"]
+    same = all((t["x"], t["weights"], t["experts"]) == (x, weights, experts) for t in terms)
+    c.need(same, "loop.operands", "the terms read different tokens, weights or expert ids")
+    ids = sorted(const_value(view, t["i"]) for t in terms)
+    n_exp = len(ids)
+    c.need(ids == list(range(n_exp)) and all(type(i) is int for i in ids), "loop.experts", f"the terms are for experts {ids}, not "
+           f"each of 0..{n_exp - 1} once")
+    count = _expert_count(view, experts)
+    c.need(count == n_exp, "loop.experts", f"{n_exp} terms, but the ids choose among {count}")
+    acts = {_activation(t, "shared") for t in terms}
+    act = next(iter(acts))
+    c.need(len(acts) == 1 and not isinstance(act, str), "loop.swiglu",
+           f"the experts' activations differ or are not a SwiGLU: {acts}")
+    c.need(not narrow(x), "loop.dtype", f"x is {x.dtype}: the loop form is matched in fp32 only")
+    stacked = [_stack(rw, [t[w] for t in terms]) for w in ("s1", "s3", "s2")]
+    operands = [x, weights, experts, *stacked]
+    c.fits("moe.experts", operands, {}, [out])
+    return _build(view, rw, out, operands, act)
+
+
+def _expert_count(view: FusionView, experts: Value) -> int | None:
+    """The number of experts the ids `experts` choose among (top-k columns, moe.route's gate
+    rows), or None when unknown."""
+    n = view.producer(experts)
+    if n is not None and n.name == "topk" and n.results[1] == experts:
+        return n.operands[0].type.shape[-1]
+    if n is not None and n.name == "moe.route":
+        return n.operands[1].type.shape[0]
+    return None
+
+
+def _stack(rw: Rewriter, weights: list[Value]) -> Value:
+    """[E, ...]: the experts' weight matrices stacked along a new dim 0."""
+    rows = [rw.op("reshape", [w], shape=(1, *w.type.shape)) for w in weights]
+    return rw.op("concat", rows, dim=0)
+
+
 RULES = [
     # w = gather(s, e) [/ (Σ_k gather(s, e) + ε)] [· c], s = score(x Wᵀ),
     # e = top-k(s [+ b]) (within the best groups) or hash
@@ -379,6 +459,8 @@ RULES = [
     fusion_rule("fuse_moe.moe.experts", op("index_put"), _experts),
     # Σ_slots (w · W2[e] SwiGLU(W1[e] x, W3[e] x)).view(N, k, d) [+ shared] = moe.experts
     fusion_rule("fuse_moe.moe.experts_batched", op("sum"), _experts_batched),
+    # Σ_i (Σ_k w · [e = i]) · FFN_i(x) over all experts i [+ shared] = moe.experts
+    fusion_rule("fuse_moe.moe.experts_loop", op("add"), _experts_loop),
 ]
 
 

@@ -200,6 +200,54 @@ def test_grouped_router_module(interleaved):
     assert "test_moe_forms.py:" in why, why
 
 
+class _Expert(torch.nn.Module):
+    def __init__(self, d: int, inter: int) -> None:
+        super().__init__()
+        self.w1, self.w3 = (torch.nn.Linear(d, inter, bias=False) for _ in range(2))
+        self.w2 = torch.nn.Linear(inter, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(torch.nn.functional.silu(self.w1(x)) * self.w3(x))
+
+
+class LoopMoE(torch.nn.Module):
+    """A hand-written MoE: every expert of an nn.ModuleList runs on every token, scaled by the
+    token's routing weight for it (0 unless chosen). `skip_last`: a near miss whose loop leaves
+    the last expert out (its tokens lose that contribution: not moe.experts)."""
+
+    def __init__(self, skip_last: bool = False, d: int = 16, n_experts: int = 4) -> None:
+        super().__init__()
+        self.gate = torch.nn.Linear(d, n_experts, bias=False)
+        self.experts = torch.nn.ModuleList(_Expert(d, 8) for _ in range(n_experts))
+        self.skip_last = skip_last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, experts = torch.topk(self.gate(x).softmax(-1), 2, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        y = torch.zeros_like(x)
+        for i, expert in enumerate(self.experts[:-1] if self.skip_last else self.experts):
+            y = y + (weights * (experts == i)).sum(-1, keepdim=True) * expert(x)
+        return y
+
+
+@pytest.mark.parametrize("skip_last", [False, True], ids=["loop", "near_miss"])
+def test_expert_loop_module(skip_last):
+    """The dense loop over experts forms moe.experts (weights stacked in the graph); the loop
+    that misses an expert does not, and explain says which experts the terms cover."""
+    torch.manual_seed(0)
+    module, x = LoopMoE(skip_last).eval(), torch.randn(7, 16)
+    ctx = PassContext()
+    g = fuse_moe(canonicalize(capture(module, (x,))), ctx)
+    (got,) = ir.interpret(g, x, params=dict(module.state_dict()))
+    torch.testing.assert_close(got, module(x), rtol=1e-5, atol=1e-6)
+    if not skip_last:
+        assert _moe_counts(g) == {"moe.route": 1, "moe.experts": 1}
+        return
+    assert _moe_counts(g) == {"moe.route": 1}
+    why = str(explain(RULES[3], g))
+    assert "failed at loop.experts" in why and "choose among 4" in why, why
+
+
 def _our_config(hf: dict):
     """models.config.Config of a transformers 5.x DeepseekV4Config dict: from_hf reads the
     official config.json, whose `compress_ratios` / `num_hash_layers` 5.x spells per layer."""
