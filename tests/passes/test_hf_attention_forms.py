@@ -335,3 +335,50 @@ def test_token_level_indexers_compile_and_equal_eager(which: str, backend: str, 
     with torch.no_grad():
         want = module(x)
     assert _relative(got, want) <= 1e-4
+
+
+# --- the dense-mask attention alone: the band, and a band one token into the future ---------
+
+
+class _WindowAttention(torch.nn.Module):
+    """HF's sliding-window DeepseekV4Attention on a band mask t-w+lead < j <= t+lead built from
+    positions: lead 0 is the causal window of w rows; lead 1 lets each query see one token of
+    its future (a near miss: not the op's window)."""
+
+    def __init__(self, lead: int) -> None:
+        super().__init__()
+        from transformers.models.deepseek_v4 import modeling_deepseek_v4 as hf
+
+        cfg = _hf_config(("sliding_attention",))
+        cfg._attn_implementation = "eager"
+        torch.manual_seed(0)
+        self.attn = hf.DeepseekV4Attention(cfg, 0)
+        self.rotary = hf.DeepseekV4RotaryEmbedding(cfg)
+        with torch.no_grad():
+            for p in self.attn.parameters():
+                p.normal_(0, 0.2)
+        self.lead, self.window = lead, cfg.sliding_window
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[1]
+        pos = torch.arange(t).unsqueeze(0)
+        i, j = torch.arange(t).view(-1, 1), torch.arange(t).view(1, -1)
+        band = (j <= i + self.lead) & (j > i + self.lead - self.window)
+        mask = torch.where(band, 0.0, float("-inf")).view(1, 1, t, t)
+        tables = {"main": self.rotary(x, pos, layer_type="main")}
+        return self.attn(x, tables, pos, mask)[0]
+
+
+@pytest.mark.parametrize("lead", [0, 1])
+def test_dense_window_attention_fuses_only_on_the_causal_band(lead: int) -> None:
+    module = _WindowAttention(lead).eval()
+    x = torch.randn(1, T, 64, generator=torch.Generator().manual_seed(8))
+    fused = fuse_attention(passes.canonicalize(capture(module, (x,))))
+    assert _attn_counts(fused)["attn.sparse_mqa"] == (1 if lead == 0 else 0)
+    (got,) = ir.interpret(fused, x, params=_params(module))
+    with torch.no_grad():
+        assert _relative(got, module(x)) <= 1e-5
+    if lead:
+        rule = next(r for r in RULES if r.name == "fuse_attention.attn.sparse_mqa")
+        text = str(passes.explain(rule, fused))
+        assert "mask.window" in text and "test_hf_attention_forms.py:" in text, text
