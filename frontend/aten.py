@@ -172,8 +172,8 @@ def _copy(cx, x, **_ignored):
 def _reduce(mnemonic: str) -> Translator:
     def translate(cx, x, dims=None, keepdim=False, *, dtype=None):
         rank = cx.type_of(x).rank
-        if dims is None or (isinstance(dims, Sequence) and len(dims) == 0):
-            dims = list(range(rank))
+        if dims is None or (isinstance(dims, Sequence) and len(dims) == 0) or rank == 0:
+            dims = list(range(rank))  # (a 0-d tensor's dim 0 or -1 is the tensor itself)
         elif isinstance(dims, int):
             dims = [dims]
         if dtype is not None:
@@ -267,6 +267,9 @@ def _gather(cx, x, dim, index, *, sparse_grad=False):
 
 @translates(aten.index_select.default)
 def _index_select(cx, x, dim, index):
+    if cx.type_of(x).rank == 0:  # torch picks from a 0-d tensor as from its 1-element view
+        picked = cx.op("index_select", cx.op("reshape", x, shape=(1,)), index, dim=0)
+        return cx.op("reshape", picked, shape=())
     return cx.op("index_select", x, index, dim=_dim(dim, cx.type_of(x).rank))
 
 

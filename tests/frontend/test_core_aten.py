@@ -63,3 +63,24 @@ def test_an_aten_op_without_translator_names_op_module_and_line() -> None:
     assert err.op == "aten.grid_sampler_2d.default" and err.module_path == "block"
     assert err.source.startswith("test_core_aten.py:")
     assert "grid_sample(x, grid" in str(err)
+
+
+class _ZeroDim(torch.nn.Module):
+    """Reductions over dim 0 / -1 of a 0-d tensor and index_select from one (torch allows both)."""
+
+    def forward(self, x: torch.Tensor, i: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (
+            x.sum(0, keepdim=True) * 2, x.mean(-1) + 1, x.amax(0) - x.amin(-1),
+            torch.index_select(x, 0, i) * 3,
+        )  # fmt: skip
+
+
+def test_zero_dim_reductions_and_index_select_compile_like_eager(monkeypatch) -> None:
+    # (both crashed the fusion pipeline: index on a 0-d tensor, a reduction over dim 0 of one)
+    import dsv4c
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x, i = torch.tensor(1.75), torch.tensor([0])
+    compiled = dsv4c.compile(_ZeroDim(), (x, i), backend="triton", target="cpu")
+    for got, want in zip(compiled(x, i), _ZeroDim()(x, i), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
