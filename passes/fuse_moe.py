@@ -377,7 +377,7 @@ def _experts_batched(c: Checks, root: Match, rw: Rewriter) -> Replace:
     return _build(view, rw, out, operands, act, base)
 
 
-# --- experts, dense loop form: y = Σ_i (Σ_k w · [e == i]) · FFN_i(x), one term per expert ------
+# --- experts, dense loop form: y = Σ_i (Σ_k w · [e == i]) · FFN_i(x), one term per expert ----
 # (a Python loop over nn.ModuleList experts, each run on every token with its routing weight or
 # 0): moe.experts over the experts' weights stacked along a new dim 0
 
@@ -419,8 +419,8 @@ def _experts_loop(c: Checks, root: Match, rw: Rewriter) -> Replace:
     c.need(same, "loop.operands", "the terms read different tokens, weights or expert ids")
     ids = sorted(const_value(view, t["i"]) for t in terms)
     n_exp = len(ids)
-    c.need(ids == list(range(n_exp)) and all(type(i) is int for i in ids), "loop.experts", f"the terms are for experts {ids}, not "
-           f"each of 0..{n_exp - 1} once")
+    every = ids == list(range(n_exp)) and all(type(i) is int for i in ids)
+    c.need(every, "loop.experts", f"the terms are for experts {ids}, not each of 0..{n_exp - 1}")
     count = _expert_count(view, experts)
     c.need(count == n_exp, "loop.experts", f"{n_exp} terms, but the ids choose among {count}")
     acts = {_activation(t, "shared") for t in terms}
