@@ -6,8 +6,8 @@ sinks, masks); then modules — hand-written softmax(QKᵀ)V with tril / iota / 
 padding masks as inputs, a Mistral-style sliding-window GQA layer — each forms exactly one op
 whose graph interprets equal to eager. Near misses (a chunked mask, a causal mask that leaves
 the first query nothing, a softmax over the wrong dim) do not fuse, stay exact, and `explain`
-names the sub-pattern and the source line. HF tiny Mixtral forms one op per layer with both
-of its attention implementations.
+names the sub-pattern and the source line. HF tiny Mixtral (eager and sdpa), Mistral (sliding
+window) and gpt-oss (sinks; sliding and full layers) form one op per layer.
 """
 
 from __future__ import annotations
@@ -306,25 +306,66 @@ def test_softmax_over_queries_is_not_attention():
 # --- Hugging Face --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("impl", ["eager", "sdpa"])
-def test_hf_mixtral_one_attention_op_per_layer(impl):
-    pytest.importorskip("transformers")
+def _mixtral():
     sys.path.insert(0, str(Path(__file__).parents[1] / "frontend"))
     import hf_tiny
 
-    model = hf_tiny.mixtral()
+    return hf_tiny.mixtral()
+
+
+def _mistral():  # sliding window 4 < the 9 tokens
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=4,
+                        max_position_embeddings=256, use_cache=False)  # fmt: skip
+    torch.manual_seed(0)
+    return MistralForCausalLM(cfg).eval()
+
+
+def _gpt_oss():  # sinks; a sliding layer then a full layer
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    cfg = GptOssConfig(vocab_size=96, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
+                       num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
+                       use_cache=False, layer_types=["sliding_attention", "full_attention"],
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0})  # fmt: skip
+    torch.manual_seed(0)
+    model = GptOssForCausalLM(cfg).eval()
+    with torch.no_grad():  # sinks start at 0: make them matter
+        for name, p in model.named_parameters():
+            if name.endswith("sinks"):
+                p.normal_(generator=GEN)
+    return model
+
+
+HF = {
+    # model, attention implementation, (causal, window, sinks) per layer
+    "mixtral-eager": (_mixtral, "eager", [(True, 0, False)] * 2),
+    "mixtral-sdpa": (_mixtral, "sdpa", [(True, 0, False)] * 2),
+    "mistral-sdpa": (_mistral, "sdpa", [(True, 4, False)]),
+    "gpt_oss-eager": (_gpt_oss, "eager", [(True, 4, True), (True, 0, True)]),
+}
+
+
+@pytest.mark.parametrize("name", list(HF))
+def test_hf_models_form_one_attention_op_per_layer(name):
+    pytest.importorskip("transformers")
+    build, impl, want = HF[name]
+    model = build()
     model.config._attn_implementation = impl  # the layers read it at call time
-    ids = hf_tiny.tokens(1, 9)
+    ids = torch.randint(0, 96, (1, 9), generator=torch.Generator().manual_seed(1))
     g = capture(model, (ids,))
     assert any(n.name == "any" for n in g.ops) == (impl == "sdpa")  # SDPA's empty-row guard
     ctx = PassContext()
     out = fuse_sdpa(passes.canonicalize(g, ctx), ctx)
-    layers = model.config.num_hidden_layers
     nodes = [n for n in out.ops if n.name == "attn.sdpa"]
-    assert ctx.counters[RULE] == layers and len(nodes) == layers
-    assert all(n.attrs["causal"] and n.attrs["mask"] == "none" for n in nodes)
+    assert ctx.counters[RULE] == len(want) == len(nodes)
+    got = [(n.attrs["causal"], n.attrs["window"], n.attrs["sinks"]) for n in nodes]
+    assert got == want and all(n.attrs["mask"] == "none" for n in nodes)
     params = {**model.state_dict(), **dict(model.named_buffers())}
     with torch.no_grad():
-        want = model(ids).logits
-    got = ir.interpret(out, ids, params=params)[0]
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        eager = model(ids).logits
+    torch.testing.assert_close(ir.interpret(out, ids, params=params)[0], eager, rtol=1e-5,
+                               atol=1e-5)  # fmt: skip
