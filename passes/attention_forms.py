@@ -166,6 +166,9 @@ def _padded_picks(m: Match, rw: Rewriter) -> Value | Fail:
     if _unsqueezed(env, m["thr2"]) != _unsqueezed(env, tm["thr"]):
         return Fail(4, "picks.bound", "picks and the mask compare with different thresholds")
     score = tm["score"]
+    made = env.producer(score)
+    if made is None or made.name != "sum":  # exactness needs finite scores: Σ_h relu(q·k)·w
+        return Fail(3, "score", "the scores are not a head sum (may hold -inf: not exact)")
     if score.type.rank != 3 or topk.attrs["dim"] not in (-1, 2):
         return Fail(4, "topk", f"the top-k is not over the keys of [B, T, S] scores {score.type}")
     k, s = topk.attrs["k"], score.type.shape[2]
