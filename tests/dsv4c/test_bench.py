@@ -35,6 +35,10 @@ def test_bench_rows_json_and_plot(tmp_path: Path) -> None:
         assert ref["latency_s"] > 0 and ref["compile_s"] > 0 and ref["speedup_vs_eager"] > 0
         assert ref["tokens_per_s"] == pytest.approx((8 if w == "prefill" else 2) / ref["latency_s"])
         assert "no GPU here" in rows[(w, "triton")]["skipped"]
+        for r in (ref, rows[(w, "eager")]):  # roofline: must-read bytes / bandwidth / latency
+            want = r["must_read_bytes"]["total"] / doc["read_bandwidth_Bps"] / r["latency_s"]
+            assert r["roofline_fraction"] == pytest.approx(want) and r["roofline_fraction"] > 0
+            assert 0 < r["latency_min_s"] <= r["latency_s"]
     assert json.loads(out.read_text()) == json.loads(json.dumps(doc))
     svg = ET.fromstring(out.with_suffix(".svg").read_text())
     assert svg.tag.endswith("svg") and "prefill" in out.with_suffix(".svg").read_text()
