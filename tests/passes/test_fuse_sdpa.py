@@ -303,6 +303,15 @@ def test_softmax_over_queries_is_not_attention():
     assert "failed at probs" in why and "not over the keys" in why, why
 
 
+def test_tiled_kv_heads_are_not_grouped_heads():
+    def how(q, k, v):  # repeat tiles the KV heads: query head h reads h % Hkv, not h // G
+        k, v = k.repeat(1, 2, 1, 1), v.repeat(1, 2, 1, 1)
+        return torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+
+    node = _check(how, _t(1, 4, 5, 8), _t(1, 2, 5, 8), _t(1, 2, 5, 8))
+    assert [o.type.shape[1] for o in node.operands[:3]] == [4, 4, 4]  # MHA on the tiled K, V
+
+
 # --- Hugging Face --------------------------------------------------------------------------------
 
 
