@@ -157,8 +157,8 @@ STACKED = op("slice", op("grouped_mm", var("rows", rank=2),
 
 # the batched form: row i times its gathered expert's weights, [S, 2I, d] · [S, d, 1]
 STACKED_ROWS = op("slice", op("reshape", op("matmul", op("index", var("w", rank=3), var("ids"),
-                                                          attrs={"dim": 0}), var("rows", rank=3)),
-                              rank=2), attrs={**_LAST, "step": 1})
+                                                          attrs={"dim": 0}), var("rows", rank=3),
+                                             name="product"), rank=2), attrs={**_LAST, "step": 1})
 
 
 def _stacked_slice(c: Checks, root: Match, rw: Rewriter) -> Replace:
@@ -171,7 +171,10 @@ def _stacked_slice(c: Checks, root: Match, rw: Rewriter) -> Replace:
     if "offs" in m:
         wt = rw.op("permute", [w], dims=(0, 2, 1))
         return Replace(((out, rw.op("grouped_mm", [m["rows"], wt, m["offs"]])),))
-    c.need(m["rows"].type.shape[2] == 1, "stacked.rows", f"rows {m['rows'].type} are not [S, d, 1]")
+    product = m["product"].type.shape
+    ok = m["rows"].type.shape[2] == 1 and out.type.shape[0] == product[0]
+    c.need(ok, "stacked.rows", f"rows {m['rows'].type} are not [S, d, 1] or the product "
+           f"{product} is regrouped", m.node("product"))
     product = rw.op("matmul", [rw.op("index", [w, m["ids"]], dim=0), m["rows"]])
     return Replace(((out, rw.op("reshape", [product], shape=out.type.shape)),))
 

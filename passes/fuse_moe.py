@@ -343,11 +343,11 @@ _REPEATED = op("reshape", op("expand", op("reshape", var("base"), name="one_slot
 def _per_row(rows, w: str) -> object:
     """[S, out]: row i times W[e_i]ᵀ, as a batched matmul of the gathered weights."""
     gathered = op("index", var(w, rank=3), _FLAT_E, attrs={"dim": 0})
-    return op("reshape", op("matmul", gathered, rows), rank=2)
+    return op("reshape", op("matmul", gathered, rows, name=f"{w}_rows"), rank=2, name=f"{w}_2d")
 
 
 _HIDDEN_B = _swiglu(_per_row(_REPEATED, "w1"), _per_row(_REPEATED, "w3"), "routed")
-_DOWN_B = _per_row(op("reshape", _HIDDEN_B, rank=3), "w2")
+_DOWN_B = _per_row(op("reshape", _HIDDEN_B, rank=3, name="h_col"), "w2")
 BATCHED = op(
     "sum",
     op("reshape", op("mul", _DOWN_B, op("reshape", var("weights", rank=2), rank=2)),
@@ -369,6 +369,13 @@ def _experts_batched(c: Checks, root: Match, rw: Rewriter) -> Replace:
            "batched.rows", "the rows are not each token's x repeated k times", m.node("rows"))
     c.need(not narrow(base), "batched.dtype", f"x is {base.dtype}: the batched form is matched "
            "in fp32 only (where its rounding points do not matter)", m.node("rows"))
+    for w in ("w1", "w3", "w2"):  # [S, out, 1] products flattened to [S, out], not regrouped
+        product, flat = m[f"{w}_rows"], m[f"{w}_2d"]
+        c.need(flat.type.shape == product.type.shape[:2], "batched.gemm",
+               f"{product.type} is reshaped to {flat.type}", m.node(f"{w}_2d"))
+    h_col = m["h_col"]
+    c.need(h_col.type.shape[2:] == (1,), "batched.gemm", f"hidden rows are {h_col.type}, not "
+           "[S, I, 1]", m.node("h_col"))
     act = _activation(m, "routed")
     c.need(not isinstance(act, str), "batched.swiglu", str(act), m.node("routed_gate"))
     x = rw.op("reshape", [base], shape=(n, d))
