@@ -168,4 +168,16 @@ def test_cli_tune_tiny_writes_a_database(tmp_path: Path) -> None:
     db = TuningDB.load(path)
     assert all(e.key.target == tuning.cpu_target_key() for e in db.entries.values())
     assert all(e.seconds < e.baseline_s for e in db.entries.values())
-    assert main(["tune", "--model", "tiny", "--target", "sm_90", "--db", str(path)]) == 1
+
+
+def test_cli_tune_errors_are_one_line(tmp_path: Path, capsys) -> None:
+    from dsv4c.cli import main
+
+    db = str(tmp_path / "db.json")
+    assert main(["tune", "--model", "tiny", "--target", "sm_90", "--db", db]) == 1
+    assert "measures on this machine's CPU only" in capsys.readouterr().err
+    assert main(["tune", "--model", "tiny", "--methods", "forward", "--db", db]) == 1
+    assert "unknown method(s) ['forward']" in capsys.readouterr().err
+    assert main(["tune", "--model", "huge", "--db", db]) == 1
+    assert "unknown model 'huge'" in capsys.readouterr().err
+    assert not Path(db).exists()  # nothing written on an error
