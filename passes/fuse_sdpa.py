@@ -31,7 +31,7 @@ from typing import Any
 
 import ir
 from ir import Graph, Node, Value
-from ir.ops.attn_dense import visible_reference
+from ir.ops.attn_dense import KERNEL_HEAD_DIM, visible_reference
 from ir.symbolic import same_dim
 from passes.context import PassContext
 from passes.fuse_common import Checks, FusionView, const_value, fusion_rule, replace, rounded
@@ -385,6 +385,19 @@ def _grouped(c: Checks, q: Value, k: Value, v: Value, rw: Rewriter) -> list[Valu
     return out
 
 
+def _lowerable(c: Checks, q: Value, k: Value, v: Value) -> None:
+    """The backends' kernels take this attention: one float dtype, static heads up to
+    KERNEL_HEAD_DIM (an op they could not lower would only run its reference)."""
+    dtypes = {q.dtype, k.dtype, v.dtype}
+    c.need(len(dtypes) == 1 and q.dtype.is_float, "lowering",
+           f"q, k, v dtypes {sorted(d.value for d in dtypes)} differ")  # fmt: skip
+    for x in (q, v):
+        d = x.type.shape[-1]
+        ok = isinstance(d, int) and d <= KERNEL_HEAD_DIM
+        c.need(ok, "lowering", f"head dim {d} of %{x.name}: the kernels take static head dims "
+               f"up to {KERNEL_HEAD_DIM}", c.view.producer(x))  # fmt: skip
+
+
 def _attention(c: Checks, root: Match, rw: Rewriter) -> Replace:
     """o = softmax(scale·q·kᵀ + masks [, sinks])·v, GQA by repeated KV heads -> attn.sdpa."""
     view, out = c.view, root.root.results[0]
@@ -407,6 +420,7 @@ def _attention(c: Checks, root: Match, rw: Rewriter) -> Replace:
         v, _ = _kv_heads(c, "values", v_rep)
     c.need(same_dim(k.type.shape[1], v.type.shape[1]), "values",
            f"keys have {k.type.shape[1]} heads, values {v.type.shape[1]}")  # fmt: skip
+    _lowerable(c, q, k, v)
     operands = [q, k, v] + [m for _, m in mask_ops] + ([sinks] if sinks is not None else [])
     attrs.update(scale=scale, mask=mask_ops[0][0] if mask_ops else "none", sinks=sinks is not None)
     c.fits("attn.sdpa", operands, attrs, [out if rank == 4 else None])

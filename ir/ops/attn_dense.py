@@ -27,9 +27,12 @@ from ir.ops._util import io_cost, numel, require
 from ir.symbolic import same_dim
 from ir.types import DType, TensorType
 
-__all__ = ["MASKS", "DenseAttention", "visible_reference"]
+__all__ = ["KERNEL_HEAD_DIM", "MASKS", "DenseAttention", "visible_reference"]
 
 MASKS = ("none", "bool", "add")
+# The widest head (D and Dv) the backends' kernels take (Triton keeps BLOCK_M rows of q and of
+# the fp32 accumulator in registers); `fuse_sdpa` forms no op past it. The reference takes any.
+KERNEL_HEAD_DIM = 256
 
 
 def visible_reference(t: int, s: int, causal: bool, offset: int, window: int, device=None):

@@ -312,6 +312,14 @@ def test_tiled_kv_heads_are_not_grouped_heads():
     assert [o.type.shape[1] for o in node.operands[:3]] == [4, 4, 4]  # MHA on the tiled K, V
 
 
+def test_head_dim_past_the_kernels_is_not_formed():
+    def how(q, k, v):
+        return torch.softmax(q @ k.transpose(-1, -2) * 0.05, -1) @ v
+
+    why = _near_miss(how, _t(1, 1, 3, 320), _t(1, 1, 3, 320), _t(1, 1, 3, 320))
+    assert "failed at lowering" in why and "up to 256" in why, why
+
+
 # --- Hugging Face --------------------------------------------------------------------------------
 
 

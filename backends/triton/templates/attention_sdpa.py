@@ -22,13 +22,14 @@ from backends.targets import Target, get_target
 from backends.triton.emitters import TRITON_EMITTERS, AotVariant, OneKernel, cdiv
 from backends.triton.kernel import KernelSource, Param, load_jit, next_pow2
 from backends.triton.templates.attention_sdpa_kernel import SDPA_SOURCE
+from ir.ops.attn_dense import KERNEL_HEAD_DIM
 from ir.symbolic import subs_dim
 
 __all__ = ["SdpaLaunch", "sdpa_config"]
 
 _FLOATS = (ir.DType.f32, ir.DType.bf16, ir.DType.f16)
 _MASK = {"none": 0, "bool": 1, "add": 2}
-MAX_HEAD_DIM = 256  # q and the fp32 accumulator of BLOCK_M rows stay in registers
+MAX_HEAD_DIM = KERNEL_HEAD_DIM  # q and the fp32 accumulator of BLOCK_M rows stay in registers
 
 
 def sdpa_config(target: Target, head_dim: int, value_dim: int, dtype: ir.DType) -> dict:
