@@ -51,8 +51,8 @@ JSON_PATH = Path(__file__).with_name("opinfo_coverage.json")  # the recorded swe
 # runs SUBSET (capture + interpret, float32, one sample each; fails below SUBSET_FLOOR) and
 # BACKEND_SPOT_CHECK through both backends live.
 RECORDED_COVERAGE = 0.903  # 121 of 134 Core ATen OpInfos with samples (opinfo_coverage.json)
-RECORDED_BACKENDS = {"tvm": 0, "triton": 0}  # ops each backend lowered and passed
-BACKEND_SPOT_CHECK = ("where", "cumsum", "mul")
+RECORDED_BACKENDS = {"tvm": 89, "triton": 81}  # ops each backend lowered and passed (of 92, 83)
+BACKEND_SPOT_CHECK = ("where", "mul", "mean")
 SUBSET = ("where", "amax", "cumsum", "gather", "split_with_sizes", "index_select", "max",
           "topk", "atan2", "native_group_norm", "diagonal", "cat")  # fmt: skip
 SUBSET_FLOOR = 1.0  # every op of the subset passes today
@@ -211,49 +211,68 @@ def _first_line(e: BaseException) -> str:
 
 
 def run_op(
-    info: Any, samples: int, backends: tuple[str, ...], dtypes=DTYPES, backend_samples: int = 1
+    info: Any,
+    samples: int,
+    backends: tuple[str, ...],
+    dtypes: tuple[torch.dtype, ...] = DTYPES,
+    backend_dtypes: tuple[torch.dtype, ...] = DTYPES,
+    backend_samples: int = 1,
 ) -> OpResult:
-    """Up to `samples` samples per supported dtype (the first `backend_samples` of them through
-    the backends too); a stage passes when every sample that tried it passes it."""
+    """Up to `samples` samples per supported dtype in `dtypes`; for the dtypes also in
+    `backend_dtypes`, backends see samples until `backend_samples` of them were lowered (up to
+    MAX_PROBES samples past `samples`, which count for the backends only). A stage passes when
+    every sample that tried it passes it."""
     res = OpResult(name=info.name, aten=info.aten_name or info.name)
     stages: dict[str, bool] = {}
     for dtype in dtypes:
         if dtype not in info.supported_dtypes("cpu"):
             continue
         res.dtypes.append(str(dtype).removeprefix("torch."))
-        tried, lowered = 0, dict.fromkeys(backends, 0)
+        wanted = backends if dtype in backend_dtypes else ()
         try:
-            generator = info.sample_inputs("cpu", dtype, requires_grad=False)
-            for sample in generator:
-                if tried >= samples:
-                    break
-                # a backend sees samples until it has lowered `backend_samples` of them (0-d
-                # samples, say, run their reference on Triton: they say nothing of its kernels)
-                through = tuple(b for b in backends if lowered[b] < backend_samples)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    out = run_sample(info, sample, dtype, through)
-                if not out:
-                    continue
-                tried += 1
-                lowered.update({b: lowered[b] + 1 for b in through if out.get(b) is not None})
-                for backend, ops in out.get("not_lowered", {}).items():
-                    known = res.not_lowered.get(backend, [])
-                    res.not_lowered[backend] = sorted(set(known) | set(ops))
-                for stage in ("captured", "interpreted", *backends):
-                    if out.get(stage) is not None:
-                        stages[stage] = stages.get(stage, True) and bool(out[stage])
-                if out.get("error") and res.error is None:
-                    res.error = f"{res.dtypes[-1]}: {out['error']}"
+            res.samples += _run_dtype(info, dtype, samples, wanted, backend_samples, res, stages)
         except Exception as e:  # noqa: BLE001 — a sample generator that fails counts as a miss
             stages["captured"] = False
             res.error = res.error or f"samples: {_first_line(e)}"
-        res.samples += tried
     for stage, ok in stages.items():
         setattr(res, stage, ok)
     if res.captured and "interpreted" not in stages:
         res.interpreted = False
     return res
+
+
+MAX_PROBES = 6  # samples past --samples a backend may see to find one it lowers
+
+
+def _run_dtype(
+    info: Any, dtype: torch.dtype, samples: int, backends: tuple[str, ...],
+    backend_samples: int, res: OpResult, stages: dict[str, bool],
+) -> int:  # fmt: skip
+    """One dtype's samples into `res` and `stages`; returns how many counted as tried."""
+    tried, probes, lowered = 0, 0, dict.fromkeys(backends, 0)
+    for sample in info.sample_inputs("cpu", dtype, requires_grad=False):
+        # a backend sees samples until it has lowered `backend_samples` of them (0-d samples,
+        # say, run their reference on Triton: they say nothing of its kernels)
+        through = tuple(b for b in backends if lowered[b] < backend_samples)
+        probe = tried >= samples
+        if probe and (not through or probes >= MAX_PROBES):
+            break
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = run_sample(info, sample, dtype, through)
+        if not out:
+            continue
+        probes, tried = (probes + 1, tried) if probe else (probes, tried + 1)
+        lowered.update({b: lowered[b] + 1 for b in through if out.get(b) is not None})
+        for backend, ops in out.get("not_lowered", {}).items():
+            res.not_lowered[backend] = sorted(set(res.not_lowered.get(backend, [])) | set(ops))
+        for stage in backends if probe else ("captured", "interpreted", *backends):
+            if out.get(stage) is not None:
+                stages[stage] = stages.get(stage, True) and bool(out[stage])
+        error = out.get("error")
+        if error and res.error is None and (not probe or error.startswith(through)):
+            res.error = f"{res.dtypes[-1]}: {error}"
+    return tried
 
 
 def summary(results: list[OpResult]) -> dict[str, Any]:
@@ -310,14 +329,23 @@ def model_ops() -> dict[str, set[str]]:
 
 
 def model_summary(results: list[OpResult], backends: tuple[str, ...]) -> dict[str, Any]:
-    """The swept ops the listed models use, and those that do not pass every backend."""
+    """The swept ops the listed models use: those failing capture + interpret, and per backend
+    those that fail it or that it does not lower (they run their torch reference there)."""
     used = [r for r in results if r.models and r.samples]
-    out: dict[str, Any] = {"model_ops_swept": len(used)}
+    ok = [r for r in used if r.captured and r.interpreted]
+
+    def names(rows: list[OpResult]) -> list[str]:
+        return sorted({r.name for r in rows})
+
+    out: dict[str, Any] = {
+        "model_ops_swept": len(names(used)),
+        "model_ops_failing_interpret": names([r for r in used if r not in ok]),
+    }
     for backend in backends:
-        out[f"model_ops_failing_{backend}"] = [r.name for r in used if getattr(r, backend) is False]
-        out[f"model_ops_not_lowered_{backend}"] = [
-            r.name for r in used if getattr(r, backend) is None
-        ]
+        out[f"model_ops_failing_{backend}"] = names([r for r in ok if getattr(r, backend) is False])
+        out[f"model_ops_not_lowered_{backend}"] = names(
+            [r for r in ok if getattr(r, backend) is None]
+        )
     return out
 
 
@@ -337,33 +365,56 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=3, help="samples per op and dtype")
     p.add_argument("--backends", default="", help="also run these: tvm,triton")
     p.add_argument(
-        "--backend-samples", type=int, default=1, help="samples per op and dtype for backends"
+        "--backend-samples", type=int, default=1, help="lowered samples per op and dtype"
     )
+    p.add_argument("--backend-dtypes", default="float32,bfloat16", help="dtypes for backends")
     p.add_argument("--models", action="store_true", help="mark the ops the HF models use")
+    p.add_argument("--resume", action="store_true", help="keep the ops --output already has")
     args = p.parse_args(argv)
     if "triton" in args.backends:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     only = set(args.ops.split(",")) if args.ops else None
     backends = tuple(b for b in args.backends.split(",") if b)
-    start = time.time()
-    results = []
+    backend_dtypes = tuple(getattr(torch, d) for d in args.backend_dtypes.split(",") if d)
     infos = core_opinfos(only)
-    used = model_ops() if args.models else {}
-    for i, info in enumerate(infos):
-        results.append(run_op(info, args.samples, backends, backend_samples=args.backend_samples))
-        r = results[-1]
+    done, used, seconds = _previous(args.output, infos) if args.resume else ([], None, 0.0)
+    if used is None:
+        used = {m: sorted(ops) for m, ops in model_ops().items()} if args.models else {}
+    start = time.time()
+    results = list(done)
+    for i, info in enumerate(infos[len(done) :], start=len(done)):
+        r = run_op(info, args.samples, backends, DTYPES, backend_dtypes, args.backend_samples)
         r.models = sorted(m for m, ops in used.items() if r.aten in ops)
+        results.append(r)
         print(f"[{i + 1}/{len(infos)}] {r.name}: captured={r.captured} interpreted={r.interpreted}"
               f" tvm={r.tvm} triton={r.triton} {r.error or ''}"[:200], file=sys.stderr)  # fmt: skip
-    extra = model_summary(results, backends) if used else {}
-    payload = {
-        "summary": summary(results) | extra | {"seconds": round(time.time() - start, 1)},
-        "torch": torch.__version__,
-        "ops": [asdict(r) for r in results],
-    }
-    write_json(args.output, payload)
+        complete = len(results) == len(infos)
+        extra = model_summary(results, backends) if used else {}
+        payload = {
+            "summary": summary(results) | extra
+            | {"seconds": round(seconds + time.time() - start, 1)},
+            "complete": complete,  # a partial file after each op: --resume goes on from it
+            "torch": torch.__version__,
+            "options": {"samples": args.samples, "backend_samples": args.backend_samples,
+                        "backend_dtypes": args.backend_dtypes.split(",")},
+            "model_ops": used,
+            "ops": [asdict(r) for r in results],
+        }  # fmt: skip
+        write_json(args.output, payload)
     print(json.dumps(payload["summary"], indent=1))
     return 0
+
+
+def _previous(path: Path, infos: list[Any]) -> tuple[list[OpResult], dict | None, float]:
+    """The rows a partial run wrote for the first of `infos` (same names, same order)."""
+    if not path.exists():
+        return [], None, 0.0
+    old = json.loads(path.read_text())
+    rows = [OpResult(**r) for r in old.get("ops", [])]
+    names = [i.name for i in infos]
+    if [r.name for r in rows] != names[: len(rows)]:
+        raise SystemExit(f"{path} holds other ops than this run would sweep; drop --resume")
+    return rows, old.get("model_ops"), old.get("summary", {}).get("seconds", 0.0)
 
 
 if __name__ == "__main__":
