@@ -19,9 +19,15 @@ def collectives(rank: int, mesh_text: str, graph_text: str, inputs: list) -> lis
         return list(ir.interpret(ir.parse(graph_text), *inputs[rank]))
 
 
-def die_or_reduce(rank: int) -> float:
-    """Rank 1 dies before the collective; rank 0 must fail (not hang)."""
+def die_or_reduce(rank: int, stamp: str | None = None) -> float:
+    """Rank 1 dies before the collective (writing the time it dies to `stamp`); rank 0 must
+    fail (not hang)."""
     if rank == 1:
+        if stamp:
+            import time
+
+            with open(stamp, "w") as f:
+                f.write(repr(time.time()))
         os._exit(3)
     t = torch.ones(4)
     dist.all_reduce(t)

@@ -54,15 +54,18 @@ def test_collectives_match_torch_semantics(world: int, layout: str) -> None:
         assert torch.allclose(y, (w[..., None] * x[:, None]).sum(1), atol=1e-6)
 
 
-def test_dead_rank_fails_the_others_fast() -> None:
-    start = time.monotonic()
+def test_dead_rank_fails_the_others_fast(tmp_path) -> None:
+    """Measured from the death (spawning ranks may take long on a loaded machine): the run
+    fails within the grace period plus slack, far inside the collective timeout."""
+    stamp = str(tmp_path / "died_at")
     with pytest.raises(RankFailed) as err:
-        run_ranks(dist_workers.die_or_reduce, 2, timeout_s=20, grace_s=5)
+        run_ranks(dist_workers.die_or_reduce, 2, (stamp,), timeout_s=120, grace_s=5)
+    after = time.time() - float((tmp_path / "died_at").read_text())
     msg = str(err.value)
+    assert after < 30, f"failed {after:.1f} s after rank 1 died (timeout 120 s)"
     assert "rank 1 died: exit code 3 before reporting" in msg, msg
     assert msg.startswith("2 of 2 ranks failed; cause: rank 1 died (exit code 3 before "
                           "reporting):"), msg
-    assert time.monotonic() - start < 40
 
 
 def test_the_cause_is_the_dead_rank_whatever_order_reports_arrive() -> None:
