@@ -3,7 +3,7 @@
 After `canonicalize` the spellings meet in one shape, matched from the P·V matmul backwards:
 
     o      = probs · v'                         v' = v, or GQA-repeated v (see `kv heads`)
-    probs  = softmax(z)  |  where(any(z != -inf), softmax(z), 0)       (SDPA's empty-row guard)
+    probs  = softmax(z) | exp(z)/Σexp(z) | where(any(z != -inf), softmax(z), 0) (SDPA's guard)
            | softmax([z, sinks])[..., :S]                               (sinks as a logit column)
     z      = scores (+ float mask) | where(bool mask, scores, -big)      (any mix, up to 3)
     scores = c · q'·kᵀ  with c the product of constant factors on q, on kᵀ and on the product
@@ -126,11 +126,27 @@ def _probs(c: Checks, p: Value) -> tuple[Value, Value | None, bool]:
                "the slice does not drop exactly the sink column", n)  # fmt: skip
         sinks = _sink_column(c, col, z.type.shape[1])
         return z, sinks, True
+    written = _written_softmax(view, p)
+    if written is not None:
+        return _unshift(view, written), sinks, guarded
     c.need(n is not None and n.name == "softmax", "probs",
            "the P·V matmul's left operand is not a softmax", n or c.root)  # fmt: skip
     c.need(_last(p, n.attrs["dim"]), "probs", f"softmax over dim {n.attrs['dim']}, not over "
            "the keys (the last dim)", n)  # fmt: skip
     return _unshift(view, n.operands[0]), sinks, guarded
+
+
+def _written_softmax(view: FusionView, p: Value) -> Value | None:
+    """z for exp(z) / sum(exp(z), -1, keepdim): exp(z)/Σexp(z) = softmax(z)."""
+    n = view.producer(p)
+    if n is None or n.name != "div":
+        return None
+    e, total = n.operands
+    ex, sm = view.producer(e), view.producer(total)
+    if ex is None or ex.name != "exp" or sm is None or sm.name != "sum" or sm.operands[0] != e:
+        return None
+    ok = _last(e, sm.attrs["dims"]) and sm.attrs["keepdim"]
+    return ex.operands[0] if ok else None
 
 
 # --- logits: masks, scale, q·kᵀ ----------------------------------------------------------------

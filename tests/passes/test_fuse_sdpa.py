@@ -139,6 +139,15 @@ def test_hand_written_causal_mha():
            causal=True, offset=0, window=0, scale=8**-0.5, mask="none")  # fmt: skip
 
 
+def test_softmax_written_as_exp_over_sum():
+    def how(q, k, v):
+        z = q @ k.transpose(-1, -2) * 0.3
+        e = torch.exp(z - z.amax(-1, keepdim=True))
+        return e / e.sum(-1, keepdim=True) @ v
+
+    _check(how, _t(1, 2, 5, 8), _t(1, 2, 5, 8), _t(1, 2, 5, 8), causal=False, scale=0.3)
+
+
 def test_sdpa_call_gqa_causal():
     def how(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
