@@ -40,8 +40,9 @@ STRICT_ENV = "DSV4C_STRICT"
 
 # One reason per graph that ran eagerly, in order (read with fallbacks()).
 _FALLBACKS: list[str] = []
-# The `Compiled` of every graph dsv4c compiled, in order (summed up by report()).
-_COMPILED: list[Any] = []
+# Per graph dsv4c compiled, the entries of its report (launches, custom ops not compiled) —
+# not the `Compiled` itself, which would keep every recompiled graph alive.
+_COMPILED: list[dict[str, Any]] = []
 
 
 class EagerFallbackWarning(UserWarning):
@@ -125,8 +126,19 @@ def dsv4c_backend(
         return tuple(outs) if as_tuple else list(outs)
 
     run.compiled = compiled  # type: ignore[attr-defined]
-    _COMPILED.append(compiled)
+    _COMPILED.append(_entries(compiled))
     return run
+
+
+def _entries(compiled: Any) -> dict[str, Any]:
+    """What report() needs of one compiled graph: per entry point, launches and not_compiled."""
+    entries = compiled.report()["entries"]
+    return {
+        "entries": {
+            name: {"launches": e.get("launches"), "not_compiled": e.get("not_compiled", {})}
+            for name, e in entries.items()
+        }
+    }
 
 
 def _output_args(gm: Any) -> Any:

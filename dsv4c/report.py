@@ -275,15 +275,15 @@ def _most(rows: Sequence[Mapping[str, Any]], field: str) -> int | None:
     return max(vals) if vals else None
 
 
-def dynamo_report(compiled: Sequence[Any], fallbacks: Sequence[str]) -> dict[str, Any]:
-    """torch.compile(backend="dsv4c") summed up: `compiled` the `Compiled` of each graph dsv4c
-    took, `fallbacks` one reason per graph that ran eagerly. Launches and the custom ops left
-    uncompiled are added up over the compiled graphs' entry points."""
+def dynamo_report(compiled: Sequence[Mapping], fallbacks: Sequence[str]) -> dict[str, Any]:
+    """torch.compile(backend="dsv4c") summed up: `compiled` the `report()` of each graph dsv4c
+    took (or just its "entries"), `fallbacks` one reason per graph that ran eagerly. Launches and
+    the custom ops left uncompiled are added up over the compiled graphs' entry points."""
     launches, not_compiled = 0, {}
-    for c in compiled:
-        for entry in c.report()["entries"].values():
+    for report in compiled:
+        for entry in report["entries"].values():
             launches += entry.get("launches") or 0
-            for op, row in entry.get("not_compiled", {}).items():
+            for op, row in (entry.get("not_compiled") or {}).items():
                 merged = not_compiled.setdefault(op, {"count": 0, "locations": []})
                 merged["count"] += row["count"]
                 merged["locations"] += [w for w in row["locations"] if w not in merged["locations"]]
