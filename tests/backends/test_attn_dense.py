@@ -116,3 +116,30 @@ def test_triton_aot_for_gpu_targets(dtype, tmp_path):
     for r in results:
         assert r.error is None, r.error
         assert r.kernel == "sdpa_fwd" and 0 < r.registers <= 512
+
+
+@pytest.mark.parametrize(
+    "backend",
+    ["triton", pytest.param("tvm", marks=pytest.mark.skipif(
+        not os.environ.get("DSV4C_SLOW"), reason="~1 min on 2 cores; DSV4C_SLOW=1"))],
+)  # fmt: skip
+def test_sliding_window_layer_compiles_and_equals_eager(backend):
+    """A Mistral-style layer (tests/passes/test_fuse_sdpa.py) compiled whole: one attn.sdpa
+    launch with its window, the result equal to eager."""
+    import sys
+    from pathlib import Path
+
+    import dsv4c
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "passes"))
+    from test_fuse_sdpa import SlidingWindowGQA
+
+    torch.manual_seed(0)
+    layer = SlidingWindowGQA(window=5).eval()
+    x = _t(2, 21, 32)
+    compiled = dsv4c.compile(layer, (x,), backend=backend, target="cpu")
+    ops = [n for n in compiled.graph.ops if n.name == "attn.sdpa"]
+    assert len(ops) == 1 and ops[0].attrs["window"] == 5
+    with torch.no_grad():
+        want = layer(x)
+    torch.testing.assert_close(compiled(x)[0], want, rtol=1e-5, atol=1e-5)
