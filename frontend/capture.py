@@ -500,6 +500,10 @@ class _Translator:
     def type_of(self, v: ir.Value) -> ir.TensorType:
         return v.type
 
+    def fake_type(self, fake: torch.Tensor) -> ir.TensorType:
+        """The IR type of one of torch's fake tensors (symbolic sizes named as in the graph)."""
+        return self._type_of_fake(fake, "")
+
     def expected_shape(self) -> tuple[ir.Dim, ...]:
         """torch's shape for the node being translated (its first result)."""
         val = self.node.meta["val"]

@@ -82,7 +82,7 @@ def _result_types(cx: Any, target: Any) -> tuple[list, list]:
             f"custom op {target.name()} returns {type(val).__name__}, not tensors (or it has no "
             "fake kernel); register one with @torch.library.register_fake returning tensors"
         )
-    types = [cx._type_of_fake(v, "custom") for v in vals]
+    types = [cx.fake_type(v) for v in vals]
     return [t.shape for t in types], [t.dtype for t in types]
 
 
