@@ -63,7 +63,7 @@ import torch
 from dsv4c.artifact import atomic_write
 from dsv4c.bench_roofline import must_read_bytes, read_bandwidth
 
-__all__ = ["BACKENDS", "Workload", "bench", "bench_svg"]
+__all__ = ["BACKENDS", "Workload", "bench", "bench_svg", "bench_table"]
 
 BACKENDS = ("eager", "inductor", "tvm", "triton", "reference", "tvm-relax")
 DSV4C_BACKENDS = ("tvm", "triton", "reference")
@@ -447,6 +447,7 @@ def bench(
         if json_path is not None:
             _write(Path(json_path), doc)
     _ratios(doc["rows"])
+    say(bench_table(doc))
     if json_path is not None:
         _write(Path(json_path), doc)
         atomic_write(Path(json_path).with_suffix(".svg"), bench_svg(doc).encode())
@@ -484,7 +485,7 @@ def _row_text(row: dict[str, Any]) -> str:
             f"ok (rel {check['max_rel_err']:.1e}: near-tie top-k picks; eager itself moves "
             f"{check['eager_sensitivity']:.1e} under {NOISE:.0e} weight noise)"
         )
-    roof = f", {row['roofline_fraction']:.0%} of roofline" if "roofline_fraction" in row else ""
+    roof = f", {row['roofline_fraction']:.1%} of roofline" if "roofline_fraction" in row else ""
     dyn = row.get("dynamo")
     graphs = (
         f", {dyn['graphs']} graph(s), {dyn['graph_breaks']} break(s), "
@@ -500,6 +501,30 @@ def _row_text(row: dict[str, Any]) -> str:
     )
 
 
+def bench_table(doc: dict[str, Any]) -> str:
+    """The rows as a Markdown table: latency (median, min), ratios, roofline fraction, check."""
+    head = (
+        "| workload | backend | median ms | min ms | vs eager | vs Inductor | roofline | check |\n"
+        "|---|---|---|---|---|---|---|---|"
+    )
+    lines = [head]
+    for r in doc["rows"]:
+        if "latency_s" not in r:
+            why = r.get("error") or r.get("skipped") or ""
+            lines.append(f"| {r['workload']} | {r['backend']} | {why[:60]} | | | | | |")
+            continue
+        ratio = {p: r.get(f"speedup_vs_{p}") for p in ("eager", "inductor")}
+        cells = [f"{v:.2f}x" if v else "—" for v in ratio.values()]
+        check = r.get("check", {})
+        verdict = "near tie" if check.get("near_tie") else "ok" if check.get("ok") else "MISMATCH"
+        lines.append(
+            f"| {r['workload']} | {r['backend']} | {r['latency_s'] * 1e3:,.1f} | "
+            f"{r['latency_min_s'] * 1e3:,.1f} | {cells[0]} | {cells[1]} | "
+            f"{r['roofline_fraction']:.1%} | {verdict} (rel {check.get('max_rel_err', 0):.1e}) |"
+        )
+    return "\n".join(lines)
+
+
 def _write(path: Path, doc: dict[str, Any]) -> None:
     atomic_write(path, json.dumps(doc, indent=1).encode())
 
@@ -511,7 +536,7 @@ def bench_svg(doc: dict[str, Any]) -> str:
     blocks, y = [], 0
     for name in dict.fromkeys(r["workload"] for r in doc["rows"]):
         items = [
-            (r["backend"], r["latency_s"] * 1e3)
+            (f"{r['backend']} ({r['roofline_fraction']:.1%} of roofline)", r["latency_s"] * 1e3)
             for r in doc["rows"]
             if r["workload"] == name and "latency_s" in r
         ]

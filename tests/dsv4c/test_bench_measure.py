@@ -104,10 +104,25 @@ def test_a_mismatch_within_eagers_own_near_tie_sensitivity_is_marked_not_hidden(
     assert rows[0]["check"] == {"max_rel_err": 1e-6, "same_argmax": True, "ok": True}
     assert rows[1]["check"]["ok"] and rows[1]["check"]["near_tie"]
     assert not rows[2]["check"]["ok"] and rows[2]["check"]["eager_sensitivity"] == 1.5e-2
-    assert "near-tie" in bench_module._row_text(
-        rows[1] | {"latency_s": 1.0, "latency_min_s": 1.0, "tokens_per_s": 1.0,
-                   "peak_bytes": None, "compile_s": 1.0}
-    )
+    timed = {"latency_s": 1.0, "latency_min_s": 1.0, "tokens_per_s": 1.0, "compile_s": 1.0}
+    assert "near-tie" in bench_module._row_text(rows[1] | timed | {"peak_bytes": None})
     quiet = [row(1e-6, True)]
     bench_module.judge_near_ties(quiet, lambda: asked.append(2) or 0.0)
     assert asked == [1]  # nothing failed: eager is not run again
+
+
+def test_table_has_ratios_roofline_and_verdicts() -> None:
+    def row(backend: str, ms: float, check: dict) -> dict:
+        times = {"latency_s": ms / 1e3, "latency_min_s": ms / 2e3, "roofline_fraction": 0.25}
+        return {"workload": "decode b1", "backend": backend, **times, "check": check}
+
+    ok = {"max_rel_err": 1e-7, "ok": True}
+    tie = {"max_rel_err": 2e-2, "ok": True, "near_tie": True}
+    rows = [row("eager", 40.0, ok), row("inductor", 20.0, tie), row("tvm", 10.0, ok)]
+    rows.append({"workload": "decode b1", "backend": "triton", "skipped": "no GPU here"})
+    bench_module._ratios(rows)
+    lines = bench_module.bench_table({"rows": rows}).splitlines()
+    want = "| decode b1 | inductor | 20.0 | 10.0 | 2.00x | — | 25.0% | near tie (rel 2.0e-02) |"
+    assert lines[3] == want
+    assert lines[4].startswith("| decode b1 | tvm | 10.0 | 5.0 | 4.00x | 2.00x | 25.0% | ok")
+    assert lines[5] == "| decode b1 | triton | no GPU here | | | | | |"
