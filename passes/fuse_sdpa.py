@@ -6,7 +6,8 @@ After `canonicalize` the spellings meet in one shape, matched from the P·V matm
     probs  = softmax(z) | exp(z)/Σexp(z) | where(any(z != -inf), softmax(z), 0) (SDPA's guard)
            | softmax([z, sinks])[..., :S]                               (sinks as a logit column)
     z      = scores (+ float mask) | where(bool mask, scores, -big)      (any mix, up to 3)
-    scores = c · q'·kᵀ  with c the product of constant factors on q, on kᵀ and on the product
+    scores = c · q'·kᵀ  with c the product of constant factors on q, on kᵀ and on the product,
+           or cap·tanh(scores / cap) (logit soft-capping, Gemma 2)
     kv heads: reshape(expand(reshape(k, [B,Hkv,1,S,D]), [B,Hkv,G,S,D]), [B,Hkv·G,S,D]) — what
            HF's repeat_kv, `repeat_interleave(G, dim=1)` and SDPA's `enable_gqa` become — and
            expand(k [B,1,S,D], [B,H,S,D]) (broadcast MQA) give k with its Hkv heads; or GQA by
@@ -173,8 +174,22 @@ def _scaled(view: FusionView, v: Value) -> tuple[Value, float]:
 
 
 def _is_scores(view: FusionView, v: Value) -> bool:
+    """Whether v is c·q·kᵀ, or its soft-capped form c·tanh(c'·q·kᵀ)."""
     n = view.producer(_scaled(view, v)[0])
+    if n is not None and n.name == "tanh":
+        n = view.producer(_scaled(view, n.operands[0])[0])
     return n is not None and n.name == "matmul"
+
+
+def _softcap(view: FusionView, scores: Value) -> tuple[Value, float]:
+    """(the uncapped logits, cap) for cap·tanh(x / cap) (Gemma 2's logit soft-capping), else
+    (scores, 0). The cap is the outer constant factor; the inner 1/cap is folded into the
+    logits' scale by the caller (cap·tanh(s·q·kᵀ) = cap·tanh((s·cap)·q·kᵀ / cap))."""
+    x, cap = _scaled(view, scores)
+    n = view.producer(x)
+    if n is None or n.name != "tanh" or cap <= 0:
+        return scores, 0.0
+    return n.operands[0], cap
 
 
 Masks = list[tuple[str, Value, float | None]]  # (kind, mask, where's drop value or None)
@@ -424,7 +439,9 @@ def _attention(c: Checks, root: Match, rw: Rewriter) -> Replace:
     z, sinks, guarded = _probs(c, p)
     c.need(rank == 4 or sinks is None, "probs.sinks", "sinks on heads grouped as [B,Hkv,G,T,S]")
     scores, masks = _masks(c, z)
-    q, k_rep, scale = _qk(c, scores)
+    inner, softcap = _softcap(view, scores)
+    q, k_rep, scale = _qk(c, inner)
+    scale *= softcap or 1.0  # inside the tanh the logits are scale·q·kᵀ / softcap
     c.need(q.type.rank == rank, "logits.qk", f"q {q.type} is not rank {rank}",
            view.producer(scores))  # fmt: skip
     attrs, mask_ops = _place_masks(c, masks, sinks is not None, guarded, rw)
@@ -438,7 +455,8 @@ def _attention(c: Checks, root: Match, rw: Rewriter) -> Replace:
            f"keys have {k.type.shape[1]} heads, values {v.type.shape[1]}")  # fmt: skip
     _lowerable(c, q, k, v)
     operands = [q, k, v] + [m for _, m in mask_ops] + ([sinks] if sinks is not None else [])
-    attrs.update(scale=scale, mask=mask_ops[0][0] if mask_ops else "none", sinks=sinks is not None)
+    attrs.update(scale=scale, mask=mask_ops[0][0] if mask_ops else "none", sinks=sinks is not None,
+                 softcap=softcap)  # fmt: skip
     c.fits("attn.sdpa", operands, attrs, [out if rank == 4 else None])
     o = rw.op("attn.sdpa", operands, **attrs)
     if rank == 5:  # back to the model's grouped view

@@ -1,6 +1,6 @@
 """te lowering of `attn.sdpa` (ir/ops/attn_dense.py), one kernel per node.
 
-Stages, all fp32: z = scale·q·kᵀ (+ float mask; -inf where a key is not visible by position or
+Stages, all fp32: z = scale·q·kᵀ (capped: softcap·tanh(z/softcap)) (+ float mask; -inf where a key is not visible by position or
 by a bool mask), the row max m (with the sink), the denominator Σ exp(z - m) (+ exp(sink - m)),
 p = exp(z - m) / den materialised once per (query, key) so the output loop reads it instead of
 recomputing it per output channel, then o = Σ_s p·v cast to q's dtype. Query head h reads KV
@@ -63,6 +63,9 @@ def lower_sdpa(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
 
     def logit(b: Any, h: Any, t: Any, s: Any) -> Any:
         z = dot(b, h, t, s) * tirx.const(op.scale, F32)
+        if op.softcap > 0:
+            cap = tirx.const(op.softcap, F32)
+            z = te.tanh(z / cap) * cap
         if op.mask == "add":
             z = z + f32(_mask_at(mask, b, h, t, s))
         return tirx.Select(visible(b, h, t, s), z, neg)

@@ -12,7 +12,8 @@ attend, or float, added to the logits), then `sinks` [Hq] when sinks=True.
 Visibility of key s to query t (positions: query t sits at t + offset, key s at s):
     causal            s <= t + offset
     window w > 0      t + offset - s < w    (only with causal: the band of the last w keys)
-and the mask operand, if any. In fp32: z = scale · q·kᵀ (+ float mask), -inf where not visible;
+and the mask operand, if any. In fp32: z = scale · q·kᵀ, capped to softcap·tanh(z/softcap) when softcap > 0
+(Gemma 2, Grok), (+ float mask), -inf where not visible;
 with sinks one more logit per head, sinks[h], joins the softmax (its column is then dropped);
 o = softmax(z)·v. A query that sees no key (and has no sink) gets 0, as torch SDPA's math path.
 """
@@ -53,7 +54,8 @@ class DenseAttention(Op):
     """Dense attention: q [B,Hq,T,D], k [B,Hkv,S,D], v [B,Hkv,S,Dv] (, mask) (, sinks [Hq])
     -> o [B,Hq,T,Dv] in q's dtype; Hq % Hkv == 0, head h reads KV head h // (Hq // Hkv).
 
-    z[t,s] = scale · q_t·k_s in fp32, plus the mask operand when mask="add"; -inf where key s is
+    z[t,s] = scale · q_t·k_s in fp32 (then softcap·tanh(z/softcap) when softcap > 0), plus the
+    mask operand when mask="add"; -inf where key s is
     not visible: not causal-visible (s > t + offset), outside the window (t + offset - s >=
     window, window > 0, only with causal), or masked out (mask="bool", False). With sinks the
     logit sinks[h] joins each row's softmax. o = Σ_s softmax(z)[t,s] · v_s; a row with no
@@ -69,6 +71,7 @@ class DenseAttention(Op):
     window: int = 0
     mask: str = "none"
     sinks: bool = False
+    softcap: float = 0.0
 
     def _arity(self) -> int:
         return 3 + int(self.mask != "none") + int(self.sinks)
@@ -79,6 +82,7 @@ class DenseAttention(Op):
         require(self, len(types) == n, f"takes {n} operands (q, k, v{self._extras()}), "
                 f"got {len(types)}", *types)  # fmt: skip
         require(self, self.window >= 0, f"window must be >= 0, got {self.window}", *types)
+        require(self, self.softcap >= 0, f"softcap must be >= 0, got {self.softcap}", *types)
         require(self, self.window == 0 or self.causal, "a window needs causal=true", *types)
         q, k, v = types[:3]
         require(self, q.rank == 4 and k.rank == 4 and v.rank == 4,
@@ -124,6 +128,8 @@ class DenseAttention(Op):
         kf = k.float().repeat_interleave(group, dim=1)
         vf = v.float().repeat_interleave(group, dim=1)
         z = (q.float() @ kf.transpose(-1, -2)) * self.scale
+        if self.softcap > 0:
+            z = torch.tanh(z / self.softcap) * self.softcap
         seen = visible_reference(t, s, self.causal, self.offset, self.window, q.device)
         seen = seen.expand(b, hq, t, s)
         if self.mask == "bool":

@@ -32,7 +32,7 @@ def _case(name: str, dtype=torch.float32) -> tuple[dict, dict]:
         return qkv, {"scale": 0.25, "causal": True}
     if name == "gqa_cache_offset_window":
         qkv = {"q": _t(2, 4, 5, 8), "k": _t(2, 2, 37, 8), "v": _t(2, 2, 37, 8)}
-        return qkv, {"scale": 0.3, "causal": True, "offset": 32, "window": 20}
+        return qkv, {"scale": 0.3, "causal": True, "offset": 32, "window": 20, "softcap": 1.5}
     if name == "mqa_additive_mask_sinks":
         qkv = {"q": _t(1, 4, 6, 24), "k": _t(1, 1, 6, 24), "v": _t(1, 1, 6, 40),
                "bias": _t(6, 6), "sinks": _t(4)}  # fmt: skip

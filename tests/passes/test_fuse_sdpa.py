@@ -7,7 +7,8 @@ padding masks as inputs, a Mistral-style sliding-window GQA layer — each forms
 whose graph interprets equal to eager. Near misses (a chunked mask, a causal mask that leaves
 the first query nothing, a softmax over the wrong dim) do not fuse, stay exact, and `explain`
 names the sub-pattern and the source line. HF tiny Mixtral (eager and sdpa), Mistral (sliding
-window) and gpt-oss (sinks; sliding and full layers) form one op per layer.
+window), gpt-oss (sinks; sliding and full layers) and Gemma 2 (logit soft-capping) form one op
+per layer.
 """
 
 from __future__ import annotations
@@ -71,6 +72,14 @@ def test_reference_masks_and_sinks():
     col = sinks.view(1, 4, 1, 1).expand(2, 4, 5, 1)
     p = torch.softmax(torch.cat((z, col), -1), -1)[..., :-1]
     torch.testing.assert_close(got, p @ v.repeat_interleave(2, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_reference_softcap():
+    q, k, v = _t(1, 2, 4, 8) * 3, _t(1, 2, 4, 8) * 3, _t(1, 2, 4, 8)
+    (got,) = DenseAttention(scale=0.5, softcap=2.0, causal=True).reference(q, k, v)
+    z = torch.tanh(q @ k.transpose(-1, -2) * 0.5 / 2.0) * 2.0
+    z = z.masked_fill(torch.ones(4, 4, dtype=torch.bool).triu(1), float("-inf"))
+    torch.testing.assert_close(got, torch.softmax(z, -1) @ v, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -366,12 +375,24 @@ def _gpt_oss():  # sinks; a sliding layer then a full layer
     return model
 
 
+def _gemma2():  # logit soft-capping; a sliding layer then a full layer
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    cfg = Gemma2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                       sliding_window=4, attn_logit_softcapping=2.0,
+                       max_position_embeddings=256, use_cache=False)  # fmt: skip
+    torch.manual_seed(0)
+    return Gemma2ForCausalLM(cfg).eval()
+
+
 HF = {
     # model, attention implementation, (causal, window, sinks) per layer
     "mixtral-eager": (_mixtral, "eager", [(True, 0, False)] * 2),
     "mixtral-sdpa": (_mixtral, "sdpa", [(True, 0, False)] * 2),
     "mistral-sdpa": (_mistral, "sdpa", [(True, 4, False)]),
     "gpt_oss-eager": (_gpt_oss, "eager", [(True, 4, True), (True, 0, True)]),
+    "gemma2-eager": (_gemma2, "eager", [(True, 4, False), (True, 0, False)]),
 }
 
 
@@ -390,6 +411,7 @@ def test_hf_models_form_one_attention_op_per_layer(name):
     assert ctx.counters[RULE] == len(want) == len(nodes)
     got = [(n.attrs["causal"], n.attrs["window"], n.attrs["sinks"]) for n in nodes]
     assert got == want and all(n.attrs["mask"] == "none" for n in nodes)
+    assert all(n.attrs["softcap"] == (2.0 if name.startswith("gemma2") else 0.0) for n in nodes)
     params = {**model.state_dict(), **dict(model.named_buffers())}
     with torch.no_grad():
         eager = model(ids).logits

@@ -2,7 +2,7 @@
 `TRITON_EMITTERS`: the host side of `attention_sdpa_kernel.py` — which nodes it takes, tiles
 per target, the mask's broadcast strides, the grid, and the variants compiled ahead of time.
 
-The node's attributes (scale, causal, offset, window, mask kind, sinks) are constexprs, so one
+The node's attributes (scale, causal, offset, window, mask kind, sinks, softcap) are constexprs, so one
 source serves every layer and a GPU compile specialises it. Tiles: BLOCK_M queries x BLOCK_N
 keys, head dims padded to powers of two (at least 16, the `tl.dot` minimum). On NVIDIA 64 x 64
 for 16-bit inputs (32 keys for heads wider than 128), on AMD 32 x 16; 256 threads per program
@@ -63,8 +63,8 @@ def _source(node: ir.Node) -> KernelSource:
               Param("sinks_ptr", "ptr", sink), Param("out_ptr", "ptr", q.dtype)]  # fmt: skip
     params += [Param(n, "int") for n in ("T", "S", "HQ", "GROUP", "D", "DV")]
     params += [Param(n, "int") for n in ("mask_sb", "mask_sh", "mask_st", "mask_ss")]
-    consts = ("SCALE", "CAUSAL", "OFFSET", "WINDOW", "MASK", "SINKS", "BLOCK_M", "BLOCK_N",
-              "BLOCK_D", "BLOCK_DV", "DOT_IN_F32")  # fmt: skip
+    consts = ("SCALE", "CAUSAL", "OFFSET", "WINDOW", "MASK", "SINKS", "SOFTCAP", "BLOCK_M",
+              "BLOCK_N", "BLOCK_D", "BLOCK_DV", "DOT_IN_F32")  # fmt: skip
     params += [Param(n, "constexpr") for n in consts]
     return KernelSource("sdpa_fwd", SDPA_SOURCE, tuple(params), ("attn.sdpa",))
 
@@ -89,6 +89,7 @@ class SdpaLaunch(OneKernel):
             "WINDOW": int(a["window"]),
             "MASK": _MASK[a["mask"]],
             "SINKS": bool(a["sinks"]),
+            "SOFTCAP": float(a["softcap"]),
             **cfg,
             # fp32 operands use IEEE products; the CPU interpreter mis-multiplies bf16 tiles
             "DOT_IN_F32": self.dtype == ir.DType.f32 or not target.is_gpu,

@@ -19,7 +19,8 @@ SDPA_SOURCE = '''\
 # Hand-written template from dsv4c backends/triton/templates/attention_sdpa_kernel.py.
 # kernel:   sdpa_fwd (dense attention, GQA head h reads KV head h // GROUP)
 # computes: o = sum_s exp(z_s) v_s / (sum_s exp(z_s) [+ exp(sink)]),
-#           z_s = SCALE q.k_s [+ mask], -inf where s is not visible
+#           z_s = SCALE q.k_s [capped: SOFTCAP tanh(z_s / SOFTCAP)] [+ mask], -inf where s is
+#           not visible
 import triton
 import triton.language as tl
 
@@ -33,11 +34,20 @@ def _dot(a, b, acc, DOT_IN_F32: tl.constexpr):
 
 
 @triton.jit
+def _tanh(x):
+    """tanh from exp (portable across Triton versions and targets): sign(x)(1-e)/(1+e),
+    e = exp(-2|x|)."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
 def sdpa_fwd(
     q_ptr, k_ptr, v_ptr, mask_ptr, sinks_ptr, out_ptr,
     T, S, HQ, GROUP, D, DV, mask_sb, mask_sh, mask_st, mask_ss,
     SCALE: tl.constexpr, CAUSAL: tl.constexpr, OFFSET: tl.constexpr, WINDOW: tl.constexpr,
-    MASK: tl.constexpr, SINKS: tl.constexpr,
+    MASK: tl.constexpr, SINKS: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, DOT_IN_F32: tl.constexpr,
 ):
@@ -77,6 +87,8 @@ def sdpa_fwd(
         # z = SCALE q.k (+ additive mask), -inf where the key is not visible
         z = _dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_IN_F32)
         z = z * SCALE
+        if SOFTCAP > 0:  # logit soft-capping: SOFTCAP tanh(z / SOFTCAP)
+            z = SOFTCAP * _tanh(z / SOFTCAP)
         seen = (keys < S)[None, :] & (rows < T)[:, None]
         if CAUSAL:
             seen = seen & (keys[None, :] <= pos[:, None])
