@@ -250,8 +250,12 @@ def cmd_ir(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from dsv4c.artifact import atomic_write, read_artifact
+    from dsv4c.distributed import is_sharded
     from dsv4c.report_html import render
 
+    if is_sharded(args.dir):
+        raise ValueError(f"{args.dir} is a sharded artifact (compiled with --mesh); `report` "
+                         "covers single-device artifacts (read its graph.*.ir and mesh.json)")
     manifest, files = read_artifact(args.dir, check_versions_=False)
     report = json.loads(files["report.json"])
     other = None

@@ -82,6 +82,8 @@ def test_launch_errors_name_the_fix(tmp_path, capsys) -> None:
     finally:
         del os.environ["WORLD_SIZE"]
     assert "torchrun started 2 ranks but" in line and "--nproc-per-node 4" in line, line
+    line = _error(capsys, ["report", path])
+    assert "is a sharded artifact (compiled with --mesh); `report` covers single-device" in line
     with open(os.path.join(path, distributed.graph_file("prefill")), "a") as f:
         f.write("# edited\n")
     line = _error(capsys, ["run", path, "--nproc", "4"])
