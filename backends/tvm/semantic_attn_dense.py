@@ -1,10 +1,11 @@
 """te lowering of `attn.sdpa` (ir/ops/attn_dense.py), one kernel per node.
 
-Stages, all fp32: z = scale·q·kᵀ (capped: softcap·tanh(z/softcap)) (+ float mask; -inf where a key is not visible by position or
-by a bool mask), the row max m (with the sink), the denominator Σ exp(z - m) (+ exp(sink - m)),
-p = exp(z - m) / den materialised once per (query, key) so the output loop reads it instead of
-recomputing it per output channel, then o = Σ_s p·v cast to q's dtype. Query head h reads KV
-head h // G. A row with no visible key and no sink has a zero denominator: its p is 0, so o is 0.
+Stages, all fp32: z = scale·q·kᵀ (capped: softcap·tanh(z/softcap)) (+ float mask; -inf where a
+key is not visible by position or by a bool mask), the row max m (with the sink), the
+denominator Σ exp(z - m) (+ exp(sink - m)), p = exp(z - m) / den materialised once per (query,
+key) so the output loop reads it instead of recomputing it per output channel, then
+o = Σ_s p·v cast to q's dtype. Query head h reads KV head h // G. A row with no visible key and
+no sink has a zero denominator: its p is 0, so o is 0.
 """
 
 from __future__ import annotations

@@ -12,9 +12,9 @@ attend, or float, added to the logits), then `sinks` [Hq] when sinks=True.
 Visibility of key s to query t (positions: query t sits at t + offset, key s at s):
     causal            s <= t + offset
     window w > 0      t + offset - s < w    (only with causal: the band of the last w keys)
-and the mask operand, if any. In fp32: z = scale · q·kᵀ, capped to softcap·tanh(z/softcap) when softcap > 0
-(Gemma 2, Grok), (+ float mask), -inf where not visible;
-with sinks one more logit per head, sinks[h], joins the softmax (its column is then dropped);
+and the mask operand, if any. In fp32: z = scale · q·kᵀ, capped to softcap·tanh(z/softcap)
+when softcap > 0 (Gemma 2, Grok), (+ float mask), -inf where not visible; with sinks one more
+logit per head, sinks[h], joins the softmax (its column is then dropped);
 o = softmax(z)·v. A query that sees no key (and has no sink) gets 0, as torch SDPA's math path.
 """
 

@@ -2,8 +2,8 @@
 `TRITON_EMITTERS`: the host side of `attention_sdpa_kernel.py` — which nodes it takes, tiles
 per target, the mask's broadcast strides, the grid, and the variants compiled ahead of time.
 
-The node's attributes (scale, causal, offset, window, mask kind, sinks, softcap) are constexprs, so one
-source serves every layer and a GPU compile specialises it. Tiles: BLOCK_M queries x BLOCK_N
+The node's attributes (scale, causal, offset, window, mask kind, sinks, softcap) are constexprs,
+so one source serves every layer and a GPU compile specialises it. Tiles: BLOCK_M queries x BLOCK_N
 keys, head dims padded to powers of two (at least 16, the `tl.dot` minimum). On NVIDIA 64 x 64
 for 16-bit inputs (32 keys for heads wider than 128), on AMD 32 x 16; 256 threads per program
 from head dim 128 on, else 128; fp32 (IEEE products on FMA units) 32 x 32, 16 x 32 for wide
