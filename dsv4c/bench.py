@@ -19,7 +19,10 @@ Why (issue 19: Inductor decode b1 16x slower than eager, prefill a MISMATCH of 2
   the same call swings 20x within a minute (tiny prefill under Inductor: 0.78 s, 0.33 s, 6.7 s in
   three consecutive calls), and with 2 threads a descheduled OpenMP worker costs every parallel
   region a time slice (tiny eager decode: 2.3-3.2 s on 2 threads, 0.22-0.28 s on 1, same run): a
-  load burst in one backend's window made its ratio meaningless. Interleaved rounds fix that;
+  load burst in one backend's window makes its ratio meaningless. Interleaved rounds fix that.
+  The 16x itself did not reproduce: tiny decode b1, interleaved, had Inductor 2.2x faster than
+  eager (541 vs 1,179 ms on the loaded box); a load burst during Inductor's window is the
+  explanation consistent with b8 being 10x faster than b1 in the same table;
 - the prefill mismatch: `small`'s 4096-token prefill routes through top-k choices with near ties
   (MoE top-6 of 32 and indexer top-128: 14 rows with a gap under 1e-5 relative, the smallest
   3.2e-7; no exact ties), which fp32 sums in another order may flip: eager itself, its weights
