@@ -9,10 +9,12 @@ the fusion rules match (the one models/attention.py produces after `canonicalize
     softmax shift            softmax(x - max(x)) -> softmax(x)   (softmax is shift-invariant; its
                              lowering subtracts the max itself)
     empty concat piece       concat(a, e) -> a when e = full(...) has a zero-sized concat dim
+    whole-row write          index_put(b, iota(0, n), v, dim) over all n rows of b -> v
     masked top-k picks       where(i >= c_t, -1, i), (v, i) = topk(where(s >= c_t, -inf, x), k)
                           -> where(isinf(v) | i >= S, -1, i), (v, i) = topk(pad(where(s < c_t,
                              x, -inf), k), k)   for finite x: the masked columns are exactly the
-                             -inf values and the columns s >= c_t (module `fuse_attention`'s form)
+                             -inf values and the columns s >= c_t (module `fuse_attention`'s form);
+                             k = min(k', S) (symbolic S): the first k of the k'-pick form
 
 Each rule's comment states its algebra; `STATS=1` counts them like any rule.
 """
@@ -172,8 +174,11 @@ def _padded_picks(m: Match, rw: Rewriter) -> Value | Fail:
     if score.type.rank != 3 or topk.attrs["dim"] not in (-1, 2):
         return Fail(4, "topk", f"the top-k is not over the keys of [B, T, S] scores {score.type}")
     k, s = topk.attrs["k"], score.type.shape[2]
+    kept = k  # HF's top_k = min(index_topk, S): the static top-k's first kept picks
     if not isinstance(k, int):
-        return Fail(4, "topk", f"k={k} is not static")
+        k = _min_of_keys(k, s)
+        if k is None:
+            return Fail(4, "topk", f"k={topk.attrs['k']} is neither static nor min(k, S={s})")
     visible = rw.op("lt", [tm["cols"], tm["thr"]])
     masked = rw.op("where", [visible, score, _scalar(rw, float("-inf"), score)])
     padded = rw.op("pad", [masked], pads=(0, k), value=float("-inf"))
@@ -181,7 +186,36 @@ def _padded_picks(m: Match, rw: Rewriter) -> Value | Fail:
     inf = rw.op("eq", [rw.op("abs", [values]), _scalar(rw, float("inf"), values)])
     past = rw.op("ge", [indices, _scalar(rw, s, indices)])
     bad = rw.op("logical_or", [inf, past])
-    return rw.op("where", [bad, _scalar(rw, -1, indices), indices])
+    picks = rw.op("where", [bad, _scalar(rw, -1, indices), indices])
+    if kept is k:
+        return picks
+    return rw.op("slice", [picks], dim=2, start=0, end=kept, step=1)
+
+
+def _min_of_keys(k: Any, s: Any) -> int | None:
+    """c when the symbolic k is min(c, S) for the key count S, else None."""
+    from ir.symbolic import same_dim
+
+    args = getattr(k, "args", ())
+    if type(k).__name__ != "Min" or len(args) != 2:
+        return None
+    consts = [a for a in args if getattr(a, "is_Integer", False)]
+    others = [a for a in args if not getattr(a, "is_Integer", False)]
+    if len(consts) != 1 or len(others) != 1 or not same_dim(others[0], s):
+        return None
+    return int(consts[0])
+
+
+def _whole_put(m: Match, rw: Rewriter) -> Value | Fail:
+    base, v = m["base"], m["v"]
+    rows = m.node("rows").attrs
+    d = m.root.attrs["dim"] % base.type.rank
+    from ir.symbolic import same_dim
+
+    whole = rows["start"] == 0 and rows["step"] == 1 and same_dim(rows["end"], base.type.shape[d])
+    if not whole or v.type != base.type:
+        return Fail(2, "rows", "the write does not cover every row with a same-shaped value")
+    return v
 
 
 def _scalar(rw: Rewriter, value: Any, like: Value) -> Value:
@@ -313,6 +347,11 @@ RULES = [
     Rule("attention_forms.concat_empty", op("concat"), _drop_empty),
     # finite x: picks of topk(where(s >= c, -inf, x)) past c = the padded top-k's -inf picks
     Rule("attention_forms.masked_topk", MASKED_PICKS, _padded_picks),
+    # index_put(base, iota(0, n), v) over all n rows of base = v
+    Rule("attention_forms.whole_put",
+         op("index_put", var("base"), op("iota", name="rows"), var("v"),
+            attrs={"accumulate": False}),
+         _whole_put),
     # squeeze([.., 1, H] @ [.., H, S]) = Σ_h w_h·s_h
     Rule("attention_forms.head_sum", HEAD_SUM, _head_sum),
     # mask & ~scatter(true, topk(causal x), false) = mask & ~scatter(true, padded picks, false)

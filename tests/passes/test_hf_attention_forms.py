@@ -382,3 +382,20 @@ def test_dense_window_attention_fuses_only_on_the_causal_band(lead: int) -> None
         rule = next(r for r in RULES if r.name == "fuse_attention.attn.sparse_mqa")
         text = str(passes.explain(rule, fused))
         assert "mask.window" in text and "test_hf_attention_forms.py:" in text, text
+
+
+@slow
+def test_hf_v4_symbolic_length_forms_compress_and_indexer() -> None:
+    """Captured with a symbolic length, the compressors and the indexer (top_k = min(k, S))
+    still fuse; the attention's masks cannot be evaluated at a symbolic length, so it stays
+    unfused (passes/fuse_dense_mqa.py) — and the graph stays right at other lengths."""
+    model = _hf_model(CSA_HCA)
+    g = capture(model, (_tokens(T),), dynamic={"input_ids": {1: "T"}})
+    fused = fuse_attention(passes.canonicalize(g))
+    assert _attn_counts(fused) == {"attn.compress": 3, "attn.indexer_topk": 1,
+                                   "attn.sparse_mqa": 0}
+    for length in (T, 12):
+        ids = _tokens(length, seed=length)
+        (got,) = ir.interpret(fused, ids, params=_params(model))
+        with torch.no_grad():
+            assert _relative(got, model(ids).logits) <= 1e-5
