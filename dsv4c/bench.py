@@ -18,8 +18,9 @@ Why (issue 19: Inductor decode b1 16x slower than eager, prefill a MISMATCH of 2
 - each backend used to be timed in its own window, one after the other. On the shared 2-core box
   the same call swings 20x within a minute (tiny prefill under Inductor: 0.78 s, 0.33 s, 6.7 s in
   three consecutive calls), and with 2 threads a descheduled OpenMP worker costs every parallel
-  region a time slice (tiny eager decode: 2.3-3.2 s on 2 threads, 0.22-0.28 s on 1, same run): a
-  load burst in one backend's window makes its ratio meaningless. Interleaved rounds fix that.
+  region a time slice (tiny eager decode: 2.3-3.2 s on 2 threads, 0.22-0.28 s on 1, same run;
+  once the box was quiet, 2 threads = 1: tiny eager prefill 20.3 vs 20.7 ms): a load burst in
+  one backend's window makes its ratio meaningless. Interleaved rounds fix that.
   The 16x itself did not reproduce: tiny decode b1, interleaved, had Inductor 2.2x faster than
   eager (541 vs 1,179 ms on the loaded box); a load burst during Inductor's window is the
   explanation consistent with b8 being 10x faster than b1 in the same table;
