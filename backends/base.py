@@ -31,6 +31,7 @@ __all__ = [
     "EmitterTable",
     "KernelBinary",
     "KernelRecord",
+    "body_of_one_op",
     "feed_inputs",
     "Support",
 ]
@@ -209,6 +210,19 @@ class EmitterTable(Generic[E]):
     def supports(self, node: ir.Node) -> Support:
         found = self.lookup(node)
         return True if isinstance(found, Emitter) else found
+
+
+def body_of_one_op(node: ir.Node) -> tuple[ir.Graph, tuple[int, ...]]:
+    """A body graph holding just `node` for a kernel of its own, and the operand index of each
+    body input: a repeated operand (`mul(x, x)`) becomes one input."""
+    unique: list[ir.Value] = []
+    index: list[int] = []
+    for i, v in enumerate(node.operands):
+        if all(v.name != u.name for u in unique):
+            unique.append(v)
+            index.append(i)
+    body = ir.Graph(unique, [node], list(node.results), name=node.name.replace(".", "_"))
+    return body, tuple(index)
 
 
 def feed_inputs(

@@ -189,8 +189,10 @@ ELEMENTWISE_BINARY = {
     "le": "{a} <= {b}",
     "gt": "{a} > {b}",
     "ge": "{a} >= {b}",
-    "logical_and": "({a} != 0) & ({b} != 0)",
-    "logical_or": "({a} != 0) | ({b} != 0)",
+    # as selects, not `&`/`|`: Triton's interpreter cannot combine a tile's truth values with a
+    # 0-d operand's (numpy refuses bitwise_and on the mixed types)
+    "logical_and": "tl.where({a} != 0, {b} != 0, False)",
+    "logical_or": "tl.where({a} != 0, True, {b} != 0)",
     "bitwise_and": "{a} & {b}",
 }
 _BOOL_BINARY = {"add": "{a} | {b}", "mul": "{a} & {b}"}

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import ir
-from backends.base import EmitterTable
+from backends.base import EmitterTable, body_of_one_op
 from backends.targets import Target
 from backends.triton.body import ELEMENTWISE, REDUCTIONS, Unsupported
 from backends.triton.fused import MAX_ROW, FusedKernel, emit_fused, fused_config
@@ -120,19 +120,6 @@ class FusedLaunch(OneKernel):
 TRITON_EMITTERS: EmitterTable = EmitterTable("triton")
 
 
-def _body_of_one_op(node: ir.Node) -> tuple[ir.Graph, tuple[int, ...]]:
-    """A fused body holding just `node` (repeated operands become one body input)."""
-    unique: list[ir.Value] = []
-    index: list[int] = []
-    for i, v in enumerate(node.operands):
-        if all(v.name != u.name for u in unique):
-            unique.append(v)
-            index.append(i)
-    return ir.Graph(unique, [node], list(node.results), name=node.name.replace(".", "_")), tuple(
-        index
-    )
-
-
 def _try(fn: Any, node: ir.Node, target: Target | None = None) -> Any:
     try:
         return fn(node, target)
@@ -167,7 +154,7 @@ def _single_check(node: ir.Node) -> bool | str:
     *sorted((ELEMENTWISE | REDUCTIONS) - {"constant", "full"}), check=_single_check
 )
 def emit_single(node: ir.Node, target: Target | None) -> Launch:
-    body, index = _body_of_one_op(node)
+    body, index = body_of_one_op(node)
     return FusedLaunch(emit_fused(body, loc=node.loc), index, target)  # type: ignore[arg-type]
 
 

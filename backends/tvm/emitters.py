@@ -24,7 +24,7 @@ from typing import Any
 
 import ir
 from backends import naming
-from backends.base import EmitterTable
+from backends.base import EmitterTable, body_of_one_op
 from backends.targets import Target
 from backends.tvm.kernel import Kernel, make_kernel
 from backends.tvm.lower import TE_OPS, Unsupported, lowerable
@@ -233,17 +233,6 @@ def signature(node: ir.Node, variant: str = "") -> str:
     return hashlib.sha256(f"{sig}:{variant}".encode()).hexdigest()[:16] if variant else sig
 
 
-def body_of_one_op(node: ir.Node) -> tuple[ir.Graph, tuple[int, ...]]:
-    """A body holding just `node` (a repeated operand becomes one body input)."""
-    unique: list[ir.Value] = []
-    index: list[int] = []
-    for i, v in enumerate(node.operands):
-        if all(v.name != u.name for u in unique):
-            unique.append(v)
-            index.append(i)
-    return ir.Graph(unique, [node], list(node.results)), tuple(index)
-
-
 def _fused_check(node: ir.Node) -> bool | str:
     return lowerable(node.attrs["body"])
 
@@ -288,7 +277,10 @@ def _single_check(node: ir.Node) -> bool | str:
 @TVM_EMITTERS.register(*SINGLE, check=_single_check)
 def emit_single(node: ir.Node, target: Target, options: dict) -> Launch:
     body, index = body_of_one_op(node)
-    kernel = make_kernel(body, kernel_name(node), signature(node), schedule_cpu, loc=node.loc)
+    # x·x takes one input, x·y two: the same op signature, so the operand pattern keys it too
+    variant = "" if len(index) == len(node.operands) else "operands" + ",".join(map(str, index))
+    key = signature(node, variant)
+    kernel = make_kernel(body, kernel_name(node), key, schedule_cpu, loc=node.loc)
     return KernelLaunch(node, [kernel], index)
 
 

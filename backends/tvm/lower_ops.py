@@ -107,6 +107,10 @@ def _binary_expr(name: str, a: Any, b: Any, out: str) -> Any:
     is_float = dt.startswith(("float", "bfloat"))
     if dt == "bool" and name in ("add", "mul", "bitwise_and", "maximum", "minimum"):
         return tirx.Or(a, b) if name in ("add", "maximum") else tirx.And(a, b)
+    if dt == "bool" and name in ("eq", "ne", "lt", "le", "gt", "ge"):
+        # LLVM's vectoriser emits a float compare for vectors of i1 ("fcmp one <4 x i1>" fails
+        # verification): compare the bytes instead
+        a, b = convert(a, "int8"), convert(b, "int8")
     table = {
         "add": lambda: a + b,
         "sub": lambda: a - b,
