@@ -21,6 +21,7 @@ from passes.fuse_attention import RULES as ATTENTION_RULES
 from passes.fuse_hc import RULES as HC_RULES
 from passes.fuse_moe import RULES as MOE_RULES
 from passes.fuse_moe import fuse_moe
+from passes.fuse_sdpa import RULES as SDPA_RULES
 
 # tiny V4 prefill: how often each fusion rule fires (the decode step only fires on decode graphs)
 FIRES = {
@@ -30,9 +31,12 @@ FIRES = {
     "fuse_attention.attn.compress_step": 0,
     "fuse_moe.moe.route": 4,
     "fuse_moe.moe.experts": 4,
+    "fuse_moe.moe.experts_batched": 0,  # HF's batched_mm form
+    "fuse_moe.moe.experts_loop": 0,  # a loop over nn.ModuleList experts
     "fuse_hc.hc.pre": 8,
     "fuse_hc.hc.post": 8,
     "fuse_hc.hc.head": 1,
+    "fuse_sdpa.attn.sdpa": 0,  # dense attention: V4 has none
 }
 
 
@@ -44,7 +48,7 @@ def canonical_tiny() -> ir.Graph:
 @pytest.mark.skipif(not os.environ.get("DSV4C_SLOW"), reason="a minute on 2 cores; DSV4C_SLOW=1")
 def test_explain_answers_for_every_fusion_rule() -> None:
     g = canonical_tiny()
-    rules = [*ATTENTION_RULES, *MOE_RULES, *HC_RULES]
+    rules = [*ATTENTION_RULES, *MOE_RULES, *HC_RULES, *SDPA_RULES]
     assert {r.name for r in rules} == set(FIRES)
     for rule in rules:
         why = passes.explain(rule, g)
