@@ -185,8 +185,11 @@ class Config:
 
     @staticmethod
     def from_hf(hf: dict[str, Any]) -> Config:
-        """Read a Hugging Face DeepSeek-V4 `config.json` dict. Raises ValueError on settings this
-        model does not implement (several KV heads, a KV LoRA, another scoring function, ...)."""
+        """Read a Hugging Face DeepSeek-V4 config dict: the official `config.json`
+        (`compress_ratios`, `num_hash_layers`, `rope_scaling`) or transformers 5.x's
+        `DeepseekV4Config.to_dict()` (per-layer `layer_types` with `compress_rates`,
+        `mlp_layer_types`, `rope_parameters`). Raises ValueError on settings this model does not
+        implement (several KV heads, a KV LoRA, another scoring function, ...)."""
         unsupported = {
             "num_key_value_heads": (hf.get("num_key_value_heads", 1), 1),
             "kv_lora_rank": (hf.get("kv_lora_rank"), None),
@@ -198,7 +201,7 @@ class Config:
         for key, (got, want) in unsupported.items():
             if got != want:
                 raise ValueError(f"Config.from_hf: {key}={got!r} is not supported (need {want!r})")
-        rope = hf.get("rope_scaling") or {}
+        rope = hf.get("rope_scaling") or _yarn_parameters(hf)
         return Config(
             vocab_size=hf["vocab_size"],
             dim=hf["hidden_size"],
@@ -210,14 +213,14 @@ class Config:
             o_groups=hf["o_groups"],
             o_lora_rank=hf["o_lora_rank"],
             window_size=hf["sliding_window"],
-            compress_ratios=tuple(hf["compress_ratios"]),
+            compress_ratios=_compress_ratios(hf),
             index_n_heads=hf["index_n_heads"],
             index_head_dim=hf["index_head_dim"],
             index_topk=hf["index_topk"],
             n_routed_experts=hf["n_routed_experts"],
             n_activated_experts=hf["num_experts_per_tok"],
             moe_inter_dim=hf["moe_intermediate_size"],
-            n_hash_layers=hf["num_hash_layers"],
+            n_hash_layers=_hash_layers(hf),
             route_scale=float(hf["routed_scaling_factor"]),
             n_shared_experts=hf["n_shared_experts"],
             swiglu_limit=float(hf["swiglu_limit"]),
@@ -235,6 +238,47 @@ class Config:
             n_mtp_layers=hf.get("num_nextn_predict_layers", 0),
             init_std=float(hf.get("initializer_range", 0.02)),
         )
+
+
+_ATTENTION_KINDS = (
+    "sliding_attention",
+    "compressed_sparse_attention",
+    "heavily_compressed_attention",
+)
+
+
+def _compress_ratios(hf: dict[str, Any]) -> tuple[int, ...]:
+    """Per-layer compression ratio (0: window only), from either config spelling."""
+    if "compress_ratios" in hf:
+        return tuple(hf["compress_ratios"])
+    rates = hf.get("compress_rates") or {}
+    for i, kind in enumerate(hf["layer_types"]):
+        if kind not in _ATTENTION_KINDS:
+            raise ValueError(
+                f"Config.from_hf: layer_types[{i}]={kind!r} is not one of {_ATTENTION_KINDS}"
+            )
+    mtp = (0,) * hf.get("num_nextn_predict_layers", 0)  # window-only, as the official config
+    return tuple(rates.get(kind, 0) for kind in hf["layer_types"]) + mtp
+
+
+def _hash_layers(hf: dict[str, Any]) -> int:
+    """How many leading layers route by token hash, from either config spelling."""
+    if "num_hash_layers" in hf:
+        return hf["num_hash_layers"]
+    kinds = list(hf["mlp_layer_types"])
+    n = next((i for i, k in enumerate(kinds) if k != "hash_moe"), len(kinds))
+    if "hash_moe" in kinds[n:] or any(k not in ("hash_moe", "moe") for k in kinds):
+        raise ValueError(
+            f"Config.from_hf: mlp_layer_types={kinds} is not supported (need hash_moe layers "
+            "first, then moe layers)"
+        )
+    return n
+
+
+def _yarn_parameters(hf: dict[str, Any]) -> dict[str, Any]:
+    """transformers 5.x's main RoPE parameters when they are YaRN, else none (factor 1)."""
+    main = (hf.get("rope_parameters") or {}).get("main") or {}
+    return main if main.get("rope_type") == "yarn" else {}
 
 
 _V4_COMMON: dict[str, Any] = {

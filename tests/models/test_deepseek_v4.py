@@ -625,3 +625,22 @@ def test_export_flash_prefill_on_meta() -> None:
     ep = export(_Prefill(model), (tokens,), dynamic_shapes=shapes, strict=False)
     out = next(n for n in ep.graph.nodes if n.op == "output").args[0][0].meta["val"]
     assert out.dtype == torch.float32 and out.shape[-1] == 129280
+
+
+def test_from_hf_reads_the_transformers_5_config_spelling() -> None:
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.DeepseekV4Config(
+        num_hidden_layers=3,
+        layer_types=[
+            "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
+        ],
+        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
+        mlp_layer_types=["hash_moe", "hash_moe", "moe"],
+    ).to_dict()
+    cfg = Config.from_hf(hf)
+    assert (cfg.compress_ratios, cfg.n_hash_layers) == ((0, 4, 128, 0), 2)  # + the MTP layer
+    with pytest.raises(ValueError, match="mlp_layer_types"):
+        Config.from_hf({**hf, "mlp_layer_types": ["moe", "hash_moe", "moe"]})
+    with pytest.raises(ValueError, match=r"layer_types\[1\]"):
+        kinds = ["sliding_attention", "full_attention", "sliding_attention"]
+        Config.from_hf({**hf, "layer_types": kinds})
