@@ -21,9 +21,14 @@ Why (issue 19: Inductor decode b1 16x slower than eager, prefill a MISMATCH of 2
   region a time slice (tiny eager decode: 2.3-3.2 s on 2 threads, 0.22-0.28 s on 1, same run;
   once the box was quiet, 2 threads = 1: tiny eager prefill 20.3 vs 20.7 ms): a load burst in
   one backend's window makes its ratio meaningless. Interleaved rounds fix that.
-  The 16x itself did not reproduce: tiny decode b1, interleaved, had Inductor 2.2x faster than
-  eager (541 vs 1,179 ms on the loaded box); a load burst during Inductor's window is the
-  explanation consistent with b8 being 10x faster than b1 in the same table;
+  The pattern did reproduce on `small` decode b1 at 4K (2 threads, other engineers' jobs
+  running): Inductor median 1,610 ms but min 43 ms, eager 613 / 57 ms, TVM 69 / 50 ms; in a
+  process holding all three, eager and Inductor calls swing between ~30 ms and ~930 ms from one
+  call to the next (a 0.5 s pause before each call does not help) while TVM's stay at 40-120
+  ms: torch's OpenMP barriers stall whenever another process takes one of the 2 cores, TVM's
+  thread pool much less. So the issue's Inductor row measured the load, not Inductor. Rows keep
+  every call's time (`times_s`), report the min beside the median, and are flagged UNSTABLE
+  when the median is over 2x the min: compare mins, or rerun on a quiet machine;
 - the prefill mismatch: `small`'s 4096-token prefill routes through top-k choices with near ties
   (MoE top-6 of 32 and indexer top-128: 14 rows with a gap under 1e-5 relative, the smallest
   3.2e-7; no exact ties), which fp32 sums in another order may flip: eager itself, its weights
@@ -154,6 +159,7 @@ def peak_memory(device: str) -> Iterator[dict[str, int | None]]:
 TOLERANCE = 1e-3  # max relative error against eager (fp32) for a row to be "ok"
 NOISE = 1e-6  # relative weight perturbation of the same size as fp32 reassociation differences
 NEAR_TIE_FACTOR = 2.0
+UNSTABLE = 2.0  # median / min latency above which a row is flagged (load on the machine)
 
 
 def compare(got: torch.Tensor, want: torch.Tensor) -> dict[str, Any]:
@@ -368,6 +374,7 @@ def _finish_row(row: dict[str, Any], times: list[float] | str, tokens: int) -> N
     ordered = sorted(times)
     row["latency_s"] = ordered[len(ordered) // 2]
     row["latency_min_s"] = ordered[0]
+    row["times_s"] = list(times)  # in round order: a spread says the machine was not quiet
     row["tokens_per_s"] = tokens / row["latency_s"]
     if "dynamo" in row:  # graphs compiled since the first call / the warm-up: recompiles
         graphs, dyn = _dynamo_stats()["graphs"], row["dynamo"]
@@ -498,6 +505,9 @@ def _row_text(row: dict[str, Any]) -> str:
         if dyn
         else ""
     )
+    spread = row["latency_s"] / row["latency_min_s"]
+    if spread > UNSTABLE:
+        graphs += f" [UNSTABLE: median {spread:.1f}x min — the machine is not quiet]"
     return (
         f"{row['latency_s'] * 1e3:,.1f} ms (min {row['latency_min_s'] * 1e3:,.1f}), "
         f"{row['tokens_per_s']:,.1f} tok/s{roof}, peak +{mem}, "

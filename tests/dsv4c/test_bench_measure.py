@@ -67,6 +67,11 @@ def test_a_recompile_while_timed_is_counted_on_the_row() -> None:
     want = {"graphs": 1, "graph_breaks": 0, "recompiles": 1, "recompiles_in_warmup": 1}
     assert row["dynamo"] == want
     assert row["latency_s"] == 0.2 and row["latency_min_s"] == 0.1
+    assert row["times_s"] == [0.2, 0.1, 0.3]
+    extra = {"workload": "w", "peak_bytes": None, "compile_s": 1.0}
+    assert "UNSTABLE" not in bench_module._row_text(row | extra)  # median 2.0x min: not flagged
+    bench_module._finish_row(row, [0.3, 0.1, 0.5], tokens=1)
+    assert "UNSTABLE: median 3.0x min" in bench_module._row_text(row | extra)
     torch._dynamo.reset()
 
 
