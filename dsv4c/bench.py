@@ -28,7 +28,9 @@ Why (issue 19: Inductor decode b1 16x slower than eager, prefill a MISMATCH of 2
   ms: torch's OpenMP barriers stall whenever another process takes one of the 2 cores, TVM's
   thread pool much less. So the issue's Inductor row measured the load, not Inductor. Rows keep
   every call's time (`times_s`), report the min beside the median, and are flagged UNSTABLE
-  when the median is over 2x the min: compare mins, or rerun on a quiet machine;
+  when the median is over 2x the min: compare mins, or rerun on a quiet machine. With one
+  thread (OMP_NUM_THREADS=1 TVM_NUM_THREADS=1) the same rows were stable minutes later: eager
+  43.3 / 38.5 ms, Inductor 26.1 / 21.2, TVM 22.5 / 19.9 (TVM 1.16x Inductor, 32 % of roofline);
 - the prefill mismatch: `small`'s 4096-token prefill routes through top-k choices with near ties
   (MoE top-6 of 32 and indexer top-128: 14 rows with a gap under 1e-5 relative, the smallest
   3.2e-7; no exact ties), which fp32 sums in another order may flip: eager itself, its weights
