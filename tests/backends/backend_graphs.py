@@ -3,6 +3,7 @@ compiles one with a backend and compares it with `ir.interpret` (the ops' refere
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import ir
@@ -33,6 +34,42 @@ def rope_tables(gen: torch.Generator, rows: int, half: int) -> tuple[torch.Tenso
 
 
 _GUARDED: list = []  # the mappings behind guard_paged tensors stay alive for the session
+
+
+def check_guard_paged(call, args: list, check, timeout: float = 120.0) -> None:
+    """`check(call(*feed))` with every input against an unreadable page on either side, each side
+    in a forked child: an out-of-bounds read crashes the child (SIGSEGV), and the test fails saying
+    so instead of killing pytest. A child that fails `check` prints its traceback (captured)."""
+    import os
+    import signal
+    import time
+    import traceback
+
+    for side in ("before", "after"):
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            code = 0
+            torch.set_num_threads(1)  # the parent's OpenMP pool did not survive the fork
+            try:
+                check(call(*[guard_paged(a, side) for a in args]))
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            os._exit(code)
+        deadline = time.monotonic() + timeout
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if done[0] == 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail(f"inputs guard-paged {side}: no result in {timeout:.0f} s (killed)")
+        status = done[1]
+        if os.WIFSIGNALED(status):
+            name = signal.Signals(os.WTERMSIG(status)).name
+            pytest.fail(f"inputs with an unreadable page {side} them: the kernels died of {name} "
+                        "(an out-of-bounds read)")
+        if os.WEXITSTATUS(status):
+            pytest.fail(f"inputs guard-paged {side}: the results differ (traceback above)")
 
 
 def guard_paged(t: torch.Tensor, side: str) -> torch.Tensor:

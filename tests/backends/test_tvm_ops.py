@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from backend_graphs import guard_paged
+from backend_graphs import check_guard_paged
 
 import ir
 
@@ -42,11 +42,15 @@ def _run(build, blas: str = "never") -> tuple:
     args = [_tensor(v.type, gen) for v in g.inputs]
     exe = TVMBackend().compile(g, "cpu", blas=blas)
     want = ir.interpret(g, *args)
-    # again with every input against an unreadable page on either side (see test_tvm_semantic)
-    for feed in (args, *([guard_paged(a, side) for a in args] for side in ("before", "after"))):
-        for v, x, y in zip(g.outputs, exe(*feed), want):
+
+    def check(got) -> None:
+        for v, x, y in zip(g.outputs, got, want):
             assert x.dtype == y.dtype and x.shape == y.shape, v
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, equal_nan=True, msg=str(v))
+
+    check(exe(*args))
+    # again with every input against an unreadable page on either side (see test_tvm_semantic)
+    check_guard_paged(exe, args, check)
     return exe, args
 
 
@@ -295,3 +299,13 @@ def test_inputs_checked_on_every_call_parameters_once_per_tensor_set():
         exe(x1, params={})
     with pytest.raises(InterpretError, match="not graph parameters: v"):
         exe(x1, params={**params, "v": torch.ones(1)})
+
+
+def test_an_out_of_bounds_read_fails_its_test_instead_of_killing_pytest():
+    import ctypes
+
+    def read_one_before(x: torch.Tensor) -> float:
+        return ctypes.c_float.from_address(x.data_ptr() - 4).value  # the byte before the input
+
+    with pytest.raises(pytest.fail.Exception, match="unreadable page before them.*SIGSEGV"):
+        check_guard_paged(read_one_before, [torch.ones(16)], lambda got: None)
