@@ -364,11 +364,7 @@ def _mqa(c: Checks, root: Match, rw: Rewriter) -> Replace:
     if dense is not None:
         return _dense_mqa(c, dense, rope, out, rw)
     m = c.match("attend", ATTENDS[narrow(rope["x"])], rope["x"])
-    scale = scalar(m, "scale")
-    c.need(scale is not None, "attend.scale", "the logit scale is not a constant", m.node("qk"))
-    c.need(m.attr("softmax", "dim") in (-1, 3) and m.attr("cat", "dim") in (-1, 3),
-           "attend.softmax", "the softmax (with the sink) is not over the entries",
-           m.node("softmax"))
+    scale = _attend_scale(c, m)
     q, eps = _query(c, m["qr"], rope["cos"], rope["sin"])
     c.need(q.type.rank == 4, "query", f"q {q.type} is not [B, T, H, D]")
     ok = m["qk"].dtype == q.dtype and m["pv"].dtype == q.dtype
@@ -389,14 +385,21 @@ def _mqa(c: Checks, root: Match, rw: Rewriter) -> Replace:
     return replace(view, [(out, rw.op("attn.sparse_mqa", operands, **attrs))])
 
 
-def _dense_mqa(c: Checks, m: Match, rope: dict, out: Value, rw: Rewriter) -> Replace:
-    """The dense-mask spelling over [B, H, T, c] (passes/fuse_dense_mqa.py) -> op."""
-    view = c.view
+def _attend_scale(c: Checks, m: Match) -> float:
+    """The constant logit scale of an attend match whose softmax (with the sink) is over the
+    entries; a Fail otherwise."""
     scale = scalar(m, "scale")
     c.need(scale is not None, "attend.scale", "the logit scale is not a constant", m.node("qk"))
     c.need(m.attr("softmax", "dim") in (-1, 3) and m.attr("cat", "dim") in (-1, 3),
            "attend.softmax", "the softmax (with the sink) is not over the entries",
            m.node("softmax"))
+    return scale
+
+
+def _dense_mqa(c: Checks, m: Match, rope: dict, out: Value, rw: Rewriter) -> Replace:
+    """The dense-mask spelling over [B, H, T, c] (passes/fuse_dense_mqa.py) -> op."""
+    view = c.view
+    scale = _attend_scale(c, m)
     q, eps = _query(c, m["qr"], rope["cos"], rope["sin"])
     kv4, comp4, mask = dense_entries(c, m)
     b, _, t, d = kv4.type.shape
