@@ -226,6 +226,13 @@ def _entry(name: str, e: Mapping[str, Any], target: Mapping[str, Any]) -> str:
     if e.get("fallbacks"):
         rows = [(x.get("op"), x.get("reason"), x.get("count")) for x in e["fallbacks"]]
         out.append("<h3>Reference fallbacks</h3>" + _table(("op", "reason", "count"), rows, (2,)))
+    if e.get("not_compiled"):  # custom ops kept whole: they run eagerly, never compiled
+        rows = [
+            (op, row.get("count"), "; ".join(row.get("locations", [])))
+            for op, row in e["not_compiled"].items()
+        ]
+        head = ("custom op", "calls", "where")
+        out.append("<h3>Not compiled (run eagerly)</h3>" + _table(head, rows, (1,)))
     return "\n".join(out)
 
 

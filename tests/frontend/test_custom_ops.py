@@ -192,6 +192,11 @@ def test_backends_run_the_custom_op_and_the_report_says_not_compiled(
     entry = next(iter(compiled.report()["entries"].values()))
     row = entry["not_compiled"]["dsv4c_t14::scale_rows.default"]
     assert row["count"] == 1 and row["locations"][0].startswith("<root> (test_custom_ops.py:")
+    from dsv4c.report_html import render
+
+    page = render(compiled.manifest, compiled.report())
+    assert "<h3>Not compiled (run eagerly)</h3>" in page
+    assert "<td>dsv4c_t14::scale_rows.default</td>" in page
 
 
 def test_torch_compile_keeps_the_custom_op_whole_without_falling_back(monkeypatch) -> None:
