@@ -42,8 +42,10 @@ def deepseek_v32() -> nn.Module:
         v_head_dim=16, qk_nope_head_dim=16, n_group=2, topk_group=1, num_experts_per_tok=2,
         first_k_dense_replace=1, mlp_layer_types=["dense", "sparse"],
         layer_types=["indexed_attention"] * 2, index_topk=4, index_head_dim=16,
-        index_n_heads=4, head_dim=16, max_position_embeddings=256, use_cache=False,
+        index_n_heads=16, head_dim=16, max_position_embeddings=256, use_cache=False,
     )  # fmt: skip
+    # 16 index heads: a key's score Σ_h w_h·relu(q_h·k) is exactly 0 only when every head's dot is
+    # <= 0; with 4, whole rows tie at 0 and two correct top-ks pick different keys
     return _seeded(lambda: DeepseekV32ForCausalLM(cfg))
 
 
