@@ -63,3 +63,17 @@ def tiny_prefill_graph() -> ir.Graph:
     tokens = torch.zeros(2, 24, dtype=torch.long)
     dynamic = {"tokens": {0: "B", 1: "T"}}
     return capture(tiny_model(), (tokens,), dynamic=dynamic, method="prefill")
+
+
+class RouteBiasSubtracted(torch.nn.Module):  # selection by s - bias: not the router's rule
+    def forward(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> tuple:
+        s = torch.nn.functional.softplus(x @ w.t()).sqrt()
+        picks = (s - bias).topk(2, dim=-1).indices
+        weights = s.gather(1, picks)
+        return weights / weights.sum(-1, keepdim=True), picks
+
+
+def route_args() -> tuple:
+    """x [9, 16], gate [6, 16], bias [6] for the router modules (seeded)."""
+    gen = torch.Generator().manual_seed(2)
+    return tuple(torch.randn(s, generator=gen) for s in ((9, 16), (6, 16), (6,)))

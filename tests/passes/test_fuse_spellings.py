@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from passes_helpers import RouteBiasSubtracted, route_args
 from torch import Tensor, nn
 
 import ir
@@ -193,19 +194,6 @@ class RouteSqrtSoftplus(nn.Module):
         picks = torch.topk(s + bias, 2).indices
         weights = s.gather(1, picks)
         return weights / weights.sum(-1, keepdim=True) * 1.5, picks
-
-
-class RouteBiasSubtracted(nn.Module):  # selection by s - bias: not the router's rule
-    def forward(self, x: Tensor, w: Tensor, bias: Tensor) -> tuple:
-        s = F.softplus(x @ w.t()).sqrt()
-        picks = (s - bias).topk(2, dim=-1).indices
-        weights = s.gather(1, picks)
-        return weights / weights.sum(-1, keepdim=True), picks
-
-
-def route_args() -> tuple:
-    gen = torch.Generator().manual_seed(2)
-    return tuple(torch.randn(s, generator=gen) for s in ((9, 16), (6, 16), (6,)))
 
 
 def test_moe_route_spellings() -> None:

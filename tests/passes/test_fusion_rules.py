@@ -10,9 +10,7 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
-from passes_helpers import tiny_prefill_graph
-from torch import Tensor, nn
+from passes_helpers import RouteBiasSubtracted, route_args, tiny_prefill_graph
 
 import ir
 import passes
@@ -58,17 +56,8 @@ def test_explain_answers_for_every_fusion_rule() -> None:
             assert "failed at " in text and " @ " in text and "computes: " in text, text
 
 
-class RouteBiasSubtracted(nn.Module):  # selection by s - bias: not the router's rule
-    def forward(self, x: Tensor, w: Tensor, bias: Tensor) -> tuple:
-        s = F.softplus(x @ w.t()).sqrt()
-        picks = (s - bias).topk(2, dim=-1).indices
-        weights = s.gather(1, picks)
-        return weights / weights.sum(-1, keepdim=True), picks
-
-
 def test_route_near_miss_is_not_fused_and_explained() -> None:
-    gen = torch.Generator().manual_seed(2)
-    args = tuple(torch.randn(s, generator=gen) for s in ((9, 16), (6, 16), (6,)))
+    args = route_args()
     g = passes.canonicalize(capture(RouteBiasSubtracted(), args))
     ctx = passes.PassContext()
     out = fuse_moe(g, ctx)
@@ -81,4 +70,4 @@ def test_route_near_miss_is_not_fused_and_explained() -> None:
     assert "failed at choice after 2 steps" in text, text
     assert "the top-k ranks neither the scores nor scores + bias" in text, text
     line = inspect.getsourcelines(RouteBiasSubtracted.forward)[1] + 2  # `(s - bias).topk(...)`
-    assert f"= sub(%3, %bias)  # @ test_fusion_rules.py:{line}" in text, text  # op and line
+    assert f"= sub(%3, %bias)  # @ passes_helpers.py:{line}" in text, text  # op and line
