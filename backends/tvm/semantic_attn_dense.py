@@ -112,4 +112,10 @@ def lower_sdpa(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
     return [te.compute(o.shape, lambda *i: convert(o(*i), out), name=lw.tag("o_cast"))]
 
 
-TVM_EMITTERS.register("attn.sdpa")(emit_single)
+def _sdpa_check(node: ir.Node) -> bool | str:
+    if node.attrs.get("indexed") or node.attrs.get("value_dim"):
+        return "attn.sdpa with indices or value_dim: no TVM lowering yet"
+    return True
+
+
+TVM_EMITTERS.register("attn.sdpa", check=_sdpa_check)(emit_single)

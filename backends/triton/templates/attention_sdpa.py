@@ -133,6 +133,8 @@ class SdpaLaunch(OneKernel):
 
 
 def _sdpa_check(node: ir.Node) -> bool | str:
+    if node.attrs.get("indexed") or node.attrs.get("value_dim"):
+        return "attn.sdpa with indices or value_dim: not in the template yet"
     q, k, v = node.operands[:3]
     if q.dtype not in _FLOATS or k.dtype != q.dtype or v.dtype != q.dtype:
         return f"attn.sdpa of {q.dtype}/{k.dtype}/{v.dtype}: the template takes f32/bf16/f16 alike"
