@@ -9,8 +9,11 @@
   and `cost`. Attributes are validated and canonicalised on construction from the field
   annotations (int, float, bool, str, DType, Dim, Scalar, Optional, tuple[..., ...], Graph).
 - `Node(op, operands, results, loc)`: one op application in a graph; `.name` is the mnemonic.
-- `Graph(inputs, ops, outputs, name, roles)`: a flat ordered list of nodes (a jaxpr); every input
-  has a role: "activation", "parameter" or "cache".
+- `Graph(inputs, ops, outputs, name, roles, aliases)`: a flat ordered list of nodes (a jaxpr);
+  every input has a role: "activation", "parameter" or "cache". `aliases` maps an output index
+  to the name of the input whose buffer that output may be written into (donation: an executable
+  running in place updates the caller's tensor instead of returning a new one; see
+  `ir.verifier` rule 9 for what makes that safe).
 """
 
 from __future__ import annotations
@@ -370,6 +373,7 @@ class Graph:
         outputs=(),
         name: str | None = None,
         roles: dict[str, str] | None = None,
+        aliases: dict[int, str] | None = None,
     ) -> None:
         self.inputs: list[Value] = list(inputs)
         self.ops: list[Node] = list(ops)
@@ -377,6 +381,8 @@ class Graph:
         self.name = name
         self.roles: dict[str, str] = {v.name: "activation" for v in self.inputs}
         self.roles.update(roles or {})
+        # output index -> input name: that output may be written into that input's buffer
+        self.aliases: dict[int, str] = dict(aliases or {})
         if name is not None:
             check_value_name(name, "graph")
 

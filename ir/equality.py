@@ -2,7 +2,7 @@
 
 Two graphs are equal when they have the same name, inputs (names, types, roles), ops in the same
 order (mnemonic, attributes — nested graphs recursively, NaN equal to NaN, `1` unequal to `1.0` —,
-operands, results and locations) and outputs. With `names=False`, value names may differ
+operands, results and locations), outputs and aliases. With `names=False`, value names may differ
 (alpha-equivalence): values are matched by position of definition; input names still count
 because they are the graph's interface (parameter names).
 """
@@ -62,6 +62,8 @@ def _diff(a: Graph, b: Graph, env: dict, names: bool, locs: bool, path: str):
     outs_b = [v.name for v in b.outputs]
     if outs_a != outs_b:
         return f"{path}return", f"outputs {[v.name for v in a.outputs]} != {outs_b}"
+    if a.aliases != b.aliases:
+        return f"{path}return", f"aliases {a.aliases} != {b.aliases}"
     return None, None
 
 

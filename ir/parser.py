@@ -91,17 +91,31 @@ class _Parser:
             ops.append(self.node(scope))
             self.skip_comments()
         ts.next()
-        outputs = []
+        outputs: list[Value] = []
+        aliases: dict[int, str] = {}
         if ts.at("VALUE"):
-            outputs.append(self.use(scope))
+            self.output(scope, roles, outputs, aliases)
             while ts.accept("OP", ","):
-                outputs.append(self.use(scope))
+                self.output(scope, roles, outputs, aliases)
         self.skip_comments()
         ts.expect("OP", "}", what="'}' closing the graph")
         try:
-            return Graph(inputs, ops, outputs, name=name, roles=roles)
+            return Graph(inputs, ops, outputs, name=name, roles=roles, aliases=aliases)
         except IRTypeError as e:
             raise ts.error(str(e)) from None
+
+    def output(
+        self, scope: dict[str, Value], roles: dict[str, str], outputs: list, aliases: dict
+    ) -> None:
+        """`%v` or `%v into %input` (the output may be written into that input's buffer)."""
+        outputs.append(self.use(scope))
+        if not self.ts.accept("NAME", "into"):
+            return
+        tok = self.ts.peek()
+        target = self.use(scope)
+        if target.name not in roles:
+            raise self.ts.error(f"{tok.text} after 'into' is not an input of this graph", tok)
+        aliases[len(outputs) - 1] = target.name
 
     def value_decl(self, scope: dict[str, Value]) -> Value:
         ts = self.ts

@@ -15,6 +15,8 @@
   `true`/`false`; `none`; strings JSON-quoted `"sqrtsoftplus"`; dtypes by name `bf16`; lists
   `[0, 2, 1]` (tuples); dims as expressions `T - 1`; graphs inline as `graph NAME(...) { ... }`
   indented one level deeper; a nested graph has its own value scope (it sees only its inputs).
+- Aliases: an output written into an input's buffer (`Graph.aliases`) is returned as
+  `%new into %cache` (`return %logits, %283 into %cache.layers.0.attn.window_kv`).
 - Provenance: trailing `# module.path @ file.py:line` (either part may be absent; parts containing
   `@`, `"` or surrounding spaces are JSON-quoted). Comments on their own line are ignored.
 """
@@ -55,10 +57,15 @@ def graph_text(g: Graph, indent: str) -> str:
     lines = [header]
     for n in g.ops:
         lines.append(node_text(n, indent + "  "))
-    outs = ", ".join(f"%{v.name}" for v in g.outputs)
+    outs = ", ".join(_output_text(g, i, v) for i, v in enumerate(g.outputs))
     lines.append(f"{indent}  return {outs}".rstrip())
     lines.append(f"{indent}}}")
     return "\n".join(lines)
+
+
+def _output_text(g: Graph, i: int, v: Value) -> str:
+    into = g.aliases.get(i)
+    return f"%{v.name}" if into is None else f"%{v.name} into %{into}"
 
 
 def node_text(n: Node, indent: str = "") -> str:

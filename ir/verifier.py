@@ -1,6 +1,6 @@
 """`verify(g)`: check a graph's invariants; raise `VerifyError` showing the surrounding ops.
 
-Rules (each has a corrupted-IR test in tests/ir/test_verifier.py):
+Rules (each has a corrupted-IR test in tests/ir/test_ir_verifier.py; rule 9 in test_ir_aliases.py):
 1. inputs: valid roles, unique names;
 2. def-before-use: every operand is an input or an earlier result;
 3. single assignment: no value defined twice (inputs included);
@@ -9,7 +9,11 @@ Rules (each has a corrupted-IR test in tests/ir/test_verifier.py):
 6. types: `infer_type` accepts the operands and the recorded result types equal its answer,
    including the number of results;
 7. outputs: every graph output is defined;
-8. nested bodies (`Graph` attributes) are verified recursively.
+8. nested bodies (`Graph` attributes) are verified recursively;
+9. aliases (`Graph.aliases`: output i may be written into input j's buffer): i is an output
+   index, j a non-parameter input of the output's type, aliased by one output only, and j is read
+   by no op except the one defining output i (so writing j's buffer there changes no other
+   op's operand); an output that is input j itself needs nothing written.
 """
 
 from __future__ import annotations
@@ -64,6 +68,50 @@ def _verify(g: Graph, path: str, memo: dict | None = None) -> None:
                 f"graph output %{v.name}: {type_text(v.type)} does not match "
                 f"its definition {type_text(defined[v.name].type)}",
             )  # type: ignore[attr-defined]
+    _verify_aliases(g, path)
+
+
+def _verify_aliases(g: Graph, path: str) -> None:
+    """Rule 9 (see the module docstring)."""
+    if not g.aliases:
+        return
+    inputs = {v.name: v for v in g.inputs}
+    taken: dict[str, int] = {}
+    readers: dict[str, list[int]] = {}
+    for i, n in enumerate(g.ops):
+        for v in n.operands:
+            if v.name in inputs:
+                readers.setdefault(v.name, []).append(i)
+    defined_at = {r.name: i for i, n in enumerate(g.ops) for r in n.results}
+    end = len(g.ops)
+    for k, name in sorted(g.aliases.items()):
+        if not isinstance(k, int) or not 0 <= k < len(g.outputs):
+            _fail(g, end, path, f"alias of output {k!r}: the graph has {len(g.outputs)} outputs")
+        out, src = g.outputs[k], inputs.get(name)
+        where = f"output {k} (%{out.name}) into %{name}"
+        if src is None:
+            _fail(g, end, path, f"{where}: %{name} is not an input", "alias an input")
+        if g.roles.get(name) == "parameter":
+            _fail(g, end, path, f"{where}: %{name} is a parameter", "alias a cache input")
+        if src.type != out.type:
+            _fail(g, end, path, f"{where}: types {type_text(out.type)} and {type_text(src.type)}")
+        if name in taken:
+            _fail(g, end, path, f"{where}: output {taken[name]} is written there too")
+        taken[name] = k
+        if out.name == name:
+            continue  # returned unchanged: nothing is written
+        if out.name in inputs:
+            _fail(g, end, path, f"{where}: the output is another input, %{out.name}")
+        writer = defined_at[out.name]
+        others = [i for i in readers.get(name, ()) if i != writer]
+        if others:
+            _fail(
+                g,
+                others[0],
+                path,
+                f"{where}: op {others[0]} reads %{name}, which op {writer} overwrites in place",
+                "alias only an input that the op writing it alone reads",
+            )
 
 
 def _verify_node(g: Graph, i: int, n: Node, defined: dict, path: str, memo: dict) -> None:
