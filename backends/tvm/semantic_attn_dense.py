@@ -1,16 +1,22 @@
-"""te lowering of `attn.sdpa` (ir/ops/attn_dense.py), one kernel per node.
+"""te lowering of `attn.sdpa` (ir/ops/attn_dense.py), one kernel per node, dense or indexed.
 
 Stages, all fp32: z = scale·q·kᵀ (capped: softcap·tanh(z/softcap)) (+ float mask; -inf where a
 key is not visible by position or by a bool mask), the row max m (with the sink), the
 denominator Σ exp(z - m) (+ exp(sink - m)), p = exp(z - m) / den materialised once per (query,
 key) so the output loop reads it instead of recomputing it per output channel, then
-o = Σ_s p·v cast to q's dtype. Query head h reads KV head h // G. A row with no visible key and
+o = Σ p·v cast to q's dtype. Query head h reads KV head h // G. A row with no visible key and
 no sink has a zero denominator: its p is 0, so o is 0.
+
+Indexed (`indexed=true`): the key axis is the query's n index slots instead of the S keys;
+slot j reads key row s = indices[b, h // G or 0, t, j] (a data-dependent load in the index
+expression), clamped to row 0 and masked to -inf when s is outside [0, S) or not visible; the
+mask (bool or additive) is read at [b, h, t, s]. Values are v's rows, or with value_dim the
+first value_dim channels of the same key rows.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import ir
 from backends.tvm.emitters import TVM_EMITTERS, emit_single
@@ -33,47 +39,131 @@ def lower_sdpa(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
     from tvm import te, tirx
 
     op = node.op
-    q, k, v, *rest = args
-    mask = rest[0] if op.mask != "none" else None
-    sinks = rest[-1] if op.sinks else None
+    r = op.roles(args)
+    q, k = r["q"], r["k"]
+    group = tirx.floordiv(q.shape[1], k.shape[1])
+
+    def kv_head(h: Any) -> Any:
+        return tirx.floordiv(h, group)
+
+    if op.value_dim:  # values: the first value_dim channels of the key rows
+        v, dv = k, op.value_dim
+    else:
+        v, dv = r["v"], r["v"].shape[3]
+    if r["indices"] is not None:
+        z, row = _indexed_logits(lw, op, r, kv_head)
+    else:
+        z, row = _dense_logits(lw, op, r, kv_head), None
+
+    def value(b: Any, h: Any, t: Any, j: Any, c: Any) -> Any:
+        s = j if row is None else row(b, h, t, j)
+        return f32(v(b, kv_head(h), s, c))
+
+    o = _softmax_times_values(lw, z, r["sinks"], value, dv)
     out = tvm_dtype(node.result.dtype)
+    return [te.compute(o.shape, lambda *i: convert(o(*i), out), name=lw.tag("o_cast"))]
+
+
+def _logit(op: Any, dot: Any, b: Any, h: Any, t: Any, s: Any) -> Any:
+    """scale·q·k, soft-capped (before any mask) when softcap > 0."""
+    from tvm import te, tirx
+
+    z = dot * tirx.const(op.scale, F32)
+    if op.softcap > 0:
+        cap = tirx.const(op.softcap, F32)
+        z = te.tanh(z / cap) * cap
+    return z
+
+
+def _seen_by_position(op: Any, t: Any, s: Any) -> Any:
+    from tvm import tirx
+
+    ok = tirx.const(True, "bool")
+    pos = t + op.offset
+    if op.causal:
+        ok = tirx.all(ok, s <= pos)
+    if op.window > 0:
+        ok = tirx.all(ok, pos - s < op.window)
+    return ok
+
+
+def _dense_logits(lw: Lowering, op: Any, r: dict, kv_head: Callable) -> Any:
+    """z [B,Hq,T,S]: masked logits over every key."""
+    from tvm import te, tirx
+
+    q, k, mask = r["q"], r["k"], r["mask"]
     batch, hq, t_len, d = q.shape
-    s_len, dv = k.shape[2], v.shape[3]
-    group = tirx.floordiv(hq, k.shape[1])
-    neg = tirx.const(NEG_INF, F32)
-
-    def visible(b: Any, h: Any, t: Any, s: Any) -> Any:
-        ok = tirx.const(True, "bool")
-        pos = t + op.offset
-        if op.causal:
-            ok = tirx.all(ok, s <= pos)
-        if op.window > 0:
-            ok = tirx.all(ok, pos - s < op.window)
-        if op.mask == "bool":
-            ok = tirx.all(ok, convert(_mask_at(mask, b, h, t, s), "bool"))
-        return ok
-
     kd = te.reduce_axis((0, d), name="kd")
     dot = te.compute(
-        (batch, hq, t_len, s_len),
-        lambda b, h, t, s: te.sum(
-            f32(q(b, h, t, kd)) * f32(k(b, tirx.floordiv(h, group), s, kd)), axis=kd
-        ),
+        (batch, hq, t_len, k.shape[2]),
+        lambda b, h, t, s: te.sum(f32(q(b, h, t, kd)) * f32(k(b, kv_head(h), s, kd)), axis=kd),
         name=lw.tag("dot"),
     )
 
     def logit(b: Any, h: Any, t: Any, s: Any) -> Any:
-        z = dot(b, h, t, s) * tirx.const(op.scale, F32)
-        if op.softcap > 0:
-            cap = tirx.const(op.softcap, F32)
-            z = te.tanh(z / cap) * cap
+        z = _logit(op, dot(b, h, t, s), b, h, t, s)
+        seen = _seen_by_position(op, t, s)
         if op.mask == "add":
             z = z + f32(_mask_at(mask, b, h, t, s))
-        return tirx.Select(visible(b, h, t, s), z, neg)
+        elif op.mask == "bool":
+            seen = tirx.all(seen, convert(_mask_at(mask, b, h, t, s), "bool"))
+        return tirx.Select(seen, z, tirx.const(NEG_INF, F32))
 
-    z = te.compute(dot.shape, logit, name=lw.tag("z"))
-    rows = (batch, hq, t_len)
-    ks = te.reduce_axis((0, s_len), name="ks")
+    return te.compute(dot.shape, logit, name=lw.tag("z"))
+
+
+def _indexed_logits(lw: Lowering, op: Any, r: dict, kv_head: Callable) -> tuple[Any, Any]:
+    """(z [B,Hq,T,n] over the index slots, row [B,Hq,T,n]: each slot's key row, 0 where the
+    slot is no key)."""
+    from tvm import te, tirx
+
+    q, k, mask, idx = r["q"], r["k"], r["mask"], r["indices"]
+    batch, hq, t_len, d = q.shape
+    s_len, n = k.shape[2], idx.shape[3]
+    shared = _is_one(idx.shape[1])
+
+    def index(b: Any, h: Any, t: Any, j: Any) -> Any:
+        return convert(idx(b, 0 if shared else kv_head(h), t, j), "int64")
+
+    def in_range(s: Any) -> Any:
+        return tirx.all(s >= 0, s < convert(s_len, "int64"))
+
+    shape = (batch, hq, t_len, n)
+    row = te.compute(
+        shape,
+        lambda b, h, t, j: tirx.Select(in_range(index(b, h, t, j)), index(b, h, t, j),
+                                       tirx.const(0, "int64")),  # fmt: skip
+        name=lw.tag("row"),
+    )
+    kd = te.reduce_axis((0, d), name="kd")
+    dot = te.compute(
+        shape,
+        lambda b, h, t, j: te.sum(
+            f32(q(b, h, t, kd)) * f32(k(b, kv_head(h), row(b, h, t, j), kd)), axis=kd
+        ),
+        name=lw.tag("dot"),
+    )
+
+    def logit(b: Any, h: Any, t: Any, j: Any) -> Any:
+        s = row(b, h, t, j)
+        z = _logit(op, dot(b, h, t, j), b, h, t, s)
+        seen = tirx.all(in_range(index(b, h, t, j)), _seen_by_position(op, t, s))
+        if op.mask == "add":
+            z = z + f32(_mask_at(mask, b, h, t, s))
+        elif op.mask == "bool":
+            seen = tirx.all(seen, convert(_mask_at(mask, b, h, t, s), "bool"))
+        return tirx.Select(seen, z, tirx.const(NEG_INF, F32))
+
+    return te.compute(shape, logit, name=lw.tag("z")), row
+
+
+def _softmax_times_values(lw: Lowering, z: Any, sinks: Any, value: Callable, dv: Any) -> Any:
+    """o [B,Hq,T,Dv] fp32 = Σ_j softmax(z [, sink])_j · value(b, h, t, j, c)."""
+    from tvm import te, tirx
+
+    rows = tuple(z.shape[:3])
+    keys = z.shape[3]
+    ks = te.reduce_axis((0, keys), name="ks")
     zmax = te.compute(rows, lambda b, h, t: te.max(z(b, h, t, ks), axis=ks), name=lw.tag("zmax"))
     if sinks is not None:
         m = te.compute(rows, lambda b, h, t: tirx.max(zmax(b, h, t), f32(sinks(h))), name="m")
@@ -81,7 +171,7 @@ def lower_sdpa(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
         m = zmax
     # a row that sees nothing: every z is -inf (te.max starts at the lowest finite float, so m
     # stays finite), exp(z - m) = 0 and den = 0 without a sink; its weights are 0, not 0/0
-    ks2 = te.reduce_axis((0, s_len), name="ks2")
+    ks2 = te.reduce_axis((0, keys), name="ks2")
     zsum = te.compute(
         rows,
         lambda b, h, t: te.sum(te.exp(z(b, h, t, ks2) - m(b, h, t)), axis=ks2),
@@ -101,21 +191,12 @@ def lower_sdpa(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
         ),
         name=lw.tag("keep_p"),
     )
-    ks3 = te.reduce_axis((0, s_len), name="ks3")
-    o = te.compute(
-        (batch, hq, t_len, dv),
-        lambda b, h, t, c: te.sum(
-            p(b, h, t, ks3) * f32(v(b, tirx.floordiv(h, group), ks3, c)), axis=ks3
-        ),
+    ks3 = te.reduce_axis((0, keys), name="ks3")
+    return te.compute(
+        (*rows, dv),
+        lambda b, h, t, c: te.sum(p(b, h, t, ks3) * value(b, h, t, ks3, c), axis=ks3),
         name=lw.tag("rows_o"),
     )
-    return [te.compute(o.shape, lambda *i: convert(o(*i), out), name=lw.tag("o_cast"))]
 
 
-def _sdpa_check(node: ir.Node) -> bool | str:
-    if node.attrs.get("indexed") or node.attrs.get("value_dim"):
-        return "attn.sdpa with indices or value_dim: no TVM lowering yet"
-    return True
-
-
-TVM_EMITTERS.register("attn.sdpa", check=_sdpa_check)(emit_single)
+TVM_EMITTERS.register("attn.sdpa")(emit_single)

@@ -117,7 +117,7 @@ class DenseAttention(Op):
         require(self, self.window == 0 or self.causal, "a window needs causal=true", *types)
         r = self.roles(types)
         q, k = r["q"], r["k"]
-        v = r["v"] or k
+        v = k if r["v"] is None else r["v"]
         require(self, q.rank == 4 and k.rank == 4 and v.rank == 4,
                 "q, k, v must be [B,H,T,D], [B,Hkv,S,D], [B,Hkv,S,Dv]", *types)  # fmt: skip
         require(self, q.dtype.is_float and k.dtype.is_float and v.dtype.is_float,
@@ -267,7 +267,8 @@ class DenseAttention(Op):
         # indexed: each (sequence, KV head, query) reads its n picked rows of k (and v), not all
         # S (and never more bytes than k and v hold: prefill's picks overlap)
         rest = [t for t, role in zip(operand_types, self._roles_in_order()) if role not in ("k", "v")]
-        row = q.shape[3] * k.dtype.itemsize + (0 if self.value_dim else dv * r["v"].dtype.itemsize)
+        row = q.shape[3] * k.dtype.itemsize
+        row += 0 if self.value_dim else dv * r["v"].dtype.itemsize
         picked = k.shape[0] * k.shape[1] * q.shape[2] * keys * row
         whole = k.nbytes + (r["v"].nbytes if r["v"] is not None else 0)
         base = io_cost(flops, rest, result_types)

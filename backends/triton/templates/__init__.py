@@ -4,7 +4,7 @@ family; importing a module registers its emitters in `TRITON_EMITTERS`.
 | module | ops |
 |---|---|
 | `attention.py` | `attn.sparse_mqa` (prefill; split-KV decode), `attn.indexer_topk` |
-| `attention_sdpa.py` | `attn.sdpa` (dense MHA/GQA/MQA, flash-style online softmax) |
+| `attention_sdpa.py` | `attn.sdpa` (dense MHA/GQA/MQA, flash-style online softmax; indexed keys in `attention_sdpa_indexed.py`) |
 | `compress.py` | `attn.compress`, `attn.compress_step` |
 | `hc.py` | `hc.pre` (Sinkhorn in registers), `hc.post`, `hc.head` |
 | `moe.py` | `moe.route`, `moe.experts` |

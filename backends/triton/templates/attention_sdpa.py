@@ -21,6 +21,7 @@ import ir
 from backends.targets import Target, get_target
 from backends.triton.emitters import TRITON_EMITTERS, AotVariant, OneKernel, cdiv
 from backends.triton.kernel import KernelSource, Param, load_jit, next_pow2
+from backends.triton.templates.attention_sdpa_indexed import IndexedSdpaLaunch, indexed_source
 from backends.triton.templates.attention_sdpa_kernel import SDPA_SOURCE
 from ir.ops.attn_dense import KERNEL_HEAD_DIM
 from ir.symbolic import subs_dim
@@ -133,23 +134,30 @@ class SdpaLaunch(OneKernel):
 
 
 def _sdpa_check(node: ir.Node) -> bool | str:
-    if node.attrs.get("indexed") or node.attrs.get("value_dim"):
-        return "attn.sdpa with indices or value_dim: not in the template yet"
-    q, k, v = node.operands[:3]
+    r = node.op.roles(node.operands)
+    q, k = r["q"], r["k"]
+    v = k if r["v"] is None else r["v"]
     if q.dtype not in _FLOATS or k.dtype != q.dtype or v.dtype != q.dtype:
         return f"attn.sdpa of {q.dtype}/{k.dtype}/{v.dtype}: the template takes f32/bf16/f16 alike"
-    dims = (q.shape[3], v.shape[3])
+    if node.attrs["value_dim"] and not node.attrs["indexed"]:
+        return "dense attn.sdpa with value_dim: only the indexed template reads values from k"
+    dims = (q.shape[3], node.attrs["value_dim"] or v.shape[3])
     if not all(isinstance(d, int) for d in dims):
         return f"attn.sdpa with a symbolic head dim {dims}: tiles need it static"
     if max(dims) > MAX_HEAD_DIM:
         return f"attn.sdpa head dims {dims}: the template takes up to {MAX_HEAD_DIM}"
-    if node.attrs["mask"] != "none" and node.operands[3].dtype not in (*_FLOATS, ir.DType.bool):
-        return f"attn.sdpa mask of {node.operands[3].dtype}: bool or float only"
+    if r["mask"] is not None and r["mask"].dtype not in (*_FLOATS, ir.DType.bool):
+        return f"attn.sdpa mask of {r['mask'].dtype}: bool or float only"
+    heads = (q.shape[1], k.shape[1])
+    if node.attrs["indexed"] and not all(isinstance(h, int) for h in heads):
+        return f"indexed attn.sdpa with symbolic heads {heads}: the grid groups them statically"
     return True
 
 
 @TRITON_EMITTERS.register("attn.sdpa", check=_sdpa_check)
-def emit_sdpa(node: ir.Node, target: Target | None) -> SdpaLaunch:
+def emit_sdpa(node: ir.Node, target: Target | None) -> SdpaLaunch | IndexedSdpaLaunch:
     q = node.operands[0]
     tgt = target or get_target("cpu")
+    if node.attrs["indexed"]:
+        return IndexedSdpaLaunch(indexed_source(node), node.op, q.dtype, tgt, node.operands)
     return SdpaLaunch(_source(node), dict(node.attrs), q.dtype, tgt, node.operands)
