@@ -51,7 +51,8 @@ def pipeline(
     g = ctx.run("fuse_elementwise", fuse_elementwise, g)
     # order the kernel ops (the order needing fewer activation bytes); launches and their costs
     g = ctx.run("schedule", schedule, g)
-    # liveness-based buffer reuse at ctx.options["bindings"] (default B=1, T=4096): peak bytes
+    # cache updates aliased to their inputs (written in place), then liveness-based buffer reuse
+    # at ctx.options["bindings"] (default B=1, T=4096): peak bytes
     g = ctx.run("plan_memory", plan_memory, g)
     if ctx.stats:
         ctx.log(ctx.report())

@@ -16,6 +16,14 @@ Two plans, both greedy in schedule order:
   else the largest freed one grows, else a new buffer — once plain and once with freed buffers
   restricted to within 2x of the size; the smaller pool is kept.
 
+Cache updates are written in place (`alias_updates`): a graph output that is a cache input with
+some elements rewritten — `index_put`, `index_put_multi`, or a state or cache result of
+`attn.compress_step` — gets `Graph.aliases[i] = input`, when that input is read by its writer
+alone (verifier rule 9). An executable running in place then updates the caller's tensor where it
+is (only the written rows move); in the functional mode it copies the input first. Aliased outputs
+live in the caller's buffers and take no planned buffer (`aliased_bytes`: what the functional
+mode allocates on top of the plan).
+
 Reported: `no_reuse_bytes` (one buffer per value), `peak_bytes` (the concrete pool), `live_bytes`
 (the most bytes live at once: a lower bound for any plan of this order), and the symbolic pool
 evaluated at the bindings. Symbols missing from `bindings` are taken as 1 and listed in `assumed`.
@@ -33,7 +41,17 @@ from passes.context import PassContext
 from passes.cost import FREE, evaluate, gemm_operand_views
 from passes.fuse_elementwise import broadcast_shape
 
-__all__ = ["DEFAULT_BINDINGS", "Lifetime", "MemoryPlan", "lifetimes", "plan", "plan_memory"]
+__all__ = [
+    "DEFAULT_BINDINGS",
+    "UPDATES",
+    "Lifetime",
+    "MemoryPlan",
+    "alias_updates",
+    "lifetimes",
+    "plan",
+    "plan_memory",
+    "update_bytes",
+]
 
 DEFAULT_BINDINGS = {"B": 1, "T": 4096}
 
@@ -57,6 +75,7 @@ class MemoryPlan:
     symbolic_buffers: list[Dim] = field(default_factory=list)
     no_reuse_bytes: int = 0
     live_bytes: int = 0
+    aliased_bytes: int = 0  # outputs written into the caller's buffers (graph.aliases)
 
     @property
     def peak_bytes(self) -> int:
@@ -72,7 +91,8 @@ class MemoryPlan:
             f"activations at {self.bindings}: no reuse {self.no_reuse_bytes / mib:.1f} MiB, "
             f"planned {self.peak_bytes / mib:.1f} MiB in {len(self.buffers)} buffers "
             f"(symbolic plan {self.symbolic_bytes / mib:.1f} MiB in "
-            f"{len(self.symbolic_buffers)}), live peak {self.live_bytes / mib:.1f} MiB"
+            f"{len(self.symbolic_buffers)}), live peak {self.live_bytes / mib:.1f} MiB, "
+            f"written in place into caller buffers {self.aliased_bytes / mib:.1f} MiB"
         )
 
 
@@ -84,6 +104,7 @@ def lifetimes(g: Graph) -> list[Lifetime]:
     members: dict[str, list[str]] = {}
     values: dict[str, Value] = {}
     views = gemm_operand_views(g)
+    caller = {g.outputs[k].name for k in g.aliases}  # written into the caller's buffers
     for i, n in enumerate(g.ops):
         for v in n.operands:
             if v.name in owner:
@@ -97,8 +118,8 @@ def lifetimes(g: Graph) -> list[Lifetime]:
                 owner[r.name] = owner[src]
                 members[owner[src]].append(r.name)
                 continue
-            if src is not None:  # a view of a graph input: the caller's memory
-                continue
+            if src is not None or r.name in caller:  # a view of an input, or an input updated
+                continue  # in place: the caller's memory
             owner[r.name] = r.name
             start[r.name] = end[r.name] = i
             members[r.name] = []
@@ -139,6 +160,7 @@ def plan(g: Graph, bindings: Mapping[str, int] | None = None) -> MemoryPlan:
     owner_of, buffers = min(tries, key=lambda t: sum(t[1]))
     assignment = {name: owner_of[k] for k, life in enumerate(lives) for name in _names(life)}
     out = MemoryPlan(env, assumed, assignment, buffers, no_reuse_bytes=sum(sizes))
+    out.aliased_bytes = sum(_bytes_at(g.outputs[k].type, key) for k in g.aliases)
     out.symbolic_buffers = _symbolic(events, [_nbytes(life.value.type) for life in lives])
     live = 0
     for starts, ends, donated in events:
@@ -261,10 +283,94 @@ def _symbolic(events, sizes: list[Dim]) -> list[Dim]:
     return buffers
 
 
+# --- cache updates written in place ---------------------------------------------------------
+
+# op -> {result index: index of the operand it is a copy of, with some elements rewritten}
+UPDATES: dict[str, dict[int, int]] = {
+    "index_put": {0: 0},  # x with rows at idx replaced (or incremented)
+    "index_put_multi": {0: 0},
+    "attn.compress_step": {0: 10, 1: 2, 2: 3},  # cache (one row), kv_state, score_state
+}
+
+
+def alias_updates(g: Graph) -> tuple[Graph, dict[str, str]]:
+    """`g` with `aliases` for every output that updates a cache input (see the module docstring),
+    and for every other output produced by an update op, why it is not aliased."""
+    producers = g.producers()
+    readers: dict[str, set[int]] = {}
+    for i, n in enumerate(g.ops):
+        for v in n.operands:
+            readers.setdefault(v.name, set()).add(id(n))
+    aliases: dict[int, str] = {}
+    why: dict[str, str] = {}
+    for k, out in enumerate(g.outputs):
+        n = producers.get(out.name)
+        if n is None or n.name not in UPDATES:
+            continue
+        src = n.operands[UPDATES[n.name][n.results.index(out)]]
+        reason = _not_aliasable(g, n, out, src, readers, aliases)
+        if reason:
+            why[out.name] = reason
+        else:
+            aliases[k] = src.name
+    if aliases == g.aliases:
+        return g, why
+    return Graph(g.inputs, g.ops, g.outputs, name=g.name, roles=dict(g.roles), aliases=aliases), why
+
+
+def _not_aliasable(g: Graph, n: Node, out: Value, src: Value, readers, aliases) -> str:
+    """Why `out` (a result of update op `n`) cannot be written into `src`'s buffer, or ""."""
+    if g.roles.get(src.name) != "cache":
+        return f"{n.name} updates %{src.name}, not a cache input"
+    if src.type != out.type:
+        return f"%{src.name} is {src.type}, the update {out.type}"
+    if readers.get(src.name, set()) != {id(n)}:
+        return f"%{src.name} is read by other ops than {n.name}"
+    if src.name in aliases.values():
+        return f"%{src.name} is already written by another output"
+    return ""
+
+
+def update_bytes(g: Graph, bindings: Mapping[str, int]) -> dict[str, int]:
+    """Bytes the aliased cache updates move per call. "inplace": the elements written (the rows
+    of `index_put`, one cache row of `attn.compress_step`, its states whole); "functional": the
+    copy of each updated input (read and write it whole) on top of that."""
+    env = {str(k): int(v) for k, v in bindings.items()}
+    producers = g.producers()
+    inplace = copies = 0
+    for k in g.aliases:
+        out = g.outputs[k]
+        n = producers.get(out.name)
+        if n is None:
+            continue
+        whole = evaluate(out.type.nbytes, env)
+        copies += 2 * whole
+        inplace += _written_bytes(n, n.results.index(out), whole, env)
+    return {"inplace": inplace, "functional": inplace + copies}
+
+
+def _written_bytes(n: Node, result: int, whole: int, env: dict[str, int]) -> int:
+    if n.name.startswith("index_put"):
+        return evaluate(n.operands[-1].type.nbytes, env)  # the values
+    if n.name == "attn.compress_step" and result == 0:
+        rows = evaluate(n.results[0].shape[1], env)
+        return whole // max(rows, 1)  # one row per batch entry
+    return whole
+
+
 def plan_memory(g: Graph, ctx: PassContext | None = None) -> Graph:
-    """Pass: plan buffers at `ctx.options["bindings"]` (default B=1, T=4096); the plan goes to
-    `ctx.products["memory_plan"]` (its summary is logged with STATS=1). The graph is unchanged."""
+    """Pass: alias cache updates to their inputs (`alias_updates`), then plan buffers at
+    `ctx.options["bindings"]` (default B=1, T=4096); the plan goes to `ctx.products
+    ["memory_plan"]` (its summary is logged with STATS=1). Returns `g` itself when it has no cache
+    update to alias, else a copy with its aliases."""
     bindings = ctx.options.get("bindings") if ctx is not None else None
+    g, why = alias_updates(g)
+    if ctx is not None:
+        ctx.count("plan_memory.aliased", len(g.aliases))
+        for name, reason in why.items():
+            ctx.count("plan_memory.not_aliased")
+            if ctx.stats:
+                ctx.log(f"plan_memory: output %{name} stays functional: {reason}")
     result = plan(g, bindings)
     if ctx is not None:
         ctx.products["memory_plan"] = result
