@@ -16,6 +16,7 @@ from passes.fuse_attention import fuse_attention
 from passes.fuse_elementwise import fuse_elementwise
 from passes.fuse_hc import fuse_hc
 from passes.fuse_moe import fuse_moe
+from passes.fuse_nsa import fuse_nsa
 from passes.fuse_sdpa import fuse_sdpa
 from passes.memory_plan import plan_memory
 from passes.schedule import schedule
@@ -40,6 +41,8 @@ def pipeline(
     # --- semantic fusions (named ops with reference semantics in ir/) -------------------------
     # indexer + top-k, KV compressors (prefill and decode step), sparse/window/HCA MQA
     g = ctx.run("fuse_attention", fuse_attention, g)
+    # NSA: cmp/slc/win branches -> attn.sdpa (mask / indices / window), block top-n selection
+    g = ctx.run("fuse_nsa", fuse_nsa, g)
     # routing (score, biased top-k, renormalise, scale; hash form); dispatch + experts + combine
     g = ctx.run("fuse_moe", fuse_moe, g)
     # mHC pre (Sinkhorn kept as a loop inside the op), post and head

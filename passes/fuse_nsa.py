@@ -1,0 +1,484 @@
+"""Fuse Native Sparse Attention (NSA, models/attention_nsa.py) into `attn.sdpa` (one per branch)
+and `attn.block_select` — the op families CSA forms (attention ops and a selection op), with the
+same attention kernels as every dense model: no NSA copy of them.
+
+Every branch is GQA attention with the query heads grouped as q [B,T,G,hg,D] and a visibility
+`valid` guarding the softmax (a query that sees nothing gets 0):
+
+    o = where(valid, softmax(where(valid, c·q·kᵀ, -inf)), 0) · v          (P·V, rank 5)
+
+The keys decide the branch:
+
+    shared    k [B,1,G,N,D] = the G heads of [B,G,N,D] for every query       (cmp)
+              -> attn.sdpa(q, k, v, mask=valid): the block-causal visibility i·d + l − 1 <= t
+                 is no causal band, so it stays a bool mask operand (or becomes
+                 causal/offset/window when it evaluates to a band)
+    rows      k [B,T,m,G,D] = k_src[:, rows[t, j]]                            (win)
+              prefill: (rows, valid) evaluate to the band t − w < s <= t (each key once)
+                 -> attn.sdpa(q, k_src, v_src, causal, window=w);
+              decode over the ring: rows[j] = j wherever valid, at every position
+                 -> attn.sdpa(q, ring_k, ring_v, mask=valid)
+    tokens    k [B,T,G,m,D] = k_src[b, tok[b,t,g,j], g]                       (slc)
+              -> attn.sdpa(q, k_src, v_src, indices=where(valid, tok, -1)), indexed: the
+                 picked blocks' token rows per query and KV head (the model already masks
+                 them to s <= t, so no causal attribute is needed)
+
+Selection (`attn.block_select`), matched from the picks back to the cmp branch's probabilities:
+
+    picks = where(isinf(v) | i >= S', -1, i), (v, i) = topk(pad(where(vis_slc, rank, -inf)), n)
+    rank  = Σ_hg(p_cmp) · overlap + forced · bonus          (bonus > hg: forced blocks first)
+
+with overlap [N,S'], vis_slc, forced and the cmp visibility evaluated from positions and checked
+against the op's definitions (ir/ops/attn_select.py): at the graph's static T in prefill, at
+every position 0 .. S'·l' − 1 in decode (those masks read only the 0-d position). The selection
+recomputes q·kᵀ over the compressed keys instead of reading the cmp branch's probabilities: they
+are [B,T,H,N] floats (64 GiB at 64K tokens, H = 64, d = 16), while the recomputation is 1/d of
+a dense attention's QKᵀ and lets the kernel sum the group's heads in registers.
+
+Rules (and counters): `fuse_nsa.attn.sdpa`, `fuse_nsa.attn.block_select`. Runs after
+`fuse_attention` and before `fuse_sdpa` (whose dense rule wants [B,H,T,S] heads).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import ir
+from ir import Graph, Node, Value
+from ir.ops.attn_select import block_overlap, forced_blocks
+from ir.symbolic import same_dim
+from passes.context import PassContext
+from passes.fuse_attention import PICKS, TOPK
+from passes.fuse_common import Checks, FusionView, const_value, fusion_rule, replace
+from passes.pattern import Match, const, op, var
+from passes.rewrite import Replace, Rewriter, rewrite
+
+__all__ = ["RULES", "fuse_nsa"]
+
+MAX_CONE = 200  # a position mask is a short chain of iota/constant ops
+NEG_INF = float("-inf")
+
+LOGITS = op("mul", op("matmul", var("q", rank=5), var("kt", rank=5), name="qk"),
+            const(name="scale"))  # fmt: skip
+GUARDED = op(  # where(valid, softmax(where(valid, c·q·kᵀ, -inf)), 0)
+    "where",
+    var("valid"),
+    op("softmax", op("where", var("valid"), LOGITS, const(NEG_INF)), name="softmax"),
+    const(0.0),
+)
+
+
+# --- positions: masks evaluated at the positions a layer sees ----------------------------------
+
+Evaluate = Callable[[int], Any]  # position (decode) or 0 (prefill) -> tensor
+
+
+def _cone(view: FusionView, v: Value) -> tuple[list[Node], Value | None] | None:
+    """(ops computing v in graph order, the 0-d integer graph input they read or None), when
+    they read no other input; else None."""
+    seen: dict[int, Node] = {}
+    free: list[Value] = []
+    stack = [v]
+    while stack:
+        x = stack.pop()
+        n = view.producer(x)
+        if n is None:
+            ok = x.type.rank == 0 and x.dtype.is_int and all(f == x for f in free)
+            if not ok:
+                return None
+            free.append(x)
+            continue
+        if id(n) in seen:
+            continue
+        if len(seen) > MAX_CONE:
+            return None
+        seen[id(n)] = n
+        stack.extend(n.operands)
+    order = {id(n): i for i, n in enumerate(view.graph_ops)}
+    return sorted(seen.values(), key=lambda n: order.get(id(n), -1)), (free[0] if free else None)
+
+
+def positional(c: Checks, name: str, v: Value) -> tuple[Evaluate, Value | None]:
+    """(at, pos): `at(p)` is the value of v when the decode position is p (any p in prefill),
+    pos the 0-d position it reads (None in prefill). Raises Miss when v reads other inputs
+    or has a symbolic shape."""
+    static = all(isinstance(d, int) for d in v.type.shape)
+    c.need(static, name, f"%{v.name}: {v.type} has a symbolic shape (masks are checked at "
+           "static sizes)", c.view.producer(v))  # fmt: skip
+    cone = _cone(c.view, v)
+    c.need(cone is not None, name, f"%{v.name} depends on inputs other than the position",
+           c.view.producer(v))  # fmt: skip
+    ops, pos = cone
+    if pos is None:
+        value = ir.interpret(Graph([], ops, [v]))[0]
+        return (lambda p: value), None
+    g = Graph([pos], ops, [v])
+    return (lambda p: ir.interpret(g, _int(p, pos))[0]), pos
+
+
+def _int(p: int, like: Value) -> Any:
+    from ir._lazy import torch
+
+    return torch.tensor(p, dtype=torch.int32 if like.dtype == ir.DType.i32 else torch.int64)
+
+
+def _positions(t: int, pos: Value | None, p: int) -> Any:
+    """[T] positions of the query rows: t in prefill, p + t in decode."""
+    from ir._lazy import torch
+
+    return torch.arange(t) + (p if pos is not None else 0)
+
+
+def _rows2(x: Any, t: int) -> Any:
+    """A mask [.., T, .., S] with unit dims elsewhere as [T, S] (None if other dims are not 1)."""
+    if x.numel() % x.shape[-1] or x.numel() // x.shape[-1] != t:
+        return None
+    return x.reshape(t, x.shape[-1])
+
+
+def _first_diff(got: Any, want: Any) -> str:
+    t, s = (int(i) for i in (got != want).nonzero()[0])
+    return f"row {t} column {s} is {bool(got[t, s])}, expected {bool(want[t, s])}"
+
+
+# --- heads: q [B,T,G,hg,D] <-> [B,H,T,D] -----------------------------------------------------
+
+
+def _heads(rw: Rewriter, q: Value) -> Value:
+    """q [B,T,G,hg,D] -> [B,G·hg,T,D]: head h = g·hg + j reads KV head h // hg = g."""
+    b, t, g, hg, d = q.type.shape
+    q = rw.op("permute", [q], dims=(0, 2, 3, 1, 4))
+    return rw.op("reshape", [q], shape=[b, g * hg, t, d])
+
+
+def _ungroup(rw: Rewriter, o: Value, like: Value) -> Value:
+    """o [B,H,T,Dv] -> the model's [B,T,G,hg,Dv] (`like`'s shape)."""
+    b, t, g, hg, dv = like.type.shape
+    o = rw.op("reshape", [o], shape=[b, g, hg, t, dv])
+    return rw.op("permute", [o], dims=(0, 3, 1, 2, 4))
+
+
+def _kv_heads(rw: Rewriter, x: Value) -> Value:
+    """[B,S,G,D] -> [B,G,S,D]."""
+    return rw.op("permute", [x], dims=(0, 2, 1, 3))
+
+
+def _unit(c: Checks, name: str, x: Value, shape: list[Any], rw: Rewriter) -> Value:
+    """x reshaped to `shape` when only unit dims move (else Miss)."""
+    same = [d for d in x.type.shape if d != 1] == [d for d in shape if d != 1]
+    c.need(same, name, f"%{x.name}: {x.type} is not a [T,S] mask (per head or batch masks are "
+           "not supported)", c.view.producer(x))  # fmt: skip
+    return rw.op("reshape", [x], shape=shape)
+
+
+# --- branch attention ---------------------------------------------------------------------------
+
+
+def _logits(c: Checks, probs: Value) -> Match:
+    """The guarded softmax over c·q·kᵀ (q [B,T,G,hg,D]) behind probs."""
+    m = c.match("probs", GUARDED, probs)
+    c.need(m.attr("softmax", "dim") in (-1, 4), "probs", "the softmax is not over the keys",
+           m.node("softmax"))  # fmt: skip
+    c.need(m["valid"].dtype == ir.DType.bool, "probs.valid", "the guard is not a bool mask")
+    scale = const_value(c.view, m["scale"])
+    c.need(isinstance(scale, float), "logits.scale", "the logits' factor is not a constant")
+    return m
+
+
+def _key_source(c: Checks, kt: Value) -> tuple[str, Node, Value]:
+    """(form, gathering node or None, keys before the transpose) for kᵀ [B,*,G,D,m]."""
+    view = c.view
+    t = view.producer(kt)
+    c.need(t is not None and t.name == "permute", "keys", "kᵀ is not a permute", t or c.root)
+    src = view.producer(t.operands[0])
+    dims = tuple(t.attrs["dims"])
+    if dims == (0, 1, 3, 4, 2) and src is not None and src.name == "index":
+        return "rows", src, t.operands[0]
+    if dims == (0, 1, 2, 4, 3) and src is not None and src.name == "index_multi":
+        return "tokens", src, t.operands[0]
+    c.need(dims == (0, 1, 2, 4, 3) and t.operands[0].type.shape[1] == 1, "keys",
+           f"kᵀ = permute({dims}) of %{t.operands[0].name}: not shared keys [B,1,G,N,D], rows "
+           "k[:, rows] or tokens k[b, tok, g]", t)  # fmt: skip
+    return "shared", src, t.operands[0]
+
+
+def _shared_kv(c: Checks, keys5: Value, v5: Value) -> tuple[Value, Value]:
+    """k, v [B,G,N,D] behind the broadcast views [B,1,G,N,D]."""
+    out = []
+    for name, x in (("keys", keys5), ("values", v5)):
+        n = c.view.producer(x)
+        ok = n is not None and n.name == "reshape" and x.type.shape[1] == 1
+        ok = ok and tuple(n.operands[0].type.shape) == tuple(x.type.shape[:1] + x.type.shape[2:])
+        c.need(ok, name, f"%{x.name}: {x.type} is not [B,G,N,D] viewed as [B,1,G,N,D]", n)
+        out.append(n.operands[0])
+    return out[0], out[1]
+
+
+def _sdpa(c: Checks, root: Match, rw: Rewriter) -> Replace:
+    """where(valid, softmax(where(valid, c·q·kᵀ, -inf)), 0)·v, q [B,T,G,hg,D] -> attn.sdpa."""
+    out = root.root.results[0]
+    probs, v5 = root.root.operands
+    c.need(out.type.rank == 5 and probs.type.rank == 5, "output",
+           f"P·V is {probs.type} · {v5.type}, not grouped [B,T,G,hg,m] · [B,T|1,G,m,Dv]")
+    m = _logits(c, probs)
+    q5, valid = m["q"], m["valid"]
+    b, t, g, _, _ = q5.type.shape
+    form, gather, keys5 = _key_source(c, m["kt"])
+    attrs = {"scale": float(const_value(c.view, m["scale"])), "causal": False, "offset": 0,
+             "window": 0, "mask": "none"}  # fmt: skip
+    q = _heads(rw, q5)
+    if form == "shared":
+        k, v = _shared_kv(c, keys5, v5)
+        operands = [q, k, v, _unit(c, "probs.valid", valid, [1, 1, t, k.type.shape[2]], rw)]
+        attrs["mask"] = "bool"
+    elif form == "rows":
+        operands = _ring_or_band(c, gather, v5, valid, attrs, rw)
+        operands.insert(0, q)
+    else:
+        operands = [q, *_picked(c, gather, v5, valid, rw)]
+        attrs["indexed"] = True
+    c.fits("attn.sdpa", operands, attrs, [None])
+    return replace(c.view, [(out, _ungroup(rw, rw.op("attn.sdpa", operands, **attrs), out))])
+
+
+def _ring_or_band(
+    c: Checks, gather: Node, v5: Value, valid: Value, attrs: dict, rw: Rewriter
+) -> list[Value]:
+    """k, v (, mask) of attention over k_src[:, rows]: a causal window band over every key
+    (prefill), or the whole ring read in slot order, masked (decode). Sets `attrs`."""
+    view = c.view
+    k_src, rows = gather.operands
+    vt = view.producer(v5)
+    ok = vt is not None and vt.name == "permute" and tuple(vt.attrs["dims"]) == (0, 1, 3, 2, 4)
+    vg = view.producer(vt.operands[0]) if ok else None
+    ok = ok and vg is not None and vg.name == "index" and vg.operands[1] == rows
+    c.need(ok and gather.attrs["dim"] == 1 and vg.attrs["dim"] == 1, "values",
+           "the values are not gathered by the keys' rows (dim 1)", vt or c.root)  # fmt: skip
+    v_src = vg.operands[0]
+    t, m = rows.type.shape[-2:] if rows.type.rank == 2 else (None, None)
+    c.need(t is not None, "keys.rows", f"rows {rows.type} are not [T, m]", gather)
+    rows_at, pos = positional(c, "keys.rows", rows)
+    valid_at, pos2 = positional(c, "probs.valid", valid)
+    c.need(pos2 is None or pos is None or pos2 == pos, "probs.valid", "two positions")
+    s = k_src.type.shape[1]
+    k, v = _kv_heads(rw, k_src), _kv_heads(rw, v_src)
+    if pos is None and pos2 is None:
+        window = _band(c, rows_at(0), _rows2(valid_at(0), t), s, gather)
+        attrs.update(causal=True, window=window)
+        return [k, v]
+    c.need(t == 1 and m == s, "keys.rows", f"a decode step reads {m} rows of a {s}-slot ring "
+           "with several queries", gather)  # fmt: skip
+    for p in range(4 * s):  # every slot fills and wraps
+        got, keep = rows_at(p).reshape(-1), _rows2(valid_at(p), 1)
+        c.need(keep is not None, "probs.valid", "the validity is not one row of slots")
+        keep = keep.reshape(-1)
+        ok = bool((got[keep] == rows_at(p).new_tensor(range(s))[keep]).all())
+        c.need(ok, "keys.rows", f"at position {p} the rows are not the ring's slots in order",
+               gather)  # fmt: skip
+    mask = _unit(c, "probs.valid", valid, [1, 1, 1, s], rw)
+    attrs["mask"] = "bool"
+    return [k, v, mask]
+
+
+def _picked(c: Checks, gather: Node, v5: Value, valid: Value, rw: Rewriter) -> list[Value]:
+    """k, v [B,G,S,D] and indices [B,G,T,m] = where(valid, tok, -1) of attention over
+    k_src[b, tok[b,t,g,j], g] (index_multi over dims 0, 1, 2 with iota batch and head rows)."""
+    view = c.view
+    k_src, b_rows, tok, g_rows = gather.operands
+    vg = view.producer(v5)
+    ok = vg is not None and vg.name == "index_multi" and vg.operands[1:] == gather.operands[1:]
+    c.need(ok and tuple(gather.attrs["dims"]) == (0, 1, 2) == tuple(vg.attrs["dims"]), "values",
+           "the values are not gathered like the keys: k_src[b, tok, g]", vg or c.root)
+    b, t, g, m = tok.type.shape if tok.type.rank == 4 else (None,) * 4
+    c.need(b is not None and tuple(valid.type.shape) == (b, t, g, 1, m), "keys.tokens",
+           f"tokens {tok.type} and validity {valid.type} are not [B,T,G,m], [B,T,G,1,m]", gather)
+    for name, rows, axis, n in (("batch", b_rows, 0, b), ("heads", g_rows, 2, g)):
+        at, pos = positional(c, f"keys.{name}", rows)
+        got = at(0)
+        want = _idx(n).reshape([n if i == axis else 1 for i in range(4)])
+        ok = pos is None and tuple(got.shape) == tuple(want.shape) and bool((got == want).all())
+        c.need(ok, f"keys.{name}", f"the {name} rows of the gather are not iota({n})", gather)
+    keep = rw.op("reshape", [valid], shape=[b, t, g, m])
+    none = rw.constant(-1, tok.dtype)
+    idx = rw.op("permute", [rw.op("where", [keep, tok, none])], dims=(0, 2, 1, 3))
+    return [_kv_heads(rw, k_src), _kv_heads(rw, vg.operands[0]), idx]
+
+
+def _band(c: Checks, rows: Any, keep: Any, s: int, at: Node) -> int:
+    """The window w of rows [T,m] kept where `keep` when they read each key of the causal band
+    t − w < s' <= t exactly once; Miss otherwise."""
+    from ir._lazy import torch
+
+    from ir.ops.attn_dense import visible_reference
+
+    c.need(keep is not None, "probs.valid", "the validity is not a [T, m] mask", at)
+    t = rows.shape[0]
+    seen = torch.zeros(t, s, dtype=torch.int64)
+    ok = bool(((rows >= 0) & (rows < s) | ~keep).all())
+    c.need(ok, "keys.rows", "a kept row index is outside the keys", at)
+    seen.scatter_add_(1, rows.clamp(0, s - 1), keep.long())
+    c.need(bool((seen <= 1).all()), "keys.rows", "a query reads one key twice", at)
+    window = int(seen.sum(1).max())
+    want = visible_reference(t, s, True, 0, window)
+    ok = bool((want == (seen == 1)).all())
+    c.need(ok, "keys.rows", f"the rows are not the causal window {window}: "
+           f"{_first_diff(seen == 1, want) if not ok else ''}", at)  # fmt: skip
+    return window
+
+
+# --- selection ----------------------------------------------------------------------------------
+
+
+def _strip(view: FusionView, v: Value, names: tuple[str, ...]) -> Value:
+    """v before a chain of `names` ops (views and casts that do not change the mask)."""
+    n = view.producer(v)
+    while n is not None and n.name in names:
+        v = n.operands[0]
+        n = view.producer(v)
+    return v
+
+
+def _importance(c: Checks, x: Value) -> tuple[Match, Value]:
+    """(the cmp probabilities' match, overlap) of Σ_hg p_cmp · overlap, reshaped."""
+    view = c.view
+    mm = view.producer(_strip(view, x, ("reshape",)))
+    c.need(mm is not None and mm.name == "matmul", "importance",
+           "the importance is not (group sums of p_cmp) · overlap", mm or c.root)  # fmt: skip
+    heads = view.producer(_strip(view, mm.operands[0], ("reshape",)))
+    ok = heads is not None and heads.name == "sum" and tuple(heads.attrs["dims"]) in ((3,), (-2,))
+    c.need(ok, "importance.heads", "p_cmp is not summed over the group's heads (dim 3)",
+           heads or mm)  # fmt: skip
+    probs = heads.operands[0]
+    c.need(probs.type.rank == 5, "importance.heads", f"p_cmp {probs.type} is not [B,T,G,hg,N]")
+    return _logits(c, probs), _strip(view, mm.operands[1], ("reshape", "cast"))
+
+
+def _cmp_geometry(c: Checks, vis: Evaluate, pos: Value | None, t: int, n: int) -> tuple[int, int]:
+    """(l, d) with compressed block i visible iff i·d + l − 1 <= p, read off and checked."""
+    def at(p: int) -> Any:
+        got = _rows2(vis(p), t)
+        c.need(got is not None, "cmp.visible", "the cmp visibility is not a [T, N] mask")
+        return got
+
+    span = range(max(1, 8 * n)) if pos is not None else range(1)
+    first = [min((p + tt for p in span for tt in range(t) if bool(at(p)[tt, i])), default=None)
+             for i in range(min(n, 2))]  # fmt: skip
+    c.need(None not in first, "cmp.visible", "a compressed block is never visible")
+    l = first[0] + 1
+    d = first[1] - first[0] if n > 1 else l
+    c.need(0 < d <= l, "cmp.visible", f"blocks become visible at {first}: no stride 0 < d <= l")
+    for p in span:
+        want = (_idx(n) * d + l - 1).unsqueeze(0) <= _positions(t, pos, p).unsqueeze(1)
+        got = at(p)
+        c.need(bool((got == want).all()), "cmp.visible", f"not i·{d} + {l} − 1 <= t at position"
+               f" {p}: {_first_diff(got, want) if not bool((got == want).all()) else ''}")
+    return l, d
+
+
+def _idx(n: int) -> Any:
+    from ir._lazy import torch
+
+    return torch.arange(n)
+
+
+def _slc_geometry(c: Checks, vis: Evaluate, pos: Value | None, t: int, s: int, span: range):
+    """l' with selection block j visible iff j·l' <= p, read off and checked."""
+    c.need(s >= 2, "slc.visible", f"{s} selection block: its size cannot be read off")
+    starts = [min((p + tt for p in span for tt in range(t) if bool(_rows2(vis(p), t)[tt, 1])),
+                  default=None)]  # fmt: skip
+    c.need(starts[0] is not None and starts[0] > 0, "slc.visible", "block 1 is never visible")
+    ls = starts[0]
+    for p in span:
+        got = _rows2(vis(p), t)
+        want = (_idx(s) * ls).unsqueeze(0) <= _positions(t, pos, p).unsqueeze(1)
+        ok = got is not None and bool((got == want).all())
+        c.need(ok, "slc.visible", f"not j·{ls} <= t at position {p}")
+    return ls
+
+
+def _forced(c: Checks, forced: Evaluate, pos, t: int, s: int, ls: int, span: range) -> tuple:
+    """(initial, local) of the forced blocks j < initial or own − local < j <= own."""
+    tried = [(1, 2)] + [(i, k) for i in range(3) for k in range(4) if (i, k) != (1, 2)]
+    got = [_rows2(forced(p), t) for p in span]
+    c.need(all(x is not None for x in got), "forced", "the forced blocks are not a [T, S'] mask")
+    for initial, local in tried:
+        want = [forced_blocks(_positions(t, pos, p), s, ls, initial, local) for p in span]
+        if all(bool((g.bool() == w).all()) for g, w in zip(got, want)):
+            return initial, local
+    want = [forced_blocks(_positions(t, pos, p), s, ls, 1, 2) for p in span]
+    p = next(i for i, (g, w) in enumerate(zip(got, want)) if not bool((g.bool() == w).all()))
+    c.need(False, "forced", f"the forced blocks are not j < initial or own − local < j <= own "
+           f"(own = t // {ls}); against block 0 and the 2 local blocks, at position "
+           f"{span[p]}: {_first_diff(got[p].bool(), want[p])}")  # fmt: skip
+    return 0, 0
+
+
+def _select(c: Checks, root: Match, rw: Rewriter) -> Replace:
+    """where(isinf(v) | i >= S', -1, i), (v, i) = topk(pad(where(vis_slc, Σ_hg p_cmp·overlap +
+    forced·bonus, -inf)), n) -> attn.block_select."""
+    view, out = c.view, root.root.results[0]
+    pm = c.match("picks", PICKS, out)
+    topk = view.producer(pm["indices"])
+    tm = c.match("topk", TOPK, pm["indices"])
+    c.need(topk.results == (pm["values"], pm["indices"]), "picks",
+           "values and indices come from different top-ks", topk)  # fmt: skip
+    rank = tm["score"]
+    c.need(rank.type.rank == 4, "rank", f"the ranks {rank.type} are not [B,T,G,S']")
+    b, t, g, s = rank.type.shape
+    n = topk.attrs["k"]
+    ok = tm.attr("padded", "pads") == (0, n) and topk.attrs["dim"] in (-1, 3)
+    c.need(ok and const_value(view, pm["n_cols"]) == s, "topk.pad",
+           f"not the top-{n} of {s} blocks padded by {n} -inf columns", topk)  # fmt: skip
+    add = view.producer(rank)
+    c.need(add is not None and add.name == "add", "rank", "the rank is not importance + bonus",
+           add or topk)  # fmt: skip
+    bonus_of = [(x, view.producer(x)) for x in add.operands]
+    bonus = next(((x, bn) for x, bn in bonus_of if bn is not None and bn.name == "mul"
+                  and const_value(view, bn.operands[1]) is not None), None)  # fmt: skip
+    c.need(bonus is not None, "rank.forced", "no forced · constant term", add)
+    imp = next(x for x in add.operands if x != bonus[0])
+    cm, overlap = _importance(c, imp)
+    q5, kt = cm["q"], cm["kt"]
+    hg = q5.type.shape[3]
+    c.need(float(const_value(view, bonus[1].operands[1])) > hg, "rank.forced",
+           f"the bonus {const_value(view, bonus[1].operands[1])} does not exceed the group's "
+           f"largest importance {hg}: forced blocks may lose", bonus[1])  # fmt: skip
+    form, _, keys5 = _key_source(c, kt)
+    c.need(form == "shared", "importance.keys", "p_cmp does not attend to shared blocks")
+    kn = view.producer(keys5)
+    k = kn.operands[0] if kn is not None and kn.name == "reshape" else None
+    c.need(k is not None and k.type.rank == 4, "importance.keys", "keys are not [B,G,N,D]")
+    vis, pos = positional(c, "cmp.visible", cm["valid"])
+    l, d = _cmp_geometry(c, vis, pos, t, k.type.shape[2])
+    slc_vis, pos_s = positional(c, "slc.visible", tm["visible"])
+    forced, pos_f = positional(c, "forced", _strip(view, bonus[1].operands[0], ("cast",)))
+    c.need({pos_s, pos_f} <= {pos, None}, "slc.visible", "masks read different positions")
+    span = range(s * 8 + 8) if pos is not None else range(1)  # decode: 8 positions a block
+    ls = _slc_geometry(c, slc_vis, pos, t, s, span)
+    initial, local = _forced(c, forced, pos, t, s, ls, span)
+    ov, _ = positional(c, "overlap", overlap)
+    want = block_overlap(k.type.shape[2], s, l, d, ls)
+    c.need(tuple(ov(0).shape) == tuple(want.shape) and bool((ov(0) == want).all()), "overlap",
+           f"the overlap [N,S'] is not 'block i shares a token with block j' for l={l}, d={d}, "
+           f"l'={ls}")  # fmt: skip
+    attrs = {"scale": float(const_value(view, cm["scale"])), "cmp_block": l, "cmp_stride": d,
+             "slc_block": ls, "blocks": s, "topn": n, "initial": initial, "local": local,
+             "decode": pos is not None}  # fmt: skip
+    operands = [_heads(rw, q5), k] + ([pos] if pos is not None else [])
+    c.fits("attn.block_select", operands, attrs, [None])
+    picks = rw.op("attn.block_select", operands, **attrs)
+    return replace(view, [(out, rw.op("permute", [picks], dims=(0, 2, 1, 3)))])
+
+
+RULES = [
+    # where(valid, softmax(where(valid, c·q·kᵀ, -inf)), 0)·v over grouped heads -> attn.sdpa
+    fusion_rule("fuse_nsa.attn.sdpa", op("matmul"), _sdpa),
+    # top-n of Σ_hg p_cmp·overlap + forced·bonus over visible blocks -> attn.block_select
+    fusion_rule("fuse_nsa.attn.block_select", op("where"), _select),
+]
+
+
+def fuse_nsa(g: Graph, ctx: PassContext | None = None) -> Graph:
+    """Replace NSA's branch attentions and block selection (module docstring) by semantic ops."""
+    return rewrite(g, RULES, ctx=ctx)
