@@ -23,9 +23,11 @@ from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import ir
 from backends.targets import Target
+from ir.symbolic import Dim, dim_str
 
 __all__ = [
     "Backend",
+    "CostHints",
     "Executable",
     "Emitter",
     "EmitterTable",
@@ -79,6 +81,26 @@ class KernelBinary:
 
 
 @dataclass(frozen=True)
+class CostHints:
+    """How a backend runs one kernel, as far as the cost model (`passes.cost.backend_cost`)
+    can use it beyond the kernel op's own inputs and outputs: `launches` device functions per
+    call (stages it does not fuse run one after another), `materialised_bytes` of intermediates
+    those stages write to device memory and read back (symbolic), and `gemm_tile`, the (rows,
+    cols) output tile of its GEMM stage when every tile reads its operand rows and columns
+    from device memory (None: not known, the operands are counted once)."""
+
+    launches: int = 1
+    materialised_bytes: Dim = 0
+    gemm_tile: tuple[int, int] | None = None
+
+    def row(self) -> dict[str, Any]:
+        """The manifest/report form (JSON)."""
+        tile = list(self.gemm_tile) if self.gemm_tile is not None else None
+        nbytes = dim_str(self.materialised_bytes)
+        return {"launches": self.launches, "materialised_bytes": nbytes, "gemm_tile": tile}
+
+
+@dataclass(frozen=True)
 class KernelRecord:
     """One distinct kernel of an executable, as the artifact, the report and the caches see it.
 
@@ -87,7 +109,8 @@ class KernelRecord:
     `locations` are the source lines (`file.py:line`) of the fused ops; `sites` the indices in
     `graph.ops` of the ops that launch it (their first kernel); `launch` says how it tiles its
     domain; `binaries` holds the compiled variants (empty until an ahead-of-time compile adds
-    them with `with_binaries`)."""
+    them with `with_binaries`); `cost` what the cost model needs of how it runs (`CostHints`;
+    a Triton kernel's GEMM tile comes from its binaries' tiles instead)."""
 
     name: str
     key: str
@@ -99,6 +122,7 @@ class KernelRecord:
     sites: tuple[int, ...] = ()
     launch: Mapping[str, Any] = field(default_factory=dict)
     binaries: tuple[KernelBinary, ...] = ()
+    cost: CostHints = field(default_factory=CostHints)
 
     @property
     def uses(self) -> int:
@@ -119,6 +143,9 @@ class KernelRecord:
     def with_binaries(self, binaries: Sequence[KernelBinary]) -> KernelRecord:
         return replace(self, binaries=tuple(binaries))
 
+    def with_cost(self, cost: CostHints) -> KernelRecord:
+        return replace(self, cost=cost)
+
     def row(self, folder: str) -> dict[str, Any]:
         """The manifest row (JSON); file paths are `folder/<file>` (`kernels/<target>`)."""
         return {
@@ -130,6 +157,7 @@ class KernelRecord:
             "locations": list(self.locations),
             "uses": self.uses,
             "launch": dict(self.launch),
+            "cost": self.cost.row(),
             "binaries": [
                 b.row() | {"files": [f"{folder}/{f}" for f in b.files]} for b in self.binaries
             ],

@@ -1,8 +1,9 @@
 """The targets table, shared by every backend (Triton, TVM) and the roofline report.
 
 A `Target` names one device class: how to compile for it (backend triple: "cuda"/"hip"/"cpu",
-arch, warp size) and the three figures tile choices and the roofline need: peak dense bf16
-FLOP/s, memory bandwidth and the most shared memory (LDS on AMD) one block may use.
+or "opencl"/"webgpu" for portable GPU source, arch, warp size) and the three figures tile
+choices and the roofline need: peak dense bf16 FLOP/s, memory bandwidth and the most shared
+memory (LDS on AMD, local/workgroup memory in OpenCL/WebGPU) one block may use.
 
     from backends.targets import get_target
     t = get_target("sm_90")
@@ -11,6 +12,8 @@ FLOP/s, memory bandwidth and the most shared memory (LDS on AMD) one block may u
 
 Every GPU figure comes from the vendor's datasheet or programming guide, cited next to it. Dense
 means without 2:4 structured sparsity (datasheets often print the sparse figure, twice as large).
+`opencl` and `webgpu` name no one device: the TVM backend writes their source (no binaries: the
+device's driver compiles it), and their speed figures are nominal, for an indicative roofline.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 
 __all__ = [
     "GPU_TARGETS",
+    "SOURCE_TARGETS",
     "TARGETS",
     "Target",
     "UnknownTargetError",
@@ -50,7 +54,20 @@ class Target:
 
     @property
     def is_gpu(self) -> bool:
-        return self.backend in ("cuda", "hip")
+        return self.backend in ("cuda", "hip", "opencl", "webgpu")
+
+    @property
+    def source_only(self) -> bool:
+        """Portable GPU source (OpenCL C, WGSL) that the device's own driver compiles: dsv4c
+        writes no binaries and runs none of it (no torch device, no Triton target)."""
+        return self.backend in ("opencl", "webgpu")
+
+    @property
+    def torch_device(self) -> str | None:
+        """The torch device type of the tensors a call takes; None for source-only targets."""
+        if self.source_only:
+            return None
+        return "cuda" if self.is_gpu else "cpu"  # ROCm torch also names its device cuda
 
     @property
     def ridge_point(self) -> float:
@@ -61,6 +78,11 @@ class Target:
         """The `triton.backends.compiler.GPUTarget` for `triton.compile(..., target=)`."""
         if not self.is_gpu:
             raise ValueError(f"target {self.name!r} is not a GPU; it has no Triton GPUTarget")
+        if self.source_only:
+            raise ValueError(
+                f"target {self.name!r} is portable {self.backend} source (TVM backend only); "
+                "it has no Triton GPUTarget"
+            )
         from triton.backends.compiler import GPUTarget
 
         return GPUTarget(self.backend, self.arch, self.warp_size)
@@ -158,10 +180,39 @@ TARGETS: dict[str, Target] = {
             hbm_bandwidth=8 * TB_S,
             smem_per_block=160 * KIB,
         ),
+        # Portable source: the TVM backend's OpenCL C and WGSL, compiled by the device's driver.
+        # No one device: nominal figures of a mid-range discrete GPU (roofline only indicative).
+        # Local memory: the OpenCL 1.2 spec's minimum CL_DEVICE_LOCAL_MEM_SIZE (32 KB); WebGPU's
+        # default maxComputeWorkgroupStorageSize limit (16384 bytes, WebGPU spec "Limits").
+        Target(
+            name="opencl",
+            description="any OpenCL 1.2+ GPU (source only, nominal figures)",
+            backend="opencl",
+            arch=None,
+            warp_size=32,
+            peak_bf16_flops=20 * TFLOPS,
+            hbm_bandwidth=500 * GB_S,
+            smem_per_block=32 * KIB,
+        ),
+        Target(
+            name="webgpu",
+            description="any WebGPU device, WGSL (source only, nominal figures)",
+            backend="webgpu",
+            arch=None,
+            warp_size=32,
+            peak_bf16_flops=10 * TFLOPS,
+            hbm_bandwidth=300 * GB_S,
+            smem_per_block=16 * KIB,
+        ),
     ]
 }
 
-GPU_TARGETS: tuple[str, ...] = tuple(n for n, t in TARGETS.items() if t.is_gpu)
+# GPU architectures compiled ahead of time to binaries (Triton's GPUTarget, nvcc)
+GPU_TARGETS: tuple[str, ...] = tuple(
+    n for n, t in TARGETS.items() if t.is_gpu and not t.source_only
+)
+# portable GPU source only (the TVM backend): OpenCL C, WGSL
+SOURCE_TARGETS: tuple[str, ...] = tuple(n for n, t in TARGETS.items() if t.source_only)
 
 
 class UnknownTargetError(ValueError):

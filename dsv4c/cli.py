@@ -6,6 +6,7 @@
     dsv4c run d/ --nproc 4                                    # 4 local ranks (or under torchrun)
     dsv4c ir --model tiny --after fuse_elementwise                        # IR after a pass
     dsv4c ir --model tiny --explain mul_one                               # why a rule (not) fires
+    dsv4c compile --model tiny-512 --backend tvm --target opencl -o cl/   # or webgpu: source
     dsv4c report out/                                                     # out/report.html
     dsv4c bench --model small --backends eager,inductor,tvm,tvm-relax     # side by side
     dsv4c tune --model tiny --target cpu                                  # CPU schedules -> DB
@@ -29,6 +30,10 @@ from typing import Any
 __all__ = ["build_parser", "main"]
 
 PRESETS = ("tiny", "tiny-512", "small", "v4-flash", "v4-pro")
+TARGET_HELP = (
+    "cpu, sm_80, sm_90, sm_100, sm_120, gfx942, gfx950; opencl, webgpu (--backend tvm only: "
+    "OpenCL C / WGSL source, no binaries)"
+)
 
 
 def _say(msg: str) -> None:
@@ -308,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="compile a model preset into an artifact directory")
     c.add_argument("--model", required=True, help=f"model preset: {', '.join(PRESETS)}")
     c.add_argument("--backend", default="triton", help=f"{', '.join(BACKEND_NAMES)}")
-    c.add_argument("--target", default="cpu", help="cpu, sm_80, sm_90, sm_100, sm_120, gfx942, ...")
+    c.add_argument("--target", default="cpu", help=TARGET_HELP)
     c.add_argument("-o", "--output", required=True, help="artifact directory to write")
     c.add_argument("--weights", help="safetensors checkpoint the artifact will run with")
     c.add_argument("--max-len", type=int, default=256, help="KV cache positions (default 256)")

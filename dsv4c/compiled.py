@@ -157,7 +157,9 @@ class EntryPoint:
         return {n: source[n] for n in names}
 
     def _check_device(self, tensors: list[Any]) -> None:
-        want = "cuda" if self.target.is_gpu else "cpu"  # ROCm torch also names its device cuda
+        want = self.target.torch_device
+        if want is None:  # OpenCL/WebGPU source: the executable says which device it needs
+            return
         for t in tensors:
             dev = getattr(t, "device", None)
             if dev is None or dev.type == want:

@@ -30,7 +30,14 @@ from dsv4c.artifact import FORMAT, FORMAT_VERSION, versions
 from dsv4c.compiled import Compiled, EntryPoint, signature
 from dsv4c.errors import DsvError, UnavailableError
 
-__all__ = ["BACKEND_NAMES", "MethodSpec", "compile", "compile_methods", "make_backend"]
+__all__ = [
+    "BACKEND_NAMES",
+    "MethodSpec",
+    "check_backend_target",
+    "compile",
+    "compile_methods",
+    "make_backend",
+]
 
 BACKEND_NAMES = ("reference", "triton", "tvm")
 Progress = Callable[[str, str], None]  # (phase, detail)
@@ -125,6 +132,7 @@ def compile_methods(
 
     graph_key = graph_key if use_cache else None
     tgt = _target(target)
+    check_backend_target(backend, tgt)
     be = make_backend(backend)
     run = _Run(progress)
     start = time.perf_counter()
@@ -156,11 +164,12 @@ def compile_methods(
             found = [k.with_binaries(binaries.get(k.key, ())) for k in found]
             files |= {f"{kernel_dir(tgt)}/{name}": data for name, data in blobs.items()}
             cache_stats = {k: cache_stats[k] + stats[k] for k in cache_stats}
-        if tgt.is_gpu and backend == "tvm":
+        if tgt.is_gpu and backend == "tvm" and not tgt.source_only:
             with run.phase(f"kernels {method}", f"nvcc for {tgt.name}"):
-                binaries, blobs = _nvcc(exe)
+                binaries, blobs, stats = _nvcc(exe, use_cache)
             found = [k.with_binaries(binaries.get(k.key, ())) for k in found]
             files |= {f"{kernel_dir(tgt)}/{name}": data for name, data in blobs.items()}
+            cache_stats = {k: cache_stats[k] + stats[k] for k in cache_stats}
         files |= source_files(found, tgt)
         if backend == "tvm" and not tgt.is_gpu:  # the built kernels: a load compiles nothing
             from backends.tvm.library import export_files
@@ -173,7 +182,7 @@ def compile_methods(
     run.times["total"] = time.perf_counter() - start
     manifest = build_manifest(entries, backend, tgt, records, model_info)
     if tgt.is_gpu and backend == "tvm":
-        manifest["device_code"] = _device_code()
+        manifest["device_code"] = _device_code(tgt, [e.executable for e in entries.values()])
     report = build_report(manifest, reports, run.times, cache_stats)
     files["report.json"] = _json(report)
     compiled = Compiled(entries, backend=backend, target=tgt, manifest=manifest, files=files)
@@ -338,24 +347,46 @@ def _aot(exe: Any, tgt: Target, env: Mapping[str, int], use_cache: bool, progres
     return aot_with_cache(exe, tgt, env, use_cache=use_cache, progress=tick)
 
 
-def _nvcc(exe: Any) -> tuple[dict[str, list[Any]], dict[str, bytes]]:
-    """The TVM GPU executable's cubins (`DeviceExecutable.compile_binaries`)."""
+def _nvcc(exe: Any, use_cache: bool) -> tuple[dict[str, list[Any]], dict[str, bytes], dict]:
+    """The TVM GPU executable's cubins through the nvcc cache (`kernel_cache.nvcc_with_cache`)."""
     from backends.tvm.device import DeviceExecutable
+    from dsv4c.kernel_cache import nvcc_with_cache
 
     if not isinstance(exe, DeviceExecutable):
         raise TypeError(f"expected the TVM backend's DeviceExecutable, got {type(exe).__name__}")
-    return exe.compile_binaries()
+    return nvcc_with_cache(exe, use_cache=use_cache)
 
 
-def _device_code() -> dict[str, Any]:
-    """What the manifest says about a TVM GPU artifact's code: CUDA source, and cubins when
-    nvcc was there (its version), else why there are none."""
+def _device_code(tgt: Target, executables: Sequence[Any]) -> dict[str, Any]:
+    """What the manifest says about a TVM GPU artifact's code: its language, and binaries
+    (cubins when nvcc was there: its version) or why there are none; `skipped`: the kernels
+    with no code for this target (and why), which the artifact cannot hold."""
     from backends.tvm.device import nvcc_version
 
+    skipped = {k: why for exe in executables for k, why in exe.skipped.items()}
+    if tgt.source_only:
+        language = tgt.backend  # "opencl" or "webgpu"
+        why = (
+            f"{language} source only: the device's {language} driver compiles it when the "
+            "program is created; dsv4c writes no binaries for it"
+        )
+        return {"source": language, "binaries": None, "why": why, "skipped": skipped}
     nvcc = nvcc_version()
     if nvcc is None:
-        return {"source": "cuda", "binaries": None, "why": "nvcc not found on PATH at compile"}
-    return {"source": "cuda", "binaries": "cubin", "nvcc": nvcc}
+        why = "nvcc not found on PATH at compile"
+        return {"source": "cuda", "binaries": None, "why": why, "skipped": skipped}
+    return {"source": "cuda", "binaries": "cubin", "nvcc": nvcc, "skipped": skipped}
+
+
+def check_backend_target(backend: str, tgt: Target) -> None:
+    """Raise `DsvError` when `backend` cannot compile for `tgt` (OpenCL/WebGPU source comes from
+    the TVM backend only)."""
+    if tgt.source_only and backend != "tvm":
+        raise DsvError(
+            f"target {tgt.name} ({tgt.description}) is portable {tgt.backend} source, which only "
+            f"the TVM backend writes; use --backend tvm (backend {backend!r} compiles for cpu and "
+            "sm_*/gfx* targets)"
+        )
 
 
 def graph_file(method: str, index: int) -> str:
@@ -407,7 +438,7 @@ def build_manifest(
         "backend": backend,
         "target": tgt.name,
         "target_description": tgt.description,
-        "runs_on": "cuda" if tgt.is_gpu else "cpu",
+        "runs_on": tgt.torch_device or tgt.backend,  # "cpu", "cuda", "opencl" or "webgpu"
         "runnable_on_compile_host": runnable_here(tgt),
         "model": dict(model_info or {}),
         "entry_points": [
@@ -435,6 +466,8 @@ def runnable_here(tgt: Target) -> dict[str, Any]:
     GPU artifacts are usually compiled ahead of time on machines without that GPU)."""
     if not tgt.is_gpu:
         return {"ok": True, "reason": "CPU target"}
+    if tgt.source_only:
+        return {"ok": False, "reason": f"{tgt.backend} source: dsv4c launches no such kernels"}
     import torch
 
     if not torch.cuda.is_available():

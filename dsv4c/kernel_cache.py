@@ -1,12 +1,19 @@
-"""Ahead-of-time Triton compilation through a kernel cache keyed by content hash.
+"""Ahead-of-time kernel compiles through a cache keyed by content hash: Triton and nvcc.
 
-A job is one (kernel source, tile constexprs, compile options, divisibility hints, target); its
-key is the sha256 of those and the Triton version. A compiled job is stored under
+Triton: a job is one (kernel source, tile constexprs, compile options, divisibility hints,
+target); its key is the sha256 of those and the Triton version. A compiled job is stored under
 `$DSV4C_CACHE_DIR/aot/<target>/<key>/` (default `~/.cache/dsv4c`): `result.json` (registers,
 shared memory, spills, ...) and the kernel's assembly and binary. A second compile of the same
 model finds every job there and starts no compiler at all. Misses go to
 `backends.triton.aot.aot_compile` in chunks, so long compiles report progress. Each job becomes
 a `KernelBinary` of its kernel's `KernelRecord`, its files named per variant.
+
+nvcc (`nvcc_with_cache`, the TVM backend's CUDA kernels): the key is the sha256 of the kernel's
+CUDA source, the arch, nvcc's version line and its flags; an entry under
+`$DSV4C_CACHE_DIR/nvcc/<target>/<key>/` holds `result.json` (the `KernelBinary`) and the cubin.
+
+Entries are JSON and raw bytes (no pickle), written atomically (temporary file + rename), and
+each blob's sha256 is checked on load: a damaged entry is ignored with a warning and rebuilt.
 """
 
 from __future__ import annotations
@@ -16,7 +23,9 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,15 +34,23 @@ from typing import Any
 from backends.base import KernelBinary
 from backends.targets import Target, parallel_jobs
 
-__all__ = ["CHUNK", "AotJob", "aot_cache_dir", "aot_with_cache"]
+__all__ = ["CHUNK", "AotJob", "aot_cache_dir", "aot_with_cache", "nvcc_cache_dir", "nvcc_key"]
+__all__ += ["nvcc_with_cache"]
 
 CHUNK = 24  # kernels per compiler process and batch (one progress step)
 Progress = Callable[[int, int], None]  # (done, total)
 
 
+def _cache_root() -> Path:
+    return Path(os.environ.get("DSV4C_CACHE_DIR") or Path.home() / ".cache" / "dsv4c")
+
+
 def aot_cache_dir() -> Path:
-    root = os.environ.get("DSV4C_CACHE_DIR") or Path.home() / ".cache" / "dsv4c"
-    return Path(root) / "aot"
+    return _cache_root() / "aot"
+
+
+def nvcc_cache_dir() -> Path:
+    return _cache_root() / "nvcc"
 
 
 @dataclass(frozen=True)
@@ -170,17 +187,85 @@ def _place(
     )
 
 
+def nvcc_key(source: str, arch: str, version: str, flags: tuple[str, ...]) -> str:
+    """The cache key of one nvcc compile: sha256 of the CUDA source, arch, nvcc version line and
+    flags (32 hex digits)."""
+    blob = json.dumps([source, arch, version, list(flags)])
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def nvcc_with_cache(
+    exe: Any, *, use_cache: bool = True
+) -> tuple[dict[str, list[KernelBinary]], dict[str, bytes], dict[str, int]]:
+    """`exe.compile_binaries()` of a TVM `DeviceExecutable`, each CUDA kernel's cubin taken from
+    the cache when its key (`nvcc_key`) is there. Returns (binaries by kernel key, files by name
+    inside `kernels/<target>/`, {"hits", "misses"}). Failed compiles are not cached; without
+    nvcc (or for OpenCL/WebGPU) this is `compile_binaries` with no hits or misses."""
+    from backends.tvm.device import NVCC_FLAGS, nvcc_version
+
+    version = nvcc_version()
+    if exe.kind != "cuda" or version is None:
+        binaries, files = exe.compile_binaries()
+        return binaries, files, {"hits": 0, "misses": 0}
+    arch = f"sm_{exe.target.arch}"
+    cache = nvcc_cache_dir() / exe.target.name
+    records = exe.kernel_records()
+    keys = [nvcc_key(r.source, arch, version, NVCC_FLAGS) for r in records]
+    binaries: dict[str, list[KernelBinary]] = {}
+    files: dict[str, bytes] = {}
+    misses = []
+    for record, key in zip(records, keys):
+        hit = _read_entry(cache / key) if use_cache else None
+        if hit is None:
+            misses.append((record, key))
+            continue
+        row, blobs = hit
+        binaries[record.key] = [_binary(row, blobs)]
+        files |= blobs
+    with tempfile.TemporaryDirectory(prefix="dsv4c-nvcc-") as tmp:
+        with ThreadPoolExecutor(max(1, parallel_jobs())) as pool:
+            done = list(pool.map(lambda m: exe.nvcc(m[0], Path(tmp)), misses))
+    for (record, key), (binary, blobs) in zip(misses, done):
+        binaries[record.key] = [binary]
+        files |= blobs
+        if use_cache and binary.error is None:
+            _write_entry(cache / key, binary.row(), blobs)
+    return binaries, files, {"hits": len(records) - len(misses), "misses": len(misses)}
+
+
+def _binary(row: Mapping[str, Any], blobs: Mapping[str, bytes]) -> KernelBinary:
+    """A cached `KernelBinary.row()` back to the binary; its files are the entry's blobs."""
+    fields = {f.name for f in dataclasses.fields(KernelBinary)}
+    args = {k: v for k, v in row.items() if k in fields}
+    return KernelBinary(**args | {"files": tuple(sorted(blobs))})
+
+
 def _read_entry(folder: Path) -> tuple[dict[str, Any], dict[str, bytes]] | None:
+    """An entry's row and blobs; None when there is none, or when it is damaged (unreadable,
+    or a blob's sha256 differs: warned about, then recompiled and overwritten)."""
+    if not (folder / "result.json").is_file():
+        return None
     try:
         row = json.loads((folder / "result.json").read_text())
         blobs = {name: (folder / name).read_bytes() for name in row["blobs"]}
-    except (OSError, ValueError, KeyError):
-        return None
-    sums = row.pop("sha256")
-    if any(hashlib.sha256(blobs[n]).hexdigest() != s for n, s in sums.items()):
-        return None  # a damaged entry is a miss, recompiled and overwritten
+        sums = row.pop("sha256")
+        bad = [n for n, s in sums.items() if hashlib.sha256(blobs[n]).hexdigest() != s]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return _damaged(folder, f"{type(e).__name__}: {e}")
+    if bad:
+        return _damaged(folder, f"the sha256 of {bad[0]} differs from result.json")
     row.pop("blobs")
     return row, blobs
+
+
+def _damaged(folder: Path, why: str) -> None:
+    warnings.warn(
+        f"dsv4c: kernel cache entry {folder} is damaged ({why}); ignoring it and compiling "
+        "again (the entry is overwritten)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return None
 
 
 def _write_entry(folder: Path, row: dict[str, Any], blobs: dict[str, bytes]) -> None:

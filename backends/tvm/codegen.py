@@ -3,20 +3,23 @@
     from backends.tvm.codegen import device_source, nvcc_cubin
     src = device_source(graph, "sm_90")            # every distinct kernel of the graph, CUDA
     nvcc_cubin(src, out_dir)                       # -> out_dir/<graph>.sm_90.cubin
-    device_source(graph, "sm_90", kind="opencl")   # or "webgpu" (WGSL)
+    device_source(graph, "opencl")                 # or "webgpu" (WGSL); or kind="opencl"
 
 The kernels are the CPU backend's (same emitters, same TensorIR, symbolic shapes); only the
-schedule differs: GEMMs get a hand schedule (16×16 output tiles, one thread per element; DLight's
-Matmul rule is not used: its fp16 tensor-core path crashes in TVM 0.27); kernels with `keep_*`
-stages (the semantic attention, compressor and mHC kernels) a plain one-thread-per-output-element
-binding of each stage, because DLight inlines every stage it can (for hc.pre's unrolled Sinkhorn
-chain that grows the expression exponentially: DLight did not finish in minutes); everything else
-the DLight rules (Reduction, GeneralReduction, Fallback), and when a rule refuses, the plain
-binding.
+schedule differs: GEMMs get a hand schedule (`MATMUL_TILE` = 16×16 output tiles, one thread
+per element; DLight's Matmul rule is not used: its fp16 tensor-core path crashes in TVM 0.27);
+kernels with `keep_*` stages (the semantic attention, compressor and mHC kernels) a plain
+one-thread-per-output-element binding of each stage, because DLight inlines every stage it can
+(for hc.pre's unrolled Sinkhorn chain that grows the expression exponentially: DLight did not
+finish in minutes); everything else the DLight rules (Reduction, GeneralReduction, Fallback),
+and when a rule refuses, the plain binding. `stage_costs` reads from a scheduled kernel what the
+cost model needs (launches, intermediates in device memory, the GEMM tile).
 """
 
 from __future__ import annotations
 
+import functools
+import operator
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -24,15 +27,26 @@ from pathlib import Path
 from typing import Any
 
 import ir
+from backends.base import CostHints
 from backends.targets import Target, get_target
 from backends.tvm.emitters import emit_node
 from backends.tvm.kernel import Kernel
 from backends.tvm.schedule_cpu import KEEP, _ok
+from ir.symbolic import Dim, canon_dim, sym
 
-__all__ = ["DeviceSource", "device_source", "device_target", "nvcc_cubin", "schedule_gpu"]
+__all__ = [
+    "DeviceSource",
+    "device_source",
+    "device_target",
+    "nvcc_cubin",
+    "schedule_gpu",
+    "stage_costs",
+    "unsupported_on",
+]
 
 KINDS = ("cuda", "opencl", "webgpu")
 THREADS = 256
+MATMUL_TILE = 16  # output rows and cols per block of the GEMM hand schedule
 
 
 @dataclass
@@ -46,10 +60,13 @@ class DeviceSource:
     skipped: dict[str, str] = field(default_factory=dict)  # kernel -> why it has no GPU code
 
 
-def device_target(target: str | Target, kind: str = "cuda") -> Any:
+def device_target(target: str | Target, kind: str | None = None) -> Any:
+    """TVM's target for `target`; `kind` (default: the target's own, CUDA for sm_*) picks the
+    language of the source."""
     import tvm
 
     t = get_target(target)
+    kind = kind or (t.backend if t.source_only else "cuda")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if kind == "cuda":
@@ -137,8 +154,8 @@ def _schedule_matmul(func: Any) -> Any:
     _inline_stages(sch)
     block = sch.get_sblock("matmul")
     *batch, i, j, _k = sch.get_loops(block)
-    i0, i1 = sch.split(i, [None, 16])
-    j0, j1 = sch.split(j, [None, 16])
+    i0, i1 = sch.split(i, [None, MATMUL_TILE])
+    j0, j1 = sch.split(j, [None, MATMUL_TILE])
     sch.reorder(*batch, i0, j0, i1, j1)
     bx = sch.fuse(*batch, i0, j0)
     sch.bind(bx, "blockIdx.x")
@@ -147,6 +164,57 @@ def _schedule_matmul(func: Any) -> Any:
         if sch.get(other).name_hint != "matmul":
             _bind_spatial(sch, other)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def unsupported_on(kernel: Kernel, kind: str) -> str | None:
+    """Why `kernel` has no `kind` source, or None when TVM can emit it."""
+    if kind == "webgpu" and "int64" in kernel.tensor_ir.script():
+        return "WebGPU (WGSL) has no 64-bit integers"
+    return None
+
+
+def stage_costs(func: Any) -> CostHints:
+    """What the cost model needs of a GPU-scheduled kernel (`CostHints`), read from its
+    TensorIR: one launch per root stage bound to `blockIdx`, the global buffers the root block
+    allocates (a stage's result written to device memory and read back by the next), and the
+    hand-scheduled GEMM's output tile (`MATMUL_TILE`, no shared-memory staging)."""
+    import tvm
+
+    from backends.tvm.kernel import _top_loops
+
+    launches: list[int] = []
+
+    def visit(loop: Any) -> None:
+        tag = loop.thread_binding.thread_tag if loop.thread_binding is not None else ""
+        launches.append(1 if tag.startswith("blockIdx") else 0)
+
+    _top_loops(func.body, visit)
+    root = func.body.block if hasattr(func.body, "block") else None
+    nbytes: Dim = 0
+    for buf in root.alloc_buffers if root is not None else ():
+        if buf.scope() == "global":
+            elems = functools.reduce(operator.mul, (_dim(e) for e in buf.shape), 1)
+            nbytes = nbytes + elems * tvm.DataType(str(buf.dtype)).bits // 8
+    tile = (MATMUL_TILE, MATMUL_TILE) if _has_block(func, "matmul") else None
+    return CostHints(max(1, sum(launches)), canon_dim(nbytes), tile)
+
+
+def _dim(e: Any) -> Dim:
+    """A TIR shape expression as an IR dim (its variables are the graph's symbols)."""
+    import sympy
+    from tvm import tirx
+
+    if isinstance(e, tirx.IntImm):
+        return int(e.value)
+    if isinstance(e, tirx.Var):
+        return sym(e.name)
+    arith = {tirx.Add: operator.add, tirx.Sub: operator.sub, tirx.Mul: operator.mul}
+    for cls, fn in arith.items():
+        if isinstance(e, cls):
+            return fn(_dim(e.a), _dim(e.b))
+    if isinstance(e, tirx.FloorDiv):
+        return sympy.floor(_dim(e.a) / _dim(e.b))
+    raise ValueError(f"no IR dim for the TIR shape expression {e}")
 
 
 def graph_kernels(graph: ir.Graph) -> list[Kernel]:
@@ -160,16 +228,20 @@ def graph_kernels(graph: ir.Graph) -> list[Kernel]:
 
 
 def device_source(
-    graph: ir.Graph, target: str | Target = "sm_90", kind: str = "cuda"
+    graph: ir.Graph, target: str | Target = "sm_90", kind: str | None = None
 ) -> DeviceSource:
-    """Source of one module with every kernel of `graph`, scheduled for `target`."""
+    """Source of one module with every kernel of `graph`, scheduled for `target` (`kind`:
+    as `device_target`)."""
     import tvm
 
+    t = get_target(target)
+    kind = kind or (t.backend if t.source_only else "cuda")
     tgt = device_target(target, kind)
     funcs, skipped = {}, {}
     for k in graph_kernels(graph):
-        if kind == "webgpu" and "int64" in k.tensor_ir.script():
-            skipped[k.symbol] = "WebGPU (WGSL) has no 64-bit integers"
+        why = unsupported_on(k, kind)
+        if why is not None:
+            skipped[k.symbol] = why
             continue
         try:
             funcs[k.symbol] = schedule_gpu(k.gpu_ir(), tgt)

@@ -1,18 +1,29 @@
-"""TVM kernels for an NVIDIA GPU as an executable the driver writes into an artifact.
+"""TVM kernels for a GPU as an executable the driver writes into an artifact.
 
-    exe = TVMBackend().compile(graph, "sm_90")   # a DeviceExecutable
-    exe.kernel_records()                        # one CUDA source per kernel, with a header
-    binaries, files = exe.compile_binaries()    # nvcc -cubin per kernel, registers and spills
+    exe = TVMBackend().compile(graph, "sm_90")   # a DeviceExecutable ("opencl", "webgpu" too)
+    exe.kernel_records()                        # one source file per kernel, with a header
+    binaries, files = exe.compile_binaries()    # NVIDIA: nvcc -cubin per kernel, registers
 
 The kernels are the CPU backend's (same emitters, same TensorIR, symbolic shapes) scheduled for
-the GPU by `codegen.schedule_gpu`, built to CUDA in one TVM module and cut into one
-self-contained `.cu` per kernel (the module's preamble of helpers, then that kernel), so each
-`KernelRecord` owns its files. `compile_binaries` runs `nvcc -cubin -arch=sm_XX` on each kernel
-(in parallel) and reads registers, shared memory and spills from ptxas; without nvcc the records
-keep their source and each binary row says why there is none.
+the GPU by `codegen.schedule_gpu`, built in one TVM module and cut into one self-contained file
+per kernel, so each `KernelRecord` owns its files:
+
+| target | language | file | what a file holds |
+|---|---|---|---|
+| sm_* | cuda | `.cu` | the module's preamble (includes, helpers), then the kernel's functions |
+| opencl | opencl | `.cl` | the kernel's `__kernel` functions (OpenCL C) |
+| webgpu | webgpu | `.wgsl` | one WGSL shader module per `// Function:` section (one per launch) |
+
+A dsv4c kernel is one or more device functions (`<symbol>_kernel`, `<symbol>_kernel_1`, ...):
+TVM launches each stage it does not fuse (a GEMM, then its epilogue) as its own function.
+`compile_binaries` runs `nvcc -cubin -arch=sm_XX` on each CUDA kernel (in parallel) and reads
+registers, shared memory and spills from ptxas; without nvcc the records keep their source and
+each binary row says why there is none. OpenCL and WebGPU have no binaries: the device's driver
+compiles the source when the program is created (the manifest says so). WebGPU skips kernels
+with 64-bit integers (WGSL has none): `skipped` lists them with the reason.
 
 Running the kernels is not part of dsv4c: this executable is compile-only, and calling it raises
-`DeviceUnavailable` saying why (no GPU here, or no TVM CUDA runtime path) and what to use.
+`DeviceUnavailable` saying which device it needs and what to use instead.
 """
 
 from __future__ import annotations
@@ -29,13 +40,35 @@ from typing import Any
 import ir
 from backends.base import KernelBinary, KernelRecord
 from backends.targets import Target, get_target, parallel_jobs
-from backends.tvm.codegen import device_target, schedule_gpu
+from backends.tvm.codegen import device_target, schedule_gpu, stage_costs, unsupported_on
 from backends.tvm.emitters import emit_node
 from backends.tvm.kernel import Kernel, header, kernel_records, loop_summary
 
-__all__ = ["DeviceExecutable", "DeviceUnavailable", "nvcc_version", "split_cuda"]
+__all__ = [
+    "NVCC_FLAGS",
+    "DeviceExecutable",
+    "DeviceUnavailable",
+    "nvcc_version",
+    "split_cuda",
+    "split_sections",
+]
 
-_ENTRY = re.compile(r'^extern "C" __global__ .*?(\w+)_kernel\(.*\) \{$')
+_ENTRY = re.compile(r'^extern "C" __global__ .*?(\w+_kernel(?:_\d+)?)\(.*\) \{$')
+_SECTION = re.compile(r"^// Function: (\w+)$")
+_PROTOTYPE = re.compile(r"^__kernel .*\);$")
+NVCC_FLAGS = ("-O3", "-w", "-Xptxas", "-v")  # with -cubin -arch=sm_XX; -v: ptxas resource lines
+
+# target backend -> (record language, file extension, what the header says it is)
+_LANGUAGES = {
+    "cuda": ("cuda", "cu", "CUDA for {name}"),
+    "opencl": ("opencl", "cl", "OpenCL C for any OpenCL 1.2+ device"),
+    "webgpu": ("webgpu", "wgsl", "WGSL for WebGPU; one shader module per '// Function:' section"),
+}
+_DEVICES = {
+    "cuda": "an NVIDIA {name} GPU",
+    "opencl": "an OpenCL device (load the .cl files with an OpenCL runtime, e.g. TVM's)",
+    "webgpu": "a WebGPU device (a browser or wgpu/Dawn; load the .wgsl shader modules)",
+}
 
 
 class DeviceUnavailable(RuntimeError):
@@ -43,7 +76,7 @@ class DeviceUnavailable(RuntimeError):
 
 
 def split_cuda(source: str) -> tuple[str, dict[str, str]]:
-    """(preamble, kernel symbol -> its definition) of a TVM CUDA module: the preamble is the
+    """(preamble, device function -> its definition) of a TVM CUDA module: the preamble is the
     text before the first `extern "C"` (includes, helpers); a definition runs from its
     `extern "C" __global__ ... {` line to the `}` closing it at column 0."""
     lines = source.splitlines()
@@ -61,6 +94,30 @@ def split_cuda(source: str) -> tuple[str, dict[str, str]]:
     return "\n".join(lines[:first]).rstrip() + "\n", kernels
 
 
+def split_sections(source: str, kind: str) -> dict[str, str]:
+    """Device function -> its text, of a TVM OpenCL or WebGPU module: TVM prints one section
+    per function, opened by `// Function: <name>`. An OpenCL section declares every kernel of
+    the module before defining its own: those prototypes are dropped (each kernel stands
+    alone). A WebGPU section is a whole shader module (its own bindings) and is kept whole."""
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in source.splitlines():
+        found = _SECTION.match(line)
+        if found is not None and found.group(1) not in sections:
+            current = sections.setdefault(found.group(1), [])
+        if current is None or (kind == "opencl" and _PROTOTYPE.match(line)):
+            continue
+        current.append(line)
+    return {name: "\n".join(lines).strip() + "\n" for name, lines in sections.items()}
+
+
+def functions_of(symbol: str, functions: Mapping[str, str]) -> list[str]:
+    """The device functions of kernel `symbol`, in module order: TVM names them
+    `<symbol>_kernel`, `<symbol>_kernel_1`, ... (one per launched stage)."""
+    first = f"{symbol}_kernel"
+    return [f for f in functions if f == first or f.startswith(first + "_")]
+
+
 def nvcc_version() -> str | None:
     """`nvcc --version`'s release line, or None when nvcc is not on PATH."""
     nvcc = shutil.which("nvcc")
@@ -75,13 +132,16 @@ class DeviceExecutable:
     """The TVM kernels of `graph` for GPU `target` (module docstring); compile-only."""
 
     def __init__(self, graph: ir.Graph, target: Target) -> None:
-        if target.backend != "cuda":
+        if target.backend not in _LANGUAGES:
             raise ValueError(
-                f"the TVM backend emits GPU code for NVIDIA targets (sm_*), not {target.name}; "
-                "use --backend triton for AMD GPUs"
+                f"the TVM backend emits GPU code for NVIDIA (sm_*), opencl and webgpu targets, "
+                f"not {target.name}; use --backend triton for AMD GPUs"
             )
         self.graph = graph
         self.target = target
+        self.kind = target.backend  # "cuda", "opencl" or "webgpu": TVM's target kind
+        self.language, self.ext, what = _LANGUAGES[self.kind]
+        self.what = what.format(name=target.name)
         cpu = get_target("cpu")
         self.uses: list[tuple[ir.Node, list[Kernel]]] = []
         self.falls: list[tuple[str, str]] = []
@@ -96,12 +156,19 @@ class DeviceExecutable:
     def __call__(self, *args: Any, params: Mapping[str, Any] | None = None) -> tuple[Any, ...]:
         import torch
 
-        where = f"kernels/{self.target.name}/ (CUDA source and cubins)"
+        where = f"kernels/{self.target.name}/ ({self.what.split(';')[0]})"
+        device = _DEVICES[self.kind].format(name=self.target.name)
+        if self.target.source_only:
+            raise DeviceUnavailable(
+                f"this holds TVM {self.language} source for {self.target.name} in {where}; "
+                f"it needs {device}, and dsv4c launches no {self.language} kernels. Compile for "
+                "this machine instead: --backend tvm --target cpu"
+            )
         if not torch.cuda.is_available():
             raise DeviceUnavailable(
                 f"this holds TVM CUDA kernels for {self.target.name} ({self.target.description}) "
-                f"in {where}; this machine has no CUDA GPU to run them. Run it on an "
-                f"{self.target.name} GPU, or compile for this machine: --backend tvm --target cpu"
+                f"in {where}; this machine has no CUDA GPU to run them. Run it on {device}, "
+                "or compile for this machine: --backend tvm --target cpu"
             )
         raise DeviceUnavailable(
             f"dsv4c compiles TVM kernels for {self.target.name} ({where}) but does not launch "
@@ -109,64 +176,90 @@ class DeviceExecutable:
         )
 
     def kernel_records(self) -> list[KernelRecord]:
-        """One record per kernel with GPU code: CUDA source (`.cu`) under a `//` header."""
+        """One record per kernel with GPU code: its source file under a `//` header."""
         if self._records is None:
             self._records = self._generate()
         return list(self._records)
 
     def _generate(self) -> list[KernelRecord]:
-        import tvm
-
-        tgt = device_target(self.target, "cuda")
+        tgt = device_target(self.target, self.kind)
         funcs: dict[str, Any] = {}
-        for node, kernels in self.uses:
+        for _, kernels in self.uses:
             for k in kernels:
                 if k.symbol in funcs or k.symbol in self.skipped:
                     continue
-                try:
-                    funcs[k.symbol] = schedule_gpu(k.gpu_ir(), tgt)
-                except Exception as e:  # noqa: BLE001  (listed in `skipped` with the reason)
-                    last = str(e).strip().splitlines()[-1][:200] if str(e).strip() else ""
-                    self.skipped[k.symbol] = f"{type(e).__name__}: {last}"
+                why = unsupported_on(k, self.kind)
+                if why is None:
+                    why = self._schedule(k, tgt, funcs)
+                if why is not None:
+                    self.skipped[k.symbol] = why
         if not funcs:
             return []
-        built = tvm.tirx.build(tvm.IRModule(funcs), target=tgt)
-        cuda = [m for m in built.imports if m.kind == "cuda"]
-        preamble, parts = split_cuda(cuda[0].inspect_source() if cuda else "")
-        what = f"CUDA for {self.target.name}"
+        preamble, functions = self._build(funcs, tgt)
 
         def render(k: Kernel) -> str:
-            lines = header(k, what, funcs[k.symbol], comment="//")
-            return "\n".join([*lines, preamble, parts[k.symbol], ""])
+            lines = header(k, self.what, funcs[k.symbol], comment="//")
+            parts = [functions[f] for f in functions_of(k.symbol, functions)]
+            return "\n".join([*lines, preamble, "\n\n".join(parts), ""])
 
         def launch(k: Kernel) -> dict[str, Any]:
-            threads = _threads(parts[k.symbol])
-            return {"kind": "generated", "loops": loop_summary(funcs[k.symbol]), "threads": threads}
+            info = {"kind": "generated", "loops": loop_summary(funcs[k.symbol])}
+            if self.kind == "cuda":
+                info["threads"] = _threads(functions[f"{k.symbol}_kernel"])
+            return info | {"functions": len(functions_of(k.symbol, functions))}
 
-        uses = [(n, [k for k in ks if k.symbol in parts]) for n, ks in self.uses]
-        return kernel_records(uses, render, language="cuda", ext="cu", launch=launch)
+        uses = [(n, [k for k in ks if k.symbol in funcs]) for n, ks in self.uses]
+        records = kernel_records(uses, render, language=self.language, ext=self.ext, launch=launch)
+        symbol = {k.key: k.symbol for _, ks in uses for k in ks}
+        return [r.with_cost(stage_costs(funcs[symbol[r.key]])) for r in records]
+
+    @staticmethod
+    def _schedule(k: Kernel, tgt: Any, funcs: dict[str, Any]) -> str | None:
+        """Schedule `k` into `funcs`; None, or why TVM could not (the kernel is skipped)."""
+        try:
+            funcs[k.symbol] = schedule_gpu(k.gpu_ir(), tgt)
+        except Exception as e:  # noqa: BLE001  (listed in `skipped` with the reason)
+            last = str(e).strip().splitlines()[-1][:200] if str(e).strip() else ""
+            return f"{type(e).__name__}: {last}"
+        return None
+
+    def _build(self, funcs: Mapping[str, Any], tgt: Any) -> tuple[str, dict[str, str]]:
+        """(preamble, device function -> source) of one TVM module holding `funcs`."""
+        import tvm
+
+        built = tvm.tirx.build(tvm.IRModule(dict(funcs)), target=tgt)
+        module = [m for m in built.imports if m.kind == self.kind]
+        text = module[0].inspect_source() if module else ""
+        if self.kind == "cuda":
+            return split_cuda(text)
+        return "", split_sections(text, self.kind)
 
     def compile_binaries(self) -> tuple[dict[str, list[KernelBinary]], dict[str, bytes]]:
-        """nvcc each kernel's source to a cubin. Returns (binaries by kernel key, file bytes by
-        name inside `kernels/<target>/`); without nvcc, each binary's `error` says so."""
+        """nvcc each CUDA kernel's source to a cubin. Returns (binaries by kernel key, file
+        bytes by name inside `kernels/<target>/`); without nvcc, each binary's `error` says so.
+        OpenCL and WebGPU kernels have no binaries (their driver compiles the source)."""
         records = self.kernel_records()
+        if self.kind != "cuda":
+            return {}, {}
         version = nvcc_version()
         if version is None:
             why = "nvcc not found on PATH: CUDA source only (install the CUDA toolkit for cubins)"
             return {r.key: [KernelBinary(self.target.name, "nvcc", (), error=why)] for r in records}, {}
         with tempfile.TemporaryDirectory(prefix="dsv4c-nvcc-") as tmp:
             with ThreadPoolExecutor(max(1, parallel_jobs())) as pool:
-                done = list(pool.map(lambda r: self._nvcc(r, Path(tmp)), records))
+                done = list(pool.map(lambda r: self.nvcc(r, Path(tmp)), records))
         binaries = {r.key: [b] for r, (b, _) in zip(records, done)}
         files = {name: data for _, blobs in done for name, data in blobs.items()}
         return binaries, files
 
-    def _nvcc(self, record: KernelRecord, tmp: Path) -> tuple[KernelBinary, dict[str, bytes]]:
+    def nvcc(self, record: KernelRecord, tmp: Path) -> tuple[KernelBinary, dict[str, bytes]]:
+        """nvcc one kernel's CUDA source (`NVCC_FLAGS`) in folder `tmp`: its `KernelBinary`
+        (registers, shared memory, spills from ptxas) and {cubin file name: bytes}."""
         cu = tmp / record.source_file
         cu.write_text(record.source)
         cubin = tmp / f"{record.stem}.cubin"
         arch = f"sm_{self.target.arch}"
-        cmd = ["nvcc", "-cubin", f"-arch={arch}", "-O3", "-w", "-Xptxas", "-v"]
+        cmd = ["nvcc", "-cubin", f"-arch={arch}", *NVCC_FLAGS]
         done = subprocess.run([*cmd, "-o", str(cubin), str(cu)], capture_output=True, text=True)
         if done.returncode != 0:
             why = f"nvcc failed: {done.stderr.strip().splitlines()[-1][:300]}"
@@ -187,7 +280,7 @@ class DeviceExecutable:
         return {
             "backend": "tvm",
             "target": self.target.name,
-            "device_code": "cuda",
+            "device_code": self.language,
             "kernels": [
                 {"name": r.name, "key": r.key, "ops": list(r.fused_ops), "uses": r.uses}
                 for r in self.kernel_records()

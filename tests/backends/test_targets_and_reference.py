@@ -14,8 +14,10 @@ from backends.triton import samples as bodies
 
 
 def test_targets_table_is_complete():
-    assert set(TARGETS) == {"cpu", "sm_80", "sm_90", "sm_100", "sm_120", "gfx942", "gfx950"}
-    assert GPU_TARGETS == ("sm_80", "sm_90", "sm_100", "sm_120", "gfx942", "gfx950")
+    gpus = ("sm_80", "sm_90", "sm_100", "sm_120", "gfx942", "gfx950")
+    assert set(TARGETS) == {"cpu", *gpus, "opencl", "webgpu"}
+    assert GPU_TARGETS == gpus  # binaries ahead of time; opencl/webgpu are source only
+    assert [n for n, t in TARGETS.items() if t.source_only] == ["opencl", "webgpu"]
     for t in TARGETS.values():
         assert t.peak_bf16_flops > 1e12 and t.hbm_bandwidth > 1e11 and t.smem_per_block > 0
     assert get_target("sm_90").smem_per_block == 227 * 1024
@@ -29,6 +31,8 @@ def test_gpu_target_triples():
     assert (t.backend, t.arch, t.warp_size) == ("cuda", 120, 32)
     with pytest.raises(ValueError, match="not a GPU"):
         get_target("cpu").gpu_target()
+    with pytest.raises(ValueError, match="TVM backend only"):
+        get_target("opencl").gpu_target()
 
 
 def test_unknown_target_lists_known_ones():

@@ -1,0 +1,112 @@
+"""TVM GPU artifacts beyond CUDA, and the nvcc cubin cache.
+
+- `--target opencl` / `webgpu`: every file under kernels/ belongs to exactly one kernel record
+  and hash-checks, the records are OpenCL C / WGSL with no binaries (the manifest says why), each
+  file holds every device function of its kernel, and calling the artifact says which device it
+  needs. Triton refuses these targets; an unknown target still lists the valid ones.
+- nvcc (skipped without it): compiling the same CUDA source twice reuses the cached cubins (the
+  report counts the hits), and a damaged cache entry is ignored with a warning and rebuilt.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from dsv4c_helpers import mlp, x
+from test_kernel_records import check_records
+
+import dsv4c
+from dsv4c.errors import DsvError
+
+pytest.importorskip("tvm")
+
+DYNAMIC = {"x": {0: "B"}}
+SOURCE = {"opencl": ("opencl", "cl", "an OpenCL device"), "webgpu": ("webgpu", "wgsl", "a WebGPU")}
+
+
+@pytest.mark.parametrize("target", ["opencl", "webgpu"])
+def test_source_target_artifact(tmp_path: Path, target: str):
+    language, ext, device = SOURCE[target]
+    c = dsv4c.compile(mlp(), (x(),), backend="tvm", target=target, dynamic=DYNAMIC,
+                      output_dir=tmp_path / "a")  # fmt: skip
+    manifest = check_records(tmp_path / "a")
+    kernels = manifest["kernels"]
+    assert len(kernels) == 4  # layernorm, matmul+add+relu, matmul+add, softmax
+    assert {k["language"] for k in kernels} == {language}
+    assert all(k["source"].endswith(f".{ext}") and k["binaries"] == [] for k in kernels)
+    code = manifest["device_code"]
+    assert code["source"] == language and code["binaries"] is None and not code["skipped"]
+    assert "driver compiles it" in code["why"]
+    assert manifest["runs_on"] == target and not manifest["runnable_on_compile_host"]["ok"]
+    rows = c.report()["entries"]["forward"]["kernels"]
+    assert {r["key"] for r in rows if r["runs"] == "kernel"} == {k["key"] for k in kernels}
+    loaded = dsv4c.load(tmp_path / "a", params=mlp().state_dict())
+    with pytest.raises(RuntimeError, match=f"it needs {device}") as e:
+        loaded(x())
+    assert "--backend tvm --target cpu" in str(e.value)
+
+
+@pytest.mark.parametrize("target", ["sm_90", "opencl", "webgpu"])
+def test_a_kernel_file_holds_all_its_device_functions(target: str):
+    """TVM launches a GEMM and its epilogue as two functions (`_kernel`, `_kernel_1`); the
+    kernel's one file holds both, and the cost hints count both launches and the GEMM result
+    they pass through device memory (f32[B,32]: 128·B bytes)."""
+    c = dsv4c.compile(mlp(), (x(),), backend="tvm", target=target, dynamic=DYNAMIC)
+    rec = next(r for r in c.entries["forward"].executable.kernel_records()
+               if r.name == "matmul_add_relu")  # fmt: skip
+    first, second = f"{rec.stem}_kernel(", f"{rec.stem}_kernel_1("
+    assert first in rec.source and second in rec.source
+    assert rec.source.count(second) == 1  # defined once (OpenCL prototypes dropped)
+    assert rec.launch["functions"] == 2
+    assert rec.cost.row() == {"launches": 2, "materialised_bytes": "128*B", "gemm_tile": [16, 16]}
+
+
+def test_source_targets_need_the_tvm_backend():
+    for backend in ("triton", "reference"):
+        with pytest.raises(DsvError, match="only the TVM backend writes; use --backend tvm"):
+            dsv4c.compile(mlp(), (x(),), backend=backend, target="webgpu")
+
+
+def test_unknown_target_lists_the_valid_ones():
+    with pytest.raises(DsvError) as e:
+        dsv4c.compile(mlp(), (x(),), backend="tvm", target="vulkan")
+    for name in ("cpu", "sm_90", "gfx942", "opencl", "webgpu"):
+        assert name in str(e.value)
+
+
+def _compile_sm90(out: Path) -> dict:
+    c = dsv4c.compile(mlp(), (x(),), backend="tvm", target="sm_90", dynamic=DYNAMIC,
+                      output_dir=out)  # fmt: skip
+    check_records(out)
+    return c.report()["kernel_cache"]
+
+
+def test_nvcc_cubins_are_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc is not installed (CUDA toolkit missing): no cubins to cache")
+    monkeypatch.setenv("DSV4C_CACHE_DIR", str(tmp_path / "cache"))
+    assert _compile_sm90(tmp_path / "a") == {"hits": 0, "misses": 4}
+    assert _compile_sm90(tmp_path / "b") == {"hits": 4, "misses": 0}
+    cubins = sorted(p.name for p in (tmp_path / "a/kernels/sm_90").glob("*.cubin"))
+    assert len(cubins) == 4
+    for name in cubins:  # the cached cubins are the compiled ones, byte for byte
+        a, b = (tmp_path / d / "kernels/sm_90" / name for d in ("a", "b"))
+        assert a.read_bytes() == b.read_bytes()
+    entries = sorted((tmp_path / "cache/nvcc/sm_90").glob("*/*.cubin"))
+    assert len(entries) == 4 and sorted(p.name for p in entries) == cubins
+    damaged = entries[0]
+    damaged.write_bytes(b"\0" + damaged.read_bytes()[1:])
+    with pytest.warns(RuntimeWarning, match="is damaged .the sha256 of .* differs"):
+        assert _compile_sm90(tmp_path / "c") == {"hits": 3, "misses": 1}
+    assert (tmp_path / "c/kernels/sm_90" / damaged.name).read_bytes() == (
+        tmp_path / "a/kernels/sm_90" / damaged.name
+    ).read_bytes()  # rebuilt, not the damaged bytes
+    assert _compile_sm90(tmp_path / "d") == {"hits": 4, "misses": 0}  # the entry was rewritten
+    (damaged.parent / "result.json").write_text("{not json")
+    with pytest.warns(RuntimeWarning, match="is damaged .JSONDecodeError"):
+        assert _compile_sm90(tmp_path / "e") == {"hits": 3, "misses": 1}
+    row = json.loads((damaged.parent / "result.json").read_text())
+    assert row["registers"] and row["blobs"] == [damaged.name]
