@@ -28,18 +28,36 @@ def _swiglu(gate: Any, up: Any, limit: float) -> Any:
     return g / (tirx.const(1.0, F32) + te.exp(-g)) * u
 
 
+def _gated(op: Any, gate: Any, up: Any) -> Any:
+    """The experts' activation (ir/ops/moe.py `Experts`) on fp32 gate and up values."""
+    from tvm import te, tirx
+
+    if op.activation != "gpt_oss":
+        return _swiglu(gate, up, op.clamp)
+    one = tirx.const(1.0, F32)
+    g = tirx.min(gate, tirx.const(op.limit, F32))
+    u = tirx.min(tirx.max(up, tirx.const(-op.limit, F32)), tirx.const(op.limit, F32))
+    return g / (one + te.exp(-g * tirx.const(op.alpha, F32))) * (u + one)
+
+
 @lowers("moe.route")
 def lower_route(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
     from tvm import te, tirx
 
     op = node.op
     x, gate, *rest = args
+    logit_bias = rest.pop() if op.logit_bias else None
     kd = te.reduce_axis((0, x.shape[1]), name="kd")
     logits = te.compute(
         (x.shape[0], gate.shape[0]),
         lambda n, e: te.sum(f32(x(n, kd)) * f32(gate(e, kd)), axis=kd),
         name=lw.tag("logits"),
     )
+    if logit_bias is not None:  # the router's own bias moves the scores (GPT-OSS)
+        lg = logits
+        logits = te.compute(
+            lg.shape, lambda n, e: lg(n, e) + f32(logit_bias(e)), name=lw.tag("biased_logits")
+        )
     n_exp = gate.shape[0]
     if op.score == "softmax":
         ke = te.reduce_axis((0, n_exp), name="ke")
@@ -114,7 +132,9 @@ def lower_experts(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
     from tvm import te
 
     op = node.op
-    x, weights, experts, w1, w3, w2, *shared = args
+    x, weights, experts, w1, w3, w2, *rest = args
+    shared = rest[:3] if op.shared else []
+    b1, b3, b2 = rest[-3:] if op.expert_bias else (None, None, None)
     out = tvm_dtype(node.result.dtype)
     n_tok, k, inter, width = x.shape[0], weights.shape[1], w1.shape[1], x.shape[1]
     kd = te.reduce_axis((0, width), name="kd")
@@ -130,10 +150,18 @@ def lower_experts(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
         lambda n, j, i: te.sum(f32(x(n, kd3)) * f32(w3(eid(n, j), i, kd3)), axis=kd3),
         name=lw.tag("up_proj"),
     )
+
+    def biased(v: Any, b: Any, n: Any, j: Any, i: Any) -> Any:
+        return v if b is None else v + f32(b(eid(n, j), i))
+
     h = te.compute(
         up1.shape,
         lambda n, j, i: convert(
-            _swiglu(convert(convert(up1(n, j, i), out), F32), up3(n, j, i), op.clamp)
+            _gated(
+                op,
+                biased(convert(convert(up1(n, j, i), out), F32), b1, n, j, i),
+                biased(up3(n, j, i), b3, n, j, i),
+            )
             * f32(weights(n, j)),
             out,
         ),
@@ -146,6 +174,13 @@ def lower_experts(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
         name=lw.tag("down_proj"),
     )
     kj = te.reduce_axis((0, k), name="kj")
+    if op.expert_bias:  # + weight · b2[e] per slot
+        dn = down
+        down = te.compute(
+            dn.shape,
+            lambda n, j, c: dn(n, j, c) + f32(weights(n, j)) * f32(b2(eid(n, j), c)),
+            name=lw.tag("down_bias"),
+        )
     y = te.compute(
         (n_tok, width), lambda n, c: te.sum(down(n, kj, c), axis=kj), name=lw.tag("routed")
     )
@@ -162,7 +197,7 @@ def lower_experts(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
         g1.shape, lambda n, i: te.sum(f32(x(n, ks3)) * f32(s3(i, ks3)), axis=ks3), name="su"
     )
     hs = te.compute(
-        g1.shape, lambda n, i: convert(_swiglu(g1(n, i), g3(n, i), op.clamp), out), name="hs"
+        g1.shape, lambda n, i: convert(_gated(op, g1(n, i), g3(n, i)), out), name="hs"
     )
     kss = te.reduce_axis((0, s1.shape[0]), name="kss")
     ys = te.compute(
@@ -209,15 +244,21 @@ def emit_experts(node: ir.Node, target: Any, options: dict) -> ExpertsLaunch:
 
 
 def grouped_experts(
-    op: Any, x: Any, weights: Any, experts: Any, w1: Any, w3: Any, w2: Any, *shared: Any
+    op: Any, x: Any, weights: Any, experts: Any, w1: Any, w3: Any, w2: Any, *rest: Any
 ) -> Any:
     """`moe.experts` (ir/ops/moe.py) with one GEMM per expert over the tokens that chose it.
 
     Rows are the (token, slot) pairs sorted by expert; the per-expert row counts are read on the
     host (a CPU executable: no device round-trip). Same numerics as the op: GEMMs in x's dtype,
-    SwiGLU and routing weight in fp32, hidden rows cast to x's dtype before w2, fp32 sum.
+    biases, activation and routing weight in fp32, hidden rows cast to x's dtype before w2, fp32
+    sum.
     """
     import torch
+
+    from ir.ops.moe import gated_reference
+
+    def act(gate: Any, up: Any) -> Any:
+        return gated_reference(gate, up, op.activation, op.clamp, op.alpha)
 
     n, k = experts.shape
     flat = experts.reshape(-1)
@@ -230,20 +271,18 @@ def grouped_experts(
     start = 0
     for e, count in enumerate(counts):
         if count:
-            r = rows[start : start + count]
-            gate, up = ((r @ w[e].T).float() for w in (w1, w3))
-            h = gate.clamp(max=op.clamp)
-            h = (
-                torch.nn.functional.silu(h)
-                * up.clamp(-op.clamp, op.clamp)
-                * scale[start : start + count]
-            )
-            down[start : start + count] = (h.to(x.dtype) @ w2[e].T).float()
+            r, w = rows[start : start + count], scale[start : start + count]
+            gate, up = ((r @ wt[e].T).float() for wt in (w1, w3))
+            if op.expert_bias:
+                gate, up = gate + rest[-3][e].float(), up + rest[-2][e].float()
+            out = ((act(gate, up) * w).to(x.dtype) @ w2[e].T).float()
+            if op.expert_bias:
+                out = out + w * rest[-1][e].float()
+            down[start : start + count] = out
             start += count
     y = torch.zeros(x.shape, dtype=torch.float32).index_add_(0, token, down).to(x.dtype)
     if not op.shared:
         return y
-    s1, s3, s2 = shared
-    g, u = ((x @ s.T).float() for s in (s1, s3))
-    h = torch.nn.functional.silu(g.clamp(max=op.clamp)) * u.clamp(-op.clamp, op.clamp)
+    s1, s3, s2 = rest[:3]
+    h = act((x @ s1.T).float(), (x @ s3.T).float())
     return y + h.to(x.dtype) @ s2.T

@@ -1,9 +1,11 @@
 """MoE kernels of DeepSeek-V4 (v4-architecture.md §3.6, §5 K14-K18) as named ops.
 
-- `moe.route`: gate GEMM, scoring (sqrt-softplus, softmax or sigmoid), expert choice (top-k of
-  score + bias, the same within the best `topk_group` of `n_group` expert groups, or a token-id
-  hash table), gather, renormalise (+ eps), scale -> (weights, experts).
-- `moe.experts`: the fused MoE — dispatch, grouped SwiGLU (plain or clamped) expert GEMMs with the
+- `moe.route`: gate GEMM (+ an optional router bias on the logits, GPT-OSS), scoring
+  (sqrt-softplus, softmax or sigmoid), expert choice (top-k of score + bias, the same within the
+  best `topk_group` of `n_group` expert groups, or a token-id hash table), gather, renormalise
+  (+ eps), scale -> (weights, experts).
+- `moe.experts`: the fused MoE — dispatch, grouped gated expert GEMMs (SwiGLU plain or clamped,
+  or GPT-OSS's clamped (up + 1)·gate·sigmoid(alpha·gate)) with optional per-expert biases, the
   routing weight applied before w2, weighted combine, and optionally the shared expert.
 
 Data-dependent routing never leaves the device: `moe.experts` takes the [N,k] expert-index tensor
@@ -21,10 +23,19 @@ from ir.ops._util import INT_INDEX, io_cost, require
 from ir.symbolic import same_dim
 from ir.types import DType, TensorType
 
-__all__ = ["ACTIVATIONS", "SCORES", "Experts", "Route", "clamped_swiglu_reference"]
+__all__ = [
+    "ACTIVATIONS",
+    "SCORES",
+    "Experts",
+    "Route",
+    "clamped_swiglu_reference",
+    "gated_reference",
+]
 
 SCORES = ("sqrtsoftplus", "softmax", "sigmoid")
-ACTIVATIONS = ("clamped_swiglu", "swiglu")  # silu(gate)·up, with or without the ±limit clamps
+# silu(gate)·up with or without the ±limit clamps; GPT-OSS: (up + 1)·gate·sigmoid(alpha·gate),
+# clamped like clamped_swiglu
+ACTIVATIONS = ("clamped_swiglu", "swiglu", "gpt_oss")
 
 
 def clamped_swiglu_reference(gate, up, limit: float):
@@ -34,14 +45,27 @@ def clamped_swiglu_reference(gate, up, limit: float):
     return torch.nn.functional.silu(gate) * up
 
 
+def gated_reference(gate, up, activation: str, limit: float, alpha: float):
+    """The experts' gated activation in fp32 (`Experts`): for "gpt_oss",
+    g·sigmoid(alpha·g)·(u + 1) with g = min(gate, limit), u = clamp(up, ±limit); else the SwiGLU
+    (`limit` inf for the unclamped one)."""
+    if activation != "gpt_oss":
+        return clamped_swiglu_reference(gate, up, limit)
+    g = gate.float().clamp(max=limit)
+    u = up.float().clamp(-limit, limit)
+    return g * torch.sigmoid(g * alpha) * (u + 1.0)
+
+
 @register
 @dataclass(frozen=True)
 class Route(Op):
     """Router: x [N,d], gate [E,d], then bias [E] (score routing with `bias`) or tid2eid [V,k]
-    and ids [N] (`hash`) -> (weights [N,k] f32, experts [N,k] i64).
+    and ids [N] (`hash`), then with `logit_bias` the router's own bias b [E] -> (weights [N,k]
+    f32, experts [N,k] i64).
 
-    s = score(x·gateᵀ) in fp32 with score = sqrt(softplus), softmax (over E) or sigmoid. Experts:
-    tid2eid[ids] when `hash`, else the indices of topk(c, k) with chooser c = s + bias (bias only
+    s = score(x·gateᵀ [+ b]) in fp32 (`logit_bias`: GPT-OSS's biased router linear; b moves the
+    scores and so the weights, unlike `bias`, which only selects) with score = sqrt(softplus),
+    softmax (over E) or sigmoid. Experts: tid2eid[ids] when `hash`, else the indices of topk(c, k) with chooser c = s + bias (bias only
     selects) or s. Grouped top-k (`n_group` > 1, DeepSeek-V3): the E experts form `n_group`
     contiguous groups; a group's score is the sum of its two largest c; outside the `topk_group`
     best groups c is replaced by `group_fill` before the top-k. weights = s[experts], divided by
@@ -61,6 +85,7 @@ class Route(Op):
     n_group: int = 1
     topk_group: int = 1
     group_fill: float = 0.0
+    logit_bias: bool = False
 
     def infer_type(self, *types: TensorType):
         require(self, self.score in SCORES, f"score must be one of {SCORES}", *types)
@@ -69,8 +94,10 @@ class Route(Op):
         ok = 1 <= self.topk_group <= self.n_group
         require(self, ok, f"topk_group must be in [1, n_group={self.n_group}]", *types)
         require(self, not (self.bias and self.hash), "bias and hash exclude each other", *types)
-        arity = 4 if self.hash else (3 if self.bias else 2)
-        require(self, len(types) == arity, f"expected {arity} operands, got {len(types)}", *types)
+        arity = (4 if self.hash else (3 if self.bias else 2)) + self.logit_bias
+        require(self, len(types) == arity, f"expected {arity} operands (x, gate"
+                f"{', bias' * self.bias}{', tid2eid, ids' * self.hash}"
+                f"{', logit_bias' * self.logit_bias}), got {len(types)}", *types)
         x, gate = types[:2]
         n = x.shape[0] if x.rank else None
         require(self, x.rank == 2 and gate.rank == 2, "x must be [N,d], gate [E,d]", *types)
@@ -95,11 +122,18 @@ class Route(Op):
             require(self, table.dtype == DType.i64, "tid2eid must be i64", *types)
             require(self, ids.dtype in INT_INDEX, "ids must be i64 or i32", *types)
             require(self, ids.rank == 1 and same_dim(ids.shape[0], n), "ids must be [N]", *types)
+        if self.logit_bias:
+            b = types[-1]
+            ok = b.rank == 1 and same_dim(b.shape[0], gate.shape[0]) and b.dtype.is_float
+            require(self, ok, f"logit_bias must be float [E={gate.shape[0]}], got {b}", *types)
         out = (x.shape[0], self.k)
         return (TensorType(out, DType.f32), TensorType(out, DType.i64))
 
     def reference(self, x, gate, *rest):
         logits = x.float() @ gate.float().T
+        if self.logit_bias:
+            logits = logits + rest[-1].float()
+            rest = rest[:-1]
         if self.score == "sqrtsoftplus":
             s = torch.nn.functional.softplus(logits).sqrt()
         elif self.score == "softmax":
@@ -131,6 +165,7 @@ class Route(Op):
     def cost(self, operand_types, result_types):
         x, gate = operand_types[0], operand_types[1]
         flops = 2 * x.shape[0] * x.shape[1] * gate.shape[0] + 4 * x.shape[0] * gate.shape[0]
+        flops = flops + x.shape[0] * gate.shape[0] * int(self.logit_bias)
         return io_cost(flops, operand_types, result_types)
 
 
@@ -138,14 +173,18 @@ class Route(Op):
 @dataclass(frozen=True)
 class Experts(Op):
     """Fused MoE: x [N,d], weights [N,k], experts [N,k] int, w1 [E,I,d], w3 [E,I,d], w2 [E,d,I],
-    and with `shared` also s1 [J,d], s3 [J,d], s2 [d,J] -> y [N,d] in x's dtype.
+    with `shared` then s1 [J,d], s3 [J,d], s2 [d,J], with `expert_bias` then b1 [E,I], b3 [E,I],
+    b2 [E,d] (float, any width) -> y [N,d] in x's dtype.
 
     y[n] = Σ_slots weights[n,j] · FFN_{experts[n,j]}(x[n])  (+ FFN_shared(x[n]) unweighted), with
-    FFN_e(x) = (weight · swiglu(x·w1[e]ᵀ, x·w3[e]ᵀ)) · w2[e]ᵀ: GEMMs in x's dtype, the SwiGLU
-    silu(gate)·up (`activation` "clamped_swiglu": gate ≤ limit, |up| ≤ limit; "swiglu": no clamp,
-    `limit` unused) and the routing weight in fp32, cast to x's dtype before w2; the routed sum
-    is accumulated in fp32. The shared expert uses the same activation. Experts no token chose
-    contribute nothing; no count of rows per expert is needed by the host (module docstring).
+    FFN_e(x) = (weight · act(x·w1[e]ᵀ + b1[e], x·w3[e]ᵀ + b3[e])) · w2[e]ᵀ + weight · b2[e]
+    (no b without `expert_bias`):
+    GEMMs in x's dtype, biases, activation and routing weight in fp32, the hidden rows cast to
+    x's dtype before w2; the routed sum is accumulated in fp32. `activation`:
+    "clamped_swiglu" silu(min(g, limit)) · clamp(u, ±limit); "swiglu" silu(g)·u (`limit`
+    unused); "gpt_oss" g'·sigmoid(`alpha`·g')·(clamp(u, ±limit) + 1) with g' = min(g, limit).
+    The shared expert (no biases) uses the same activation. Experts no token chose contribute
+    nothing; no count of rows per expert is needed by the host (module docstring).
     """
 
     mnemonic = "moe.experts"
@@ -154,17 +193,22 @@ class Experts(Op):
     limit: float = 10.0
     shared: bool = False
     activation: str = "clamped_swiglu"
+    alpha: float = 1.702
+    expert_bias: bool = False
 
     @property
     def clamp(self) -> float:
-        """The SwiGLU clamp bound (inf when the activation does not clamp)."""
-        return self.limit if self.activation == "clamped_swiglu" else float("inf")
+        """The gate/up clamp bound (inf when the activation does not clamp)."""
+        return float("inf") if self.activation == "swiglu" else self.limit
 
     def infer_type(self, *types: TensorType):
         ok = self.activation in ACTIVATIONS
         require(self, ok, f"activation must be one of {ACTIVATIONS}", *types)
-        arity = 9 if self.shared else 6
-        require(self, len(types) == arity, f"expected {arity} operands, got {len(types)}", *types)
+        arity = 6 + 3 * self.shared + 3 * self.expert_bias
+        names = "x, weights, experts, w1, w3, w2" + ", s1, s3, s2" * self.shared
+        names += ", b1, b3, b2" * self.expert_bias
+        require(self, len(types) == arity, f"expected {arity} operands ({names}), got "
+                f"{len(types)}", *types)
         x, weights, experts, w1, w3, w2 = types[:6]
         require(self, x.rank == 2 and x.dtype.is_float, "x must be float [N,d]", *types)
         require(self, weights.rank == 2 and weights.dtype.is_float, "weights: float [N,k]", *types)
@@ -177,26 +221,45 @@ class Experts(Op):
         require(self, w2.rank == 3 and w2.shape == want, "w2 must be [E,d,I]", *types)
         require(self, w1.dtype == w3.dtype == w2.dtype == x.dtype, "weights need x's dtype", *types)
         if self.shared:
-            s1, s3, s2 = types[6:]
+            s1, s3, s2 = types[6:9]
             require(self, s1.rank == 2 and s1.shape == s3.shape, "s1/s3 must be [J,d]", *types)
             require(self, same_dim(s1.shape[1], x.shape[1]), "s1's d differs from x's", *types)
             ok = s2.shape == (x.shape[1], s1.shape[0])
             require(self, ok, "s2 must be [d,J]", *types)
             require(self, s1.dtype == s3.dtype == s2.dtype == x.dtype, "s* need x's dtype", *types)
+        if self.expert_bias:
+            self._check_biases(types, w1)
         return (x,)
 
-    def reference(self, x, weights, experts, w1, w3, w2, *shared):
+    def _check_biases(self, types: tuple[TensorType, ...], w1: TensorType) -> None:
+        """b1/b3 [E,I] and b2 [E,d], float (the last three operands)."""
+        b1, b3, b2 = types[-3:]
+        e, inter, d = w1.shape
+        for name, b, want in (("b1", b1, (e, inter)), ("b3", b3, (e, inter)), ("b2", b2, (e, d))):
+            ok = b.rank == 2 and all(same_dim(g, w) for g, w in zip(b.shape, want))
+            require(self, ok and b.dtype.is_float, f"{name} must be float [{want[0]},{want[1]}] "
+                    f"(one row per expert), got {b}", *types)
+
+    def reference(self, x, weights, experts, w1, w3, w2, *rest):
+        b1, b3, b2 = rest[-3:] if self.expert_bias else (None, None, None)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for e in range(w1.shape[0]):  # every token, weight 0 unless it chose e: no host sync
             we = (weights.float() * (experts == e)).sum(-1, keepdim=True)
-            h = clamped_swiglu_reference(x @ w1[e].T, x @ w3[e].T, self.clamp) * we
-            out = out + (h.to(x.dtype) @ w2[e].T).float()
+            gate, up = (x @ w1[e].T).float(), (x @ w3[e].T).float()
+            if self.expert_bias:
+                gate, up = gate + b1[e].float(), up + b3[e].float()
+            h = self._act(gate, up) * we
+            down = (h.to(x.dtype) @ w2[e].T).float()
+            out = out + (down + we * b2[e].float() if self.expert_bias else down)
         y = out.to(x.dtype)
         if not self.shared:
             return (y,)
-        s1, s3, s2 = shared
-        h = clamped_swiglu_reference(x @ s1.T, x @ s3.T, self.clamp)
+        s1, s3, s2 = rest[:3]
+        h = self._act(x @ s1.T, x @ s3.T)
         return (y + h.to(x.dtype) @ s2.T,)
+
+    def _act(self, gate, up):
+        return gated_reference(gate, up, self.activation, self.clamp, self.alpha)
 
     def cost(self, operand_types, result_types):
         x, weights, _, w1 = operand_types[:4]
@@ -204,4 +267,6 @@ class Experts(Op):
         flops = 6 * rows * w1.shape[1] * x.shape[1]
         if self.shared:
             flops = flops + 6 * x.shape[0] * operand_types[6].shape[0] * x.shape[1]
+        if self.expert_bias:  # the bias adds and the weighted b2
+            flops = flops + rows * (2 * w1.shape[1] + 2 * x.shape[1])
         return io_cost(flops, operand_types, result_types)

@@ -78,10 +78,11 @@ def emit_route(node: ir.Node, target: Target | None) -> RouteLaunch:
     ptrs.append(("bias_ptr", node.operands[2].dtype if op.bias else ir.DType.f32))
     ids = node.operands[3].dtype if op.hash else ir.DType.i64
     ptrs += [("tid2eid_ptr", ir.DType.i64), ("ids_ptr", ids)]
+    ptrs.append(("logit_bias_ptr", node.operands[-1].dtype if op.logit_bias else ir.DType.f32))
     ptrs += [("weights_ptr", ir.DType.f32), ("experts_ptr", ir.DType.i64)]
     ints = ("N", "E", "D", "stride_xn", "stride_xd", "stride_ge", "stride_gd")
     consts = ("K", "SCORE", "HAS_BIAS", "HASH", "RENORM", "EPS", "N_GROUP", "TOPK_GROUP")
-    consts += ("GROUP_FILL", "ROUTE_SCALE", "DOT_IN_F32")
+    consts += ("GROUP_FILL", "ROUTE_SCALE", "LOGIT_BIAS", "DOT_IN_F32")
     consts += ("BLOCK_N", "BLOCK_E", "BLOCK_D", "K_PAD")
     params = [Param(n, "ptr", t) for n, t in ptrs]
     params += [Param(n, "int") for n in ints] + [Param(n, "constexpr") for n in consts]
@@ -127,6 +128,7 @@ class RouteLaunch(OneKernel):
             "TOPK_GROUP": op.topk_group,
             "GROUP_FILL": float(op.group_fill),
             "ROUTE_SCALE": float(op.route_scale),
+            "LOGIT_BIAS": op.logit_bias,
             "DOT_IN_F32": _route_dot_in_f32(x.dtype, gate.dtype, gpu),
             "K_PAD": next_pow2(op.k),
         }
@@ -143,7 +145,8 @@ class RouteLaunch(OneKernel):
         if n == 0:
             return (weights, experts)
         rest = [t.contiguous() for t in rest]  # bias, or tid2eid and ids: indexed as dense
-        bias = rest[0] if op.bias else weights  # placeholders are never read
+        logit_bias = rest.pop() if op.logit_bias else weights  # placeholders are never read
+        bias = rest[0] if op.bias else weights
         table, ids = rest if op.hash else (experts, experts)
         gpu = x.device.type != "cpu"
         tiles, options = self.config(self.target if gpu else _CPU, n_experts)
@@ -154,6 +157,7 @@ class RouteLaunch(OneKernel):
             bias_ptr=bias,
             tid2eid_ptr=table,
             ids_ptr=ids,
+            logit_bias_ptr=logit_bias,
             weights_ptr=weights,
             experts_ptr=experts,
             N=n,
@@ -205,10 +209,13 @@ def emit_experts(node: ir.Node, target: Target | None) -> ExpertsLaunch:
     dt = x.dtype
     ptrs = [("x_ptr", dt), ("weights_ptr", weights.dtype), ("experts_ptr", experts.dtype)]
     ptrs += [(f"{w}_ptr", dt) for w in ("w1", "w3", "w2", "s1", "s3", "s2")]
+    biases = [v.dtype for v in node.operands[-3:]] if node.op.expert_bias else [dt] * 3
+    ptrs += [(f"{b}_ptr", t) for b, t in zip(("b1", "b3", "b2"), biases)]
     ptrs += [(f"{b}_ptr", ir.DType.i32) for b in ("counts", "row_of_pair", "pair_of_row")]
     ptrs += [(f"{b}_ptr", dt) for b in ("hidden", "out_rows", "y")]
     ints = ("N", "E", "D", "I", "J", *(f"stride_{s}" for s in _EXPERTS_STRIDES))
-    consts = ("PHASE", "K", "LIMIT", "HAS_SHARED", "DOT_IN_F32", *_EXPERTS_TILES)
+    consts = ("PHASE", "K", "LIMIT", "GPT_OSS", "ALPHA", "HAS_BIAS", "HAS_SHARED", "DOT_IN_F32")
+    consts += _EXPERTS_TILES
     params = [Param(n, "ptr", t) for n, t in ptrs]
     params += [Param(n, "int") for n in ints] + [Param(n, "constexpr") for n in consts]
     source = _template("moe_experts_kernel.py", "moe_experts", params, "moe.experts")
@@ -316,9 +323,13 @@ class ExpertsLaunch(OneKernel):
 
     def constexprs(self, sz: ExpertsSizes, gpu: bool) -> dict[str, Any]:
         dot_in_f32 = not gpu or self.node.operands[0].dtype == ir.DType.f32
+        op = self.node.op
         return {
             "K": sz.k,
-            "LIMIT": float(self.node.op.clamp),  # inf: SwiGLU without clamps
+            "LIMIT": float(op.clamp),  # inf: SwiGLU without clamps
+            "GPT_OSS": op.activation == "gpt_oss",
+            "ALPHA": float(op.alpha),
+            "HAS_BIAS": int(op.expert_bias),
             "HAS_SHARED": int(sz.shared),
             "DOT_IN_F32": dot_in_f32,
         }
@@ -326,14 +337,18 @@ class ExpertsLaunch(OneKernel):
     def __call__(self, inputs: list[Any], env: dict) -> tuple[Any, ...]:
         import torch
 
-        x, weights, experts, w1, w3, w2, *shared = (t.contiguous() for t in inputs)
+        x, weights, experts, w1, w3, w2, *rest = (t.contiguous() for t in inputs)
         sz = self.sizes(x.shape[0])
         y = torch.empty_like(x)
         if sz.n == 0:
             return (y,)
-        s1, s3, s2 = shared or (w1, w3, w2)  # placeholders, read only with a shared expert
+        op = self.node.op
+        # placeholders, read only with a shared expert / with biases
+        s1, s3, s2 = rest[:3] if op.shared else (w1, w3, w2)
+        b1, b3, b2 = rest[-3:] if op.expert_bias else (w1, w3, w2)
         args = {"x_ptr": x, "weights_ptr": weights, "experts_ptr": experts, "w1_ptr": w1,
-                "w3_ptr": w3, "w2_ptr": w2, "s1_ptr": s1, "s3_ptr": s3, "s2_ptr": s2, "y_ptr": y,
+                "w3_ptr": w3, "w2_ptr": w2, "s1_ptr": s1, "s3_ptr": s3, "s2_ptr": s2,
+                "b1_ptr": b1, "b3_ptr": b3, "b2_ptr": b2, "y_ptr": y,
                 **_scratch(sz, x), **sz.ints()}  # fmt: skip
         gpu = x.device.type != "cpu"
         consts = self.constexprs(sz, gpu)

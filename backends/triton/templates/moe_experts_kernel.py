@@ -1,12 +1,13 @@
 """Triton kernel of `moe.experts` (v4-architecture.md §3.6, K15-K17): dispatch, grouped
-clamped-SwiGLU expert GEMMs, weighted combine, with the shared expert as one more group.
+gated expert GEMMs (SwiGLU, clamped or not, or GPT-OSS's (up + 1)·g·sigmoid(alpha·g), with
+optional per-expert biases), weighted combine, with the shared expert as one more group.
 
 One entry, five launches: PHASE (a constexpr, so each launch compiles to its step alone) picks
 
     count    per (token, slot) pair: rank = atomic counts[expert]++
     place    its row = (N shared rows) + Σ counts[< expert] + rank; pair <-> row maps
-    up       hidden = weight · swiglu(x·w1ᵀ, x·w3ᵀ)     one row tile x BLOCK_N hidden columns
-    down     out_rows = hidden · w2ᵀ                     one row tile x BLOCK_N of d
+    up       hidden = weight · act(x·w1ᵀ + b1, x·w3ᵀ + b3)  a row tile x BLOCK_N hidden cols
+    down     out_rows = hidden · w2ᵀ + weight · b2            a row tile x BLOCK_N of d
     combine  y[n] = Σ_slots out_rows[row of (n, slot)] (+ shared row n), per BLOCK_T tokens
 
 Rows are grouped: the shared expert's N rows first (group 0, token n at row n), then each
@@ -103,6 +104,8 @@ def _up(
     s3_ptr,
     pair_of_row_ptr,
     hidden_ptr,
+    b1_ptr,
+    b3_ptr,
     N,
     D,
     I,
@@ -114,6 +117,9 @@ def _up(
     stride_hm,
     K: tl.constexpr,
     LIMIT: tl.constexpr,
+    GPT_OSS: tl.constexpr,
+    ALPHA: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     HAS_SHARED: tl.constexpr,
     DOT_IN_F32: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -162,11 +168,23 @@ def _up(
         w1_ptrs += BLOCK_D
         w3_ptrs += BLOCK_D
 
-    # clamped SwiGLU in fp32 on the GEMM outputs rounded to x's dtype, times the routing weight
+    # the activation in fp32 on the GEMM outputs rounded to x's dtype (+ the expert's bias row:
+    # routed groups only), times the routing weight
     dtype = hidden_ptr.dtype.element_ty
-    gate = tl.minimum(_cast(gate, dtype).to(tl.float32), LIMIT)
-    up = tl.minimum(tl.maximum(_cast(up, dtype).to(tl.float32), -LIMIT), LIMIT)
-    h = gate * tl.sigmoid(gate) * up * weight[:, None]
+    gate = _cast(gate, dtype).to(tl.float32)
+    up = _cast(up, dtype).to(tl.float32)
+    if HAS_BIAS:
+        # routed groups only (a vector compare: a scalar one may be a Python bool here)
+        b_mask = (cols < n_hidden) & (tl.zeros_like(cols) + group >= HAS_SHARED)
+        b_off = tl.maximum(group - HAS_SHARED, 0).to(tl.int64) * I + w_cols
+        gate += tl.load(b1_ptr + b_off, mask=b_mask, other=0.0).to(tl.float32)[None, :]
+        up += tl.load(b3_ptr + b_off, mask=b_mask, other=0.0).to(tl.float32)[None, :]
+    gate = tl.minimum(gate, LIMIT)
+    up = tl.minimum(tl.maximum(up, -LIMIT), LIMIT)
+    if GPT_OSS:
+        h = gate * tl.sigmoid(gate * ALPHA) * (up + 1.0) * weight[:, None]
+    else:
+        h = gate * tl.sigmoid(gate) * up * weight[:, None]
     h_ptrs = hidden_ptr + rows.to(tl.int64)[:, None] * stride_hm + cols[None, :]
     tl.store(h_ptrs, _cast(h, dtype), mask=row_mask[:, None] & (cols < n_hidden)[None, :])
 
@@ -180,6 +198,9 @@ def _down(
     w2_ptr,
     s2_ptr,
     out_rows_ptr,
+    weights_ptr,
+    pair_of_row_ptr,
+    b2_ptr,
     D,
     I,
     J,
@@ -188,6 +209,7 @@ def _down(
     stride_w2d,
     stride_s2d,
     stride_om,
+    HAS_BIAS: tl.constexpr,
     HAS_SHARED: tl.constexpr,
     DOT_IN_F32: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -219,9 +241,18 @@ def _down(
         h_ptrs += BLOCK_D
         w_ptrs += BLOCK_D
 
+    dtype = out_rows_ptr.dtype.element_ty
+    if HAS_BIAS:  # + weight · b2[expert] on routed rows, after the GEMM's rounding to x's dtype
+        row_ok = (rows < end) & (tl.zeros_like(rows) + group >= HAS_SHARED)
+        pairs = tl.load(pair_of_row_ptr + rows, mask=row_ok, other=0)
+        weight = tl.load(weights_ptr + pairs, mask=row_ok, other=0.0).to(tl.float32)
+        b_off = tl.maximum(group - HAS_SHARED, 0).to(tl.int64) * D + (cols % D)
+        b_mask = (cols < D) & (tl.zeros_like(cols) + group >= HAS_SHARED)
+        b2 = tl.load(b2_ptr + b_off, mask=b_mask, other=0.0).to(tl.float32)
+        acc = _cast(acc, dtype).to(tl.float32) + weight[:, None] * b2[None, :]
     o_ptrs = out_rows_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
     mask = (rows < end)[:, None] & (cols < D)[None, :]
-    tl.store(o_ptrs, _cast(acc, out_rows_ptr.dtype.element_ty), mask=mask)
+    tl.store(o_ptrs, _cast(acc, dtype), mask=mask)
 
 
 @triton.jit
@@ -270,6 +301,9 @@ def moe_experts(
     s1_ptr,  # [J, d] shared expert (HAS_SHARED)
     s3_ptr,  # [J, d]
     s2_ptr,  # [d, J]
+    b1_ptr,  # [E, I] expert biases (HAS_BIAS)
+    b3_ptr,  # [E, I]
+    b2_ptr,  # [E, d]
     counts_ptr,  # [E] int32, zeroed: rows per expert
     row_of_pair_ptr,  # [N*K] int32: each pair's row (its rank after COUNT)
     pair_of_row_ptr,  # [rows] int32: each routed row's pair
@@ -293,7 +327,10 @@ def moe_experts(
     stride_yn,
     PHASE: tl.constexpr,  # "count" | "place" | "up" | "down" | "combine"
     K: tl.constexpr,  # experts per token
-    LIMIT: tl.constexpr,  # SwiGLU clamp
+    LIMIT: tl.constexpr,  # gate/up clamp (inf: none)
+    GPT_OSS: tl.constexpr,  # (up + 1)·g·sigmoid(ALPHA·g), else silu(g)·up
+    ALPHA: tl.constexpr,
+    HAS_BIAS: tl.constexpr,  # b1, b3, b2 added (routed experts only)
     HAS_SHARED: tl.constexpr,
     DOT_IN_F32: tl.constexpr,
     BLOCK_P: tl.constexpr,  # pairs per program (count, place)
@@ -354,6 +391,8 @@ def moe_experts(
                 s3_ptr,
                 pair_of_row_ptr,
                 hidden_ptr,
+                b1_ptr,
+                b3_ptr,
                 N,
                 D,
                 I,
@@ -365,6 +404,9 @@ def moe_experts(
                 stride_hm,
                 K,
                 LIMIT,
+                GPT_OSS,
+                ALPHA,
+                HAS_BIAS,
                 HAS_SHARED,
                 DOT_IN_F32,
                 BLOCK_M,
@@ -380,6 +422,9 @@ def moe_experts(
                 w2_ptr,
                 s2_ptr,
                 out_rows_ptr,
+                weights_ptr,
+                pair_of_row_ptr,
+                b2_ptr,
                 D,
                 I,
                 J,
@@ -388,6 +433,7 @@ def moe_experts(
                 stride_w2d,
                 stride_s2d,
                 stride_om,
+                HAS_BIAS,
                 HAS_SHARED,
                 DOT_IN_F32,
                 BLOCK_M,

@@ -1,7 +1,7 @@
 """Triton kernel of `moe.route` (v4-architecture.md §3.6, K14): the MoE router for one block of
 BLOCK_N tokens per program, every expert's score of a token held in registers.
 
-    logits  = x · gateᵀ                      (fp32 accumulation)
+    logits  = x · gateᵀ [+ logit_bias]       (fp32 accumulation; LOGIT_BIAS: GPT-OSS)
     s       = sqrt(softplus(logits)) | softmax(logits) | sigmoid(logits)
     experts = top-K(s + bias)  or  tid2eid[ids]          (bias only selects)
               (N_GROUP > 1: top-K within the TOPK_GROUP groups whose best two sum highest)
@@ -55,6 +55,7 @@ def moe_route(
     bias_ptr,  # [E] selection bias (HAS_BIAS)
     tid2eid_ptr,  # [V, K] expert table (HASH)
     ids_ptr,  # [N] token ids (HASH)
+    logit_bias_ptr,  # [E] the router's bias on the logits (LOGIT_BIAS)
     weights_ptr,  # [N, K] out: routing weights, fp32
     experts_ptr,  # [N, K] out: expert indices, int64
     N,
@@ -74,6 +75,7 @@ def moe_route(
     TOPK_GROUP: tl.constexpr,
     GROUP_FILL: tl.constexpr,  # the chooser outside the kept groups
     ROUTE_SCALE: tl.constexpr,
+    LOGIT_BIAS: tl.constexpr,
     DOT_IN_F32: tl.constexpr,  # IEEE fp32 products (fp32 inputs; bf16 on the CPU interpreter)
     BLOCK_N: tl.constexpr,  # tokens per program
     BLOCK_E: tl.constexpr,  # >= E, a power of two: all scores of a token in registers
@@ -105,6 +107,10 @@ def moe_route(
             logits = tl.dot(a, b, logits)
         x_ptrs += BLOCK_D * stride_xd
         g_ptrs += BLOCK_D * stride_gd
+
+    if LOGIT_BIAS:  # moves the scores (and so the weights), unlike the selection bias
+        b = tl.load(logit_bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        logits += b[None, :]
 
     # scores s (fp32); columns past E are never picked
     if SCORE == "sqrtsoftplus":
