@@ -1,34 +1,30 @@
 """`report.json` of an artifact: compile time per phase, the fusion summary (captured ops ->
 kernel launches, per fusion), a picture of one layer before and after fusion, per-kernel
-flops/bytes against the target's roofline, the memory plan and the AOT metadata of each kernel. `dsv4c report DIR` renders it as HTML (report_html.py).
+flops/bytes against the target's roofline, the memory plan and the AOT metadata of each kernel.
+`dsv4c report DIR` renders it as HTML (report_html.py); `--compare OTHER` puts another
+backend's artifact for the same target side by side (`compare_backends`, `compare_kernels`).
 
-Kernel costs come from `passes.cost.kernel_cost`, evaluated at the entry point's bindings (the
-example inputs' sizes unless the compile said otherwise).
+Kernel costs come from `passes.cost.backend_cost`, evaluated at the entry point's bindings (the
+example inputs' sizes unless the compile said otherwise) for each backend's own kernels: the
+kernel op's traffic plus what the kernel's `CostHints` add (a TVM GPU kernel's stages passing
+intermediates through device memory, the GEMM tile of either backend).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import ir
-from backends.base import Executable, KernelRecord
+from backends.base import CostHints, Executable, KernelRecord
 from backends.targets import Target
 
 __all__ = [
-    "aot_rows", "build_report", "compare_backends", "dynamo_report", "entry_report", "kernel_rows",
-    "pipeline_summary",
+    "aot_rows", "build_report", "compare_backends", "compare_kernels", "cost_hints",
+    "dynamo_report", "entry_report", "kernel_rows", "pipeline_summary",
 ]  # fmt: skip
-
-
-def _num(d: Any, env: Mapping[str, int]) -> int | None:
-    from passes.cost import evaluate
-
-    try:
-        return evaluate(d, env)
-    except (ValueError, TypeError):
-        return None
 
 
 def _kernel_names(g: ir.Graph, records: Sequence[KernelRecord]) -> dict[int, tuple[str, str]]:
@@ -43,40 +39,87 @@ def _kernel_names(g: ir.Graph, records: Sequence[KernelRecord]) -> dict[int, tup
 def kernel_rows(
     g: ir.Graph, records: Sequence[KernelRecord], env: Mapping[str, int], tgt: Target
 ) -> list[dict]:
-    """One row per distinct kernel: name, ops, uses and the summed flops/bytes of its launches,
-    with the registers, shared memory and spills of its largest compiled variant when known."""
-    from passes.cost import is_free, kernel_cost
+    """One row per distinct kernel: name, ops, uses, the summed flops/bytes of its launches and
+    their roofline time, with the registers, shared memory and spills of its largest compiled
+    variant when known. Costs are the backend's own (`passes.cost.backend_cost` with the
+    record's `CostHints`): its device functions (`launches`), intermediates through device
+    memory and GEMM tiles. `sites` are the graph op indices it runs for, `site_s` the roofline
+    time of each (the side-by-side comparison pairs kernels by site)."""
+    from passes.cost import is_free
     from passes.structural_hash import op_signature
 
     names = _kernel_names(g, records)
     by_key = {k.key: k for k in records}
     rows: dict[str, dict[str, Any]] = {}
-    for node in g.ops:
+    for i, node in enumerate(g.ops):
         if is_free(node):
             continue
         name, key = names.get(id(node)) or (node.name, op_signature(node))
-        row = rows.setdefault(
-            key,
-            {
-                "name": name,
-                "key": key,
-                "op": node.name,
-                "runs": "kernel" if id(node) in names else "reference",
-                "uses": 0,
-                "flops": 0,
-                "bytes": 0,
-            },
-        )
+        record = by_key.get(key)
+        hints = cost_hints(record)
+        row = rows.setdefault(key, _new_row(name, key, node, id(node) in names, hints))
         row["uses"] += 1
-        cost = kernel_cost(node)
-        for field in ("flops", "bytes"):
-            n = _num(getattr(cost, field), env)
-            row[field] = None if n is None or row[field] is None else row[field] + n
+        row["launches"] += hints.launches
+        flops, nbytes = _site_cost(node, env, hints)
+        row["flops"] = None if flops is None or row["flops"] is None else row["flops"] + flops
+        row["bytes"] = None if nbytes is None or row["bytes"] is None else row["bytes"] + nbytes
+        row["sites"].append(i)
+        row["site_s"].append(_seconds(flops, nbytes, tgt))
     out = list(rows.values())
     for row in out:
         _roofline(row, tgt)
         row |= _resources(by_key.get(row["key"]))
     return sorted(out, key=lambda r: -(r["roofline_s"] or 0.0))
+
+
+def _new_row(name: str, key: str, node: ir.Node, kernel: bool, hints: CostHints) -> dict:
+    return {
+        "name": name,
+        "key": key,
+        "op": node.name,
+        "runs": "kernel" if kernel else "reference",
+        "uses": 0,
+        "launches": 0,
+        "flops": 0,
+        "bytes": 0,
+        "gemm_tile": list(hints.gemm_tile) if hints.gemm_tile else None,
+        "sites": [],
+        "site_s": [],
+    }
+
+
+def cost_hints(record: KernelRecord | None) -> CostHints:
+    """The record's `CostHints`; a kernel fusing a matmul whose compiled variants have
+    BLOCK_M x BLOCK_N tiles (Triton's GEMM template) gets its first variant's as the GEMM
+    tile."""
+    if record is None:
+        return CostHints()
+    if record.cost.gemm_tile is not None or "matmul" not in record.fused_ops:
+        return record.cost
+    for b in record.binaries:
+        if b.error is None and "BLOCK_M" in b.tiles and "BLOCK_N" in b.tiles:
+            tile = (int(b.tiles["BLOCK_M"]), int(b.tiles["BLOCK_N"]))
+            return replace(record.cost, gemm_tile=tile)
+    return record.cost
+
+
+def _site_cost(
+    node: ir.Node, env: Mapping[str, int], hints: CostHints
+) -> tuple[int | None, int | None]:
+    from passes.cost import backend_cost
+
+    try:
+        return backend_cost(
+            node, env, materialised=hints.materialised_bytes, gemm_tile=hints.gemm_tile
+        )
+    except (ValueError, TypeError):  # a dim the bindings leave unknown
+        return None, None
+
+
+def _seconds(flops: int | None, nbytes: int | None, tgt: Target) -> float | None:
+    if flops is None or nbytes is None:
+        return None
+    return max(flops / tgt.peak_bf16_flops, nbytes / tgt.hbm_bandwidth)
 
 
 def _resources(record: KernelRecord | None) -> dict[str, Any]:
@@ -99,7 +142,7 @@ def _roofline(row: dict[str, Any], tgt: Target) -> None:
     t_compute, t_memory = flops / tgt.peak_bf16_flops, nbytes / tgt.hbm_bandwidth
     row |= {
         "intensity": intensity,
-        "roofline_s": max(t_compute, t_memory),
+        "roofline_s": sum(row["site_s"]),  # each call's bound, added up
         "bound": "compute" if t_compute > t_memory else "memory",
     }
 
@@ -242,15 +285,13 @@ def _distinct_aot(entries: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def compare_backends(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Two reports (say Triton and TVM for one target) side by side, one row per entry point and
-    backend: distinct kernels, kernels with compiled binaries, the largest register count and
-    shared memory of any kernel, total spills, and the cost model's estimated time (the sum of
-    the kernels' roofline times at the entry point's bindings). Raises ValueError when the two
-    reports are for different targets (their resources would not compare)."""
-    if a["target"]["name"] != b["target"]["name"]:
-        raise ValueError(
-            f"reports for different targets ({a['target']['name']}, {b['target']['name']}): "
-            "compare artifacts compiled for one target"
-        )
+    backend: distinct kernels, their launches per call of the entry point, kernels with
+    compiled binaries, the largest register count and shared memory of any kernel, total
+    spills, and the cost model's estimated time (the sum of the kernels' roofline times at the
+    entry point's bindings, each backend's kernels costed on their own: `kernel_rows`). Raises
+    ValueError when the two reports are for different targets (their resources would not
+    compare)."""
+    _same_target(a, b)
     rows = []
     for name in [n for n in a["entries"] if n in b["entries"]]:
         for report in (a, b):
@@ -260,6 +301,7 @@ def compare_backends(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[dict[st
                     "entry": name,
                     "backend": report["backend"],
                     "kernels": len(kernels),
+                    "launches": sum(k.get("launches", k["uses"]) for k in kernels),
                     "compiled": sum(1 for k in kernels if k.get("registers") is not None),
                     "max_registers": _most(kernels, "registers"),
                     "max_shared": _most(kernels, "shared"),
@@ -268,6 +310,58 @@ def compare_backends(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[dict[st
                 }
             )
     return rows
+
+
+def compare_kernels(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The kernels of two reports for one target side by side: per entry point, one row per
+    pair of kernels (a's, b's) that run the same graph ops, paired by op index (a kernel that
+    several ops share may pair with different kernels of the other backend: one row per
+    partner). A row has the op, its uses, and per side (`a_*`, `b_*`) the kernel's name, its
+    launches and estimated seconds over those uses (None where that side runs the op's
+    reference). Each side's seconds add up to its `estimated_s` in `compare_backends`.
+    Raises ValueError for reports of different targets."""
+    _same_target(a, b)
+    out: list[dict[str, Any]] = []
+    for name in [n for n in a["entries"] if n in b["entries"]]:
+        sides = [_by_site(r["entries"][name]["kernels"]) for r in (a, b)]
+        pairs: dict[tuple[str, str], dict[str, Any]] = {}
+        for site in sorted(set(sides[0]) & set(sides[1])):
+            (ra, sa), (rb, sb) = sides[0][site], sides[1][site]
+            if ra["runs"] != "kernel" and rb["runs"] != "kernel":
+                continue
+            row = pairs.setdefault((ra["key"], rb["key"]), _pair(name, ra, rb))
+            row["uses"] += 1
+            for side, r, sec in (("a", ra, sa), ("b", rb, sb)):
+                if r["runs"] == "kernel":
+                    row[f"{side}_launches"] += r.get("launches", r["uses"]) // r["uses"]
+                    row[f"{side}_s"] += sec or 0.0
+        out += list(pairs.values())
+    return out
+
+
+def _by_site(kernels: Sequence[Mapping[str, Any]]) -> dict[int, tuple[Mapping, float | None]]:
+    """op index -> (its kernel row, that call's roofline seconds)."""
+    return {i: (k, t) for k in kernels for i, t in zip(k.get("sites", []), k.get("site_s", []))}
+
+
+def _pair(entry: str, ra: Mapping[str, Any], rb: Mapping[str, Any]) -> dict[str, Any]:
+    def side(tag: str, r: Mapping[str, Any]) -> dict[str, Any]:
+        kernel = r["runs"] == "kernel"
+        return {
+            f"{tag}_kernel": r["name"] if kernel else f"{r['op']} (reference)",
+            f"{tag}_launches": 0,
+            f"{tag}_s": 0.0 if kernel else None,
+        }
+
+    return {"entry": entry, "op": ra["op"], "uses": 0} | side("a", ra) | side("b", rb)
+
+
+def _same_target(a: Mapping[str, Any], b: Mapping[str, Any]) -> None:
+    if a["target"]["name"] != b["target"]["name"]:
+        raise ValueError(
+            f"reports for different targets ({a['target']['name']}, {b['target']['name']}): "
+            "compare artifacts compiled for one target"
+        )
 
 
 def _most(rows: Sequence[Mapping[str, Any]], field: str) -> int | None:

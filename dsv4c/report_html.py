@@ -241,27 +241,47 @@ def _tiles(tiles: Mapping[str, Any]) -> str:
 
 
 def _comparison(report: Mapping[str, Any], other: Mapping[str, Any]) -> str:
-    """Side by side with another backend's report for the same target (`compare_backends`)."""
-    from dsv4c.report import compare_backends
+    """Side by side with another backend's report for the same target: totals per entry point
+    (`compare_backends`), then kernel by kernel (`compare_kernels`)."""
+    from dsv4c.report import compare_backends, compare_kernels
 
     rows = [
         (
             r["entry"],
             r["backend"],
             r["kernels"],
+            r["launches"],
             r["compiled"],
             "–" if r["max_registers"] is None else r["max_registers"],
             "–" if r["max_shared"] is None else r["max_shared"],
             r["spills"],
-            f"{r['estimated_s'] * 1e6:.1f}",
+            f"{r['estimated_s'] * 1e6:.3f}",
         )
         for r in compare_backends(report, other)
     ]
-    head = ("entry", "backend", "kernels", "compiled", "max regs", "max shared B", "spill B")
-    head += ("estimated µs",)
-    title = f"<h2>{_e(report['backend'])} and {_e(other['backend'])} side by side</h2>"
-    note = "<p>estimated: the cost model's roofline time summed over the kernels.</p>"
-    return title + _table(head, rows, numeric=(2, 3, 4, 5, 6, 7)) + note
+    head = ("entry", "backend", "kernels", "launches", "compiled", "max regs", "max shared B")
+    head += ("spill B", "estimated µs")
+    a, b = report["backend"], other["backend"]
+    title = f"<h2>{_e(a)} and {_e(b)} side by side</h2>"
+    note = (
+        "<p>estimated: the cost model's roofline time of each backend's own kernels (their "
+        "launches, intermediates through device memory, GEMM tiles), summed over the kernels "
+        "below.</p>"
+    )
+    pairs = [
+        (r["entry"], r["op"], r["uses"], r["a_kernel"], r["a_launches"], _us(r["a_s"]),
+         r["b_kernel"], r["b_launches"], _us(r["b_s"]))
+        for r in compare_kernels(report, other)
+    ]  # fmt: skip
+    head2 = ("entry", "op", "uses", f"{a} kernel", "launches", "µs", f"{b} kernel", "launches")
+    head2 += ("µs",)
+    per_kernel = "<h3>Kernel by kernel (paired by the graph ops they run)</h3>"
+    per_kernel += _table(head2, pairs, numeric=(2, 4, 5, 7, 8))
+    return title + _table(head, rows, numeric=(2, 3, 4, 5, 6, 7, 8)) + note + per_kernel
+
+
+def _us(seconds: float | None) -> str:
+    return "reference" if seconds is None else f"{seconds * 1e6:.3f}"
 
 
 def render(

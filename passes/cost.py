@@ -4,11 +4,15 @@ A kernel op's cost comes from its op's `cost` (ir), with two kernel-level rules:
 - views (reshape, squeeze, unsqueeze, expand) and 0-d constants are free: no launch, no traffic;
 - a `fused.kernel` moves only its inputs and outputs (its interior stays in registers); its flops
   are the sum of its body ops' flops (views and constants again free).
-Costs are symbolic (dims like `B*T`); `evaluate` binds them to ints.
+Costs are symbolic (dims like `B*T`); `evaluate` binds them to ints. `backend_cost` is the
+cost of one backend's kernel for the op: what the kernel op moves, plus what that backend's
+kernel split and tiles add (intermediates through device memory, GEMM operands re-read per tile),
+so two backends' kernels for one op get their own figures.
 
     c = kernel_cost(node)                       # Cost(flops, bytes), symbolic
     evaluate(c.bytes, {"B": 1, "T": 4096})      # -> int
     roofline_s(c, {"B": 1, "T": 4096}, peak_flops=989e12, bandwidth=4.8e12)
+    backend_cost(node, {"T": 4096}, materialised=..., gemm_tile=(16, 16))  # -> (flops, bytes)
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from ir.symbolic import Dim, canon_dim, subs_dim, sym
 
 __all__ = [
     "FREE",
+    "backend_cost",
     "bindings",
     "evaluate",
     "gemm_operand_views",
@@ -92,3 +97,31 @@ def evaluate(d: Dim, env: Mapping) -> int:
 def roofline_s(cost: Cost, env: Mapping, *, peak_flops: float, bandwidth: float) -> float:
     """Lower bound on the kernel's time: the slower of compute and memory at peak rates."""
     return max(evaluate(cost.flops, env) / peak_flops, evaluate(cost.bytes, env) / bandwidth)
+
+
+def backend_cost(
+    node: Node,
+    env: Mapping,
+    *,
+    materialised: Dim = 0,
+    gemm_tile: tuple[int, int] | None = None,
+) -> tuple[int, int]:
+    """Flops and bytes of one call of kernel op `node` at `env`, as one backend's kernel runs
+    it: `kernel_cost`, plus the intermediates its stages write to device memory and read back
+    (`materialised` bytes, counted twice), plus the GEMM operands read again per output tile.
+    With (rows, cols) output tiles and no reuse across tiles, each of the ceil(N/cols) column
+    tiles reads all of A [.., M, K] and each of the ceil(M/rows) row tiles all of B [.., K, N];
+    `kernel_cost` counts each once. Missing bindings raise ValueError (see `evaluate`)."""
+    cost = kernel_cost(node)
+    flops, nbytes = evaluate(cost.flops, env), evaluate(cost.bytes, env)
+    nbytes += 2 * evaluate(materialised, env)
+    if gemm_tile is None:
+        return flops, nbytes
+    rows, cols = gemm_tile
+    body = node.attrs["body"].ops if node.name == "fused.kernel" else [node]
+    for op in (n for n in body if n.name == "matmul"):
+        a, b = (v.type for v in op.operands[:2])
+        m, n = evaluate(a.shape[-2], env), evaluate(b.shape[-1], env)
+        a_bytes, b_bytes = evaluate(a.nbytes, env), evaluate(b.nbytes, env)
+        nbytes += a_bytes * (-(-n // cols) - 1) + b_bytes * (-(-m // rows) - 1)
+    return flops, nbytes
