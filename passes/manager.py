@@ -18,6 +18,7 @@ from passes.fuse_hc import fuse_hc
 from passes.fuse_moe import fuse_moe
 from passes.fuse_nsa import fuse_nsa
 from passes.fuse_sdpa import fuse_sdpa
+from passes.fuse_sparse_attention import fuse_sparse_attention
 from passes.memory_plan import plan_memory
 from passes.schedule import schedule
 
@@ -49,6 +50,8 @@ def pipeline(
     g = ctx.run("fuse_hc", fuse_hc, g)
     # dense attention in any spelling (SDPA, softmax(QKᵀ)V; GQA, causal/band masks, sinks)
     g = ctx.run("fuse_sdpa", fuse_sdpa, g)
+    # attention over index-selected keys (DSA's gathered MQA; a dense attn.sdpa under a top-k mask)
+    g = ctx.run("fuse_sparse_attention", fuse_sparse_attention, g)
     # --- generic fusion and scheduling ---------------------------------------------------------
     # remaining elementwise/reduction chains and GEMM epilogues -> fused.kernel (one launch each)
     g = ctx.run("fuse_elementwise", fuse_elementwise, g)
