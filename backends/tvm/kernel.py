@@ -193,7 +193,7 @@ def _lower_and_schedule(
 
 
 # ops whose CPU lowering calls an extern function (tvm.contrib.sort top-k) a GPU cannot call
-EXTERN_ON_CPU = ("attn.indexer_topk", "moe.route")
+EXTERN_ON_CPU = ("attn.indexer_topk", "attn.block_select", "moe.route")
 
 KERNELS: dict[str, Kernel | str] = {}  # key -> kernel, or why it cannot be lowered (session)
 
