@@ -5,6 +5,7 @@ family; importing a module registers its emitters in `TRITON_EMITTERS`.
 |---|---|
 | `attention.py` | `attn.sparse_mqa` (prefill; split-KV decode), `attn.indexer_topk` |
 | `attention_sdpa.py` | `attn.sdpa` (dense MHA/GQA/MQA, flash-style online softmax; indexed keys in `attention_sdpa_indexed.py`) |
+| `attention_select.py` | `attn.block_select` (NSA block selection: group importance, forced blocks, top-n) |
 | `compress.py` | `attn.compress`, `attn.compress_step` |
 | `hc.py` | `hc.pre` (Sinkhorn in registers), `hc.post`, `hc.head` |
 | `moe.py` | `moe.route`, `moe.experts` |
@@ -16,3 +17,4 @@ import triton.
 
 from backends.triton.templates import attention, compress, hc, moe  # noqa: F401
 from backends.triton.templates import attention_sdpa  # noqa: F401
+from backends.triton.templates import attention_select  # noqa: F401

@@ -1,0 +1,203 @@
+"""Triton template of `attn.block_select` (ir/ops/attn_select.py: NSA's block selection), and its
+host side (check, tiles, launch, AOT variants).
+
+One program per (sequence, KV group, query row). It streams the compressed keys BLOCK_N at a
+time, twice: the first pass keeps each of the group's heads' running max and sum of exp (online
+softmax), the second turns the scores into probabilities, sums them over the heads and adds
+them to the importance of every selection block they overlap (an index test on the block
+bounds, no overlap matrix). Blocks past the query's last complete compressed block are never
+loaded. The importances of all S' selection blocks (S_PAD >= S', a power of two) stay in
+registers; forced blocks get the bonus Hq/Hkv + 1, invisible ones drop out, and one sort of
+int64 keys (the score's order-preserving bits high, the complement of the block index low, as
+the indexer's selection) gives the top-n, -1 past the visible blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import ir
+from backends.targets import Target, get_target
+from backends.triton.emitters import TRITON_EMITTERS, AotVariant, OneKernel
+from backends.triton.kernel import KernelSource, Param, load_jit, next_pow2
+from ir.symbolic import subs_dim
+
+__all__ = ["BlockSelectLaunch", "select_config"]
+
+_FLOATS = (ir.DType.f32, ir.DType.bf16, ir.DType.f16)
+MAX_BLOCKS = 4096  # S_PAD importances and their sort keys stay in one program's registers
+THREADS = 128  # per program on GPUs (the sort of S_PAD int64 keys)
+
+SELECT_SOURCE = '''\
+# Hand-written template from dsv4c backends/triton/templates/attention_select.py.
+# kernel:   block_select (one program per sequence, KV group and query row)
+# computes: picks = top-n over visible selection blocks of sum_{h in group} sum_{i overlaps j}
+#           softmax_i(scale q_h.k_i) + forced bonus, -1 pads
+import triton
+import triton.language as tl
+
+EMPTY = tl.constexpr(-9223372036854775808)  # the key of "no entry": below every real key
+LOW_BITS = tl.constexpr(0xFFFFFFFF)
+
+
+@triton.jit
+def _order_key(score, index):
+    """int64 keys whose signed order is (score, -index)."""
+    bits = score.to(tl.int32, bitcast=True)
+    monotone = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return (monotone.to(tl.int64) << 32) | (LOW_BITS - index.to(tl.int64))
+
+
+@triton.jit
+def block_select(
+    q_ptr, k_ptr, pos_ptr, picks_ptr,
+    T, N, D,
+    SCALE: tl.constexpr, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
+    SLC_BLOCK: tl.constexpr, BLOCKS: tl.constexpr, TOPN: tl.constexpr, INITIAL: tl.constexpr,
+    LOCAL: tl.constexpr, GROUP: tl.constexpr, DECODE: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, S_PAD: tl.constexpr,
+):
+    # program: (b, g) pair (b * G + g), query row t
+    bg = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1).to(tl.int64)
+    if DECODE:
+        p = tl.load(pos_ptr).to(tl.int64) + t
+    else:
+        p = t
+    heads = tl.arange(0, BLOCK_G)
+    chans = tl.arange(0, BLOCK_D)
+    cols = tl.arange(0, BLOCK_N)
+    # q rows of the group's heads: q[b, g*GROUP + j, t, :]
+    q_rows = (bg * GROUP + heads) * T + t
+    q_mask = (heads < GROUP)[:, None] & (chans < D)[None, :]
+    q = tl.load(q_ptr + q_rows[:, None] * D + chans[None, :], mask=q_mask, other=0.0)
+    q = q.to(tl.float32)
+    # compressed blocks i with i*d + l - 1 <= p: the first n_seen
+    n_seen = tl.minimum(tl.maximum((p - (CMP_BLOCK - 1)) // CMP_STRIDE + 1, 0), N)
+    n_seen = tl.where(p >= CMP_BLOCK - 1, n_seen, 0)
+    # pass 1: running max m_i and sum of exp l_i per head
+    m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_G,), tl.float32)
+    for i0 in range(0, n_seen, BLOCK_N):
+        i = i0 + cols
+        k_mask = (i < n_seen)[:, None] & (chans < D)[None, :]
+        k = tl.load(k_ptr + (bg * N + i[:, None]) * D + chans[None, :], mask=k_mask, other=0.0)
+        scores = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * SCALE
+        scores = tl.where((i < n_seen)[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(scores - m_new[:, None]), axis=1)
+        m_i = m_new
+    # pass 2: probabilities, summed over the group's heads, into the overlapping blocks
+    blocks = tl.arange(0, S_PAD)
+    importance = tl.zeros((S_PAD,), tl.float32)
+    for i0 in range(0, n_seen, BLOCK_N):
+        i = i0 + cols
+        k_mask = (i < n_seen)[:, None] & (chans < D)[None, :]
+        k = tl.load(k_ptr + (bg * N + i[:, None]) * D + chans[None, :], mask=k_mask, other=0.0)
+        scores = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * SCALE
+        probs = tl.exp(scores - m_i[:, None]) / l_i[:, None]
+        keep = (heads < GROUP)[:, None] & (i < n_seen)[None, :]
+        p_group = tl.sum(tl.where(keep, probs, 0.0), axis=0)  # [BLOCK_N]
+        start = i * CMP_STRIDE
+        sel = blocks * SLC_BLOCK
+        meets = (start[:, None] < sel[None, :] + SLC_BLOCK) & (
+            start[:, None] + CMP_BLOCK > sel[None, :]
+        )
+        importance += tl.sum(tl.where(meets, p_group[:, None], 0.0), axis=0)
+    # forced blocks first, then by importance; invisible and padding blocks are no entry
+    own = p // SLC_BLOCK
+    forced = (blocks < INITIAL) | ((blocks <= own) & (blocks > own - LOCAL))
+    rank = importance + tl.where(forced, GROUP + 1.0, 0.0)
+    visible = (blocks < BLOCKS) & (blocks * SLC_BLOCK <= p)
+    best = tl.sort(tl.where(visible, _order_key(rank, blocks), EMPTY), descending=True)
+    picks = tl.where(best == EMPTY, -1, LOW_BITS - (best & LOW_BITS))
+    tl.store(picks_ptr + (bg * T + t) * TOPN + blocks, picks, mask=blocks < TOPN)
+'''
+
+
+def select_config(target: Target, group: int, head_dim: int, blocks: int) -> dict[str, int]:
+    """BLOCK_G heads (the group, padded), BLOCK_N compressed keys a step, BLOCK_D channels (the
+    whole head), S_PAD >= S' selection blocks (and >= topn: the stored slots)."""
+    cfg = {"BLOCK_G": max(2, next_pow2(group)), "BLOCK_N": 16,
+           "BLOCK_D": max(16, next_pow2(head_dim)),
+           "S_PAD": max(16, next_pow2(blocks))}  # fmt: skip
+    return {**cfg, "num_warps": THREADS // target.warp_size} if target.is_gpu else cfg
+
+
+def _source(q: ir.DType, k: ir.DType, pos: ir.DType) -> KernelSource:
+    params = [
+        Param("q_ptr", "ptr", q),
+        Param("k_ptr", "ptr", k),
+        Param("pos_ptr", "ptr", pos),
+        Param("picks_ptr", "ptr", ir.DType.i64),
+        *(Param(n, "int") for n in ("T", "N", "D")),
+        *(Param(n, "constexpr") for n in ("SCALE", "CMP_BLOCK", "CMP_STRIDE", "SLC_BLOCK",
+                                          "BLOCKS", "TOPN", "INITIAL", "LOCAL", "GROUP", "DECODE",
+                                          "BLOCK_G", "BLOCK_N", "BLOCK_D", "S_PAD")),
+    ]  # fmt: skip
+    return KernelSource("block_select", SELECT_SOURCE, tuple(params), ("attn.block_select",))
+
+
+@dataclass
+class BlockSelectLaunch(OneKernel):
+    source: KernelSource
+    attrs: dict[str, Any]
+    target: Target
+    operands: tuple[ir.Value, ...]
+
+    def _constexprs(self, group: int, head_dim: int, target: Target) -> tuple[dict, dict]:
+        cfg = select_config(target, group, head_dim, max(self.attrs["blocks"], self.attrs["topn"]))
+        opts = {k: v for k, v in cfg.items() if k.startswith("num_")}
+        names = ("scale", "cmp_block", "cmp_stride", "slc_block", "blocks", "topn", "initial",
+                 "local", "decode")  # fmt: skip
+        consts = {n.upper(): self.attrs[n] for n in names}
+        consts["SCALE"] = float(consts["SCALE"])
+        consts.update(GROUP=group, **{k: v for k, v in cfg.items() if k not in opts})
+        return consts, opts
+
+    def __call__(self, inputs: list[Any], env: dict) -> tuple[Any, ...]:
+        import torch
+
+        device = next((t.device for t in inputs if t.device.type != "cpu"), inputs[0].device)
+        q, k, *pos = (t.to(device).contiguous() for t in inputs)
+        batch, heads, tokens, head_dim = q.shape
+        kv_heads, n_cmp = k.shape[1], k.shape[2]
+        picks = torch.empty(batch, kv_heads, tokens, self.attrs["topn"], dtype=torch.int64,
+                            device=device)  # fmt: skip
+        if picks.numel() == 0:
+            return (picks,)
+        consts, opts = self._constexprs(heads // kv_heads, head_dim, self.target)
+        kernel = load_jit(self.source)
+        kernel[(batch * kv_heads, tokens)](
+            q_ptr=q, k_ptr=k, pos_ptr=pos[0] if pos else picks, picks_ptr=picks,
+            T=tokens, N=n_cmp, D=head_dim, **consts, **opts,
+        )  # fmt: skip
+        return (picks,)
+
+    def aot_variants(self, env: dict, target: Target) -> list[AotVariant]:
+        _, heads, _, head_dim = (int(subs_dim(d, env)) for d in self.operands[0].shape)
+        kv_heads = int(subs_dim(self.operands[1].shape[1], env))
+        consts, opts = self._constexprs(heads // kv_heads, head_dim, target)
+        hints = {"D": 16} if head_dim % 16 == 0 else {}
+        return [AotVariant(consts, opts, hints)]
+
+
+def _check(node: ir.Node) -> bool | str:
+    q, k = node.operands[0], node.operands[1]
+    if q.dtype not in _FLOATS or k.dtype != q.dtype:
+        return (f"attn.block_select of q {q.dtype} and k {k.dtype}: the template takes f32, "
+                "bf16 or f16, the same for both")  # fmt: skip
+    if max(node.attrs["blocks"], node.attrs["topn"]) > MAX_BLOCKS:
+        return f"more than {MAX_BLOCKS} selection blocks: the template keeps them in registers"
+    if not all(isinstance(d, int) for d in (q.shape[1], k.shape[1], q.shape[3])):
+        return "attn.block_select with symbolic heads or head dim"
+    return True
+
+
+@TRITON_EMITTERS.register("attn.block_select", check=_check)
+def emit_block_select(node: ir.Node, target: Target | None) -> BlockSelectLaunch:
+    q, k = node.operands[:2]
+    pos = node.operands[2].dtype if node.attrs["decode"] else ir.DType.i64
+    tgt = target or get_target("cpu")
+    return BlockSelectLaunch(_source(q.dtype, k.dtype, pos), dict(node.attrs), tgt, node.operands)
