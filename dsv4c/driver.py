@@ -157,7 +157,8 @@ def compile_methods(
             with tuning.applied(backend, tgt, env):
                 exe = be.compile(g, tgt)
         files[graph_file(method, i)] = ir.to_text(g).encode()
-        found = kernel_list(exe)
+        with run.phase(f"codegen {method}", f"kernel sources for {tgt.name}"):
+            found = kernel_list(exe)  # TVM GPU targets generate their source here
         if tgt.is_gpu and backend == "triton":
             with run.phase(f"kernels {method}", f"AOT for {tgt.name}"):
                 binaries, blobs, stats = _aot(exe, tgt, env, use_cache, progress)
