@@ -14,8 +14,10 @@ form `fuse_moe` matches (its module docstring):
 - un-permuting the expert-sorted rows and summing each token's k slots is a scatter-add by
   token (HF's combine);
 - a column slice of a grouped GEMM with stacked [gate; up] weights is the grouped GEMM with the
-  sliced weights (HF's `gate_up_proj`), and likewise for per-row GEMMs with gathered weights
-  (HF's `batched_mm` experts).
+  sliced weights (HF's `gate_up_proj`), also for interleaved columns (step 2, GPT-OSS's
+  gate = gate_up[..., ::2], up = gate_up[..., 1::2]), for weights stored transposed [E, in, out]
+  and through an added per-row expert bias b[e] (GPT-OSS's `gate_up_proj_bias`); and likewise
+  for per-row GEMMs with gathered weights (HF's `batched_mm` experts, contiguous slices).
 
 A rule that does not apply returns a `Fail` naming the sub-pattern and why (`STATS=1`,
 `explain`). Rule names: `canonical_moe.<name>`.
@@ -150,27 +152,56 @@ def _unsort_sum(c: Checks, root: Match, rw: Rewriter) -> Replace:
     return Replace(((out, y),))
 
 
-STACKED = op("slice", op("grouped_mm", var("rows", rank=2),
-                         op("permute", var("w", rank=3), attrs={"dims": (0, 2, 1)}), var("offs")),
-             attrs={**_LAST, "step": 1})
+# grouped_mm(rows, Wᵀ) with W [E, out, in] (HF's default layout, a permute in the graph) or
+# grouped_mm(rows, Wt) with Wt [E, in, out] (transposed storage, GPT-OSS), optionally plus a
+# per-row expert bias b[e_row] (HF adds `gate_up_proj_bias[sorted ids]`)
+_GROUPED = op("grouped_mm", var("rows", rank=2),
+              either(op("permute", var("w", rank=3), attrs={"dims": (0, 2, 1)}),
+                     var("wt", rank=3)),
+              var("offs"), name="product_g")
+_ROW_BIAS = op("index", var("b", rank=2), var("bias_ids", rank=1), attrs={"dim": 0})
+STACKED = op("slice", either(op("add", _GROUPED, _ROW_BIAS, name="biased"), _GROUPED),
+             attrs=_LAST)
 
 
 # the batched form: row i times its gathered expert's weights, [S, 2I, d] · [S, d, 1]
 STACKED_ROWS = op("slice", op("reshape", op("matmul", op("index", var("w", rank=3), var("ids"),
                                                           attrs={"dim": 0}), var("rows", rank=3),
-                                             name="product"), rank=2), attrs={**_LAST, "step": 1})
+                                             name="product"), rank=2), attrs=_LAST)
 
 
 def _stacked_slice(c: Checks, root: Match, rw: Rewriter) -> Replace:
-    """(A · Wᵀ)[:, a:b] = A · W[:, a:b]ᵀ per expert group (stacked [gate; up] weights), in the
-    grouped form and in the batched form (each row times its own expert's W)."""
+    """(A · Wᵀ [+ b[e]])[:, a:b:s] = A · W[:, a:b:s]ᵀ [+ b[:, a:b:s][e]] per expert group
+    (stacked [gate; up] weights, or interleaved with step 2: GPT-OSS), in the grouped form and the
+    batched form (each row times its own expert's W; no bias, step 1)."""
     out = root.root.results[0]
     m = c.view.matches(STACKED_ROWS, out) or c.match("stacked", either(STACKED, STACKED_ROWS), out)
     attrs = root.root.attrs
+    if "offs" not in m:
+        return _stacked_rows(c, m, rw, out)
+    cols = {"start": attrs["start"], "end": attrs["end"], "step": attrs["step"]}
+    if "w" in m:  # W [E, out, in]: its rows are the output columns
+        wt = rw.op("permute", [rw.op("slice", [m["w"]], dim=1, **cols)], dims=(0, 2, 1))
+    else:  # Wt [E, in, out]
+        wt = rw.op("slice", [m["wt"]], dim=2, **cols)
+    y = rw.op("grouped_mm", [m["rows"], wt, m["offs"]])
+    if "biased" in m:
+        ids, b = m["bias_ids"], m["b"]
+        width = m["product_g"].type.shape[1]
+        ok = ids.type.shape[0] == m["rows"].type.shape[0] and b.type.shape[1] == width
+        c.need(ok, "stacked.bias",
+               f"the bias {b.type} gathered by {ids.type} is not one row per expert and output "
+               "column", m.node("biased"))
+        y = rw.op("add", [y, rw.op("index", [rw.op("slice", [b], dim=1, **cols), ids], dim=0)])
+    return Replace(((out, y),))
+
+
+def _stacked_rows(c: Checks, m: Match, rw: Rewriter, out: Value) -> Replace:
+    """(W[e_i] r_i)[a:b] = W[e_i][a:b] r_i, the batched form of `_stacked_slice`."""
+    attrs = m.root.attrs
+    c.need(attrs["step"] == 1, "stacked.step", f"step {attrs['step']}: the batched form is "
+           "matched for contiguous column ranges only", m.root)
     w = rw.op("slice", [m["w"]], dim=1, start=attrs["start"], end=attrs["end"], step=1)
-    if "offs" in m:
-        wt = rw.op("permute", [w], dims=(0, 2, 1))
-        return Replace(((out, rw.op("grouped_mm", [m["rows"], wt, m["offs"]])),))
     product = m["product"].type.shape
     ok = m["rows"].type.shape[2] == 1 and out.type.shape[0] == product[0]
     c.need(ok, "stacked.rows", f"rows {m['rows'].type} are not [S, d, 1] or the product "
@@ -190,7 +221,8 @@ RULES = [
     fusion_rule("canonical_moe.histc", op("scatter_add"), _histc),
     # Σ_k unsort(rows).view(N, k, d) = index_put(0, order // k, rows, accumulate)
     fusion_rule("canonical_moe.unsort_sum", op("sum"), _unsort_sum),
-    # grouped_mm(A, Wᵀ)[:, a:b] = grouped_mm(A, W[:, a:b]ᵀ); (W[e_i] r_i)[a:b] = W[e_i][a:b] r_i
+    # (grouped_mm(A, Wᵀ) [+ b[e]])[:, a:b:s] = grouped_mm(A, W[:, a:b:s]ᵀ) [+ b[:, a:b:s][e]];
+    # (W[e_i] r_i)[a:b] = W[e_i][a:b] r_i
     fusion_rule("canonical_moe.stacked_slice", op("slice"), _stacked_slice),
 ]
 

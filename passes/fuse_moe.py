@@ -4,7 +4,8 @@ Matches the canonical form (after `canonicalize` and `canonical_moe`, which brin
 spellings — top-k values, top-k-then-softmax, histc offsets, un-permute + sum combine, stacked
 gate_up weights — to it) of models/moe.py:
 
-    s  = score(x @ gateᵀ)                 sqrt(softplus(·)), sigmoid(·) or softmax(·, -1)
+    s  = score(x @ gateᵀ [+ b])           sqrt(softplus(·)), sigmoid(·) or softmax(·, -1)
+                                          (b: the router's own bias, GPT-OSS: `logit_bias`)
     c  = s + bias | s                     [grouped: where(c's group in the topk_group groups
                                            with the best Σ top-2, c, fill)]
     e  = index(tid2eid, ids) | topk(c).indices
@@ -12,11 +13,13 @@ gate_up weights — to it) of models/moe.py:
 
     order = argsort(reshape(e)) (or sort's indices); token = order // k;
     offs  = i32(cumsum([i32](scatter_add(0, e, 1))))
-    h     = silu([clamp](grouped_mm(x[token], w1ᵀ, offs), max=L)) ·
-            [clamp](grouped_mm(x[token], w3ᵀ, offs), ±L)
+    g, u  = grouped_mm(x[token], w1ᵀ, offs) [+ b1[sorted e]], the same with w3 [+ b3[sorted e]]
+            (wᵀ a permute of w [E, out, in], or a weight stored [E, in, out]: GPT-OSS)
+    h     = silu([clamp](g, max=L)) · [clamp](u, ±L)
+            or (clamp(u, ±L) + 1) · g' · sigmoid(g' · alpha), g' = clamp(g, max=L)  (GPT-OSS)
     y     = index_put(0, token, grouped_mm(h · w[order], w2ᵀ, offs), accumulate)
-            (fp32: or grouped_mm(h, w2ᵀ, offs) · w[order]; scatter_add spellings canonicalise
-            to index_put)
+            (fp32: or (grouped_mm(h, w2ᵀ, offs) [+ b2[sorted e]]) · w[order]; scatter_add
+            spellings canonicalise to index_put)
     [y   += (silu([clamp](x @ s1ᵀ)) · [clamp](x @ s3ᵀ)) @ s2ᵀ]        -> moe.experts(...)
             (the shared expert on [N, d], or on the model's [B, S, d] before the flattening)
 
@@ -26,9 +29,11 @@ gathered expert's weights, then a reshape to [N, k, d] and a sum over the slots;
 (Σ_i (Σ_k w · [e = i]) · FFN_i(x) over every expert; the weights are stacked in the graph; rule
 `fuse_moe.moe.experts_loop`), both in fp32 only.
 
-The SwiGLU is clamped (activation "clamped_swiglu", limit L) or not ("swiglu"); routed and
-shared experts must agree. The grouped GEMMs' offsets come from a host-free histogram, so the
-fused op needs no counts: it takes the [N,k] expert indices. Rules (and counters):
+The SwiGLU is clamped (activation "clamped_swiglu", limit L) or not ("swiglu"), or GPT-OSS's
+gate ("gpt_oss", limit L, alpha); routed and shared experts must agree. Per-expert biases
+(`expert_bias`; zeros for a GEMM without one) and the GPT-OSS gate are matched in fp32 only.
+The grouped GEMMs' offsets come from a host-free histogram, so the fused op needs no counts: it
+takes the [N,k] expert indices. Rules (and counters):
 `fuse_moe.moe.route`, `fuse_moe.moe.experts`.
 bf16 models match too: widening casts are looked through, and the rounding of the hidden rows
 before w2 and of the routed sum is required exactly when x is narrower than fp32.
@@ -37,6 +42,7 @@ before w2 and of the routed sum is required exactly when x is narrower than fp32
 from __future__ import annotations
 
 from ir import DType, Graph, Node, Value
+from ir.ops.moe import Experts
 from passes.canonical_moe import canonical_moe
 from passes.context import PassContext
 from passes.fuse_common import (
@@ -54,6 +60,8 @@ from passes.rewrite import Replace, Rewriter, rewrite
 
 __all__ = ["RULES", "fuse_moe"]
 
+ALPHA = Experts.alpha  # moe.experts' default sigmoid scale, read by the "gpt_oss" activation only
+
 # --- routing -------------------------------------------------------------------------------
 
 _W1 = op("gather", var("s"), var("experts"), name="picked", attrs={"dim": 1})
@@ -65,7 +73,9 @@ ROUTE_ROOTS = (  # (pattern, renorm, scaled)
     (_RENORMED, 1, 0),
     (op("mul", _W1, const(name="scale")), 0, 1),
 )
-LOGITS = op("matmul", var("x", rank=2), op("permute", var("gate"), attrs={"dims": (1, 0)}))
+_GATE_MM = op("matmul", var("x", rank=2), op("permute", var("gate"), attrs={"dims": (1, 0)}))
+# x·Wᵀ + b (GPT-OSS's biased router linear: the bias moves the scores, `logit_bias`) or x·Wᵀ
+LOGITS = either(op("add", _GATE_MM, var("logit_bias", rank=1)), _GATE_MM)
 SCORES = (
     ("sqrtsoftplus", op("sqrt", op("softplus", LOGITS, attrs={"beta": 1.0, "threshold": 20.0}))),
     ("sigmoid", op("sigmoid", LOGITS)),
@@ -182,6 +192,11 @@ def _route(c: Checks, root: Match, rw: Rewriter) -> Replace:
     attrs.update(k=experts.type.shape[1], score=name, route_scale=scale, renorm=bool(renorm))
     if eps:
         attrs["eps"] = eps
+    if "logit_bias" in sm:  # the router's own bias: last operand
+        b = sm["logit_bias"]
+        c.need(b.type.shape == sm["gate"].type.shape[:1], "score.logit_bias",
+               f"the bias {b.type} added to the logits is not one value per expert")
+        extra, attrs["logit_bias"] = [*extra, b], True
     c.fits("moe.route", [sm["x"], sm["gate"], *extra], attrs, [value, experts])
     w, e = rw.op("moe.route", [sm["x"], sm["gate"], *extra], **attrs)
     return replace(view, [(value, w), (experts, e)])
@@ -201,16 +216,38 @@ ROWS = op("index", var("x", rank=2), TOKEN, attrs={"dim": 0})
 
 
 def _gemm(rows, w: str) -> object:
-    return op("grouped_mm", rows, op("permute", var(w), attrs={"dims": (0, 2, 1)}), OFFS)
+    """grouped_mm(rows, wᵀ) with w [E, out, in] (a permute of it), or with the weight stored
+    transposed [E, in, out] (captured as `<w>_t`, GPT-OSS)."""
+    wt = either(op("permute", var(w), attrs={"dims": (0, 2, 1)}), var(f"{w}_t", rank=3))
+    return op("grouped_mm", rows, wt, OFFS)
+
+
+# each row's expert bias b[e_row]: gathered by the expert ids in sorted order (the values of
+# the sort whose indices are `order`; `_experts` checks it is the same sort)
+_SORTED_IDS = op("sort", _FLAT, attrs={"descending": False}, result=0, name="sorted_ids")
+
+
+def _biased(gemm, b: str) -> object:
+    """gemm + b[sorted expert ids] (per-expert bias rows, GPT-OSS) or gemm."""
+    bias = op("index", var(b, rank=2), _SORTED_IDS, attrs={"dim": 0})
+    return either(op("add", gemm, bias, name=f"{b}_add"), gemm)
 
 
 def _swiglu(gate, up, prefix: str) -> object:
-    """silu(gate) · up, each optionally clamped (`_activation` checks the clamps agree)."""
-    gate = either(op("clamp", gate, name=f"{prefix}_gate"), gate)
-    return op("mul", op("silu", gate), either(op("clamp", up, name=f"{prefix}_up"), up))
+    """silu(gate) · up, each optionally clamped (`_activation` checks the clamps agree), or
+    GPT-OSS's (clamp(up) + 1) · g · sigmoid(g · alpha) with g = clamp(gate)."""
+    g = op("clamp", gate, name=f"{prefix}_gate")
+    swiglu = op("mul", op("silu", either(g, gate)),
+                either(op("clamp", up, name=f"{prefix}_up"), up))
+    glu = op("mul", g, op("sigmoid", op("mul", g, const(name=f"{prefix}_alpha"))),
+             name=f"{prefix}_glu")
+    # glu first: a near miss (up not shifted by one) then fails at the add, past the whole glu
+    gpt_oss = op("mul", glu, op("add", op("clamp", up, name=f"{prefix}_up"),
+                                const(name=f"{prefix}_one")))
+    return either(swiglu, gpt_oss)
 
 
-_HIDDEN = _swiglu(_gemm(ROWS, "w1"), _gemm(ROWS, "w3"), "routed")
+_HIDDEN = _swiglu(_biased(_gemm(ROWS, "w1"), "b1"), _biased(_gemm(ROWS, "w3"), "b3"), "routed")
 _ROW_WEIGHTS = op("index", op("reshape", var("weights", rank=2)), ORDER, attrs={"dim": 0})
 ROW_WEIGHTS = either(op("reshape", _ROW_WEIGHTS), _ROW_WEIGHTS)  # [N·k, 1] before or after
 WEIGHTED = op("mul", _HIDDEN, ROW_WEIGHTS)
@@ -219,8 +256,9 @@ ROUTEDS = (  # hidden rows rounded to x's dtype before w2 (bf16 models) or not (
         "index_put",
         const(0.0),
         TOKEN,
-        # fp32: the weights scale the rows before or after w2 (equal up to rounding)
-        either(_gemm(WEIGHTED, "w2"), op("mul", _gemm(_HIDDEN, "w2"), ROW_WEIGHTS)),
+        # fp32: the weights scale the rows before or after w2 (and its bias: GPT-OSS),
+        # equal up to rounding
+        either(_gemm(WEIGHTED, "w2"), op("mul", _biased(_gemm(_HIDDEN, "w2"), "b2"), ROW_WEIGHTS)),
         attrs={"dim": 0, "accumulate": True},
     ),
     op(
@@ -244,20 +282,41 @@ SHAREDS = tuple(
 )
 
 
-def _activation(m: Match, prefix: str) -> tuple[str, float] | str:
-    """("clamped_swiglu", L) for clamps (-inf, L] on the gate and [-L, L] on up, ("swiglu", 10.0)
-    without clamps (the limit is unused), else the reason neither holds."""
+def _activation(m: Match, prefix: str) -> tuple[str, float, float] | str:
+    """(activation, limit L, alpha): ("clamped_swiglu", L, -) for clamps (-inf, L] on the gate and
+    [-L, L] on up, ("swiglu", 10.0, -) without clamps (the limit is unused), ("gpt_oss", L, a)
+    for (up + 1)·g·sigmoid(a·g) with those clamps; else the reason none holds."""
+    if m.node(f"{prefix}_glu") is not None:
+        return _gpt_oss(m, prefix)
     gate, up = m.node(f"{prefix}_gate"), m.node(f"{prefix}_up")
     if gate is None and up is None:
-        return ("swiglu", 10.0)
+        return ("swiglu", 10.0, ALPHA)
     if gate is None or up is None:
         return "only one of gate and up is clamped"
+    limit = _activation_clamps(m, prefix)
+    return limit if isinstance(limit, str) else ("clamped_swiglu", limit, ALPHA)
+
+
+def _gpt_oss(m: Match, prefix: str) -> tuple[str, float, float] | str:
+    """("gpt_oss", L, alpha) when the GPT-OSS gate's constants are an alpha and up + 1."""
+    one, alpha = scalar(m, f"{prefix}_one"), scalar(m, f"{prefix}_alpha")
+    if one != 1.0:
+        return f"up is shifted by {one}, not by 1: (up + 1)·glu is GPT-OSS's gate"
+    if alpha is None:
+        return "the sigmoid's scale alpha is not a constant"
+    act = _activation_clamps(m, prefix)
+    return act if isinstance(act, str) else ("gpt_oss", act, alpha)
+
+
+def _activation_clamps(m: Match, prefix: str) -> float | str:
+    """L for clamps (-inf, L] on the gate and [-L, L] on up, else the reason."""
+    gate, up = m.node(f"{prefix}_gate"), m.node(f"{prefix}_up")
     limit = gate.attrs["max"]
     if gate.attrs["min"] is not None or not isinstance(limit, (int, float)):
         return f"the gate clamp is [{gate.attrs['min']}, {limit}], not (-inf, L]"
     if (up.attrs["min"], up.attrs["max"]) != (-limit, limit):
         return f"the up clamp is [{up.attrs['min']}, {up.attrs['max']}], not [-{limit}, {limit}]"
-    return ("clamped_swiglu", float(limit))
+    return float(limit)
 
 
 def _shared(view: FusionView, x: Value, mine: Value, act: tuple, base: Value | None = None
@@ -308,26 +367,59 @@ def _experts(c: Checks, root: Match, rw: Rewriter) -> Replace:
     c.need(m.attr("offs", "dtype") == DType.i32, "routed.offsets", "offsets are not int32")
     c.need(m["weights"].type.shape == experts.type.shape, "routed.weights",
            f"weights {m['weights'].type} and expert ids {experts.type} differ in shape")
-    operands = [x, m["weights"], experts, m["w1"], m["w3"], m["w2"]]
-    return _build(view, rw, out, operands, act)
+    gpt_oss = act[0] == "gpt_oss"
+    c.need(not narrow(x) or not gpt_oss, "routed.dtype", f"x is {x.dtype}: the GPT-OSS gate is "
+           "matched in fp32 only (its eager rounding points are not the op's)",
+           m.node("routed_glu"))
+    ws = [m[w] if w in m else rw.op("permute", [m[f"{w}_t"]], dims=(0, 2, 1))
+          for w in ("w1", "w3", "w2")]
+    biases = _biases(c, m, rw, ws)
+    operands = [x, m["weights"], experts, *ws]
+    c.fits("moe.experts", operands + biases, _attrs(act, biases), [out])
+    return _build(view, rw, out, operands, act, biases=biases)
+
+
+def _biases(c: Checks, m: Match, rw: Rewriter, ws: list[Value]) -> list[Value]:
+    """[b1, b3, b2] (zeros for a GEMM without one) when a grouped GEMM adds per-expert bias rows,
+    else []."""
+    if not any(f"{b}_add" in m.nodes for b in ("b1", "b3", "b2")):
+        return []
+    x = m["x"]
+    c.need(c.view.producer(m["sorted_ids"]) is c.view.producer(m["order"]), "routed.bias",
+           "the bias rows are gathered by expert ids of another sort than the rows' order",
+           c.view.producer(m["sorted_ids"]))
+    c.need(not narrow(x), "routed.bias", f"x is {x.dtype}: expert biases are matched in fp32 "
+           "only (their eager rounding points are not the op's)", m.node("b1_add"))
+    e, inter, d = ws[0].type.shape
+    widths = {"b1": inter, "b3": inter, "b2": d}
+    return [m[b] if b in m else rw.op("full", [], shape=(e, w), value=0.0, dtype=x.dtype)
+            for b, w in widths.items()]
+
+
+def _attrs(act: tuple, biases: list[Value]) -> dict:
+    """moe.experts' attributes for activation `act` (`_activation`), with biases or not."""
+    attrs = {"limit": act[1]} | ({} if act[0] == "clamped_swiglu" else {"activation": act[0]})
+    if act[0] == "gpt_oss":
+        attrs["alpha"] = act[2]
+    return attrs | ({"expert_bias": True} if biases else {})
 
 
 def _build(view: FusionView, rw: Rewriter, out: Value, operands: list[Value], act: tuple,
-           base: Value | None = None) -> Replace:
-    """moe.experts(operands) standing for the routed sum `out`, or for `out` + the shared expert
-    when one is added to it (`_shared`)."""
-    x = operands[0]
-    attrs = {"limit": act[1]} | ({} if act[0] == "clamped_swiglu" else {"activation": act[0]})
+           base: Value | None = None, biases: list[Value] | None = None) -> Replace:
+    """moe.experts(operands [+ shared] [+ biases]) standing for the routed sum `out`, or for
+    `out` + the shared expert when one is added to it (`_shared`)."""
+    x, biases = operands[0], biases or []
+    attrs = _attrs(act, biases)
     cast = view.only_user(out, "cast")  # the fp32 sum rounded to x's dtype (bf16 models)
     mine = out if cast is None else cast.results[0]
     shared = _shared(view, x, mine, act, base)
     if shared is not None:
         *weights, add, shape = shared
-        y = rw.op("moe.experts", operands + weights, shared=True, loc=add.loc, **attrs)
+        y = rw.op("moe.experts", operands + weights + biases, shared=True, loc=add.loc, **attrs)
         if shape is not None:
             y = rw.op("reshape", [y], shape=shape, loc=add.loc)
         return replace(view, [(add.results[0], y)])
-    y = rw.op("moe.experts", operands, **attrs)
+    y = rw.op("moe.experts", operands + biases, **attrs)
     return replace(view, [(out, y)])
 
 

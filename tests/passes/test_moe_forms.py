@@ -1,5 +1,5 @@
-"""MoE fusions on third-party spellings (issue 15): Hugging Face's Mixtral, DeepSeek-V4 and
-DeepSeek-V3.2 routers and `grouped_mm` experts form `moe.route` + `moe.experts` like our model.
+"""MoE fusions on third-party spellings (issue 15): Hugging Face's Mixtral, GPT-OSS, DeepSeek-V4
+and DeepSeek-V3.2 routers and `grouped_mm` experts form `moe.route` + `moe.experts` like our model.
 
 Counter tests assert the fused op counts; the fused graph, interpreted, equals HF eager (fp32).
 HF's experts come in its default `grouped_mm` form and in its `batched_mm` form (its eager
@@ -7,8 +7,12 @@ per-expert loop does not capture: the loop runs over a data-dependent set of exp
 Variants come from patching one Mixtral layer's router: top-k-then-softmax (canonicalised to the
 renormalised softmax) and a near miss — top-k weights "renormalised" over the tokens (dim 0)
 instead of the k picks — that must not fuse to moe.route, stays exact, and is explained with its
-sub-pattern and source line. The slow tier (DSV4C_SLOW=1) adds DeepSeek-V4/V3.2 and Mixtral
-compiled with TVM and the Triton interpreter.
+sub-pattern and source line. GPT-OSS (a biased router, top-k-then-softmax; experts with
+interleaved gate/up columns, per-expert biases and its clamped (up + 1)·g·sigmoid(1.702·g) gate)
+forms one attn.sdpa + moe.route + moe.experts per layer; its near misses (up not shifted by one,
+the router bias added after the softmax) do not fuse and are explained. The slow tier
+(DSV4C_SLOW=1) adds DeepSeek-V4/V3.2, Mixtral and GPT-OSS compiled with TVM and the Triton
+interpreter.
 """
 
 from __future__ import annotations
@@ -284,6 +288,125 @@ def test_mixtral_compiled_equals_hf_eager(backend):
     model, ids = hf_tiny.mixtral(), hf_tiny.tokens(1, 12)
     compiled = dsv4c.compile(model, (ids,), backend=backend, target="cpu")
     assert _moe_counts(compiled.graph) == {"moe.route": 2, "moe.experts": 2}
+    (got,) = compiled(ids)
+    with torch.no_grad():
+        want = model(ids).logits
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-4
+
+
+# --- GPT-OSS ------------------------------------------------------------------------------------
+
+
+def gpt_oss() -> torch.nn.Module:
+    """A tiny HF GptOssForCausalLM (eager attention with sinks; a sliding then a full layer) whose
+    router, biases and sinks are drawn N(0, 1): HF initialises the biases and sinks to 0 and the
+    router near 0, which would hide the terms the fusion must keep (and make top-k ties)."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    cfg = GptOssConfig(vocab_size=hf_tiny.VOCAB, hidden_size=32, intermediate_size=32,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=8, sliding_window=4, num_local_experts=4, num_experts_per_tok=2,
+                       max_position_embeddings=256, use_cache=False,
+                       layer_types=["sliding_attention", "full_attention"],
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0})  # fmt: skip
+    torch.manual_seed(0)
+    model = GptOssForCausalLM(cfg).eval()
+    model.config._attn_implementation = "eager"  # the layers read it at call time
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("sinks", "bias")) or ".router." in name:
+                p.normal_(generator=gen)
+    return model
+
+
+def _router_gap(model: torch.nn.Module, ids: torch.Tensor) -> float:
+    """The smallest margin between a token's k-th and (k+1)-th router logit over all layers (a
+    near tie could let the fused and the eager top-k pick different experts)."""
+    logits = []
+    hooks = [layer.mlp.router.register_forward_hook(lambda m, i, o: logits.append(o[0]))
+             for layer in model.model.layers]  # fmt: skip
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    k = model.config.num_experts_per_tok
+    top = torch.cat(logits).sort(-1, descending=True).values
+    return (top[:, k - 1] - top[:, k]).min().item()
+
+
+def test_gpt_oss_one_sdpa_route_experts_per_layer():
+    """HF GPT-OSS after the whole pipeline: per layer one attn.sdpa (sinks), one moe.route (the
+    router bias on the logits, softmax over the top-2 = the renormalised softmax) and one
+    moe.experts (gpt_oss gate, limit 7, alpha 1.702, expert biases), equal to HF eager."""
+    model, ids = gpt_oss(), hf_tiny.tokens(1, 12)
+    assert _router_gap(model, ids) > 1e-3
+    ctx = PassContext()
+    g = passes.pipeline(capture(model, (ids,)), ctx=ctx)
+    counts = Counter(n.name for n in g.ops if n.name.startswith(("moe.", "attn.")))
+    assert counts == {"attn.sdpa": 2, "moe.route": 2, "moe.experts": 2}, counts
+    for n in g.ops:
+        if n.name == "moe.route":
+            assert n.attrs["logit_bias"] and not n.attrs["bias"] and n.attrs["renorm"]
+            assert (n.attrs["score"], n.attrs["k"]) == ("softmax", 2)
+        if n.name == "moe.experts":
+            assert n.attrs["activation"] == "gpt_oss" and n.attrs["expert_bias"]
+            assert (n.attrs["limit"], n.attrs["alpha"]) == (7.0, 1.702)
+    for rule in ("softmax_after_topk", "stacked_slice", "histc", "unsort_sum"):
+        assert ctx.counters[f"canonical_moe.{rule}"] >= 2, rule
+    _check_logits(g, model, ids)
+
+
+def _up_not_shifted(self, gate_up: torch.Tensor) -> torch.Tensor:
+    """A near miss of GPT-OSS's gate: up · glu, not (up + 1) · glu."""
+    gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+    gate = gate.clamp(min=None, max=self.limit)
+    up = up.clamp(min=-self.limit, max=self.limit)
+    return up * (gate * torch.sigmoid(gate * self.alpha))
+
+
+def _bias_after_softmax(self, hidden_states: torch.Tensor):
+    """A near miss of GPT-OSS's router: the bias added to the softmax scores, and the top-k of
+    those renormalised (the bias moves the weights after scoring: no score function of the
+    logits)."""
+    logits = torch.nn.functional.linear(hidden_states, self.weight)
+    values, experts = torch.topk(logits.softmax(dim=-1) + self.bias, self.top_k, dim=-1)
+    return logits, values / values.sum(dim=-1, keepdim=True), experts
+
+
+def test_gpt_oss_near_misses_stay_unfused_and_are_explained():
+    """Layer 0's router adds its (positive) bias after the softmax, layer 1's experts drop the
+    +1 on up: those two do not fuse (the other layer's route / experts do), the graph equals
+    eager, and explain names the failing sub-pattern and the source line."""
+    model, ids = gpt_oss(), hf_tiny.tokens(1, 12)
+    router, experts = model.model.layers[0].mlp.router, model.model.layers[1].mlp.experts
+    with torch.no_grad():
+        router.bias.abs_()  # positive: the renormalising sum stays away from 0
+    router.forward = types.MethodType(_bias_after_softmax, router)
+    experts._apply_gate = types.MethodType(_up_not_shifted, experts)
+    ctx = PassContext()
+    g = _fused(model, ids, ctx)
+    assert _moe_counts(g) == {"moe.route": 1, "moe.experts": 1}
+    assert ctx.near_misses["fuse_moe.moe.experts"] >= 1
+    _check_logits(g, model, ids)
+
+    why = str(explain(RULES[0], g))  # the router: its weights are not a score of the logits
+    assert "failed at score" in why and "add(%" in why and "mlp.router.bias" in why, why
+    assert "model.layers.0.mlp.router @ modeling_gpt_oss.py:" in why, why
+    why = str(explain(RULES[1], g))  # the experts: the gate's (up + 1) is a bare clamp(up)
+    assert "failed at routed" in why and "expected op add, got clamp" in why, why
+    assert "model.layers.1.mlp.experts @ moe.py:" in why, why
+
+
+@slow
+@pytest.mark.parametrize("backend", ["tvm", "triton"])
+def test_gpt_oss_compiled_equals_hf_eager(backend):
+    import dsv4c
+
+    model, ids = gpt_oss(), hf_tiny.tokens(1, 12)
+    compiled = dsv4c.compile(model, (ids,), backend=backend, target="cpu")
+    counts = Counter(n.name for n in compiled.graph.ops if n.name.startswith(("moe.", "attn.")))
+    assert counts == {"attn.sdpa": 2, "moe.route": 2, "moe.experts": 2}, counts
     (got,) = compiled(ids)
     with torch.no_grad():
         want = model(ids).logits
