@@ -59,14 +59,10 @@ __all__ = ["RULES", "fuse_sparse_attention"]
 
 NEG_BIG = -1e30  # an additive mask value at or below this never attends
 
-# --- gathered: softmax(where(idx >= 0, scale·q·Gᵀ, -inf)) · G[..., :Dv] -------------------------
+# --- gathered: softmax(where(idx >= 0, scale·q·Gᵀ, -inf)) · G[..., :Dv] ----------------------
 
-_MASKED = op(
-    "where",
-    op("reshape", op("ge", var("idx"), const(0)), name="valid"),
-    LOGITS,
-    const(float("-inf")),
-)
+_MASKED = op("where", var("valid"), LOGITS, const(float("-inf")))
+VALID = op("reshape", op("ge", var("idx"), const(0)), name="valid")  # idx >= 0 per slot
 _PROBS = op("softmax", _MASKED, name="softmax")
 _P = either(_PROBS, op("cast", _PROBS))  # probabilities rounded to q's dtype (bf16) or not
 _VALUES = either(op("slice", var("g"), name="vslice"), var("g"))
@@ -106,8 +102,7 @@ def _merged_views(c: Checks, m: Match, q: Value, g: Value, out: Value, dv: int) 
                f"[B·T, {tail[0]}, {tail[1]}]", m.node(name))  # fmt: skip
     c.need(tuple(out.type.shape) == (b, t, h, dv), "output", f"{out.type} is not [B,T,H,Dv]")
     valid = m["valid"].type.shape
-    c.need(tuple(valid) == (b, t, 1, n), "mask", f"the -1 mask {list(valid)} is not [B,T,1,n]",
-           m.node("valid"))  # fmt: skip
+    c.need(tuple(valid) == (b, t, 1, n), "mask", f"the -1 mask {list(valid)} is not [B,T,1,n]")
 
 
 def _lowerable(c: Checks, q: Value, k: Value, dv: int) -> None:
@@ -134,6 +129,9 @@ def _gathered(c: Checks, root: Match, rw: Rewriter) -> Replace:
     c.need(scale is not None, "attend.scale", "the logit scale is not a constant", m.node("qk"))
     c.need(m.attr("softmax", "dim") in (-1, 3), "attend.softmax",
            "the softmax is not over the gathered entries", m.node("softmax"))  # fmt: skip
+    vm = c.match("mask", VALID, m["valid"])
+    c.need(vm["idx"] == m["idx"], "mask", "the -1 test reads other indices than the gather",
+           vm.node("valid"))  # fmt: skip
     q, g, entries, idx = m["qr"], m["g"], m["entries"], m["idx"]
     c.need(q.type.rank == 4 and entries.type.rank == 3 and idx.type.rank == 3, "query",
            f"q {q.type}, entries {entries.type}, idx {idx.type} are not [B,T,H,D], [B,N,D], "
