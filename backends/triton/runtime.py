@@ -4,7 +4,10 @@ Ops with a Triton emitter launch generated kernels; every other op runs its torc
 (the same semantics `ir.interpret` uses) and is listed in `report()["fallbacks"]` with the
 reason. A kernel whose sizes only turn out unsupported at run time (a symbolic row longer than
 one block on a GPU) runs the reference for that call, counted in `report()["runtime_fallbacks"]`.
-Symbolic dims are bound from the input shapes on each call. On a GPU the kernels run
+Symbolic dims are bound from the input shapes on each call. `exe(*args, params=...,
+inplace=True)` writes the aliased outputs (`Graph.aliases`: the cache updates) into the caller's
+input tensors and returns those; by default the inputs are left as they were (`backends.inplace`,
+`backends.triton.inplace`). On a GPU the kernels run
 natively; on CPU tensors they need the Triton interpreter, i.e. `TRITON_INTERPRET=1` set before
 `triton` is first imported.
 """
@@ -19,6 +22,7 @@ from typing import Any
 
 import ir
 from backends.base import KernelRecord, Support, feed_inputs
+from backends.inplace import aliased_results, update_call
 from backends.naming import locations
 from backends.reference import run_node
 from backends.targets import Target, get_target
@@ -29,6 +33,7 @@ from backends.triton.emitters import (
     Launch,
     emit_node,
 )
+from backends.triton.inplace import writer
 from backends.triton.kernel import KernelSource
 from ir.symbolic import dim_str
 
@@ -55,21 +60,41 @@ class TritonExecutable:
                 self.steps.append(Step(node, found))
         self.launches: Counter[str] = Counter()  # kernel name -> launches so far
         self.runtime_fallbacks: Counter[tuple[str, str]] = Counter()  # (op, reason) -> calls
+        self.updates = aliased_results(graph)  # step -> results written in place
 
-    def __call__(self, *args: Any, params: Mapping[str, Any] | None = None) -> tuple[Any, ...]:
+    def __call__(
+        self, *args: Any, params: Mapping[str, Any] | None = None, inplace: bool = False
+    ) -> tuple[Any, ...]:
+        """Run the graph; `inplace`: write the aliased outputs into their input tensors."""
         feed, env = feed_inputs(self.graph, args, params)
         values = {v.name: t for v, t in zip(self.graph.inputs, feed)}
         device = next((t.device for t in feed if hasattr(t, "device")), None)
         if device is not None and device.type == "cpu" and self.kernels():
             _require_interpreter()
-        for step in self.steps:
+        for i, step in enumerate(self.steps):
             ins = [values[v.name] for v in step.node.operands]
-            if step.launch is None:
-                outs = run_node(step.node, ins, env, device)
+            if i in self.updates:
+                outs = self._update(step, self.updates[i], ins, env, device, inplace)
             else:
-                outs = self._launch(step, ins, env, device)
+                outs = self._compute(step, ins, env, device)
             values.update({r.name: t for r, t in zip(step.node.results, outs)})
         return tuple(values[v.name] for v in self.graph.outputs)
+
+    def _compute(self, step: Step, ins: list[Any], env: dict, device: Any) -> tuple[Any, ...]:
+        if step.launch is None:
+            return run_node(step.node, ins, env, device)
+        return self._launch(step, ins, env, device)
+
+    def _update(
+        self, step: Step, aliased: tuple[int, ...], ins: list[Any], env: dict, device: Any,
+        inplace: bool,
+    ) -> tuple[Any, ...]:
+        """A cache update (`backends.inplace.update_call`): in place or on a copy."""
+        compute = lambda inputs: self._compute(step, list(inputs), env, device)  # noqa: E731
+        write = writer(step.node, step.launch)
+        if write is not None and step.launch is not None:
+            self.launches[step.launch.source.name] += 1  # type: ignore[union-attr]
+        return update_call(step.node, aliased, compute, write, inplace)(ins)
 
     def _launch(self, step: Step, ins: list[Any], env: dict, device: Any) -> tuple[Any, ...]:
         """Launch the step's kernel; sizes only known now may still send it to the reference."""

@@ -22,6 +22,10 @@ nothing is lowered or compiled and each kernel's packed function comes from the 
 `exe.profile = True` times every step; `report()["profile"]` sums the seconds per op and
 whether it ran a kernel or the reference (where the time goes).
 
+`exe(*args, params=..., inplace=True)` writes the graph's aliased outputs (`Graph.aliases`: the
+cache updates) into the caller's input tensors and returns those tensors; the default
+(`inplace=False`) leaves the inputs as they were (`backends.inplace`, `backends.tvm.inplace`).
+
 `blas`: "auto" (GEMMs of at least `BLAS_MIN_FLOPS` call `torch.matmul`, i.e. MKL/OpenBLAS, as
 Inductor does), "never" (every matmul runs its TVM kernel) or "always". The report says which
 matmuls called BLAS and how often.
@@ -37,8 +41,10 @@ from typing import TYPE_CHECKING, Any
 
 import ir
 from backends.base import KernelRecord, Support
+from backends.inplace import aliased_results, update_call
 from backends.targets import Target, get_target
 from backends.tvm.emitters import TVM_EMITTERS, Call, Launch, emit_node, reference_call
+from backends.tvm.inplace import emitted_node, writer
 from backends.tvm.inputs import Inputs
 from backends.tvm.library import Library
 from backends.tvm.kernel import PREBUILT, Kernel, build, host_target, kernel_records
@@ -58,11 +64,16 @@ class Step:
     reason: str = ""  # why it falls back (when launch is None)
     operands: tuple[int, ...] = ()  # value slot of each operand
     results: tuple[int, ...] = ()  # value slot of each result
+    aliased: tuple[int, ...] = ()  # results written into their operand's buffer (graph.aliases)
 
-    def bind(self, env: dict, fns: dict[str, Any]) -> Call:
+    def bind(self, env: dict, fns: dict[str, Any], inplace: bool = False) -> Call:
         if self.launch is None:
-            return reference_call(self.node, env)
-        return self.launch.bind(env, fns)
+            call = reference_call(self.node, env)
+        else:
+            call = self.launch.bind(env, fns)
+        if not self.aliased:
+            return call
+        return update_call(self.node, self.aliased, call, writer(self.node, call), inplace)
 
 
 @dataclass
@@ -126,30 +137,36 @@ class TVMExecutable:
         self.step_seconds: Counter[str] = Counter()
 
     def _emit(self) -> None:
-        for node in self.graph.ops:
+        updates = aliased_results(self.graph)
+        for i, original in enumerate(self.graph.ops):
+            aliased = updates.get(i, ())
+            node = emitted_node(original, aliased)  # the row form of an aliased compress step
             found = emit_node(node, self.target, {"blas": self.blas})
             launch, reason = (None, found) if isinstance(found, str) else (found, "")
             operands = tuple(self.slot[v.name] for v in node.operands)
             for r in node.results:
                 self.slot[r.name] = len(self.slot)
             results = tuple(self.slot[r.name] for r in node.results)
-            self.steps.append(Step(node, launch, reason, operands, results))
+            self.steps.append(Step(node, launch, reason, operands, results, aliased))
 
-    def __call__(self, *args: Any, params: Mapping[str, Any] | None = None) -> tuple[Any, ...]:
+    def __call__(
+        self, *args: Any, params: Mapping[str, Any] | None = None, inplace: bool = False
+    ) -> tuple[Any, ...]:
+        """Run the graph; `inplace`: write the aliased outputs into their input tensors."""
         feed, env = self.inputs.feed(args, params)
-        plan = self.plan(env)
+        plan = self.plan(env, inplace)
         if self.profile:
             return self._profiled(plan, feed)
         return plan.run(feed)
 
-    def plan(self, env: dict) -> Plan:
-        """The `Plan` for this binding of the symbols (built on first use)."""
-        key = tuple(sorted((str(k), v) for k, v in env.items()))
+    def plan(self, env: dict, inplace: bool = False) -> Plan:
+        """The `Plan` for this binding of the symbols and mode (built on first use)."""
+        key = (*sorted((str(k), v) for k, v in env.items()), ("inplace", inplace))
         if key not in self.plans:
-            self.plans[key] = self._make_plan(env)
+            self.plans[key] = self._make_plan(env, inplace)
         return self.plans[key]
 
-    def _make_plan(self, env: dict) -> Plan:
+    def _make_plan(self, env: dict, inplace: bool) -> Plan:
         outputs = tuple(self.slot[v.name] for v in self.graph.outputs)
         last: dict[int, int] = {}
         for i, step in enumerate(self.steps):
@@ -159,7 +176,7 @@ class TVMExecutable:
         calls = []
         for i, step in enumerate(self.steps):
             dead = tuple(s for s in dict.fromkeys(step.operands) if last[s] == i and s not in keep)
-            calls.append((step.bind(env, self.fns), step.operands, step.results, dead))
+            calls.append((step.bind(env, self.fns, inplace), step.operands, step.results, dead))
         return Plan(calls, outputs, len(self.slot))
 
     def _profiled(self, plan: Plan, feed: list[Any]) -> tuple[Any, ...]:

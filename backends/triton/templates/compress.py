@@ -11,7 +11,10 @@ second kernel; the pooled rows pass between them in the activation dtype, where 
 rounds them anyway. Kernels are hand-written modules next to this file, read as text into a
 `KernelSource`; a trailing comment names the pointer dtypes, so each dtype specialisation has
 its own content hash. The step's position stays on the device (no host sync); it returns a copy
-of the cache with at most one row rewritten, as the op is functional.
+of the cache with at most one row rewritten, as the op is functional — or, through
+`CompressStepLaunch.update` (a cache written in place, `backends.inplace`), writes the new
+states and that row into the operands' own buffers: each program loads the state rows of its
+channels before it stores them, so the kernel may write over what it reads.
 """
 
 from __future__ import annotations
@@ -224,6 +227,22 @@ class CompressStepLaunch:
     def __call__(self, inputs: list[Any], env: dict) -> tuple[Any, ...]:
         import torch
 
+        kv_state, score_state, cache = inputs[2].contiguous(), inputs[3].contiguous(), inputs[10]
+        cache_out = cache.clone(memory_format=torch.contiguous_format)
+        kv_out, score_out = torch.empty_like(kv_state), torch.empty_like(score_state)
+        return self._run(inputs, (cache_out, kv_out, score_out))
+
+    def update(self, inputs: list[Any]) -> tuple[Any, ...] | None:
+        """In place: the new states and the cache row written into the operands' own buffers
+        (which must be contiguous: None otherwise, and nothing is written)."""
+        outs = (inputs[10], inputs[2], inputs[3])
+        if not all(t.is_contiguous() for t in outs):
+            return None
+        return self._run(inputs, outs)
+
+    def _run(self, inputs: list[Any], outs: tuple[Any, Any, Any]) -> tuple[Any, ...]:
+        import torch
+
         x, pos, kv_state, score_state, wkv, wgate, ape, norm, cos, sin, cache = inputs
         dev = x.device
         pos = pos.to(dev, non_blocking=True)  # a host position is copied over, never read back
@@ -232,8 +251,7 @@ class CompressStepLaunch:
         )
         b, _, d = x.shape
         c, width, rows = norm.shape[0], wkv.shape[0], kv_state.shape[1]
-        cache_out = cache.clone(memory_format=torch.contiguous_format)
-        kv_out, score_out = torch.empty_like(kv_state), torch.empty_like(score_state)
+        cache_out, kv_out, score_out = outs
         if b == 0:
             return (cache_out, kv_out, score_out)
         pooled = torch.empty((b, c), dtype=x.dtype, device=dev)
