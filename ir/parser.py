@@ -51,6 +51,9 @@ def _fallback(ts: TokenStream | None, text: str, msg: str) -> ParseError:
 class _Parser:
     def __init__(self, ts: TokenStream) -> None:
         self.ts = ts
+        # the text of a type (its tokens) -> the TensorType read from it: a graph repeats a few
+        # dozen types over thousands of values, and reading dims builds sympy expressions
+        self.types: dict[tuple[tuple[str, str], ...], TensorType] = {}
 
     def skip_comments(self) -> None:
         while self.ts.at("COMMENT"):
@@ -146,6 +149,10 @@ class _Parser:
         if tok.text not in _DTYPES:
             raise ts.error(f"unknown dtype {tok.text!r}; expected one of {', '.join(_DTYPES)}", tok)
         ts.expect("OP", "[", what="'[' after the dtype")
+        key = self.type_key(tok.text)
+        if key in self.types:  # the same tokens as a type read before: the same type
+            ts.i += len(key) - 1
+            return self.types[key]
         dims = []
         if not ts.at("OP", "]"):
             dims.append(parse_expr(ts))
@@ -153,9 +160,22 @@ class _Parser:
                 dims.append(parse_expr(ts))
         ts.expect("OP", "]", what="',' or ']' in the shape")
         try:
-            return TensorType(tuple(dims), _DTYPES[tok.text])
+            t = TensorType(tuple(dims), _DTYPES[tok.text])
         except IRTypeError as e:
             raise ts.error(str(e), tok) from None
+        if key:
+            self.types[key] = t
+        return t
+
+    def type_key(self, dtype: str) -> tuple[tuple[str, str], ...]:
+        """The dtype and the (kind, text) of each token from the cursor to the first ']', which
+        ends a well-formed shape (dims hold no brackets); () when there is none within 64."""
+        key = [("NAME", dtype)]
+        for tok in self.ts.tokens[self.ts.i : self.ts.i + 64]:
+            key.append((tok.kind, tok.text))
+            if tok.kind == "OP" and tok.text == "]":
+                return tuple(key)
+        return ()
 
     # node := results '=' MNEMONIC '(' operands attrs ')' COMMENT?
     def node(self, scope: dict[str, Value]) -> Node:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import sympy
 
@@ -28,9 +28,12 @@ __all__ = ["Token", "tokenize", "TokenStream", "parse_expr", "NAME_RE", "MAX_DEP
 NAME_RE = r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*"
 MAX_DEPTH = 64  # nesting limit for parentheses/brackets; deeper text is rejected, not recursed
 
+# one token after any spaces (one match per token, not two); END: only spaces are left
 _TOKEN_RE = re.compile(
     r"""
-    (?P<WS>[ \t\r]+)
+    [ \t\r]*
+    (?:
+    (?P<END>\Z)
   | (?P<NL>\n)
   | (?P<COMMENT>\#[^\n]*)
   | (?P<VALUE>%"""
@@ -41,13 +44,15 @@ _TOKEN_RE = re.compile(
   | (?P<NAME>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)
   | (?P<STRING>"(?:[^"\\\n]|\\.)*")
   | (?P<OP>//|\*\*|[()\[\]{},:=+\-*/%])
+    )
     """,
     re.VERBOSE,
 )
 
 
-@dataclass(frozen=True)
-class Token:
+class Token(NamedTuple):
+    """One token (immutable; a named tuple because a graph's text has tens of thousands)."""
+
     kind: str  # NAME VALUE INT FLOAT STRING COMMENT OP EOF
     text: str
     line: int
@@ -58,21 +63,25 @@ class Token:
 def tokenize(text: str) -> list[Token]:
     """Split `text` into tokens (whitespace dropped, comments kept); raises ParseError."""
     tokens: list[Token] = []
-    pos, line, line_start = 0, 1, 0
-    while pos < len(text):
-        m = _TOKEN_RE.match(text, pos)
+    append, match = tokens.append, _TOKEN_RE.match
+    pos, line, line_start, n = 0, 1, 0, len(text)
+    while pos < n:
+        m = match(text, pos)
         if m is None:
+            pos += len(text[pos:]) - len(text[pos:].lstrip(" \t\r"))  # at the character
             col = pos - line_start + 1
             raise ParseError(
                 f"unexpected character {text[pos]!r}", line, col, _line_of(text, line_start)
             )
         kind = m.lastgroup
-        assert kind is not None
+        if kind == "END":
+            pos = n
+            break
+        start, pos = m.start(kind), m.end()
         if kind == "NL":
-            line, line_start = line + 1, m.end()
-        elif kind != "WS":
-            tokens.append(Token(kind, m.group(), line, pos - line_start + 1, pos))
-        pos = m.end()
+            line, line_start = line + 1, pos
+        else:
+            append(Token(kind, m.group(kind), line, start - line_start + 1, start))
     tokens.append(Token("EOF", "", line, pos - line_start + 1, pos))
     return tokens
 
@@ -88,19 +97,22 @@ class TokenStream:
     def __init__(self, tokens: list[Token], text: str) -> None:
         self.tokens = tokens
         self.text = text
-        self.i = 0
+        self.i = 0  # never past `last` (the EOF token), so tokens[i] needs no clamp
+        self.last = len(tokens) - 1
         self.depth = 0
 
     def peek(self, ahead: int = 0) -> Token:
-        return self.tokens[min(self.i + ahead, len(self.tokens) - 1)]
+        i = self.i + ahead
+        return self.tokens[i if i < self.last else self.last]
 
     def next(self) -> Token:
-        tok = self.peek()
-        self.i = min(self.i + 1, len(self.tokens) - 1)
+        tok = self.tokens[self.i]
+        if self.i < self.last:
+            self.i += 1
         return tok
 
     def at(self, kind: str, text: str | None = None) -> bool:
-        tok = self.peek()
+        tok = self.tokens[self.i]
         return tok.kind == kind and (text is None or tok.text == text)
 
     def accept(self, kind: str, text: str | None = None) -> Token | None:
