@@ -244,7 +244,8 @@ class DeviceExecutable:
         version = nvcc_version()
         if version is None:
             why = "nvcc not found on PATH: CUDA source only (install the CUDA toolkit for cubins)"
-            return {r.key: [KernelBinary(self.target.name, "nvcc", (), error=why)] for r in records}, {}
+            none = KernelBinary(self.target.name, "nvcc", (), error=why)
+            return {r.key: [none] for r in records}, {}
         with tempfile.TemporaryDirectory(prefix="dsv4c-nvcc-") as tmp:
             with ThreadPoolExecutor(max(1, parallel_jobs())) as pool:
                 done = list(pool.map(lambda r: self.nvcc(r, Path(tmp)), records))
