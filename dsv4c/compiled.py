@@ -13,6 +13,17 @@ point's limits (`dsv4c.limits`: token ids within the tables they index, position
 within the compiled cache). Failures raise `InputError` saying which input and what was
 expected. Parameters are checked once per set of tensor objects (the bound state dict
 is checked on the first call only).
+
+In place or functional (`inplace`, an option of `dsv4c.compile` and `dsv4c.load`, default
+False): a graph's aliased outputs (`Graph.aliases`, the cache and compressor-state updates that
+`passes.plan_memory` marks) are either written into the caller's tensors — a decode step then
+moves only the rows it writes, and the returned cache entries *are* the tensors passed in — or,
+by default, returned as new tensors with the inputs left untouched, as the eager model does.
+Functional is the default because it is what the PyTorch module means: a caller that keeps the
+old cache (to retry a step, to branch two continuations, to compare with eager) gets what it
+expects. In place is opt-in, like JAX's `donate_argnums`: `compile(..., inplace=True)`,
+`load(dir, inplace=True)` or `compiled.inplace = True`. Donated tensors must not share memory
+with another input (checked on each call).
 """
 
 from __future__ import annotations
@@ -40,8 +51,15 @@ def signature(g: ir.Graph) -> dict[str, Any]:
             if g.roles.get(v.name) != "parameter"
         ],
         "params": len(g.params),
-        "outputs": [{"name": v.name, "type": str(v.type)} for v in g.outputs],
+        "outputs": [
+            {"name": v.name, "type": str(v.type)} | _alias_of(g, k) for k, v in enumerate(g.outputs)
+        ],
     }
+
+
+def _alias_of(g: ir.Graph, k: int) -> dict[str, str]:
+    """{"into": input name} for an output written into an input's buffer in place."""
+    return {"into": g.aliases[k]} if k in g.aliases else {}
 
 
 @dataclass
@@ -55,6 +73,7 @@ class EntryPoint:
     params: Mapping[str, Any] | None = None  # bound parameters (from the compiled module)
     model: Mapping[str, Any] | None = None  # the manifest's model info (its input limits)
     calls: int = field(default=0)
+    inplace: bool = False  # write the aliased outputs into the caller's tensors (module doc)
     _checked_params: tuple[Any, ...] | None = field(default=None, repr=False)
 
     def __call__(self, *args: Any, params: Mapping[str, Any] | None = None) -> tuple[Any, ...]:
@@ -64,7 +83,52 @@ class EntryPoint:
         feed = self._check(leaves, params)
         self.calls += 1
         with torch.no_grad():  # compiled graphs are inference graphs
-            return self.executable(*leaves, params=feed)
+            if not (self.inplace and self.graph.aliases):
+                return self.executable(*leaves, params=feed)
+            self._check_donated(leaves)
+            if self._runs_in_place:
+                return self.executable(*leaves, params=feed, inplace=True)
+            return self._copy_back(leaves, self.executable(*leaves, params=feed))
+
+    @functools.cached_property
+    def _donated(self) -> list[tuple[int, int]]:
+        """(output index, runtime input index) of every output written in place."""
+        where = {v.name: i for i, v in enumerate(self._runtime)}
+        return [(k, where[name]) for k, name in sorted(self.graph.aliases.items())]
+
+    @functools.cached_property
+    def _runs_in_place(self) -> bool:
+        """Whether the executable writes the aliases itself (TVM CPU, Triton): `inplace=`."""
+        import inspect
+
+        call = getattr(self.executable, "__call__", None)
+        return call is not None and "inplace" in inspect.signature(call).parameters
+
+    def _copy_back(self, leaves: list[Any], outs: tuple[Any, ...]) -> tuple[Any, ...]:
+        """In place for an executable that computes functionally (reference, distributed)."""
+        out = list(outs)
+        for k, i in self._donated:
+            if out[k] is not leaves[i]:
+                leaves[i].copy_(out[k])
+                out[k] = leaves[i]
+        return tuple(out)
+
+    def _check_donated(self, leaves: list[Any]) -> None:
+        """A tensor written in place must not overlap another input in memory: the step would
+        read what it already overwrote (one sweep over the inputs' byte ranges)."""
+        donated = {i for _, i in self._donated}
+        active: list[tuple[int, int]] = []  # (end, input index) of ranges still open
+        for start, end, i in sorted(_byte_range(t, i) for i, t in enumerate(leaves) if t.numel()):
+            active = [(e, j) for e, j in active if e > start]
+            hit = next((j for _, j in active if i in donated or j in donated), None)
+            if hit is not None:
+                a, b = sorted((i, hit), key=lambda k: k not in donated)
+                raise InputError(
+                    f"{self.name}: input {self._runtime[a].name} is written in place but "
+                    f"overlaps input {self._runtime[b].name} in memory; pass separate tensors "
+                    "(e.g. a .clone()) or set inplace=False"
+                )
+            active.append((end, i))
 
     def _flatten(self, args: tuple[Any, ...]) -> list[Any]:
         """The input tensors in graph order. A dict argument is matched by key (its inputs are
@@ -179,6 +243,12 @@ class EntryPoint:
             )
 
 
+def _byte_range(t: Any, i: int) -> tuple[int, int, int]:
+    """(first byte, one past the last byte, i) of a non-empty tensor's elements."""
+    span = 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + span * t.element_size(), i
+
+
 def _same(a: list[Any], b: tuple[Any, ...] | None) -> bool:
     return b is not None and len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
@@ -200,17 +270,31 @@ class Compiled:
         manifest: dict[str, Any],
         files: dict[str, bytes],
         path: Path | None = None,
+        inplace: bool = False,
     ) -> None:
         if not entries:
             raise ValueError("Compiled needs at least one entry point")
         self.entries = dict(entries)
         for e in self.entries.values():
             e.model = manifest.get("model") or {}
+        self.inplace = inplace
         self.backend = backend
         self.target = target
         self.manifest = manifest
         self.files = files
         self.path = path
+
+    @property
+    def inplace(self) -> bool:
+        """Whether calls write the cache updates into the caller's tensors (module docstring)."""
+        return all(e.inplace for e in self.entries.values())
+
+    @inplace.setter
+    def inplace(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"inplace must be True or False, got {value!r}")
+        for e in self.entries.values():
+            e.inplace = value
 
     @property
     def default(self) -> EntryPoint:

@@ -95,11 +95,14 @@ def compile(
     output_dir: str | Path | None = None,
     bindings: Mapping[str, int] | None = None,
     progress: Progress | None = None,
+    inplace: bool = False,
 ) -> Compiled:
     """Compile `module.<method>` for `target` with `backend` (see the module docstring).
 
     The module's parameters stay graph inputs: the result is bound to the module's current
     tensors (unless they are on the meta device) and any call may pass `params=` instead.
+    `inplace`: calls write the cache updates into the caller's tensors (`dsv4c.compiled`);
+    by default they return new tensors and leave the inputs as they were.
     """
     spec = MethodSpec(tuple(example_inputs), dynamic, bindings)
     return compile_methods(
@@ -109,6 +112,7 @@ def compile(
         target=target,
         output_dir=output_dir,
         progress=progress,
+        inplace=inplace,
     )
 
 
@@ -123,10 +127,12 @@ def compile_methods(
     model_info: Mapping[str, Any] | None = None,
     use_cache: bool = True,
     graph_key: str | None = None,
+    inplace: bool = False,
 ) -> Compiled:
     """Compile several entry points of `module` into one `Compiled`. `graph_key` names what fully
     determines the module (e.g. a model preset's config): with it, capture + passes results are
-    cached (graph_cache.py); `use_cache=False` bypasses that cache and the kernel cache."""
+    cached (graph_cache.py); `use_cache=False` bypasses that cache and the kernel cache.
+    `inplace` as for `compile`."""
     from dsv4c import tuning
     from dsv4c.report import build_report, entry_report
 
@@ -186,7 +192,9 @@ def compile_methods(
         manifest["device_code"] = _device_code(tgt, [e.executable for e in entries.values()])
     report = build_report(manifest, reports, run.times, cache_stats)
     files["report.json"] = _json(report)
-    compiled = Compiled(entries, backend=backend, target=tgt, manifest=manifest, files=files)
+    compiled = Compiled(
+        entries, backend=backend, target=tgt, manifest=manifest, files=files, inplace=inplace
+    )
     if output_dir is not None:
         with run.phase("write", str(output_dir)):
             compiled.save(output_dir)

@@ -34,9 +34,11 @@ def load(
     target: str | None = None,
     params: Mapping[str, Any] | None = None,
     check_versions: bool = True,
+    inplace: bool = False,
 ) -> Compiled:
     """Load and verify an artifact (see the module docstring). `target`: fail unless the artifact
-    was compiled for it; `params`: bind parameter tensors for every call (or pass them per call)."""
+    was compiled for it; `params`: bind parameter tensors for every call (or pass them per call);
+    `inplace`: calls write the cache updates into the caller's tensors (`dsv4c.compiled`)."""
     manifest, files = read_artifact(path, check_versions_=check_versions)
     built_for = manifest["target"]
     if target is not None and target != built_for:
@@ -61,6 +63,7 @@ def load(
         manifest=manifest,
         files=files,
         path=Path(path),
+        inplace=inplace,
     )
 
 
