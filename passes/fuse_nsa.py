@@ -426,6 +426,8 @@ def _select(c: Checks, root: Match, rw: Rewriter) -> Replace:
     rank = tm["score"]
     c.need(rank.type.rank == 4, "rank", f"the ranks {rank.type} are not [B,T,G,S']")
     b, t, g, s = rank.type.shape
+    c.need(isinstance(t, int) and isinstance(s, int), "rank", f"ranks {rank.type} have a "
+           "symbolic shape (the selection's masks are checked at static sizes)")  # fmt: skip
     n = topk.attrs["k"]
     ok = tm.attr("padded", "pads") == (0, n) and topk.attrs["dim"] in (-1, 3)
     c.need(ok and const_value(view, pm["n_cols"]) == s, "topk.pad",

@@ -214,3 +214,20 @@ def test_other_variants_form_no_nsa_ops(name: str) -> None:
     ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(1))
     g, ctx = _fused(capture(model, (ids,), method="prefill"))
     assert ctx.counters["fuse_nsa.attn.sdpa"] == 0 and ctx.counters[SELECT] == 0
+
+
+def test_symbolic_length_forms_what_needs_no_evaluation() -> None:
+    """Captured at a symbolic T, the cmp and slc attentions still form (their mask and indices
+    stay computed tensors); the window band and the selection need masks evaluated at static
+    sizes, stay unfused, and explain says so. The graph equals eager at 33 and 56 tokens."""
+    layer = _layer()
+    fused, ctx = _fused(capture(layer, (_x(40),), dynamic={"x": {1: "T"}}))
+    assert ctx.counters["fuse_nsa.attn.sdpa"] == 2 and ctx.counters[SELECT] == 0
+    assert _sdpa_kinds(fused) == [("bool", False, False, 0), ("none", True, False, 0)]
+    assert "symbolic shape" in str(explain(RULES[0], fused))
+    assert "symbolic shape" in str(explain(RULES[1], fused))
+    for t in (33, 56):
+        x = _x(t, seed=t)
+        (got,) = ir.interpret(fused, x, params=layer.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(got, layer(x), atol=ATOL, rtol=ATOL, msg=f"T={t}")
