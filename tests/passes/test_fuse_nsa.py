@@ -75,6 +75,7 @@ def test_layer_prefill_forms_three_attentions_and_a_selection(monkeypatch) -> No
             "initial": 1, "local": 2, "decode": False, "scale": 0.25}  # fmt: skip
     assert {k: sel.attrs[k] for k in want} == want
     assert not _ops(fused, "topk") and not _ops(fused, "softmax")
+    assert ir.parse(ir.to_text(fused)) == fused  # the new op's attributes print and parse
     log = nsa_tests._TopkLog(nsa_tests.nsa_mod, monkeypatch)
     with torch.no_grad():
         want_out = layer(x)
