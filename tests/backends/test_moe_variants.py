@@ -294,3 +294,17 @@ def test_verifier_names_the_bad_operand(mnemonic, names, attrs, message):
     with pytest.raises(ir.IRTypeError) as info:
         graph_of([(mnemonic, names, attrs)], inputs)
     assert message in str(info.value), str(info.value)
+
+
+def test_tvm_cuda_gpt_oss_layer_compiles_to_sm90_cubin(tmp_path):
+    """TVM's CUDA source of the GPT-OSS layer (both ops, every new variant) and nvcc takes it."""
+    import shutil
+
+    from backends.tvm.codegen import device_source, nvcc_cubin
+
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc is not installed (CUDA toolkit missing)")
+    src = device_source(gpt_oss_moe_graph(d=256, e=8, inter=128, k=2), "sm_90")
+    assert not src.skipped, src.skipped
+    assert sorted(k.split("_")[1] for k in src.kernels) == ["experts", "route"]
+    assert nvcc_cubin(src, tmp_path, "gpt_oss_moe").stat().st_size > 0
