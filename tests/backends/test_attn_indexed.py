@@ -107,3 +107,28 @@ def test_bf16(backend, case):
     # the kernels may round p to bf16 before p·v (as a GPU flash kernel does), the reference not
     tol = 2 * BF16_EPS * want.float().abs().max().item()
     torch.testing.assert_close(got.float(), want.float(), rtol=2 * BF16_EPS, atol=tol)
+
+
+@pytest.mark.skipif(not os.environ.get("DSV4C_SLOW"), reason="~2 min on 2 cores; DSV4C_SLOW=1")
+@pytest.mark.parametrize("heads", [16, 64])
+def test_triton_aot_for_the_six_gpu_targets(heads, tmp_path):
+    """DSA's shape at head dim 128: bf16 MQA with values inside the keys, `heads` query heads
+    per gathered row (BLOCK_H = heads). No spills on sm_90."""
+    from backends.triton import TritonBackend
+    from backends.triton.aot import GPU_TARGETS, aot_compile
+
+    bf16 = torch.bfloat16
+    inputs = {"q": _t(1, heads, 4, 128, dtype=bf16), "k": _t(1, 1, 64, 128, dtype=bf16),
+              "idx": _picks(1, 1, 4, 64, 32)}  # fmt: skip
+    attrs = {"scale": 0.1, "causal": True, "indexed": True, "value_dim": 128}
+    exe = TritonBackend().compile(graph_of([("attn.sdpa", list(inputs), attrs)], inputs), "cpu")
+    try:
+        results = aot_compile(exe, GPU_TARGETS, keep_dir=tmp_path)
+    except RuntimeError as e:  # a triton wheel without the GPU toolchains
+        pytest.skip(f"Triton cannot compile for GPUs on this machine: {e}")
+    assert [r.target for r in results] == list(GPU_TARGETS)
+    for r in results:
+        assert r.error is None, r.error
+        assert r.kernel == "sdpa_indexed_fwd" and 0 < r.registers <= 512
+    (sm90,) = [r for r in results if r.target == "sm_90"]
+    assert sm90.spills == 0

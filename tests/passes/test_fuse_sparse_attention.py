@@ -17,6 +17,8 @@ import os
 import sys
 from pathlib import Path
 
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton loads: its kernels run on CPU
+
 import pytest
 import torch
 
