@@ -229,7 +229,6 @@ class _Parser:
         return operands, attrs
 
     def make_op(self, cls: type, attrs: dict[str, tuple[Token, Any]], m_tok: Token):
-        schema = attr_schema(cls)
         missing = [
             f.name
             for f in dataclasses.fields(cls)
@@ -241,6 +240,17 @@ class _Parser:
             raise self.ts.error(
                 f"{cls.mnemonic} is missing attribute(s) {', '.join(missing)}", m_tok
             )
+        try:  # the op checks every attribute against its schema itself (`Op.__post_init__`)
+            return cls(**{k: v for k, (_, v) in attrs.items()})
+        except Exception as e:
+            self.check_attrs(cls, attrs)  # only on failure: name the attribute at fault
+            if isinstance(e, (IRTypeError, TypeError, ValueError)):
+                raise self.ts.error(f"bad attributes for {cls.mnemonic}: {e}", m_tok) from None
+            raise
+
+    def check_attrs(self, cls: type, attrs: dict[str, tuple[Token, Any]]) -> None:
+        """Raise at the first attribute whose value its schema refuses."""
+        schema = attr_schema(cls)
         for name, (tok, value) in attrs.items():
             if isinstance(coerce_attr(schema[name], value), _Bad):
                 raise self.ts.error(
@@ -248,10 +258,6 @@ class _Parser:
                     f"got {_describe_value(value)}",
                     tok,
                 )
-        try:
-            return cls(**{k: v for k, (_, v) in attrs.items()})
-        except (IRTypeError, TypeError, ValueError) as e:
-            raise self.ts.error(f"bad attributes for {cls.mnemonic}: {e}", m_tok) from None
 
     def check_operand_count(self, cls: type, operands: list[Value], tok: Token) -> None:
         n = cls.num_operands
