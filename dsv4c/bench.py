@@ -44,12 +44,20 @@ Backends:
     inductor   torch.compile of the same method (Inductor, default mode)
     tvm        dsv4c, TVM backend       triton     dsv4c, Triton backend (a GPU, or --interpret)
     reference  dsv4c, reference backend (one torch call per IR op)
+    tvm-inplace, triton-inplace, reference-inplace
+               the same compiled entry point run in place (`inplace=True`: the cache updates are
+               written into the caller's tensors; each such row decodes into its own copy of
+               the workload's cache, so the other rows see the original)
     tvm-relax  TVM's own importer and pipeline without dsv4c: torch.export ->
                relax.frontend.torch.from_exported_program -> relax.build (llvm) -> VirtualMachine
 
 Workloads: `prefill` (batch 1, `prompt_len` tokens into an empty cache) and `decode` (one step
 per batch size at position `context`, the cache filled with random values: a step's cost does not
 depend on them). Results go to JSON (written after every workload) and an SVG bar chart.
+
+Cache bytes: every dsv4c row carries `update_bytes` (`passes.memory_plan.update_bytes`): the
+bytes its cache and compressor-state updates move per call, in place (the rows written, the
+states rewritten) and functional (plus a copy of every updated cache: read and written whole).
 
 Roofline: the run first measures the machine's read bandwidth; each row gets `roofline_fraction`
 = (bytes the step must read: weights touched + KV) / bandwidth / latency — see bench_roofline.py
@@ -76,7 +84,17 @@ from dsv4c.bench_roofline import must_read_bytes, read_bandwidth
 
 __all__ = ["BACKENDS", "Workload", "bench", "bench_svg", "bench_table"]
 
-BACKENDS = ("eager", "inductor", "tvm", "triton", "reference", "tvm-relax")
+BACKENDS = (
+    "eager",
+    "inductor",
+    "tvm",
+    "tvm-inplace",
+    "triton",
+    "triton-inplace",
+    "reference",
+    "reference-inplace",
+    "tvm-relax",
+)
 DSV4C_BACKENDS = ("tvm", "triton", "reference")
 
 
@@ -250,18 +268,38 @@ def _inductor(model: Any, w: Workload, target: str) -> tuple[float, Callable[[],
     return time.perf_counter() - start, lambda: fn(*w.args)
 
 
-def _dsv4c(backend: str) -> Callable[..., tuple[float, Callable[[], Any]]]:
+_COMPILED: dict[tuple[int, str, str, int, str], Any] = {}  # one compile per model and workload
+_MOVED: dict[tuple[int, str], int] = {}  # (workload, backend) -> cache update bytes per call
+
+
+def _dsv4c(backend: str, inplace: bool = False) -> Callable[..., tuple[float, Callable[[], Any]]]:
     def run(model: Any, w: Workload, target: str) -> tuple[float, Callable[[], Any]]:
+        import dataclasses
+
         import dsv4c
         from dsv4c.cli import model_methods
+        from passes.memory_plan import update_bytes
 
-        spec = model_methods(model, w.info["max_len"])[w.method]
+        key = (id(model), w.method, backend, w.info["max_len"], target)
         start = time.perf_counter()
-        compiled = dsv4c.compile_methods(model, {w.method: spec}, backend=backend, target=target)
-        entry = compiled.entry(w.method)
-        return time.perf_counter() - start, lambda: entry(*w.args)
+        if key not in _COMPILED:  # the -inplace row shares the functional row's compile
+            spec = model_methods(model, w.info["max_len"])[w.method]
+            _COMPILED[key] = dsv4c.compile_methods(
+                model, {w.method: spec}, backend=backend, target=target
+            )
+        entry = dataclasses.replace(_COMPILED[key].entry(w.method), inplace=inplace)
+        mode = "inplace" if inplace else "functional"
+        row = backend + ("-inplace" if inplace else "")
+        _MOVED[id(w), row] = update_bytes(entry.graph, {"B": w.info["batch"]})[mode]
+        args = _own_cache(w.args) if inplace else w.args
+        return time.perf_counter() - start, lambda: entry(*args)
 
     return run
+
+
+def _own_cache(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """`args` with every dict of tensors (the cache) copied: an in-place row writes its own."""
+    return tuple({k: v.clone() for k, v in a.items()} if isinstance(a, dict) else a for a in args)
 
 
 def _tvm_relax(model: Any, w: Workload, target: str) -> tuple[float, Callable[[], Any]]:
@@ -295,8 +333,11 @@ RUNNERS: dict[str, Callable[..., tuple[float, Callable[[], Any]]]] = {
     "eager": _eager,
     "inductor": _inductor,
     "tvm": _dsv4c("tvm"),
+    "tvm-inplace": _dsv4c("tvm", inplace=True),
     "triton": _dsv4c("triton"),
+    "triton-inplace": _dsv4c("triton", inplace=True),
     "reference": _dsv4c("reference"),
+    "reference-inplace": _dsv4c("reference", inplace=True),
     "tvm-relax": _tvm_relax,
 }
 
@@ -310,7 +351,7 @@ def _logits(out: Any) -> torch.Tensor:
 
 
 def _skip_reason(backend: str, target: str, interpret: bool) -> str | None:
-    if backend == "triton" and target == "cpu" and not interpret:
+    if backend.startswith("triton") and target == "cpu" and not interpret:
         return "no GPU here: Triton would run under its interpreter (hours); pass --interpret"
     return None
 
@@ -336,6 +377,8 @@ def prepare_row(
         return row | {"error": _one_line(e)}, None
     if backend == "inductor":
         row["dynamo"] = _dynamo_stats()
+    if (id(w), backend) in _MOVED:
+        row["cache_update_bytes"] = _MOVED[id(w), backend]
     row["peak_bytes"] = mem["bytes"]
     return row, call
 
@@ -425,6 +468,8 @@ def bench(
     if target != "cpu" and not torch.cuda.is_available():
         raise ValueError(f"target {target} needs a GPU and this machine has none; use --target cpu")
     torch.manual_seed(0)
+    _COMPILED.clear()  # compiles are shared within this run only
+    _MOVED.clear()
     model = Transformer(Config.preset(preset)).eval().to("cpu" if target == "cpu" else "cuda")
     doc: dict[str, Any] = {
         "preset": preset,
@@ -499,6 +544,8 @@ def _row_text(row: dict[str, Any]) -> str:
             f"{check['eager_sensitivity']:.1e} under {NOISE:.0e} weight noise)"
         )
     roof = f", {row['roofline_fraction']:.1%} of roofline" if "roofline_fraction" in row else ""
+    if "cache_update_bytes" in row:
+        roof += f", cache updates move {row['cache_update_bytes'] / 1e6:,.2f} MB"
     dyn = row.get("dynamo")
     graphs = (
         f", {dyn['graphs']} graph(s), {dyn['graph_breaks']} break(s), "
@@ -520,23 +567,26 @@ def _row_text(row: dict[str, Any]) -> str:
 def bench_table(doc: dict[str, Any]) -> str:
     """The rows as a Markdown table: latency (median, min), ratios, roofline fraction, check."""
     head = (
-        "| workload | backend | median ms | min ms | vs eager | vs Inductor | roofline | check |\n"
-        "|---|---|---|---|---|---|---|---|"
+        "| workload | backend | median ms | min ms | vs eager | vs Inductor | roofline "
+        "| cache MB moved | check |\n"
+        "|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
     for r in doc["rows"]:
         if "latency_s" not in r:
             why = r.get("error") or r.get("skipped") or ""
-            lines.append(f"| {r['workload']} | {r['backend']} | {why[:60]} | | | | | |")
+            lines.append(f"| {r['workload']} | {r['backend']} | {why[:60]} | | | | | | |")
             continue
         ratio = {p: r.get(f"speedup_vs_{p}") for p in ("eager", "inductor")}
         cells = [f"{v:.2f}x" if v else "—" for v in ratio.values()]
         check = r.get("check", {})
         verdict = "near tie" if check.get("near_tie") else "ok" if check.get("ok") else "MISMATCH"
+        moved = r.get("cache_update_bytes")
         lines.append(
             f"| {r['workload']} | {r['backend']} | {r['latency_s'] * 1e3:,.1f} | "
             f"{r['latency_min_s'] * 1e3:,.1f} | {cells[0]} | {cells[1]} | "
-            f"{r['roofline_fraction']:.1%} | {verdict} (rel {check.get('max_rel_err', 0):.1e}) |"
+            f"{r['roofline_fraction']:.1%} | {'—' if moved is None else f'{moved / 1e6:,.2f}'} | "
+            f"{verdict} (rel {check.get('max_rel_err', 0):.1e}) |"
         )
     return "\n".join(lines)
 
