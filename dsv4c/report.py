@@ -60,7 +60,7 @@ def kernel_rows(
         row = rows.setdefault(key, _new_row(name, key, node, id(node) in names, hints))
         row["uses"] += 1
         row["launches"] += hints.launches
-        flops, nbytes = _site_cost(node, env, hints)
+        flops, nbytes = _site_cost(node, env, hints, row)
         row["flops"] = None if flops is None or row["flops"] is None else row["flops"] + flops
         row["bytes"] = None if nbytes is None or row["bytes"] is None else row["bytes"] + nbytes
         row["sites"].append(i)
@@ -104,14 +104,20 @@ def cost_hints(record: KernelRecord | None) -> CostHints:
 
 
 def _site_cost(
-    node: ir.Node, env: Mapping[str, int], hints: CostHints
+    node: ir.Node, env: Mapping[str, int], hints: CostHints, row: dict[str, Any]
 ) -> tuple[int | None, int | None]:
+    """One call's (flops, bytes); the kernel op's own cost, noted in `row["cost_note"]`, when
+    the hints name a dim the bindings leave unknown; (None, None) when the op's do."""
     from passes.cost import backend_cost
 
     try:
         return backend_cost(
             node, env, materialised=hints.materialised_bytes, gemm_tile=hints.gemm_tile
         )
+    except (ValueError, TypeError) as e:
+        row["cost_note"] = f"the kernel op's cost only: {e}"
+    try:
+        return backend_cost(node, env)
     except (ValueError, TypeError):  # a dim the bindings leave unknown
         return None, None
 

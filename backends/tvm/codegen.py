@@ -22,6 +22,7 @@ import functools
 import operator
 import shutil
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,11 +174,12 @@ def unsupported_on(kernel: Kernel, kind: str) -> str | None:
     return None
 
 
-def stage_costs(func: Any) -> CostHints:
+def stage_costs(func: Any, body: ir.Graph | None) -> CostHints:
     """What the cost model needs of a GPU-scheduled kernel (`CostHints`), read from its
     TensorIR: one launch per root stage bound to `blockIdx`, the global buffers the root block
     allocates (a stage's result written to device memory and read back by the next), and the
-    hand-scheduled GEMM's output tile (`MATMUL_TILE`, no shared-memory staging)."""
+    hand-scheduled GEMM's output tile (`MATMUL_TILE`, no shared-memory staging). `body`, the
+    kernel's IR, names the TIR shape variables (`floor_T_4_` is the dim floor(T/4))."""
     import tvm
 
     from backends.tvm.kernel import _top_loops
@@ -190,30 +192,40 @@ def stage_costs(func: Any) -> CostHints:
 
     _top_loops(func.body, visit)
     root = func.body.block if hasattr(func.body, "block") else None
+    dims = _dim_names(body)
     nbytes: Dim = 0
     for buf in root.alloc_buffers if root is not None else ():
         if buf.scope() == "global":
-            elems = functools.reduce(operator.mul, (_dim(e) for e in buf.shape), 1)
+            elems = functools.reduce(operator.mul, (_dim(e, dims) for e in buf.shape), 1)
             nbytes = nbytes + elems * tvm.DataType(str(buf.dtype)).bits // 8
     tile = (MATMUL_TILE, MATMUL_TILE) if _has_block(func, "matmul") else None
     return CostHints(max(1, sum(launches)), canon_dim(nbytes), tile)
 
 
-def _dim(e: Any) -> Dim:
-    """A TIR shape expression as an IR dim (its variables are the graph's symbols)."""
+def _dim_names(body: ir.Graph | None) -> dict[str, Dim]:
+    """TIR variable name -> the IR dim it stands for: `Lowering` gives each distinct symbolic
+    dim of the kernel's inputs a variable named after its text (`_ident`)."""
+    from backends.tvm.lower import _ident
+
+    dims = [d for v in (body.inputs if body else ()) for d in v.type.shape]
+    return {_ident(str(d), "d"): d for d in dims if not isinstance(d, int)}
+
+
+def _dim(e: Any, dims: Mapping[str, Dim]) -> Dim:
+    """A TIR shape expression as an IR dim (variables through `dims`, else graph symbols)."""
     import sympy
     from tvm import tirx
 
     if isinstance(e, tirx.IntImm):
         return int(e.value)
     if isinstance(e, tirx.Var):
-        return sym(e.name)
+        return dims.get(e.name, sym(e.name))
     arith = {tirx.Add: operator.add, tirx.Sub: operator.sub, tirx.Mul: operator.mul}
     for cls, fn in arith.items():
         if isinstance(e, cls):
-            return fn(_dim(e.a), _dim(e.b))
+            return fn(_dim(e.a, dims), _dim(e.b, dims))
     if isinstance(e, tirx.FloorDiv):
-        return sympy.floor(_dim(e.a) / _dim(e.b))
+        return sympy.floor(_dim(e.a, dims) / _dim(e.b, dims))
     raise ValueError(f"no IR dim for the TIR shape expression {e}")
 
 

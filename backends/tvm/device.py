@@ -210,8 +210,9 @@ class DeviceExecutable:
 
         uses = [(n, [k for k in ks if k.symbol in funcs]) for n, ks in self.uses]
         records = kernel_records(uses, render, language=self.language, ext=self.ext, launch=launch)
-        symbol = {k.key: k.symbol for _, ks in uses for k in ks}
-        return [r.with_cost(stage_costs(funcs[symbol[r.key]])) for r in records]
+        kernel = {k.key: k for _, ks in uses for k in ks}
+        costs = {key: stage_costs(funcs[k.symbol], k.body) for key, k in kernel.items()}
+        return [r.with_cost(costs[r.key]) for r in records]
 
     @staticmethod
     def _schedule(k: Kernel, tgt: Any, funcs: dict[str, Any]) -> str | None:

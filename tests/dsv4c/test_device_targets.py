@@ -110,3 +110,30 @@ def test_nvcc_cubins_are_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         assert _compile_sm90(tmp_path / "e") == {"hits": 3, "misses": 1}
     row = json.loads((damaged.parent / "result.json").read_text())
     assert row["registers"] and row["blobs"] == [damaged.name]
+
+
+def test_cost_hints_of_a_compound_dim_evaluate():
+    """TVM names the variable of an input dim floor(T/4) `floor_T_4_`; the hints map it back to
+    the IR dim, so the GEMM result the epilogue reads back (f32[T//4, 48]) evaluates."""
+    import sympy
+
+    import ir
+    from backends.targets import get_target
+    from backends.tvm.device import DeviceExecutable
+    from passes.cost import evaluate
+
+    f32 = ir.DType.f32
+    rows = sympy.floor(ir.sym("T") / 4)
+    bb = ir.Builder(name="mm_add")
+    a = bb.input("a", ir.TensorType((rows, 16), f32))
+    w = bb.input("w", ir.TensorType((16, 48), f32))
+    bias = bb.input("bias", ir.TensorType((48,), f32))
+    bb.output(bb.op("add", [bb.op("matmul", [a, w]), bias]))
+    b = ir.Builder(name="compound")
+    x = b.input("x", ir.TensorType((rows, 16), f32))
+    w = b.input("w", ir.TensorType((16, 48), f32), role="parameter")
+    bias = b.input("bias", ir.TensorType((48,), f32), role="parameter")
+    b.output(b.op("fused.kernel", [x, w, bias], body=bb.build()))
+    (rec,) = DeviceExecutable(b.build(), get_target("sm_90")).kernel_records()
+    assert rec.cost.launches == 2 and rec.cost.row()["materialised_bytes"] == "192*floor(T/4)"
+    assert evaluate(rec.cost.materialised_bytes, {"T": 41}) == 10 * 48 * 4
