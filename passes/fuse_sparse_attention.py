@@ -52,6 +52,7 @@ from passes.context import PassContext
 from passes.fuse_attention import GATHERED, LOGITS
 from passes.fuse_common import Checks, fusion_rule, replace, scalar
 from passes.fuse_dense_mqa import evaluate
+from passes.fuse_rope import iota_ok
 from passes.pattern import Match, const, either, op, var
 from passes.rewrite import Replace, Rewriter, rewrite
 
@@ -136,6 +137,10 @@ def _gathered(c: Checks, root: Match, rw: Rewriter) -> Replace:
     c.need(q.type.rank == 4 and entries.type.rank == 3 and idx.type.rank == 3, "query",
            f"q {q.type}, entries {entries.type}, idx {idx.type} are not [B,T,H,D], [B,N,D], "
            "[B,T,n]")  # fmt: skip
+    batch = m.node("g").operands[1]  # entries[iota(B)[:, None, None], idx]: row b of sequence b
+    ok = iota_ok(view, batch, q.type.shape[0]) and len(batch.type.shape) == 3
+    c.need(ok and tuple(batch.type.shape[1:]) == (1, 1), "gather", f"the batch index "
+           f"%{batch.name}: {batch.type} is not iota(B) viewed [B,1,1]", m.node("g"))  # fmt: skip
     dv = _value_dim(c, m, entries.type.shape[2])
     _merged_views(c, m, q, g, out, dv)
     _lowerable(c, q, entries, dv)

@@ -177,6 +177,38 @@ def test_hf_deepseek_v32_forms_indexer_and_indexed_attention_per_layer() -> None
     assert _relative(got, want) <= 1e-5
 
 
+def test_hf_v32_mask_sending_pads_to_key_0_is_refused() -> None:
+    """The top-k mask with -1 picks scattered to column 0 instead of the dropped extra column
+    keeps key 0 for such queries — not the indexed op's set: the rule refuses, saying why."""
+    import dataclasses
+
+    model = hf_tiny.deepseek_v32()
+    ids = hf_tiny.tokens(1, 12)
+    g = fuse_sdpa(fuse_attention(passes.canonicalize(capture(model, (ids,)))))
+    wheres = {n.operands[2].name for n in g.ops if n.name == "where" and n.operands[0].dtype
+              == ir.DType.bool and any(u.name == "scatter" for u in _users(g, n.results[0]))}
+    ops = []
+    for n in g.ops:  # the pad column S (12) -> 0
+        if n.results[0].name in wheres:
+            n = ir.Node(dataclasses.replace(n.op, value=0), n.operands, n.results, n.loc)
+        ops.append(n)
+    assert len(wheres) == 2  # one per layer
+    bad = ir.Graph(g.inputs, ops, g.outputs, name=g.name, roles=dict(g.roles))
+    ir.verify(bad)
+    ctx = passes.PassContext()
+    out = fuse_sparse_attention(bad, ctx)
+    assert ctx.counters[TOPK_MASK] == 0 and not _indexed(out)
+    text = str(passes.explain(RULES[1], bad))
+    assert "failed at picks.pad" in text and "extra column 12" in text, text
+    params = _params(model)
+    torch.testing.assert_close(ir.interpret(out, ids, params=params)[0],
+                               ir.interpret(bad, ids, params=params)[0], rtol=0, atol=0)
+
+
+def _users(g: ir.Graph, v: ir.Value) -> list[ir.Node]:
+    return [n for n in g.ops if v in n.operands]
+
+
 # --- whole models, compiled (slow) ---------------------------------------------------------------
 
 
