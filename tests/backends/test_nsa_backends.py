@@ -200,3 +200,37 @@ def test_tiny_nsa_model_on_tvm(monkeypatch) -> None:
 def test_tiny_nsa_model_on_triton(monkeypatch) -> None:
     """The same under the Triton interpreter (about 45 s of kernels on 2 cores)."""
     _model_case("triton", monkeypatch)
+
+
+# --- ahead of time -----------------------------------------------------------------------------
+
+AOT_TARGETS = ["sm_80", "sm_90", "sm_100", "sm_120", "gfx942", "gfx950"]
+
+
+@pytest.mark.parametrize("targets", [["sm_90"], pytest.param(AOT_TARGETS, marks=slow)],
+                         ids=["sm_90", "six"])  # fmt: skip
+def test_block_select_aot_without_spills(targets: list[str]) -> None:
+    """The Triton block_select at v4-flash-nsa geometry (64 heads in 4 groups, head dim 192,
+    bf16, l = 32, d = 16, l' = 64, top-16) over a 4K context (64 selection blocks) compiles for
+    the GPU targets without spilling."""
+    from backends.triton.aot import aot_compile
+    from models.deepseek_v4 import Config
+
+    cfg = Config.preset("v4-flash-nsa")
+    h, g, d, ctx = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, 4096
+    n_cmp = ctx // cfg.nsa_cmp_stride
+    inputs = {"q": torch.zeros(1, h, 2, d, dtype=torch.bfloat16),
+              "k": torch.zeros(1, g, n_cmp, d, dtype=torch.bfloat16)}  # fmt: skip
+    attrs = {"scale": d**-0.5, "cmp_block": cfg.nsa_cmp_block, "cmp_stride": cfg.nsa_cmp_stride,
+             "slc_block": cfg.nsa_slc_block, "blocks": ctx // cfg.nsa_slc_block,
+             "topn": cfg.nsa_slc_topn}  # fmt: skip
+    exe = TritonBackend().compile(graph_of([("attn.block_select", ["q", "k"], attrs)], inputs),
+                                  "sm_90")  # fmt: skip
+    try:
+        results = aot_compile(exe, targets)
+    except RuntimeError as e:  # a triton wheel without the GPU backends' toolchains
+        pytest.skip(f"Triton cannot compile for GPUs on this machine: {e}")
+    assert [r.target for r in results] == targets
+    for r in results:
+        assert r.error is None, r.error
+        assert r.spills == 0 and 0 < r.registers <= 255, (r.target, r.registers, r.spills)

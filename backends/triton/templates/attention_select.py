@@ -2,7 +2,7 @@
 host side (check, tiles, launch, AOT variants).
 
 One program per (sequence, KV group, query row). It streams the compressed keys BLOCK_N at a
-time, twice: the first pass keeps each of the group's heads' running max and sum of exp (online
+time (scores as dots of the group's heads, padded to 16 rows, BLOCK_D channels at a time), twice: the first pass keeps each of the group's heads' running max and sum of exp (online
 softmax), the second turns the scores into probabilities, sums them over the heads and adds
 them to the importance of every selection block they overlap (an index test on the block
 bounds, no overlap matrix). Blocks past the query's last complete compressed block are never
@@ -27,7 +27,7 @@ __all__ = ["BlockSelectLaunch", "select_config"]
 
 _FLOATS = (ir.DType.f32, ir.DType.bf16, ir.DType.f16)
 MAX_BLOCKS = 4096  # S_PAD importances and their sort keys stay in one program's registers
-THREADS = 128  # per program on GPUs (the sort of S_PAD int64 keys)
+THREADS = 256  # per program on GPUs (the sort of S_PAD int64 keys)
 
 SELECT_SOURCE = '''\
 # Hand-written template from dsv4c backends/triton/templates/attention_select.py.
@@ -50,6 +50,28 @@ def _order_key(score, index):
 
 
 @triton.jit
+def _scores(q_ptr, k_ptr, q_rows, bg, i, n_seen, N, D, SCALE: tl.constexpr,
+            GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_D: tl.constexpr, DOT_IN_F32: tl.constexpr):
+    """[BLOCK_G, BLOCK_N] scale * q_h . k_i of the group's heads against keys i, channels
+    BLOCK_D at a time; -inf at keys past n_seen."""
+    heads = tl.arange(0, BLOCK_G)
+    chans = tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_G, BLOCK_N), dtype=tl.float32)
+    for c0 in range(0, D, BLOCK_D):
+        q_mask = (heads < GROUP)[:, None] & ((c0 + chans) < D)[None, :]
+        q = tl.load(q_ptr + q_rows[:, None] * D + c0 + chans[None, :], mask=q_mask, other=0.0)
+        k_mask = ((c0 + chans) < D)[:, None] & (i < n_seen)[None, :]
+        k_ptrs = k_ptr + (bg * N + i[None, :]) * D + c0 + chans[:, None]
+        k = tl.load(k_ptrs, mask=k_mask, other=0.0)
+        if DOT_IN_F32:  # fp32 operands (and the interpreter): IEEE products
+            acc = tl.dot(q.to(tl.float32), k.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(q, k, acc)
+    return tl.where((i < n_seen)[None, :], acc * SCALE, float("-inf"))
+
+
+@triton.jit
 def block_select(
     q_ptr, k_ptr, pos_ptr, picks_ptr,
     T, N, D,
@@ -57,8 +79,10 @@ def block_select(
     SLC_BLOCK: tl.constexpr, BLOCKS: tl.constexpr, TOPN: tl.constexpr, INITIAL: tl.constexpr,
     LOCAL: tl.constexpr, GROUP: tl.constexpr, DECODE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, S_PAD: tl.constexpr,
+    DOT_IN_F32: tl.constexpr,
 ):
     # program: (b, g) pair (b * G + g), query row t
+    tl.static_assert(BLOCK_G >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot tiles")
     bg = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1).to(tl.int64)
     if DECODE:
@@ -66,13 +90,8 @@ def block_select(
     else:
         p = t
     heads = tl.arange(0, BLOCK_G)
-    chans = tl.arange(0, BLOCK_D)
     cols = tl.arange(0, BLOCK_N)
-    # q rows of the group's heads: q[b, g*GROUP + j, t, :]
-    q_rows = (bg * GROUP + heads) * T + t
-    q_mask = (heads < GROUP)[:, None] & (chans < D)[None, :]
-    q = tl.load(q_ptr + q_rows[:, None] * D + chans[None, :], mask=q_mask, other=0.0)
-    q = q.to(tl.float32)
+    q_rows = (bg * GROUP + heads) * T + t  # q[b, g*GROUP + j, t, :]
     # compressed blocks i with i*d + l - 1 <= p: the first n_seen
     n_seen = tl.minimum(tl.maximum((p - (CMP_BLOCK - 1)) // CMP_STRIDE + 1, 0), N)
     n_seen = tl.where(p >= CMP_BLOCK - 1, n_seen, 0)
@@ -80,11 +99,8 @@ def block_select(
     m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
     for i0 in range(0, n_seen, BLOCK_N):
-        i = i0 + cols
-        k_mask = (i < n_seen)[:, None] & (chans < D)[None, :]
-        k = tl.load(k_ptr + (bg * N + i[:, None]) * D + chans[None, :], mask=k_mask, other=0.0)
-        scores = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * SCALE
-        scores = tl.where((i < n_seen)[None, :], scores, float("-inf"))
+        scores = _scores(q_ptr, k_ptr, q_rows, bg, i0 + cols, n_seen, N, D, SCALE, GROUP,
+                         BLOCK_G, BLOCK_N, BLOCK_D, DOT_IN_F32)
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(scores - m_new[:, None]), axis=1)
         m_i = m_new
@@ -93,9 +109,8 @@ def block_select(
     importance = tl.zeros((S_PAD,), tl.float32)
     for i0 in range(0, n_seen, BLOCK_N):
         i = i0 + cols
-        k_mask = (i < n_seen)[:, None] & (chans < D)[None, :]
-        k = tl.load(k_ptr + (bg * N + i[:, None]) * D + chans[None, :], mask=k_mask, other=0.0)
-        scores = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * SCALE
+        scores = _scores(q_ptr, k_ptr, q_rows, bg, i, n_seen, N, D, SCALE, GROUP,
+                         BLOCK_G, BLOCK_N, BLOCK_D, DOT_IN_F32)
         probs = tl.exp(scores - m_i[:, None]) / l_i[:, None]
         keep = (heads < GROUP)[:, None] & (i < n_seen)[None, :]
         p_group = tl.sum(tl.where(keep, probs, 0.0), axis=0)  # [BLOCK_N]
@@ -116,13 +131,20 @@ def block_select(
 '''
 
 
-def select_config(target: Target, group: int, head_dim: int, blocks: int) -> dict[str, int]:
-    """BLOCK_G heads (the group, padded), BLOCK_N compressed keys a step, BLOCK_D channels (the
-    whole head), S_PAD >= S' selection blocks (and >= topn: the stored slots)."""
-    cfg = {"BLOCK_G": max(2, next_pow2(group)), "BLOCK_N": 16,
-           "BLOCK_D": max(16, next_pow2(head_dim)),
+def select_config(
+    target: Target, group: int, head_dim: int, blocks: int, dtype: ir.DType
+) -> dict[str, int]:
+    """BLOCK_G heads (the group, padded to a dot's 16 rows), BLOCK_N compressed keys a step,
+    BLOCK_D channels a step, S_PAD >= S' selection blocks (and >= topn: the stored slots).
+    fp32 on GPUs (IEEE dots, operands in registers): 32 channels a step."""
+    cfg = {"BLOCK_G": max(16, next_pow2(group)), "BLOCK_N": 16,
+           "BLOCK_D": min(64, max(16, next_pow2(head_dim))),
            "S_PAD": max(16, next_pow2(blocks))}  # fmt: skip
-    return {**cfg, "num_warps": THREADS // target.warp_size} if target.is_gpu else cfg
+    if not target.is_gpu:
+        return cfg
+    if dtype == ir.DType.f32:
+        cfg["BLOCK_D"] = min(cfg["BLOCK_D"], 32)
+    return {**cfg, "num_warps": THREADS // target.warp_size}
 
 
 def _source(q: ir.DType, k: ir.DType, pos: ir.DType) -> KernelSource:
@@ -134,7 +156,8 @@ def _source(q: ir.DType, k: ir.DType, pos: ir.DType) -> KernelSource:
         *(Param(n, "int") for n in ("T", "N", "D")),
         *(Param(n, "constexpr") for n in ("SCALE", "CMP_BLOCK", "CMP_STRIDE", "SLC_BLOCK",
                                           "BLOCKS", "TOPN", "INITIAL", "LOCAL", "GROUP", "DECODE",
-                                          "BLOCK_G", "BLOCK_N", "BLOCK_D", "S_PAD")),
+                                          "BLOCK_G", "BLOCK_N", "BLOCK_D", "S_PAD",
+                                          "DOT_IN_F32")),
     ]  # fmt: skip
     return KernelSource("block_select", SELECT_SOURCE, tuple(params), ("attn.block_select",))
 
@@ -143,17 +166,21 @@ def _source(q: ir.DType, k: ir.DType, pos: ir.DType) -> KernelSource:
 class BlockSelectLaunch(OneKernel):
     source: KernelSource
     attrs: dict[str, Any]
+    dtype: ir.DType  # of q and k (the dot operands)
     target: Target
     operands: tuple[ir.Value, ...]
 
     def _constexprs(self, group: int, head_dim: int, target: Target) -> tuple[dict, dict]:
-        cfg = select_config(target, group, head_dim, max(self.attrs["blocks"], self.attrs["topn"]))
+        blocks = max(self.attrs["blocks"], self.attrs["topn"])
+        cfg = select_config(target, group, head_dim, blocks, self.dtype)
         opts = {k: v for k, v in cfg.items() if k.startswith("num_")}
         names = ("scale", "cmp_block", "cmp_stride", "slc_block", "blocks", "topn", "initial",
                  "local", "decode")  # fmt: skip
         consts = {n.upper(): self.attrs[n] for n in names}
         consts["SCALE"] = float(consts["SCALE"])
         consts.update(GROUP=group, **{k: v for k, v in cfg.items() if k not in opts})
+        # fp32 operands use IEEE products; the CPU interpreter upcasts bf16/f16 tiles too
+        consts["DOT_IN_F32"] = self.dtype == ir.DType.f32 or not target.is_gpu
         return consts, opts
 
     def __call__(self, inputs: list[Any], env: dict) -> tuple[Any, ...]:
@@ -200,4 +227,5 @@ def emit_block_select(node: ir.Node, target: Target | None) -> BlockSelectLaunch
     q, k = node.operands[:2]
     pos = node.operands[2].dtype if node.attrs["decode"] else ir.DType.i64
     tgt = target or get_target("cpu")
-    return BlockSelectLaunch(_source(q.dtype, k.dtype, pos), dict(node.attrs), tgt, node.operands)
+    source = _source(q.dtype, k.dtype, pos)
+    return BlockSelectLaunch(source, dict(node.attrs), q.dtype, tgt, node.operands)
