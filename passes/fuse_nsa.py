@@ -41,6 +41,7 @@ Rules (and counters): `fuse_nsa.attn.sdpa`, `fuse_nsa.attn.block_select`. Runs a
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -57,6 +58,9 @@ from passes.rewrite import Replace, Rewriter, rewrite
 __all__ = ["RULES", "fuse_nsa"]
 
 MAX_CONE = 200  # a position mask is a short chain of iota/constant ops
+# decode masks are functions of the 0-d position: checked at every position below DENSE, then at
+# SPREAD pairs of neighbouring positions up to 8 per block (a sampled check past DENSE)
+DENSE, SPREAD = 256, 64
 NEG_INF = float("-inf")
 
 LOGITS = op("mul", op("matmul", var("q", rank=5), var("kt", rank=5), name="qk"),
@@ -114,7 +118,7 @@ def positional(c: Checks, name: str, v: Value) -> tuple[Evaluate, Value | None]:
         value = ir.interpret(Graph([], ops, [v]))[0]
         return (lambda p: value), None
     g = Graph([pos], ops, [v])
-    return (lambda p: ir.interpret(g, _int(p, pos))[0]), pos
+    return functools.cache(lambda p: ir.interpret(g, _int(p, pos))[0]), pos
 
 
 def _int(p: int, like: Value) -> Any:
@@ -269,11 +273,11 @@ def _ring_or_band(
         return [k, v]
     c.need(t == 1 and m == s, "keys.rows", f"a decode step reads {m} rows of a {s}-slot ring "
            "with several queries", gather)  # fmt: skip
-    for p in range(4 * s):  # every slot fills and wraps
+    for p in _span(pos if pos is not None else pos2, 4 * s):  # every slot fills and wraps
         got, keep = rows_at(p).reshape(-1), _rows2(valid_at(p), 1)
         c.need(keep is not None, "probs.valid", "the validity is not one row of slots")
         keep = keep.reshape(-1)
-        ok = bool((got[keep] == rows_at(p).new_tensor(range(s))[keep]).all())
+        ok = bool((got[keep] == got.new_tensor(range(s))[keep]).all())
         c.need(ok, "keys.rows", f"at position {p} the rows are not the ring's slots in order",
                gather)  # fmt: skip
     mask = _unit(c, "probs.valid", valid, [1, 1, 1, s], rw)
@@ -354,25 +358,49 @@ def _importance(c: Checks, x: Value) -> tuple[Match, Value]:
     return _logits(c, probs), _strip(view, mm.operands[1], ("reshape", "cast"))
 
 
+def _span(pos: Value | None, limit: int) -> list[int]:
+    """The decode positions a mask is checked at: every one below DENSE, then SPREAD pairs
+    (p, p + 1) spread up to `limit`; [0] in prefill (the mask's rows are the positions)."""
+    if pos is None:
+        return [0]
+    dense = list(range(min(limit, DENSE)))
+    if limit <= DENSE:
+        return dense
+    step = max(1, (limit - DENSE) // SPREAD)
+    return dense + [p + e for p in range(DENSE, limit, step) for e in (0, 1)]
+
+
+def _table(c: Checks, name: str, at: Evaluate, span: list[int], t: int) -> dict[int, Any]:
+    """{position: the mask evaluated there, as [T, S]}."""
+    rows = {p: _rows2(at(p), t) for p in span}
+    c.need(all(r is not None for r in rows.values()), name, "the mask is not [T, S] (per head or "
+           "per sequence masks are not supported)")  # fmt: skip
+    return rows
+
+
+def _first_seen(rows: dict[int, Any], col: int) -> int | None:
+    """The first query position at which column `col` is True."""
+    seen = [p + t for p, r in rows.items() for t in range(r.shape[0]) if bool(r[t, col])]
+    return min(seen, default=None)
+
+
+def _agrees(c: Checks, name: str, rows: dict, want: Callable[[Any], Any], pos, what: str) -> None:
+    for p, got in rows.items():
+        expect = want(_positions(got.shape[0], pos, p))
+        if not bool((got.bool() == expect).all()):
+            c.need(False, name, f"not {what} at position {p}: {_first_diff(got.bool(), expect)}")
+
+
 def _cmp_geometry(c: Checks, vis: Evaluate, pos: Value | None, t: int, n: int) -> tuple[int, int]:
     """(l, d) with compressed block i visible iff i·d + l − 1 <= p, read off and checked."""
-    def at(p: int) -> Any:
-        got = _rows2(vis(p), t)
-        c.need(got is not None, "cmp.visible", "the cmp visibility is not a [T, N] mask")
-        return got
-
-    span = range(max(1, 8 * n)) if pos is not None else range(1)
-    first = [min((p + tt for p in span for tt in range(t) if bool(at(p)[tt, i])), default=None)
-             for i in range(min(n, 2))]  # fmt: skip
+    rows = _table(c, "cmp.visible", vis, _span(pos, 8 * n), t)
+    first = [_first_seen(rows, i) for i in range(min(n, 2))]
     c.need(None not in first, "cmp.visible", "a compressed block is never visible")
     l = first[0] + 1
     d = first[1] - first[0] if n > 1 else l
     c.need(0 < d <= l, "cmp.visible", f"blocks become visible at {first}: no stride 0 < d <= l")
-    for p in span:
-        want = (_idx(n) * d + l - 1).unsqueeze(0) <= _positions(t, pos, p).unsqueeze(1)
-        got = at(p)
-        c.need(bool((got == want).all()), "cmp.visible", f"not i·{d} + {l} − 1 <= t at position"
-               f" {p}: {_first_diff(got, want) if not bool((got == want).all()) else ''}")
+    _agrees(c, "cmp.visible", rows, lambda ps: (_idx(n) * d + l - 1)[None] <= ps[:, None], pos,
+            f"i·{d} + {l} − 1 <= t")  # fmt: skip
     return l, d
 
 
@@ -382,35 +410,30 @@ def _idx(n: int) -> Any:
     return torch.arange(n)
 
 
-def _slc_geometry(c: Checks, vis: Evaluate, pos: Value | None, t: int, s: int, span: range):
+def _slc_geometry(c: Checks, rows: dict, pos: Value | None, s: int) -> int:
     """l' with selection block j visible iff j·l' <= p, read off and checked."""
     c.need(s >= 2, "slc.visible", f"{s} selection block: its size cannot be read off")
-    starts = [min((p + tt for p in span for tt in range(t) if bool(_rows2(vis(p), t)[tt, 1])),
-                  default=None)]  # fmt: skip
-    c.need(starts[0] is not None and starts[0] > 0, "slc.visible", "block 1 is never visible")
-    ls = starts[0]
-    for p in span:
-        got = _rows2(vis(p), t)
-        want = (_idx(s) * ls).unsqueeze(0) <= _positions(t, pos, p).unsqueeze(1)
-        ok = got is not None and bool((got == want).all())
-        c.need(ok, "slc.visible", f"not j·{ls} <= t at position {p}")
+    ls = _first_seen(rows, 1)
+    c.need(ls is not None and ls > 0, "slc.visible", "block 1 is never visible")
+    _agrees(c, "slc.visible", rows, lambda ps: (_idx(s) * ls)[None] <= ps[:, None], pos,
+            f"j·{ls} <= t")  # fmt: skip
     return ls
 
 
-def _forced(c: Checks, forced: Evaluate, pos, t: int, s: int, ls: int, span: range) -> tuple:
+def _forced(c: Checks, rows: dict, pos, s: int, ls: int) -> tuple[int, int]:
     """(initial, local) of the forced blocks j < initial or own − local < j <= own."""
     tried = [(1, 2)] + [(i, k) for i in range(3) for k in range(4) if (i, k) != (1, 2)]
-    got = [_rows2(forced(p), t) for p in span]
-    c.need(all(x is not None for x in got), "forced", "the forced blocks are not a [T, S'] mask")
     for initial, local in tried:
-        want = [forced_blocks(_positions(t, pos, p), s, ls, initial, local) for p in span]
-        if all(bool((g.bool() == w).all()) for g, w in zip(got, want)):
+        ok = all(
+            bool((got.bool() == forced_blocks(_positions(got.shape[0], pos, p), s, ls, initial,
+                                              local)).all())
+            for p, got in rows.items()
+        )  # fmt: skip
+        if ok:
             return initial, local
-    want = [forced_blocks(_positions(t, pos, p), s, ls, 1, 2) for p in span]
-    p = next(i for i, (g, w) in enumerate(zip(got, want)) if not bool((g.bool() == w).all()))
-    c.need(False, "forced", f"the forced blocks are not j < initial or own − local < j <= own "
-           f"(own = t // {ls}); against block 0 and the 2 local blocks, at position "
-           f"{span[p]}: {_first_diff(got[p].bool(), want[p])}")  # fmt: skip
+    _agrees(c, "forced", rows, lambda ps: forced_blocks(ps, s, ls, 1, 2), pos,
+            f"j < initial or own − local < j <= own (own = t // {ls}); against block 0 and the "
+            "2 local blocks")  # fmt: skip
     return 0, 0
 
 
@@ -456,9 +479,9 @@ def _select(c: Checks, root: Match, rw: Rewriter) -> Replace:
     slc_vis, pos_s = positional(c, "slc.visible", tm["visible"])
     forced, pos_f = positional(c, "forced", _strip(view, bonus[1].operands[0], ("cast",)))
     c.need({pos_s, pos_f} <= {pos, None}, "slc.visible", "masks read different positions")
-    span = range(s * 8 + 8) if pos is not None else range(1)  # decode: 8 positions a block
-    ls = _slc_geometry(c, slc_vis, pos, t, s, span)
-    initial, local = _forced(c, forced, pos, t, s, ls, span)
+    span = _span(pos, 8 * s + 8)  # decode: 8 positions a block and more
+    ls = _slc_geometry(c, _table(c, "slc.visible", slc_vis, span, t), pos, s)
+    initial, local = _forced(c, _table(c, "forced", forced, span, t), pos, s, ls)
     ov, _ = positional(c, "overlap", overlap)
     want = block_overlap(k.type.shape[2], s, l, d, ls)
     c.need(tuple(ov(0).shape) == tuple(want.shape) and bool((ov(0) == want).all()), "overlap",
