@@ -46,7 +46,7 @@ from __future__ import annotations
 from typing import Any
 
 from ir import Graph, Value
-from ir.ops.attn_dense import KERNEL_HEAD_DIM, visible_reference
+from ir.ops.attn_dense import INDEXED_HEAD_DIM, INDEXED_VALUE_DIM, visible_reference
 from ir.symbolic import same_dim
 from passes.context import PassContext
 from passes.fuse_attention import GATHERED, LOGITS
@@ -107,13 +107,14 @@ def _merged_views(c: Checks, m: Match, q: Value, g: Value, out: Value, dv: int) 
 
 
 def _lowerable(c: Checks, q: Value, k: Value, dv: int) -> None:
-    """The backends' kernels take it: one float dtype, static head dims up to KERNEL_HEAD_DIM."""
+    """The backends' kernels take it: one float dtype, static head dims up to INDEXED_HEAD_DIM
+    (keys) and INDEXED_VALUE_DIM (values)."""
     d = q.type.shape[-1]
     c.need(q.dtype == k.dtype and q.dtype.is_float, "lowering",
            f"q {q.dtype} and entries {k.dtype} differ")  # fmt: skip
-    ok = isinstance(d, int) and max(d, dv) <= KERNEL_HEAD_DIM
+    ok = isinstance(d, int) and d <= INDEXED_HEAD_DIM and dv <= INDEXED_VALUE_DIM
     c.need(ok, "lowering", f"head dims ({d}, {dv}): the kernels take static head dims up to "
-           f"{KERNEL_HEAD_DIM}")  # fmt: skip
+           f"({INDEXED_HEAD_DIM}, {INDEXED_VALUE_DIM})")  # fmt: skip
 
 
 def _gathered(c: Checks, root: Match, rw: Rewriter) -> Replace:

@@ -43,12 +43,22 @@ from ir.ops._util import INT_INDEX, io_cost, numel, require
 from ir.symbolic import canon_dim, same_dim
 from ir.types import DType, TensorType
 
-__all__ = ["KERNEL_HEAD_DIM", "MASKS", "DenseAttention", "visible_reference"]
+__all__ = [
+    "INDEXED_HEAD_DIM",
+    "INDEXED_VALUE_DIM",
+    "KERNEL_HEAD_DIM",
+    "MASKS",
+    "DenseAttention",
+    "visible_reference",
+]
 
 MASKS = ("none", "bool", "add")
 # The widest head (D and Dv) the backends' kernels take (Triton keeps BLOCK_M rows of q and of
 # the fp32 accumulator in registers); `fuse_sdpa` forms no op past it. The reference takes any.
 KERNEL_HEAD_DIM = 256
+# Indexed attention: the kernels walk the key head dim in chunks and hold the value dim in the
+# accumulator, so MLA's absorbed rows (576 = 512 latent + 64 rope, values the first 512) fit.
+INDEXED_HEAD_DIM, INDEXED_VALUE_DIM = 1024, 512
 
 
 def visible_reference(t: int, s: int, causal: bool, offset: int, window: int, device=None):
@@ -266,7 +276,8 @@ class DenseAttention(Op):
             return io_cost(flops, operand_types, result_types)
         # indexed: each (sequence, KV head, query) reads its n picked rows of k (and v), not all
         # S (and never more bytes than k and v hold: prefill's picks overlap)
-        rest = [t for t, role in zip(operand_types, self._roles_in_order()) if role not in ("k", "v")]
+        roles = self._roles_in_order()
+        rest = [t for t, role in zip(operand_types, roles) if role not in ("k", "v")]
         row = q.shape[3] * k.dtype.itemsize
         row += 0 if self.value_dim else dv * r["v"].dtype.itemsize
         picked = k.shape[0] * k.shape[1] * q.shape[2] * keys * row

@@ -23,7 +23,7 @@ from backends.triton.emitters import TRITON_EMITTERS, AotVariant, OneKernel, cdi
 from backends.triton.kernel import KernelSource, Param, load_jit, next_pow2
 from backends.triton.templates.attention_sdpa_indexed import IndexedSdpaLaunch, indexed_source
 from backends.triton.templates.attention_sdpa_kernel import SDPA_SOURCE
-from ir.ops.attn_dense import KERNEL_HEAD_DIM
+from ir.ops.attn_dense import INDEXED_HEAD_DIM, INDEXED_VALUE_DIM, KERNEL_HEAD_DIM
 from ir.symbolic import subs_dim
 
 __all__ = ["SdpaLaunch", "sdpa_config"]
@@ -144,8 +144,11 @@ def _sdpa_check(node: ir.Node) -> bool | str:
     dims = (q.shape[3], node.attrs["value_dim"] or v.shape[3])
     if not all(isinstance(d, int) for d in dims):
         return f"attn.sdpa with a symbolic head dim {dims}: tiles need it static"
-    if max(dims) > MAX_HEAD_DIM:
-        return f"attn.sdpa head dims {dims}: the template takes up to {MAX_HEAD_DIM}"
+    indexed = node.attrs["indexed"]
+    limits = (INDEXED_HEAD_DIM, INDEXED_VALUE_DIM) if indexed else (MAX_HEAD_DIM, MAX_HEAD_DIM)
+    if dims[0] > limits[0] or dims[1] > limits[1]:
+        return (f"attn.sdpa head dims {dims}: the template takes up to {limits[0]} (keys), "
+                f"{limits[1]} (values)")
     if r["mask"] is not None and r["mask"].dtype not in (*_FLOATS, ir.DType.bool):
         return f"attn.sdpa mask of {r['mask'].dtype}: bool or float only"
     heads = (q.shape[1], k.shape[1])

@@ -3,10 +3,10 @@ the kernel's parameters, tiles per target, strides of the broadcast operands, th
 variant compiled ahead of time. `attention_sdpa.emit_sdpa` hands indexed nodes here.
 
 Tiles: BLOCK_H query heads of one KV group (at least 16, the `tl.dot` minimum: a group of 1-15
-heads, MHA with shared indices, pads to 16 rows) x BLOCK_N index slots, head dims padded to
-powers of two. The CPU interpreter runs 16 x 16; GPUs 16 heads x 32 slots (fp32, or any head
-dim above 128) or 64 x 32 heads x slots for 16-bit inputs at head dims up to 128 on NVIDIA,
-16 x 16 on AMD.
+heads, MHA with shared indices, pads to 16 rows) x BLOCK_N index slots; the key head dim walked
+in chunks of BLOCK_D <= 128, the value dim (up to INDEXED_VALUE_DIM) padded to a power of two.
+The CPU interpreter runs 16 x 16; GPUs 16 heads x 32 slots (fp32, or any head dim above 128) or
+64 x 32 heads x slots for 16-bit inputs at head dims up to 128 on NVIDIA, 16 x 16 on AMD.
 """
 
 from __future__ import annotations
@@ -30,12 +30,14 @@ _MASK = {"none": 0, "bool": 1, "add": 2}
 def indexed_config(target: Target, group: int, head_dim: int, value_dim: int,
                    dtype: ir.DType) -> dict:  # fmt: skip
     """Tiles and launch options of one program (module docstring)."""
-    block_d, block_dv = max(16, next_pow2(head_dim)), max(16, next_pow2(value_dim))
+    # the head dim is walked in chunks of at most 128 (q·kᵀ accumulates over them); the fp32
+    # accumulator holds all of the value dim
+    block_d, block_dv = max(16, min(128, next_pow2(head_dim))), max(16, next_pow2(value_dim))
     dims = {"BLOCK_D": block_d, "BLOCK_DV": block_dv}
     heads = max(16, min(64, next_pow2(group)))
     if not target.is_gpu:
         return {"BLOCK_H": 16, "BLOCK_N": 16, **dims, "num_warps": 4, "num_stages": 1}
-    wide = max(block_d, block_dv) > 128
+    wide = head_dim > 128 or block_dv > 128
     warps = (256 if wide else 128) // target.warp_size
     if dtype == ir.DType.f32 or wide:
         return {"BLOCK_H": 16, "BLOCK_N": 32, **dims, "num_warps": warps, "num_stages": 1}
@@ -52,7 +54,8 @@ def indexed_source(node: ir.Node) -> KernelSource:
     mask = q.dtype if r["mask"] is None else r["mask"].dtype
     mask = ir.DType.i8 if mask == ir.DType.bool else mask
     params = [Param("q_ptr", "ptr", q.dtype), Param("k_ptr", "ptr", k.dtype),
-              Param("v_ptr", "ptr", (q if r["v"] is None else r["v"]).dtype), Param("mask_ptr", "ptr", mask),
+              Param("v_ptr", "ptr", (q if r["v"] is None else r["v"]).dtype),
+              Param("mask_ptr", "ptr", mask),
               Param("idx_ptr", "ptr", r["indices"].dtype),
               Param("sinks_ptr", "ptr", (q if r["sinks"] is None else r["sinks"]).dtype),
               Param("out_ptr", "ptr", q.dtype)]  # fmt: skip

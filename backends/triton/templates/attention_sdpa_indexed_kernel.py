@@ -2,14 +2,15 @@
 the key rows each query picked (DSA's top-k tokens, NSA's selected blocks as token rows).
 
 One program owns one query t of one sequence and BLOCK_H query heads of one KV group (the heads
-sharing the KV head and therefore the picked rows: MQA/MLA puts every head in the group, so
-one gathered key row feeds BLOCK_H dot products, as FlashMLA's sparse kernels do). It walks the
+sharing the KV head and therefore the picked rows: MQA/MLA puts every head in the group, so one
+gathered key row feeds BLOCK_H dot products, as FlashMLA's sparse kernels do). It walks the
 query's n index slots BLOCK_N at a time: loads the slots' row numbers, gathers those rows of k
-(and of v, or the first DV channels of the same k rows when VALUE_IN_K), and runs the dense
-kernel's online softmax (running max m_i, sum l_i, fp32 accumulator). A slot is a key when its
-row is in [0, S) and visible by position (causal, window) and by a bool mask read at [b,h,t,s]
-through broadcast strides; an additive mask is gathered the same way. Index slots outside
-[0, S) load nothing (row 0, masked). A row with no key stores 0.
+(and of v, or the first DV channels of the same k rows when VALUE_IN_K) — the head dim in chunks
+of BLOCK_D, so MLA's 576-wide latent rows fit — and runs the dense kernel's online softmax
+(running max m_i, sum l_i, fp32 accumulator). A slot is a key when its row is in [0, S) and
+visible by position (causal, window) and by a bool mask read at [b,h,t,s] through broadcast
+strides; an additive mask is gathered the same way. Index slots outside [0, S) load nothing (row
+0, masked). A row with no key stores 0.
 
 The index operand is [B, HI, T, N], read through strides: HI = 1 (one set for every KV head,
 head stride 0) or HKV.
@@ -68,8 +69,6 @@ def sdpa_indexed_fwd(
     cols_d = tl.arange(0, BLOCK_D)
     cols_dv = tl.arange(0, BLOCK_DV)
     q_rows = (b * HQ + heads) * T + t
-    q = tl.load(q_ptr + q_rows[:, None] * D + cols_d[None, :],
-                mask=live[:, None] & (cols_d < D)[None, :], other=0.0)
     kv_row = (b * hkv + kh) * S
     idx_row = idx_ptr + b * idx_sb + kh * idx_sh + t * idx_st  # idx_sh = 0: one set for all
     # softmax state; with a sink its logit is the first term (max = sink, sum = exp(0))
@@ -90,10 +89,16 @@ def sdpa_indexed_fwd(
         if WINDOW > 0:
             key = key & (pos - rows < WINDOW)
         rows = tl.where(key, rows, 0)
-        k = tl.load(k_ptr + (kv_row + rows[:, None]) * D + cols_d[None, :],
-                    mask=key[:, None] & (cols_d < D)[None, :], other=0.0)
-        # z = SCALE q.k (+ additive mask), -inf where the slot is no visible key
-        z = _dot(q, tl.trans(k), tl.zeros((BLOCK_H, BLOCK_N), dtype=tl.float32), DOT_IN_F32)
+        # z = SCALE q.k (+ additive mask), -inf where the slot is no visible key; the head dim
+        # in chunks of BLOCK_D (MLA's 576 = 4 x 128 + 64), q re-read per chunk from cache
+        z = tl.zeros((BLOCK_H, BLOCK_N), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + cols_d
+            q = tl.load(q_ptr + q_rows[:, None] * D + cols[None, :],
+                        mask=live[:, None] & (cols < D)[None, :], other=0.0)
+            k = tl.load(k_ptr + (kv_row + rows[:, None]) * D + cols[None, :],
+                        mask=key[:, None] & (cols < D)[None, :], other=0.0)
+            z = _dot(q, tl.trans(k), z, DOT_IN_F32)
         z = z * SCALE
         if SOFTCAP > 0:  # logit soft-capping: SOFTCAP tanh(z / SOFTCAP)
             z = SOFTCAP * _tanh(z / SOFTCAP)
