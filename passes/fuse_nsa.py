@@ -242,8 +242,23 @@ def _sdpa(c: Checks, root: Match, rw: Rewriter) -> Replace:
     else:
         operands = [q, *_picked(c, gather, v5, valid, rw)]
         attrs["indexed"] = True
+    _grouping(c, q5, operands[1], valid)
     c.fits("attn.sdpa", operands, attrs, [None])
     return replace(c.view, [(out, _ungroup(rw, rw.op("attn.sdpa", operands, **attrs), out))])
+
+
+def _grouping(c: Checks, q5: Value, k: Value, valid: Value) -> None:
+    """q [B,T,G,hg,D] against k [B,G,S,D], valid [1|B, T, 1|G, 1, m]: the query-major grouping
+    NSA uses (not [B,Hkv,G,T,D], which fuse_sdpa takes)."""
+    b, t, g, _, d = q5.type.shape
+    ok = same_dim(k.type.shape[0], b) and same_dim(k.type.shape[1], g)
+    ok = ok and same_dim(k.type.shape[3], d)
+    c.need(ok, "keys", f"q {q5.type} is not [B,T,G,hg,D] over keys {k.type} [B,G,S,D]",
+           c.view.producer(k))  # fmt: skip
+    vs = valid.type.shape
+    ok = valid.type.rank == 5 and vs[0] in (1, b) and same_dim(vs[1], t) and vs[2] in (1, g)
+    c.need(ok and vs[3] == 1, "probs.valid", f"the validity {valid.type} is not [1|B, T, 1|G, "
+           "1, m] (one mask row per query, shared by the group's heads)")  # fmt: skip
 
 
 def _ring_or_band(
@@ -474,6 +489,7 @@ def _select(c: Checks, root: Match, rw: Rewriter) -> Replace:
     kn = view.producer(keys5)
     k = kn.operands[0] if kn is not None and kn.name == "reshape" else None
     c.need(k is not None and k.type.rank == 4, "importance.keys", "keys are not [B,G,N,D]")
+    _grouping(c, q5, k, cm["valid"])
     vis, pos = positional(c, "cmp.visible", cm["valid"])
     l, d = _cmp_geometry(c, vis, pos, t, k.type.shape[2])
     slc_vis, pos_s = positional(c, "slc.visible", tm["visible"])
