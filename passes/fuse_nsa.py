@@ -304,6 +304,8 @@ def _picked(c: Checks, gather: Node, v5: Value, valid: Value, rw: Rewriter) -> l
     """k, v [B,G,S,D] and indices [B,G,T,m] = where(valid, tok, -1) of attention over
     k_src[b, tok[b,t,g,j], g] (index_multi over dims 0, 1, 2 with iota batch and head rows)."""
     view = c.view
+    c.need(len(gather.operands) == 4, "keys.tokens", "the gather is not k_src[b, tok, g] "
+           "(three index operands)", gather)  # fmt: skip
     k_src, b_rows, tok, g_rows = gather.operands
     vg = view.producer(v5)
     ok = vg is not None and vg.name == "index_multi" and vg.operands[1:] == gather.operands[1:]
@@ -477,7 +479,8 @@ def _select(c: Checks, root: Match, rw: Rewriter) -> Replace:
     bonus = next(((x, bn) for x, bn in bonus_of if bn is not None and bn.name == "mul"
                   and const_value(view, bn.operands[1]) is not None), None)  # fmt: skip
     c.need(bonus is not None, "rank.forced", "no forced · constant term", add)
-    imp = next(x for x in add.operands if x != bonus[0])
+    imp = next((x for x in add.operands if x != bonus[0]), None)
+    c.need(imp is not None, "rank", "the rank adds the bonus to itself", add)
     cm, overlap = _importance(c, imp)
     q5, kt = cm["q"], cm["kt"]
     hg = q5.type.shape[3]
