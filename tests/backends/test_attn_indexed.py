@@ -53,11 +53,14 @@ def _case(name: str, dtype=torch.float32) -> tuple[dict, dict]:
         qkv = {"q": _t(1, 2, 5, 8), "k": _t(1, 2, 9, 8), "v": _t(1, 2, 9, 8),
                "bias": _t(5, 9), "idx": _picks(1, 2, 5, 9, 5)}  # fmt: skip
         return qkv, {"scale": 0.5, "mask": "add", "indexed": True}
+    if name == "mla_wide_rows":  # the key head dim in two chunks (128 + 32), values 144 wide
+        qk = {"q": _t(1, 4, 3, 160), "k": _t(1, 1, 20, 160), "idx": _picks(1, 1, 3, 20, 8)}
+        return qk, {"scale": 0.1, "causal": True, "offset": 17, "indexed": True, "value_dim": 144}
     raise KeyError(name)
 
 
 CASES = ["mqa_values_in_keys_causal", "mha_shared_indices", "gqa_per_head_sets_sinks_window",
-         "additive_mask"]  # fmt: skip
+         "additive_mask", "mla_wide_rows"]  # fmt: skip
 
 
 def _run(backend, inputs: dict, attrs: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,18 +112,19 @@ def test_bf16(backend, case):
     torch.testing.assert_close(got.float(), want.float(), rtol=2 * BF16_EPS, atol=tol)
 
 
-@pytest.mark.skipif(not os.environ.get("DSV4C_SLOW"), reason="~2 min on 2 cores; DSV4C_SLOW=1")
-@pytest.mark.parametrize("heads", [16, 64])
-def test_triton_aot_for_the_six_gpu_targets(heads, tmp_path):
-    """DSA's shape at head dim 128: bf16 MQA with values inside the keys, `heads` query heads
-    per gathered row (BLOCK_H = heads). No spills on sm_90."""
+@pytest.mark.skipif(not os.environ.get("DSV4C_SLOW"), reason="~3 min on 2 cores; DSV4C_SLOW=1")
+@pytest.mark.parametrize("heads, width, values", [(16, 128, 128), (64, 128, 128), (64, 576, 512)])
+def test_triton_aot_for_the_six_gpu_targets(heads, width, values, tmp_path):
+    """DSA's shapes: bf16 MQA with values inside the keys, `heads` query heads per gathered row,
+    key rows `width` wide (576: V3.2's absorbed MLA, walked in chunks), the first `values`
+    channels the values. No spills on sm_90."""
     from backends.triton import TritonBackend
     from backends.triton.aot import GPU_TARGETS, aot_compile
 
     bf16 = torch.bfloat16
-    inputs = {"q": _t(1, heads, 4, 128, dtype=bf16), "k": _t(1, 1, 64, 128, dtype=bf16),
+    inputs = {"q": _t(1, heads, 4, width, dtype=bf16), "k": _t(1, 1, 64, width, dtype=bf16),
               "idx": _picks(1, 1, 4, 64, 32)}  # fmt: skip
-    attrs = {"scale": 0.1, "causal": True, "indexed": True, "value_dim": 128}
+    attrs = {"scale": 0.1, "causal": True, "indexed": True, "value_dim": values}
     exe = TritonBackend().compile(graph_of([("attn.sdpa", list(inputs), attrs)], inputs), "cpu")
     try:
         results = aot_compile(exe, GPU_TARGETS, keep_dir=tmp_path)
