@@ -17,7 +17,7 @@ form `fuse_moe` matches (its module docstring):
   sliced weights (HF's `gate_up_proj`), also for interleaved columns (step 2, GPT-OSS's
   gate = gate_up[..., ::2], up = gate_up[..., 1::2]), for weights stored transposed [E, in, out]
   and through an added per-row expert bias b[e] (GPT-OSS's `gate_up_proj_bias`); and likewise
-  for per-row GEMMs with gathered weights (HF's `batched_mm` experts, contiguous slices).
+  for per-row GEMMs with gathered weights (HF's `batched_mm` experts, either weight layout).
 
 A rule that does not apply returns a `Fail` naming the sub-pattern and why (`STATS=1`,
 `explain`). Rule names: `canonical_moe.<name>`.
@@ -152,62 +152,72 @@ def _unsort_sum(c: Checks, root: Match, rw: Rewriter) -> Replace:
     return Replace(((out, y),))
 
 
-# grouped_mm(rows, Wᵀ) with W [E, out, in] (HF's default layout, a permute in the graph) or
-# grouped_mm(rows, Wt) with Wt [E, in, out] (transposed storage, GPT-OSS), optionally plus a
-# per-row expert bias b[e_row] (HF adds `gate_up_proj_bias[sorted ids]`)
+# The products a stacked [gate; up] slice is taken of, [S, out]:
+# - grouped: grouped_mm(rows, Wᵀ) with W [E, out, in] (HF's default layout, a permute in the
+#   graph) or grouped_mm(rows, Wt) with Wt [E, in, out] (transposed storage, GPT-OSS);
+# - batched: row i times its gathered expert's weights, W[e] [S, out, in] · rows [S, in, 1], or
+#   rows [S, 1, in] · Wt[e] [S, in, out] (transposed storage), flattened to [S, out];
+# optionally plus per-row expert bias rows b[e_row] (HF adds `gate_up_proj_bias[ids]`).
 _GROUPED = op("grouped_mm", var("rows", rank=2),
               either(op("permute", var("w", rank=3), attrs={"dims": (0, 2, 1)}),
                      var("wt", rank=3)),
               var("offs"), name="product_g")
+_GATHERED, _GATHERED_T = (op("index", var(w, rank=3), var("ids"), attrs={"dim": 0})
+                          for w in ("w", "wt"))
+_BATCHED = op("reshape", either(op("matmul", _GATHERED, var("rows3", rank=3), name="product"),
+                                op("matmul", var("rows3", rank=3), _GATHERED_T, name="product")),
+              rank=2, name="flat_product")
+_PRODUCT = either(_GROUPED, _BATCHED)
 _ROW_BIAS = op("index", var("b", rank=2), var("bias_ids", rank=1), attrs={"dim": 0})
-STACKED = op("slice", either(op("add", _GROUPED, _ROW_BIAS, name="biased"), _GROUPED),
+STACKED = op("slice", either(op("add", _PRODUCT, _ROW_BIAS, name="biased"), _PRODUCT),
              attrs=_LAST)
 
 
-# the batched form: row i times its gathered expert's weights, [S, 2I, d] · [S, d, 1]
-STACKED_ROWS = op("slice", op("reshape", op("matmul", op("index", var("w", rank=3), var("ids"),
-                                                          attrs={"dim": 0}), var("rows", rank=3),
-                                             name="product"), rank=2), attrs=_LAST)
-
-
 def _stacked_slice(c: Checks, root: Match, rw: Rewriter) -> Replace:
-    """(A · Wᵀ [+ b[e]])[:, a:b:s] = A · W[:, a:b:s]ᵀ [+ b[:, a:b:s][e]] per expert group
-    (stacked [gate; up] weights, or interleaved with step 2: GPT-OSS), in the grouped form and the
-    batched form (each row times its own expert's W; no bias, step 1)."""
+    """(P [+ b[e]])[:, a:b:s] = P' [+ b[:, a:b:s][e]] where P = A · Wᵀ per expert group and P'
+    takes W[:, a:b:s] (stacked [gate; up] weights, or interleaved with step 2: GPT-OSS), in the
+    grouped form and the batched form (each row times its own expert's W)."""
     out = root.root.results[0]
-    m = c.view.matches(STACKED_ROWS, out) or c.match("stacked", either(STACKED, STACKED_ROWS), out)
+    m = c.match("stacked", STACKED, out)
     attrs = root.root.attrs
-    if "offs" not in m:
-        return _stacked_rows(c, m, rw, out)
     cols = {"start": attrs["start"], "end": attrs["end"], "step": attrs["step"]}
-    if "w" in m:  # W [E, out, in]: its rows are the output columns
-        wt = rw.op("permute", [rw.op("slice", [m["w"]], dim=1, **cols)], dims=(0, 2, 1))
-    else:  # Wt [E, in, out]
-        wt = rw.op("slice", [m["wt"]], dim=2, **cols)
-    y = rw.op("grouped_mm", [m["rows"], wt, m["offs"]])
+    y = _sliced_rows(c, m, rw, out, cols) if "offs" not in m else _sliced_grouped(m, rw, cols)
     if "biased" in m:
         ids, b = m["bias_ids"], m["b"]
-        width = m["product_g"].type.shape[1]
-        ok = ids.type.shape[0] == m["rows"].type.shape[0] and b.type.shape[1] == width
-        c.need(ok, "stacked.bias",
-               f"the bias {b.type} gathered by {ids.type} is not one row per expert and output "
-               "column", m.node("biased"))
+        product = m["product_g" if "offs" in m else "flat_product"].type.shape
+        ok = ids.type.shape[0] == product[0] and b.type.shape[1] == product[1]
+        c.need(ok, "stacked.bias", f"the bias {b.type} gathered by {ids.type} is not one row "
+               f"per expert and output column of {product}", m.node("biased"))
         y = rw.op("add", [y, rw.op("index", [rw.op("slice", [b], dim=1, **cols), ids], dim=0)])
     return Replace(((out, y),))
 
 
-def _stacked_rows(c: Checks, m: Match, rw: Rewriter, out: Value) -> Replace:
-    """(W[e_i] r_i)[a:b] = W[e_i][a:b] r_i, the batched form of `_stacked_slice`."""
-    attrs = m.root.attrs
-    c.need(attrs["step"] == 1, "stacked.step", f"step {attrs['step']}: the batched form is "
-           "matched for contiguous column ranges only", m.root)
-    w = rw.op("slice", [m["w"]], dim=1, start=attrs["start"], end=attrs["end"], step=1)
-    product = m["product"].type.shape
-    ok = m["rows"].type.shape[2] == 1 and out.type.shape[0] == product[0]
-    c.need(ok, "stacked.rows", f"rows {m['rows'].type} are not [S, d, 1] or the product "
+def _sliced_grouped(m: Match, rw: Rewriter, cols: dict) -> Value:
+    """grouped_mm(A, W[:, cols]ᵀ) (or Wt[:, :, cols]), the grouped form of `_stacked_slice`."""
+    if "w" in m:  # W [E, out, in]: its rows are the output columns
+        wt = rw.op("permute", [rw.op("slice", [m["w"]], dim=1, **cols)], dims=(0, 2, 1))
+    else:  # Wt [E, in, out]
+        wt = rw.op("slice", [m["wt"]], dim=2, **cols)
+    return rw.op("grouped_mm", [m["rows"], wt, m["offs"]])
+
+
+def _sliced_rows(c: Checks, m: Match, rw: Rewriter, out: Value, cols: dict) -> Value:
+    """(W[e_i] r_i)[cols] = W[e_i][cols] r_i (or r_iᵀ Wt[e_i][:, cols]), the batched form."""
+    product, rows = m["product"].type.shape, m["rows3"].type.shape
+    transposed = "wt" in m  # rows [S, 1, in] · Wt[e] [S, in, out]
+    unit = (1, 2) if transposed else (2, 1)  # the unit dim of the rows and of the product
+    ok = rows[unit[0]] == 1 and product[unit[0]] == 1
+    ok = ok and m["flat_product"].type.shape == (product[0], product[unit[1]])
+    want = "[S, 1, in]" if transposed else "[S, in, 1]"
+    c.need(ok, "stacked.rows", f"rows {m['rows3'].type} are not {want} or the product "
            f"{product} is regrouped", m.node("product"))
-    product = rw.op("matmul", [rw.op("index", [w, m["ids"]], dim=0), m["rows"]])
-    return Replace(((out, rw.op("reshape", [product], shape=out.type.shape)),))
+    if transposed:
+        w = rw.op("slice", [m["wt"]], dim=2, **cols)
+        product = rw.op("matmul", [m["rows3"], rw.op("index", [w, m["ids"]], dim=0)])
+    else:
+        w = rw.op("slice", [m["w"]], dim=1, **cols)
+        product = rw.op("matmul", [rw.op("index", [w, m["ids"]], dim=0), m["rows3"]])
+    return rw.op("reshape", [product], shape=(product.type.shape[0], out.type.shape[1]))
 
 
 RULES = [
@@ -222,7 +232,7 @@ RULES = [
     # Σ_k unsort(rows).view(N, k, d) = index_put(0, order // k, rows, accumulate)
     fusion_rule("canonical_moe.unsort_sum", op("sum"), _unsort_sum),
     # (grouped_mm(A, Wᵀ) [+ b[e]])[:, a:b:s] = grouped_mm(A, W[:, a:b:s]ᵀ) [+ b[:, a:b:s][e]];
-    # (W[e_i] r_i)[a:b] = W[e_i][a:b] r_i
+    # (W[e_i] r_i [+ b[e_i]])[a:b:s] = W[e_i][a:b:s] r_i [+ b[e_i][a:b:s]]
     fusion_rule("canonical_moe.stacked_slice", op("slice"), _stacked_slice),
 ]
 

@@ -24,7 +24,8 @@ gate_up weights — to it) of models/moe.py:
             (the shared expert on [N, d], or on the model's [B, S, d] before the flattening)
 
 Two more expert spellings form the same op: HF's `batched_mm` (each (token, slot) row times its
-gathered expert's weights, then a reshape to [N, k, d] and a sum over the slots; rule
+gathered expert's weights in either layout [+ its bias row], then a reshape to [N, k, d] and a
+sum over the slots; rule
 `fuse_moe.moe.experts_batched`) and a dense loop over an nn.ModuleList of experts
 (Σ_i (Σ_k w · [e = i]) · FFN_i(x) over every expert; the weights are stacked in the graph; rule
 `fuse_moe.moe.experts_loop`), both in fp32 only.
@@ -371,25 +372,35 @@ def _experts(c: Checks, root: Match, rw: Rewriter) -> Replace:
     c.need(not narrow(x) or not gpt_oss, "routed.dtype", f"x is {x.dtype}: the GPT-OSS gate is "
            "matched in fp32 only (its eager rounding points are not the op's)",
            m.node("routed_glu"))
-    ws = [m[w] if w in m else rw.op("permute", [m[f"{w}_t"]], dims=(0, 2, 1))
-          for w in ("w1", "w3", "w2")]
-    biases = _biases(c, m, rw, ws)
+    ws = _expert_weights(m, rw)
+    if _has_biases(m):
+        sort = view.producer(m["sorted_ids"])
+        c.need(sort is view.producer(m["order"]), "routed.bias", "the bias rows are gathered by "
+               "expert ids of another sort than the rows' order", sort)
+        c.need(not narrow(x), "routed.bias", f"x is {x.dtype}: expert biases are matched in "
+               "fp32 only (their eager rounding points are not the op's)", m.node("b1_add"))
+    biases = _biases(m, rw, ws, x)
     operands = [x, m["weights"], experts, *ws]
     c.fits("moe.experts", operands + biases, _attrs(act, biases), [out])
     return _build(view, rw, out, operands, act, biases=biases)
 
 
-def _biases(c: Checks, m: Match, rw: Rewriter, ws: list[Value]) -> list[Value]:
-    """[b1, b3, b2] (zeros for a GEMM without one) when a grouped GEMM adds per-expert bias rows,
-    else []."""
-    if not any(f"{b}_add" in m.nodes for b in ("b1", "b3", "b2")):
+def _expert_weights(m: Match, rw: Rewriter) -> list[Value]:
+    """[w1, w3, w2] in the op's layout: captured as such, or a permute of a weight captured in
+    its transposed storage (`<w>_t`, GPT-OSS)."""
+    return [m[w] if w in m else rw.op("permute", [m[f"{w}_t"]], dims=(0, 2, 1))
+            for w in ("w1", "w3", "w2")]
+
+
+def _has_biases(m: Match) -> bool:
+    return any(f"{b}_add" in m.nodes for b in ("b1", "b3", "b2"))
+
+
+def _biases(m: Match, rw: Rewriter, ws: list[Value], x: Value) -> list[Value]:
+    """[b1, b3, b2] (zeros for a GEMM without one) when a GEMM adds per-expert bias rows, else
+    []."""
+    if not _has_biases(m):
         return []
-    x = m["x"]
-    c.need(c.view.producer(m["sorted_ids"]) is c.view.producer(m["order"]), "routed.bias",
-           "the bias rows are gathered by expert ids of another sort than the rows' order",
-           c.view.producer(m["sorted_ids"]))
-    c.need(not narrow(x), "routed.bias", f"x is {x.dtype}: expert biases are matched in fp32 "
-           "only (their eager rounding points are not the op's)", m.node("b1_add"))
     e, inter, d = ws[0].type.shape
     widths = {"b1": inter, "b3": inter, "b2": d}
     return [m[b] if b in m else rw.op("full", [], shape=(e, w), value=0.0, dtype=x.dtype)
@@ -432,14 +443,21 @@ _REPEATED = op("reshape", op("expand", op("reshape", var("base"), name="one_slot
                name="rows", rank=3)  # [N·k, d, 1]
 
 
-def _per_row(rows, w: str) -> object:
-    """[S, out]: row i times W[e_i]ᵀ, as a batched matmul of the gathered weights."""
+def _per_row(rows, w: str, b: str) -> object:
+    """[S, out]: row i times W[e_i]ᵀ, as a batched matmul of the gathered weights W[e] [S, out,
+    in] · rows [S, in, 1], or rows [S, 1, in] · Wt[e] [S, in, out] (weights stored transposed:
+    GPT-OSS), flattened [+ the expert's bias row b[e_i]]."""
     gathered = op("index", var(w, rank=3), _FLAT_E, attrs={"dim": 0})
-    return op("reshape", op("matmul", gathered, rows, name=f"{w}_rows"), rank=2, name=f"{w}_2d")
+    gathered_t = op("index", var(f"{w}_t", rank=3), _FLAT_E, attrs={"dim": 0})
+    product = either(op("matmul", gathered, rows, name=f"{w}_rows"),
+                     op("matmul", rows, gathered_t, name=f"{w}_rows"))
+    flat = op("reshape", product, rank=2, name=f"{w}_2d")
+    bias = op("index", var(b, rank=2), _FLAT_E, attrs={"dim": 0})
+    return either(op("add", flat, bias, name=f"{b}_add"), flat)
 
 
-_HIDDEN_B = _swiglu(_per_row(_REPEATED, "w1"), _per_row(_REPEATED, "w3"), "routed")
-_DOWN_B = _per_row(op("reshape", _HIDDEN_B, rank=3, name="h_col"), "w2")
+_HIDDEN_B = _swiglu(_per_row(_REPEATED, "w1", "b1"), _per_row(_REPEATED, "w3", "b3"), "routed")
+_DOWN_B = _per_row(op("reshape", _HIDDEN_B, rank=3, name="h_col"), "w2", "b2")
 BATCHED = op(
     "sum",
     op("reshape", op("mul", _DOWN_B, op("reshape", var("weights", rank=2), rank=2)),
@@ -457,23 +475,27 @@ def _experts_batched(c: Checks, root: Match, rw: Rewriter) -> Replace:
     experts, weights, base = m["experts"], m["weights"], m["base"]
     c.need(experts.type.shape == weights.type.shape == (n, k), "batched.slots",
            f"[N, k] = {experts.type.shape} ids, {weights.type.shape} weights, rows [{n}, {k}]")
-    c.need(m["one_slot"].type.shape == (n, 1, d) and m["rows"].type.shape == (n * k, d, 1),
+    rows = (n * k, 1, d) if "w1_t" in m else (n * k, d, 1)
+    c.need(m["one_slot"].type.shape == (n, 1, d) and m["rows"].type.shape == rows,
            "batched.rows", "the rows are not each token's x repeated k times", m.node("rows"))
     c.need(not narrow(base), "batched.dtype", f"x is {base.dtype}: the batched form is matched "
            "in fp32 only (where its rounding points do not matter)", m.node("rows"))
     for w in ("w1", "w3", "w2"):  # [S, out, 1] products flattened to [S, out], not regrouped
-        product, flat = m[f"{w}_rows"], m[f"{w}_2d"]
-        c.need(flat.type.shape == product.type.shape[:2], "batched.gemm",
-               f"{product.type} is reshaped to {flat.type}", m.node(f"{w}_2d"))
-    h_col = m["h_col"]
-    c.need(h_col.type.shape[2:] == (1,), "batched.gemm", f"hidden rows are {h_col.type}, not "
-           "[S, I, 1]", m.node("h_col"))
+        product, flat = m[f"{w}_rows"].type.shape, m[f"{w}_2d"].type.shape
+        unit = 1 if f"{w}_t" in m else 2  # [S, 1, out] from transposed weights
+        ok = product[unit] == 1 and flat == (product[0], product[3 - unit])
+        c.need(ok, "batched.gemm", f"{product} is reshaped to {flat}", m.node(f"{w}_2d"))
+    h_col, unit = m["h_col"], 1 if "w2_t" in m else 2  # [S, 1, I] or [S, I, 1]
+    c.need(h_col.type.shape[unit] == 1, "batched.gemm", f"hidden rows are {h_col.type}, not "
+           f"{'[S, 1, I]' if unit == 1 else '[S, I, 1]'}", m.node("h_col"))
     act = _activation(m, "routed")
     c.need(not isinstance(act, str), "batched.swiglu", str(act), m.node("routed_gate"))
     x = rw.op("reshape", [base], shape=(n, d))
-    operands = [x, weights, experts, m["w1"], m["w3"], m["w2"]]
-    c.fits("moe.experts", operands, {}, [out])
-    return _build(view, rw, out, operands, act, base)
+    ws = _expert_weights(m, rw)
+    biases = _biases(m, rw, ws, x)
+    operands = [x, weights, experts, *ws]
+    c.fits("moe.experts", operands + biases, _attrs(act, biases), [out])
+    return _build(view, rw, out, operands, act, base, biases=biases)
 
 
 # --- experts, dense loop form: y = Σ_i (Σ_k w · [e == i]) · FFN_i(x), one term per expert ----

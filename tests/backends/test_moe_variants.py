@@ -308,3 +308,12 @@ def test_tvm_cuda_gpt_oss_layer_compiles_to_sm90_cubin(tmp_path):
     assert not src.skipped, src.skipped
     assert sorted(k.split("_")[1] for k in src.kernels) == ["experts", "route"]
     assert nvcc_cubin(src, tmp_path, "gpt_oss_moe").stat().st_size > 0
+
+
+def test_gpt_oss_layer_prints_and_parses_back():
+    """The new attributes survive the text form: parse(print(g)) prints the same, and verifies."""
+    text = ir.to_text(gpt_oss_moe_graph(d=64, e=4, inter=32, k=2))
+    assert "logit_bias=true" in text and 'activation="gpt_oss", alpha=1.702' in text
+    again = ir.parse(text)
+    ir.verify(again)
+    assert ir.to_text(again) == text

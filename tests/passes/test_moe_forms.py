@@ -8,9 +8,10 @@ Variants come from patching one Mixtral layer's router: top-k-then-softmax (cano
 renormalised softmax) and a near miss — top-k weights "renormalised" over the tokens (dim 0)
 instead of the k picks — that must not fuse to moe.route, stays exact, and is explained with its
 sub-pattern and source line. GPT-OSS (a biased router, top-k-then-softmax; experts with
-interleaved gate/up columns, per-expert biases and its clamped (up + 1)·g·sigmoid(1.702·g) gate)
-forms one attn.sdpa + moe.route + moe.experts per layer; its near misses (up not shifted by one,
-the router bias added after the softmax) do not fuse and are explained. The slow tier
+interleaved gate/up columns, per-expert biases and its clamped (up + 1)·g·sigmoid(1.702·g) gate;
+`grouped_mm` and `batched_mm` experts) forms one attn.sdpa + moe.route + moe.experts per layer;
+its near misses (up not shifted by one, the router bias added after the softmax) do not fuse
+and are explained. The slow tier
 (DSV4C_SLOW=1) adds DeepSeek-V4/V3.2, Mixtral and GPT-OSS compiled with TVM and the Triton
 interpreter.
 """
@@ -354,6 +355,22 @@ def test_gpt_oss_one_sdpa_route_experts_per_layer():
             assert (n.attrs["limit"], n.attrs["alpha"]) == (7.0, 1.702)
     for rule in ("softmax_after_topk", "stacked_slice", "histc", "unsort_sum"):
         assert ctx.counters[f"canonical_moe.{rule}"] >= 2, rule
+    _check_logits(g, model, ids)
+
+
+def test_gpt_oss_batched_mm_experts():
+    """HF's `batched_mm` experts on GPT-OSS's transposed storage (rows [S, 1, d] times the
+    gathered W[e] [S, d, 2I], plus the gathered bias rows) form the same moe.experts."""
+    model, ids = gpt_oss(), hf_tiny.tokens(1, 12)
+    for layer in model.model.layers:
+        layer.mlp.experts.config._experts_implementation = "batched_mm"
+    ctx = PassContext()
+    g = _fused(model, ids, ctx)
+    assert _moe_counts(g) == {"moe.route": 2, "moe.experts": 2}
+    assert ctx.counters["fuse_moe.moe.experts_batched"] == 2
+    assert ctx.counters["canonical_moe.stacked_slice"] == 4  # gate and up of each layer
+    experts = next(n for n in g.ops if n.name == "moe.experts").attrs
+    assert experts["activation"] == "gpt_oss" and experts["expert_bias"]
     _check_logits(g, model, ids)
 
 
