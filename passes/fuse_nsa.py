@@ -187,6 +187,10 @@ def _logits(c: Checks, probs: Value) -> Match:
     c.need(m["valid"].dtype == ir.DType.bool, "probs.valid", "the guard is not a bool mask")
     scale = const_value(c.view, m["scale"])
     c.need(isinstance(scale, float), "logits.scale", "the logits' factor is not a constant")
+    qk = m.node("qk").results[0]
+    c.need(qk.dtype == ir.DType.f32, "logits.qk", f"q·kᵀ is computed in {qk.dtype.value}: the "
+           "model rounds the logits, the ops compute them in fp32 (not formed, to stay "
+           "exact)", m.node("qk"))  # fmt: skip
     return m
 
 

@@ -232,3 +232,16 @@ def test_symbolic_length_forms_what_needs_no_evaluation() -> None:
         (got,) = ir.interpret(fused, x, params=layer.state_dict())
         with torch.no_grad():
             torch.testing.assert_close(got, layer(x), atol=ATOL, rtol=ATOL, msg=f"T={t}")
+
+
+def test_bf16_logits_are_not_formed() -> None:
+    """In bf16 the model rounds q·kᵀ to bf16 before its softmaxes; the ops compute fp32 logits,
+    which changed a selection (0.09 off eager when block_select formed). Nothing forms,
+    explain says why, and the graph stays exactly eager."""
+    layer, x = _layer().to(torch.bfloat16), _x(56).to(torch.bfloat16)
+    fused, ctx = _fused(capture(layer, (x,)))
+    assert ctx.counters[SELECT] == 0 and ctx.counters["fuse_nsa.attn.sdpa"] == 0
+    assert "failed at logits.qk" in str(explain(RULES[1], fused))
+    (got,) = ir.interpret(fused, x, params=layer.state_dict())
+    with torch.no_grad():
+        assert torch.equal(got, layer(x))
