@@ -59,6 +59,14 @@ Cache bytes: every dsv4c row carries `update_bytes` (`passes.memory_plan.update_
 bytes its cache and compressor-state updates move per call, in place (the rows written, the
 states rewritten) and functional (plus a copy of every updated cache: read and written whole).
 
+Measured (issue 19, `--backends eager,tvm,tvm-inplace --prompt-len 0 --context 4096 --batches
+1 8`, OMP_NUM_THREADS=1 TVM_NUM_THREADS=1, the shared 2-core box at load 7-8, 15 rounds): the
+cache updates of `small` move 16.5 MB per step functional vs 1.2 MB in place at b1 (132 MB vs
+9.8 MB at b8; in place the ratio-128 compressor states, 2 x 256 KB per layer at b1, dominate);
+TVM decode b8 median 301 -> 224 ms (min 256 -> 172; in place faster in 15 of 15 rounds), b1
+70 -> 60 ms (min 38 vs 42; faster in 10 of 15 rounds: within the noise of this load); peak
+memory above the call's start +67 -> +5 MiB at b8.
+
 Roofline: the run first measures the machine's read bandwidth; each row gets `roofline_fraction`
 = (bytes the step must read: weights touched + KV) / bandwidth / latency — see bench_roofline.py
 for the formula. 1.0 means the step streams its bytes at the measured bandwidth.

@@ -66,3 +66,32 @@ def test_update_bytes_counts_rows_or_the_copies() -> None:
     moved = update_bytes(g, {"B": 3})
     rows, whole = 3 * 1 * 4 * 4, 3 * 8 * 4 * 4
     assert moved == {"inplace": rows, "functional": rows + 2 * whole}
+
+
+CSTEP = """graph cstep(
+    %x: f32[B,1,8] activation,
+    %pos: i64[] activation,
+    %kv: f32[B,8,8] cache,
+    %sc: f32[B,8,8] cache,
+    %wkv: f32[8,8] parameter,
+    %wg: f32[8,8] parameter,
+    %ape: f32[4,8] parameter,
+    %norm: f32[4] parameter,
+    %cos: f32[1,1] activation,
+    %sin: f32[1,1] activation,
+    %cache: f32[B,6,4] cache,
+) {
+  %c2: f32[B,6,4], %kv2: f32[B,8,8], %sc2: f32[B,8,8] = attn.compress_step(%x, %pos, %kv, %sc,
+      %wkv, %wg, %ape, %norm, %cos, %sin, %cache, ratio=4, overlap=true, eps=1e-06)
+  return %c2, %kv2, %sc2
+}
+"""
+
+
+def test_compress_step_writes_one_cache_row_and_its_states() -> None:
+    g, why = alias_updates(ir.verify(ir.parse(CSTEP)))
+    assert g.aliases == {0: "cache", 1: "kv", 2: "sc"} and not why
+    row, state, cache = 2 * 1 * 4 * 4, 2 * 8 * 8 * 4, 2 * 6 * 4 * 4
+    moved = update_bytes(g, {"B": 2})
+    assert moved["inplace"] == row + 2 * state
+    assert moved["functional"] == row + 2 * state + 2 * (cache + 2 * state)
