@@ -186,7 +186,23 @@ def lower_experts(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
     )
     if not op.shared:
         return [te.compute(y.shape, lambda n, c: convert(y(n, c), out), name=lw.tag("y"))]
+    ys = _shared_expert(op, x, shared, out)
+    return [
+        te.compute(
+            y.shape,
+            lambda n, c: convert(convert(y(n, c), out) + convert(ys(n, c), out), out),
+            name=lw.tag("y"),
+        )
+    ]
+
+
+def _shared_expert(op: Any, x: Any, shared: list[Any], out: str) -> Any:
+    """[N, d] fp32: the shared expert's FFN of every token (same activation, no biases), its
+    hidden rows rounded to `out` before s2."""
+    from tvm import te
+
     s1, s3, s2 = shared
+    n_tok, width = x.shape
     ks, ks3 = (te.reduce_axis((0, width), name=nm) for nm in ("ks", "ks3"))
     g1 = te.compute(
         (n_tok, s1.shape[0]),
@@ -200,16 +216,11 @@ def lower_experts(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
         g1.shape, lambda n, i: convert(_gated(op, g1(n, i), g3(n, i)), out), name="hs"
     )
     kss = te.reduce_axis((0, s1.shape[0]), name="kss")
-    ys = te.compute(
-        y.shape, lambda n, c: te.sum(f32(hs(n, kss)) * f32(s2(c, kss)), axis=kss), name="ys"
+    return te.compute(
+        (n_tok, width),
+        lambda n, c: te.sum(f32(hs(n, kss)) * f32(s2(c, kss)), axis=kss),
+        name="ys",
     )
-    return [
-        te.compute(
-            y.shape,
-            lambda n, c: convert(convert(y(n, c), out) + convert(ys(n, c), out), out),
-            name=lw.tag("y"),
-        )
-    ]
 
 
 TVM_EMITTERS.register("moe.route")(emit_single)
