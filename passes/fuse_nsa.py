@@ -11,8 +11,8 @@ The keys decide the branch:
 
     shared    k [B,1,G,N,D] = the G heads of [B,G,N,D] for every query       (cmp)
               -> attn.sdpa(q, k, v, mask=valid): the block-causal visibility i·d + l − 1 <= t
-                 is no causal band, so it stays a bool mask operand (or becomes
-                 causal/offset/window when it evaluates to a band)
+                 is no causal band for d > 1, so it stays a bool mask operand [1,1,T,N]
+                 (prefill: computed from iotas; decode: from the position)
     rows      k [B,T,m,G,D] = k_src[:, rows[t, j]]                            (win)
               prefill: (rows, valid) evaluate to the band t − w < s <= t (each key once)
                  -> attn.sdpa(q, k_src, v_src, causal, window=w);
