@@ -102,6 +102,9 @@ def _merged_views(c: Checks, m: Match, q: Value, g: Value, out: Value, dv: int) 
         c.need(ok, name, f"%{m[name].name}: {m[name].type} is not the per-(B,T) product "
                f"[B·T, {tail[0]}, {tail[1]}]", m.node(name))  # fmt: skip
     c.need(tuple(out.type.shape) == (b, t, h, dv), "output", f"{out.type} is not [B,T,H,Dv]")
+    probs = m["softmax"].type.shape  # the logits viewed back per (B, T) in order, not scrambled
+    c.need(tuple(probs) == (b, t, h, n), "attend.softmax", f"the probabilities {list(probs)} "
+           "are not [B,T,H,n]", m.node("softmax"))  # fmt: skip
     valid = m["valid"].type.shape
     c.need(tuple(valid) == (b, t, 1, n), "mask", f"the -1 mask {list(valid)} is not [B,T,1,n]")
 
