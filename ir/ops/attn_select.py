@@ -6,9 +6,9 @@ Layout (`attn.sdpa`'s): q [B,Hq,T,D] (rotated queries), k [B,Hkv,N,D] (compresse
 compressed block) -> picks [B,Hkv,T,n] i64, Hq % Hkv == 0, query head h in group h // (Hq/Hkv).
 
 Positions: query t sits at p_t = t (prefill) or pos + t (`decode`, operand pos 0-d int, last).
-Compressed block i pools tokens i·d .. i·d+l−1 (l = cmp_block, d = cmp_stride) and is visible
-iff i·d + l − 1 <= p_t; selection block j holds tokens j·l' .. j·l'+l'−1 (l' = slc_block) and is
-visible iff j·l' <= p_t. In fp32:
+Compressed block i pools tokens i·d .. i·d+l−1 (l = cmp_block, d = cmp_stride) and is
+visible iff i·d + l − 1 <= p_t; selection block j holds tokens j·l' .. j·l'+l'−1
+(l' = slc_block) and is visible iff j·l' <= p_t. In fp32:
 
     p[t,h,i]      = softmax_i(scale · q_h·k_i) over visible i (0 everywhere if none is)
     imp[t,g,j]    = Σ_{h in g} Σ_{i overlaps j} p[t,h,i]        (i overlaps j: a shared token)

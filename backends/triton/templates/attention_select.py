@@ -2,14 +2,19 @@
 host side (check, tiles, launch, AOT variants).
 
 One program per (sequence, KV group, query row). It streams the compressed keys BLOCK_N at a
-time (scores as dots of the group's heads, padded to 16 rows, BLOCK_D channels at a time), twice: the first pass keeps each of the group's heads' running max and sum of exp (online
-softmax), the second turns the scores into probabilities, sums them over the heads and adds
-them to the importance of every selection block they overlap (an index test on the block
-bounds, no overlap matrix). Blocks past the query's last complete compressed block are never
-loaded. The importances of all S' selection blocks (S_PAD >= S', a power of two) stay in
-registers; forced blocks get the bonus Hq/Hkv + 1, invisible ones drop out, and one sort of
-int64 keys (the score's order-preserving bits high, the complement of the block index low, as
-the indexer's selection) gives the top-n, -1 past the visible blocks.
+time, twice, scoring them as dots of the group's heads (padded to 16 rows) BLOCK_D channels at
+a time: the first pass keeps each head's running max and sum of exp (online softmax), the
+second turns the scores into probabilities, sums them over the heads and adds them to the
+importance of every selection block they overlap (an index test on the block bounds, no
+overlap matrix). Blocks past the query's last complete compressed block are never loaded. The
+importances of all S' selection blocks (S_PAD >= S', a power of two) stay in registers; forced
+blocks get the bonus Hq/Hkv + 1, invisible ones drop out, and one sort of int64 keys (the
+score's order-preserving bits high, the complement of the block index low, as the indexer's
+selection) gives the top-n, -1 past the visible blocks.
+
+AOT (bf16, v4-flash-nsa: 64 heads in 4 groups, head dim 192, top-16): a 4K context (64
+blocks) compiles without spills on sm_80/90/100/120 (56-64 registers) and gfx942/950; at 64K
+(1024 blocks) NVIDIA still does not spill (80-112), gfx942/950 spill 26-30 registers.
 """
 
 from __future__ import annotations
