@@ -155,10 +155,14 @@ class DenseAttention(Op):
         return (TensorType((*q.shape[:3], dv), q.dtype),)
 
     def _names(self) -> str:
+        return ", ".join(self._role_names())
+
+    def _role_names(self) -> list[str]:
+        """The operands' roles in order (module docstring)."""
         names = ["q", "k"] + (["v"] if self.value_dim == 0 else [])
         names += ["mask"] if self.mask != "none" else []
         names += ["indices"] if self.indexed else []
-        return ", ".join(names + (["sinks"] if self.sinks else []))
+        return names + (["sinks"] if self.sinks else [])
 
     def _value_dim(self, k: TensorType, v: TensorType, *types: TensorType) -> Any:
         """Dv: v's last dim, or value_dim (values = the first value_dim channels of k)."""
@@ -276,7 +280,7 @@ class DenseAttention(Op):
             return io_cost(flops, operand_types, result_types)
         # indexed: each (sequence, KV head, query) reads its n picked rows of k (and v), not all
         # S (and never more bytes than k and v hold: prefill's picks overlap)
-        roles = self._roles_in_order()
+        roles = self._role_names()
         rest = [t for t, role in zip(operand_types, roles) if role not in ("k", "v")]
         row = q.shape[3] * k.dtype.itemsize
         row += 0 if self.value_dim else dv * r["v"].dtype.itemsize
@@ -284,6 +288,3 @@ class DenseAttention(Op):
         whole = k.nbytes + (r["v"].nbytes if r["v"] is not None else 0)
         base = io_cost(flops, rest, result_types)
         return Cost(base.flops, canon_dim(sympy.sympify(base.bytes + sympy.Min(picked, whole))))
-
-    def _roles_in_order(self) -> list[str]:
-        return [n.strip() for n in self._names().split(",")]
