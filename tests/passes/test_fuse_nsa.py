@@ -245,3 +245,41 @@ def test_bf16_logits_are_not_formed() -> None:
     (got,) = ir.interpret(fused, x, params=layer.state_dict())
     with torch.no_grad():
         assert torch.equal(got, layer(x))
+
+
+# --- the op: reference against the model, type errors ------------------------------------------
+
+
+def test_block_select_reference_is_the_models_selection() -> None:
+    """attn.block_select's reference picks exactly what NSAttention._select picks from the
+    compressed attention's probabilities (2 sequences, 2 groups of 2 heads, 56 tokens)."""
+    layer = _layer()
+    gen = torch.Generator().manual_seed(5)
+    b, t, g, hg, d, n = 2, 56, 2, 2, 16, 13
+    q, k = torch.randn(b, t, g, hg, d, generator=gen), torch.randn(b, n, g, d, generator=gen)
+    pos = torch.arange(t)
+    vis = ((torch.arange(n) * 4 + 7)[None] <= pos[:, None])[None, :, None, None, :]
+    _, p_cmp = nsa_tests.nsa_mod.masked_attention(q, k.transpose(1, 2), k.transpose(1, 2), vis,
+                                                  0.25)  # fmt: skip
+    want = layer._select(p_cmp, pos, 7)
+    op = ir.OPS["attn.block_select"](scale=0.25, cmp_block=8, cmp_stride=4, slc_block=8,
+                                     blocks=7, topn=5)  # fmt: skip
+    (got,) = op.reference(q.permute(0, 2, 3, 1, 4).reshape(b, g * hg, t, d), k.transpose(1, 2))
+    assert torch.equal(got.permute(0, 2, 1, 3), want)
+    assert (want[:, 48:] >= 0).all() and (want[:, :8, :, 1:] == -1).all()
+
+
+@pytest.mark.parametrize(
+    "attrs,types,message",
+    [
+        ({}, [(1, 4, 5, 16)], "takes 2 operands"),
+        ({}, [(1, 4, 5, 16), (1, 3, 6, 16)], "multiple of KV heads 3"),
+        ({}, [(1, 4, 5, 16), (1, 2, 6, 8)], "head dim of q and k differs"),
+        ({"cmp_stride": 9, "cmp_block": 8}, [(1, 4, 5, 16), (1, 2, 6, 16)], "cmp_stride"),
+        ({"decode": True}, [(1, 4, 1, 16), (1, 2, 6, 16)], "takes 3 operands"),
+    ],
+)
+def test_block_select_type_errors(attrs: dict, types: list, message: str) -> None:
+    tt = [ir.TensorType(s, ir.DType.f32) for s in types]
+    with pytest.raises(ir.IRTypeError, match=message):
+        ir.OPS["attn.block_select"](**attrs).infer_type(*tt)
