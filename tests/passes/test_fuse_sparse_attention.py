@@ -243,7 +243,7 @@ def test_tiny_dsa_model_forms_indexer_and_indexed_attention_per_layer() -> None:
 
 @slow
 @pytest.mark.parametrize("backend", ["tvm", "triton"])
-@pytest.mark.parametrize("which", ["tiny_dsa", "hf_v32"])
+@pytest.mark.parametrize("which", ["tiny_dsa", "tiny_dsa_decode", "hf_v32"])
 def test_compiled_equals_eager(which: str, backend: str, monkeypatch) -> None:
     import dsv4c
 
@@ -251,13 +251,23 @@ def test_compiled_equals_eager(which: str, backend: str, monkeypatch) -> None:
     if which == "hf_v32":
         model, args, method = hf_tiny.deepseek_v32(), (hf_tiny.tokens(1, 12),), "forward"
         with torch.no_grad():
-            want = model(*args).logits
-    else:
+            want = [model(*args).logits]
+    elif which == "tiny_dsa":
         model, tokens = _tiny_dsa()
         args, method = (tokens,), "prefill"
         with torch.no_grad():
-            want = model.prefill(tokens)
+            want = [model.prefill(tokens)]
+    else:  # one step at position 16 after a 16-token prefill into a 24-row cache
+        model, tokens = _tiny_dsa()
+        cache = model.init_cache(2, 24)
+        with torch.no_grad():
+            _, cache = model.prefill(tokens, cache)
+            args, method = (tokens[:, :1], torch.tensor(16), cache), "decode"
+            logits, new = model.decode(*args)
+        want = [logits, *new.values()]
     compiled = dsv4c.compile(model, args, backend=backend, target="cpu", method=method)
     assert len(_indexed(compiled.graph)) == 2
-    (got,) = compiled(*args)
-    assert _relative(got, want) <= 1e-5
+    got = compiled(*args)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert _relative(g, w) <= 1e-5
