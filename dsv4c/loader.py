@@ -89,7 +89,7 @@ def _executable(
         except (ValueError, KeyError, OSError, RuntimeError) as e:
             raise ArtifactError(
                 f"{path}: entry point {name}: the kernel library cannot be loaded "
-                f"({type(e).__name__}: {str(e)[:120]}); recompile the artifact"
+                f"({type(e).__name__}: {_first_line(e)}); recompile the artifact"
             ) from None
     exe = backend.compile(graph, tgt)
     listed = {k.get("key") for k in manifest.get("kernels", [])}
@@ -113,3 +113,10 @@ def _parse(files: Mapping[str, bytes], name: str, path: str | Path) -> ir.Graph:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ArtifactError(f"{path}/{name}: not a valid IR graph: {first}") from None
     return graph
+
+
+def _first_line(e: Exception, limit: int = 240) -> str:
+    """The first line of `e`'s message (a table field and its value; a dlopen error)."""
+    lines = str(e).strip().splitlines()
+    text = lines[0] if lines else ""
+    return text if len(text) <= limit else text[: limit - 3] + "..."

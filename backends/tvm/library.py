@@ -30,9 +30,10 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
+from backends import naming
 from backends.tvm import kernel as K
 
-__all__ = ["Library", "Unusable", "export_files", "load_library", "table_name"]
+__all__ = ["Library", "Unusable", "check_table", "export_files", "load_library", "table_name"]
 
 TABLE_FORMAT = 1
 
@@ -102,43 +103,68 @@ def cpu_flags() -> frozenset[str]:
 
 def load_library(files: Mapping[str, bytes], folder: str, entry: str) -> Library:
     """The packed functions of entry point `entry` from verified artifact `files` (module
-    docstring). Raises `Unusable` when they cannot run here, `ValueError` on a malformed table."""
-    raw = files.get(table_name(folder, entry))
+    docstring). Raises `Unusable` when they cannot run here, `ValueError` naming the field when
+    the table is malformed (`check_table`) or a library lacks a function the table names."""
+    rel = table_name(folder, entry)
+    raw = files.get(rel)
     if raw is None:
-        raise Unusable(f"no {table_name(folder, entry)} (no built library)")
-    table = _table(raw, files)
+        raise Unusable(f"no {rel} (no built library)")
+    table = check_table(raw, files, rel)
     if table["machine"] != platform.machine():
         raise Unusable(f"built for {table['machine']}, this machine is {platform.machine()}")
     missing = sorted(set(table["cpu_flags"]) - cpu_flags())
     if missing or not table["cpu_flags"]:
         raise Unusable(f"built for a CPU with {', '.join(missing[:5]) or 'unknown'} features")
     libraries = {r["library"] for r in table["kernels"].values()}
-    modules = {rel: _load_module(files[rel]) for rel in libraries}
-    functions = {key: modules[r["library"]][r["symbol"]] for key, r in table["kernels"].items()}
+    modules = {lib: _load_module(files[lib]) for lib in sorted(libraries)}
+    functions = {}
+    for key, r in table["kernels"].items():
+        try:
+            functions[key] = modules[r["library"]][r["symbol"]]
+        except AttributeError:  # tvm_ffi's answer for a symbol the module lacks
+            raise ValueError(f"{r['library']} has no function {r['symbol']} ({rel})") from None
     symbols = {key: r["symbol"] for key, r in table["kernels"].items()}
     return Library(table["llvm"], functions, K.Prebuilt(symbols, table["unsupported"]))
 
 
-def _table(raw: bytes, files: Mapping[str, bytes]) -> dict[str, Any]:
-    table = json.loads(raw)
-    ok = (
-        isinstance(table, dict)
-        and table.get("format") == TABLE_FORMAT
-        and all(isinstance(table.get(f), str) for f in ("llvm", "machine"))
-        and isinstance(table.get("cpu_flags"), list)
-        and isinstance(table.get("unsupported"), dict)
-        and isinstance(table.get("kernels"), dict)
-        and all(
-            isinstance(r, dict)
-            and r.get("library") in files
-            and str(r.get("library")).endswith(".so")
-            and isinstance(r.get("symbol"), str)
-            for r in table["kernels"].values()
-        )
-    )
-    if not ok:
-        raise ValueError("the kernel library table is malformed")
+def check_table(raw: bytes, files: Mapping[str, bytes], rel: str) -> dict[str, Any]:
+    """The kernel table `rel`, checked field by field before anything is loaded: a symbol must
+    name its key (`<name>_<key>`, as `naming.file_stem` makes it), so a table that points a
+    kernel at another kernel's function is refused, not run; a library must be a listed `.so`;
+    a key is either built or unsupported (with a reason), not both."""
+    try:
+        table = json.loads(raw)
+    except RecursionError:
+        raise ValueError(f"{rel} is nested too deeply") from None
+    if not isinstance(table, dict) or table.get("format") != TABLE_FORMAT:
+        raise ValueError(f"{rel}: expected a JSON object with format {TABLE_FORMAT}")
+    for field, want in (("llvm", str), ("machine", str), ("cpu_flags", list)):
+        if not isinstance(table.get(field), want):
+            raise ValueError(f"{rel}: {field}: expected a JSON {_JSON[want]}")
+    if not all(isinstance(f, str) for f in table["cpu_flags"]):
+        raise ValueError(f"{rel}: cpu_flags: expected an array of strings")
+    kernels, unsupported = table.get("kernels"), table.get("unsupported")
+    if not isinstance(kernels, dict) or not isinstance(unsupported, dict):
+        raise ValueError(f"{rel}: kernels and unsupported: expected JSON objects")
+    for key, r in kernels.items():
+        _check_row(key, r, files, f"{rel}: kernels[{key!r}]")
+    for key, why in unsupported.items():
+        if not isinstance(why, str) or key in kernels:
+            raise ValueError(f"{rel}: unsupported[{key!r}]: expected a reason, for a key not built")
     return table
+
+
+_JSON = {str: "string", list: "array"}
+
+
+def _check_row(key: str, row: Any, files: Mapping[str, bytes], where: str) -> None:
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected an object {{library, symbol}}")
+    lib, symbol = row.get("library"), row.get("symbol")
+    if not isinstance(lib, str) or lib not in files or not lib.endswith(".so"):
+        raise ValueError(f"{where}.library: expected a .so file the artifact lists, got {lib!r}")
+    if not isinstance(symbol, str) or not symbol.endswith(naming.file_stem("", key)):
+        raise ValueError(f"{where}.symbol: expected a function named <name>_{key}, got {symbol!r}")
 
 
 def _load_module(data: bytes) -> Any:

@@ -251,6 +251,55 @@ def test_a_library_lacking_a_kernel_is_an_artifact_error(artifact: Path, tmp_pat
         dsv4c.load(art)
 
 
+def _first_row(table: dict) -> tuple[str, dict]:
+    key = next(iter(table["kernels"]))
+    return key, table["kernels"][key]
+
+
+def _other_symbol(t: dict) -> dict:
+    """The first kernel pointed at the second kernel's function (same signature or not)."""
+    (key, row), (_, other) = list(t["kernels"].items())[:2]
+    return t | {"kernels": t["kernels"] | {key: row | {"symbol": other["symbol"]}}}
+
+
+# the kernel table (key -> library and function) edited and re-hashed: refused before any call
+TABLE_MUTANTS = {
+    "another kernel's function": (_other_symbol, "symbol: expected a function named"),
+    "a function the library lacks": (
+        lambda t: t | {"kernels": t["kernels"] | {_first_row(t)[0]: _first_row(t)[1]
+                                                  | {"symbol": "x_" + _first_row(t)[0]}}},
+        "has no function x_",
+    ),  # fmt: skip
+    "a library not listed": (
+        lambda t: t | {"kernels": t["kernels"] | {_first_row(t)[0]: _first_row(t)[1]
+                                                  | {"library": "kernels/cpu/lib/x.so"}}},
+        "library: expected a .so file the artifact lists",
+    ),  # fmt: skip
+    "cpu flags as numbers": (lambda t: t | {"cpu_flags": [1, 2]}, "cpu_flags: expected"),
+    "built and unsupported": (
+        lambda t: t | {"unsupported": {_first_row(t)[0]: "no lowering"}},
+        "expected a reason, for a key not built",
+    ),
+    "nested too deeply": (lambda t: b"[" * 100000 + b"]" * 100000, "too deeply"),
+}
+
+
+@pytest.mark.parametrize("kind", TABLE_MUTANTS)
+def test_a_corrupted_kernel_table_is_refused_in_one_line(artifact, tmp_path, kind) -> None:
+    art = copy_of(artifact, tmp_path)
+    rel = "kernels/cpu/library.prefill.json"
+    mutate, message = TABLE_MUTANTS[kind]
+    table = json.loads((art / rel).read_text())
+    assert len(table["kernels"]) >= 2
+    broken = mutate(table)
+    (art / rel).write_bytes(broken if isinstance(broken, bytes) else json.dumps(broken).encode())
+    rehash(art, rel)
+    with pytest.raises(ArtifactError) as e:
+        dsv4c.load(art)
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert "recompile" in str(e.value)
+
+
 def _break(kind: str, art: Path) -> None:
     """Break the artifact copy `art` one way (the cases of issue 20's artifact list)."""
     m = json.loads((art / MANIFEST).read_text())
