@@ -92,6 +92,21 @@ def test_dsa_prefill_forms_one_indexed_sdpa() -> None:
     assert _relative(ir.interpret(fused, x, params=_params(layer))[0], want) <= 1e-5
 
 
+def test_dsa_prefill_in_bf16_forms_it_too() -> None:
+    """bf16: the model rounds q·Gᵀ and the probabilities to bf16, the op computes in fp32 and
+    rounds once: within two bf16 steps of eager."""
+    layer = _dsa_layer().to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 12, layer.wq_a.in_features, generator=gen).to(torch.bfloat16)
+    fused, ctx = _fused(capture(layer, (x,)))
+    assert ctx.counters[GATHERED] == 1 and len(_indexed(fused)) == 1
+    (got,) = ir.interpret(fused, x, params=_params(layer))
+    with torch.no_grad():
+        want = layer(x).float()
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - want).abs().max() <= 2 * 2.0**-7 * want.abs().max()
+
+
 def test_dsa_decode_forms_one_indexed_sdpa() -> None:
     layer = _dsa_layer()
     gen = torch.Generator().manual_seed(6)
