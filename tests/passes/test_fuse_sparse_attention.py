@@ -12,6 +12,7 @@ compiled with TVM and Triton (interpreter) against eager.
 from __future__ import annotations
 
 import collections
+import functools
 import inspect
 import os
 import sys
@@ -90,6 +91,33 @@ def test_dsa_prefill_forms_one_indexed_sdpa() -> None:
     with torch.no_grad():
         want = layer(x)
     assert _relative(ir.interpret(fused, x, params=_params(layer))[0], want) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", [None, "triton", pytest.param("tvm", marks=slow)])
+def test_dsa_prefill_at_symbolic_batch_and_length(backend: str | None) -> None:
+    """One graph for every (B, T): the rule checks shapes symbolically; interpreted (None) and
+    compiled, it equals eager at two sizes it was not captured at."""
+    import dsv4c
+
+    layer = _dsa_layer()
+    x = torch.randn(2, 12, layer.wq_a.in_features)
+    dynamic = {"x": {0: "B", 1: "T"}}
+    if backend is None:
+        graph, ctx = _fused(capture(layer, (x,), dynamic=dynamic))
+        assert ctx.counters[GATHERED] == 1
+        run = functools.partial(ir.interpret, graph, params=_params(layer))
+    else:
+        run = dsv4c.compile(layer, (x,), backend=backend, target="cpu", dynamic=dynamic)
+        graph = run.graph
+    (node,) = _indexed(graph)
+    assert [str(v.type) for v in node.operands] == ["f32[B,4,T,40]", "f32[B,1,T,40]",
+                                                    "i64[B,1,T,6]"]  # fmt: skip
+    gen = torch.Generator().manual_seed(8)
+    for b, t in [(1, 9), (3, 17)]:
+        x = torch.randn(b, t, layer.wq_a.in_features, generator=gen)
+        with torch.no_grad():
+            want = layer(x)
+        assert _relative(run(x)[0], want) <= 1e-5
 
 
 def test_dsa_prefill_in_bf16_forms_it_too() -> None:
