@@ -8,18 +8,22 @@ query — to show that each stays linear (or better) in the context length L.
 Per variant and L: the layer (models/attention.py ratio-4 CSA, attention_dsa.py, attention_nsa.py
 at the geometry of `GEOMETRY`, d_model 256, fp32) gets a cache of max_len = L tokens (random
 values: a step's work does not depend on them) and one query at position L − 1, batch 1. It is
-captured (`frontend.capture`, method "decode", batch symbolic), run through `passes.pipeline`
-(which forms the semantic ops: CSA attn.compress_step + attn.indexer_topk + attn.sparse_mqa; DSA
-attn.indexer_topk + indexed attn.sdpa; NSA three attn.sdpa + attn.block_select) and compiled by
-the TVM backend for this CPU (llvm). The compiled step is checked once against eager
-`layer.decode` (functional call), then timed in place (`inplace=True`: cache rows written into
-the caller's tensors, as a serving loop would) beside eager PyTorch (functional: it copies every
-cache it updates, so its time includes O(L) copies the compiled step does not make).
+captured (`frontend.capture`, method "decode"; batch symbolic, NSA's static: STATIC_BATCH), run
+through `passes.pipeline` (which forms the semantic ops: CSA attn.compress_step +
+attn.indexer_topk + attn.sparse_mqa; DSA attn.indexer_topk + indexed attn.sdpa; NSA three
+attn.sdpa + attn.block_select) and compiled by the TVM backend for this CPU (llvm). The compiled
+step is checked once against eager `layer.decode` (functional call), then timed in place
+(`inplace=True`: cache rows written into the caller's tensors, as a serving loop would) beside
+eager PyTorch (functional: it copies every cache it updates, so its time includes O(L) copies
+the compiled step does not make).
 
 Timing: one untimed warm-up round, then `repeat` rounds; each round calls every (L, backend)
 of the variant once in turn, so load on a shared machine falls on every length alike. Median
-and min per row; ratios 16K/4K and 64K/16K of both, and of the bytes (benchmarks/sparse_bytes.py:
-analytic key/value bytes per op, checked against the cost model). The verdict per variant says
+and min per row, and a per-op profile of the compiled step (each op's least time over 5 calls;
+`tvm_attn_ops_s` sums the attn.* ops: the semantic ops without the step's fixed cost of ~100
+launches and views, but with the copies their launches make of non-contiguous operands).
+Ratios 16K/4K and 64K/16K of the times and of the bytes (benchmarks/sparse_bytes.py: analytic
+key/value bytes per op, checked against the cost model). The verdict per variant says
 which ops read O(L) rows per query (the indexer's keys; NSA's compressed blocks) and which O(1)
 (the attention over the picks, the window), and whether time grew at most linearly.
 
@@ -158,10 +162,10 @@ class Case:
     def eager(self) -> None:
         self.layer.decode(self.x, self.pos, self.cache)
 
-    def profile(self, calls: int = 5, top: int = 6) -> dict[str, float]:
+    def profile(self, calls: int = 5) -> dict[str, float]:
         """Seconds per op of the compiled step, by op (NSA's three attn.sdpa apart: sparse_bytes
-        labels; "(reference)": not a TVM kernel): each op's least time over `calls` in-place
-        calls, so that a load burst in one call does not move an op up. The `top` largest."""
+        labels; "(reference)": not a TVM kernel), largest first: each op's least time over
+        `calls` in-place calls, so that a load burst in one call does not move an op up."""
         from backends.tvm.runtime import Plan
 
         feed, env = self.exe.inputs.feed((self.x, self.pos, *self.own.values()), self.params)
@@ -175,7 +179,7 @@ class Case:
             with torch.no_grad():
                 Plan(timed, plan.outputs, plan.slots).run(feed)
             best = {k: min(best.get(k, v), v) for k, v in spent.items()}
-        ranked = sorted(best.items(), key=lambda kv: -kv[1])[:top]
+        ranked = sorted(best.items(), key=lambda kv: -kv[1])
         return {op: round(sec, 6) for op, sec in ranked}
 
 
@@ -227,12 +231,14 @@ def run_variant(variant: str, lengths: list[int], repeat: int, seed: int) -> lis
     rows = []
     for case in cases:
         window = case.cfg.window_size
+        profile = case.profile()
         want = analytic(variant, case.cfg, case.length)
         model = cost_model(case.graph, window)
         rows.append({
             "variant": variant, "L": case.length, "compile_s": round(case.compile_s, 2),
             "check": case.check(), "ops": semantic_ops(case.graph, case.exe),
-            "tvm": _stats(times[case.length, "tvm"]), "tvm_profile_s": case.profile(),
+            "tvm": _stats(times[case.length, "tvm"]), "tvm_profile_s": profile,
+            "tvm_attn_ops_s": sum(v for k, v in profile.items() if k.startswith("attn.")),
             "eager": _stats(times[case.length, "eager"]),
             "bytes": {"per_op": want, "total": sum(want.values()),
                       "grows": sum(v for k, v in want.items() if k in GROWS[variant])},
@@ -262,6 +268,7 @@ def ratios(rows: list[dict]) -> list[dict]:
             "from": a["L"], "to": b["L"], "length": b["L"] / a["L"],
             "tvm_median": b["tvm"]["median_s"] / a["tvm"]["median_s"],
             "tvm_min": b["tvm"]["min_s"] / a["tvm"]["min_s"],
+            "tvm_attn_ops": b["tvm_attn_ops_s"] / a["tvm_attn_ops_s"],
             "eager_median": b["eager"]["median_s"] / a["eager"]["median_s"],
             "eager_min": b["eager"]["min_s"] / a["eager"]["min_s"],
             "bytes": b["bytes"]["total"] / a["bytes"]["total"],
@@ -272,13 +279,16 @@ def ratios(rows: list[dict]) -> list[dict]:
 
 
 def verdict(variant: str, rows: list[dict], steps: list[dict]) -> dict[str, Any]:
-    """What grows with L and what does not, and whether time stayed within linear (min times,
-    the least disturbed by load; 1.25x slack for noise)."""
+    """What grows with L and what does not, and whether time stayed within linear: the whole
+    step's min time (the least disturbed by load) and the attention ops' profiled time; 1.25x
+    slack for noise."""
     grows = list(GROWS[variant])
     flat = [k for k in ORDER[variant] if k not in grows]
     linear = all(s["tvm_min"] <= 1.25 * s["length"] for s in steps)
+    ops_linear = all(s["tvm_attn_ops"] <= 1.25 * s["length"] for s in steps)
     return {
         "grows_with_L": grows, "constant_in_L": flat, "tvm_time_within_linear": linear,
+        "tvm_attn_ops_within_linear": ops_linear,
         "o_l_share_of_bytes_at_max_L": rows[-1]["bytes"]["grows"] / rows[-1]["bytes"]["total"],
     }  # fmt: skip
 
@@ -293,6 +303,10 @@ def machine(start_load: tuple[float, ...]) -> dict[str, Any]:
         "shared": "shared 2-core box, other engineers' jobs running: absolute times are loaded; "
                   "compare within a round (interleaved) and prefer min times",
     }  # fmt: skip
+
+
+def _k(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
 
 def _mb(n: float) -> str:
@@ -310,24 +324,27 @@ def _row_text(r: dict) -> str:
 
 def table(doc: dict) -> str:
     """Markdown: variant x L (time per query, bytes), then the ratios."""
-    lines = ["| variant | L | TVM median (min) ms | eager median (min) ms | KV read MiB "
-             "(O(L) part) | cost model attn MiB |", "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| variant | L | TVM median (min) ms | TVM attn ops ms | eager median (min) ms | "
+             "KV read MiB (O(L) part) | cost model attn MiB |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     for v in doc["variants"].values():
         for r in v["rows"]:
             attn = sum(r["cost_model"]["per_op"].values())
             lines.append(
                 f"| {r['variant']} | {r['L']:,} | {r['tvm']['median_s'] * 1e3:.2f} "
-                f"({r['tvm']['min_s'] * 1e3:.2f}) | {r['eager']['median_s'] * 1e3:.2f} "
+                f"({r['tvm']['min_s'] * 1e3:.2f}) | {r['tvm_attn_ops_s'] * 1e3:.2f} | "
+                f"{r['eager']['median_s'] * 1e3:.2f} "
                 f"({r['eager']['min_s'] * 1e3:.2f}) | {r['bytes']['total'] / 2**20:.2f} "
                 f"({r['bytes']['grows'] / 2**20:.2f}) | {attn / 2**20:.2f} |"
             )
-    lines += ["", "| variant | step | L ratio | TVM median / min | eager median / min | bytes |",
-              "|---|---|---|---|---|---|"]  # fmt: skip
+    lines += ["", "| variant | step | L ratio | TVM median / min | TVM attn ops | "
+              "eager median / min | bytes |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, v in doc["variants"].items():
         for s in v["ratios"]:
             lines.append(
-                f"| {name} | {s['to'] // 1024}K/{s['from'] // 1024}K | {s['length']:.0f} | "
-                f"{s['tvm_median']:.2f} / {s['tvm_min']:.2f} | {s['eager_median']:.2f} / "
+                f"| {name} | {_k(s['to'])}/{_k(s['from'])} | {s['length']:.0f} | "
+                f"{s['tvm_median']:.2f} / {s['tvm_min']:.2f} | {s['tvm_attn_ops']:.2f} | "
+                f"{s['eager_median']:.2f} / "
                 f"{s['eager_min']:.2f} | {s['bytes']:.2f} |"
             )
     return "\n".join(lines)

@@ -48,6 +48,7 @@ def test_json_fields_and_rows(doc: dict) -> None:
                 assert len(r[side]["times_s"]) == 1 and r[side]["min_s"] > 0
             assert list(r["bytes"]["per_op"]) == list(ORDER[name])
             assert r["tvm_profile_s"], "the profiled call timed no op"
+            assert 0 < r["tvm_attn_ops_s"] < sum(r["tvm_profile_s"].values())
         (step,) = v["ratios"]
         assert (step["from"], step["to"], step["length"]) == (1024, 2048, 2.0)
         assert v["verdict"]["grows_with_L"] == list(GROWS[name])
