@@ -65,7 +65,12 @@ cache updates of `small` move 16.5 MB per step functional vs 1.2 MB in place at 
 9.8 MB at b8; in place the ratio-128 compressor states, 2 x 256 KB per layer at b1, dominate);
 TVM decode b8 median 301 -> 224 ms (min 256 -> 172; in place faster in 15 of 15 rounds), b1
 70 -> 60 ms (min 38 vs 42; faster in 10 of 15 rounds: within the noise of this load); peak
-memory above the call's start +67 -> +5 MiB at b8.
+memory above the call's start +67 -> +5 MiB at b8. Minutes later, the box at load 3.7, the same
+compiled step alone in a process (no eager rows between calls), 30 interleaved rounds: b1 12.0 ->
+11.6 ms median (in place faster in 23 of 30 rounds), b8 55.1 -> 51.3 ms (24 of 30): on a quieter
+machine the copies cost a few ms; the 77 ms of the loaded run are copies plus the page faults
+and bandwidth contention of 132 MB of fresh buffers per step. (Profiled at b8, `attn.compress_step`
+is still ~30 ms of the step in place: its TVM kernel's compute, not its bytes.)
 
 Roofline: the run first measures the machine's read bandwidth; each row gets `roofline_fraction`
 = (bytes the step must read: weights touched + KV) / bandwidth / latency — see bench_roofline.py
