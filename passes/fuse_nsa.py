@@ -54,6 +54,7 @@ from passes.fuse_attention import PICKS, TOPK
 from passes.fuse_common import Checks, FusionView, const_value, fusion_rule, replace
 from passes.pattern import Match, const, op, var
 from passes.rewrite import Replace, Rewriter, rewrite
+from passes.structural_hash import graph_signature
 
 __all__ = ["RULES", "fuse_nsa"]
 
@@ -99,7 +100,7 @@ def _cone(view: FusionView, v: Value) -> tuple[list[Node], Value | None] | None:
             return None
         seen[id(n)] = n
         stack.extend(n.operands)
-    order = {id(n): i for i, n in enumerate(view.graph_ops)}
+    order = view.memo("fuse_nsa.order", lambda: {id(n): i for i, n in enumerate(view.graph_ops)})
     return sorted(seen.values(), key=lambda n: order.get(id(n), -1)), (free[0] if free else None)
 
 
@@ -114,11 +115,18 @@ def positional(c: Checks, name: str, v: Value) -> tuple[Evaluate, Value | None]:
     c.need(cone is not None, name, f"%{v.name} depends on inputs other than the position",
            c.view.producer(v))  # fmt: skip
     ops, pos = cone
+    g = Graph([] if pos is None else [pos], ops, [v])
+    # every layer computes its masks with the same ops: evaluate each structure once per sweep
+    # (the evaluator itself is shared, so callers may key further results by its identity)
+    key = f"fuse_nsa.positional.{graph_signature(g)}"
     if pos is None:
-        value = ir.interpret(Graph([], ops, [v]))[0]
-        return (lambda p: value), None
-    g = Graph([pos], ops, [v])
-    return functools.cache(lambda p: ir.interpret(g, _int(p, pos))[0]), pos
+        return c.view.memo(key, lambda: _constant(ir.interpret(g)[0])), None
+    at = c.view.memo(key, lambda: functools.cache(lambda p: ir.interpret(g, _int(p, pos))[0]))
+    return at, pos
+
+
+def _constant(value: Any) -> Evaluate:
+    return lambda p: value
 
 
 def _int(p: int, like: Value) -> Any:
@@ -286,8 +294,9 @@ def _ring_or_band(
     c.need(pos2 is None or pos is None or pos2 == pos, "probs.valid", "two positions")
     s = k_src.type.shape[1]
     k, v = _kv_heads(rw, k_src), _kv_heads(rw, v_src)
-    if pos is None and pos2 is None:
-        window = _band(c, rows_at(0), _rows2(valid_at(0), t), s, gather)
+    if pos is None and pos2 is None:  # evaluators are shared by equal structures: so is this
+        key = f"fuse_nsa.band.{id(rows_at)}.{id(valid_at)}.{s}"
+        window = c.view.memo(key, lambda: _band(c, rows_at(0), _rows2(valid_at(0), t), s, gather))
         attrs.update(causal=True, window=window)
         return [k, v]
     c.need(t == 1 and m == s, "keys.rows", f"a decode step reads {m} rows of a {s}-slot ring "
