@@ -162,6 +162,14 @@ def _gathered(c: Checks, root: Match, rw: Rewriter) -> Replace:
 
 # --- dense attn.sdpa with "-inf except at scatter(top-k picks)" ---------------------------------
 
+def _truthy(v: object) -> bool:
+    return v is True or (isinstance(v, (int, float)) and v == 1)
+
+
+def _falsy(v: object) -> bool:
+    return v is False or (isinstance(v, (int, float)) and v == 0)
+
+
 # I = scatter(full(true, [B,T,S+1]), where(p >= 0, p, S), false)[..., :S], viewed [B,1,T,S]
 PICKED_OUT = op(
     "reshape",
@@ -169,9 +177,9 @@ PICKED_OUT = op(
         "slice",
         op(
             "scatter",
-            const(True, name="base"),
+            const(_truthy, name="base"),  # `new_ones(dtype=bool)` is true, `ones` 1
             op("where", op("ge", var("picks"), const(0)), var("picks"), const(name="past")),
-            const(False),
+            const(_falsy),
             name="scatter",
         ),
         name="cut",
@@ -184,6 +192,11 @@ KEEP = either(
 )
 ADD_KEEP = op("where", KEEP, const(0), const(name="drop"))  # where(keep, 0, -inf)
 ADD_FILL = op("where", PICKED_OUT, const(name="drop"), var("causal"))  # masked_fill(I, -big)
+
+
+def _is_const(view: Any, v: Value) -> bool:
+    n = view.producer(v)
+    return n is not None and n.name in ("constant", "full")
 
 
 def _index_mask(c: Checks, m: Match, t: Any, s: Any) -> Value:
@@ -247,8 +260,12 @@ def _topk_mask(c: Checks, root: Match, rw: Rewriter) -> Replace:
     if sd.mask == "bool":
         m, drop, kind = c.match("mask", KEEP, r["mask"]), float("-inf"), "bool"
     else:
-        fill = view.matches(ADD_FILL, r["mask"])
-        m, kind = (fill, "add") if fill else (c.match("mask", ADD_KEEP, r["mask"]), "bool")
+        # masked_fill(C, I, -big) = where(I, -big, C); where(keep, 0, -big) has two constants
+        w = view.producer(r["mask"])
+        fill = w is not None and w.name == "where" and _is_const(view, w.operands[1])
+        fill = fill and not _is_const(view, w.operands[2])
+        pat, kind = (ADD_FILL, "add") if fill else (ADD_KEEP, "bool")
+        m = c.match("mask", pat, r["mask"])
         drop = scalar(m, "drop")
         c.need(drop is not None and drop <= NEG_BIG, "mask.drop",
                f"masked logits get {drop}, not -inf or below {NEG_BIG}")  # fmt: skip

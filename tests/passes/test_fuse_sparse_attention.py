@@ -248,6 +248,55 @@ def test_hf_v32_mask_sending_pads_to_key_0_is_refused() -> None:
                                ir.interpret(bad, ids, params=params)[0], rtol=0, atol=0)
 
 
+class _EagerTopKMask(torch.nn.Module):
+    """Our DSA indexer's picks applied as HF V3.2's eager path does: a float causal mask
+    (0 / finfo.min) masked_fill'ed with finfo.min outside scatter(picks), added to the logits of
+    a dense MHA softmax — the finite-drop spelling (where(I, -big, C))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from models.attention_dsa import LightningIndexer, variant_rotary
+        from models.config import Config
+
+        cfg = Config.preset("tiny-dsa")  # 16 index heads: no exact ties among the picks
+        torch.manual_seed(0)
+        self.rotary = variant_rotary(cfg)
+        self.indexer = LightningIndexer(cfg)
+        self.cq = torch.nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
+        self.qkv = torch.nn.Linear(cfg.dim, 3 * 4 * 16, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from models.attention import topk_visible
+
+        b, t, _ = x.shape
+        pos = torch.arange(t)
+        causal = pos.view(1, -1) <= pos.view(-1, 1)
+        cos, sin = self.rotary.cos_sin(pos)
+        scores = self.indexer.scores(x, self.cq(x), cos, sin, self.indexer.key(x, cos, sin))
+        picks = topk_visible(scores, causal, self.indexer.topk)
+        index_mask = torch.ones(b, t, t + 1, dtype=torch.bool).scatter(
+            -1, torch.where(picks >= 0, picks, t), False)[..., :t].unsqueeze(1)  # fmt: skip
+        q, k, v = self.qkv(x).view(b, t, 3, 4, 16).permute(2, 0, 3, 1, 4)
+        low = torch.finfo(x.dtype).min
+        mask = torch.zeros(t, t).masked_fill(~causal, low).masked_fill(index_mask, low)
+        return torch.softmax(q @ k.transpose(-1, -2) * 0.25 + mask, dim=-1) @ v
+
+
+def test_eager_finfo_min_top_k_mask_forms_it_with_the_causal_part_folded() -> None:
+    module = _EagerTopKMask().eval()
+    x = torch.randn(2, 12, 64, generator=torch.Generator().manual_seed(4))
+    fused, ctx = _fused(capture(module, (x,)))
+    assert ctx.counters[TOPK_MASK] == 1
+    (node,) = _indexed(fused)
+    assert node.attrs["causal"] and node.attrs["mask"] == "none"
+    with torch.no_grad():
+        want = module(x)
+    assert _relative(ir.interpret(fused, x, params=_params(module))[0], want) <= 1e-5
+    # picks not (yet) fused into attn.indexer_topk are not known to be distinct: refused
+    text = str(passes.explain(RULES[1], fuse_sdpa(passes.canonicalize(capture(module, (x,))))))
+    assert "failed at picks" in text and "not an attn.indexer_topk" in text, text
+
+
 def _users(g: ir.Graph, v: ir.Value) -> list[ir.Node]:
     return [n for n in g.ops if v in n.operands]
 
