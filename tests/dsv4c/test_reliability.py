@@ -284,19 +284,22 @@ TABLE_MUTANTS = {
 }
 
 
+def _break_table(kind: str, art: Path) -> None:
+    rel = "kernels/cpu/library.prefill.json"
+    table = json.loads((art / rel).read_text())
+    assert len(table["kernels"]) >= 2
+    broken = TABLE_MUTANTS[kind][0](table)
+    (art / rel).write_bytes(broken if isinstance(broken, bytes) else json.dumps(broken).encode())
+    rehash(art, rel)
+
+
 @pytest.mark.parametrize("kind", TABLE_MUTANTS)
 def test_a_corrupted_kernel_table_is_refused_in_one_line(artifact, tmp_path, kind) -> None:
     art = copy_of(artifact, tmp_path)
-    rel = "kernels/cpu/library.prefill.json"
-    mutate, message = TABLE_MUTANTS[kind]
-    table = json.loads((art / rel).read_text())
-    assert len(table["kernels"]) >= 2
-    broken = mutate(table)
-    (art / rel).write_bytes(broken if isinstance(broken, bytes) else json.dumps(broken).encode())
-    rehash(art, rel)
+    _break_table(kind, art)
     with pytest.raises(ArtifactError) as e:
         dsv4c.load(art)
-    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert TABLE_MUTANTS[kind][1] in str(e.value) and "\n" not in str(e.value), str(e.value)
     assert "recompile" in str(e.value)
 
 
@@ -323,6 +326,8 @@ def _break(kind: str, art: Path) -> None:
         (art / MANIFEST).write_text(json.dumps(m))
     elif kind == "no sidecar":
         (art / SIDECAR).unlink()
+    elif kind.startswith("kernel table: "):
+        _break_table(kind.removeprefix("kernel table: "), art)
     else:
         resign(art, MUTANTS[kind](m))
 
@@ -349,6 +354,7 @@ CASES = [
     "manifest edited",
     "no sidecar",
     *MUTANTS,
+    *(f"kernel table: {k}" for k in TABLE_MUTANTS),
 ]
 
 
