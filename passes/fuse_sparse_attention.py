@@ -237,13 +237,15 @@ def _causal_part(c: Checks, causal: Value | None, kind: str, t: Any, s: Any) -> 
     return {"causal": False, "offset": 0}, [causal], kind
 
 
-def _nonempty_rows(c: Checks, picks: Value, attrs: dict, drop: float) -> None:
-    """A finite drop value equals -inf only if every row keeps a key (module docstring)."""
+def _nonempty_rows(c: Checks, picks: Value, attrs: dict, drop: float, s: Any) -> None:
+    """A finite drop value equals -inf only if every row keeps a key (module docstring): the
+    indexer (ratio 1, prefill, over the same S keys) picks some s <= t, which causal C sees."""
     if drop == float("-inf"):
         return
     n = c.view.producer(picks)
     ok = n is not None and n.name == "attn.indexer_topk" and n.attrs["ratio"] == 1
-    ok = ok and not n.attrs["decode"] and attrs["causal"] and attrs["offset"] >= 0
+    ok = ok and not n.attrs["decode"] and same_dim(n.operands[1].type.shape[1], s)
+    ok = ok and attrs["causal"] and attrs["offset"] >= 0
     c.need(ok, "mask.drop", f"masked logits drop to {drop}, not -inf: only equal when every "
            "query keeps a key (picks of a ratio-1 attn.indexer_topk under a causal mask)")
 
@@ -277,7 +279,7 @@ def _topk_mask(c: Checks, root: Match, rw: Rewriter) -> Replace:
            "the picks are not an attn.indexer_topk (distinct keys per query)", pm)  # fmt: skip
     causal = m["causal"] if "causal" in m else None
     attrs, mask_ops, mask_kind = _causal_part(c, causal, kind, t, s)
-    _nonempty_rows(c, picks, attrs, drop)
+    _nonempty_rows(c, picks, attrs, drop, s)
     b = r["q"].type.shape[0]
     indices = rw.op("reshape", [picks], shape=(b, 1, t, picks.type.shape[2]))
     extra = [r["sinks"]] if r["sinks"] is not None else []
