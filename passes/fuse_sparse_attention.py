@@ -34,8 +34,9 @@ a dense `attn.sdpa` whose mask operand is):
   the same keys once each when p holds distinct picks (a top-k does; checked: p comes from
   `attn.indexer_topk`). Empty rows: both give 0 (both are attn.sdpa). A finite drop (-big,
   finfo.min) equals -inf here (exp underflows to exactly 0 once a kept logit is the max) when
-  every row keeps a key: required, via picks from an `attn.indexer_topk` with ratio 1 (each
-  query has key 0 visible, so at least one valid pick s <= t) and C causal with offset >= 0.
+  every row keeps a key: required, via picks from a prefill `attn.indexer_topk` with ratio 1
+  over the same S keys (each query has key 0 visible, so at least one valid pick s <= t) and C
+  causal with offset >= 0 (so C sees that pick).
 
 Rules (and counters): `fuse_sparse_attention.attn.sdpa.gathered`,
 `fuse_sparse_attention.attn.sdpa.topk_mask`.
