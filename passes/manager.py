@@ -17,6 +17,7 @@ from passes.fuse_elementwise import fuse_elementwise
 from passes.fuse_hc import fuse_hc
 from passes.fuse_moe import fuse_moe
 from passes.fuse_nsa import fuse_nsa
+from passes.fuse_quant import fuse_quant
 from passes.fuse_sdpa import fuse_sdpa
 from passes.fuse_sparse_attention import fuse_sparse_attention
 from passes.memory_plan import plan_memory
@@ -52,6 +53,8 @@ def pipeline(
     g = ctx.run("fuse_sdpa", fuse_sdpa, g)
     # attention over index-selected keys (DSA's gathered MQA; a dense attn.sdpa under a top-k mask)
     g = ctx.run("fuse_sparse_attention", fuse_sparse_attention, g)
+    # block-scaled FP8 weights dequantised in the graph -> linalg.matmul_fp8 (weight stays 1 B)
+    g = ctx.run("fuse_quant", fuse_quant, g)
     # --- generic fusion and scheduling ---------------------------------------------------------
     # remaining elementwise/reduction chains and GEMM epilogues -> fused.kernel (one launch each)
     g = ctx.run("fuse_elementwise", fuse_elementwise, g)

@@ -10,3 +10,4 @@ from ir.ops import attn_dense  # noqa: F401  (attn.sdpa: dense MHA/GQA/MQA atten
 from ir.ops import attn_select  # noqa: F401  (attn.block_select: NSA block selection)
 from ir.ops import collective  # noqa: F401  (dist.* collectives over mesh axes, MoE EP exchange)
 from ir.ops import custom  # noqa: F401  (custom.call: a torch.library op kept whole, not compiled)
+from ir.ops import quant  # noqa: F401  (linalg.matmul_fp8: block-scaled FP8 weight GEMM)
