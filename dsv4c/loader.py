@@ -25,7 +25,7 @@ from dsv4c.compiled import Compiled, EntryPoint
 from dsv4c.driver import kernel_list, make_backend
 from dsv4c.errors import ArtifactError, TargetMismatchError
 
-__all__ = ["load"]
+__all__ = ["load", "refuse_source_only"]
 
 
 def load(
@@ -47,6 +47,7 @@ def load(
             f"{path}: compiled for target {built_for} ({manifest.get('target_description')}), "
             f"expected {target}; recompile with --target {target}"
         )
+    refuse_source_only(manifest, path)  # before a graph is parsed or a kernel generated
     try:
         tgt = get_target(built_for)
     except ValueError as e:
@@ -65,6 +66,22 @@ def load(
         path=Path(path),
         inplace=inplace,
     )
+
+
+def refuse_source_only(manifest: Mapping[str, Any], path: str | Path) -> None:
+    """Raise `DeviceUnavailable` when `manifest` is of an OpenCL or WebGPU artifact (TVM source
+    that the device's driver compiles): dsv4c runs none of it, so loading it would only
+    regenerate every kernel to build an executable that refuses each call. Reads the manifest's
+    target only; the message is the executable's (device needed, where the sources are, how to
+    compile for this machine)."""
+    from backends.targets import TARGETS
+
+    tgt = TARGETS.get(str(manifest.get("target")))
+    if tgt is None or not tgt.source_only:
+        return
+    from backends.tvm.device import unavailable
+
+    raise unavailable(tgt, f"{path}/kernels/{tgt.name}")
 
 
 def _executable(

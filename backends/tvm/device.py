@@ -51,6 +51,7 @@ __all__ = [
     "nvcc_version",
     "split_cuda",
     "split_sections",
+    "unavailable",
 ]
 
 _ENTRY = re.compile(r'^extern "C" __global__ .*?(\w+_kernel(?:_\d+)?)\(.*\) \{$')
@@ -73,6 +74,37 @@ _DEVICES = {
 
 class DeviceUnavailable(RuntimeError):
     """TVM GPU kernels cannot run here (no such GPU, or no TVM CUDA runtime path)."""
+
+
+def unavailable(target: Target, folder: str | None = None) -> DeviceUnavailable:
+    """The error a TVM GPU executable (or `dsv4c.load`/`dsv4c run` before loading one) raises:
+    which device its code needs, where the code is (`folder`, default `kernels/<target>`), and
+    how to compile for this machine. dsv4c launches no TVM GPU kernels, so there always is one."""
+    import torch
+
+    kind = target.backend
+    if kind not in _LANGUAGES:
+        raise ValueError(f"target {target.name} has no TVM GPU code (cuda, opencl, webgpu)")
+    language, _, what = _LANGUAGES[kind]
+    what = what.format(name=target.name).split(";")[0]
+    where = f"{folder or f'kernels/{target.name}'}/ ({what})"
+    device = _DEVICES[kind].format(name=target.name)
+    if target.source_only:
+        return DeviceUnavailable(
+            f"this holds TVM {language} source for {target.name} in {where}; it needs {device}, "
+            f"and dsv4c launches no {language} kernels. Compile for this machine instead: "
+            "--backend tvm --target cpu"
+        )
+    if not torch.cuda.is_available():
+        return DeviceUnavailable(
+            f"this holds TVM CUDA kernels for {target.name} ({target.description}) in {where}; "
+            f"this machine has no CUDA GPU to run them. Run it on {device}, or compile for this "
+            "machine: --backend tvm --target cpu"
+        )
+    return DeviceUnavailable(
+        f"dsv4c compiles TVM kernels for {target.name} ({where}) but does not launch them: use "
+        "--backend triton to run on this GPU, or --backend tvm --target cpu"
+    )
 
 
 def split_cuda(source: str) -> tuple[str, dict[str, str]]:
@@ -154,26 +186,7 @@ class DeviceExecutable:
         self._records: list[KernelRecord] | None = None
 
     def __call__(self, *args: Any, params: Mapping[str, Any] | None = None) -> tuple[Any, ...]:
-        import torch
-
-        where = f"kernels/{self.target.name}/ ({self.what.split(';')[0]})"
-        device = _DEVICES[self.kind].format(name=self.target.name)
-        if self.target.source_only:
-            raise DeviceUnavailable(
-                f"this holds TVM {self.language} source for {self.target.name} in {where}; "
-                f"it needs {device}, and dsv4c launches no {self.language} kernels. Compile for "
-                "this machine instead: --backend tvm --target cpu"
-            )
-        if not torch.cuda.is_available():
-            raise DeviceUnavailable(
-                f"this holds TVM CUDA kernels for {self.target.name} ({self.target.description}) "
-                f"in {where}; this machine has no CUDA GPU to run them. Run it on {device}, "
-                "or compile for this machine: --backend tvm --target cpu"
-            )
-        raise DeviceUnavailable(
-            f"dsv4c compiles TVM kernels for {self.target.name} ({where}) but does not launch "
-            "them: use --backend triton to run on this GPU, or --backend tvm --target cpu"
-        )
+        raise unavailable(self.target)
 
     def kernel_records(self) -> list[KernelRecord]:
         """One record per kernel with GPU code: its source file under a `//` header."""

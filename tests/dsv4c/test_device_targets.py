@@ -19,6 +19,8 @@ from dsv4c_helpers import mlp, x
 from test_kernel_records import check_records
 
 import dsv4c
+from backends.tvm.device import DeviceUnavailable
+from dsv4c import loader
 from dsv4c.errors import DsvError
 
 pytest.importorskip("tvm")
@@ -43,10 +45,32 @@ def test_source_target_artifact(tmp_path: Path, target: str):
     assert manifest["runs_on"] == target and not manifest["runnable_on_compile_host"]["ok"]
     rows = c.report()["entries"]["forward"]["kernels"]
     assert {r["key"] for r in rows if r["runs"] == "kernel"} == {k["key"] for k in kernels}
-    loaded = dsv4c.load(tmp_path / "a", params=mlp().state_dict())
-    with pytest.raises(RuntimeError, match=f"it needs {device}") as e:
-        loaded(x())
+    with pytest.raises(DeviceUnavailable, match=f"it needs {device}") as e:
+        c.entries["forward"].executable(x())
     assert "--backend tvm --target cpu" in str(e.value)
+
+
+@pytest.mark.parametrize("target", ["opencl", "webgpu"])
+def test_loading_source_refuses_before_compiling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str
+):
+    """`dsv4c.load` of OpenCL/WebGPU source refuses from the manifest's target, with the
+    executable's message (the device, where the sources are, what to compile instead), before
+    it parses a graph or generates a kernel (it regenerated them all: 1-3 min on tiny-512)."""
+    _, ext, device = SOURCE[target]
+    dsv4c.compile(mlp(), (x(),), backend="tvm", target=target, dynamic=DYNAMIC,
+                  output_dir=tmp_path / "a")  # fmt: skip
+
+    def no_compiling(*args: object, **kwargs: object) -> None:
+        raise AssertionError("dsv4c.load compiled kernels of a source-only artifact")
+
+    monkeypatch.setattr(loader, "make_backend", no_compiling)
+    monkeypatch.setattr(loader.ir, "parse", no_compiling)
+    with pytest.raises(DeviceUnavailable) as e:
+        dsv4c.load(tmp_path / "a", params=mlp().state_dict())
+    msg = str(e.value)
+    assert f"it needs {device}" in msg and "--backend tvm --target cpu" in msg
+    assert f"{tmp_path / 'a'}/kernels/{target}/" in msg and ext.upper() in msg.upper()
 
 
 @pytest.mark.parametrize("target", ["sm_90", "opencl", "webgpu"])
