@@ -16,7 +16,7 @@ The keys decide the branch:
     rows      k [B,T,m,G,D] = k_src[:, rows[t, j]]                            (win)
               prefill: (rows, valid) evaluate to the band t − w < s <= t (each key once)
                  -> attn.sdpa(q, k_src, v_src, causal, window=w);
-              decode over the ring: rows[j] = j wherever valid, at every position
+              decode over the ring: rows[j] = j wherever valid, at the checked positions
                  -> attn.sdpa(q, ring_k, ring_v, mask=valid)
     tokens    k [B,T,G,m,D] = k_src[b, tok[b,t,g,j], g]                       (slc)
               -> attn.sdpa(q, k_src, v_src, indices=where(valid, tok, -1)), indexed: the
@@ -29,11 +29,16 @@ Selection (`attn.block_select`), matched from the picks back to the cmp branch's
     rank  = Σ_hg(p_cmp) · overlap + forced · bonus          (bonus > hg: forced blocks first)
 
 with overlap [N,S'], vis_slc, forced and the cmp visibility evaluated from positions and checked
-against the op's definitions (ir/ops/attn_select.py): at the graph's static T in prefill, at
-every position 0 .. S'·l' − 1 in decode (those masks read only the 0-d position). The selection
+against the op's definitions (ir/ops/attn_select.py): at the graph's static T in prefill; in
+decode (those masks read only the 0-d position) at every position below DENSE and at SPREAD
+pairs of neighbouring positions beyond — a sampled check there. The selection
 recomputes q·kᵀ over the compressed keys instead of reading the cmp branch's probabilities: they
 are [B,T,H,N] floats (64 GiB at 64K tokens, H = 64, d = 16), while the recomputation is 1/d of
 a dense attention's QKᵀ and lets the kernel sum the group's heads in registers.
+
+Not formed: logits computed below fp32 (a bf16 model rounds q·kᵀ before its softmaxes; the ops
+would not be exact), masks per head or per sequence, masks at symbolic sizes (the cmp and slc
+attentions still form there: their mask and indices stay computed tensors).
 
 Rules (and counters): `fuse_nsa.attn.sdpa`, `fuse_nsa.attn.block_select`. Runs after
 `fuse_attention` and before `fuse_sdpa` (whose dense rule wants [B,H,T,S] heads).
