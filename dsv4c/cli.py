@@ -217,6 +217,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ValueError(f"--nproc {args.nproc}: {args.dir} was compiled for one device; "
                          "compile with --mesh (e.g. --mesh tp=2) to run on several ranks")
     manifest = _peek_manifest(args.dir)
+    _refuse_unrunnable(manifest, args.dir)  # from the manifest: nothing loaded or compiled yet
     if manifest.get("backend") == "triton" and manifest.get("target") == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
         # masked-off lanes of interpreted kernels compute on padding; numpy warns about it
@@ -225,16 +226,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     from dsv4c.run import generate
 
     compiled = dsv4c.load(args.dir)
-    if compiled.target.is_gpu:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise dsv4c.TargetMismatchError(
-                f"{args.dir} is compiled for {compiled.target.name} "
-                f"({compiled.target.description}); this machine has no GPU to run it on"
-            )
     generate(compiled, args, _say)
     return 0
+
+
+def _refuse_unrunnable(manifest: dict, path: str) -> None:
+    """Raise `TargetMismatchError` when this machine cannot run the artifact, from its manifest
+    alone: OpenCL/WebGPU source and TVM GPU kernels (dsv4c launches neither; the message is
+    `DeviceUnavailable`'s), or GPU kernels where torch sees no GPU. Loading such an artifact
+    regenerated its kernels first (1-3 minutes) only to refuse afterwards."""
+    from backends.targets import TARGETS
+    from dsv4c.errors import TargetMismatchError
+
+    tgt = TARGETS.get(str(manifest.get("target")))
+    if tgt is None or not tgt.is_gpu:
+        return  # the CPU runs it; an unknown target is the loader's ArtifactError
+    folder = f"{path}/kernels/{tgt.name}"
+    if tgt.source_only or manifest.get("backend") == "tvm":
+        from backends.tvm.device import unavailable
+
+        raise TargetMismatchError(str(unavailable(tgt, folder)))
+    import torch
+
+    if not torch.cuda.is_available():
+        raise TargetMismatchError(
+            f"this holds {manifest.get('backend')} code for {tgt.name} ({tgt.description}) in "
+            f"{folder}/ and graph*.ir; this machine has no GPU to run it. Run it on that GPU, or "
+            f"compile for this machine: --backend {manifest.get('backend')} --target cpu"
+        )
 
 
 def _peek_manifest(path: str) -> dict:

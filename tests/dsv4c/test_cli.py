@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from dsv4c_helpers import compiled
+from dsv4c_helpers import compiled, mlp, x
 
 import ir
 from dsv4c.cli import main
@@ -116,3 +116,36 @@ def test_the_picture_shows_the_first_csa_layer() -> None:
         b.op("exp", [b.input("x", TensorType((4,), ir.DType.f32))], loc=Loc("layers.3.ffn", ""))
     )
     assert picture_module(b.build()) == "layers.3"
+
+
+@pytest.mark.parametrize(
+    ("backend", "target", "needs"),
+    [
+        ("tvm", "opencl", "it needs an OpenCL device"),
+        ("tvm", "webgpu", "it needs a WebGPU device"),
+        ("tvm", "sm_90", "TVM CUDA kernels for sm_90 (NVIDIA H100/H200 SXM)"),
+        ("triton", "sm_90", "triton code for sm_90 (NVIDIA H100/H200 SXM)"),
+    ],
+)
+def test_run_refuses_what_this_machine_cannot_run_before_loading(
+    capsys, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str, target: str, needs: str
+) -> None:
+    """From the manifest's target alone (`dsv4c.load` regenerated every kernel first, 1-3 min on
+    tiny-512): the device the code needs, where it is, what to compile for this machine."""
+    if backend == "tvm":
+        pytest.importorskip("tvm")
+    import torch
+
+    import dsv4c
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without a GPU
+    c = dsv4c.compile(mlp(), (x(),), backend=backend, target=target, dynamic={"x": {0: "B"}})
+    path = c.save(tmp_path / "art")
+
+    def no_loading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("dsv4c run loaded an artifact it cannot run")
+
+    monkeypatch.setattr(dsv4c, "load", no_loading)
+    line = _error(capsys, ["run", str(path)])
+    assert line.startswith("dsv4c run: error: this holds ") and needs in line
+    assert f" in {path}/kernels/{target}/ " in line and line.endswith("--target cpu")
