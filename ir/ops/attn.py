@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import sympy
+
 from ir._lazy import torch
 from ir.core import Kind, Op, register
 from ir.ops._util import INT_INDEX, io_cost, numel, require
@@ -213,9 +215,13 @@ class CompressStep(Op):
         return (cache, kv_state, score_state)
 
     def cost(self, operand_types, result_types):
-        x, wkv = operand_types[0], operand_types[4]
+        """Bytes the step must touch: every operand but the cache (token, weights, tables), both
+        states read and written, and the one cache row it may write — not the whole cache, which
+        the in-place step (cache aliased to its result) never reads or copies."""
+        x, wkv, cache = operand_types[0], operand_types[4], operand_types[10]
         flops = 4 * x.shape[0] * wkv.shape[0] * x.shape[2] + 8 * x.shape[0] * wkv.shape[0]
-        return io_cost(flops, operand_types, result_types)
+        row = TensorType((cache.shape[0], 1, cache.shape[2]), cache.dtype)
+        return io_cost(flops, (*operand_types[:10], row), (row, *result_types[1:]))
 
 
 # --- attn.indexer_topk ----------------------------------------------------------------------
@@ -404,10 +410,28 @@ class SparseMQA(Op):
         return (rope_reference(o, cos.unsqueeze(-2), sin.unsqueeze(-2), inverse=True),)
 
     def cost(self, operand_types, result_types):
+        """Bytes the op must touch: q, the output, the raw kv (every row is some query's window
+        row), the small operands, and of the compressed entries the rows the queries can read —
+        every one for hca (all visible to the last query), for csa only the picked ones:
+        min(S, T·k) rows per sequence (a decode query reads k of the L/m cached entries)."""
         q = operand_types[0]
         n = self.window
         if self.variant == "hca":
             n = n + operand_types[5].shape[1]
         elif self.variant == "csa":
             n = n + operand_types[6].shape[2]
-        return io_cost(4 * numel(q.shape) * n, operand_types, result_types)
+        flops = 4 * numel(q.shape) * n
+        if self.variant != "csa":
+            return io_cost(flops, operand_types, result_types)
+        comp, picks = operand_types[5], operand_types[6]
+        b, s, c = comp.shape
+        read = TensorType((b, _min_dim(s, q.shape[1] * picks.shape[2]), c), comp.dtype)
+        touched = (*operand_types[:5], read, *operand_types[6:])
+        return io_cost(flops, touched, result_types)
+
+
+def _min_dim(a, b):
+    """min(a, b) for dims: an int when both are, else a sympy Min."""
+    if isinstance(a, int) and isinstance(b, int):
+        return min(a, b)
+    return sympy.Min(a, b)
