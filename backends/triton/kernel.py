@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import ir
+from backends.targets import GPU_TARGETS, Target, get_target
 
 __all__ = [
     "Param",
     "KernelSource",
+    "triton_target",
     "load_jit",
     "cache_dir",
     "pointer_type",
@@ -105,6 +107,20 @@ def call_lines(head: str, args: list[str], tail: str = "", indent: int = 4) -> l
     if indent + 4 + len(inner) <= 100:
         return [f"{head}(", f"    {inner}", f"){tail}"]
     return [f"{head}(", *(f"    {a}," for a in args), f"){tail}"]
+
+
+def triton_target(target: str | Target) -> Target:
+    """`target` as a `Target` that Triton compiles for: the CPU (the interpreter) or a GPU
+    architecture (`GPU_TARGETS`). A ValueError names the others (OpenCL C, WGSL: source that
+    only the TVM backend writes) and the targets Triton serves."""
+    tgt = get_target(target)
+    if not tgt.source_only:
+        return tgt
+    raise ValueError(
+        f"the Triton backend cannot compile for target {tgt.name} ({tgt.description}): Triton "
+        f"emits no {tgt.backend} code; use the TVM backend (--backend tvm) for it, or a target "
+        f"Triton serves: cpu, {', '.join(GPU_TARGETS)}"
+    )
 
 
 def cache_dir() -> Path:

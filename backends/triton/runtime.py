@@ -25,7 +25,7 @@ from backends.base import KernelRecord, Support, feed_inputs
 from backends.inplace import aliased_results, update_call
 from backends.naming import locations
 from backends.reference import run_node
-from backends.targets import Target, get_target
+from backends.targets import Target
 from backends.triton.body import Unsupported
 from backends.triton.emitters import (
     TRITON_EMITTERS,
@@ -34,7 +34,7 @@ from backends.triton.emitters import (
     emit_node,
 )
 from backends.triton.inplace import writer
-from backends.triton.kernel import KernelSource
+from backends.triton.kernel import KernelSource, triton_target
 from ir.symbolic import dim_str
 
 __all__ = ["TritonBackend", "TritonExecutable", "Step"]
@@ -209,4 +209,4 @@ class TritonBackend:
         return TRITON_EMITTERS.supports(node)
 
     def compile(self, graph: ir.Graph, target: str | Target = "cpu") -> TritonExecutable:
-        return TritonExecutable(graph, get_target(target))
+        return TritonExecutable(graph, triton_target(target))  # refuses OpenCL/WebGPU

@@ -94,6 +94,19 @@ def test_source_targets_need_the_tvm_backend():
             dsv4c.compile(mlp(), (x(),), backend=backend, target="webgpu")
 
 
+@pytest.mark.parametrize("target", ["opencl", "webgpu"])
+def test_the_triton_backend_itself_refuses_source_targets(target: str):
+    """Called directly, not only through dsv4c.compile (it compiled WebGPU 'kernels' before)."""
+    from backends.triton import TritonBackend
+    from frontend.capture import capture
+
+    g = capture(mlp(), (x(),))
+    with pytest.raises(ValueError, match=f"Triton backend cannot compile for target {target}") as e:
+        TritonBackend().compile(g, target)
+    assert "--backend tvm" in str(e.value) and "cpu, sm_80, sm_90" in str(e.value)
+    assert TritonBackend().compile(g, "sm_90").target.name == "sm_90"  # GPU targets still compile
+
+
 def test_unknown_target_lists_the_valid_ones():
     with pytest.raises(DsvError) as e:
         dsv4c.compile(mlp(), (x(),), backend="tvm", target="vulkan")
