@@ -331,3 +331,4 @@ from backends.tvm import semantic as _semantic  # noqa: F401  (registers attn/hc
 from backends.tvm import semantic_moe as _semantic_moe  # noqa: F401  (registers moe ops)
 from backends.tvm import semantic_attn_dense as _semantic_attn_dense  # noqa: F401,E402  (attn.sdpa)
 from backends.tvm import semantic_select as _semantic_select  # noqa: F401,E402  (attn.block_select)
+from backends.tvm import quant as _quant  # noqa: F401,E402  (linalg.matmul_fp8)

@@ -33,6 +33,9 @@ _DTYPES = {
     DType.i8: "int8",
     DType.bool: "bool",
 }
+# Input-only storage dtypes: a kernel may read them (decoded exactly by the LLVM/CUDA codegen),
+# but no lowering produces them (torch's f32 -> e4m3 rounding is not checked against TVM's).
+_INPUT_DTYPES = {**_DTYPES, DType.f8e4m3: "float8_e4m3fn"}
 
 
 class Unsupported(Exception):
@@ -89,7 +92,8 @@ class Lowering:
         self.counter = 0
         for i, v in enumerate(body.inputs):
             shape = [self._input_dim(d) for d in v.shape]
-            ph = te.placeholder(shape, dtype=tvm_dtype(v.dtype), name=_ident(v.name, f"in{i}"))
+            dtype = _INPUT_DTYPES.get(v.dtype) or tvm_dtype(v.dtype)
+            ph = te.placeholder(shape, dtype=dtype, name=_ident(v.name, f"in{i}"))
             self.placeholders.append(ph)
             self.values[v.name] = ph
         for node in body.ops:
