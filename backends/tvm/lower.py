@@ -196,6 +196,10 @@ def convert(x: Any, dtype: str) -> Any:
         return x
     if dtype == "bool":
         return tirx.NE(x, tirx.const(0, src))
+    if src == "float8_e4m3fn":  # TVM's own cast flushes subnormals; decode the bits exactly
+        from backends.tvm.quant import decode_e4m3
+
+        return convert(decode_e4m3(x), dtype)
     return x.astype(dtype)
 
 

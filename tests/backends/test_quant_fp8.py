@@ -131,3 +131,17 @@ def test_tvm_decodes_every_e4m3_code_exactly() -> None:
     exe = TVMBackend().compile(graph(k, n, k, ir.DType.f32), "cpu")
     (y,) = exe(x, params={"w": q, "s": scale})
     torch.testing.assert_close(y, dequantize_fp8(q, scale).T, rtol=0, atol=0)
+
+
+def test_tvm_cast_from_e4m3_is_exact() -> None:
+    """Any kernel reading an f8e4m3 input (here a plain cast + scale, as when the dequant is not
+    folded into `linalg.matmul_fp8`) decodes it exactly, subnormal codes included."""
+    from backends.tvm import TVMBackend
+
+    b = ir.Builder(name="dequant")
+    w = b.input("w", ir.TensorType((17, 15), F8), role="parameter")
+    b.output(b.op("mul", [b.op("cast", [w], dtype=F32), b.op("constant", value=0.5, dtype=F32)]))
+    g = b.build()
+    q = all_codes_weight(17, 15)
+    (y,) = TVMBackend().compile(g, "cpu")(params={"w": q})
+    torch.testing.assert_close(y, q.float() * 0.5, rtol=0, atol=0, equal_nan=True)
