@@ -23,6 +23,7 @@ import os
 import sys
 import time
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -194,15 +195,28 @@ def cmd_compile(args: argparse.Namespace) -> int:
     )
     report = compiled.report()
     for name, entry in report["entries"].items():
-        _say(
-            f"  {name}: {entry['ops_captured']} ops captured -> {entry['launches']} launches, "
-            f"{len(entry['kernels'])} distinct kernels"
-        )
+        _say(f"  {entry_summary(name, entry)}")
     cache = report["kernel_cache"]
     if cache["hits"] or cache["misses"]:
         _say(f"  kernel cache: {cache['hits']} hits, {cache['misses']} compiled")
     print(f"wrote {args.output} in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def entry_summary(name: str, entry: dict[str, Any]) -> str:
+    """One entry point's compile summary, from its report section: ops, launches, and its
+    kernel records (`report.code_summary`): how many have code in which language, how many
+    the target got none for and why."""
+    head = f"{name}: {entry['ops_captured']} ops captured -> {entry['launches']} launches"
+    code = entry["code"]
+    langs = "/".join(code["languages"])
+    text = f"{head}, {code['kernels']} distinct kernels with {langs} code" if langs else (
+        f"{head}, no kernel code")
+    if code["skipped"]:
+        reasons = Counter(code["skipped"].values()).most_common()
+        why = "; ".join(f"{n}: {reason}" if len(reasons) > 1 else reason for reason, n in reasons)
+        text += f", {len(code['skipped'])} skipped ({why})"
+    return text
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ from backends.base import CostHints, Executable, KernelRecord
 from backends.targets import Target
 
 __all__ = [
-    "aot_rows", "build_report", "compare_backends", "compare_kernels", "cost_hints",
+    "aot_rows", "build_report", "code_summary", "compare_backends", "compare_kernels", "cost_hints",
     "dynamo_report", "entry_report", "kernel_rows", "pipeline_summary",
 ]  # fmt: skip
 
@@ -218,10 +218,23 @@ def entry_report(
         "graph_cached": summary.get("cached", False),
         "memory_plan": summary["memory_plan"],
         "kernels": kernel_rows(g, records, env, tgt),
+        "code": code_summary(records, backend_report.get("skipped", {})),
         "aot": aot_rows(records),
         "picture": _picture(summary, g, lambda n: category(n) != "free"),
         "fallbacks": backend_report.get("fallbacks", []),
         "not_compiled": opaque_calls(g),  # custom ops kept whole: run eagerly, never compiled
+    }
+
+
+def code_summary(records: Sequence[KernelRecord], skipped: Mapping[str, str]) -> dict[str, Any]:
+    """What an entry point's kernel records hold: `kernels` with code (one record each) by
+    `languages`, and the kernels the backend wrote no code for on this target (`skipped`:
+    kernel -> why, e.g. WGSL has no 64-bit integers). The `kernels` rows count ops instead:
+    every op with a cost, whether a kernel runs it or not."""
+    return {
+        "kernels": len(records),
+        "languages": dict(Counter(r.language for r in records)),
+        "skipped": dict(skipped),
     }
 
 

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from dsv4c_helpers import mlp, x
 from test_kernel_records import check_records
 
@@ -86,6 +87,42 @@ def test_a_kernel_file_holds_all_its_device_functions(target: str):
     assert rec.source.count(second) == 1  # defined once (OpenCL prototypes dropped)
     assert rec.launch["functions"] == 2
     assert rec.cost.row() == {"launches": 2, "materialised_bytes": "128*B", "gemm_tile": [16, 16]}
+
+
+class LinearArgmax(torch.nn.Module):
+    """A GEMM + bias, a softmax, and an int64 add (argmax + 1) that WGSL cannot hold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lin(x).softmax(-1), x.argmax(-1) + 1
+
+
+@pytest.mark.parametrize(
+    ("target", "code"),
+    [
+        ("webgpu", "2 distinct kernels with webgpu code, 1 skipped (WebGPU (WGSL) has no 64-bit "
+                   "integers)"),
+        ("opencl", "3 distinct kernels with opencl code"),
+        ("cpu", "3 distinct kernels with tvmscript code"),
+    ],
+)  # fmt: skip
+def test_the_compile_summary_counts_kernel_records(target: str, code: str):
+    """`dsv4c compile`'s line per entry point counts the kernels that have code (the records,
+    one manifest row each) and those skipped with the reason; it said "5 distinct kernels"
+    for all three (the report's cost rows: every op, the fallback argmax included)."""
+    from dsv4c.cli import entry_summary
+
+    c = dsv4c.compile(LinearArgmax(), (x(),), backend="tvm", target=target, dynamic=DYNAMIC)
+    entry = c.report()["entries"]["forward"]
+    line = entry_summary("forward", entry)
+    assert line == f"forward: 7 ops captured -> 4 launches, {code}"
+    assert entry["code"]["kernels"] == len(c.manifest["kernels"])
+    assert len(entry["kernels"]) == 5  # the old count: one cost row per op
+    assert entry["code"]["skipped"] == c.manifest.get("device_code", {}).get("skipped", {})
 
 
 def test_source_targets_need_the_tvm_backend():
