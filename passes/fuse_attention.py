@@ -233,7 +233,16 @@ LOGITS = op(
     const(name="scale"),
 )
 MASKED = op("where", op("reshape", op("ge", var("idx"), const(0))), LOGITS, const(float("-inf")))
-SINK = op("expand", op("reshape", var("sink", rank=1)))
+
+
+def broadcast(x: Any) -> Any:
+    """x broadcast over the (B, T) dims the attention adds: expand(x), or x itself where the
+    expand was the identity. expand(x, shape(x)) = x: canonicalize's `view_noop` drops it, so
+    at B = T = 1 (one decode sequence) the canonical form of the broadcast is x."""
+    return either(op("expand", x), x)
+
+
+SINK = broadcast(op("reshape", var("sink", rank=1)))
 PROBS = op(
     "slice",
     op("softmax", op("concat", MASKED, SINK, name="cat"), name="softmax"),
@@ -252,10 +261,7 @@ QNORM = op(
     var("q"),
     op("rsqrt", op("add", op("mean", op("mul", var("q"), var("q"))), const(name="eps"))),
 )
-WINDOW = op(
-    "expand",
-    op("where", op("lt", var("wr"), const(0)), const(-1), var("wr")),
-)
+WINDOW = broadcast(op("where", op("lt", var("wr"), const(0)), const(-1), var("wr")))
 WINDOW_ROWS = op(
     "add",
     op("add", op("sub", op("reshape", var("pos")), const(name="w")), const(1)),
@@ -267,13 +273,12 @@ SHIFTED = op(
     op("add", var("picks"), op("constant", name="t")),
     const(-1),
 )
-ALL_VISIBLE = op("expand", op("where", var("visible"), var("cols"), const(-1)))
-ALL_VISIBLE_AT = op("expand", op("reshape", op("where", var("visible"), var("cols"), const(-1))))
+ALL_VISIBLE = broadcast(op("where", var("visible"), var("cols"), const(-1)))
+ALL_VISIBLE_AT = broadcast(op("reshape", op("where", var("visible"), var("cols"), const(-1))))
 
 
-RING = op(  # decode: where(slot <= pos, slot, -1) over the ring's slots
-    "expand",
-    op("reshape", op("where", op("le", var("slots"), var("pos", rank=0)), var("slots"), const(-1))),
+RING = broadcast(  # decode: where(slot <= pos, slot, -1) over the ring's slots
+    op("reshape", op("where", op("le", var("slots"), var("pos", rank=0)), var("slots"), const(-1)))
 )
 
 
