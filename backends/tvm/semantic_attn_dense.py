@@ -12,6 +12,9 @@ slot j reads key row s = indices[b, h // G or 0, t, j] (a data-dependent load in
 expression), clamped to row 0 and masked to -inf when s is outside [0, S) or not visible; the
 mask (bool or additive) is read at [b, h, t, s]. Values are v's rows, or with value_dim the
 first value_dim channels of the same key rows.
+
+kv_layout="bshd": k and v are read where they lie, [B,S,Hkv,D] (`_BshdView` swaps the index of
+the head and the row), so a permuted KV cache reaches the kernel as stored, not as a copy.
 """
 
 from __future__ import annotations
@@ -34,12 +37,27 @@ def _is_one(n: Any) -> bool:
     return isinstance(n, int) and n == 1 or getattr(n, "value", None) == 1
 
 
+class _BshdView:
+    """A [B,S,Hkv,D] te tensor read as [B,Hkv,S,D]: shape and element access with dims 1 and 2
+    swapped (the loads index the stored tensor; nothing is materialised)."""
+
+    def __init__(self, x: Any) -> None:
+        self.x = x
+        s = x.shape
+        self.shape = (s[0], s[2], s[1], s[3])
+
+    def __call__(self, b: Any, h: Any, s: Any, c: Any) -> Any:
+        return self.x(b, s, h, c)
+
+
 @lowers("attn.sdpa")
 def lower_sdpa(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
     from tvm import te, tirx
 
     op = node.op
     r = op.roles(args)
+    if op.kv_layout == "bshd":
+        r = {**r, "k": _BshdView(r["k"]), "v": None if r["v"] is None else _BshdView(r["v"])}
     q, k = r["q"], r["k"]
     group = tirx.floordiv(q.shape[1], k.shape[1])
 

@@ -5,7 +5,9 @@ S keys, or sparse over index-selected keys (DSA's top-k tokens, NSA's selected b
 
 Layout (torch SDPA's): q [B,Hq,T,D], k [B,Hkv,S,D], v [B,Hkv,S,Dv] -> o [B,Hq,T,Dv] in q's dtype,
 Hq % Hkv == 0; query head h reads KV head h // (Hq // Hkv) (HF `repeat_kv`, torch
-`repeat_interleave` and SDPA's `enable_gqa` all group heads this way).
+`repeat_interleave` and SDPA's `enable_gqa` all group heads this way). With kv_layout="bshd"
+k and v are [B,S,Hkv,D] / [B,S,Hkv,Dv] instead (flash-attention's and a KV cache's layout: NSA
+attends to its [B,S,G,D] caches as stored, no [B,G,S,D] copy); nothing else changes.
 
 Operands, in this order: q, k, then v unless value_dim > 0, then `mask` when mask != "none"
 (broadcastable to [B,Hq,T,S]: bool, True = attend, or float, added to the logits), then
@@ -47,12 +49,14 @@ __all__ = [
     "INDEXED_HEAD_DIM",
     "INDEXED_VALUE_DIM",
     "KERNEL_HEAD_DIM",
+    "KV_LAYOUTS",
     "MASKS",
     "DenseAttention",
     "visible_reference",
 ]
 
 MASKS = ("none", "bool", "add")
+KV_LAYOUTS = ("bhsd", "bshd")  # k/v dims: [B,Hkv,S,D] (torch SDPA) or [B,S,Hkv,D] (flash-attn)
 # The widest head (D and Dv) the backends' kernels take (Triton keeps BLOCK_M rows of q and of
 # the fp32 accumulator in registers); `fuse_sdpa` forms no op past it. The reference takes any.
 KERNEL_HEAD_DIM = 256
@@ -78,7 +82,9 @@ def visible_reference(t: int, s: int, causal: bool, offset: int, window: int, de
 class DenseAttention(Op):
     """Attention: q [B,Hq,T,D], k [B,Hkv,S,D], v [B,Hkv,S,Dv] (absent when value_dim > 0: v =
     k[..., :value_dim]) (, mask) (, indices [B,Hi,T,n]) (, sinks [Hq]) -> o [B,Hq,T,Dv] in q's
-    dtype; Hq % Hkv == 0, head h reads KV head h // (Hq // Hkv); Hi is 1 or Hkv.
+    dtype; Hq % Hkv == 0, head h reads KV head h // (Hq // Hkv); Hi is 1 or Hkv. kv_layout
+    "bhsd" (default) is that k/v layout; "bshd" takes k [B,S,Hkv,D], v [B,S,Hkv,Dv] and means
+    the same as "bhsd" on k.transpose(1, 2), v.transpose(1, 2).
 
     z[t,s] = scale · q_t·k_s in fp32 (then softcap·tanh(z/softcap) when softcap > 0), plus the
     mask operand when mask="add"; -inf where key s is not visible: not causal-visible
@@ -102,6 +108,7 @@ class DenseAttention(Op):
     softcap: float = 0.0
     indexed: bool = False
     value_dim: int = 0
+    kv_layout: str = "bhsd"
 
     def _arity(self) -> int:
         return (2 + int(self.value_dim == 0) + int(self.mask != "none") + int(self.indexed)
@@ -125,9 +132,11 @@ class DenseAttention(Op):
         require(self, self.window >= 0, f"window must be >= 0, got {self.window}", *types)
         require(self, self.softcap >= 0, f"softcap must be >= 0, got {self.softcap}", *types)
         require(self, self.window == 0 or self.causal, "a window needs causal=true", *types)
+        require(self, self.kv_layout in KV_LAYOUTS, f"kv_layout must be one of {KV_LAYOUTS}, "
+                f"got {self.kv_layout!r}", *types)  # fmt: skip
         r = self.roles(types)
-        q, k = r["q"], r["k"]
-        v = k if r["v"] is None else r["v"]
+        q, k = r["q"], self._bhsd_type(r["k"])
+        v = k if r["v"] is None else self._bhsd_type(r["v"])
         require(self, q.rank == 4 and k.rank == 4 and v.rank == 4,
                 "q, k, v must be [B,H,T,D], [B,Hkv,S,D], [B,Hkv,S,Dv]", *types)  # fmt: skip
         require(self, q.dtype.is_float and k.dtype.is_float and v.dtype.is_float,
@@ -153,6 +162,17 @@ class DenseAttention(Op):
             ok = sinks.rank == 1 and same_dim(sinks.shape[0], hq) and sinks.dtype.is_float
             require(self, ok, f"sinks must be float [{hq}] (one logit per query head)", *types)
         return (TensorType((*q.shape[:3], dv), q.dtype),)
+
+    def _bhsd_type(self, x: TensorType) -> TensorType:
+        """A k or v type seen as [B,Hkv,S,*] (dims 1 and 2 swapped under "bshd")."""
+        if self.kv_layout == "bhsd" or x.rank != 4:
+            return x
+        s = x.shape
+        return TensorType((s[0], s[2], s[1], s[3]), x.dtype)
+
+    def kv_bhsd(self, x: Any) -> Any:
+        """A k or v tensor as [B,Hkv,S,*] (a transposed view under "bshd", no copy)."""
+        return x if self.kv_layout == "bhsd" else x.transpose(1, 2)
 
     def _names(self) -> str:
         return ", ".join(self._role_names())
@@ -197,8 +217,8 @@ class DenseAttention(Op):
 
     def reference(self, *args):
         r = self.roles(args)
-        q, k = r["q"], r["k"]
-        v = k[..., : self.value_dim] if self.value_dim else r["v"]
+        q, k = r["q"], self.kv_bhsd(r["k"])
+        v = k[..., : self.value_dim] if self.value_dim else self.kv_bhsd(r["v"])
         b, hq, t, _ = q.shape
         group = hq // k.shape[1]
         kf = k.float().repeat_interleave(group, dim=1)
@@ -272,7 +292,7 @@ class DenseAttention(Op):
 
     def cost(self, operand_types, result_types):
         r = self.roles(operand_types)
-        q, k, idx = r["q"], r["k"], r["indices"]
+        q, k, idx = r["q"], self._bhsd_type(r["k"]), r["indices"]
         dv = self.value_dim or r["v"].shape[3]
         keys = k.shape[2] if idx is None else idx.shape[3]
         flops = numel(q.shape[:3]) * keys * (2 * q.shape[3] + 2 * dv + 5)

@@ -136,3 +136,58 @@ def test_triton_aot_for_the_six_gpu_targets(heads, width, values, tmp_path):
         assert r.kernel == "sdpa_indexed_fwd" and 0 < r.registers <= 512
     (sm90,) = [r for r in results if r.target == "sm_90"]
     assert sm90.spills == 0
+
+
+def _bshd(inputs: dict, attrs: dict) -> tuple[dict, dict]:
+    """The case with k (and v) stored [B,S,Hkv,D] (contiguous in that layout) and
+    kv_layout="bshd"."""
+    moved = {n: x.transpose(1, 2).contiguous() if n in ("k", "v") else x for n, x in inputs.items()}
+    return moved, {**attrs, "kv_layout": "bshd"}
+
+
+def _dense_gqa() -> tuple[dict, dict]:
+    """Dense GQA (4 query heads over 2 KV heads) with a bool mask, a window, an offset and
+    sinks: every dense feature that reads k or v."""
+    qkv = {"q": _t(2, 4, 5, 16), "k": _t(2, 2, 23, 16), "v": _t(2, 2, 23, 8),
+           "keep": torch.rand(5, 23, generator=GEN) > 0.2, "sinks": _t(4)}  # fmt: skip
+    attrs = {"scale": 0.25, "causal": True, "offset": 18, "window": 9, "mask": "bool"}
+    return qkv, {**attrs, "sinks": True}
+
+
+@pytest.mark.parametrize("backend", ["triton", "tvm"])
+@pytest.mark.parametrize("case", ["dense_gqa", "gqa_per_head_sets_sinks_window",
+                                  "mha_shared_indices", "mqa_values_in_keys_causal"])  # fmt: skip
+def test_kv_layout_bshd_equals_bhsd(backend, case):
+    """kv_layout="bshd" (k, v [B,S,Hkv,D], NSA's caches as stored): the kernels equal the
+    reference, and the reference equals the bhsd op on the transposed k, v."""
+    if backend == "tvm":
+        pytest.importorskip("tvm")
+        from backends.tvm import TVMBackend as Backend
+    else:
+        from backends.triton import TritonBackend as Backend
+    base = _dense_gqa() if case == "dense_gqa" else _case(case)
+    inputs, attrs = _bshd(*base)
+    assert inputs["k"].shape[1] != inputs["k"].shape[2] or case == "mha_shared_indices"
+    got, want = _run(Backend(), inputs, attrs)
+    g = graph_of([("attn.sdpa", list(base[0]), base[1])], base[0])
+    bhsd = ir.interpret(g, *base[0].values())[0]
+    torch.testing.assert_close(want, bhsd, rtol=0, atol=0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert want.abs().max() > 0.1
+
+
+def test_kv_layout_verifier():
+    """The verifier reads heads and length from dims 2 and 1 under "bshd", and names bad
+    layouts."""
+    from ir.ops.attn_dense import DenseAttention
+    from ir.types import DType, TensorType
+
+    f32 = DType.f32
+    q, k = TensorType((1, 4, 3, 8), f32), TensorType((1, 10, 2, 8), f32)
+    v = TensorType((1, 10, 2, 6), f32)
+    (o,) = DenseAttention(kv_layout="bshd").infer_type(q, k, v)
+    assert tuple(o.shape) == (1, 4, 3, 6)
+    with pytest.raises(Exception, match="multiple of KV heads"):
+        DenseAttention().infer_type(q, k, v)  # read as bhsd: 10 KV heads
+    with pytest.raises(Exception, match="kv_layout"):
+        DenseAttention(kv_layout="bsdh").infer_type(q, k, v)

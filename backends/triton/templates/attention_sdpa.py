@@ -65,7 +65,7 @@ def _source(node: ir.Node) -> KernelSource:
     params += [Param(n, "int") for n in ("T", "S", "HQ", "GROUP", "D", "DV")]
     params += [Param(n, "int") for n in ("mask_sb", "mask_sh", "mask_st", "mask_ss")]
     consts = ("SCALE", "CAUSAL", "OFFSET", "WINDOW", "MASK", "SINKS", "SOFTCAP", "BLOCK_M",
-              "BLOCK_N", "BLOCK_D", "BLOCK_DV", "DOT_IN_F32")  # fmt: skip
+              "BLOCK_N", "BLOCK_D", "BLOCK_DV", "DOT_IN_F32", "KV_BSHD")  # fmt: skip
     params += [Param(n, "constexpr") for n in consts]
     return KernelSource("sdpa_fwd", SDPA_SOURCE, tuple(params), ("attn.sdpa",))
 
@@ -94,6 +94,8 @@ class SdpaLaunch(OneKernel):
             **cfg,
             # fp32 operands use IEEE products; the CPU interpreter mis-multiplies bf16 tiles
             "DOT_IN_F32": self.dtype == ir.DType.f32 or not target.is_gpu,
+            # k, v [B,S,Hkv,D] read as stored (kv_layout="bshd"), else [B,Hkv,S,D]
+            "KV_BSHD": a.get("kv_layout", "bhsd") == "bshd",
         }
         return consts, opts
 
@@ -103,7 +105,9 @@ class SdpaLaunch(OneKernel):
         device = next((t.device for t in inputs if t.device.type != "cpu"), inputs[0].device)
         q, k, v = (t.to(device).contiguous() for t in inputs[:3])
         batch, heads, tokens, head_dim = q.shape
-        keys, value_dim = k.shape[2], v.shape[3]
+        bshd = self.attrs.get("kv_layout", "bhsd") == "bshd"
+        keys, kv_heads = (k.shape[1], k.shape[2]) if bshd else (k.shape[2], k.shape[1])
+        value_dim = v.shape[3]
         out = torch.empty(batch, heads, tokens, value_dim, dtype=q.dtype, device=device)
         if out.numel() == 0:
             return (out,)
@@ -119,7 +123,7 @@ class SdpaLaunch(OneKernel):
         grid = (cdiv(tokens, consts["BLOCK_M"]), batch * heads)
         load_jit(self.source)[grid](
             q_ptr=q, k_ptr=k, v_ptr=v, mask_ptr=mask, sinks_ptr=sinks, out_ptr=out,
-            T=tokens, S=keys, HQ=heads, GROUP=heads // k.shape[1], D=head_dim, DV=value_dim,
+            T=tokens, S=keys, HQ=heads, GROUP=heads // kv_heads, D=head_dim, DV=value_dim,
             mask_sb=strides[0], mask_sh=strides[1], mask_st=strides[2], mask_ss=strides[3],
             **consts, **opts,
         )  # fmt: skip
@@ -151,7 +155,7 @@ def _sdpa_check(node: ir.Node) -> bool | str:
                 f"{limits[1]} (values)")
     if r["mask"] is not None and r["mask"].dtype not in (*_FLOATS, ir.DType.bool):
         return f"attn.sdpa mask of {r['mask'].dtype}: bool or float only"
-    heads = (q.shape[1], k.shape[1])
+    heads = (q.shape[1], k.shape[2 if node.attrs.get("kv_layout") == "bshd" else 1])
     if node.attrs["indexed"] and not all(isinstance(h, int) for h in heads):
         return f"indexed attn.sdpa with symbolic heads {heads}: the grid groups them statically"
     return True

@@ -63,7 +63,7 @@ def indexed_source(node: ir.Node) -> KernelSource:
             "mask_sh", "mask_st", "mask_ss")  # fmt: skip
     params += [Param(n, "int") for n in ints]
     consts = ("SCALE", "CAUSAL", "OFFSET", "WINDOW", "MASK", "SINKS", "SOFTCAP", "VALUE_IN_K",
-              "BLOCK_H", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "DOT_IN_F32")  # fmt: skip
+              "BLOCK_H", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "DOT_IN_F32", "KV_BSHD")  # fmt: skip
     params += [Param(n, "constexpr") for n in consts]
     return KernelSource("sdpa_indexed_fwd", SDPA_INDEXED_SOURCE, tuple(params), ("attn.sdpa",))
 
@@ -94,6 +94,7 @@ class IndexedSdpaLaunch(OneKernel):
             "SOFTCAP": float(op.softcap), "VALUE_IN_K": op.value_dim > 0, **cfg,
             # fp32 operands use IEEE products; the CPU interpreter mis-multiplies bf16 tiles
             "DOT_IN_F32": self.dtype == ir.DType.f32 or not target.is_gpu,
+            "KV_BSHD": op.kv_layout == "bshd",  # k, v [B,S,Hkv,D] read as stored
         }  # fmt: skip
         return consts, opts
 
@@ -105,7 +106,7 @@ class IndexedSdpaLaunch(OneKernel):
         q, k = r["q"].contiguous(), r["k"].contiguous()
         v = k if r["v"] is None else r["v"].contiguous()
         batch, heads, tokens, head_dim = q.shape
-        keys, kv_heads = k.shape[2], k.shape[1]
+        keys, kv_heads = self.op.kv_bhsd(k).shape[1:3][::-1]
         value_dim = self.op.value_dim or v.shape[3]
         out = torch.empty(batch, heads, tokens, value_dim, dtype=q.dtype, device=device)
         if out.numel() == 0:
@@ -137,7 +138,8 @@ class IndexedSdpaLaunch(OneKernel):
         q, k = r["q"], r["k"]
         head_dim = int(subs_dim(q.shape[3], env))
         value_dim = self.op.value_dim or int(subs_dim(r["v"].shape[3], env))
-        group = int(subs_dim(q.shape[1], env)) // int(subs_dim(k.shape[1], env))
+        kv_heads = k.shape[2 if self.op.kv_layout == "bshd" else 1]
+        group = int(subs_dim(q.shape[1], env)) // int(subs_dim(kv_heads, env))
         consts, opts = self._constexprs(group, head_dim, value_dim, target)
         hints = {n: 16 for n, d in (("D", head_dim), ("DV", value_dim)) if d % 16 == 0}
         return [AotVariant(consts, opts, hints)]

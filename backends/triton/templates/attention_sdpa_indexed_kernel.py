@@ -52,7 +52,7 @@ def sdpa_indexed_fwd(
     SCALE: tl.constexpr, CAUSAL: tl.constexpr, OFFSET: tl.constexpr, WINDOW: tl.constexpr,
     MASK: tl.constexpr, SINKS: tl.constexpr, SOFTCAP: tl.constexpr, VALUE_IN_K: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, DOT_IN_F32: tl.constexpr,
+    BLOCK_DV: tl.constexpr, DOT_IN_F32: tl.constexpr, KV_BSHD: tl.constexpr,
 ):
     tl.static_assert(BLOCK_H >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot tiles >= 16")
     # program: query t of sequence b, query heads [g0, g0 + BLOCK_H) of KV head kh's group
@@ -69,7 +69,13 @@ def sdpa_indexed_fwd(
     cols_d = tl.arange(0, BLOCK_D)
     cols_dv = tl.arange(0, BLOCK_DV)
     q_rows = (b * HQ + heads) * T + t
-    kv_row = (b * hkv + kh) * S
+    # key s is row kv_row + s * kv_step of k as [rows, D]: [B,S,Hkv,D] (KV_BSHD) rows Hkv apart
+    if KV_BSHD:
+        kv_row = b * S * hkv + kh
+        kv_step = hkv
+    else:
+        kv_row = (b * hkv + kh) * S
+        kv_step = 1
     idx_row = idx_ptr + b * idx_sb + kh * idx_sh + t * idx_st  # idx_sh = 0: one set for all
     # softmax state; with a sink its logit is the first term (max = sink, sum = exp(0))
     if SINKS:
@@ -96,7 +102,7 @@ def sdpa_indexed_fwd(
             cols = d0 + cols_d
             q = tl.load(q_ptr + q_rows[:, None] * D + cols[None, :],
                         mask=live[:, None] & (cols < D)[None, :], other=0.0)
-            k = tl.load(k_ptr + (kv_row + rows[:, None]) * D + cols[None, :],
+            k = tl.load(k_ptr + (kv_row + rows[:, None] * kv_step) * D + cols[None, :],
                         mask=key[:, None] & (cols < D)[None, :], other=0.0)
             z = _dot(q, tl.trans(k), z, DOT_IN_F32)
         z = z * SCALE
@@ -118,10 +124,10 @@ def sdpa_indexed_fwd(
         p = tl.exp(z - shift[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if VALUE_IN_K:  # values: the first DV channels of the same key rows
-            v = tl.load(k_ptr + (kv_row + rows[:, None]) * D + cols_dv[None, :],
+            v = tl.load(k_ptr + (kv_row + rows[:, None] * kv_step) * D + cols_dv[None, :],
                         mask=key[:, None] & (cols_dv < DV)[None, :], other=0.0)
         else:
-            v = tl.load(v_ptr + (kv_row + rows[:, None]) * DV + cols_dv[None, :],
+            v = tl.load(v_ptr + (kv_row + rows[:, None] * kv_step) * DV + cols_dv[None, :],
                         mask=key[:, None] & (cols_dv < DV)[None, :], other=0.0)
         acc = _dot(p.to(dtype), v, acc * alpha[:, None], DOT_IN_F32)
         m_i = m_new

@@ -49,7 +49,7 @@ def sdpa_fwd(
     SCALE: tl.constexpr, CAUSAL: tl.constexpr, OFFSET: tl.constexpr, WINDOW: tl.constexpr,
     MASK: tl.constexpr, SINKS: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr, DOT_IN_F32: tl.constexpr,
+    BLOCK_DV: tl.constexpr, DOT_IN_F32: tl.constexpr, KV_BSHD: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16, "tl.dot tiles >= 16")
     # program: queries [t0, t0 + BLOCK_M) of query head h of sequence b
@@ -57,7 +57,15 @@ def sdpa_fwd(
     bh = tl.program_id(1).to(tl.int64)
     b = bh // HQ
     h = bh % HQ
-    kv_row = (b * (HQ // GROUP) + h // GROUP) * S
+    # key s of this head is row kv_row + s * kv_step of k viewed as [rows, D] (v: [rows, DV]):
+    # [B,Hkv,S,D] rows are consecutive, [B,S,Hkv,D] (KV_BSHD) rows Hkv apart
+    hkv = HQ // GROUP
+    if KV_BSHD:
+        kv_row = b * S * hkv + h // GROUP
+        kv_step = hkv
+    else:
+        kv_row = (b * hkv + h // GROUP) * S
+        kv_step = 1
     dtype = q_ptr.dtype.element_ty
     rows = t0 + tl.arange(0, BLOCK_M)
     cols_d = tl.arange(0, BLOCK_D)
@@ -82,7 +90,7 @@ def sdpa_fwd(
     pos = rows + OFFSET
     for start in range(lo, hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
-        k = tl.load(k_ptr + (kv_row + keys[:, None]) * D + cols_d[None, :],
+        k = tl.load(k_ptr + (kv_row + keys[:, None] * kv_step) * D + cols_d[None, :],
                     mask=(keys < S)[:, None] & (cols_d < D)[None, :], other=0.0)
         # z = SCALE q.k (+ additive mask), -inf where the key is not visible
         z = _dot(q, tl.trans(k), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), DOT_IN_F32)
@@ -108,7 +116,7 @@ def sdpa_fwd(
         alpha = tl.exp(m_i - shift)
         p = tl.exp(z - shift[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + (kv_row + keys[:, None]) * DV + cols_dv[None, :],
+        v = tl.load(v_ptr + (kv_row + keys[:, None] * kv_step) * DV + cols_dv[None, :],
                     mask=(keys < S)[:, None] & (cols_dv < DV)[None, :], other=0.0)
         acc = _dot(p.to(dtype), v, acc * alpha[:, None], DOT_IN_F32)
         m_i = m_new
