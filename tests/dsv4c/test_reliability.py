@@ -228,7 +228,7 @@ def test_load_compiles_nothing_and_uses_the_shipped_library(artifact: Path) -> N
     assert out.returncode == 0, out.stderr
     seconds, compiler, tvm_imported = out.stdout.split()
     assert (compiler, tvm_imported) == ("False", "False")
-    assert float(seconds) < 10  # ~0.5 s idle; generous for a shared 2-core machine
+    assert float(seconds) < 10  # ~1 s idle, half of it tvm_ffi importing ml_dtypes (load_time.py)
     assert any(f.endswith(".so") for f in json.loads((artifact / MANIFEST).read_text())["files"])
 
 
