@@ -9,6 +9,7 @@ family; importing a module registers its emitters in `TRITON_EMITTERS`.
 | `compress.py` | `attn.compress`, `attn.compress_step` |
 | `hc.py` | `hc.pre` (Sinkhorn in registers), `hc.post`, `hc.head` |
 | `moe.py` | `moe.route`, `moe.experts` |
+| `quant.py` | `linalg.matmul_fp8` (block-scaled e4m3 weight decoded after its load; GEMV and `tl.dot` tiles) |
 
 The kernels themselves live as source text (`KernelSource`), so they are content-hashed,
 cached and compiled ahead of time like the generated ones; importing this package does not
@@ -18,3 +19,4 @@ import triton.
 from backends.triton.templates import attention, compress, hc, moe  # noqa: F401
 from backends.triton.templates import attention_sdpa  # noqa: F401
 from backends.triton.templates import attention_select  # noqa: F401
+from backends.triton.templates import quant  # noqa: F401  (linalg.matmul_fp8)
