@@ -72,6 +72,12 @@ machine the copies cost a few ms; the 77 ms of the loaded run are copies plus th
 and bandwidth contention of 132 MB of fresh buffers per step. (Profiled at b8, `attn.compress_step`
 is still ~30 ms of the step in place: its TVM kernel's compute, not its bytes.)
 
+Profile (`--profile`, `bench(..., profile=True)`): after the timed rounds every TVM row makes 3
+more calls with the runtime's timing hook on (`TVMExecutable.profile`; off, a call runs untimed
+closures) and gets `kernel_profile`: per kernel (its name and key as in the kernel records, or
+`<op> (reference)`) the calls, ms and share of one step, the bytes its ops must move (cost model)
+and the GB/s achieved (`dsv4c.bench_profile`); the top 10 per row are printed under the table.
+
 Roofline: the run first measures the machine's read bandwidth; each row gets `roofline_fraction`
 = (bytes the step must read: weights touched + KV) / bandwidth / latency — see bench_roofline.py
 for the formula. 1.0 means the step streams its bytes at the measured bandwidth.
@@ -93,6 +99,7 @@ from typing import Any
 import torch
 
 from dsv4c.artifact import atomic_write
+from dsv4c.bench_profile import kernel_profile, profile_table
 from dsv4c.bench_roofline import must_read_bytes, read_bandwidth
 
 __all__ = ["BACKENDS", "Workload", "bench", "bench_svg", "bench_table"]
@@ -283,6 +290,7 @@ def _inductor(model: Any, w: Workload, target: str) -> tuple[float, Callable[[],
 
 _COMPILED: dict[tuple[int, str, str, int, str], Any] = {}  # one compile per model and workload
 _MOVED: dict[tuple[int, str], int] = {}  # (workload, backend) -> cache update bytes per call
+_EXES: dict[tuple[int, str], Any] = {}  # (workload, backend) -> its executable (--profile)
 
 
 def _dsv4c(backend: str, inplace: bool = False) -> Callable[..., tuple[float, Callable[[], Any]]]:
@@ -304,6 +312,7 @@ def _dsv4c(backend: str, inplace: bool = False) -> Callable[..., tuple[float, Ca
         mode = "inplace" if inplace else "functional"
         row = backend + ("-inplace" if inplace else "")
         _MOVED[id(w), row] = update_bytes(entry.graph, {"B": w.info["batch"]})[mode]
+        _EXES[id(w), row] = entry.executable
         args = _own_cache(w.args) if inplace else w.args
         return time.perf_counter() - start, lambda: entry(*args)
 
@@ -471,8 +480,11 @@ def bench(
     interpret: bool = False,
     json_path: str | Path | None = None,
     say: Callable[[str], None] = print,
+    profile: bool = False,
 ) -> dict[str, Any]:
-    """Run every workload under every backend; returns (and writes) the JSON document."""
+    """Run every workload under every backend; returns (and writes) the JSON document.
+    `profile`: after the timed rounds, each TVM row gets `kernel_profile` (one step per kernel,
+    `dsv4c.bench_profile`), printed under the bench table (top 10 per row)."""
     from models.deepseek_v4 import Config, Transformer
 
     unknown = [b for b in backends if b not in BACKENDS]
@@ -483,6 +495,7 @@ def bench(
     torch.manual_seed(0)
     _COMPILED.clear()  # compiles are shared within this run only
     _MOVED.clear()
+    _EXES.clear()
     model = Transformer(Config.preset(preset)).eval().to("cpu" if target == "cpu" else "cuda")
     doc: dict[str, Any] = {
         "preset": preset,
@@ -512,6 +525,11 @@ def bench(
         for row in rows:
             if row["backend"] in times:
                 _finish_row(row, times[row["backend"]], w.tokens)
+            if profile and (id(w), row["backend"]) in _EXES and row["backend"] in calls:
+                exe = _EXES[id(w), row["backend"]]
+                if hasattr(exe, "step_times"):  # the TVM CPU runtime's timing hook
+                    with torch.no_grad():
+                        row["kernel_profile"] = kernel_profile(exe, calls[row["backend"]])
             _roofline(row, doc["read_bandwidth_Bps"])
             doc["rows"].append(row)
             say(f"  [{w.name}] {row['backend']}: {_row_text(row)}")
@@ -519,6 +537,9 @@ def bench(
             _write(Path(json_path), doc)
     _ratios(doc["rows"])
     say(bench_table(doc))
+    for r in doc["rows"]:
+        if "kernel_profile" in r:
+            say("\n" + profile_table(r["workload"], r["backend"], r["kernel_profile"]))
     if json_path is not None:
         _write(Path(json_path), doc)
         atomic_write(Path(json_path).with_suffix(".svg"), bench_svg(doc).encode())

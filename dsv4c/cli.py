@@ -325,6 +325,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         interpret=args.interpret,
         json_path=args.json,
         say=_say,
+        profile=args.profile,
     )
     print(f"wrote {args.json} and {Path(args.json).with_suffix('.svg')}")
     bad = [r for r in doc["rows"] if "check" in r and not r["check"]["ok"]]
@@ -398,6 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeat", type=int, default=3, help="timed calls per row (median)")
     b.add_argument("--interpret", action="store_true", help="allow Triton's CPU interpreter")
     b.add_argument("--json", default="bench.json", help="output JSON (and .svg beside it)")
+    b.add_argument(
+        "--profile",
+        action="store_true",
+        help="per-kernel profile of one step for the tvm rows (table and JSON kernel_profile)",
+    )
     b.set_defaults(fn=cmd_bench)
 
     from dsv4c import plan as plan_cmd  # scale-out planner: `dsv4c plan --model v4-pro --mesh ...`

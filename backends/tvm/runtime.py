@@ -20,7 +20,10 @@ library (`backends.tvm.library`, what an artifact ships): the emitters run under
 nothing is lowered or compiled and each kernel's packed function comes from the library.
 
 `exe.profile = True` times every step; `report()["profile"]` sums the seconds per op and
-whether it ran a kernel or the reference (where the time goes).
+whether it ran a kernel or the reference (where the time goes), and `step_times` the seconds
+and calls per step index (`steps[i]`: its node, its kernels), for a per-kernel profile
+(`dsv4c.bench_profile`); `profile_env` is the last profiled call's symbol binding. Off
+(the default), a call runs the plan's untimed closures: no cost.
 
 `exe(*args, params=..., inplace=True)` writes the graph's aliased outputs (`Graph.aliases`: the
 cache updates) into the caller's input tensors and returns those tensors; the default
@@ -135,6 +138,8 @@ class TVMExecutable:
         self.plans: dict[tuple, Plan] = {}  # per binding of the symbols (B, T, ...)
         self.profile = False  # True: time every step (report()["profile"])
         self.step_seconds: Counter[str] = Counter()
+        self.step_times: dict[int, list[float]] = {}  # step index -> [seconds, calls]
+        self.profile_env: dict = {}
 
     def _emit(self) -> None:
         updates = aliased_results(self.graph)
@@ -156,6 +161,7 @@ class TVMExecutable:
         feed, env = self.inputs.feed(args, params)
         plan = self.plan(env, inplace)
         if self.profile:
+            self.profile_env = dict(env)
             return self._profiled(plan, feed)
         return plan.run(feed)
 
@@ -182,9 +188,11 @@ class TVMExecutable:
     def _profiled(self, plan: Plan, feed: list[Any]) -> tuple[Any, ...]:
         """`plan.run` timing each step into `step_seconds` (op, and kernel or reference)."""
         timed = []
-        for (call, *rest), step in zip(plan.calls, self.steps):
+        for i, ((call, *rest), step) in enumerate(zip(plan.calls, self.steps)):
             where = "reference" if step.launch is None else "kernel"
-            timed.append((_timed(call, self.step_seconds, f"{step.node.name} ({where})"), *rest))
+            per_step = self.step_times.setdefault(i, [0.0, 0])
+            key = f"{step.node.name} ({where})"
+            timed.append((_timed(call, self.step_seconds, key, per_step), *rest))
         return Plan(timed, plan.outputs, plan.slots).run(feed)
 
     def kernels(self) -> list[Kernel]:
@@ -262,11 +270,16 @@ class TVMBackend:
         return TVMExecutable(graph, get_target(target), library=library)
 
 
-def _timed(call: Call, seconds: Counter[str], key: str) -> Call:
+def _timed(call: Call, seconds: Counter[str], key: str, per_step: list[float]) -> Call:
+    """`call`, adding its seconds to `seconds[key]` and to `per_step` ([seconds, calls])."""
+
     def run(inputs: Any) -> tuple[Any, ...]:
         start = time.perf_counter()
         out = call(inputs)
-        seconds[key] += time.perf_counter() - start
+        took = time.perf_counter() - start
+        seconds[key] += took
+        per_step[0] += took
+        per_step[1] += 1
         return out
 
     return run

@@ -1,0 +1,67 @@
+"""`dsv4c bench --profile`: the TVM rows' per-kernel profile of one step names the executable's
+kernels as its kernel records do, accounts for every step once, and its shares sum to 1; the
+timing hook is off outside the profile. (No timing assertions: the figures are the machine's.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("tvm")
+
+from dsv4c import bench as bench_module
+from dsv4c.bench import bench
+
+
+@pytest.fixture(scope="module")
+def profiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, list[str], object]:
+    out = tmp_path_factory.mktemp("bench") / "b.json"
+    said: list[str] = []
+    doc = bench(
+        "tiny",
+        ["eager", "tvm"],
+        prompt_len=0,
+        context=12,
+        batches=(2,),
+        repeat=1,
+        json_path=out,
+        say=said.append,
+        profile=True,
+    )
+    (exe,) = bench_module._EXES.values()
+    assert json.loads(Path(out).read_text()) == json.loads(json.dumps(doc))
+    return doc, said, exe
+
+
+def test_profile_names_the_kernel_records(profiled) -> None:
+    doc, _, exe = profiled
+    rows = {r["backend"]: r for r in doc["rows"]}
+    assert "kernel_profile" not in rows["eager"]
+    prof = rows["tvm"]["kernel_profile"]
+    records = {r.key: r.name for r in exe.kernel_records()}
+    first = {s.launch.kernels[0].key for s in exe.steps if s.launch is not None}
+    assert {p["key"] for p in prof if p["key"] is not None} == first
+    assert first <= set(records)
+    for p in prof:
+        if p["key"] is None:  # an op that ran its torch reference
+            assert p["kernel"].removesuffix(" (reference)") in {op for op, _ in exe.fallbacks()}
+        else:
+            assert p["kernel"] == records[p["key"]], p
+    assert sum(p["calls"] for p in prof) == pytest.approx(len(exe.steps))  # each step once
+    assert sum(p["share"] for p in prof) == pytest.approx(1.0, abs=1e-9)
+    assert [p["ms"] for p in prof] == sorted((p["ms"] for p in prof), reverse=True)
+    moved = [p for p in prof if p["bytes"]]
+    assert moved and all(p["GBps"] > 0 for p in moved if p["ms"] > 0)
+
+
+def test_profile_is_printed_and_the_hook_is_off_after(profiled) -> None:
+    doc, said, exe = profiled
+    prof = {r["backend"]: r for r in doc["rows"]}["tvm"]["kernel_profile"]
+    table = [s for s in said if "decode b2 / tvm: top" in s]
+    assert len(table) == 1 and prof[0]["kernel"] in table[0]
+    assert exe.profile is False
+    # the first call, the warm-up and the timed round ran untimed: only the 3 profiled calls
+    assert {calls for _, calls in exe.step_times.values()} == {3}
+    assert set(exe.step_times) == set(range(len(exe.steps)))
