@@ -47,6 +47,11 @@ class Launch(Protocol):
     @property
     def sources(self) -> tuple[KernelSource, ...]: ...
 
+    @property
+    def launches(self) -> int:
+        """Device launches one call makes, every kernel and phase counted (cost model)."""
+        ...
+
     def __call__(self, inputs: list[Any], env: dict) -> tuple[Any, ...]: ...
 
     def aot_variants(self, env: dict, target: Target) -> list[AotVariant]: ...
@@ -60,6 +65,11 @@ class OneKernel:
     @property
     def sources(self) -> tuple[KernelSource, ...]:
         return (self.source,)
+
+    @property
+    def launches(self) -> int:
+        """One launch; a template that runs its kernel in phases says how many."""
+        return 1
 
 
 def cdiv(a: int, b: int) -> int:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ir
-from backends.base import KernelRecord, Support, feed_inputs
+from backends.base import CostHints, KernelRecord, Support, feed_inputs
 from backends.inplace import aliased_results, update_call
 from backends.naming import locations
 from backends.reference import run_node
@@ -116,11 +116,15 @@ class TritonExecutable:
 
     def kernel_records(self) -> list[KernelRecord]:
         """One `KernelRecord` per distinct kernel (language "triton", a `.py` module), with the
-        source lines of every op it runs for and how the launch tiles its domain."""
+        source lines of every op it runs for and how the launch tiles its domain. The op's
+        kernel (its launch's `source`) has `cost.launches` = the device launches of one call of
+        the op, every phase and kernel counted (`Launch.launches`: MoE experts 5, split-KV
+        decode 2, compress's pool + finish 2); a launch's other kernels have 1."""
         sources: dict[str, KernelSource] = {}
         where: dict[str, dict[str, None]] = {}
         sites: dict[str, list[int]] = {}
         launch: dict[str, dict[str, Any]] = {}
+        launches: dict[str, int] = {}
         for i, step in enumerate(self.steps):
             for source in _sources(step):
                 sources.setdefault(source.key, source)
@@ -128,6 +132,8 @@ class TritonExecutable:
                 for loc in _step_locations(step.node):
                     where.setdefault(source.key, {})[loc] = None
                 launch.setdefault(source.key, _launch_info(step.launch))
+                first = step.launch is not None and source.key == step.launch.source.key
+                launches.setdefault(source.key, step.launch.launches if first else 1)
         return [
             KernelRecord(
                 name=s.name,
@@ -139,6 +145,7 @@ class TritonExecutable:
                 locations=tuple(where.get(k, ())),
                 sites=tuple(sites[k]),
                 launch=launch[k],
+                cost=CostHints(launches=launches[k]),
             )
             for k, s in sources.items()
         ]

@@ -211,3 +211,51 @@ def test_cost_hints_of_a_compound_dim_evaluate():
     (rec,) = DeviceExecutable(b.build(), get_target("sm_90")).kernel_records()
     assert rec.cost.launches == 2 and rec.cost.row()["materialised_bytes"] == "192*floor(T/4)"
     assert evaluate(rec.cost.materialised_bytes, {"T": 41}) == 10 * 48 * 4
+
+
+def test_triton_records_count_every_launch_of_a_call(monkeypatch: pytest.MonkeyPatch):
+    """A tiny decode step on the Triton interpreter, its kernel launches counted one op at a
+    time: each op's kernel record says as many launches as the op really makes (MoE experts 5
+    phases, split-KV attention and the indexer 2 stages, compress_step step + finish). The
+    records said 1 for all of them, so the side-by-side compare undercounted Triton."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from models.deepseek_v4 import Config, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(Config.preset("tiny")).eval()
+    with torch.no_grad():
+        tokens = torch.randint(0, 128, (2, 13), generator=torch.Generator().manual_seed(3))
+        cache = model.prefill(tokens[:, :12], model.init_cache(2, 24))[1]
+    args = (tokens[:, 12:], torch.tensor(12), cache)
+    spec = dsv4c.MethodSpec(args, {"token": {0: "B"}, "cache": {0: "B"}})
+    c = dsv4c.compile_methods(model, {"decode": spec}, backend="triton",
+                              graph_key="test_device_targets tiny decode")  # fmt: skip
+    exe = c.entries["decode"].executable
+    made: list[int] = []
+    run = InterpretedFunction.run
+    monkeypatch.setattr(InterpretedFunction, "run", lambda *a, **k: made.append(1) or run(*a, **k))
+    counted: dict[str, list[int]] = {}  # the op's kernel -> launches of each call
+    depth = [0]  # a cache update (`_update`) computes through `_compute`: count it once
+
+    def counting(method):  # noqa: ANN001, ANN202
+        def call(step, *rest):  # noqa: ANN001, ANN202
+            before, depth[0] = len(made), depth[0] + 1
+            try:
+                return method(step, *rest)
+            finally:
+                depth[0] -= 1
+                if depth[0] == 0 and step.launch is not None:
+                    counted.setdefault(step.launch.source.key, []).append(len(made) - before)
+
+        return call
+
+    monkeypatch.setattr(exe, "_compute", counting(exe._compute))
+    monkeypatch.setattr(exe, "_update", counting(exe._update))
+    c.entry("decode")(*args, params=model.state_dict())
+    records = {r.key: r for r in exe.kernel_records()}
+    said = {key: records[key].cost.launches for key in counted}
+    assert {key: set(n) for key, n in counted.items()} == {key: {n} for key, n in said.items()}
+    by_name = {records[key].name: n for key, n in said.items()}
+    assert by_name["moe_experts"] == 5 and by_name["sparse_mqa_decode"] == 2
+    assert by_name["indexer_topk"] == 2 and by_name["compress_step"] == 2

@@ -141,6 +141,10 @@ class SparseMQALaunch(OneKernel):
     def decode(self) -> bool:
         return bool(self.attrs["decode"])
 
+    @property
+    def launches(self) -> int:
+        return 2 if self.decode else 1  # split-KV decode: partials (STAGE 0), combine (STAGE 1)
+
     def _constexprs(self, head_dim: int, target: Target) -> tuple[dict, dict]:
         """The node's attributes and the target's tiles as constexprs; the launch options."""
         a = self.attrs
@@ -294,6 +298,10 @@ class IndexerTopKLaunch(OneKernel):
     dtype: ir.DType  # of q and keys (the dot operands)
     target: Target
     operands: tuple[ir.Value, ...]
+
+    @property
+    def launches(self) -> int:
+        return 2  # scores (STAGE 0; none with no keys yet), then the top-k select (STAGE 1)
 
     def _constexprs(self, heads: int, head_dim: int, target: Target) -> tuple[dict, dict]:
         cfg = indexer_config(target, heads, head_dim, self.attrs["k"], self.dtype)

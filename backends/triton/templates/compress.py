@@ -130,6 +130,10 @@ class CompressLaunch:
     def sources(self) -> tuple[KernelSource, ...]:
         return (self.pool, self.finish)
 
+    @property
+    def launches(self) -> int:
+        return 2  # pool, then finish
+
     def __call__(self, inputs: list[Any], env: dict) -> tuple[Any, ...]:
         import torch
 
@@ -223,6 +227,10 @@ class CompressStepLaunch:
     @property
     def sources(self) -> tuple[KernelSource, ...]:
         return (self.step, self.finish)
+
+    @property
+    def launches(self) -> int:
+        return 2  # step, then finish
 
     def __call__(self, inputs: list[Any], env: dict) -> tuple[Any, ...]:
         import torch

@@ -273,6 +273,10 @@ class ExpertsLaunch(OneKernel):
     node: ir.Node
     target: Target
 
+    @property
+    def launches(self) -> int:
+        return len(EXPERTS_PHASES)  # `__call__` launches the kernel once per phase
+
     def sizes(self, n: int) -> ExpertsSizes:
         """The sizes of a call on `n` tokens (everything else is static in the node's types)."""
         weights, w1 = self.node.operands[1], self.node.operands[3]
