@@ -6,8 +6,7 @@ loop, so it stays 1 byte per element in memory.
 The weight placeholder is `float8_e4m3fn` (torch's float8_e4m3fn tensors cross by DLPack as is).
 TVM 0.27's own e4m3 -> f32 cast on llvm flushes the subnormal codes (0x01-0x07, 0x81-0x87) to
 zero, so the kernel decodes the byte itself, bit-exactly (`decode_e4m3`): the bits are
-reinterpreted as uint8 and rebuilt as an f32 (normal codes: exponent rebiased 7 -> 127;
-subnormals: mantissa · 2^-9; 0x7f/0xff: NaN).
+reinterpreted as uint8, moved into an f32's exponent/mantissa fields and rescaled by 2^120.
 The block is the "matmul" block of `backends.tvm.matmul`, so its "nt" CPU schedule applies
 unchanged: w [N, K] is read along contiguous rows; with a static K that is a multiple of the
 vector width, each output is a vectorised dot product (decode GEMVs).
@@ -29,17 +28,20 @@ __all__ = ["decode_e4m3", "lower_matmul_fp8"]
 
 
 def decode_e4m3(v: Any) -> Any:
-    """The exact f32 value of one float8_e4m3fn TIR expression (torch's `.float()`)."""
+    """The exact f32 value of one float8_e4m3fn TIR expression (torch's `.float()`).
+
+    s eeee mmm -> f32 bits s 0000eeee mmm0...0 (exponent field e, mantissa at its top), times
+    2^120 (= 2^(127 - 7), the bias difference): exact for normal codes, and for subnormal ones
+    too (the f32 is then subnormal, m·2^-129, and m·2^-129·2^120 = 0.mmm·2^-6). The NaN codes
+    get f32 exponent 0xff by integer arithmetic: no branch or select, so the loop vectorises (a
+    select cost 20 % of a 4096² GEMV)."""
     from tvm import tirx
 
     f32 = "float32"
     b = tirx.reinterpret("uint8", v).astype("int32")
-    # s eeee mmm -> s (e + 120) mmm 0...: rebias 7 -> 127, mantissa to the top of f32's 23 bits
-    normal = tirx.reinterpret(f32, ((b & 0x80) << 24) | (((b & 0x7F) + (120 << 3)) << 20))
-    sub = (b & 7).astype(f32) * tirx.const(2.0**-9, f32)  # e = 0: 0.mmm · 2^-6
-    sub = tirx.Select((b & 0x80) != 0, -sub, sub)
-    value = tirx.Select((b & 0x78) == 0, sub, normal)
-    return tirx.Select((b & 0x7F) == 0x7F, tirx.const(float("nan"), f32), value)
+    nan = ((b & 0x7F) + 1) >> 7  # 1 for 0x7f/0xff: all exponent bits set (mantissa is not 0)
+    bits = ((b & 0x80) << 24) | ((b & 0x7F) << 20) | (nan * 0x7F800000)
+    return tirx.reinterpret(f32, bits) * tirx.const(2.0**120, f32)
 
 
 @lowers("linalg.matmul_fp8")
