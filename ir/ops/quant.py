@@ -37,8 +37,8 @@ class MatmulFP8(Op):
                                                                            scales are 2^e)
         y[m,n]          = round_to(x.dtype, Σ_k f32(x[m,k]) · dequant(w)[n,k])
 
-    Products and the sum are fp32 (the order of the sum is the kernel's); the result is rounded
-    once. M may be symbolic; N and K are static (weights). `block` is 128 in DeepSeek checkpoints.
+    Products and the sum are fp32, up to reassociation (the sum's order is the kernel's; the
+    Triton kernel applies each block's scale to its partial sum); the result is rounded once. M may be symbolic; N and K are static (weights). `block` is 128 in DeepSeek checkpoints.
     """
 
     mnemonic = "linalg.matmul_fp8"
