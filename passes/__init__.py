@@ -15,7 +15,6 @@ from passes.context import Pass, PassContext
 from passes.cost import kernel_cost
 from passes.explain import Explanation, explain
 from passes.fuse_elementwise import FusionPolicy, fuse_elementwise
-from passes.manager import pipeline
 from passes.memory_plan import MemoryPlan, plan_memory
 from passes.pattern import COMMUTATIVE, Fail, Match, Pat, Rule, const, either, op, var
 from passes.rewrite import GraphView, RewriteError, Rewriter, rewrite
@@ -26,6 +25,17 @@ from passes.structural_hash import (
     kernel_signatures,
     op_signature,
 )
+
+
+def __getattr__(name: str) -> object:
+    """`pipeline` imports every fusion pass (`passes.manager`): only on first use, so a process
+    that only loads an artifact (the backends ask for `op_signature`) does not pay for them."""
+    if name == "pipeline":
+        from passes.manager import pipeline
+
+        return pipeline
+    raise AttributeError(f"module 'passes' has no attribute {name!r}")
+
 
 __all__ = [
     "CANONICAL_RULES",
