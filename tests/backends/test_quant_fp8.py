@@ -116,3 +116,10 @@ def test_tvm_cast_from_e4m3_is_exact() -> None:
     q = torch.arange(256, dtype=torch.uint8).view(16, 16).view(torch.float8_e4m3fn)  # NaNs too
     (y,) = TVMBackend().compile(g, "cpu")(params={"w": q})
     torch.testing.assert_close(y, q.float() * 0.5, rtol=0, atol=0, equal_nan=True)
+
+
+def test_printer_parser_round_trip() -> None:
+    from ir.parser import parse
+
+    text = str(graph(ir.sym("M"), 130, 200, ir.DType.bf16))
+    assert "linalg.matmul_fp8" in text and str(parse(text)) == text
