@@ -88,7 +88,7 @@ def op_label(node: ir.Node, window: int) -> str:
         return node.name
     if node.attrs["indexed"]:
         return "attn.sdpa slc"
-    keys = node.operands[1].type.shape[2]
+    keys = node.operands[1].type.shape[1 if node.attrs.get("kv_layout") == "bshd" else 2]
     return "attn.sdpa win" if keys == window else "attn.sdpa cmp"
 
 

@@ -23,6 +23,10 @@ The keys decide the branch:
                  picked blocks' token rows per query and KV head (the model already masks
                  them to s <= t, so no causal attribute is needed)
 
+The rows and tokens branches read k_src, v_src [B,S,G,D] as stored (kv_layout="bshd"): no
+[B,G,S,D] permute, which a backend would materialise — at 64K tokens a 160 MiB copy of the cache
+per decode step to read the 1024 selected rows.
+
 Selection (`attn.block_select`), matched from the picks back to the cmp branch's probabilities:
 
     picks = where(isinf(v) | i >= S', -1, i), (v, i) = topk(pad(where(vis_slc, rank, -inf)), n)
@@ -176,11 +180,6 @@ def _ungroup(rw: Rewriter, o: Value, like: Value) -> Value:
     return rw.op("permute", [o], dims=(0, 3, 1, 2, 4))
 
 
-def _kv_heads(rw: Rewriter, x: Value) -> Value:
-    """[B,S,G,D] -> [B,G,S,D]."""
-    return rw.op("permute", [x], dims=(0, 2, 1, 3))
-
-
 def _unit(c: Checks, name: str, x: Value, shape: list[Any], rw: Rewriter) -> Value:
     """x reshaped to `shape` when only unit dims move (else Miss)."""
     same = [d for d in x.type.shape if d != 1] == [d for d in shape if d != 1]
@@ -249,6 +248,7 @@ def _sdpa(c: Checks, root: Match, rw: Rewriter) -> Replace:
     attrs = {"scale": float(const_value(c.view, m["scale"])), "causal": False, "offset": 0,
              "window": 0, "mask": "none"}  # fmt: skip
     q = _heads(rw, q5)
+    heads_dim = 1  # of k: [B,G,S,D], or [B,S,G,D] read as stored (rows, tokens)
     if form == "shared":
         k, v = _shared_kv(c, keys5, v5)
         operands = [q, k, v, _unit(c, "probs.valid", valid, [1, 1, t, k.type.shape[2]], rw)]
@@ -256,21 +256,24 @@ def _sdpa(c: Checks, root: Match, rw: Rewriter) -> Replace:
     elif form == "rows":
         operands = _ring_or_band(c, gather, v5, valid, attrs, rw)
         operands.insert(0, q)
+        attrs["kv_layout"], heads_dim = "bshd", 2
     else:
         operands = [q, *_picked(c, gather, v5, valid, rw)]
-        attrs["indexed"] = True
-    _grouping(c, q5, operands[1], valid)
+        attrs.update(indexed=True, kv_layout="bshd")
+        heads_dim = 2
+    _grouping(c, q5, operands[1], valid, heads_dim)
     c.fits("attn.sdpa", operands, attrs, [None])
     return replace(c.view, [(out, _ungroup(rw, rw.op("attn.sdpa", operands, **attrs), out))])
 
 
-def _grouping(c: Checks, q5: Value, k: Value, valid: Value) -> None:
-    """q [B,T,G,hg,D] against k [B,G,S,D], valid [1|B, T, 1|G, 1, m]: the query-major grouping
-    NSA uses (not [B,Hkv,G,T,D], which fuse_sdpa takes)."""
+def _grouping(c: Checks, q5: Value, k: Value, valid: Value, heads_dim: int = 1) -> None:
+    """q [B,T,G,hg,D] against k [B,G,S,D] (heads_dim 1; 2: k [B,S,G,D]), valid [1|B, T, 1|G,
+    1, m]: the query-major grouping NSA uses (not [B,Hkv,G,T,D], which fuse_sdpa takes)."""
     b, t, g, _, d = q5.type.shape
-    ok = same_dim(k.type.shape[0], b) and same_dim(k.type.shape[1], g)
+    ok = same_dim(k.type.shape[0], b) and same_dim(k.type.shape[heads_dim], g)
     ok = ok and same_dim(k.type.shape[3], d)
-    c.need(ok, "keys", f"q {q5.type} is not [B,T,G,hg,D] over keys {k.type} [B,G,S,D]",
+    want = "[B,G,S,D]" if heads_dim == 1 else "[B,S,G,D]"
+    c.need(ok, "keys", f"q {q5.type} is not [B,T,G,hg,D] over keys {k.type} {want}",
            c.view.producer(k))  # fmt: skip
     vs = valid.type.shape
     ok = valid.type.rank == 5 and vs[0] in (1, b) and same_dim(vs[1], t) and vs[2] in (1, g)
@@ -298,7 +301,7 @@ def _ring_or_band(
     valid_at, pos2 = positional(c, "probs.valid", valid)
     c.need(pos2 is None or pos is None or pos2 == pos, "probs.valid", "two positions")
     s = k_src.type.shape[1]
-    k, v = _kv_heads(rw, k_src), _kv_heads(rw, v_src)
+    k, v = k_src, v_src  # [B,S,G,D], read as stored (kv_layout="bshd")
     if pos is None and pos2 is None:  # evaluators are shared by equal structures: so is this
         key = f"fuse_nsa.band.{id(rows_at)}.{id(valid_at)}.{s}"
         window = c.view.memo(key, lambda: _band(c, rows_at(0), _rows2(valid_at(0), t), s, gather))
@@ -319,7 +322,7 @@ def _ring_or_band(
 
 
 def _picked(c: Checks, gather: Node, v5: Value, valid: Value, rw: Rewriter) -> list[Value]:
-    """k, v [B,G,S,D] and indices [B,G,T,m] = where(valid, tok, -1) of attention over
+    """k, v [B,S,G,D] (as stored) and indices [B,G,T,m] = where(valid, tok, -1) of attention over
     k_src[b, tok[b,t,g,j], g] (index_multi over dims 0, 1, 2 with iota batch and head rows)."""
     view = c.view
     c.need(len(gather.operands) == 4, "keys.tokens", "the gather is not k_src[b, tok, g] "
@@ -341,7 +344,7 @@ def _picked(c: Checks, gather: Node, v5: Value, valid: Value, rw: Rewriter) -> l
     keep = rw.op("reshape", [valid], shape=[b, t, g, m])
     none = rw.constant(-1, tok.dtype)
     idx = rw.op("permute", [rw.op("where", [keep, tok, none])], dims=(0, 2, 1, 3))
-    return [_kv_heads(rw, k_src), _kv_heads(rw, vg.operands[0]), idx]
+    return [k_src, vg.operands[0], idx]
 
 
 def _band(c: Checks, rows: Any, keep: Any, s: int, at: Node) -> int:

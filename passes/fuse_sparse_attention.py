@@ -258,7 +258,7 @@ def _topk_mask(c: Checks, root: Match, rw: Rewriter) -> Replace:
     c.need(not sd.indexed and sd.mask != "none", "attn.sdpa",
            "not a dense attn.sdpa with a mask operand")  # fmt: skip
     r = sd.roles(node.operands)
-    t, s = r["q"].type.shape[2], r["k"].type.shape[2]
+    t, s = r["q"].type.shape[2], r["k"].type.shape[1 if sd.kv_layout == "bshd" else 2]
     # kind: how the C part masks — a bool (under ∧) or an additive float (masked_fill form)
     if sd.mask == "bool":
         m, drop, kind = c.match("mask", KEEP, r["mask"]), float("-inf"), "bool"
@@ -287,7 +287,7 @@ def _topk_mask(c: Checks, root: Match, rw: Rewriter) -> Replace:
     v = [] if r["v"] is None else [r["v"]]
     operands = [r["q"], r["k"], *v, *mask_ops, indices, *extra]
     attrs.update(scale=sd.scale, window=0, mask=mask_kind, sinks=sd.sinks, softcap=sd.softcap,
-                 indexed=True, value_dim=sd.value_dim)  # fmt: skip
+                 indexed=True, value_dim=sd.value_dim, kv_layout=sd.kv_layout)  # fmt: skip
     c.fits("attn.sdpa", operands, attrs, [node.results[0]])
     return replace(view, [(node.results[0], rw.op("attn.sdpa", operands, **attrs))])
 

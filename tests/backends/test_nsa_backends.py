@@ -129,6 +129,12 @@ def _layer():
     return nsa_tests._sensitive(NSAttention(Config.preset("tiny-nsa")), 7)
 
 
+def _layouts(g: ir.Graph) -> list[str]:
+    """kv_layout of each attn.sdpa: the cmp branch's compressed keys [B,G,N,D] ("bhsd"), the
+    win and slc branches' caches read as stored ([B,S,G,D], "bshd": no transposed copy)."""
+    return sorted(n.attrs["kv_layout"] for n in g.ops if n.name == "attn.sdpa")
+
+
 def _semantic_kernels(exe) -> set[str]:
     ran = {s.node.name for s in exe.steps if s.launch is not None}
     assert not [f for f in exe.fallbacks() if f[0].startswith(SEMANTIC)], exe.fallbacks()
@@ -150,6 +156,7 @@ def test_nsa_layer_prefill_and_decode(backend: str, monkeypatch) -> None:
                 steps[at] = _eager_step(layer, x, at)
         assert 1e-5 < log.margin() < float("inf"), "selection near-tie: pick another seed"
     g = passes.pipeline(capture(layer, (x,)))
+    assert _layouts(g) == ["bhsd", "bshd", "bshd"]
     exe = _backend(backend).compile(g, "cpu")
     (got,) = exe(x, params=params)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=ATOL)
@@ -157,6 +164,7 @@ def test_nsa_layer_prefill_and_decode(backend: str, monkeypatch) -> None:
 
     cache = steps[44][1]
     dg = passes.pipeline(capture(layer, (x[:, 44:45], torch.tensor(44), cache), method="decode"))
+    assert _layouts(dg) == ["bhsd", "bshd", "bshd"]
     dexe = _backend(backend).compile(dg, "cpu")
     for at, (step, cache_at) in steps.items():
         got = dexe(x[:, at : at + 1], torch.tensor(at), *cache_at.values(), params=params)

@@ -53,15 +53,27 @@ def _ops(g: ir.Graph, name: str) -> list[ir.Node]:
 
 
 def _sdpa_kinds(g: ir.Graph) -> list[tuple]:
-    """(mask, indexed, causal, window) of each attn.sdpa, sorted."""
+    """(mask, indexed, causal, window, kv_layout) of each attn.sdpa, sorted; checks that a
+    "bshd" op reads k and v as the graph holds them (no permute absorbed into a copy)."""
+    producers = {r: n for n in g.ops for r in n.results}
+    for n in _ops(g, "attn.sdpa"):
+        if n.attrs["kv_layout"] == "bshd":
+            r = n.op.roles(n.operands)
+            kv = [x for x in (r["k"], r["v"]) if x is not None]
+            names = [producers[x].name for x in kv if x in producers]
+            assert "permute" not in names, names
     return sorted(
-        (n.attrs["mask"], n.attrs["indexed"], n.attrs["causal"], n.attrs["window"])
+        (n.attrs["mask"], n.attrs["indexed"], n.attrs["causal"], n.attrs["window"],
+         n.attrs["kv_layout"])  # fmt: skip
         for n in _ops(g, "attn.sdpa")
     )
 
 
-BRANCHES = [("bool", False, False, 0), ("none", False, True, 8), ("none", True, False, 0)]
-BRANCHES_DECODE = [("bool", False, False, 0), ("bool", False, False, 0), ("none", True, False, 0)]
+# cmp attends to the compressed [B,G,N,D] keys; win and slc to the [B,S,G,D] caches as stored
+BRANCHES = [("bool", False, False, 0, "bhsd"), ("none", False, True, 8, "bshd"),
+            ("none", True, False, 0, "bshd")]  # fmt: skip
+BRANCHES_DECODE = [("bool", False, False, 0, "bhsd"), ("bool", False, False, 0, "bshd"),
+                   ("none", True, False, 0, "bshd")]  # fmt: skip
 
 
 def test_layer_prefill_forms_three_attentions_and_a_selection(monkeypatch) -> None:
@@ -224,7 +236,8 @@ def test_symbolic_length_forms_what_needs_no_evaluation() -> None:
     layer = _layer()
     fused, ctx = _fused(capture(layer, (_x(40),), dynamic={"x": {1: "T"}}))
     assert ctx.counters["fuse_nsa.attn.sdpa"] == 2 and ctx.counters[SELECT] == 0
-    assert _sdpa_kinds(fused) == [("bool", False, False, 0), ("none", True, False, 0)]
+    cmp, slc = ("bool", False, False, 0, "bhsd"), ("none", True, False, 0, "bshd")
+    assert _sdpa_kinds(fused) == [cmp, slc]
     assert "symbolic shape" in str(explain(RULES[0], fused))
     assert "symbolic shape" in str(explain(RULES[1], fused))
     for t in (33, 56):
