@@ -210,8 +210,9 @@ def entry_summary(name: str, entry: dict[str, Any]) -> str:
     head = f"{name}: {entry['ops_captured']} ops captured -> {entry['launches']} launches"
     code = entry["code"]
     langs = "/".join(code["languages"])
-    text = f"{head}, {code['kernels']} distinct kernels with {langs} code" if langs else (
-        f"{head}, no kernel code")
+    text = f"{head}, {code['kernels']} distinct kernels with {langs} code"
+    if not langs:  # the reference backend, or a target that got code for no kernel
+        text = f"{head}, no kernel code"
     if code["skipped"]:
         reasons = Counter(code["skipped"].values()).most_common()
         why = "; ".join(f"{n}: {reason}" if len(reasons) > 1 else reason for reason, n in reasons)
