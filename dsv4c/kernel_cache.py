@@ -24,7 +24,7 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,8 +135,7 @@ def aot_with_cache(
     if progress:
         progress(done, len(jobs))
     step = CHUNK * parallel_jobs()
-    for start in range(0, len(misses), step):
-        chunk = misses[start : start + step]
+    for chunk in _rounds(misses, jobs, step):
         fake = SimpleNamespace(
             graph=exe.graph,
             steps=[SimpleNamespace(launch=_OneVariant(jobs[i])) for i in chunk],
@@ -160,6 +159,25 @@ def aot_with_cache(
         if binary is not None:
             out.setdefault(job.source.key, []).append(binary)
     return out, files, stats
+
+
+def _rounds(misses: list[int], jobs: Sequence[AotJob], size: int) -> list[list[int]]:
+    """The missed jobs in rounds of at most `size` with one variant of a kernel each:
+    `aot_compile` writes a kernel's files as `<name>_<key>.<kind>` in its keep folder, so two
+    variants compiled in one call overwrote each other and every variant got the bytes of the
+    last one written (tiny's three sparse_mqa_prefill cubins were one file three times)."""
+    rounds: list[list[int]] = []
+    keys: list[set[str]] = []
+    for i in misses:
+        key = jobs[i].source.key
+        n = next((r for r, have in enumerate(keys) if key not in have and len(rounds[r]) < size),
+                 len(rounds))  # fmt: skip
+        if n == len(rounds):
+            rounds.append([])
+            keys.append(set())
+        rounds[n].append(i)
+        keys[n].add(key)
+    return rounds
 
 
 def _place(

@@ -20,6 +20,7 @@ from dsv4c_helpers import mlp, x
 from test_kernel_records import check_records
 
 import dsv4c
+import ir
 from backends.tvm.device import DeviceUnavailable
 from dsv4c import loader
 from dsv4c.errors import DsvError
@@ -259,3 +260,31 @@ def test_triton_records_count_every_launch_of_a_call(monkeypatch: pytest.MonkeyP
     by_name = {records[key].name: n for key, n in said.items()}
     assert by_name["moe_experts"] == 5 and by_name["sparse_mqa_decode"] == 2
     assert by_name["indexer_topk"] == 2 and by_name["compress_step"] == 2
+
+
+def test_every_aot_variant_keeps_its_own_binary():
+    """MoE experts compile as 5 variants (one per PHASE) in one AOT batch; each variant's
+    cubin is its own (as long as ptxas said, the 5 distinct). All 5 were the bytes of the one
+    written last: `aot_compile` names a kernel's files `<name>_<key>.<kind>` in one folder."""
+    from backends.triton import TritonBackend
+    from backends.targets import get_target
+    from dsv4c.kernel_cache import aot_with_cache
+
+    n, f32 = ir.sym("N"), ir.DType.f32
+    b = ir.Builder(name="experts")
+    x = b.input("x", ir.TensorType((n, 32), f32))
+    weights = b.input("weights", ir.TensorType((n, 2), f32))
+    experts = b.input("experts", ir.TensorType((n, 2), ir.DType.i64))
+    w1, w3 = (b.input(w, ir.TensorType((4, 16, 32), f32), role="parameter") for w in "ab")
+    w2 = b.input("c", ir.TensorType((4, 32, 16), f32), role="parameter")
+    b.output(b.op("moe.experts", [x, weights, experts, w1, w3, w2]))
+    exe = TritonBackend().compile(b.build(), "sm_90")
+    try:
+        binaries, files, _ = aot_with_cache(exe, get_target("sm_90"), {"N": 8}, use_cache=False)
+    except RuntimeError as e:  # a triton wheel without the GPU toolchains
+        pytest.skip(f"Triton cannot compile for sm_90 here: {e}")
+    (variants,) = binaries.values()
+    assert len(variants) == 5 and all(v.error is None for v in variants)
+    cubins = [files[next(f for f in v.files if f.endswith(".cubin"))] for v in variants]
+    assert [len(c) for c in cubins] == [v.binary_bytes for v in variants]
+    assert len(set(cubins)) == 5
