@@ -53,6 +53,11 @@ def nvcc_cache_dir() -> Path:
     return _cache_root() / "nvcc"
 
 
+# part of every AOT cache key: 2 since entries written before `_rounds` may hold another
+# variant's bytes (their sha256 matched what was stored, so they would still be read)
+AOT_CACHE_FORMAT = 2
+
+
 @dataclass(frozen=True)
 class AotJob:
     source: Any  # backends.triton.kernel.KernelSource
@@ -71,6 +76,7 @@ class AotJob:
                 sorted(self.variant.hints.items()),
                 self.target.name,
                 metadata.version("triton"),
+                AOT_CACHE_FORMAT,
             ],
             default=str,
         )
