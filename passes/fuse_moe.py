@@ -42,6 +42,8 @@ before w2 and of the routed sum is required exactly when x is narrower than fp32
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from ir import DType, Graph, Node, Value
 from ir.ops.moe import Experts
 from passes.canonical_moe import canonical_moe
@@ -424,6 +426,12 @@ def _build(view: FusionView, rw: Rewriter, out: Value, operands: list[Value], ac
     cast = view.only_user(out, "cast")  # the fp32 sum rounded to x's dtype (bf16 models)
     mine = out if cast is None else cast.results[0]
     shared = _shared(view, x, mine, act, base)
+    why = None if shared is None else _shared_unusable(rw, x, shared[:3])
+    if why is not None:  # the routed experts still form; the shared expert stays as it is
+        rw.ctx.count("fuse_moe.shared_not_folded")
+        if rw.ctx.stats:
+            rw.ctx.log(f"fuse_moe: shared expert at {shared[3].loc} not folded: {why}")
+        shared = None
     if shared is not None:
         *weights, add, shape = shared
         y = rw.op("moe.experts", operands + weights + biases, shared=True, loc=add.loc, **attrs)
@@ -432,6 +440,20 @@ def _build(view: FusionView, rw: Rewriter, out: Value, operands: list[Value], ac
         return replace(view, [(add.results[0], y)])
     y = rw.op("moe.experts", operands + biases, **attrs)
     return replace(view, [(out, y)])
+
+
+def _shared_unusable(rw: Rewriter, x: Value, weights: Sequence[Value]) -> str | None:
+    """Why the shared expert's [s1, s3, s2] cannot be operands of the op replacing the routed sum,
+    or None: the op needs them defined before that sum (e.g. FP8 weights dequantised next to
+    the shared expert, after the routed experts, are not) and in x's dtype."""
+    late = [w for w in weights if not rw.defined(w)]
+    if late:
+        return (f"shared.weights: %{late[0].name} is computed after the routed experts (not "
+                "parameters in x's dtype); expected parameters or values defined before them")
+    bad = next((w for w in weights if w.dtype != x.dtype), None)
+    if bad is not None:
+        return f"shared.weights: %{bad.name} is {bad.dtype}, expected x's dtype {x.dtype}"
+    return None
 
 
 # --- experts, batched form: each (token, slot) row times its gathered expert's weights --------

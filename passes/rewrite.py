@@ -196,6 +196,14 @@ class Rewriter:
             self._new_defs[r.name] = node
         return results[0] if len(results) == 1 else results
 
+    def defined(self, v: Value) -> bool:
+        """Whether `v` may be an operand of a new op here: a graph input, a value defined before
+        the matched op, or a result of a new op (`op` raises RewriteError for any other)."""
+        resolve = getattr(self._sweep, "resolve", None)
+        v = v if resolve is None else resolve(v)
+        known = v.name in self._sweep.defs or v.name in self._sweep.inputs
+        return known or v.name in self._new_defs
+
     def _make(self, mnemonic: str, attrs: dict[str, Any]) -> Op:
         """The op instance (shared between equal ops: constructing one validates its attributes)."""
         key = (mnemonic, tuple((k, attr_key(v)) for k, v in attrs.items()))
