@@ -72,7 +72,7 @@ machine the copies cost a few ms; the 77 ms of the loaded run are copies plus th
 and bandwidth contention of 132 MB of fresh buffers per step. (Profiled at b8, `attn.compress_step`
 is still ~30 ms of the step in place: its TVM kernel's compute, not its bytes.)
 
-Profile (`--profile`, `bench(..., profile=True)`): after the timed rounds every TVM row makes 3
+Profile (`--profile`, `bench(..., profile=True)`): after the timed rounds every TVM row makes 5
 more calls with the runtime's timing hook on (`TVMExecutable.profile`; off, a call runs untimed
 closures) and gets `kernel_profile`: per kernel (its name and key as in the kernel records, or
 `<op> (reference)`) the calls, ms and share of one step, the bytes its ops must move (cost model)

@@ -5,9 +5,11 @@ timing hook is off outside the profile. (No timing assertions: the figures are t
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("tvm")
 
@@ -62,6 +64,23 @@ def test_profile_is_printed_and_the_hook_is_off_after(profiled) -> None:
     table = [s for s in said if "decode b2 / tvm: top" in s]
     assert len(table) == 1 and prof[0]["kernel"] in table[0]
     assert exe.profile is False
-    # the first call, the warm-up and the timed round ran untimed: only the 3 profiled calls
-    assert {calls for _, calls in exe.step_times.values()} == {3}
-    assert set(exe.step_times) == set(range(len(exe.steps)))
+    assert set(exe.step_times) == set(range(len(exe.steps)))  # the last profiled call: each once
+    assert {calls for _, calls in exe.step_times.values()} == {1}
+
+
+def test_the_hook_is_off_by_default() -> None:
+    """Unprofiled calls time nothing; with `profile` on, each step of each call is counted."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "backends"))
+    from backend_graphs import graph_of
+
+    from backends.tvm import TVMBackend
+
+    x = torch.randn(4, 32)
+    exe = TVMBackend().compile(graph_of([("softmax", ["x"], {"dim": -1})], {"x": x}), "cpu")
+    exe(x)
+    exe(x)
+    assert not exe.step_times and not exe.step_seconds
+    exe.profile = True
+    exe(x)
+    exe(x)
+    assert {i: calls for i, (_, calls) in exe.step_times.items()} == {0: 2}
