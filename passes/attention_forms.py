@@ -15,6 +15,13 @@ the fusion rules match (the one models/attention.py produces after `canonicalize
                              x, -inf), k), k)   for finite x: the masked columns are exactly the
                              -inf values and the columns s >= c_t (module `fuse_attention`'s form);
                              k = min(k', S) (symbolic S): the first k of the k'-pick form
+    broadcasts after the math  f(expand(x)) -> expand(f(x)) for cos, sin, cast;
+                             expand(x)·y -> expand(x·y) when y is constant along the grown dims;
+                             reshape(expand(x)) -> expand(reshape(x)) when the reshape appends
+                             unit dims; expand(expand(x)) -> expand(x) — so a rope table computed
+                             from positions expanded over the batch (HF's position_ids [B, n]) is
+                             one [n, r/2] table broadcast, at any batch size (exact: the same
+                             values, computed once per position instead of once per sequence)
 
 Each rule's comment states its algebra; `STATS=1` counts them like any rule.
 """
@@ -96,7 +103,7 @@ def _rope_pairs(m: Match, rw: Rewriter) -> Value | Fail:
     if rep[-1] != width or cos.type.rank < 2 or any(d != 1 for d in cos.type.shape[:-2]):
         return Fail(4, "rotate_half.table", f"cos {cos.type} is not one [T, {half}] table "
                     f"repeated over x's {width} channels")
-    bshape = tuple(rep[:-1]) + (half,)
+    bshape = (1,) * (len(rep) - 2) + (rep[-2], half)  # the table broadcasts over the rest
     cos_t, sin_t = _table(rw, cos), _table(rw, sin)
     pairs = rw.op("reshape", [x], shape=tuple(x.type.shape[:-1]) + (half, 2))
     a = rw.op("select", [pairs], dim=rank, index=0)
@@ -336,6 +343,48 @@ def _only_masks(env: Any, v: Value, visible: Value) -> bool:
     return bool(users(v))
 
 
+# --- broadcasts after the math: one table, not one per sequence -----------------------------
+
+def _grown(e: Any) -> tuple[int, ...]:
+    """Dims (from the right, 1-based) that expand e grows from size 1."""
+    src, out = e.operands[0].type.shape, e.results[0].type.shape
+    return tuple(i for i in range(1, len(out) + 1)
+                 if (src[-i] if i <= len(src) else 1) == 1 and out[-i] != 1)
+
+
+def _late_unary(m: Match, rw: Rewriter) -> Value | Fail:
+    e = m.node("e")
+    if e.operands[0].type.rank != e.results[0].type.rank:
+        return Fail(2, "expand", "the expand adds dims")
+    inner = rw.op(m.root.name, [m["x"]], **m.root.attrs)
+    return rw.op("expand", [inner], shape=tuple(m.root.results[0].type.shape))
+
+
+def _late_mul(m: Match, rw: Rewriter) -> Value | Fail:
+    e, y = m.node("e"), m["y"]
+    if e.operands[0].type.rank != e.results[0].type.rank:
+        return Fail(2, "expand", "the expand adds dims")
+    ys = y.type.shape
+    if any(i <= len(ys) and ys[-i] != 1 for i in _grown(e)):
+        return Fail(3, "y", f"{y.type} varies along a dim the expand grows")
+    inner = rw.op("mul", [m["x"], y])
+    return rw.op("expand", [inner], shape=tuple(m.root.results[0].type.shape))
+
+
+def _late_reshape(m: Match, rw: Rewriter) -> Value | Fail:
+    e, x = m.node("e"), m["x"]
+    shape, grown = tuple(m.root.results[0].type.shape), tuple(e.results[0].type.shape)
+    k = len(shape) - len(grown)
+    if k < 1 or shape[: len(grown)] != grown or any(d != 1 for d in shape[len(grown):]):
+        return Fail(2, "reshape", "the reshape does not only append unit dims")
+    inner = rw.op("reshape", [x], shape=tuple(x.type.shape) + (1,) * k)
+    return rw.op("expand", [inner], shape=shape)
+
+
+def _merge_expands(m: Match, rw: Rewriter) -> Value:
+    return rw.op("expand", [m["x"]], shape=tuple(m.root.results[0].type.shape))
+
+
 RULES = [
     # x·rep2(cos) + rotate_half(x)·rep2(sin) = interleave(a·cos - b·sin, a·sin + b·cos)
     Rule("attention_forms.rope_pairs", ROTATE_HALF, _rope_pairs),
@@ -356,6 +405,18 @@ RULES = [
     Rule("attention_forms.head_sum", HEAD_SUM, _head_sum),
     # mask & ~scatter(true, topk(causal x), false) = mask & ~scatter(true, padded picks, false)
     Rule("attention_forms.index_mask", INDEX_MASK, _index_mask, view=FusionView),
+    # f(expand(x)) = expand(f(x)) for elementwise f: rope tables of positions expanded over
+    # the batch (HF's position_ids [B, n]) are one table broadcast
+    Rule("attention_forms.expand_late_unary",
+         op({"cos", "sin", "cast"}, op("expand", var("x"), name="e")), _late_unary),
+    # expand(x)·y = expand(x·y) when y is constant along every dim the expand grows
+    Rule("attention_forms.expand_late_mul",
+         op("mul", op("expand", var("x"), name="e"), var("y"), commute=True), _late_mul),
+    # reshape(expand(x), s ++ [1..]) = expand(reshape(x, shape(x) ++ [1..]), s ++ [1..])
+    Rule("attention_forms.expand_late_reshape",
+         op("reshape", op("expand", var("x"), name="e")), _late_reshape),
+    # expand(expand(x)) = expand(x)
+    Rule("attention_forms.expand_expand", op("expand", op("expand", var("x"))), _merge_expands),
 ]
 
 

@@ -109,22 +109,13 @@ def test_decode_forms_every_family_and_equals_eager(batch: int | str) -> None:
             assert (g_out - w_out).abs().max().item() <= 1e-5
 
 
-HF_V4_BATCHED_ROPE = (
-    "HF V4's compressor rotates by tables of position_ids expanded to [B, n]: cos [B, n, r/2]; "
-    "attention_forms.rope_pairs needs one [n, r/2] table, so at B = 2 no attn.compress forms "
-    "(B = 1: 3 compress, 3 sparse_mqa; B = 2: 0 and 2). Needs f(expand(x)) = expand(f(x))."
-)
-
-
 @slow
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param("deepseek_v4", marks=pytest.mark.xfail(strict=True, reason=HF_V4_BATCHED_ROPE)),
-     "deepseek_v32", "mixtral"],
-)
+@pytest.mark.parametrize("name", ["deepseek_v4", "deepseek_v32", "mixtral"])
 def test_hf_models_form_the_same_ops_at_batch_1_and_2(name: str) -> None:
     """Hugging Face's tiny models (tests/frontend/hf_tiny.py; V4: the three-layer one of
-    test_hf_fusion_counts): the pipeline forms the same ops at batch 1 and 2, = HF eager."""
+    test_hf_fusion_counts): the pipeline forms the same ops at batch 1 and 2, = HF eager. V4's
+    compressor rotates by tables of position_ids expanded to [B, n]; before the expand_late
+    forms (passes/attention_forms.py) B = 2 formed no attn.compress (3 -> 0, sparse_mqa 3 -> 2)."""
     import sys
     from pathlib import Path
 
