@@ -3,8 +3,9 @@
 Stages, all fp32, none leaving the kernel: scores q·kᵀ of every query head against the
 compressed keys of its KV group (block-causal: i·d + l − 1 <= p), a guarded softmax per head
 (a query that sees no block gets 0), the group sum over its heads, the importance of each
-selection block (the compressed blocks sharing a token with it, an index test, no overlap
-matrix), the forced-block bonus and visibility, then the shared top-n with -1 pads
+selection block (the at most ceil((l' + l − 1)/d) compressed blocks sharing a token with it:
+a bounded window per block, linear in the context, no all-pairs test), the forced-block bonus
+and visibility, then the shared top-n with -1 pads
 (`semantic._topk_or_pad`: the CPU's sort extern, or the rank form on GPUs).
 """
 
@@ -75,15 +76,28 @@ def lower_block_select(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any
         ),
         name=lw.tag("group_p"),
     )
-    ki = te.reduce_axis((0, n), name="ki")
+    # Selection block j (tokens j·l' .. j·l'+l'−1) shares a token with compressed block i
+    # (i·d .. i·d+l−1) iff j·l' − l < i·d < (j+1)·l': i runs over at most `span` blocks from
+    # first(j) = floor((j·l' − l)/d) + 1, so the sum is O(n + blocks), not O(n · blocks); it adds
+    # the same terms in the same (ascending i) order as the all-pairs sum, bit for bit.
+    span = (ls + l - 2) // d + 1
+    ki = te.reduce_axis((0, span), name="ki")
+
+    def first(j: Any) -> Any:
+        return tirx.max(tirx.floordiv(j * ls - l, d) + 1, 0)
 
     def overlaps(i: Any, j: Any) -> Any:  # tokens i·d .. i·d+l−1 meet j·l' .. j·l'+l'−1
-        return tirx.And(i * d < j * ls + ls, i * d + l > j * ls)
+        return tirx.And(i < n, tirx.And(i * d < j * ls + ls, i * d + l > j * ls))
 
     importance = te.compute(
         (b_, hkv, t_, s_blocks),
         lambda b, g, t, j: te.sum(
-            tirx.Select(overlaps(ki, j), grouped(b, g, t, ki), zero), axis=ki
+            tirx.if_then_else(  # no read past the last block (none at all when n is 0)
+                overlaps(first(j) + ki, j),
+                grouped(b, g, t, tirx.min(first(j) + ki, n - 1)),
+                zero,
+            ),
+            axis=ki,
         ),
         name=lw.tag("importance"),
     )
@@ -96,6 +110,7 @@ def lower_block_select(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any
 
     ranked = te.compute(importance.shape, rank, name=lw.tag("rank"))
     return [_topk_or_pad(lw, ranked, tirx.const(s_blocks, "int32"), op.topn)]
+
 
 
 TVM_EMITTERS.register("attn.block_select")(emit_single)
