@@ -26,7 +26,7 @@ import ir
 from backends import naming
 from backends.base import EmitterTable, body_of_one_op
 from backends.targets import Target
-from backends.tvm.kernel import Kernel, make_kernel
+from backends.tvm.kernel import Kernel, make_kernel, mark_unsupported
 from backends.tvm.lower import TE_OPS, Unsupported, lowerable
 from backends.tvm.lower_shape import SHAPE_OPS
 from backends.tvm.matmul import lower_matmul_nt, schedule_matmul_cpu, transposed_layout
@@ -295,11 +295,22 @@ def _matmul_check(node: ir.Node) -> bool | str:
 
 @TVM_EMITTERS.register("matmul", check=_matmul_check)
 def emit_matmul(node: ir.Node, target: Target, options: dict) -> Launch:
+    keys = [signature(node, "nn"), signature(node, "nt")]
+    try:
+        kernels = _matmul_kernels(node, keys)
+    except Unsupported as e:  # both or neither: the launch needs the pair
+        mark_unsupported(keys, str(e))
+        raise
+    return MatmulLaunch(node, kernels, (0, 1), blas=options.get("blas", "auto"))
+
+
+def _matmul_kernels(node: ir.Node, keys: list[str]) -> list[Kernel]:
+    """The matmul as a kernel over B as given (nn) and over B's transpose (nt)."""
     body = ir.Graph(list(node.operands), [node], list(node.results))
     nn = make_kernel(
         body,
         kernel_name(node, "nn"),
-        signature(node, "nn"),
+        keys[0],
         lambda f: schedule_matmul_cpu(f, False),
         loc=node.loc,
     )
@@ -308,12 +319,12 @@ def emit_matmul(node: ir.Node, target: Target, options: dict) -> Launch:
     nt = make_kernel(
         ir.Graph([a, bt], [node], list(node.results)),
         kernel_name(node, "nt"),
-        signature(node, "nt"),
+        keys[1],
         lambda f: schedule_matmul_cpu(f, True),
         overrides={"matmul": lower_matmul_nt},
         loc=node.loc,
     )
-    return MatmulLaunch(node, [nn, nt], (0, 1), blas=options.get("blas", "auto"))
+    return [nn, nt]
 
 
 def emit_node(node: ir.Node, target: Target, options: dict | None = None) -> Launch | str:

@@ -227,6 +227,14 @@ def module_of(target: str, key: str) -> Any:
     return MODULE_OF[(target, key)]
 
 
+def mark_unsupported(keys: list[str], why: str) -> None:
+    """Record `keys` as kernels that cannot be used, for a launch that needs all of them and
+    lost one: a built sibling would otherwise be missing from the library without a reason,
+    and loading the artifact would refuse it as made by another code generator."""
+    for key in keys:
+        KERNELS[key] = why
+
+
 def unsupported_kernels() -> dict[str, str]:
     """Key -> why it cannot be lowered, for every kernel this session failed to lower."""
     return {key: why for key, why in KERNELS.items() if isinstance(why, str)}

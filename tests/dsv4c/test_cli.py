@@ -47,7 +47,7 @@ def test_error_paths_are_one_line(capsys, tmp_path: Path) -> None:
     out = str(tmp_path / "o")
     assert _error(capsys, ["compile", "--model", "huge", "-o", out]) == (
         "dsv4c compile: error: unknown model 'huge'; known models: tiny, tiny-512, small, "
-        "v4-flash, v4-pro"
+        "v4-flash, v4-pro, tiny-dsa, v4-flash-dsa, v4-pro-dsa"
     )
     line = _error(capsys, ["compile", "--model", "tiny", "--target", "sm_99", "-o", out])
     assert line.startswith("dsv4c compile: error: unknown target 'sm_99'; known targets: cpu")
