@@ -30,11 +30,11 @@ from typing import Any
 
 __all__ = ["build_parser", "main"]
 
-# V4 itself, then its DSA variant (models/config.py: V3.2's sparse attention) at the same sizes.
-# The NSA presets are not offered yet: `dsv4c run` of a compiled tiny-nsa feeds decode a cache
-# tensor under the wrong key (prefill's and decode's cache orders differ).
-PRESETS = ("tiny", "tiny-512", "small", "v4-flash", "v4-pro", "tiny-dsa", "v4-flash-dsa",
-           "v4-pro-dsa")  # fmt: skip
+# V4 itself, then its attention variants (models/config.py: V3.2's DSA, NSA) at the same sizes
+PRESETS = (
+    "tiny", "tiny-512", "small", "v4-flash", "v4-pro",
+    "tiny-dsa", "v4-flash-dsa", "v4-pro-dsa", "tiny-nsa", "v4-flash-nsa", "v4-pro-nsa",
+)  # fmt: skip
 TARGET_HELP = (
     "cpu, sm_80, sm_90, sm_100, sm_120, gfx942, gfx950; opencl, webgpu (--backend tvm only: "
     "OpenCL C / WGSL source, no binaries)"

@@ -59,15 +59,18 @@ def check_weights(model: Any, path: str) -> None:
         ) from None
 
 
-def _cache_keys(preset: str, max_len: int) -> list[str]:
-    """The key order of the cache prefill returns (a meta-device run: no compute)."""
+def _cache_keys(preset: str, max_len: int) -> tuple[list[str], list[str]]:
+    """The key orders of the caches the compiled prefill and decode return (meta-device runs: no
+    compute). Both were captured on `init_cache`'s dict (dsv4c/cli.py) and decode returns its
+    input's order, which need not be prefill's (NSA's prefill builds its dict in another)."""
     from models.deepseek_v4 import Config, Transformer
 
     with torch.device("meta"):
         model = Transformer(Config.preset(preset)).eval()
         tokens = torch.zeros(1, 2, dtype=torch.long)
         _, cache = model.prefill(tokens, model.init_cache(1, max_len))
-    return list(cache)
+        _, stepped = model.decode(tokens[:, :1], torch.tensor(2), model.init_cache(1, max_len))
+    return list(cache), list(stepped)
 
 
 def generate(compiled: Compiled, args: Any, say: Callable[[str], None]) -> dict[str, Any]:
@@ -85,7 +88,7 @@ def generate(compiled: Compiled, args: Any, say: Callable[[str], None]) -> dict[
     device = "cuda" if compiled.target.is_gpu else "cpu"
     model = _model(info["preset"], args.seed, args.weights or info.get("weights"), device)
     params = model.state_dict()
-    keys = _cache_keys(info["preset"], max_len)
+    keys, decode_keys = _cache_keys(info["preset"], max_len)
     prompt = torch.randint(
         0, model.cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(args.seed)
     ).to(device)
@@ -100,7 +103,7 @@ def generate(compiled: Compiled, args: Any, say: Callable[[str], None]) -> dict[
         for i in range(m):
             pos = torch.tensor(n + i, device=device)
             logits, *flat = decode(tokens[-1], pos, cache, params=params)
-            cache = dict(zip(keys, flat))
+            cache = dict(zip(decode_keys, flat))
             tokens.append(logits[:, -1:].argmax(-1))
             steps.append(logits)
         decode_s = time.perf_counter() - start

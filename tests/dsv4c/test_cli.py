@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from dsv4c_helpers import compiled, mlp, x
 
 import ir
@@ -47,7 +48,7 @@ def test_error_paths_are_one_line(capsys, tmp_path: Path) -> None:
     out = str(tmp_path / "o")
     assert _error(capsys, ["compile", "--model", "huge", "-o", out]) == (
         "dsv4c compile: error: unknown model 'huge'; known models: tiny, tiny-512, small, "
-        "v4-flash, v4-pro, tiny-dsa, v4-flash-dsa, v4-pro-dsa"
+        "v4-flash, v4-pro, tiny-dsa, v4-flash-dsa, v4-pro-dsa, tiny-nsa, v4-flash-nsa, v4-pro-nsa"
     )
     line = _error(capsys, ["compile", "--model", "tiny", "--target", "sm_99", "-o", out])
     assert line.startswith("dsv4c compile: error: unknown target 'sm_99'; known targets: cpu")
@@ -149,3 +150,18 @@ def test_run_refuses_what_this_machine_cannot_run_before_loading(
     line = _error(capsys, ["run", str(path)])
     assert line.startswith("dsv4c run: error: this holds ") and needs in line
     assert f" in {path}/kernels/{target}/ " in line and line.endswith("--target cpu")
+
+
+def test_run_names_decode_outputs_by_decode_order() -> None:
+    """`dsv4c run` rebuilds the cache dict from each entry point's own output order: NSA's
+    prefill returns its cache keys in another order than decode (captured on init_cache), and
+    reading decode's outputs in prefill's order fed win.k a cmp.k tensor."""
+    from dsv4c.run import _cache_keys
+    from models.config import Config
+    from models.deepseek_v4 import Transformer
+
+    prefill_keys, decode_keys = _cache_keys("tiny-nsa", 64)
+    with torch.device("meta"):
+        init = list(Transformer(Config.preset("tiny-nsa")).init_cache(1, 64))
+    assert decode_keys == init and sorted(prefill_keys) == sorted(init)
+    assert prefill_keys != decode_keys  # the case this guards
