@@ -77,3 +77,24 @@ def route_args() -> tuple:
     """x [9, 16], gate [6, 16], bias [6] for the router modules (seeded)."""
     gen = torch.Generator().manual_seed(2)
     return tuple(torch.randn(s, generator=gen) for s in ((9, 16), (6, 16), (6,)))
+
+
+def dsa_layer() -> torch.nn.Module:
+    """One attention layer of the tiny-dsa preset (models/attention_dsa.py), seeded."""
+    from models.attention_dsa import DSAttention
+    from models.config import Config
+
+    torch.manual_seed(0)
+    return DSAttention(Config.preset("tiny-dsa")).eval()
+
+
+class DSADecode(torch.nn.Module):
+    """A DSA layer's decode step with its cache dict as plain tensors in and out (capturable)."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x, pos, kv, keys):
+        out, new = self.layer.decode(x, pos, {"kv": kv, "indexer.keys": keys})
+        return out, new["kv"], new["indexer.keys"]

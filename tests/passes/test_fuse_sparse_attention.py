@@ -29,6 +29,7 @@ from frontend import capture
 from passes.fuse_attention import fuse_attention
 from passes.fuse_sdpa import fuse_sdpa
 from passes.fuse_sparse_attention import RULES, fuse_sparse_attention
+from passes_helpers import DSADecode, dsa_layer
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "frontend"))
 import hf_tiny  # noqa: E402
@@ -58,26 +59,8 @@ def _indexed(g: ir.Graph) -> list[ir.Node]:
 # --- our DSA layer: the gathered form ------------------------------------------------------------
 
 
-def _dsa_layer() -> torch.nn.Module:
-    from models.attention_dsa import DSAttention
-    from models.config import Config
-
-    torch.manual_seed(0)
-    return DSAttention(Config.preset("tiny-dsa")).eval()
-
-
-class _Decode(torch.nn.Module):
-    def __init__(self, layer: torch.nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x, pos, kv, keys):
-        out, new = self.layer.decode(x, pos, {"kv": kv, "indexer.keys": keys})
-        return out, new["kv"], new["indexer.keys"]
-
-
 def test_dsa_prefill_forms_one_indexed_sdpa() -> None:
-    layer = _dsa_layer()
+    layer = dsa_layer()
     x = torch.randn(2, 12, layer.wq_a.in_features, generator=torch.Generator().manual_seed(5))
     fused, ctx = _fused(capture(layer, (x,)))
     assert ctx.counters[GATHERED] == 1 and ctx.counters[TOPK_MASK] == 0
@@ -99,7 +82,7 @@ def test_dsa_prefill_at_symbolic_batch_and_length(backend: str | None) -> None:
     compiled, it equals eager at two sizes it was not captured at."""
     import dsv4c
 
-    layer = _dsa_layer()
+    layer = dsa_layer()
     x = torch.randn(2, 12, layer.wq_a.in_features)
     dynamic = {"x": {0: "B", 1: "T"}}
     if backend is None:
@@ -123,7 +106,7 @@ def test_dsa_prefill_at_symbolic_batch_and_length(backend: str | None) -> None:
 def test_dsa_prefill_in_bf16_forms_it_too() -> None:
     """bf16: the model rounds q·Gᵀ and the probabilities to bf16, the op computes in fp32 and
     rounds once: within two bf16 steps of eager."""
-    layer = _dsa_layer().to(torch.bfloat16)
+    layer = dsa_layer().to(torch.bfloat16)
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(2, 12, layer.wq_a.in_features, generator=gen).to(torch.bfloat16)
     fused, ctx = _fused(capture(layer, (x,)))
@@ -136,12 +119,12 @@ def test_dsa_prefill_in_bf16_forms_it_too() -> None:
 
 
 def test_dsa_decode_forms_one_indexed_sdpa() -> None:
-    layer = _dsa_layer()
+    layer = dsa_layer()
     gen = torch.Generator().manual_seed(6)
     cache = layer.init_cache(2, 16, torch.float32, torch.device("cpu"))
     kv, keys = (torch.randn(v.shape, generator=gen) for v in cache.values())
     x = torch.randn(2, 1, layer.wq_a.in_features, generator=gen)
-    module = _Decode(layer)
+    module = DSADecode(layer)
     fused, ctx = _fused(capture(module, (x, torch.tensor(9), kv, keys)))
     assert ctx.counters[GATHERED] == 1
     (node,) = _indexed(fused)

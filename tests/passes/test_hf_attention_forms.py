@@ -26,6 +26,7 @@ import ir
 import passes
 from frontend import capture
 from passes.fuse_attention import RULES, fuse_attention
+from passes_helpers import DSADecode, dsa_layer
 
 slow = pytest.mark.skipif(not os.environ.get("DSV4C_SLOW"), reason="minutes on 2 cores")
 transformers = pytest.importorskip("transformers")
@@ -216,26 +217,8 @@ def test_hf_v4_compiles_with_fused_attention_and_equals_eager(backend: str, monk
 # --- DSA (token-level indexer, models/attention_dsa.py) --------------------------------------
 
 
-class _DSADecode(torch.nn.Module):
-    def __init__(self, layer: torch.nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x, pos, kv, keys):
-        out, new = self.layer.decode(x, pos, {"kv": kv, "indexer.keys": keys})
-        return out, new["kv"], new["indexer.keys"]
-
-
-def _dsa_layer() -> torch.nn.Module:
-    from models.attention_dsa import DSAttention
-    from models.deepseek_v4 import Config
-
-    torch.manual_seed(0)
-    return DSAttention(Config.preset("tiny-dsa")).eval()
-
-
 def test_dsa_prefill_indexer_forms_indexer_topk_with_ratio_1() -> None:
-    layer = _dsa_layer()
+    layer = dsa_layer()
     x = torch.randn(1, 12, layer.wq_a.in_features, generator=torch.Generator().manual_seed(5))
     g = capture(layer, (x,))
     fused = fuse_attention(passes.canonicalize(g))
@@ -247,12 +230,12 @@ def test_dsa_prefill_indexer_forms_indexer_topk_with_ratio_1() -> None:
 
 
 def test_dsa_decode_indexer_forms_indexer_topk_at_a_position() -> None:
-    layer = _dsa_layer()
+    layer = dsa_layer()
     gen = torch.Generator().manual_seed(6)
     cache = layer.init_cache(1, 16, torch.float32, torch.device("cpu"))
     kv, keys = (torch.randn(v.shape, generator=gen) for v in cache.values())
     x = torch.randn(1, 1, layer.wq_a.in_features, generator=gen)
-    module = _DSADecode(layer)
+    module = DSADecode(layer)
     g = capture(module, (x, torch.tensor(9), kv, keys))
     fused = fuse_attention(passes.canonicalize(g))
     (op,) = [n for n in fused.ops if n.name == "attn.indexer_topk"]
@@ -327,7 +310,7 @@ def test_token_level_indexers_compile_and_equal_eager(which: str, backend: str, 
     import dsv4c
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    module = _V32Attention().eval() if which == "hf_v32" else _dsa_layer()
+    module = _V32Attention().eval() if which == "hf_v32" else dsa_layer()
     x = torch.randn(1, T, 64 if which == "hf_v32" else module.wq_a.in_features,
                     generator=torch.Generator().manual_seed(7))
     compiled = dsv4c.compile(module, (x,), backend=backend, target="cpu")
