@@ -127,7 +127,8 @@ def test_table_has_ratios_roofline_and_verdicts() -> None:
     rows.append({"workload": "decode b1", "backend": "triton", "skipped": "no GPU here"})
     bench_module._ratios(rows)
     lines = bench_module.bench_table({"rows": rows}).splitlines()
-    want = "| decode b1 | inductor | 20.0 | 10.0 | 2.00x | — | 25.0% | near tie (rel 2.0e-02) |"
+    # columns: ..., roofline, cache MB moved (— where the row has no update_bytes), check
+    want = "| decode b1 | inductor | 20.0 | 10.0 | 2.00x | — | 25.0% | — | near tie (rel 2.0e-02) |"
     assert lines[3] == want
-    assert lines[4].startswith("| decode b1 | tvm | 10.0 | 5.0 | 4.00x | 2.00x | 25.0% | ok")
-    assert lines[5] == "| decode b1 | triton | no GPU here | | | | | |"
+    assert lines[4].startswith("| decode b1 | tvm | 10.0 | 5.0 | 4.00x | 2.00x | 25.0% | — | ok")
+    assert lines[5] == "| decode b1 | triton | no GPU here | | | | | | |"
