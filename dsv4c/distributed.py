@@ -134,15 +134,6 @@ def _rank_program(model: Any, method: str, inputs: tuple, sizes: dict[str, int],
     return ir.verify(passes.pipeline(program, target=target))
 
 
-def _cache_keys(model: Any, batch: int, max_len: int) -> dict[str, list[str]]:
-    """Key order of the cache the entry points take (init_cache) and return (a meta run)."""
-    import torch
-
-    cache = model.init_cache(batch, max_len)
-    _, out = model.prefill(torch.zeros(batch, 2, dtype=torch.long), cache)
-    return {"in": list(cache), "out": list(out)}
-
-
 def compile_mesh(model_name: str, mesh: Mesh, out: str, *, moe: str = "all_reduce",
                  batch_axis: str | None = None, batch: int = 4, prompt: int = 16,
                  max_len: int = 64, backend: str = "reference", target: str = "cpu",
@@ -152,6 +143,7 @@ def compile_mesh(model_name: str, mesh: Mesh, out: str, *, moe: str = "all_reduc
     `mesh`, write the artifact to `out` (kernels built for tvm/cpu); returns the manifest."""
     import torch
 
+    from dsv4c.run import cache_key_orders
     from models.deepseek_v4 import Config, Transformer
 
     batch_axis = check_mesh(model_name, mesh, moe=moe, batch_axis=batch_axis, batch=batch)
@@ -161,7 +153,7 @@ def compile_mesh(model_name: str, mesh: Mesh, out: str, *, moe: str = "all_reduc
     with torch.device("meta"):
         model = Transformer(Config.preset(model_name)).eval()
         inputs = _entry_inputs(model, batch, prompt, max_len)
-        keys = _cache_keys(model, batch, max_len)
+        keys = cache_key_orders(model, batch, max_len)
     sizes = mesh.to_json()
     rules = rules_for_mesh(sizes, moe=moe)
     digests, roles = {}, {}
@@ -262,14 +254,15 @@ def _generate(step: Callable[..., tuple], model: Any, tokens: Any, manifest: dic
     start = time.perf_counter()
     logits, *flat = step("prefill", tokens, *(cache[k] for k in keys["in"]))
     prefill_s = time.perf_counter() - start
-    steps, fed = [logits], []
+    steps, fed, names = [logits], [], keys["out"]
     start = time.perf_counter()
     for i in range(gen):
-        cache = dict(zip(keys["out"], flat))
+        cache = dict(zip(names, flat))
         fed.append(logits[:, -1:].argmax(-1))
         logits, *flat = step("decode", fed[-1], torch.tensor(n + i),
                              *(cache[k] for k in keys["in"]))
         steps.append(logits)
+        names = keys["in"]  # decode returns its cache in its input's order
     return steps, fed, prefill_s, time.perf_counter() - start
 
 

@@ -59,18 +59,14 @@ def check_weights(model: Any, path: str) -> None:
         ) from None
 
 
-def _cache_keys(preset: str, max_len: int) -> tuple[list[str], list[str]]:
-    """The key orders of the caches the compiled prefill and decode return (meta-device runs: no
-    compute). Both were captured on `init_cache`'s dict (dsv4c/cli.py) and decode returns its
-    input's order, which need not be prefill's (NSA's prefill builds its dict in another)."""
-    from models.deepseek_v4 import Config, Transformer
-
-    with torch.device("meta"):
-        model = Transformer(Config.preset(preset)).eval()
-        tokens = torch.zeros(1, 2, dtype=torch.long)
-        _, cache = model.prefill(tokens, model.init_cache(1, max_len))
-        _, stepped = model.decode(tokens[:, :1], torch.tensor(2), model.init_cache(1, max_len))
-    return list(cache), list(stepped)
+def cache_key_orders(model: Any, batch: int, max_len: int) -> dict[str, list[str]]:
+    """Key orders of the cache dicts the compiled entry points take and return: "in", init_cache's
+    order, on which prefill and decode are captured (decode returns its input's order), and
+    "out", the order prefill returns, which need not be the same (NSA's prefill builds its dict
+    in another). Run `model` on the meta device: no compute."""
+    cache = model.init_cache(batch, max_len)
+    _, out = model.prefill(torch.zeros(batch, 2, dtype=torch.long), cache)
+    return {"in": list(cache), "out": list(out)}
 
 
 def generate(compiled: Compiled, args: Any, say: Callable[[str], None]) -> dict[str, Any]:
@@ -88,7 +84,10 @@ def generate(compiled: Compiled, args: Any, say: Callable[[str], None]) -> dict[
     device = "cuda" if compiled.target.is_gpu else "cpu"
     model = _model(info["preset"], args.seed, args.weights or info.get("weights"), device)
     params = model.state_dict()
-    keys, decode_keys = _cache_keys(info["preset"], max_len)
+    from models.deepseek_v4 import Config, Transformer
+
+    with torch.device("meta"):
+        keys = cache_key_orders(Transformer(Config.preset(info["preset"])).eval(), 1, max_len)
     prompt = torch.randint(
         0, model.cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(args.seed)
     ).to(device)
@@ -97,13 +96,13 @@ def generate(compiled: Compiled, args: Any, say: Callable[[str], None]) -> dict[
         start = time.perf_counter()
         logits, *flat = prefill(prompt, model.init_cache(1, max_len), params=params)
         prefill_s = time.perf_counter() - start
-        cache = dict(zip(keys, flat))
+        cache = dict(zip(keys["out"], flat))
         tokens, steps = [logits[:, -1:].argmax(-1)], [logits]
         start = time.perf_counter()
         for i in range(m):
             pos = torch.tensor(n + i, device=device)
             logits, *flat = decode(tokens[-1], pos, cache, params=params)
-            cache = dict(zip(decode_keys, flat))
+            cache = dict(zip(keys["in"], flat))
             tokens.append(logits[:, -1:].argmax(-1))
             steps.append(logits)
         decode_s = time.perf_counter() - start

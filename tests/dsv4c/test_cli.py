@@ -156,12 +156,14 @@ def test_run_names_decode_outputs_by_decode_order() -> None:
     """`dsv4c run` rebuilds the cache dict from each entry point's own output order: NSA's
     prefill returns its cache keys in another order than decode (captured on init_cache), and
     reading decode's outputs in prefill's order fed win.k a cmp.k tensor."""
-    from dsv4c.run import _cache_keys
+    from dsv4c.run import cache_key_orders
     from models.config import Config
     from models.deepseek_v4 import Transformer
 
-    prefill_keys, decode_keys = _cache_keys("tiny-nsa", 64)
     with torch.device("meta"):
-        init = list(Transformer(Config.preset("tiny-nsa")).init_cache(1, 64))
-    assert decode_keys == init and sorted(prefill_keys) == sorted(init)
-    assert prefill_keys != decode_keys  # the case this guards
+        model = Transformer(Config.preset("tiny-nsa")).eval()
+        keys = cache_key_orders(model, 1, 64)
+        _, stepped = model.decode(torch.zeros(1, 1, dtype=torch.long), torch.tensor(2),
+                                  model.init_cache(1, 64))  # fmt: skip
+    assert list(stepped) == keys["in"] and sorted(keys["out"]) == sorted(keys["in"])
+    assert keys["out"] != keys["in"]  # the case this guards
