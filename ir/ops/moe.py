@@ -20,12 +20,14 @@ from dataclasses import dataclass
 from ir._lazy import torch
 from ir.core import Kind, Op, register
 from ir.ops._util import INT_INDEX, io_cost, require
+from ir.ops.quant import FP4_BLOCK, FP8_BLOCK, dequant_fp4, dequant_fp8
 from ir.symbolic import same_dim
 from ir.types import DType, TensorType
 
 __all__ = [
     "ACTIVATIONS",
     "SCORES",
+    "WEIGHT_FORMATS",
     "Experts",
     "Route",
     "clamped_swiglu_reference",
@@ -36,6 +38,8 @@ SCORES = ("sqrtsoftplus", "softmax", "sigmoid")
 # silu(gate)·up with or without the ±limit clamps; GPT-OSS: (up + 1)·gate·sigmoid(alpha·gate),
 # clamped like clamped_swiglu
 ACTIVATIONS = ("clamped_swiglu", "swiglu", "gpt_oss")
+# how moe.experts' routed weights are stored (`Experts` docstring)
+WEIGHT_FORMATS = ("dense", "fp4_e2m1", "fp8_e4m3")
 
 
 def clamped_swiglu_reference(gate, up, limit: float):
@@ -185,6 +189,18 @@ class Experts(Op):
     unused); "gpt_oss" g'·sigmoid(`alpha`·g')·(clamp(u, ±limit) + 1) with g' = min(g, limit).
     The shared expert (no biases) uses the same activation. Experts no token chose contribute
     nothing; no count of rows per expert is needed by the host (module docstring).
+
+    `weight_format` says how w1/w3/w2 are stored (the shared expert and biases stay dense):
+    "dense" in x's dtype; "fp4_e2m1" (MXFP4, the checkpoint's routed experts) packed int8
+    w1/w3 [E,I,d/2], w2 [E,d,I/2] (two e2m1 codes a byte, low nibble = even column) with
+    ue8m0 scales, int8 bytes u meaning 2^(u-127), w1s/w3s [E,I,ceil(d/32)], w2s [E,d,ceil(I/32)]
+    (one per 1×32 block of a row); "fp8_e4m3" f8e4m3 w1/w3 [E,I,d], w2 [E,d,I] with f32
+    power-of-two scales w1s/w3s [E,ceil(I/128),ceil(d/128)], w2s [E,ceil(d/128),ceil(I/128)].
+    Quantised formats take the three scales as the last operands (after the biases); their
+    semantics are the dense op's on the weights dequantised in f32 (`ir.ops.quant.dequant_fp4`
+    / `dequant_fp8`, exact) and rounded to x's dtype (exact for f32 and bf16 x). Kernels
+    dequantise in the GEMM loop, so the weights stay 0.5 + 1/32 (FP4) or 1 + 1/4096 (FP8)
+    bytes per element in memory; the cost counts those bytes.
     """
 
     mnemonic = "moe.experts"
@@ -195,6 +211,12 @@ class Experts(Op):
     activation: str = "clamped_swiglu"
     alpha: float = 1.702
     expert_bias: bool = False
+    weight_format: str = "dense"
+
+    @property
+    def quantised(self) -> bool:
+        """Whether w1/w3/w2 are stored compressed, with three scale operands last."""
+        return self.weight_format != "dense"
 
     @property
     def clamp(self) -> float:
@@ -204,9 +226,12 @@ class Experts(Op):
     def infer_type(self, *types: TensorType):
         ok = self.activation in ACTIVATIONS
         require(self, ok, f"activation must be one of {ACTIVATIONS}", *types)
-        arity = 6 + 3 * self.shared + 3 * self.expert_bias
+        ok = self.weight_format in WEIGHT_FORMATS
+        require(self, ok, f"weight_format must be one of {WEIGHT_FORMATS}, got "
+                f"{self.weight_format!r}", *types)
+        arity = 6 + 3 * self.shared + 3 * self.expert_bias + 3 * self.quantised
         names = "x, weights, experts, w1, w3, w2" + ", s1, s3, s2" * self.shared
-        names += ", b1, b3, b2" * self.expert_bias
+        names += ", b1, b3, b2" * self.expert_bias + ", w1s, w3s, w2s" * self.quantised
         require(self, len(types) == arity, f"expected {arity} operands ({names}), got "
                 f"{len(types)}", *types)
         x, weights, experts, w1, w3, w2 = types[:6]
@@ -215,11 +240,15 @@ class Experts(Op):
         require(self, experts.shape == weights.shape, "experts must be [N,k] like weights", *types)
         require(self, experts.dtype in INT_INDEX, "experts must be i64 or i32", *types)
         require(self, same_dim(weights.shape[0], x.shape[0]), "weights need N rows", *types)
-        require(self, w1.rank == 3 and w1.shape == w3.shape, "w1/w3 must be [E,I,d]", *types)
-        require(self, same_dim(w1.shape[2], x.shape[1]), "w1's d differs from x's", *types)
-        want = (w1.shape[0], x.shape[1], w1.shape[1])
-        require(self, w2.rank == 3 and w2.shape == want, "w2 must be [E,d,I]", *types)
-        require(self, w1.dtype == w3.dtype == w2.dtype == x.dtype, "weights need x's dtype", *types)
+        if self.quantised:
+            self._check_quantised(types, x, w1, w3, w2)
+        else:
+            require(self, w1.rank == 3 and w1.shape == w3.shape, "w1/w3 must be [E,I,d]", *types)
+            require(self, same_dim(w1.shape[2], x.shape[1]), "w1's d differs from x's", *types)
+            want = (w1.shape[0], x.shape[1], w1.shape[1])
+            require(self, w2.rank == 3 and w2.shape == want, "w2 must be [E,d,I]", *types)
+            ok = w1.dtype == w3.dtype == w2.dtype == x.dtype
+            require(self, ok, "weights need x's dtype", *types)
         if self.shared:
             s1, s3, s2 = types[6:9]
             require(self, s1.rank == 2 and s1.shape == s3.shape, "s1/s3 must be [J,d]", *types)
@@ -228,19 +257,69 @@ class Experts(Op):
             require(self, ok, "s2 must be [d,J]", *types)
             require(self, s1.dtype == s3.dtype == s2.dtype == x.dtype, "s* need x's dtype", *types)
         if self.expert_bias:
-            self._check_biases(types, w1)
+            self._check_biases(types, (w1.shape[0], w1.shape[1], x.shape[1]))
         return (x,)
 
-    def _check_biases(self, types: tuple[TensorType, ...], w1: TensorType) -> None:
-        """b1/b3 [E,I] and b2 [E,d], float (the last three operands)."""
-        b1, b3, b2 = types[-3:]
-        e, inter, d = w1.shape
+    def _check_quantised(self, types, x: TensorType, w1: TensorType, w3: TensorType,
+                         w2: TensorType) -> None:
+        """Compressed w1/w3/w2 and their scales (the last three operands), `weight_format`."""
+        fp4 = self.weight_format == "fp4_e2m1"
+        ok = x.dtype in (DType.f32, DType.bf16, DType.f16)
+        require(self, ok, f"x must be f32, bf16 or f16 with {self.weight_format} weights, got "
+                f"{x.dtype}", *types)
+        want_dtype = DType.i8 if fp4 else DType.f8e4m3
+        for name, w in (("w1", w1), ("w3", w3), ("w2", w2)):
+            require(self, w.rank == 3 and w.dtype == want_dtype, f"{name} must be "
+                    f"{want_dtype} [E,..] ({self.weight_format} weights), got {w}", *types)
+        e, inter = w1.shape[:2]
+        d = x.shape[1]
+        require(self, all(isinstance(v, int) for v in (e, inter, d)),
+                "E, I and d must be static with quantised weights", *types)
+        per = 2 if fp4 else 1  # elements per stored byte along a row
+        for name, w, want in (("w1", w1, (e, inter, d)), ("w3", w3, (e, inter, d)),
+                              ("w2", w2, (e, d, inter))):
+            stored = (want[0], want[1], want[2] // per)
+            ok = tuple(w.shape) == stored and want[2] % per == 0
+            require(self, ok, f"{name} must be {list(stored)} (logical {list(want)}"
+                    f"{', two e2m1 codes a byte' if fp4 else ''}), got {w}", *types)
+            self._check_scale(types, name, want, types[-3 + ("w1", "w3", "w2").index(name)])
+
+    def _check_scale(self, types, name: str, logical: tuple[int, int, int],
+                     scale: TensorType) -> None:
+        """`name`s' scale: ue8m0 int8 [E,rows,ceil(cols/32)] (FP4) or f32
+        [E,ceil(rows/128),ceil(cols/128)] (FP8) for the logical weight [E,rows,cols]."""
+        e, rows, cols = logical
+        if self.weight_format == "fp4_e2m1":
+            want, dtype = (e, rows, -(-cols // FP4_BLOCK)), DType.i8
+            what = f"ue8m0 bytes, one per 1x{FP4_BLOCK} block of {name}'s rows"
+        else:
+            want, dtype = (e, -(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK)), DType.f32
+            what = f"power-of-two scales, one per {FP8_BLOCK}x{FP8_BLOCK} block of {name}"
+        ok = tuple(scale.shape) == want and scale.dtype == dtype
+        require(self, ok, f"{name}s must be {dtype}{list(want)} ({what}, weight {name} "
+                f"{list(logical)} logical), got {scale}", *types)
+
+    def _check_biases(self, types: tuple[TensorType, ...], shape: tuple) -> None:
+        """b1/b3 [E,I] and b2 [E,d], float (after the shared weights, before any scales)."""
+        start = 6 + 3 * self.shared
+        b1, b3, b2 = types[start : start + 3]
+        e, inter, d = shape
         for name, b, want in (("b1", b1, (e, inter)), ("b3", b3, (e, inter)), ("b2", b2, (e, d))):
             ok = b.rank == 2 and all(same_dim(g, w) for g, w in zip(b.shape, want))
             require(self, ok and b.dtype.is_float, f"{name} must be float [{want[0]},{want[1]}] "
                     f"(one row per expert), got {b}", *types)
 
+    def dense_weights(self, x, w1, w3, w2, *scales):
+        """(w1, w3, w2) in x's dtype: as given ("dense"), or dequantised (`weight_format`)."""
+        if not self.quantised:
+            return w1, w3, w2
+        deq = dequant_fp4 if self.weight_format == "fp4_e2m1" else dequant_fp8
+        return tuple(deq(w, s).to(x.dtype) for w, s in zip((w1, w3, w2), scales))
+
     def reference(self, x, weights, experts, w1, w3, w2, *rest):
+        if self.quantised:
+            w1, w3, w2 = self.dense_weights(x, w1, w3, w2, *rest[-3:])
+            rest = rest[:-3]
         b1, b3, b2 = rest[-3:] if self.expert_bias else (None, None, None)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for e in range(w1.shape[0]):  # every token, weight 0 unless it chose e: no host sync

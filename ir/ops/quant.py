@@ -15,9 +15,58 @@ from ir.core import Kind, Op, register
 from ir.ops._util import io_cost, require
 from ir.types import DType, TensorType
 
-__all__ = ["MatmulFP8", "expand_block_scale"]
+__all__ = [
+    "E2M1_VALUES",
+    "FP4_BLOCK",
+    "FP8_BLOCK",
+    "MatmulFP8",
+    "decode_e2m1",
+    "decode_ue8m0",
+    "dequant_fp4",
+    "dequant_fp8",
+    "expand_block_scale",
+]
 
 ACTIVATIONS = (DType.f32, DType.bf16, DType.f16)
+FP4_BLOCK = 32  # MXFP4: one ue8m0 scale per 1×32 block of a weight row
+FP8_BLOCK = 128  # DeepSeek FP8: one fp32 (power-of-two) scale per 128×128 block
+# e2m1 magnitudes of codes 0-7 (bit 3 of a code is the sign)
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def decode_e2m1(packed):
+    """int8 [.., n/2] of e2m1 code pairs -> f32 [.., n], exact. Byte j holds column 2j in its
+    low nibble and column 2j+1 in its high nibble (models/weights.py's layout); a code is
+    s·(e1 e0 m0): bit 3 the sign, bits 0-2 index `E2M1_VALUES`."""
+    b = packed.to(torch.int32) & 0xFF
+    codes = torch.stack((b & 0xF, b >> 4), dim=-1).flatten(-2)
+    magnitude = torch.tensor(E2M1_VALUES, device=packed.device)[codes & 7]
+    return torch.where(codes >= 8, -magnitude, magnitude)
+
+
+def decode_ue8m0(bits):
+    """int8 holding ue8m0 bytes u (read unsigned) -> f32 2^(u - 127), exact (2^-127 is an f32
+    subnormal); u = 255 is NaN (OCP MX)."""
+    u = bits.to(torch.int32) & 0xFF
+    normal = (u << 23).view(torch.float32)  # exponent field u, mantissa 0: 2^(u-127) for u >= 1
+    tiny = torch.full_like(normal, 2.0**-127)
+    return torch.where(u == 0, tiny, torch.where(u == 255, torch.nan, normal))
+
+
+def dequant_fp4(packed, scale):
+    """MXFP4 -> f32: packed int8 [.., n, k/2] (`decode_e2m1`) and ue8m0 int8 scale
+    [.., n, ceil(k/32)] -> [.., n, k], value = e2m1 · 2^(u - 127), exact."""
+    values = decode_e2m1(packed)
+    full = decode_ue8m0(scale).repeat_interleave(FP4_BLOCK, -1)
+    return values * full[..., : values.shape[-1]]
+
+
+def dequant_fp8(w, scale, block: int = FP8_BLOCK):
+    """Block-scaled FP8 -> f32: w f8e4m3 [.., n, k], f32 scale [.., ceil(n/b), ceil(k/b)] ->
+    [.., n, k], value = f32(w) · scale (exact for power-of-two scales)."""
+    n, k = w.shape[-2:]
+    full = scale.float().repeat_interleave(block, -2).repeat_interleave(block, -1)
+    return w.float() * full[..., :n, :k]
 
 
 def expand_block_scale(scale, n: int, k: int, block: int):
