@@ -192,6 +192,8 @@ def _route_dot_in_f32(x: ir.DType, gate: ir.DType, gpu: bool) -> bool:
 
 def _experts_check(node: ir.Node) -> bool | str:
     x, w1 = node.operands[0], node.operands[3]
+    if node.op.weight_format not in WFMT:
+        return f"moe.experts weight_format {node.op.weight_format!r} has no Triton lowering"
     if x.dtype not in _DOT_DTYPES:
         return f"moe.experts of {x.dtype}: the expert GEMMs take f32, bf16, f16"
     shapes = [v.shape for v in node.operands[3:]]
@@ -206,23 +208,30 @@ def _experts_check(node: ir.Node) -> bool | str:
 @TRITON_EMITTERS.register("moe.experts", check=_experts_check)
 def emit_experts(node: ir.Node, target: Target | None) -> ExpertsLaunch:
     x, weights, experts = node.operands[:3]
-    dt = x.dtype
+    dt, op = x.dtype, node.op
     ptrs = [("x_ptr", dt), ("weights_ptr", weights.dtype), ("experts_ptr", experts.dtype)]
-    ptrs += [(f"{w}_ptr", dt) for w in ("w1", "w3", "w2", "s1", "s3", "s2")]
-    biases = [v.dtype for v in node.operands[-3:]] if node.op.expert_bias else [dt] * 3
+    ptrs += [(f"{w}_ptr", node.operands[3].dtype) for w in ("w1", "w3", "w2")]
+    ptrs += [(f"{w}_ptr", dt) for w in ("s1", "s3", "s2")]
+    start = 6 + 3 * op.shared  # the biases follow the shared weights
+    biases = [v.dtype for v in node.operands[start : start + 3]] if op.expert_bias else [dt] * 3
     ptrs += [(f"{b}_ptr", t) for b, t in zip(("b1", "b3", "b2"), biases)]
+    scales = [v.dtype for v in node.operands[-3:]] if op.quantised else [dt] * 3
+    ptrs += [(f"{s}_ptr", t) for s, t in zip(("w1s", "w3s", "w2s"), scales)]
     ptrs += [(f"{b}_ptr", ir.DType.i32) for b in ("counts", "row_of_pair", "pair_of_row")]
     ptrs += [(f"{b}_ptr", dt) for b in ("hidden", "out_rows", "y")]
     ints = ("N", "E", "D", "I", "J", *(f"stride_{s}" for s in _EXPERTS_STRIDES))
     consts = ("PHASE", "K", "LIMIT", "GPT_OSS", "ALPHA", "HAS_BIAS", "HAS_SHARED", "DOT_IN_F32")
-    consts += _EXPERTS_TILES
+    consts += ("WFMT", *_EXPERTS_TILES)
     params = [Param(n, "ptr", t) for n, t in ptrs]
     params += [Param(n, "int") for n in ints] + [Param(n, "constexpr") for n in consts]
     source = _template("moe_experts_kernel.py", "moe_experts", params, "moe.experts")
     return ExpertsLaunch(source, node, target or _CPU)
 
 
-_EXPERTS_STRIDES = ("xn", "w1e", "w1i", "w2e", "w2d", "s1j", "s2d", "hm", "om", "yn")
+_EXPERTS_STRIDES = ("xn", "w1e", "w1i", "w2e", "w2d", "s1j", "s2d", "hm", "om", "yn",
+                    "w1se", "w1si", "w2se", "w2sd")
+# the kernel's WFMT per moe.experts weight_format (routed weights read as stored)
+WFMT = {"dense": 0, "fp4_e2m1": 1, "fp8_e4m3": 2}
 _EXPERTS_TILES = ("BLOCK_P", "BLOCK_E", "BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_T", "BLOCK_C")
 
 
@@ -237,6 +246,7 @@ class ExpertsSizes:
     inter: int
     j: int
     shared: bool
+    weight_format: str = "dense"
 
     @property
     def pairs(self) -> int:
@@ -255,10 +265,26 @@ class ExpertsSizes:
     def ints(self) -> dict[str, int]:
         """The kernel's integer arguments: sizes, and the strides of contiguous operands."""
         d, i, j = self.d, self.inter, self.j
+        per = 2 if self.weight_format == "fp4_e2m1" else 1  # weight elements per stored byte
         return {"N": self.n, "E": self.e, "D": d, "I": i, "J": j, "stride_xn": d,
-                "stride_w1e": i * d, "stride_w1i": d, "stride_w2e": d * i, "stride_w2d": i,
-                "stride_s1j": d, "stride_s2d": j, "stride_hm": self.hidden, "stride_om": d,
-                "stride_yn": d}  # fmt: skip
+                "stride_w1e": i * d // per, "stride_w1i": d // per, "stride_w2e": d * i // per,
+                "stride_w2d": i // per, "stride_s1j": d, "stride_s2d": j,
+                "stride_hm": self.hidden, "stride_om": d, "stride_yn": d,
+                **self.scale_strides()}  # fmt: skip
+
+    def scale_strides(self) -> dict[str, int]:
+        """Strides of the scales (contiguous): FP4 [E, rows, ceil(cols/32)] per weight row, FP8
+        [E, ceil(rows/128), ceil(cols/128)] per 128-row block; 0 for dense weights."""
+        d, i = self.d, self.inter
+        if self.weight_format == "fp4_e2m1":
+            g1, g2 = cdiv(d, 32), cdiv(i, 32)
+            return {"stride_w1se": i * g1, "stride_w1si": g1, "stride_w2se": d * g2,
+                    "stride_w2sd": g2}  # fmt: skip
+        if self.weight_format == "fp8_e4m3":
+            c1, c2 = cdiv(d, 128), cdiv(i, 128)
+            return {"stride_w1se": cdiv(i, 128) * c1, "stride_w1si": c1,
+                    "stride_w2se": cdiv(d, 128) * c2, "stride_w2sd": c2}  # fmt: skip
+        return {"stride_w1se": 0, "stride_w1si": 0, "stride_w2se": 0, "stride_w2sd": 0}
 
     def tiles(self, block_m: int) -> int:
         """Upper bound of row tiles over all groups: Σ cdiv(count_e, BLOCK_M) over experts is
@@ -279,11 +305,12 @@ class ExpertsLaunch(OneKernel):
 
     def sizes(self, n: int) -> ExpertsSizes:
         """The sizes of a call on `n` tokens (everything else is static in the node's types)."""
-        weights, w1 = self.node.operands[1], self.node.operands[3]
+        x, weights, w1 = self.node.operands[0], self.node.operands[1], self.node.operands[3]
         shared = bool(self.node.op.shared)
         j = self.node.operands[6].shape[0] if shared else w1.shape[1]
-        e, inter, d = w1.shape
-        return ExpertsSizes(n, weights.shape[1], e, d, inter, j, shared)
+        e, inter = w1.shape[:2]  # w1 is [E, I, d/2] when packed FP4
+        return ExpertsSizes(n, weights.shape[1], e, x.shape[1], inter, j, shared,
+                            self.node.op.weight_format)
 
     def phases(self, sz: ExpertsSizes, target: Target) -> dict[str, tuple[dict, dict]]:
         """Per phase: (tile constexprs, num_warps/num_stages). UP and DOWN share BLOCK_M and
@@ -303,9 +330,11 @@ class ExpertsLaunch(OneKernel):
         # rows per tile: about the mean rows per expert, 16 (decode) to 64 (prefill)
         base["BLOCK_M"] = max(16, min(64, next_pow2(cdiv(sz.pairs, sz.e))))
         m, step = base["BLOCK_M"], 64 if item == 2 else 32
-        # fp32 takes IEEE dots, operands in registers: two 64-wide weight tiles spill at m=64
-        up = {"BLOCK_N": 64 if item == 2 or m < 64 else 32, "BLOCK_D": step}
-        down = {"BLOCK_N": 128 if item == 2 else 64, "BLOCK_D": step}
+        # fp32 takes IEEE dots, operands in registers: two 64-wide weight tiles spill at m=64;
+        # so do quantised weights' tiles, whose decode (codes, scales, products) is in registers
+        quant = self.node.op.quantised
+        up = {"BLOCK_N": 64 if (item == 2 and not quant) or m < 64 else 32, "BLOCK_D": step}
+        down = {"BLOCK_N": 128 if item == 2 and not quant else 64, "BLOCK_D": step}
         up_stage = (m + 2 * up["BLOCK_N"]) * step * item  # x tile, w1 and w3 tiles
         down_stage = (m + down["BLOCK_N"]) * step * item
         return {
@@ -336,6 +365,7 @@ class ExpertsLaunch(OneKernel):
             "HAS_BIAS": int(op.expert_bias),
             "HAS_SHARED": int(sz.shared),
             "DOT_IN_F32": dot_in_f32,
+            "WFMT": WFMT[op.weight_format],
         }
 
     def __call__(self, inputs: list[Any], env: dict) -> tuple[Any, ...]:
@@ -347,13 +377,16 @@ class ExpertsLaunch(OneKernel):
         if sz.n == 0:
             return (y,)
         op = self.node.op
-        # placeholders, read only with a shared expert / with biases
-        s1, s3, s2 = rest[:3] if op.shared else (w1, w3, w2)
-        b1, b3, b2 = rest[-3:] if op.expert_bias else (w1, w3, w2)
+        # placeholders (x: its dtype is the one the kernel's signature names for them), read
+        # only with a shared expert / biases / quantised weights
+        start = 3 * op.shared
+        s1, s3, s2 = rest[:3] if op.shared else (x, x, x)
+        b1, b3, b2 = rest[start : start + 3] if op.expert_bias else (x, x, x)
+        w1s, w3s, w2s = rest[-3:] if op.quantised else (x, x, x)
         args = {"x_ptr": x, "weights_ptr": weights, "experts_ptr": experts, "w1_ptr": w1,
                 "w3_ptr": w3, "w2_ptr": w2, "s1_ptr": s1, "s3_ptr": s3, "s2_ptr": s2,
-                "b1_ptr": b1, "b3_ptr": b3, "b2_ptr": b2, "y_ptr": y,
-                **_scratch(sz, x), **sz.ints()}  # fmt: skip
+                "b1_ptr": b1, "b3_ptr": b3, "b2_ptr": b2, "w1s_ptr": w1s, "w3s_ptr": w3s,
+                "w2s_ptr": w2s, "y_ptr": y, **_scratch(sz, x), **sz.ints()}  # fmt: skip
         gpu = x.device.type != "cpu"
         consts = self.constexprs(sz, gpu)
         kernel = load_jit(self.source)

@@ -10,6 +10,13 @@ One entry, five launches: PHASE (a constexpr, so each launch compiles to its ste
     down     out_rows = hidden · w2ᵀ + weight · b2            a row tile x BLOCK_N of d
     combine  y[n] = Σ_slots out_rows[row of (n, slot)] (+ shared row n), per BLOCK_T tokens
 
+Routed weights are read as stored (`WFMT`, the op's weight_format): 0 dense in x's dtype, 1 FP4
+(int8 bytes of two e2m1 codes, low nibble = even column, with ue8m0 int8 scales per 1×32 block
+of a row), 2 FP8 (e4m3 with f32 scales per 128×128 block). `_weight_tile` dequantises each tile
+in registers right after its load (exactly, then rounded to x's dtype as the op says), so a
+decode step reads 0.5 + 1/32 (FP4) or ~1 (FP8) bytes per weight element. The shared expert is
+always dense.
+
 Rows are grouped: the shared expert's N rows first (group 0, token n at row n), then each
 routed expert's rows in expert order. Every program of UP/DOWN derives its group from the
 counts (a cumulative sum of tiles per group) so nothing returns to the host: TILES is the
@@ -33,6 +40,75 @@ def _cast(x, dtype: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+@triton.jit
+def _e2m1(code):
+    """int32 e2m1 codes (0-15) -> fp32, exact: m = bits 0-2 = 2·E + M is M/2 for E = 0, else
+    (1 + M/2)·2^(E-1) (the power of two written into an fp32's exponent field); bit 3 = sign."""
+    m = code & 7
+    e = m >> 1
+    half = (m & 1).to(tl.float32) * 0.5
+    power = ((e + 126) << 23).to(tl.float32, bitcast=True)  # 2^(e - 1)
+    magnitude = tl.where(e == 0, half, (1.0 + half) * power)
+    return tl.where(code >= 8, -magnitude, magnitude)
+
+
+@triton.jit
+def _ue8m0(u):
+    """ue8m0 bytes u (int32 0-255) -> fp32 2^(u - 127): u in the exponent field; u = 0 is the
+    subnormal 2^-127, u = 255 NaN."""
+    power = (u << 23).to(tl.float32, bitcast=True)
+    power = tl.where(u == 0, 5.877471754111438e-39, power)
+    return tl.where(u == 255, float("nan"), power)
+
+
+@triton.jit
+def _weight_tile(w, ws, rows, ks, n_in, stride_wn, stride_sn, WFMT: tl.constexpr,
+                 dtype: tl.constexpr):
+    """[len(ks), len(rows)] tile of one expert's weight [rows, n_in] transposed, element (k, r)
+    = w[rows[r], ks[k]] dequantised (WFMT, module docstring) and rounded to `dtype`; 0 for
+    ks >= n_in. `w`, `ws` point at the expert's stored weight and scales; `stride_wn`,
+    `stride_sn` are their row strides (scales: per 128-row block for FP8)."""
+    k_ok = (ks < n_in)[:, None]
+    if WFMT == 1:
+        offs = rows[None, :] * stride_wn + (ks // 2)[:, None]
+        byte = tl.load(w + offs, mask=k_ok, other=0).to(tl.int32) & 255
+        code = tl.where((ks % 2 == 1)[:, None], byte >> 4, byte & 15)
+        scale_offs = rows[None, :] * stride_sn + (ks // 32)[:, None]
+        u = tl.load(ws + scale_offs, mask=k_ok, other=127).to(tl.int32) & 255
+        return _cast(_e2m1(code) * _ue8m0(u), dtype)
+    elif WFMT == 2:
+        q = tl.load(w + rows[None, :] * stride_wn + ks[:, None], mask=k_ok, other=0.0)
+        scale_offs = (rows // 128)[None, :] * stride_sn + (ks // 128)[:, None]
+        scale = tl.load(ws + scale_offs, mask=k_ok, other=0.0)
+        return _cast(q.to(tl.float32) * scale, dtype)
+    else:
+        return tl.load(w + rows[None, :] * stride_wn + ks[:, None], mask=k_ok, other=0.0)
+
+
+@triton.jit
+def _gate_up(x_rows, w1, w3, w1s, w3s, w_cols, D, stride_wn, stride_sn, WFMT: tl.constexpr,
+             DOT_IN_F32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_D: tl.constexpr):
+    """(gate, up) = x·w1ᵀ, x·w3ᵀ over d in fp32 for one row tile (x's rows at `x_rows`) and
+    the hidden columns `w_cols`, the weights read in format WFMT."""
+    ds = tl.arange(0, BLOCK_D)
+    dtype = x_rows.dtype.element_ty
+    gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for d in range(0, D, BLOCK_D):
+        a = tl.load(x_rows + d + ds[None, :], mask=(ds < D - d)[None, :], other=0.0)
+        b1 = _weight_tile(w1, w1s, w_cols, d + ds, D, stride_wn, stride_sn, WFMT, dtype)
+        b3 = _weight_tile(w3, w3s, w_cols, d + ds, D, stride_wn, stride_sn, WFMT, dtype)
+        if DOT_IN_F32:
+            a, b1, b3 = a.to(tl.float32), b1.to(tl.float32), b3.to(tl.float32)
+            gate = tl.dot(a, b1, gate, input_precision="ieee")
+            up = tl.dot(a, b3, up, input_precision="ieee")
+        else:
+            gate = tl.dot(a, b1, gate)
+            up = tl.dot(a, b3, up)
+    return gate, up
 
 
 @triton.jit
@@ -106,6 +182,8 @@ def _up(
     hidden_ptr,
     b1_ptr,
     b3_ptr,
+    w1s_ptr,
+    w3s_ptr,
     N,
     D,
     I,
@@ -115,6 +193,8 @@ def _up(
     stride_w1i,
     stride_s1j,
     stride_hm,
+    stride_w1se,
+    stride_w1si,
     K: tl.constexpr,
     LIMIT: tl.constexpr,
     GPT_OSS: tl.constexpr,
@@ -122,6 +202,7 @@ def _up(
     HAS_BIAS: tl.constexpr,
     HAS_SHARED: tl.constexpr,
     DOT_IN_F32: tl.constexpr,
+    WFMT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -131,42 +212,28 @@ def _up(
     if group < HAS_SHARED:  # group 0 is the shared expert: every token, unweighted
         tokens = tl.minimum(rows, N - 1)
         weight = tl.full((BLOCK_M,), 1.0, tl.float32)
-        w1, w3, stride_wn, n_hidden = s1_ptr, s3_ptr, stride_s1j, J
+        n_hidden = J
     else:
         pairs = tl.load(pair_of_row_ptr + rows, mask=row_mask, other=0)
         tokens = pairs // K
         weight = tl.load(weights_ptr + pairs, mask=row_mask, other=0.0).to(tl.float32)
-        expert = (group - HAS_SHARED).to(tl.int64)
-        w1 = w1_ptr + expert * stride_w1e
-        w3 = w3_ptr + expert * stride_w1e
-        stride_wn, n_hidden = stride_w1i, I
+        n_hidden = I
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     if tl.program_id(1) * BLOCK_N >= n_hidden:
         return  # the shared and routed hidden widths may differ
 
     # gate = x·w1ᵀ, up = x·w3ᵀ over d (x's rows gathered by token)
-    ds = tl.arange(0, BLOCK_D)
     w_cols = tl.minimum(cols, n_hidden - 1)
-    x_ptrs = x_ptr + tokens.to(tl.int64)[:, None] * stride_xn + ds[None, :]
-    w1_ptrs = w1 + w_cols[None, :] * stride_wn + ds[:, None]
-    w3_ptrs = w3 + w_cols[None, :] * stride_wn + ds[:, None]
-    gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for d in range(0, D, BLOCK_D):
-        d_mask = ds < D - d
-        a = tl.load(x_ptrs, mask=d_mask[None, :], other=0.0)
-        b1 = tl.load(w1_ptrs, mask=d_mask[:, None], other=0.0)
-        b3 = tl.load(w3_ptrs, mask=d_mask[:, None], other=0.0)
-        if DOT_IN_F32:
-            a, b1, b3 = a.to(tl.float32), b1.to(tl.float32), b3.to(tl.float32)
-            gate = tl.dot(a, b1, gate, input_precision="ieee")
-            up = tl.dot(a, b3, up, input_precision="ieee")
-        else:
-            gate = tl.dot(a, b1, gate)
-            up = tl.dot(a, b3, up)
-        x_ptrs += BLOCK_D
-        w1_ptrs += BLOCK_D
-        w3_ptrs += BLOCK_D
+    x_rows = x_ptr + tokens.to(tl.int64)[:, None] * stride_xn
+    if group < HAS_SHARED:  # dense, x's dtype (the scale pointers are unused)
+        gate, up = _gate_up(x_rows, s1_ptr, s3_ptr, s1_ptr, s3_ptr, w_cols, D, stride_s1j, 0,
+                            0, DOT_IN_F32, BLOCK_M, BLOCK_N, BLOCK_D)
+    else:
+        expert = (group - HAS_SHARED).to(tl.int64)
+        gate, up = _gate_up(x_rows, w1_ptr + expert * stride_w1e, w3_ptr + expert * stride_w1e,
+                            w1s_ptr + expert * stride_w1se, w3s_ptr + expert * stride_w1se,
+                            w_cols, D, stride_w1i, stride_w1si, WFMT, DOT_IN_F32, BLOCK_M,
+                            BLOCK_N, BLOCK_D)
 
     # the activation in fp32 on the GEMM outputs rounded to x's dtype (+ the expert's bias row:
     # routed groups only), times the routing weight
@@ -190,6 +257,27 @@ def _up(
 
 
 @triton.jit
+def _down_gemm(hidden_ptr, w2, w2s, rows, end, w_rows, n_hidden, stride_hm, stride_wn, stride_sn,
+               WFMT: tl.constexpr, DOT_IN_F32: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """hidden·w2ᵀ in fp32 for one row tile and the output channels `w_rows` (rows of w2)."""
+    ks = tl.arange(0, BLOCK_D)
+    dtype = hidden_ptr.dtype.element_ty
+    h_rows = tl.minimum(rows, end - 1).to(tl.int64)  # rows past the group repeat its last
+    h_ptrs = hidden_ptr + h_rows[:, None] * stride_hm + ks[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, n_hidden, BLOCK_D):
+        a = tl.load(h_ptrs, mask=(ks < n_hidden - k)[None, :], other=0.0)
+        b = _weight_tile(w2, w2s, w_rows, k + ks, n_hidden, stride_wn, stride_sn, WFMT, dtype)
+        if DOT_IN_F32:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        h_ptrs += BLOCK_D
+    return acc
+
+
+@triton.jit
 def _down(
     group,
     first,
@@ -201,6 +289,7 @@ def _down(
     weights_ptr,
     pair_of_row_ptr,
     b2_ptr,
+    w2s_ptr,
     D,
     I,
     J,
@@ -209,37 +298,28 @@ def _down(
     stride_w2d,
     stride_s2d,
     stride_om,
+    stride_w2se,
+    stride_w2sd,
     HAS_BIAS: tl.constexpr,
     HAS_SHARED: tl.constexpr,
     DOT_IN_F32: tl.constexpr,
+    WFMT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     rows = first + tl.arange(0, BLOCK_M)
-    if group < HAS_SHARED:  # the shared expert
-        w2, stride_wn, n_hidden = s2_ptr, stride_s2d, J
-    else:
-        w2 = w2_ptr + (group - HAS_SHARED).to(tl.int64) * stride_w2e
-        stride_wn, n_hidden = stride_w2d, I
 
     # out_rows = hidden·w2ᵀ over the hidden width (rows are contiguous per group)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_D)
-    h_rows = tl.minimum(rows, end - 1).to(tl.int64)  # rows past the group repeat its last
-    h_ptrs = hidden_ptr + h_rows[:, None] * stride_hm + ks[None, :]
-    w_ptrs = w2 + (cols % D)[None, :] * stride_wn + ks[:, None]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, n_hidden, BLOCK_D):
-        k_mask = ks < n_hidden - k
-        a = tl.load(h_ptrs, mask=k_mask[None, :], other=0.0)
-        b = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
-        if DOT_IN_F32:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
-        h_ptrs += BLOCK_D
-        w_ptrs += BLOCK_D
+    if group < HAS_SHARED:  # the shared expert: dense, J wide
+        acc = _down_gemm(hidden_ptr, s2_ptr, s2_ptr, rows, end, cols % D, J, stride_hm,
+                         stride_s2d, 0, 0, DOT_IN_F32, BLOCK_M, BLOCK_N, BLOCK_D)
+    else:
+        expert = (group - HAS_SHARED).to(tl.int64)
+        acc = _down_gemm(hidden_ptr, w2_ptr + expert * stride_w2e, w2s_ptr + expert * stride_w2se,
+                         rows, end, cols % D, I, stride_hm, stride_w2d, stride_w2sd, WFMT,
+                         DOT_IN_F32, BLOCK_M, BLOCK_N, BLOCK_D)
 
     dtype = out_rows_ptr.dtype.element_ty
     if HAS_BIAS:  # + weight · b2[expert] on routed rows, after the GEMM's rounding to x's dtype
@@ -295,15 +375,18 @@ def moe_experts(
     x_ptr,  # [N, d] tokens
     weights_ptr,  # [N, K] routing weights
     experts_ptr,  # [N, K] expert indices
-    w1_ptr,  # [E, I, d]
+    w1_ptr,  # [E, I, d] (WFMT 1: int8 [E, I, d/2])
     w3_ptr,  # [E, I, d]
-    w2_ptr,  # [E, d, I]
+    w2_ptr,  # [E, d, I] (WFMT 1: int8 [E, d, I/2])
     s1_ptr,  # [J, d] shared expert (HAS_SHARED)
     s3_ptr,  # [J, d]
     s2_ptr,  # [d, J]
     b1_ptr,  # [E, I] expert biases (HAS_BIAS)
     b3_ptr,  # [E, I]
     b2_ptr,  # [E, d]
+    w1s_ptr,  # w1's scales (WFMT 1: int8 [E, I, ceil(d/32)]; 2: f32 [E, ceil(I/128), ceil(d/128)])
+    w3s_ptr,  # w3's, like w1's
+    w2s_ptr,  # w2's (WFMT 1: int8 [E, d, ceil(I/32)]; 2: f32 [E, ceil(d/128), ceil(I/128)])
     counts_ptr,  # [E] int32, zeroed: rows per expert
     row_of_pair_ptr,  # [N*K] int32: each pair's row (its rank after COUNT)
     pair_of_row_ptr,  # [rows] int32: each routed row's pair
@@ -325,6 +408,10 @@ def moe_experts(
     stride_hm,
     stride_om,
     stride_yn,
+    stride_w1se,
+    stride_w1si,
+    stride_w2se,
+    stride_w2sd,
     PHASE: tl.constexpr,  # "count" | "place" | "up" | "down" | "combine"
     K: tl.constexpr,  # experts per token
     LIMIT: tl.constexpr,  # gate/up clamp (inf: none)
@@ -333,6 +420,7 @@ def moe_experts(
     HAS_BIAS: tl.constexpr,  # b1, b3, b2 added (routed experts only)
     HAS_SHARED: tl.constexpr,
     DOT_IN_F32: tl.constexpr,
+    WFMT: tl.constexpr,  # routed weights: 0 dense, 1 FP4 (MXFP4), 2 FP8 (module docstring)
     BLOCK_P: tl.constexpr,  # pairs per program (count, place)
     BLOCK_E: tl.constexpr,  # >= E + HAS_SHARED, a power of two: all groups' counts at once
     BLOCK_M: tl.constexpr,  # rows per tile (up, down)
@@ -393,6 +481,8 @@ def moe_experts(
                 hidden_ptr,
                 b1_ptr,
                 b3_ptr,
+                w1s_ptr,
+                w3s_ptr,
                 N,
                 D,
                 I,
@@ -402,6 +492,8 @@ def moe_experts(
                 stride_w1i,
                 stride_s1j,
                 stride_hm,
+                stride_w1se,
+                stride_w1si,
                 K,
                 LIMIT,
                 GPT_OSS,
@@ -409,6 +501,7 @@ def moe_experts(
                 HAS_BIAS,
                 HAS_SHARED,
                 DOT_IN_F32,
+                WFMT,
                 BLOCK_M,
                 BLOCK_N,
                 BLOCK_D,
@@ -425,6 +518,7 @@ def moe_experts(
                 weights_ptr,
                 pair_of_row_ptr,
                 b2_ptr,
+                w2s_ptr,
                 D,
                 I,
                 J,
@@ -433,9 +527,12 @@ def moe_experts(
                 stride_w2d,
                 stride_s2d,
                 stride_om,
+                stride_w2se,
+                stride_w2sd,
                 HAS_BIAS,
                 HAS_SHARED,
                 DOT_IN_F32,
+                WFMT,
                 BLOCK_M,
                 BLOCK_N,
                 BLOCK_D,
