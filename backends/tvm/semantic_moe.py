@@ -1,12 +1,16 @@
 """te lowerings of the MoE ops (ir/ops/moe.py), `moe.route` and `moe.experts`, one kernel per
 node, and the experts' BLAS path. Shared helpers (fp32 casts, top-k) are in `semantic.py`.
 
-The experts kernel gathers each token's k expert weights by index (no per-expert row counts on the
-host; an expert no token chose is never read). `moe.experts` also has a BLAS path, chosen per call
-like a large `matmul` (the executable's `blas` policy; the report counts it): tokens sorted by
-expert, then one GEMM per expert over its rows (MKL/OpenBLAS through torch), as the eager model's
-grouped GEMM does. The kernel reads each expert's weights once per token; the grouped GEMM once
-per expert, which is what a prefill needs.
+`moe.experts` runs on the CPU as the grouped kernel of `moe_grouped.py` (pairs sorted by expert
+in the kernel, each touched expert's weights read once per call); its te lowering here, the
+gather form (each (token, slot) pair reads its expert's weights by index), is what GPU targets
+schedule (`Kernel.gpu_ir`): the grouped kernel is the CPU "schedule" of the same node. Both read
+quantised weights (`weight_format`) through `backends.tvm.dequant`.
+
+`moe.experts` also has a BLAS path, chosen per call like a large `matmul` (the executable's `blas`
+policy; the report counts it) when the experts get `BLAS_MIN_ROWS` rows each on average (a
+prefill): pairs sorted by expert, then each GEMM as one `torch._grouped_mm` over all experts
+(per-expert row offsets computed by torch, no host loop), as the eager model's grouped GEMM does.
 """
 
 from __future__ import annotations
@@ -15,29 +19,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import ir
-from backends.tvm.emitters import TVM_EMITTERS, Call, KernelLaunch, emit_single, shape_of, uses_blas
-from backends.tvm.lower import Lowering, convert, lowers, tvm_dtype
+from backends.base import body_of_one_op
+from backends.tvm.emitters import (
+    TVM_EMITTERS,
+    Call,
+    KernelLaunch,
+    emit_single,
+    kernel_name,
+    shape_of,
+    signature,
+    uses_blas,
+)
+from backends.tvm.kernel import make_kernel
+from backends.tvm.lower import Lowering, Unsupported, convert, lowers, tvm_dtype
+from backends.tvm.moe_grouped import experts_func, experts_spec, gated
 from backends.tvm.semantic import F32, f32, i32, topk
-
-
-def _swiglu(gate: Any, up: Any, limit: float) -> Any:
-    from tvm import te, tirx
-
-    g = tirx.min(gate, tirx.const(limit, F32))
-    u = tirx.min(tirx.max(up, tirx.const(-limit, F32)), tirx.const(limit, F32))
-    return g / (tirx.const(1.0, F32) + te.exp(-g)) * u
-
-
-def _gated(op: Any, gate: Any, up: Any) -> Any:
-    """The experts' activation (ir/ops/moe.py `Experts`) on fp32 gate and up values."""
-    from tvm import te, tirx
-
-    if op.activation != "gpt_oss":
-        return _swiglu(gate, up, op.clamp)
-    one = tirx.const(1.0, F32)
-    g = tirx.min(gate, tirx.const(op.limit, F32))
-    u = tirx.min(tirx.max(up, tirx.const(-op.limit, F32)), tirx.const(op.limit, F32))
-    return g / (one + te.exp(-g * tirx.const(op.alpha, F32))) * (u + one)
 
 
 @lowers("moe.route")
@@ -129,39 +125,40 @@ def _grouped(lw: Lowering, op: Any, chooser: Any) -> Any:
 
 @lowers("moe.experts")
 def lower_experts(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
+    """The gather form (the GPU's; the CPU runs `moe_grouped`): every (token, slot) pair reads
+    its expert's weights by index."""
     from tvm import te
 
     op = node.op
     x, weights, experts, w1, w3, w2, *rest = args
+    scales, rest = (rest[-3:], rest[:-3]) if op.quantised else ([None] * 3, rest)
     shared = rest[:3] if op.shared else []
     b1, b3, b2 = rest[-3:] if op.expert_bias else (None, None, None)
     out = tvm_dtype(node.result.dtype)
     n_tok, k, inter, width = x.shape[0], weights.shape[1], w1.shape[1], x.shape[1]
+    r1, r3, r2 = _readers(op, (w1, w3, w2), scales, (width, width, inter), out)
     kd = te.reduce_axis((0, width), name="kd")
     kd3 = te.reduce_axis((0, width), name="kd3")
     eid = lambda n, j: i32(experts(n, j))
     up1 = te.compute(
         (n_tok, k, inter),
-        lambda n, j, i: te.sum(f32(x(n, kd)) * f32(w1(eid(n, j), i, kd)), axis=kd),
+        lambda n, j, i: te.sum(f32(x(n, kd)) * r1(eid(n, j), i, kd), axis=kd),
         name=lw.tag("gate_proj"),
     )
     up3 = te.compute(
         (n_tok, k, inter),
-        lambda n, j, i: te.sum(f32(x(n, kd3)) * f32(w3(eid(n, j), i, kd3)), axis=kd3),
+        lambda n, j, i: te.sum(f32(x(n, kd3)) * r3(eid(n, j), i, kd3), axis=kd3),
         name=lw.tag("up_proj"),
     )
 
     def biased(v: Any, b: Any, n: Any, j: Any, i: Any) -> Any:
+        v = convert(convert(v, out), F32)  # the GEMM's result in x's dtype
         return v if b is None else v + f32(b(eid(n, j), i))
 
     h = te.compute(
         up1.shape,
         lambda n, j, i: convert(
-            _gated(
-                op,
-                biased(convert(convert(up1(n, j, i), out), F32), b1, n, j, i),
-                biased(up3(n, j, i), b3, n, j, i),
-            )
+            gated(op, biased(up1(n, j, i), b1, n, j, i), biased(up3(n, j, i), b3, n, j, i))
             * f32(weights(n, j)),
             out,
         ),
@@ -170,17 +167,18 @@ def lower_experts(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
     ki = te.reduce_axis((0, inter), name="ki")
     down = te.compute(  # one reduction axis per stage: the dot over ki is vectorised (rfactor)
         (n_tok, k, width),
-        lambda n, j, c: te.sum(f32(h(n, j, ki)) * f32(w2(eid(n, j), c, ki)), axis=ki),
+        lambda n, j, c: te.sum(f32(h(n, j, ki)) * r2(eid(n, j), c, ki), axis=ki),
         name=lw.tag("down_proj"),
     )
     kj = te.reduce_axis((0, k), name="kj")
-    if op.expert_bias:  # + weight · b2[e] per slot
+    if op.expert_bias or out != F32:  # each slot's GEMM result in x's dtype, + weight · b2[e]
         dn = down
-        down = te.compute(
-            dn.shape,
-            lambda n, j, c: dn(n, j, c) + f32(weights(n, j)) * f32(b2(eid(n, j), c)),
-            name=lw.tag("down_bias"),
-        )
+
+        def slot(n: Any, j: Any, c: Any) -> Any:
+            v = convert(convert(dn(n, j, c), out), F32)
+            return v if b2 is None else v + f32(weights(n, j)) * f32(b2(eid(n, j), c))
+
+        down = te.compute(dn.shape, slot, name=lw.tag("down_slot"))
     y = te.compute(
         (n_tok, width), lambda n, c: te.sum(down(n, kj, c), axis=kj), name=lw.tag("routed")
     )
@@ -194,6 +192,17 @@ def lower_experts(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
             name=lw.tag("y"),
         )
     ]
+
+
+def _readers(op: Any, ws: tuple, scales: list, cols: tuple, out: str) -> list[Any]:
+    """w1, w3, w2 as fp32 readers (e, i, k) of te tensors: as stored, or decoded from the op's
+    `weight_format` (`backends.tvm.dequant`, rounded to x's dtype as the op says)."""
+    if not op.quantised:
+        return [lambda e, i, k, w=w: f32(w(e, i, k)) for w in ws]
+    from backends.tvm.dequant import expert_weight
+
+    reads = [expert_weight(w, s, op.weight_format, c, out) for w, s, c in zip(ws, scales, cols)]
+    return [lambda e, i, k, read=read: f32(read(e, i, k)) for read in reads]
 
 
 def _shared_expert(op: Any, x: Any, shared: list[Any], out: str) -> Any:
@@ -212,8 +221,11 @@ def _shared_expert(op: Any, x: Any, shared: list[Any], out: str) -> Any:
     g3 = te.compute(
         g1.shape, lambda n, i: te.sum(f32(x(n, ks3)) * f32(s3(i, ks3)), axis=ks3), name="su"
     )
+    rounded = lambda v: convert(convert(v, out), F32)  # noqa: E731  (a GEMM in x's dtype)
     hs = te.compute(
-        g1.shape, lambda n, i: convert(_gated(op, g1(n, i), g3(n, i)), out), name="hs"
+        g1.shape,
+        lambda n, i: convert(gated(op, rounded(g1(n, i)), rounded(g3(n, i))), out),
+        name="hs",
     )
     kss = te.reduce_axis((0, s1.shape[0]), name="kss")
     return te.compute(
@@ -233,8 +245,8 @@ BLAS_MIN_ROWS = 4
 class ExpertsLaunch(KernelLaunch):
     """`moe.experts`: the kernel, or grouped GEMMs through BLAS when the policy says so and
     ("auto") the experts get `BLAS_MIN_ROWS` (token, slot) rows each on average: with fewer
-    (a decode step), every per-expert GEMM is a GEMV and the kernel's gather does the same reads
-    without a torch call per expert."""
+    (a decode step), every per-expert GEMM is a GEMV, which the grouped kernel does with each
+    touched expert's weights read once and no torch call."""
 
     blas: str = "auto"
 
@@ -242,7 +254,7 @@ class ExpertsLaunch(KernelLaunch):
         experts, w1 = (shape_of(self.node.operands[i], env) for i in (2, 3))
         pairs = experts[0] * experts[1]
         few = self.blas == "auto" and pairs < BLAS_MIN_ROWS * w1[0]
-        if not few and uses_blas(self.blas, 6 * pairs * w1[1] * w1[2]):
+        if not few and uses_blas(self.blas, 6 * pairs * w1[1] * shape_of(self.node.result, env)[1]):
             op = self.node.op
             return self.counted("blas", lambda inputs: (grouped_experts(op, *inputs),))
         return super().bind(env, fns)
@@ -250,19 +262,30 @@ class ExpertsLaunch(KernelLaunch):
 
 @TVM_EMITTERS.register("moe.experts")
 def emit_experts(node: ir.Node, target: Any, options: dict) -> ExpertsLaunch:
-    single = emit_single(node, target, options)
-    return ExpertsLaunch(node, single.kernels, single.operands, blas=options.get("blas", "auto"))
+    """The grouped kernel (`moe_grouped`, every operand passed as is), or the gather kernel
+    when a size other than N is symbolic."""
+    blas = options.get("blas", "auto")
+    try:
+        spec = experts_spec(node)
+    except Unsupported:
+        single = emit_single(node, target, options)
+        return ExpertsLaunch(node, single.kernels, single.operands, blas=blas)
+    body, _ = body_of_one_op(node)
+    schedule = lambda f: experts_func(spec, str(f.attrs["global_symbol"]))  # noqa: E731
+    kernel = make_kernel(
+        body, kernel_name(node), signature(node, "grouped"), schedule, loc=node.loc
+    )
+    return ExpertsLaunch(node, [kernel], tuple(range(len(node.operands))), blas=blas)
 
 
 def grouped_experts(
     op: Any, x: Any, weights: Any, experts: Any, w1: Any, w3: Any, w2: Any, *rest: Any
 ) -> Any:
-    """`moe.experts` (ir/ops/moe.py) with one GEMM per expert over the tokens that chose it.
-
-    Rows are the (token, slot) pairs sorted by expert; the per-expert row counts are read on the
-    host (a CPU executable: no device round-trip). Same numerics as the op: GEMMs in x's dtype,
-    biases, activation and routing weight in fp32, hidden rows cast to x's dtype before w2, fp32
-    sum.
+    """`moe.experts` (ir/ops/moe.py) as grouped GEMMs over the (token, slot) pairs sorted by
+    expert: one `torch._grouped_mm` per projection (`_grouped_mm` below), quantised weights
+    dequantised first. Same numerics as the op: GEMMs in x's dtype, biases, activation and
+    routing weight in fp32, hidden rows cast to x's dtype before w2, fp32 sum; pairs naming no
+    expert contribute nothing.
     """
     import torch
 
@@ -271,29 +294,51 @@ def grouped_experts(
     def act(gate: Any, up: Any) -> Any:
         return gated_reference(gate, up, op.activation, op.clamp, op.alpha)
 
-    n, k = experts.shape
+    if op.quantised:
+        w1, w3, w2 = op.dense_weights(x, w1, w3, w2, *rest[-3:])
+        rest = rest[:-3]
+    n_exp, k = w1.shape[0], experts.shape[1]
     flat = experts.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    token = order // k
-    counts = torch.bincount(flat, minlength=w1.shape[0]).tolist()
-    rows = x[token]
+    pairs = torch.nonzero((flat >= 0) & (flat < n_exp)).squeeze(1)
+    order = pairs[torch.argsort(flat[pairs], stable=True)]
+    ids, token = flat[order], order // k
+    offs = torch.bincount(ids, minlength=n_exp).cumsum(0).to(torch.int32)
     scale = weights.reshape(-1)[order].float().unsqueeze(-1)
-    down = torch.empty(n * k, x.shape[1], dtype=torch.float32)
-    start = 0
-    for e, count in enumerate(counts):
-        if count:
-            r, w = rows[start : start + count], scale[start : start + count]
-            gate, up = ((r @ wt[e].T).float() for wt in (w1, w3))
-            if op.expert_bias:
-                gate, up = gate + rest[-3][e].float(), up + rest[-2][e].float()
-            out = ((act(gate, up) * w).to(x.dtype) @ w2[e].T).float()
-            if op.expert_bias:
-                out = out + w * rest[-1][e].float()
-            down[start : start + count] = out
-            start += count
+    rows = x[token]
+    gate, up = (_grouped_mm(rows, w, offs).float() for w in (w1, w3))
+    if op.expert_bias:
+        gate, up = gate + rest[-3][ids].float(), up + rest[-2][ids].float()
+    down = _grouped_mm((act(gate, up) * scale).to(x.dtype), w2, offs).float()
+    if op.expert_bias:
+        down = down + scale * rest[-1][ids].float()
     y = torch.zeros(x.shape, dtype=torch.float32).index_add_(0, token, down).to(x.dtype)
     if not op.shared:
         return y
     s1, s3, s2 = rest[:3]
     h = act((x @ s1.T).float(), (x @ s3.T).float())
     return y + h.to(x.dtype) @ s2.T
+
+
+def _grouped_mm(rows: Any, w: Any, offs: Any) -> Any:
+    """rows [R, K] grouped by expert (group g: rows offs[g-1]:offs[g]) times w[g]ᵀ, w [G, M, K]
+    -> [R, M] in rows' dtype: one `torch._grouped_mm` call (each group's product as torch.matmul
+    gives it), or, when its strides are not multiples of 16 bytes as it requires, one matmul
+    per group."""
+    import torch
+
+    wt = w.transpose(1, 2)
+    if _aligned(rows) and _aligned(wt):
+        return torch._grouped_mm(rows, wt, offs=offs)
+    out = rows.new_empty(rows.shape[0], w.shape[1])
+    lo = 0
+    for g, hi in enumerate(offs.tolist()):
+        out[lo:hi] = rows[lo:hi] @ w[g].T
+        lo = hi
+    return out
+
+
+def _aligned(t: Any) -> bool:
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all(
+        (s * size) % 16 == 0 for s, n in zip(t.stride(), t.shape) if s != 1 and n != 1
+    )

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import sympy
+
 from ir._lazy import torch
 from ir.core import Kind, Op, register
 from ir.ops._util import INT_INDEX, io_cost, require
@@ -348,4 +350,23 @@ class Experts(Op):
             flops = flops + 6 * x.shape[0] * operand_types[6].shape[0] * x.shape[1]
         if self.expert_bias:  # the bias adds and the weighted b2
             flops = flops + rows * (2 * w1.shape[1] + 2 * x.shape[1])
-        return io_cost(flops, operand_types, result_types)
+        # bytes: a call reads the experts its N·k pairs chose, at most min(E, N·k) of them, each
+        # once (kernels group the pairs by expert), the shared expert and the activations
+        touched = _min_dim(w1.shape[0], rows)
+        per_expert = {3, 4, 5}
+        if self.expert_bias:
+            per_expert |= {6 + 3 * self.shared + i for i in range(3)}
+        if self.quantised:
+            per_expert |= {len(operand_types) - 3 + i for i in range(3)}
+        read = [
+            TensorType((touched, *t.shape[1:]), t.dtype) if i in per_expert else t
+            for i, t in enumerate(operand_types)
+        ]
+        return io_cost(flops, read, result_types)
+
+
+def _min_dim(a, b):
+    """min(a, b) for dims: an int when both are, else a sympy Min."""
+    if isinstance(a, int) and isinstance(b, int):
+        return min(a, b)
+    return sympy.Min(a, b)
