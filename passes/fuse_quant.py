@@ -280,7 +280,7 @@ RULES = [
     Rule("fuse_quant.matmul_fp8", _ROOT, _matmul_fp8, near=6,
          summary="a matmul of x by a block-scaled FP8 weight dequantised in the graph"),
     # moe.experts(.., deq(w1), deq(w3), deq(w2)) = moe.experts(.., w1, w3, w2, scales, format)
-    Rule("fuse_quant.experts", op("moe.experts"), _experts_quant, near=30,
+    Rule("fuse_quant.experts", op("moe.experts"), _experts_quant, near=5,
          summary="routed experts whose w1/w3/w2 are FP4 or FP8 weights dequantised in the graph"),
 ]
 
