@@ -88,6 +88,17 @@ def test_kernel_equals_reference(dtype: str, k: int) -> None:
     assert kernel["name"] == "moe_experts" and not report["blas_calls"]
 
 
+def test_kernel_on_two_threads() -> None:
+    """The parallel tasks (expert, row chunk) on two threads: each task's partial sums are its
+    own (N = 40, k = 6: every expert's rows split over both threads)."""
+    tokens, ws = _weights(torch.float32, 6, seed=3, shared=True)
+    g = _graph({**tokens(1), **ws}, {"shared": True})
+    exe = TVMBackend().compile(g, "cpu", blas="never", threads=2)
+    for _ in range(3):
+        args = list({**tokens(40), **ws}.values())
+        _close(exe(*args)[0], ir.interpret(g, *args)[0], "two threads")
+
+
 VARIANTS = {
     "shared": ({"shared": True}, {"shared": True}),
     "gpt_oss_bias": ({"activation": "gpt_oss", "limit": 1.5, "expert_bias": True}, {"bias": True}),
