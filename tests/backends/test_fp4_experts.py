@@ -9,6 +9,8 @@ with and without the shared expert, f32 and bf16 activations."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from backend_graphs import graph_of
@@ -106,6 +108,45 @@ def test_tvm_equals_or_refuses_with_reason(fmt: str, dtype: torch.dtype, shared:
         return
     exe = TVMBackend().compile(g, "cpu")
     (got,) = exe(*inputs.values())
+    _close(got, want)
+
+
+# --- through the pipeline: models/quant.py experts compiled by each backend ----------------------
+
+slow = pytest.mark.skipif(not os.environ.get("DSV4C_SLOW"), reason="TVM builds: ~12 s on 2 cores")
+
+
+@pytest.mark.parametrize("fmt", ["fp4_e2m1", "fp8_e4m3"])
+@pytest.mark.parametrize("backend", ["reference", "triton", pytest.param("tvm", marks=slow)])
+def test_compiled_quantised_experts_equal_eager(fmt: str, backend: str) -> None:
+    """`QuantExperts` captured, fused (fuse_moe, then fuse_quant.experts) and compiled: one
+    moe.experts reading the stored int8 / e4m3 weights, equal to eager on the dequantised
+    weights (d = 40: a padded FP4 block)."""
+    import dataclasses
+
+    import dsv4c
+    from models.config import Config
+    from models.moe import Experts
+    from models.quant import QuantExperts
+
+    cfg = dataclasses.replace(Config.preset("tiny"), dim=40, moe_inter_dim=24, n_routed_experts=5)
+    gen = torch.Generator().manual_seed(0)
+    dense = Experts(cfg)
+    with torch.no_grad():
+        for p in dense.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    module = QuantExperts.from_experts(dense, fmt).eval()
+    x, weights = torch.randn(9, 40, generator=gen), torch.rand(9, 2, generator=gen) + 0.1
+    experts = torch.stack([torch.randperm(4, generator=gen)[:2] for _ in range(9)])
+    compiled = dsv4c.compile(module, (x, weights, experts), backend=backend, target="cpu")
+    (node,) = compiled.graph.ops
+    stored = ir.DType.i8 if fmt == "fp4_e2m1" else ir.DType.f8e4m3
+    assert node.name == "moe.experts" and node.op.weight_format == fmt
+    assert node.operands[3].dtype == stored
+    got = compiled(x, weights, experts)
+    got = got[0] if isinstance(got, (tuple, list)) else got
+    with torch.no_grad():
+        want = module(x, weights, experts)
     _close(got, want)
 
 
