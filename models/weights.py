@@ -16,6 +16,10 @@ Checkpoint layout (v4-architecture.md §2.2), read by `load_safetensors` and wri
           column (2k+1). e2m1 code: bit 3 = sign, bits 0-2 index (0, .5, 1, 1.5, 2, 3, 4, 6).
           scale [out, ceil(in/32)], one per 1×32 block; value = e2m1 · scale.
   Scales are ue8m0: float8_e8m0fnu, or any float dtype holding powers of two.
+  Loading dequantises. To run with the routed experts compressed again (in memory and in the
+  compiled `moe.experts`), apply `models.quant.quantize_experts(model, "fp4_e2m1")` after the
+  load: requantising e2m1·2^k values is exact, so the experts hold the checkpoint's values
+  (possibly as other code/scale pairs, e.g. codes doubled under a halved scale).
 * A tensor shared by two modules (MTP's embedding / head) is stored once, under its first name.
 * Integer tensors (`ffn.gate.tid2eid`, int64 in the checkpoint, int32 accepted) are cast to the
   model buffer's dtype; float tensors are cast to the parameter's dtype.

@@ -116,3 +116,21 @@ def test_bad_input_errors() -> None:
         QuantExperts("fp4_e2m1", 10.0, bad)
     with pytest.raises(ValueError, match="format must be one of"):
         quantize_experts(torch.nn.Sequential(), "int4")
+
+
+def test_checkpoint_experts_requantise_to_their_values(tmp_path) -> None:
+    """A checkpoint's FP4 experts, loaded (dequantised) and quantised again by
+    `quantize_fp4_experts`, hold exactly the checkpoint's values (models/weights.py docstring)."""
+    from models.deepseek_v4 import Transformer
+    from models.weights import load_safetensors, save_safetensors
+
+    torch.manual_seed(0)
+    saved = Transformer(Config.preset("tiny"))
+    save_safetensors(saved, tmp_path / "ckpt.safetensors", fp8=False, fp4_experts=True)
+    model = Transformer(Config.preset("tiny"))
+    load_safetensors(model, tmp_path / "ckpt.safetensors")
+    loaded = {n: m.w1.detach().clone() for n, m in model.named_modules() if type(m) is Experts}
+    assert not torch.equal(loaded["layers.0.ffn.experts"], saved.layers[0].ffn.experts.w1)
+    quantize_fp4_experts(model)
+    for name, w1 in loaded.items():
+        assert torch.equal(model.get_submodule(name).w1, w1)
