@@ -20,10 +20,11 @@ The step's total is the sum of its timed steps, not the wall time of the call (t
 and the Python between launches are outside it).
 
 Measured (issue 19, `small` decode at 4K, 1 thread, the shared 2-core box at load 5-7): in place
-at B=8 `moe_experts` is 85 of the 122 profiled ms (70 %, 2.4 GB/s against 14 GB/s measured read
-bandwidth; its cost-model bytes count all 32 experts' weights, so its GB/s is an upper bound and
-reads 74-85 "GB/s" at B=1, where 6 experts are touched); `attn_compress_step` 5.6 ms for the
-ratio-128 pair, 2.3 ms the ratio-4 pair. The functional row's compress steps take 44-50 ms
+at B=8 `moe_experts` was 85 of the 122 profiled ms (70 %, 2.4 GB/s against 14 GB/s measured read
+bandwidth); `attn_compress_step` 5.6 ms for the ratio-128 pair, 2.3 ms the ratio-4 pair. Since
+the grouped experts kernel (each touched expert read once) that row is 16.2 ms at B=8 and 3.55
+ms at B=1, and the op's bytes count the min(E, N·k) experts a call can touch, not all E
+(docs/benchmarks.md). The functional row's compress steps take 44-50 ms
 (clones of the caches and states, fresh pages) of the same kernels.
 """
 

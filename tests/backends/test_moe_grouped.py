@@ -7,6 +7,8 @@ op's cost counting only the experts a call can touch."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import sympy
 import torch
@@ -188,3 +190,24 @@ def test_cost_counts_touched_experts() -> None:
     assert sympy.simplify(cost.bytes - (rest + out + sympy.Min(E, 2 * n) * expert)) == 0
     assert cost.bytes.subs(n, 1) == (rest + out).subs(n, 1) + 2 * expert
     assert cost.bytes.subs(n, 40) == (rest + out).subs(n, 40) + E * expert
+
+
+@pytest.mark.skipif(not os.environ.get("DSV4C_SLOW"), reason="~20 s on 2 busy cores; DSV4C_SLOW=1")
+def test_benchmark_script_writes_rows(tmp_path) -> None:
+    """benchmarks/moe_grouped.py on tiny (the speed figures live in docs/benchmarks.md): one row
+    per token count with the three implementations' times and the grouped kernel's difference."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "moe.json"
+    cmd = [sys.executable, str(root / "benchmarks" / "moe_grouped.py"), "--model", "tiny",
+           "--tokens", "1", "5", "--layers", "2", "--repeat", "2", "--json", str(out)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, cwd=root, timeout=300)
+    doc = json.loads(out.read_text())
+    assert [r["tokens"] for r in doc["rows"]] == [1, 5]
+    for r in doc["rows"]:
+        assert r["gather_ms"] > 0 and r["grouped_ms"] > 0 and r["blas_ms"] > 0
+        assert r["rel_diff"] < 1e-5 and 1 <= r["experts_touched"] <= 8
