@@ -1,18 +1,27 @@
-"""Decode GEMV y[1, N] = x[1, K] @ Wᵀ on TVM CPU: the weight as block-scaled FP8 decoded in the
-kernel (`linalg.matmul_fp8`) vs the weight in bf16 (`matmul` on `permute(w)`, the "nt" kernel),
-both TVM kernels (blas="never"), same schedule family. Prints weight bytes and median times side
-by side; eager torch bf16 `F.linear` is a third column for scale.
+"""Decode GEMV/GEMM y[M, N] = x[M, K] @ Wᵀ on TVM CPU with the weight in three formats, side by
+side in one run: block-scaled FP8 decoded in the kernel (`linalg.matmul_fp8`, the hand-written
+`fp8_gemv_cpu` when K is a multiple of 128), bf16 and f32 (`matmul` on `permute(w)`: the "nt"
+kernel). All TVM kernels (blas="never"); eager torch `F.linear` on the bf16 and f32 weights is
+printed for scale. The same weight values in every format (e4m3·2^e is exact in bf16 and f32).
 
-    .venv/bin/python benchmarks/quant_fp8_gemv.py                 # K = N in 2048, 4096; 1 thread
-    .venv/bin/python benchmarks/quant_fp8_gemv.py --sizes 4096x4096 1024x7168 --threads 2
+    .venv/bin/python benchmarks/quant_fp8_gemv.py            # K = N in 512..4096, M = 1, 8
+    .venv/bin/python benchmarks/quant_fp8_gemv.py --sizes 4096x4096 --rows 1 2 4 --threads 2
 
-Times are wall-clock medians of --repeat calls after 3 warm-up calls, on whatever else the
-machine is running: on a shared, loaded box treat ratios, not absolute numbers, as the result.
+Per row: weight bytes, then each kernel's least and median time over --rounds interleaved rounds
+(every variant once per round, so a burst of load from other processes hits all of them), and
+the ratios fp8/bf16 and fp8/f32 of the least times (< 1: FP8 is faster). The same weight is read
+on every call, so it may be cache-resident (the box's L2 is 2 MiB a core): at 512 and 1024 the
+kernels run from cache and the ratio measures compute per weight, at 4096 mostly memory. On a
+shared, loaded machine treat ratios, not absolute numbers, as the result; the JSON (--json,
+default benchmarks/results/quant_fp8_gemv.json) records the load average.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
 import statistics
 import sys
 import time
@@ -25,79 +34,121 @@ import torch  # noqa: E402
 import ir  # noqa: E402
 from models.weights import dequantize_fp8, quantize_fp8  # noqa: E402
 
+RESULTS = Path(__file__).resolve().parent / "results" / "quant_fp8_gemv.json"
+
 
 def fp8_graph(n: int, k: int) -> ir.Graph:
     b = ir.Builder(name="gemv_fp8")
-    x = b.input("x", ir.TensorType((1, k), ir.DType.bf16))
+    x = b.input("x", ir.TensorType((ir.sym("M"), k), ir.DType.bf16))
     w = b.input("w", ir.TensorType((n, k), ir.DType.f8e4m3), role="parameter")
     s = b.input("s", ir.TensorType((-(-n // 128), -(-k // 128)), ir.DType.f32), "parameter")
     b.output(b.op("linalg.matmul_fp8", [x, w, s]))
     return b.build()
 
 
-def bf16_graph(n: int, k: int) -> ir.Graph:
-    b = ir.Builder(name="gemv_bf16")
-    x = b.input("x", ir.TensorType((1, k), ir.DType.bf16))
-    w = b.input("w", ir.TensorType((n, k), ir.DType.bf16), role="parameter")
+def dense_graph(n: int, k: int, dtype: ir.DType) -> ir.Graph:
+    b = ir.Builder(name=f"gemv_{dtype}")
+    x = b.input("x", ir.TensorType((ir.sym("M"), k), dtype))
+    w = b.input("w", ir.TensorType((n, k), dtype), role="parameter")
     b.output(b.op("matmul", [x, b.op("permute", [w], dims=(1, 0))]))
     return b.build()
 
 
-def median_ms(fn, repeat: int) -> float:
-    for _ in range(3):
+def timings(fns: dict, rounds: int) -> dict[str, list[float]]:
+    """ms per call of each function, `rounds` interleaved rounds after two warm-up calls each."""
+    for fn in fns.values():
         fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
 
 
-def row(n: int, k: int, repeat: int) -> dict:
+def size_rows(n: int, k: int, rows: list[int], rounds: int) -> list[dict]:
     from backends.tvm import TVMBackend
 
     gen = torch.Generator().manual_seed(0)
-    w = torch.randn(n, k, generator=gen) * 0.02
-    q, scale = quantize_fp8(w)
+    q, scale = quantize_fp8(torch.randn(n, k, generator=gen) * 0.02)
     scale = scale.float()
-    w_bf16 = dequantize_fp8(q, scale).bfloat16()  # the same values, exactly (e4m3·2^e fits bf16)
-    x = torch.randn(1, k, generator=gen).bfloat16()
-    fp8 = TVMBackend().compile(fp8_graph(n, k), "cpu", blas="never")
-    bf16 = TVMBackend().compile(bf16_graph(n, k), "cpu", blas="never")
-    fp8_params, bf16_params = {"w": q, "s": scale}, {"w": w_bf16}
-    (y8,) = fp8(x, params=fp8_params)
-    (y16,) = bf16(x, params=bf16_params)
-    err = ((y8.float() - y16.float()).abs().max() / y16.float().abs().max()).item()
-    return {
-        "n": n, "k": k,
-        "fp8_bytes": q.numel() + scale.numel() * 4, "bf16_bytes": w_bf16.numel() * 2,
-        "fp8_ms": median_ms(lambda: fp8(x, params=fp8_params), repeat),
-        "bf16_ms": median_ms(lambda: bf16(x, params=bf16_params), repeat),
-        "eager_ms": median_ms(lambda: torch.nn.functional.linear(x, w_bf16), repeat),
-        "rel_diff": err,
+    w32 = dequantize_fp8(q, scale)
+    w16 = w32.bfloat16()
+    assert torch.equal(w16.float(), w32)  # the same values in every format
+    exes = {
+        "fp8": (TVMBackend().compile(fp8_graph(n, k), "cpu", blas="never"), {"w": q, "s": scale}),
+        "bf16": (TVMBackend().compile(dense_graph(n, k, ir.DType.bf16), "cpu", blas="never"),
+                 {"w": w16}),
+        "f32": (TVMBackend().compile(dense_graph(n, k, ir.DType.f32), "cpu", blas="never"),
+                {"w": w32}),
     }  # fmt: skip
+    out = []
+    for m in rows:
+        x16 = torch.randn(m, k, generator=gen).bfloat16()
+        x32 = x16.float()
+        xs = {"fp8": x16, "bf16": x16, "f32": x32}
+        ys = {name: exe(xs[name], params=p)[0].float() for name, (exe, p) in exes.items()}
+        want = x32.double() @ w32.double().T
+        err = {name: ((y.double() - want).abs().max() / want.abs().max()).item()
+               for name, y in ys.items()}  # fmt: skip
+        fns = {
+            f"tvm_{name}": (lambda e=exe, x=xs[name], p=p: e(x, params=p))
+            for name, (exe, p) in exes.items()
+        }
+        fns["eager_bf16"] = lambda x=x16: torch.nn.functional.linear(x, w16)
+        fns["eager_f32"] = lambda x=x32: torch.nn.functional.linear(x, w32)
+        t = timings(fns, rounds)
+        least = {name: min(v) for name, v in t.items()}
+        out.append({
+            "n": n, "k": k, "m": m,
+            "bytes": {"fp8": q.numel() + scale.numel() * 4, "bf16": 2 * n * k, "f32": 4 * n * k},
+            "min_ms": least,
+            "median_ms": {name: statistics.median(v) for name, v in t.items()},
+            "fp8_over_bf16": least["tvm_fp8"] / least["tvm_bf16"],
+            "fp8_over_f32": least["tvm_fp8"] / least["tvm_f32"],
+            "rel_err_vs_f64": err,
+        })  # fmt: skip
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sizes", nargs="+", default=["2048x2048", "4096x4096"], help="NxK")
+    ap.add_argument("--sizes", nargs="+", default=["512x512", "1024x1024", "2048x2048",
+                                                   "4096x4096"], help="NxK")  # fmt: skip
+    ap.add_argument("--rows", nargs="+", type=int, default=[1, 8], help="M (decode batch)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeat", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--json", type=Path, default=RESULTS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    import os
-
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
-    print(f"threads {args.threads}, load average {os.getloadavg()[0]:.1f} (shared machine)")
-    print("   N x K      | fp8 MiB | bf16 MiB | TVM fp8 ms | TVM bf16 ms | fp8/bf16 | eager bf16 ms "
-          "| fp8 vs bf16 rel diff")
+    load = os.getloadavg()
+    print(f"threads {args.threads}, load average {load[0]:.1f} (shared machine); ms = least "
+          f"(median) of {args.rounds} interleaved rounds")  # fmt: skip
+    print("   N x K    M | fp8 MiB | TVM fp8        | TVM bf16       | TVM f32        | "
+          "fp8/bf16 | fp8/f32 | eager bf16 | eager f32")
+    rows = []
     for size in args.sizes:
         n, k = map(int, size.split("x"))
-        r = row(n, k, args.repeat)
-        print(f"{n:5d} x {k:5d} | {r['fp8_bytes'] / 2**20:7.2f} | {r['bf16_bytes'] / 2**20:8.2f} | "
-              f"{r['fp8_ms']:10.3f} | {r['bf16_ms']:11.3f} | {r['fp8_ms'] / r['bf16_ms']:8.2f} | "
-              f"{r['eager_ms']:13.3f} | {r['rel_diff']:.1e}")
+        for r in size_rows(n, k, args.rows, args.rounds):
+            rows.append(r)
+            a, b = r["min_ms"], r["median_ms"]
+            cell = lambda key: f"{a[key]:6.3f} ({b[key]:6.3f})"  # noqa: E731
+            print(f"{n:5d}x{k:5d} {r['m']:2d} | {r['bytes']['fp8'] / 2**20:7.2f} | "
+                  f"{cell('tvm_fp8')} | {cell('tvm_bf16')} | {cell('tvm_f32')} | "
+                  f"{r['fp8_over_bf16']:8.2f} | {r['fp8_over_f32']:7.2f} | "
+                  f"{a['eager_bf16']:10.3f} | {a['eager_f32']:9.3f}")  # fmt: skip
+    doc = {
+        "benchmark": "quant_fp8_gemv", "threads": args.threads, "rounds": args.rounds,
+        "load_average_start": load, "load_average_end": os.getloadavg(),
+        "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+        "rows": rows,
+    }  # fmt: skip
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -123,3 +123,112 @@ def test_printer_parser_round_trip() -> None:
 
     text = str(graph(ir.sym("M"), 130, 200, ir.DType.bf16))
     assert "linalg.matmul_fp8" in text and str(parse(text)) == text
+
+
+# --- the decode GEMV kernel (K a multiple of the block: fp8_gemv_cpu) -----------------------
+
+
+def _gemv_exe(n: int, k: int, act: ir.DType, blas: str = "auto"):
+    from backends.tvm import TVMBackend
+
+    exe = TVMBackend().compile(graph(ir.sym("M"), n, k, act), "cpu", blas=blas)
+    assert exe.fallbacks() == [], exe.fallbacks()
+    return exe
+
+
+def test_gemv_kernel_is_the_hand_written_one() -> None:
+    """K a multiple of 128: the kernel is `fp8_gemv_cpu` (decoded blocks, a NaN scan), not the
+    te compute with the generic nt schedule."""
+    from backends.tvm.kernel import KERNELS
+
+    _gemv_exe(256, 512, ir.DType.f32)
+    sources = [k.func.script() for k in KERNELS.values() if not isinstance(k, str)]
+    fp8 = [s for s in sources if "float8_e4m3fn" in s and "seen" in s and "wblk" in s]
+    assert fp8, "no fp8_gemv_cpu kernel was built"
+
+
+@pytest.mark.parametrize("m", [1, 2, 8, 9, 17])  # whole and partial 8-row tiles, symbolic M
+@pytest.mark.parametrize("act, tol", [(torch.float32, 1e-6), (torch.bfloat16, 8e-3)])
+def test_gemv_matches_dequantised_eager(m: int, act: torch.dtype, tol: float) -> None:
+    n, k = 200, 384  # N not a multiple of the block: the last block row is partial
+    exe = _gemv_exe(n, k, ir.DType.from_torch(act))
+    q, scale = fp8_weight(n, k, seed=m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(act)
+    (y,) = exe(x, params={"w": q, "s": scale})
+    want = expected(x, q, scale)
+    assert y.dtype == act and y.shape == (m, n)
+    err = ((y.double() - want).abs().max() / want.abs().max()).item()
+    assert err < tol, f"relative error {err:.2e} >= {tol}"
+
+
+def test_gemv_f16_activations() -> None:
+    exe = _gemv_exe(64, 256, ir.DType.f16)
+    q, scale = fp8_weight(64, 256, seed=3)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(3)).half()
+    (y,) = exe(x, params={"w": q, "s": scale})
+    want = expected(x, q, scale)
+    assert ((y.double() - want).abs().max() / want.abs().max()).item() < 2e-3
+
+
+@pytest.mark.parametrize("scales", [(0.5, 2.0, 4.0, 0.25), (0.5, 300.0, 2.0**100, 1e-30)])
+def test_gemv_decodes_every_e4m3_code_exactly(scales) -> None:
+    """x = e_j picks column j: y[j, n] = f32(w[n, j])·scale, the reference's rounding exactly;
+    the second set has scales >= 128 (s·2^120 would overflow: the kernel's other path)."""
+    n, k = 136, 256
+    q = all_codes_weight(n, k)
+    scale = torch.tensor(scales).view(2, 2)
+    exe = _gemv_exe(n, k, ir.DType.f32)
+    (y,) = exe(torch.eye(k), params={"w": q, "s": scale})
+    torch.testing.assert_close(y, dequantize_fp8(q, scale).T, rtol=0, atol=0)
+
+
+def test_gemv_nan_code_gives_nan_row() -> None:
+    """A NaN code (0x7f or 0xff) anywhere in weight row n makes y[:, n] NaN, as the
+    reference's x @ dequant(w)ᵀ; the other outputs are unaffected."""
+    n, k = 64, 384
+    codes = torch.zeros(n, k, dtype=torch.uint8)
+    codes[5, 77], codes[9, 383], codes[11, 3] = 0x7F, 0xFF, 0x7E  # 0x7e = 448: finite
+    q = codes.view(torch.float8_e4m3fn)
+    scale = torch.ones(1, 3)
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(0))
+    (y,) = _gemv_exe(n, k, ir.DType.f32)(x, params={"w": q, "s": scale})
+    assert torch.isnan(y).any(0).nonzero().flatten().tolist() == [5, 9]
+    torch.testing.assert_close(y[:, 11], x[:, 3] * 448.0)
+
+
+def test_prefill_gemm_calls_blas_under_auto() -> None:
+    """M >= FP8_BLAS_MIN_ROWS and >= BLAS_MIN_FLOPS: the reference (f32 dequant + torch.matmul)
+    under blas="auto", the kernel under "never"; both equal eager."""
+    from backends.tvm.quant import FP8_BLAS_MIN_ROWS
+
+    n, k, m = 512, 512, max(FP8_BLAS_MIN_ROWS, 64)
+    q, scale = fp8_weight(n, k, seed=7)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(7))
+    want = expected(x, q, scale)
+    for policy, impl in (("auto", "blas"), ("never", "tvm")):
+        exe = _gemv_exe(n, k, ir.DType.f32, blas=policy)
+        (y,) = exe(x, params={"w": q, "s": scale})
+        assert ((y.double() - want).abs().max() / want.abs().max()).item() < 1e-6
+        calls = [s.launch.calls for s in exe.steps if s.launch is not None]
+        assert calls and set(calls[0]) == {impl}, (policy, calls)
+
+
+def test_gemv_block_32_with_a_nan_in_the_scan_tail() -> None:
+    """block 32, K = 96: the NaN scan's last 32 bytes of a row are its scalar tail."""
+    from backends.tvm import TVMBackend
+
+    n, k, block = 70, 96, 32
+    q, _ = fp8_weight(n, k, seed=5)
+    scale = torch.rand(-(-n // block), k // block, generator=torch.Generator().manual_seed(5))
+    codes = q.view(torch.uint8).clone()
+    codes[3, 90] = 0xFF
+    q = codes.view(torch.float8_e4m3fn)
+    exe = TVMBackend().compile(graph(ir.sym("M"), n, k, F32, block=block), "cpu")
+    assert exe.fallbacks() == [], exe.fallbacks()
+    x = torch.randn(2, k, generator=torch.Generator().manual_seed(5))
+    (y,) = exe(x, params={"w": q, "s": scale})
+    (want,) = ir.OPS["linalg.matmul_fp8"](block=block).reference(x, q, scale)
+    assert torch.isnan(y).any(0).nonzero().flatten().tolist() == [3]
+    assert torch.isnan(want).any(0).nonzero().flatten().tolist() == [3]
+    ok = ~torch.isnan(want)
+    assert ((y - want)[ok].abs().max() / want[ok].abs().max()).item() < 1e-6
