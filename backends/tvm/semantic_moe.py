@@ -15,7 +15,7 @@ prefill): pairs sorted by expert, then each GEMM as one `torch._grouped_mm` over
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import ir
@@ -30,7 +30,7 @@ from backends.tvm.emitters import (
     signature,
     uses_blas,
 )
-from backends.tvm.kernel import make_kernel
+from backends.tvm.kernel import Kernel, make_kernel
 from backends.tvm.lower import Lowering, Unsupported, convert, lowers, tvm_dtype
 from backends.tvm.moe_grouped import experts_func, experts_spec, gated
 from backends.tvm.semantic import F32, f32, i32, topk
@@ -275,7 +275,23 @@ def emit_experts(node: ir.Node, target: Any, options: dict) -> ExpertsLaunch:
     kernel = make_kernel(
         body, kernel_name(node), signature(node, "grouped"), schedule, loc=node.loc
     )
+    if kernel.func is not None:  # not loaded from a built library
+        kernel = GroupedKernel(**{f.name: getattr(kernel, f.name) for f in fields(Kernel)})
     return ExpertsLaunch(node, [kernel], tuple(range(len(node.operands))), blas=blas)
+
+
+@dataclass
+class GroupedKernel(Kernel):
+    """The grouped experts kernel: `func` is hand-written TensorIR, its own unscheduled form
+    (`tensor_ir`: CPU tuning has nothing to reschedule); GPU targets schedule the gather form
+    the te lowering gives (`gpu_ir`), which `make_kernel` lowered before the CPU "schedule"
+    replaced it."""
+
+    def __post_init__(self) -> None:
+        self.gather_ir, self.tensor_ir = self.tensor_ir, self.func
+
+    def gpu_ir(self) -> Any:
+        return self.gather_ir
 
 
 def grouped_experts(
