@@ -1,13 +1,17 @@
 """The TVM runtime's in-place cache updates (`backends.inplace`): which node a writer emits and
 how it writes.
 
-`attn.compress_step` with an aliased result is emitted as its *row form*: the same op on the one
-cache row it may write (cache operand and result `[B,1,c]`, so the kernel's `min(pos // m, L-1)`
-is row 0). Per call the writer reads the position on the host (TVM runs on the CPU), hands the
-kernel that row of the caller's cache, copies the new row back only when the block completes,
-and copies the new states (`[B,R,W]` fp32: a few hundred KB at most) into the state buffers.
-The kernel never reads or writes the rest of the cache, which the functional lowering copies
-whole on every step. `index_put` (a reference op in this backend) writes its rows with torch.
+`attn.compress_step` with an aliased result is emitted as its *row form*: the same op whose cache
+operand and result are the one cache row it may write (`[B,1,c]`, so the kernel's
+`min(pos // m, L-1)` is row 0) and whose state results are the one new state row (`[B,1,W]`).
+Per call the writer reads the position on the host (TVM runs on the CPU), hands the kernel that
+row of the caller's cache, copies the new row back only when the block completes, stores the new
+state row at its slot (`pos % m`, `+ m` with overlap) and, when an overlapping block completes,
+rolls the states (rows m..2m-1 to 0..m-1), as the op's functional form does. A step inside a
+block moves the projection weights, one state row per state and nothing of the cache; the kernel
+never reads or writes the rest of the cache or of the states (the functional lowering copies
+them whole on every step). `index_put` (a reference op in this backend) writes its rows with
+torch.
 """
 
 from __future__ import annotations
@@ -28,23 +32,28 @@ def emitted_node(node: ir.Node, aliased: tuple[int, ...]) -> ir.Node:
     `node` itself."""
     if node.name != "attn.compress_step" or not aliased:
         return node
-    cache = node.operands[_CACHE]
-    row = ir.TensorType((cache.shape[0], 1, cache.shape[2]), cache.dtype)
     operands = list(node.operands)
-    operands[_CACHE] = ir.Value(cache.name, row)
-    results = (ir.Value(node.results[0].name, row), *node.results[1:])
+    cache = operands[_CACHE]
+    operands[_CACHE] = ir.Value(cache.name, _one_row(cache.type))
+    results = tuple(ir.Value(r.name, _one_row(r.type)) for r in node.results)
     return ir.Node(node.op, tuple(operands), results, node.loc)
+
+
+def _one_row(t: ir.TensorType) -> ir.TensorType:
+    return ir.TensorType((t.shape[0], 1, t.shape[2]), t.dtype)
 
 
 def writer(node: ir.Node, call: Callable[[Sequence[Any]], tuple[Any, ...]]) -> Writer | None:
     """The in-place writer of `node` (the emitted node) given its bound `call`, or None (the
     result is computed as usual and copied into the caller's buffer)."""
     if node.name == "attn.compress_step" and node.operands[_CACHE].shape[1] == 1:
-        return _compress_rows(node.op.ratio, call)
+        return _compress_rows(node.op.ratio, node.op.overlap, call)
     return index_put_writer(node)
 
 
-def _compress_rows(ratio: int, call: Callable[[Sequence[Any]], tuple[Any, ...]]) -> Writer:
+def _compress_rows(
+    ratio: int, overlap: bool, call: Callable[[Sequence[Any]], tuple[Any, ...]]
+) -> Writer:
     def write(ins: list[Any]) -> tuple[Any, ...]:
         cache, kv_state, score_state = ins[_CACHE], ins[2], ins[3]
         if cache.shape[1] == 0:
@@ -54,10 +63,15 @@ def _compress_rows(ratio: int, call: Callable[[Sequence[Any]], tuple[Any, ...]])
         narrowed = list(ins)
         narrowed[_CACHE] = cache[:, row : row + 1]
         new_row, kv, score = call(narrowed)
-        if (pos + 1) % ratio == 0:  # the block completes: its entry goes to the cache
-            cache[:, row : row + 1].copy_(new_row)
-        kv_state.copy_(kv)
-        score_state.copy_(score)
+        slot = pos % ratio + (ratio if overlap else 0)
+        kv_state[:, slot : slot + 1].copy_(kv)
+        score_state[:, slot : slot + 1].copy_(score)
+        if (pos + 1) % ratio:
+            return (cache, kv_state, score_state)
+        cache[:, row : row + 1].copy_(new_row)  # the block completes: its entry goes to the cache
+        if overlap:  # its second half is the next block's first half
+            kv_state[:, :ratio].copy_(kv_state[:, ratio:])
+            score_state[:, :ratio].copy_(score_state[:, ratio:])
         return (cache, kv_state, score_state)
 
     return write
