@@ -116,12 +116,14 @@ def test_tvm_equals_or_refuses_with_reason(fmt: str, dtype: torch.dtype, shared:
 slow = pytest.mark.skipif(not os.environ.get("DSV4C_SLOW"), reason="TVM builds: ~12 s on 2 cores")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fmt", ["fp4_e2m1", "fp8_e4m3"])
 @pytest.mark.parametrize("backend", ["reference", "triton", pytest.param("tvm", marks=slow)])
-def test_compiled_quantised_experts_equal_eager(fmt: str, backend: str) -> None:
-    """`QuantExperts` captured, fused (fuse_moe, then fuse_quant.experts) and compiled: one
-    moe.experts reading the stored int8 / e4m3 weights, equal to eager on the dequantised
-    weights (d = 40: a padded FP4 block)."""
+def test_compiled_quantised_experts_equal_eager(fmt: str, backend: str, dtype) -> None:
+    """`QuantExperts` captured, fused (fuse_moe, then fuse_quant.experts, which looks through
+    the rounding of the dequantised weights to bf16) and compiled: one moe.experts reading the
+    stored int8 / e4m3 weights, equal to eager on the dequantised weights (d = 40: a padded
+    FP4 block)."""
     import dataclasses
 
     import dsv4c
@@ -136,7 +138,7 @@ def test_compiled_quantised_experts_equal_eager(fmt: str, backend: str) -> None:
         for p in dense.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
     module = QuantExperts.from_experts(dense, fmt).eval()
-    x, weights = torch.randn(9, 40, generator=gen), torch.rand(9, 2, generator=gen) + 0.1
+    x, weights = torch.randn(9, 40, generator=gen).to(dtype), torch.rand(9, 2, generator=gen) + 0.1
     experts = torch.stack([torch.randperm(4, generator=gen)[:2] for _ in range(9)])
     compiled = dsv4c.compile(module, (x, weights, experts), backend=backend, target="cpu")
     (node,) = compiled.graph.ops
