@@ -53,7 +53,8 @@ def pipeline(
     g = ctx.run("fuse_sdpa", fuse_sdpa, g)
     # attention over index-selected keys (DSA's gathered MQA; a dense attn.sdpa under a top-k mask)
     g = ctx.run("fuse_sparse_attention", fuse_sparse_attention, g)
-    # block-scaled FP8 weights dequantised in the graph -> linalg.matmul_fp8 (weight stays 1 B)
+    # weights dequantised in the graph: FP8 linears -> linalg.matmul_fp8 (weight stays 1 B),
+    # FP4/FP8 routed experts -> moe.experts(weight_format=...) (0.5 + 1/32 B for FP4)
     g = ctx.run("fuse_quant", fuse_quant, g)
     # --- generic fusion and scheduling ---------------------------------------------------------
     # remaining elementwise/reduction chains and GEMM epilogues -> fused.kernel (one launch each)
