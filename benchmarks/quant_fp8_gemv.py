@@ -8,7 +8,9 @@ printed for scale. The same weight values in every format (e4m3·2^e is exact in
     .venv/bin/python benchmarks/quant_fp8_gemv.py --sizes 4096x4096 --rows 1 2 4 --threads 2
 
 Per row: weight bytes, then each kernel's least and median time over --rounds interleaved rounds
-(every variant once per round, so a burst of load from other processes hits all of them), and
+(every variant 5 calls per round, so a burst of load from other processes hits all of them; with
+one thread the clock is this thread's CPU time, which leaves out time given to other processes;
+wall clock otherwise), and
 the ratios fp8/bf16 and fp8/f32 of the least times (< 1: FP8 is faster). The same weight is read
 on every call, so it may be cache-resident (the box's L2 is 2 MiB a core): at 512 and 1024 the
 kernels run from cache and the ratio measures compute per weight, at 4096 mostly memory. On a
@@ -35,6 +37,7 @@ import ir  # noqa: E402
 from models.weights import dequantize_fp8, quantize_fp8  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quant_fp8_gemv.json"
+CALLS = 5  # calls per timed sample
 
 
 def fp8_graph(n: int, k: int) -> ir.Graph:
@@ -54,21 +57,23 @@ def dense_graph(n: int, k: int, dtype: ir.DType) -> ir.Graph:
     return b.build()
 
 
-def timings(fns: dict, rounds: int) -> dict[str, list[float]]:
-    """ms per call of each function, `rounds` interleaved rounds after two warm-up calls each."""
+def timings(fns: dict, rounds: int, clock) -> dict[str, list[float]]:
+    """ms per call of each function by `clock`, `rounds` interleaved rounds after two warm-up
+    calls each; a round times `CALLS` calls of each, back to back (sub-ms kernels)."""
     for fn in fns.values():
         fn()
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - t0) * 1e3)
+            t0 = clock()
+            for _ in range(CALLS):
+                fn()
+            times[name].append((clock() - t0) * 1e3 / CALLS)
     return times
 
 
-def size_rows(n: int, k: int, rows: list[int], rounds: int) -> list[dict]:
+def size_rows(n: int, k: int, rows: list[int], rounds: int, clock) -> list[dict]:
     from backends.tvm import TVMBackend
 
     gen = torch.Generator().manual_seed(0)
@@ -99,7 +104,7 @@ def size_rows(n: int, k: int, rows: list[int], rounds: int) -> list[dict]:
         }
         fns["eager_bf16"] = lambda x=x16: torch.nn.functional.linear(x, w16)
         fns["eager_f32"] = lambda x=x32: torch.nn.functional.linear(x, w32)
-        t = timings(fns, rounds)
+        t = timings(fns, rounds, clock)
         least = {name: min(v) for name, v in t.items()}
         out.append({
             "n": n, "k": k, "m": m,
@@ -125,14 +130,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
     load = os.getloadavg()
+    # one thread: everything runs on this thread, and its CPU time leaves out the time the
+    # scheduler gives other processes (the wall clock does not, on a shared box)
+    clock, clock_name = ((time.thread_time, "thread CPU time") if args.threads == 1
+                         else (time.perf_counter, "wall clock"))  # fmt: skip
     print(f"threads {args.threads}, load average {load[0]:.1f} (shared machine); ms = least "
-          f"(median) of {args.rounds} interleaved rounds")  # fmt: skip
+          f"(median) of {args.rounds} interleaved rounds of {CALLS} calls, {clock_name}")
     print("   N x K    M | fp8 MiB | TVM fp8        | TVM bf16       | TVM f32        | "
           "fp8/bf16 | fp8/f32 | eager bf16 | eager f32")
     rows = []
     for size in args.sizes:
         n, k = map(int, size.split("x"))
-        for r in size_rows(n, k, args.rows, args.rounds):
+        for r in size_rows(n, k, args.rows, args.rounds, clock):
             rows.append(r)
             a, b = r["min_ms"], r["median_ms"]
             cell = lambda key: f"{a[key]:6.3f} ({b[key]:6.3f})"  # noqa: E731
@@ -142,6 +151,7 @@ def main() -> None:
                   f"{a['eager_bf16']:10.3f} | {a['eager_f32']:9.3f}")  # fmt: skip
     doc = {
         "benchmark": "quant_fp8_gemv", "threads": args.threads, "rounds": args.rounds,
+        "calls_per_round": CALLS, "clock": clock_name,
         "load_average_start": load, "load_average_end": os.getloadavg(),
         "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
         "rows": rows,

@@ -15,8 +15,9 @@ Two CPU kernels, and BLAS for prefill:
   mask: 3 integer ops) and multiplied by the block's scale·2^120 (one multiply, which also makes
   the subnormal codes exact): f32(w)·s rounded once, the reference's value. M = 1 feeds them
   straight into 4 partial sums; M > 1 keeps them in registers for up to 8 activation rows. The
-  NaN codes (0x7f, 0xff) are found by one OR-scan over the row's bytes (64 per op), not a select
-  per element: a row holding one gives NaN, as the reference. Scales >= 128 (s·2^120 would
+  NaN codes (0x7f, 0xff) are found by an OR-scan over the bytes (64 per op), not a select per
+  element, checked once per task of 32 rows; only a task holding one looks for its rows and makes
+  their outputs NaN, as the reference. Scales >= 128 (s·2^120 would
   overflow) take a second copy of the loops that multiplies by 2^120, then s. The products are
   the reference's; only the summation order differs. Parallel over tasks of 32 weight rows: TVM
   allocates a parallel body's buffers with one workspace call per iteration (~250 ns: 512x512
@@ -25,11 +26,12 @@ Two CPU kernels, and BLAS for prefill:
 - `blas="auto"` and at least FP8_BLAS_MIN_ROWS rows and BLAS_MIN_FLOPS: the op's reference
   (weight dequantised to f32, then torch.matmul), as dense prefill GEMMs go to BLAS.
 
-Measured (benchmarks/quant_fp8_gemv.py, bf16 activations, 1 thread, least of 20 interleaved
-rounds on the shared 2-core box at load ~5), FP8 time / TVM bf16-weight "nt" kernel time at
-M = 1 and 8: 4096² 0.40, 0.28; 2048² 0.88, 0.28; 1024² 1.06, 0.72; 512² 1.32, 0.98 (f32
-kernel: 0.26, 0.32; 0.86, 0.76; 0.79, 0.90; 1.32, 1.37). At 512² and 1024² with M = 1 the
-weight sits in L2 and the decode's ~6 vector ops per 16 weights (bf16: ~3) decide.
+Measured (benchmarks/quant_fp8_gemv.py, bf16 activations, 1 thread, least thread CPU time of 20
+interleaved rounds on the shared 2-core box at load ~6), FP8 time / TVM bf16-weight "nt" kernel
+time at M = 1 and 8: 4096² 0.61, 0.55; 2048² 0.82, 0.57; 1024² 0.86, 0.60; 512² 1.07, 0.98
+(f32 kernel: 0.48, 0.55; 0.59, 0.60; 0.58, 0.67; 1.07, 1.51). At 512² the ~40 us of a call
+outside the kernel dominates and the weight sits in L2, where the decode's ~6 vector ops per 16
+weights (bf16: ~3) decide.
 """
 
 from __future__ import annotations
@@ -122,7 +124,7 @@ def fp8_gemv_cpu(n: int, k: int, block: int, dtype: str, symbol: str) -> Any:
         return code_bits(code) * T.float32(two120) * scale
 
     @T.macro
-    def reduce_store(acc1, y, row, col, seen):  # noqa: ANN001, ANN202  (TVMScript macro)
+    def reduce_store(acc1, y, row, col):  # noqa: ANN001, ANN202  (TVMScript macro)
         for lane in T.vectorized(LANES):
             acc1[0, lane] = (acc1[0, lane] + acc1[1, lane]) + (acc1[2, lane] + acc1[3, lane])
         for lane in T.vectorized(8):
@@ -131,8 +133,7 @@ def fp8_gemv_cpu(n: int, k: int, block: int, dtype: str, symbol: str) -> Any:
             acc1[0, lane] = acc1[0, lane] + acc1[0, lane + 4]
         for lane in T.vectorized(2):
             acc1[0, lane] = acc1[0, lane] + acc1[0, lane + 2]
-        nan_row = (seen[0] | seen[1]) >= T.uint8(0x80)
-        y[row, col] = T.Cast(dtype, T.Select(nan_row, T.float32("nan"), acc1[0, 0] + acc1[0, 1]))
+        y[row, col] = T.Cast(dtype, acc1[0, 0] + acc1[0, 1])
 
     @T.macro
     def rows_dot(x32, w, s, y, m, small_scales):  # noqa: ANN001, ANN202  (TVMScript macro)
@@ -141,10 +142,11 @@ def fp8_gemv_cpu(n: int, k: int, block: int, dtype: str, symbol: str) -> Any:
             wblk = T.alloc_buffer((vecs, LANES), "float32", scope="local")
             seen = T.alloc_buffer((64,), "uint8", scope="local")
             acc1 = T.alloc_buffer((PARTIALS, LANES), "float32", scope="local")
+            for lane in T.vectorized(64):
+                seen[lane] = T.uint8(0)
             for nn in range(n0 * CHUNK, T.min(n, n0 * CHUNK + CHUNK)):
-                # NaN codes: (b & 0x7f) + 1 has bit 7 set only for 0x7f / 0xff
-                for lane in T.vectorized(64):
-                    seen[lane] = T.uint8(0)
+                # NaN codes: (b & 0x7f) + 1 has bit 7 set only for 0x7f / 0xff; ORed over the
+                # task's rows, checked once per task (below)
                 for k0 in range(k // 64):
                     for lane in T.vectorized(64):
                         seen[lane] = seen[lane] | (
@@ -154,16 +156,6 @@ def fp8_gemv_cpu(n: int, k: int, block: int, dtype: str, symbol: str) -> Any:
                 for tail in range(k // 64 * 64, k):
                     code = T.reinterpret("uint8", w[nn, tail])
                     seen[0] = seen[0] | ((code & T.uint8(0x7F)) + T.uint8(1))
-                for lane in T.vectorized(32):  # OR the 64 lanes down to seen[0]
-                    seen[lane] = seen[lane] | seen[lane + 32]
-                for lane in T.vectorized(16):
-                    seen[lane] = seen[lane] | seen[lane + 16]
-                for lane in T.vectorized(8):
-                    seen[lane] = seen[lane] | seen[lane + 8]
-                for lane in T.vectorized(4):
-                    seen[lane] = seen[lane] | seen[lane + 4]
-                for lane in T.vectorized(2):
-                    seen[lane] = seen[lane] | seen[lane + 2]
                 if m == 1:  # B = 1 decode: the decoded vectors go straight into 4 partial sums
                     for j in T.unroll(PARTIALS):
                         for lane in T.vectorized(LANES):
@@ -180,7 +172,7 @@ def fp8_gemv_cpu(n: int, k: int, block: int, dtype: str, symbol: str) -> Any:
                                     s[nn // block, kb],
                                     small_scales,
                                 )
-                    reduce_store(acc1, y, 0, nn, seen)
+                    reduce_store(acc1, y, 0, nn)
                 else:
                     for i0 in range((m + ROWS - 1) // ROWS):
                         for i, j in T.grid(T.min(ROWS, m - i0 * ROWS), PARTIALS):
@@ -205,7 +197,23 @@ def fp8_gemv_cpu(n: int, k: int, block: int, dtype: str, symbol: str) -> Any:
                         for i in range(T.min(ROWS, m - i0 * ROWS)):
                             for j, lane in T.grid(PARTIALS, LANES):
                                 acc1[j, lane] = acc[i, j, lane]
-                            reduce_store(acc1, y, i0 * ROWS + i, nn, seen)
+                            reduce_store(acc1, y, i0 * ROWS + i, nn)
+            for lane in T.vectorized(32):  # OR the 64 lanes down to seen[0]
+                seen[lane] = seen[lane] | seen[lane + 32]
+            for lane in T.vectorized(16):
+                seen[lane] = seen[lane] | seen[lane + 16]
+            for lane in T.vectorized(8):
+                seen[lane] = seen[lane] | seen[lane + 8]
+            for lane in T.vectorized(4):
+                seen[lane] = seen[lane] | seen[lane + 4]
+            for lane in T.vectorized(2):
+                seen[lane] = seen[lane] | seen[lane + 2]
+            if (seen[0] | seen[1]) >= T.uint8(0x80):  # rare: find the rows, NaN their outputs
+                for nn in range(n0 * CHUNK, T.min(n, n0 * CHUNK + CHUNK)):
+                    for kk in range(k):
+                        if (T.reinterpret("uint8", w[nn, kk]) & T.uint8(0x7F)) == T.uint8(0x7F):
+                            for i in range(m):
+                                y[i, nn] = T.Cast(dtype, T.float32("nan"))
 
     @T.prim_func(private=True)
     def gemv(
