@@ -708,7 +708,7 @@ def _pre_mix(lw: Lowering, x: Any, pre: Any, out: str) -> Any:
     acc = te.compute(
         (*lead, d),
         lambda *i: te.sum(pre(*i[:-1], kj) * f32(x(*i[:-1], kj, i[-1])), axis=kj),
-        name=lw.tag("mixed"),
+        name=lw.tag("rows_mixed"),  # a vector of channels accumulates the n streams' rows
     )
     return te.compute(acc.shape, lambda *i: convert(acc(*i), out), name=lw.tag("y"))
 
@@ -727,8 +727,8 @@ def lower_hc_pre(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
     mix = _mix(lw, x, fn, op.norm_eps)
     lin = lambda i, r, sc: mix(*i, r) * f32(scale(sc)) + f32(base(r))
     eps = tirx.const(op.eps, F32)
-    pre = te.compute(
-        (*lead, n), lambda *i: te.sigmoid(lin(i[:-1], i[-1], 0)) + eps, name=lw.tag("pre")
+    pre = te.compute(  # kept: n gates per token, not recomputed per mixed channel
+        (*lead, n), lambda *i: te.sigmoid(lin(i[:-1], i[-1], 0)) + eps, name=lw.tag("keep_pre")
     )
     post = te.compute(
         (*lead, n), lambda *i: 2.0 * te.sigmoid(lin(i[:-1], n + i[-1], 1)), name=lw.tag("post")
@@ -783,7 +783,7 @@ def lower_hc_head(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
     pre = te.compute(
         mix.shape,
         lambda *i: te.sigmoid(mix(*i) * f32(scale(0)) + f32(base(i[-1]))) + eps,
-        name=lw.tag("pre"),
+        name=lw.tag("keep_pre"),
     )
     return [_pre_mix(lw, x, pre, tvm_dtype(node.result.dtype))]
 
@@ -800,7 +800,7 @@ def lower_hc_post(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
         lead, k, d = i[:-2], i[-2], i[-1]
         return te.sum(f32(comb(*lead, kj, k)) * f32(res(*lead, kj, d)), axis=kj)
 
-    acc = te.compute(res.shape, g, name=lw.tag("carried"))
+    acc = te.compute(res.shape, g, name=lw.tag("rows_carried"))
 
     def h(*i: Any) -> Any:
         lead, k, d = i[:-2], i[-2], i[-1]
