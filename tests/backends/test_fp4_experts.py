@@ -24,12 +24,12 @@ from models.weights import dequantize_fp4, dequantize_fp8, quantize_fp4, quantiz
 E, I, D, N, K, J = 5, 48, 40, 7, 2, 24
 
 
-def _weights(fmt: str, gen: torch.Generator) -> tuple[dict, dict]:
+def _weights(fmt: str, gen: torch.Generator, e: int, i: int, d: int) -> tuple[dict, dict]:
     """({w1, w3, w2: stored; w1s, w3s, w2s: scales}, {w1, w3, w2: dequantised f32})."""
     stored, scales, dense = {}, {}, {}
-    for name, shape in (("w1", (I, D)), ("w3", (I, D)), ("w2", (D, I))):
+    for name, shape in (("w1", (i, d)), ("w3", (i, d)), ("w2", (d, i))):
         qs, ss, ds = [], [], []
-        for _ in range(E):
+        for _ in range(e):
             w = torch.randn(*shape, generator=gen) * 0.3
             if fmt == "fp4_e2m1":
                 q, s = quantize_fp4(w)
@@ -42,13 +42,15 @@ def _weights(fmt: str, gen: torch.Generator) -> tuple[dict, dict]:
     return stored | scales, dense
 
 
-def _case(fmt: str, dtype: torch.dtype, shared: bool, seed: int = 0):
-    """(inputs of the quantised op, inputs of the dense op on the dequantised weights, attrs)."""
-    gen = torch.Generator().manual_seed(seed)
-    quant, dense = _weights(fmt, gen)
-    x = torch.randn(N, D, generator=gen).to(dtype)
+def _case(fmt: str, dtype: torch.dtype, shared: bool, dims: tuple = (E, I, D)):
+    """(inputs of the quantised op, inputs of the dense op on the dequantised weights, attrs);
+    dims = (experts, I, d)."""
+    gen = torch.Generator().manual_seed(0)
+    e, _, d = dims
+    quant, dense = _weights(fmt, gen, *dims)
+    x = torch.randn(N, d, generator=gen).to(dtype)
     weights = torch.rand(N, K, generator=gen) + 0.1
-    experts = torch.stack([torch.randperm(E - 1, generator=gen)[:K] for _ in range(N)])
+    experts = torch.stack([torch.randperm(e - 1, generator=gen)[:K] for _ in range(N)])
     head = {"x": x, "weights": weights, "experts": experts}  # expert E-1: no token
     ws = {n: quant[n] for n in ("w1", "w3", "w2")}
     tail = {n: quant[n] for n in ("w1s", "w3s", "w2s")}
@@ -56,12 +58,12 @@ def _case(fmt: str, dtype: torch.dtype, shared: bool, seed: int = 0):
     shared_w = {}
     if shared:
         shared_w = {n: (torch.randn(*s, generator=gen) * 0.3).to(dtype)
-                    for n, s in (("s1", (J, D)), ("s3", (J, D)), ("s2", (D, J)))}
+                    for n, s in (("s1", (J, d)), ("s3", (J, d)), ("s2", (d, J)))}
     return head | ws | shared_w | tail, head | dense | shared_w, {"shared": shared}
 
 
-def _graphs(fmt: str, dtype: torch.dtype, shared: bool):
-    q_in, d_in, attrs = _case(fmt, dtype, shared)
+def _graphs(fmt: str, dtype: torch.dtype, shared: bool, dims: tuple = (E, I, D)):
+    q_in, d_in, attrs = _case(fmt, dtype, shared, dims)
     q = graph_of([("moe.experts", list(q_in), {**attrs, "weight_format": fmt})], q_in)
     d = graph_of([("moe.experts", list(d_in), attrs)], d_in)
     (want,) = ir.interpret(d, *d_in.values())  # the dense op on the dequantised weights
@@ -88,7 +90,17 @@ def test_reference_backend_equals_dense_on_dequantised(fmt: str, shared: bool) -
 
 @pytest.mark.parametrize("fmt, dtype, shared", _CASES)
 def test_triton_dequantises_in_kernel(fmt: str, dtype: torch.dtype, shared: bool) -> None:
-    g, inputs, want = _graphs(fmt, dtype, shared)
+    _triton_case(fmt, dtype, shared, (E, I, D))
+
+
+def test_triton_fp8_several_scale_blocks() -> None:
+    """FP8 scales of 2 x 2 blocks per matrix (I = 136, d = 160: partial last blocks), so the
+    kernel's per-block scale indexing is exercised (the default shapes have one block)."""
+    _triton_case("fp8_e4m3", torch.float32, False, (3, 136, 160))
+
+
+def _triton_case(fmt: str, dtype: torch.dtype, shared: bool, dims: tuple) -> None:
+    g, inputs, want = _graphs(fmt, dtype, shared, dims)
     exe = TritonBackend().compile(g, "cpu")
     assert not exe.fallbacks(), exe.fallbacks()
     assert {k["name"] for k in exe.report()["kernels"]} == {"moe_experts"}
