@@ -343,6 +343,9 @@ class Experts(Op):
         return gated_reference(gate, up, self.activation, self.clamp, self.alpha)
 
     def cost(self, operand_types, result_types):
+        """Flops of the N·k rows' GEMMs (+ the shared expert's, the biases'); bytes of the
+        activations, the shared expert and min(E, N·k) experts' weights, biases and scales —
+        the most a call can touch, each read once — not all E."""
         x, weights, _, w1 = operand_types[:4]
         rows = x.shape[0] * weights.shape[1]
         flops = 6 * rows * w1.shape[1] * x.shape[1]
@@ -350,8 +353,6 @@ class Experts(Op):
             flops = flops + 6 * x.shape[0] * operand_types[6].shape[0] * x.shape[1]
         if self.expert_bias:  # the bias adds and the weighted b2
             flops = flops + rows * (2 * w1.shape[1] + 2 * x.shape[1])
-        # bytes: a call reads the experts its N·k pairs chose, at most min(E, N·k) of them, each
-        # once (kernels group the pairs by expert), the shared expert and the activations
         touched = _min_dim(w1.shape[0], rows)
         per_expert = {3, 4, 5}
         if self.expert_bias:
