@@ -290,7 +290,7 @@ def _keys_tile(sch: Any, block: Any) -> None:
     sch.reorder(s0, c, s1, h)
     sch.unroll(s1)
     sch.vectorize(h)
-    sch.parallel(b)
+    sch.parallel(sch.fuse(b, t))  # the queries of a prefill too
     init = sch.decompose_reduction(block, c)
     sch.vectorize(sch.get_loops(init)[-1])
 
