@@ -15,6 +15,7 @@ import torch
 
 import ir
 from backends.tvm import TVMBackend
+from backends.tvm.semantic_moe import GroupedKernel
 
 E, D, I, J = 8, 40, 36, 20  # d and I not multiples of 16 (vector tails); experts 6, 7 idle
 TOKENS = (1, 3, 8, 40)
@@ -71,6 +72,7 @@ def _check(attrs: dict, tokens, ws: dict, blas: str = "never", counts=TOKENS) ->
     g = _graph({**tokens(1), **ws}, attrs)
     exe = TVMBackend().compile(g, "cpu", blas=blas)
     assert not exe.fallbacks(), exe.fallbacks()
+    assert [type(k) for k in exe.kernels()] == [GroupedKernel]  # not the gather form
     for n in counts:
         args = list({**tokens(n), **ws}.values())
         (want,) = ir.interpret(g, *args)
@@ -170,7 +172,10 @@ def test_kernel_reads_quantised_weights(fmt: str) -> None:
         scales = torch.stack([s for _, s in pairs])
         fp4 = fmt == "fp4_e2m1"
         quant[name + "s"] = scales.view(torch.uint8).view(torch.int8) if fp4 else scales.float()
-    bf16 = lambda n: {k: v.bfloat16() if k == "x" else v for k, v in tokens(n).items()}  # noqa: E731
+
+    def bf16(n: int) -> dict[str, torch.Tensor]:
+        return {k: v.bfloat16() if k == "x" else v for k, v in tokens(n).items()}
+
     ordered = {k: quant[k] for k in ("w1", "w3", "w2", "w1s", "w3s", "w2s")}
     _check({"weight_format": fmt}, bf16, ordered, counts=(1, 8))
 
