@@ -86,7 +86,7 @@ def e4m3_bits(v: Any) -> Any:
     """float8_e4m3fn TIR expression -> the f32 with bits s 0000eeee mmm0..0 (its value·2^-120,
     NaN codes read as ±480·2^-120): sign-extend the byte, shift it left 20 (the 7 bits land in
     the f32's exponent/mantissa fields, the sign's copies above them), keep the sign bit and
-    the 7 bits. Three integer ops per 16 codes; multiply by 2^120 (or scale·2^120) for the value."""
+    the 7 bits. Three integer ops per 16 codes; times 2^120 (or scale·2^120) is the value."""
     from tvm import tirx
 
     sx = tirx.reinterpret("uint8", v).astype("int8").astype("int32")
