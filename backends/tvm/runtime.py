@@ -29,6 +29,24 @@ and calls per step index (`steps[i]`: its node, its kernels), for a per-kernel p
 cache updates) into the caller's input tensors and returns those tensors; the default
 (`inplace=False`) leaves the inputs as they were (`backends.inplace`, `backends.tvm.inplace`).
 
+Threads: a call first sizes TVM's thread pool (`use_threads`) to `exe.threads`, or when that is
+None to `$TVM_NUM_THREADS` when set, else to `torch.get_num_threads()` at that call: the kernels
+run on as many threads as torch would. (TVM's own default, without `$TVM_NUM_THREADS`, is half of
+`std::thread::hardware_concurrency()` on x86, assuming hyper-threads: 1 thread on a 2-vCPU box
+where torch runs 2.) Reconfiguring costs one packed call and only happens when the count changes;
+an unchanged count costs a dict lookup per call.
+
+Torch inside a step (issue 19): BLAS GEMMs, reference ops and the in-place writers' copies run on
+torch's OpenMP pool (libgomp), whose workers spin for ~15-17 ms of CPU after every parallel region
+(GOMP_SPINCOUNT's default) and so take the cores TVM's pool needs: with both pools at 2 threads on
+2 cores, each TVM parallel launch after a torch region waited for a time slice (~0.5-1 ms for an
+8x512 rmsnorm). So a call holds torch at 1 thread (`torch.set_num_threads`, ~0.1 us) and gives
+it the caller's threads back only around steps with enough work to pay for that spin
+(`torch_heavy`: a single-thread estimate from the cost model of at least `TORCH_PARALLEL_MIN_FLOPS`
+or `TORCH_PARALLEL_MIN_BYTES`: prefill-sized GEMMs, never a decode step's); TVM kernels are not
+affected (their own pool). `exe.torch_parallel = "always"` keeps torch's threads throughout (the
+behaviour before). The hold is per calling thread for OpenMP; MKL's thread count is global.
+
 `blas`: "auto" (GEMMs of at least `BLAS_MIN_FLOPS` call `torch.matmul`, i.e. MKL/OpenBLAS, as
 Inductor does), "never" (every matmul runs its TVM kernel) or "always". The report says which
 matmuls called BLAS and how often.
@@ -36,6 +54,8 @@ matmuls called BLAS and how often.
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -46,7 +66,14 @@ import ir
 from backends.base import KernelRecord, Support
 from backends.inplace import aliased_results, update_call
 from backends.targets import Target, get_target
-from backends.tvm.emitters import TVM_EMITTERS, Call, Launch, emit_node, reference_call
+from backends.tvm.emitters import (
+    TVM_EMITTERS,
+    Call,
+    Launch,
+    MatmulLaunch,
+    emit_node,
+    reference_call,
+)
 from backends.tvm.inplace import emitted_node, writer
 from backends.tvm.inputs import Inputs
 from backends.tvm.library import Library
@@ -55,9 +82,100 @@ from backends.tvm.kernel import PREBUILT, Kernel, build, host_target, kernel_rec
 if TYPE_CHECKING:
     from backends.tvm.device import DeviceExecutable
 
-__all__ = ["Plan", "Step", "TVMBackend", "TVMExecutable"]
+__all__ = ["Plan", "Step", "TVMBackend", "TVMExecutable", "pool_threads", "use_threads"]
 
 BLAS_POLICIES = ("auto", "never", "always")
+TORCH_PARALLEL = ("heavy", "always")
+# a step run by torch gets torch's threads when its cost is at least this (else 1 thread): ~1 s
+# of single-thread GEMM or ~25 ms of single-thread streaming, well above the ~15 ms libgomp's
+# workers then spin on the other cores
+TORCH_PARALLEL_MIN_FLOPS = 1 << 30
+TORCH_PARALLEL_MIN_BYTES = 1 << 28
+_SHARE_ALL_CORES = -3  # TVM's ThreadGroup::kSpecifyThreadShareAllCore: workers float over the CPUs
+_POOLS: dict[int, int] = {}  # calling thread's ident -> threads its TVM pool was set to
+_FORKED: set[int] = set()  # threads whose pool was built before a fork (its workers are gone)
+
+
+def _pools_lost_in_fork() -> None:
+    """In a forked child: the pools built so far have no workers (threads are not forked)."""
+    _FORKED.update(_POOLS)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_pools_lost_in_fork)
+
+
+def pool_threads(threads: int | None = None) -> int:
+    """The threads a TVM call should use: `threads`, else `$TVM_NUM_THREADS` when set, else
+    torch's intra-op thread count (read now: `torch.set_num_threads` later changes it)."""
+    if threads is not None:
+        return threads
+    env = os.environ.get("TVM_NUM_THREADS")
+    if env:
+        if not env.strip().isdigit() or int(env) < 1:
+            raise ValueError(f"TVM_NUM_THREADS must be a positive integer, got {env!r}")
+        return int(env)
+    import torch
+
+    return torch.get_num_threads()
+
+
+def use_threads(n: int) -> None:
+    """Run the calling thread's TVM parallel loops on `n` threads (TVM's pool and its concurrency
+    limit are per calling thread). A no-op when already so.
+
+    Through TVM's `runtime.config_threadpool(mode, n, cpus)`: it sets the thread's concurrency
+    limit to `len(cpus)` and the pool's threads in use to `n` (a launch runs `n` tasks, the first
+    on the calling thread). The pool's size is fixed when it is first built, by the first call:
+    max(n, CPUs this process may use) threads; a later, larger `n` is capped there. `cpus` lists
+    every CPU the process may use (cycled to that size), so TVM's thread binding (on unless
+    $TVM_BIND_THREADS=0) never pins this thread, which also runs torch, to fewer CPUs. In a
+    child forked after this thread's pool was built, its kernels run on 1 thread: the pool's
+    workers did not survive the fork."""
+    ident = threading.get_ident()
+    if ident in _FORKED:  # a forked child: the pool's workers stayed in the parent
+        n = 1  # a launch then runs its one task on this thread (more would wait forever)
+    if _POOLS.get(ident) == n:
+        return
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"TVM threads must be a positive int, got {n!r}")
+    import tvm
+
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
+    cpus = [str(allowed[i % len(allowed)]) for i in range(max(n, len(allowed)))]
+    tvm.get_global_func("runtime.config_threadpool")(_SHARE_ALL_CORES, n, cpus)
+    _POOLS[ident] = n
+
+
+def torch_heavy(node: ir.Node, env: dict) -> bool:
+    """Whether `node` (run by torch: BLAS or its reference) has the work to use torch's threads
+    at the binding `env` (the cost model's flops or bytes; no cost: not heavy)."""
+    from passes.cost import evaluate, kernel_cost
+
+    try:
+        cost = kernel_cost(node)
+        flops, nbytes = evaluate(cost.flops, env), evaluate(cost.bytes, env)
+    except (ValueError, NotImplementedError, TypeError, KeyError, AttributeError):
+        return False
+    return flops >= TORCH_PARALLEL_MIN_FLOPS or nbytes >= TORCH_PARALLEL_MIN_BYTES
+
+
+def _torch_threads(call: Call, held: list[int]) -> Call:
+    """`call` run with torch at the caller's thread count (`held[0]`), then held at 1 again; as
+    it is when torch is not held (`held[0] == 0`)."""
+
+    def run(inputs: Any) -> tuple[Any, ...]:
+        import torch
+
+        if not held[0]:
+            return call(inputs)
+        torch.set_num_threads(held[0])
+        try:
+            return call(inputs)
+        finally:
+            torch.set_num_threads(1)
+
+    return run
 
 
 @dataclass
@@ -105,11 +223,23 @@ class Plan:
 
 class TVMExecutable:
     """`library`: the kernels already built (an artifact's, `backends.tvm.library`): nothing is
-    lowered or compiled, each kernel's packed function comes from the library."""
+    lowered or compiled, each kernel's packed function comes from the library. `threads`: the
+    TVM pool's threads for every call (None: `pool_threads()` at each call, torch's count)."""
 
     def __init__(
-        self, graph: ir.Graph, target: Target, blas: str = "auto", library: Library | None = None
+        self,
+        graph: ir.Graph,
+        target: Target,
+        blas: str = "auto",
+        library: Library | None = None,
+        threads: int | None = None,
+        torch_parallel: str = "heavy",
     ) -> None:
+        if torch_parallel not in TORCH_PARALLEL:
+            msg = f"torch_parallel must be one of {TORCH_PARALLEL}, got {torch_parallel!r}"
+            raise ValueError(msg)
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be a positive int or None, got {threads!r}")
         if blas not in BLAS_POLICIES:
             raise ValueError(f"blas must be one of {BLAS_POLICIES}, got {blas!r}")
         if target.is_gpu:
@@ -120,6 +250,9 @@ class TVMExecutable:
         self.graph = graph
         self.target = target
         self.blas = blas
+        self.threads = threads
+        self.torch_parallel = torch_parallel
+        self._held = [0]  # while a call holds torch at 1 thread: the caller's count (else 0)
         self.slot = {v.name: i for i, v in enumerate(graph.inputs)}
         self.steps: list[Step] = []
         if library is None:
@@ -160,10 +293,23 @@ class TVMExecutable:
         """Run the graph; `inplace`: write the aliased outputs into their input tensors."""
         feed, env = self.inputs.feed(args, params)
         plan = self.plan(env, inplace)
-        if self.profile:
-            self.profile_env = dict(env)
-            return self._profiled(plan, feed)
-        return plan.run(feed)
+        import torch
+
+        caller = torch.get_num_threads()
+        use_threads(pool_threads(self.threads))
+        hold = caller > 1 and self.torch_parallel == "heavy"
+        if hold:
+            self._held[0] = caller
+            torch.set_num_threads(1)
+        try:
+            if self.profile:
+                self.profile_env = dict(env)
+                return self._profiled(plan, feed)
+            return plan.run(feed)
+        finally:
+            if hold:
+                self._held[0] = 0
+                torch.set_num_threads(caller)
 
     def plan(self, env: dict, inplace: bool = False) -> Plan:
         """The `Plan` for this binding of the symbols and mode (built on first use)."""
@@ -182,7 +328,10 @@ class TVMExecutable:
         calls = []
         for i, step in enumerate(self.steps):
             dead = tuple(s for s in dict.fromkeys(step.operands) if last[s] == i and s not in keep)
-            calls.append((step.bind(env, self.fns, inplace), step.operands, step.results, dead))
+            call = step.bind(env, self.fns, inplace)
+            if _runs_torch(step) and torch_heavy(step.node, env):
+                call = _torch_threads(call, self._held)
+            calls.append((call, step.operands, step.results, dead))
         return Plan(calls, outputs, len(self.slot))
 
     def _profiled(self, plan: Plan, feed: list[Any]) -> tuple[Any, ...]:
@@ -228,6 +377,8 @@ class TVMExecutable:
             "target": self.target.name,
             "llvm": str(self.llvm_target),
             "blas": self.blas,
+            "threads": pool_threads(self.threads),
+            "torch_parallel": self.torch_parallel,
             "ops": len(self.graph.ops),
             "kernels": [
                 {
@@ -254,7 +405,12 @@ class TVMBackend:
         return TVM_EMITTERS.supports(node)
 
     def compile(
-        self, graph: ir.Graph, target: str | Target = "cpu", *, blas: str = "auto"
+        self,
+        graph: ir.Graph,
+        target: str | Target = "cpu",
+        *,
+        blas: str = "auto",
+        threads: int | None = None,
     ) -> TVMExecutable | DeviceExecutable:
         """A CPU executable, or for a GPU target the compile-only `DeviceExecutable` (CUDA)."""
         tgt = get_target(target)
@@ -262,12 +418,17 @@ class TVMBackend:
             from backends.tvm.device import DeviceExecutable
 
             return DeviceExecutable(graph, tgt)
-        return TVMExecutable(graph, tgt, blas=blas)
+        return TVMExecutable(graph, tgt, blas=blas, threads=threads)
 
     def load(self, graph: ir.Graph, target: str | Target, library: Library) -> TVMExecutable:
         """`graph` running the kernels of a built `library` (nothing compiled); raises
         `MissingKernel` when the graph needs a kernel the library lacks."""
         return TVMExecutable(graph, get_target(target), library=library)
+
+
+def _runs_torch(step: Step) -> bool:
+    """A reference step, or a matmul that may call BLAS (`MatmulLaunch`)."""
+    return step.launch is None or isinstance(step.launch, MatmulLaunch)
 
 
 def _timed(call: Call, seconds: Counter[str], key: str, per_step: list[float]) -> Call:
