@@ -9,6 +9,11 @@ leaves the loop nest as it was; the result is still correct, only slower):
    the output that reads them, so a row is reduced and normalised while it is in cache;
 3. per root loop nest: fuse the outer spatial loops and run them in parallel over the cores
    (unless it has at most `SERIAL_MAX` iterations per batch row: tiny stages run serially);
+   a parallel nest over a symbolic extent E (B, B·T) then gets a runtime guard,
+   `if E · per <= SERIAL_WORK: <the nest, serial> else: <the nest, parallel>` (`per`: the
+   iterations of its innermost statements per value of E, static), so a stage whose whole work
+   at the call's B is small never wakes the thread pool (decode b8's rmsnorm: 8 rows x 1040
+   iterations); a nest over a static extent with at most SERIAL_WORK iterations runs serially;
    vectorise the innermost loop of spatial nests when its extent is static (AVX-512: 16 lanes of
    f32), unrolled by `VECTOR` lanes otherwise;
 4. a reduction whose innermost loop runs over a static multiple of `VECTOR` (a dot product over
@@ -23,10 +28,11 @@ leaves the loop nest as it was; the result is still correct, only slower):
 
 Matmuls have their own tiled schedule (`backends.tvm.matmul`).
 
-Tuning: the numbers above (`VECTOR` lanes per rfactor/vector split, `SERIAL_MAX`, the matmul
-tiles) are `Knobs`. While `TUNED` maps a kernel's symbol to other knobs (dsv4c.tuning sets it
-from the tuning database during a compile), that kernel is scheduled with them and its PrimFunc
-carries the attribute `dsv4c.tuned` (printed in its TVMScript); untuned kernels are unchanged.
+Tuning: the numbers above (`VECTOR` lanes per rfactor/vector split, `SERIAL_MAX`, `SERIAL_WORK`,
+the matmul tiles) are `Knobs`. While `TUNED` maps a kernel's symbol to other knobs (dsv4c.tuning
+sets it from the tuning database during a compile), that kernel is scheduled with them and its
+PrimFunc carries the attribute `dsv4c.tuned` (printed in its TVMScript); untuned kernels are
+unchanged.
 """
 
 from __future__ import annotations
@@ -44,6 +50,11 @@ ROWS = "rows_"  # reductions whose last spatial loop is vectorised with the redu
 # a stage doing at most this many iterations per value of its outermost symbolic dim (B) runs
 # serially: waking the thread pool costs more (hc.pre's Sinkhorn: 40 stages of 4×4 per token)
 SERIAL_MAX = 256
+# a parallel nest whose total iterations at the call's binding are at most this runs serially
+# (recipe step 3's runtime guard): 2^15 vectorised iterations take ~4 us on one core, about what
+# a launch on TVM's pool costs with its worker awake (rmsnorm 8x512: 3.3 us parallel vs 1.1 us
+# serial, min of 200 calls, loaded 2-core box), far less than one whose worker must be woken
+SERIAL_WORK = 1 << 15
 
 
 @dataclass(frozen=True)
@@ -51,13 +62,15 @@ class Knobs:
     """The tunable choices of the CPU schedules; the defaults are the hand-picked values.
 
     `vector`: lanes of a vectorised split / rfactor partial sums (a power of two, 4..64);
-    `serial_max`: iterations per batch row below which a stage runs serially; matmul: `tile_i`
-    rows × `tile_j` columns per register tile (None: the layout's default, nn 8 × 32, nt 4 × 8),
-    `tile_k` the unrolled reduction step, `dots` whether an nt matmul with a static K multiple
-    of `vector` runs as rfactor dot products (else tiles)."""
+    `serial_max`: iterations per batch row below which a stage runs serially; `serial_work`:
+    total iterations (at the call's binding) below which a parallel nest runs serially; matmul:
+    `tile_i` rows × `tile_j` columns per register tile (None: the layout's default, nn 8 × 32,
+    nt 4 × 8), `tile_k` the unrolled reduction step, `dots` whether an nt matmul with a static K
+    multiple of `vector` runs as rfactor dot products (else tiles)."""
 
     vector: int = VECTOR
     serial_max: int = SERIAL_MAX
+    serial_work: int = SERIAL_WORK
     tile_i: int | None = None
     tile_j: int | None = None
     tile_k: int = 4
@@ -66,7 +79,7 @@ class Knobs:
     def __post_init__(self) -> None:
         if self.vector not in (4, 8, 16, 32, 64):
             raise ValueError(f"Knobs.vector must be a power of two in 4..64, got {self.vector}")
-        for name in ("tile_i", "tile_j", "tile_k", "serial_max"):
+        for name in ("tile_i", "tile_j", "tile_k", "serial_max", "serial_work"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"Knobs.{name} must be a positive int or None, got {v!r}")
@@ -160,7 +173,7 @@ def schedule_cpu(func: Any) -> Any:
     for block in sch.get_child_blocks(root):
         _init_outside_empty_loops(sch, block)
     out = sch.mod["main"].with_attr("global_symbol", func.attrs["global_symbol"])
-    return mark_tuned(out, knobs)
+    return mark_tuned(serial_when_small(out, knobs.serial_work), knobs)
 
 
 def _attach_producers(sch: Any, out_block: Any, only: Any = None) -> None:
@@ -294,3 +307,78 @@ def _vectorise(sch: Any, loop: Any, vector: int = VECTOR) -> None:
         parts = _try(sch.split, loop, [None, vector])
         if parts is not None:
             _try(sch.vectorize, parts[1])
+
+
+def serial_when_small(func: Any, serial_work: int = SERIAL_WORK) -> Any:
+    """`func` with each parallel root loop nest over a symbolic extent E guarded:
+    `if E * per <= serial_work:` the nest with a serial loop `else:` the nest as it was; `per` is
+    the iterations of the nest's innermost statements per value of E (a nest with another
+    symbolic loop inside stays parallel). A parallel nest over a static extent with at most
+    `serial_work` iterations becomes serial. The serial copy gets fresh definitions (TVM's
+    ConvertSSA: a loop variable is defined once per function)."""
+    import tvm
+    from tvm import s_tir, tirx
+
+    realize = func.body
+    block = getattr(realize, "block", None)
+    if block is None:
+        return func
+    nests = list(block.body.seq) if isinstance(block.body, tirx.SeqStmt) else [block.body]
+    guarded = [_guard(s, serial_work) for s in nests]
+    if all(g is s for g, s in zip(guarded, nests)):
+        return func
+    body = tirx.SeqStmt(guarded) if len(guarded) > 1 else guarded[0]
+    root = s_tir.SBlock(
+        block.iter_vars,
+        block.reads,
+        block.writes,
+        block.name_hint,
+        body,
+        block.init,
+        block.alloc_buffers,
+        block.match_buffers,
+        block.annotations,
+    )
+    out = func.with_body(s_tir.SBlockRealize(realize.iter_values, realize.predicate, root))
+    ssa = tvm.get_global_func("s_tir.transform.ConvertSSA")()
+    return ssa(tvm.IRModule({"main": out}))["main"]
+
+
+def _guard(nest: Any, serial_work: int) -> Any:
+    """One root nest guarded as `serial_when_small` says, or `nest` itself."""
+    from tvm import tirx
+
+    if not isinstance(nest, tirx.For) or nest.kind != tirx.ForKind.PARALLEL:
+        return nest
+    per = _iterations(nest.body)
+    if per is None:
+        return nest
+    serial = tirx.For(
+        nest.loop_var, nest.min, nest.extent, tirx.ForKind.SERIAL, nest.body, None, nest.annotations
+    )
+    extent = _static(nest.extent)
+    if extent is not None:
+        return serial if extent * per <= serial_work else nest
+    return tirx.IfThenElse(nest.extent * per <= serial_work, serial, nest)
+
+
+def _iterations(stmt: Any) -> int | None:
+    """How many times the innermost statements under `stmt` run per run of `stmt` (vector lanes
+    counted), or None when a loop inside has a symbolic extent."""
+    from tvm import tirx
+
+    if isinstance(stmt, tirx.For):
+        extent = _static(stmt.extent)
+        inner = _iterations(stmt.body)
+        return None if extent is None or inner is None else extent * inner
+    if isinstance(stmt, tirx.SeqStmt):
+        counts = [_iterations(s) for s in stmt.seq]
+        return None if None in counts else sum(counts)
+    if isinstance(stmt, tirx.IfThenElse):
+        cases = [_iterations(s) for s in (stmt.then_case, stmt.else_case) if s is not None]
+        return None if None in cases else max(cases)
+    if hasattr(stmt, "block"):  # a block realised here: its body (loops only above leaf blocks)
+        return _iterations(stmt.block.body)
+    if hasattr(stmt, "body"):  # let, attribute, allocation around a nest
+        return _iterations(stmt.body)
+    return 1

@@ -4,8 +4,8 @@
   `exe.threads`, or `$TVM_NUM_THREADS` when set;
 - inside a call torch is held at 1 thread, except around steps with the work to use more
   (`torch_heavy`: a BLAS GEMM of at least 2^30 flops), and gets its threads back after;
-- results equal the interpreter's at 1 and 2 threads; a child forked after a parallel call
-  runs on 1 thread (the pool's workers stay in the parent).
+- the CPU schedule's runtime guard runs a parallel nest serially when its total work at the
+  call's B is small: both sides give the interpreter's results.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ pytest.importorskip("tvm")
 
 from backends.tvm import TVMBackend
 from backends.tvm.runtime import pool_threads, use_threads
+from backends.tvm.schedule_cpu import SERIAL_WORK, serial_when_small
 
 F32 = ir.DType.f32
 B = ir.sym("B")
@@ -81,7 +82,7 @@ def test_pool_follows_torch_threads_threads_option_and_env(two_torch_threads, mo
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("batch", [1, 128])
+@pytest.mark.parametrize("batch", [1, 128])  # 1 x 512 runs serially, 128 x 512 in parallel
 def test_results_equal_interpreter_on_both_sides_of_the_guard(threads, batch):
     g = _rows_graph()
     exe = TVMBackend().compile(g, "cpu", threads=threads)
@@ -90,6 +91,28 @@ def test_results_equal_interpreter_on_both_sides_of_the_guard(threads, batch):
     (want,) = ir.interpret(g, x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert _pool() == threads
+
+
+def test_runtime_guard_in_the_schedule():
+    """A parallel nest over symbolic B: `if B * per <= SERIAL_WORK` serial, else parallel; a
+    static nest of little work: serial, no guard."""
+    from tvm import te
+
+    from backends.tvm.schedule_cpu import schedule_cpu
+
+    n = te.var("B")
+    x = te.placeholder((n, 512), "float32", name="x")
+    y = te.compute((n, 512), lambda i, j: x[i, j] * 2.0, name="y")
+    func = schedule_cpu(te.create_prim_func([x, y]).with_attr("global_symbol", "double"))
+    text = func.script()
+    assert f"if B * 512 <= {SERIAL_WORK}:" in text and "else:" in text
+    assert text.count("T.parallel(B)") == 1 and "for i, j_0 in T.grid(B, 32):" in text
+    assert serial_when_small(func) is func  # a guarded nest is not guarded again
+
+    xs = te.placeholder((16, 512), "float32", name="x")
+    ys = te.compute((16, 512), lambda i, j: xs[i, j] * 2.0, name="y")
+    static = schedule_cpu(te.create_prim_func([xs, ys]).with_attr("global_symbol", "double16"))
+    assert "T.parallel" not in static.script() and "if " not in static.script()
 
 
 def test_torch_held_at_one_thread_except_heavy_steps(two_torch_threads, monkeypatch):
