@@ -285,3 +285,45 @@ def test_compress_step_decode(pos):
         ],
         inputs,
     )
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_compress_step_in_place_rows(overlap):
+    """The in-place row form (`backends.tvm.inplace`: the kernel returns one cache row and one
+    new state row; the writer stores the row at its slot, rolls an overlapping state when a block
+    completes, writes the entry) over positions inside and completing blocks equals the
+    reference stepping functionally."""
+    b, d, c, m, rows = 2, 8, 4, 2, 4
+    w = 2 * c if overlap else c
+    r = 2 * m if overlap else m
+    cos, sin = rope_tables(GEN, 1, 1)
+    inputs = {
+        "x": _t(b, 1, d),
+        "pos": torch.tensor(0),
+        "kv_state": _t(b, r, w),
+        "score_state": _t(b, r, w),
+        "wkv": _t(w, d),
+        "wgate": _t(w, d),
+        "ape": _t(m, w),
+        "norm": _t(c),
+        "cos": cos,
+        "sin": sin,
+        "cache": _t(b, rows, c),
+    }
+    g = graph_of([("attn.compress_step", list(inputs), {"ratio": m, "overlap": overlap})], inputs)
+    g.aliases = {0: "cache", 1: "kv_state", 2: "score_state"}
+    exe = TVMBackend().compile(g, "cpu")
+    assert not exe.fallbacks(), exe.fallbacks()
+    mine = dict(inputs)
+    mine.update({k: inputs[k].clone() for k in ("cache", "kv_state", "score_state")})
+    want = dict(mine)
+    for pos in range(2 * m + 1):
+        x = _t(b, 1, d)
+        mine.update(x=x, pos=torch.tensor(pos))
+        want.update(x=x, pos=torch.tensor(pos))
+        got = exe(*mine.values(), inplace=True)
+        names = ("cache", "kv_state", "score_state")
+        want.update(zip(names, ir.interpret(g, *want.values())))
+        for name, result in zip(names, got):
+            assert result.data_ptr() == mine[name].data_ptr(), name  # written where it is
+            torch.testing.assert_close(result, want[name], rtol=1e-4, atol=1e-5, msg=name)
