@@ -64,20 +64,31 @@ def _ue8m0(u):
 
 
 @triton.jit
-def _weight_tile(w, ws, rows, ks, n_in, stride_wn, stride_sn, WFMT: tl.constexpr,
-                 dtype: tl.constexpr):
-    """[len(ks), len(rows)] tile of one expert's weight [rows, n_in] transposed, element (k, r)
-    = w[rows[r], ks[k]] dequantised (WFMT, module docstring) and rounded to `dtype`; 0 for
-    ks >= n_in. `w`, `ws` point at the expert's stored weight and scales; `stride_wn`,
-    `stride_sn` are their row strides (scales: per 128-row block for FP8)."""
+def _weight_tile(w, ws, rows, k0, n_in, stride_wn, stride_sn, WFMT: tl.constexpr,
+                 dtype: tl.constexpr, BLOCK: tl.constexpr):
+    """[BLOCK, len(rows)] tile of one expert's weight [rows, n_in] transposed, element (k, r)
+    = w[rows[r], k0 + k] dequantised (WFMT, module docstring) and rounded to `dtype`; 0 past
+    n_in. `w`, `ws` point at the expert's stored weight and scales; `stride_wn`, `stride_sn`
+    are their row strides (scales: per 128-row block for FP8)."""
+    ks = k0 + tl.arange(0, BLOCK)
     k_ok = (ks < n_in)[:, None]
     if WFMT == 1:
-        offs = rows[None, :] * stride_wn + (ks // 2)[:, None]
-        byte = tl.load(w + offs, mask=k_ok, other=0).to(tl.int32) & 255
-        code = tl.where((ks % 2 == 1)[:, None], byte >> 4, byte & 15)
-        scale_offs = rows[None, :] * stride_sn + (ks // 32)[:, None]
-        u = tl.load(ws + scale_offs, mask=k_ok, other=127).to(tl.int32) & 255
-        return _cast(_e2m1(code) * _ue8m0(u), dtype)
+        # each byte and each 1x32 scale loaded once: [BLOCK/2] bytes -> low/high codes
+        # interleaved to BLOCK rows; [BLOCK/32] scales broadcast over their 32 rows
+        tl.static_assert(BLOCK % 32 == 0, "FP4 tiles cover whole 1x32 scale blocks")
+        pairs = k0 // 2 + tl.arange(0, BLOCK // 2)  # k0 is a multiple of BLOCK
+        byte_ok = (pairs * 2 < n_in)[:, None]
+        byte = tl.load(w + rows[None, :] * stride_wn + pairs[:, None], mask=byte_ok, other=0)
+        byte = byte.to(tl.int32) & 255
+        low, high = _e2m1(byte & 15), _e2m1(byte >> 4)
+        values = tl.reshape(tl.permute(tl.join(low, high), (0, 2, 1)), (BLOCK, rows.shape[0]))
+        groups = k0 // 32 + tl.arange(0, BLOCK // 32)
+        scale_offs = rows[None, :] * stride_sn + groups[:, None]
+        u = tl.load(ws + scale_offs, mask=(groups * 32 < n_in)[:, None], other=127)
+        scale = _ue8m0(u.to(tl.int32) & 255)
+        scale = tl.reshape(tl.broadcast_to(scale[:, None, :], (BLOCK // 32, 32, rows.shape[0])),
+                           (BLOCK, rows.shape[0]))
+        return _cast(values * scale, dtype)
     elif WFMT == 2:
         q = tl.load(w + rows[None, :] * stride_wn + ks[:, None], mask=k_ok, other=0.0)
         scale_offs = (rows // 128)[None, :] * stride_sn + (ks // 128)[:, None]
@@ -99,8 +110,8 @@ def _gate_up(x_rows, w1, w3, w1s, w3s, w_cols, D, stride_wn, stride_sn, WFMT: tl
     up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for d in range(0, D, BLOCK_D):
         a = tl.load(x_rows + d + ds[None, :], mask=(ds < D - d)[None, :], other=0.0)
-        b1 = _weight_tile(w1, w1s, w_cols, d + ds, D, stride_wn, stride_sn, WFMT, dtype)
-        b3 = _weight_tile(w3, w3s, w_cols, d + ds, D, stride_wn, stride_sn, WFMT, dtype)
+        b1 = _weight_tile(w1, w1s, w_cols, d, D, stride_wn, stride_sn, WFMT, dtype, BLOCK_D)
+        b3 = _weight_tile(w3, w3s, w_cols, d, D, stride_wn, stride_sn, WFMT, dtype, BLOCK_D)
         if DOT_IN_F32:
             a, b1, b3 = a.to(tl.float32), b1.to(tl.float32), b3.to(tl.float32)
             gate = tl.dot(a, b1, gate, input_precision="ieee")
@@ -268,7 +279,8 @@ def _down_gemm(hidden_ptr, w2, w2s, rows, end, w_rows, n_hidden, stride_hm, stri
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, n_hidden, BLOCK_D):
         a = tl.load(h_ptrs, mask=(ks < n_hidden - k)[None, :], other=0.0)
-        b = _weight_tile(w2, w2s, w_rows, k + ks, n_hidden, stride_wn, stride_sn, WFMT, dtype)
+        b = _weight_tile(w2, w2s, w_rows, k, n_hidden, stride_wn, stride_sn, WFMT, dtype,
+                         BLOCK_D)
         if DOT_IN_F32:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         else:
