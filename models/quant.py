@@ -28,8 +28,8 @@ and w2 [E, d, I] compressed, as `<w>_q` + `<w>_scale` buffers:
 
 Their forward dequantises (`dequantize_fp4_experts` / `dequantize_fp8_experts`, exact, f32),
 rounds to x's dtype and runs the routed experts exactly as `models.moe.Experts` does;
-`passes/fuse_quant.py` folds those spellings into `moe.experts(weight_format=...)`, whose kernels dequantise in the GEMM
-loop (0.5 + 1/32 bytes per FP4 weight element read instead of 2 or 4).
+`passes/fuse_quant.py` folds those spellings into `moe.experts(weight_format=...)`, whose kernels
+dequantise in the GEMM loop (0.5 + 1/32 bytes per FP4 weight element read instead of 2 or 4).
 """
 
 from __future__ import annotations
