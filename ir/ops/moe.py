@@ -6,7 +6,9 @@
   (+ eps), scale -> (weights, experts).
 - `moe.experts`: the fused MoE — dispatch, grouped gated expert GEMMs (SwiGLU plain or clamped,
   or GPT-OSS's clamped (up + 1)·gate·sigmoid(alpha·gate)) with optional per-expert biases, the
-  routing weight applied before w2, weighted combine, and optionally the shared expert.
+  routing weight applied before w2, weighted combine, and optionally the shared expert; the
+  routed weights dense or kept compressed (`weight_format`: MXFP4 or block-scaled FP8, with
+  their scales as operands), dequantised by the kernels in the GEMM loop.
 
 Data-dependent routing never leaves the device: `moe.experts` takes the [N,k] expert-index tensor
 itself (not per-expert row counts known to the host), so a kernel sizes its grid by the static
