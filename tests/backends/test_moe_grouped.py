@@ -158,10 +158,12 @@ def test_blas_path_unaligned_rows_loop() -> None:
     _close(grouped_experts(g.ops[0].op, *inputs.values()), want, "unaligned")
 
 
+@pytest.mark.parametrize("blas", ["never", "always"])
 @pytest.mark.parametrize("fmt", ["fp4_e2m1", "fp8_e4m3"])
-def test_kernel_reads_quantised_weights(fmt: str) -> None:
-    """`weight_format`: the grouped kernel decodes w1/w3/w2 through `backends.tvm.dequant` in its
-    dot products, = the reference (dense math on the dequantised weights), bf16 x."""
+def test_kernel_reads_quantised_weights(fmt: str, blas: str) -> None:
+    """`weight_format`: the grouped kernel decodes w1/w3/w2 through `backends.tvm.dequant` (FP4
+    rows into a tile first), the BLAS path dequantises them first; both = the reference (dense
+    math on the dequantised weights), bf16 x."""
     from models.weights import quantize_fp4, quantize_fp8
 
     tokens, ws = _weights(torch.float32, 3, seed=13)
@@ -177,7 +179,8 @@ def test_kernel_reads_quantised_weights(fmt: str) -> None:
         return {k: v.bfloat16() if k == "x" else v for k, v in tokens(n).items()}
 
     ordered = {k: quant[k] for k in ("w1", "w3", "w2", "w1s", "w3s", "w2s")}
-    _check({"weight_format": fmt}, bf16, ordered, counts=(1, 8))
+    report = _check({"weight_format": fmt}, bf16, ordered, blas=blas, counts=(1, 8))
+    assert len(report["blas_calls"]) == (blas == "always")
 
 
 def test_cost_counts_touched_experts() -> None:
