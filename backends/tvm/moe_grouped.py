@@ -8,8 +8,8 @@ touches has its weights read once, whatever the number of tokens that chose it.
     ys[t, :]        with `shared`: the shared expert's FFN of every token
     y[t, :]         Σ_j down[t·k + j, :] (+ ys[t, :]) in x's dtype
 
-The GEMM stages are weight-stationary: a parallel task owns (expert, chunk of `CHUNK` weight
-rows); it loads each weight row once (vectorised along K, `VECTOR` fp32 lanes) and dots it
+The GEMM stages are weight-stationary: a parallel task owns (chunk of `CHUNK` weight rows,
+expert); it loads each weight row once (vectorised along K, `VECTOR` fp32 lanes) and dots it
 against every row its expert got (`offsets[e]` to `offsets[e + 1]`, data-dependent bounds: an
 expert no token chose costs one comparison). The shared expert is the same loop over all N
 tokens. No count leaves the kernel: no host loop, no sync.
@@ -329,9 +329,11 @@ class _Builder:
     def weight_rows(
         self, tasks: int, rows: int, name: str, offsets: Any = None, tiles: tuple = ()
     ) -> Iterator[tuple[Any, Any, int, list[Any]]]:
-        """A parallel loop over `tasks` x ceil(rows / CHUNK) (task q: expert q // chunks, rows
-        of chunk q % chunks), and in it a loop over the chunk's rows by blocks of `block` (4
-        when `rows` allows), skipped when `offsets` give the expert no rows. Yields (the
+        """A parallel loop over ceil(rows / CHUNK) x `tasks` (task q: expert q % tasks, rows of
+        chunk q // tasks: TVM gives each thread a contiguous range of q, so each thread gets
+        chunks of every expert, whichever experts the tokens chose), and in it a loop over the
+        chunk's rows by blocks of `block` (4 when `rows` allows), skipped when `offsets` give
+        the expert no rows. Yields (the
         expert, the block's first row, named `name`, block, the task's fp32 [block, length]
         buffers for the (name, length) `tiles`, see `staged`)."""
         from tvm import tirx
@@ -340,8 +342,8 @@ class _Builder:
         per = -(-rows // CHUNK)
         block = BLOCK if rows % BLOCK == 0 else 1
         with self.loop("parallel", "task", tasks * per) as q:
-            e = self.let("e", tirx.floordiv(q, per))
-            lo = self.let(f"{name}0", tirx.floormod(q, per) * CHUNK)
+            e = self.let("e", tirx.floormod(q, tasks))
+            lo = self.let(f"{name}0", tirx.floordiv(q, tasks) * CHUNK)
             blocks = tirx.floordiv(tirx.min(lo + CHUNK, rows) - lo, block)
             with self.when(None if offsets is None else offsets[e] < offsets[e + 1]):
                 bufs = [self.named(t, T.alloc_buffer((block, n), F32)) for t, n in tiles]
