@@ -23,7 +23,7 @@ Two CPU kernels, and BLAS for prefill:
   allocates a parallel body's buffers with one workspace call per iteration (~250 ns: 512x512
   took 164 us as 512 tasks, 27 us as 16).
 - otherwise the te compute below (`decode_e4m3` per element) with the "nt" matmul schedule.
-- `blas="auto"` and at least FP8_BLAS_MIN_ROWS rows and BLAS_MIN_FLOPS: the op's reference
+- `blas="auto"`, at least FP8_BLAS_MIN_ROWS (160) rows and BLAS_MIN_FLOPS: the op's reference
   (weight dequantised to f32, then torch.matmul), as dense prefill GEMMs go to BLAS.
 
 Measured (benchmarks/quant_fp8_gemv.py, bf16 activations, 1 thread, least thread CPU time of 20
@@ -50,9 +50,12 @@ from backends.tvm.matmul import schedule_matmul_cpu
 __all__ = ["FP8_BLAS_MIN_ROWS", "decode_e4m3", "e4m3_bits", "fp8_gemv_cpu", "lower_matmul_fp8"]
 
 # "auto" BLAS policy: an FP8 GEMM with at least this many rows (prefill) and BLAS_MIN_FLOPS runs
-# the op's reference (the weight dequantised to f32 once, then torch.matmul): the GEMV kernel
-# decodes the weight again for every 8 rows and has no register tiling over N.
-FP8_BLAS_MIN_ROWS = 64
+# the op's reference (the weight dequantised to f32 in torch, then torch.matmul): the GEMV kernel
+# decodes the weight again for every 8 rows and streams all of x per weight row. Kernel / BLAS
+# time, 1 thread (thread CPU time): 2048² at M = 64, 128, 192, 256: 0.46, 0.80, 1.22, 1.66;
+# 4096² at 64, 128, 256: 0.28, 0.80, 2.99. torch's e4m3 -> f32 conversion is most of the BLAS
+# side's fixed cost (~25 ms at 2048²); a TVM dequantise kernel would move the crossover down.
+FP8_BLAS_MIN_ROWS = 160
 
 LANES = 16  # f32 lanes of one AVX-512 register
 ROWS = 8  # activation rows sharing one decoded block of the weight
