@@ -8,8 +8,9 @@ argmax). A backend that cannot run a workload gets a row with its error instead 
 
 How it times (per workload): every backend is compiled and called once (memory, check), then one
 untimed warm-up round and `repeat` timed rounds call the backends in turn, so load on a shared
-machine falls on all of them alike and any lazy recompile lands in the warm-up. The Inductor row
-carries Dynamo's counters (graphs, graph breaks, recompiles while timed).
+machine falls on all of them alike and any lazy recompile lands in the warm-up; in a timed round
+each backend is called twice in a row and the second call is timed (`back_to_back`, see Threads
+below). The Inductor row carries Dynamo's counters (graphs, graph breaks, recompiles while timed).
 
 Why (issue 19: Inductor decode b1 16x slower than eager, prefill a MISMATCH of 2.1e-2 on `small`):
 - recompiles are not the cause: Dynamo captures `decode` as one graph with no graph break, and
@@ -38,6 +39,55 @@ Why (issue 19: Inductor decode b1 16x slower than eager, prefill a MISMATCH of 2
   230 of 4096 tokens beyond 1e-3, the first at token 1766), while eager in fp64 agrees with
   fp32 to 7.8e-7. A row that fails the strict check is judged against that sensitivity
   (`eager_sensitivity`): within 2x of it, it is `ok` and marked `near_tie`; beyond, a MISMATCH.
+
+Threads (issue 19: "2 threads slower than 1"; 2-vCPU Xeon, AVX-512, torch 2.13 on libgomp):
+- TVM's pool had 1 thread: without $TVM_NUM_THREADS, TVM sizes it to half of
+  `hardware_concurrency()` on x86 (assumed hyper-threads), while torch runs 2. Every TVM figure
+  above and before 2026-12-07 is single-threaded against 2-thread eager/Inductor. Now each call
+  sizes the pool to torch's count (`backends.tvm.runtime.use_threads`, through TVM's
+  `runtime.config_threadpool`; `threads=` or $TVM_NUM_THREADS override); rows record
+  `threads` (torch's, TVM's, and torch's inside a TVM call).
+- Why 2 TVM threads were slower than 1: torch runs parallel regions inside a TVM step, and after
+  each one libgomp's workers spin (~300k pause loops, GOMP_SPINCOUNT's default) on the other
+  core. Counted with an LD_PRELOAD wrapper of GOMP_parallel: small decode b1 opened 1 region per
+  step (the head GEMV through BLAS; 4 more from the compressor-state copies of the in-place
+  writer at HEAD fa49328), b8 20 (18 BLAS GEMMs, the embedding reference); torch's worker thread
+  then ran 17 ms of CPU per b1 step (/proc schedstat) while TVM's second thread waited for that
+  core, so every parallel launch after a torch region waited for a time slice (an 8x512 rmsnorm
+  0.5-1 ms). OMP_WAIT_POLICY=PASSIVE removes the spin (tvm-inplace b1 19.4 -> 14.6 ms on a
+  quiet box) but halves eager and Inductor, so it is no benchmark setting.
+- Fix 1, torch quiet inside a TVM call: the runtime holds torch at 1 thread during the call and
+  gives it its threads back only around steps with the work to pay for the spin (at least
+  2^30 flops or 256 MiB by the cost model: prefill GEMMs, no decode step): 0 regions per decode
+  step at b1 and b8 (same counter, HEAD b5dca25 + these changes), torch's worker idle.
+- Fix 2, no pool launch for small work: a parallel loop nest over symbolic B runs serially when
+  B x its static per-row iterations is at most 2^15 (a runtime guard in the kernel,
+  `schedule_cpu.serial_when_small`), so decode-sized norms, gates and other small stages stay
+  on the calling thread (the matmul schedules, backends/tvm/matmul.py, are not guarded);
+  outputs are bit-identical to the unguarded kernels (b1 and b8).
+- Measured side by side in one process (small, context 4096, 5 rounds x 3 back-to-back steps
+  per configuration, the shared box at load 5-6, median / min ms):
+      configuration                            b1              b8
+      before: TVM 1 thread, torch always 2     154.2 / 121.7   526.1 / 373.1
+      TVM 2, torch always 2, no guard          166.2 / 144.1   676.0 / 453.4  (2 slower than 1)
+      TVM 2, torch held at 1, no guard         123.0 /  59.9   316.2 / 205.3
+      TVM 1, torch held at 1, guard             64.1 /  58.5   180.8 / 127.7
+      after: TVM 2, torch held at 1, guard      67.3 /  48.6   181.5 / 134.3
+  At that load the second core is mostly taken by other jobs, so 2 TVM threads ~ 1; what the
+  fixes remove is the cost of torch's regions (their barriers wait for a descheduled worker)
+  and of pool launches for small work. The bench itself, HEAD b5dca25 without / with these
+  changes, one run after the other (load 5-7): tvm-inplace b1 118.2 / 64.4 -> 45.8 / 39.8 ms,
+  b8 427.9 / 186.8 -> 123.9 / 49.8 (eager and Inductor swung 2-5x between the runs with the
+  load; docs/benchmarks.md has the table).
+- Interleaving and fairness: one backend's pools spill into the next backend's call (libgomp's
+  workers spin ~15 ms after an eager or Inductor call; TVM's workers yield-spin after a TVM
+  call, and torch's pool is asleep by then, so Inductor's first regions must wake it). Timed
+  rounds therefore call each backend twice in a row and time the second call (`back_to_back`,
+  the default), so each starts from its own previous call, as in a decode loop. Both ways in one
+  process (14 timed calls per cell, load 5.8-6.8, median / min ms), alternating -> back to back:
+  b1 eager 549 / 245 -> 877 / 292, Inductor 592 / 122 -> 478 / 125, TVM 76.1 / 53.4 -> 77.8 /
+  45.3; b8 eager 1,667 / 529 -> 1,387 / 549, Inductor 1,505 / 544 -> 735 / 378, TVM 153.5 /
+  109.3 -> 145.6 / 76.7. Pairs help Inductor as much as TVM; the load dominates the rest.
 
 Backends:
     eager      the PyTorch module: the oracle and the baseline of every ratio
@@ -401,20 +451,40 @@ def prepare_row(
         row["dynamo"] = _dynamo_stats()
     if (id(w), backend) in _MOVED:
         row["cache_update_bytes"] = _MOVED[id(w), backend]
+    row["threads"] = row_threads(_EXES.get((id(w), backend)))
     row["peak_bytes"] = mem["bytes"]
     return row, call
+
+
+def row_threads(exe: Any = None) -> dict[str, Any]:
+    """The threads a row ran on: torch's intra-op threads, and for a TVM CPU executable its
+    pool's threads and torch's inside its calls (1 but around heavy steps, or torch's)."""
+    out: dict[str, Any] = {"torch": torch.get_num_threads()}
+    if exe is None or not hasattr(exe, "torch_parallel"):
+        return out
+    from backends.tvm.runtime import pool_threads
+
+    out["tvm"] = pool_threads(exe.threads)
+    held = exe.torch_parallel == "heavy" and out["torch"] > 1
+    out["torch_in_tvm_call"] = "1 (heavy steps: torch's)" if held else out["torch"]
+    return out
 
 
 def time_interleaved(
     calls: dict[str, Callable[[], Any]],
     repeat: int,
     after_warmup: Callable[[], None] | None = None,
+    back_to_back: bool = False,
 ) -> dict[str, Any]:
     """Seconds per call for every backend: one untimed warm-up round (it absorbs any lazy
     compile: an Inductor guard failure recompiles there, not in a timed call), then `repeat`
     rounds that call each backend once in turn, so that load on a shared machine falls on every
-    backend alike. A backend whose call raises gets its error (a string) instead of times.
-    (Timed without the memory sampler: its thread would take the GIL from launch loops.)"""
+    backend alike. `back_to_back`: in a timed round each backend is called twice in a row and
+    the second call is timed, so it starts from the thread pools its own previous call left (as
+    in a decode loop), not the previous backend's (libgomp workers spinning for ~15 ms after an
+    eager or Inductor call took the cores TVM's next call needed). A backend whose call raises
+    gets its error (a string) instead of times. (Timed without the memory sampler: its thread
+    would take the GIL from launch loops.)"""
     times: dict[str, Any] = {b: [] for b in calls}
     with torch.no_grad():
         for rnd in range(repeat + 1):
@@ -423,8 +493,10 @@ def time_interleaved(
             for b, call in calls.items():
                 if isinstance(times[b], str):
                     continue
-                start = time.perf_counter()
                 try:
+                    if rnd and back_to_back:
+                        call()
+                    start = time.perf_counter()
                     call()
                 except Exception as e:  # noqa: BLE001
                     times[b] = _one_line(e)
@@ -481,10 +553,12 @@ def bench(
     json_path: str | Path | None = None,
     say: Callable[[str], None] = print,
     profile: bool = False,
+    back_to_back: bool = True,
 ) -> dict[str, Any]:
     """Run every workload under every backend; returns (and writes) the JSON document.
     `profile`: after the timed rounds, each TVM row gets `kernel_profile` (one step per kernel,
-    `dsv4c.bench_profile`), printed under the bench table (top 10 per row)."""
+    `dsv4c.bench_profile`), printed under the bench table (top 10 per row). `back_to_back`:
+    each timed call follows an untimed call of the same backend (`time_interleaved`)."""
     from models.deepseek_v4 import Config, Transformer
 
     unknown = [b for b in backends if b not in BACKENDS]
@@ -504,6 +578,7 @@ def bench(
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "repeat": repeat,
+        "back_to_back": back_to_back,
         "read_bandwidth_Bps": read_bandwidth(device="cpu" if target == "cpu" else "cuda"),
         "rows": [],
     }
@@ -520,8 +595,9 @@ def bench(
             if call is not None:
                 calls[backend] = call
         judge_near_ties(rows, lambda: eager_sensitivity(model, w, want))
-        say(f"  [{w.name}] timing {', '.join(calls)}: {repeat} interleaved rounds ...")
-        times = time_interleaved(calls, repeat, lambda: _before_timing(rows))
+        pairs = " (each timed call after an untimed one of its own)" if back_to_back else ""
+        say(f"  [{w.name}] timing {', '.join(calls)}: {repeat} interleaved rounds{pairs} ...")
+        times = time_interleaved(calls, repeat, lambda: _before_timing(rows), back_to_back)
         for row in rows:
             if row["backend"] in times:
                 _finish_row(row, times[row["backend"]], w.tokens)
@@ -591,6 +667,9 @@ def _row_text(row: dict[str, Any]) -> str:
     spread = row["latency_s"] / row["latency_min_s"]
     if spread > UNSTABLE:
         graphs += f" [UNSTABLE: median {spread:.1f}x min — the machine is not quiet]"
+    threads = row.get("threads", {})
+    if "tvm" in threads:
+        roof += f", threads: tvm {threads['tvm']}, torch {threads['torch_in_tvm_call']} in calls"
     return (
         f"{row['latency_s'] * 1e3:,.1f} ms (min {row['latency_min_s'] * 1e3:,.1f}), "
         f"{row['tokens_per_s']:,.1f} tok/s{roof}, peak +{mem}, "

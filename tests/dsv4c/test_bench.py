@@ -39,6 +39,9 @@ def test_bench_rows_json_and_plot(tmp_path: Path) -> None:
             want = r["must_read_bytes"]["total"] / doc["read_bandwidth_Bps"] / r["latency_s"]
             assert r["roofline_fraction"] == pytest.approx(want) and r["roofline_fraction"] > 0
             assert 0 < r["latency_min_s"] <= r["latency_s"]
+            assert r["threads"]["torch"] >= 1  # the reference backend has no TVM pool
+            assert "tvm" not in r["threads"]
+    assert doc["back_to_back"] is True
     assert json.loads(out.read_text()) == json.loads(json.dumps(doc))
     svg = ET.fromstring(out.with_suffix(".svg").read_text())
     assert svg.tag.endswith("svg") and "prefill" in out.with_suffix(".svg").read_text()

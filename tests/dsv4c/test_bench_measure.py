@@ -54,6 +54,29 @@ def test_timing_interleaves_backends_after_a_warm_up_round() -> None:
     assert len(times["a"]) == 3 and times["b"] == "RuntimeError: lost the device"
 
 
+def test_back_to_back_times_the_second_of_two_calls_per_backend() -> None:
+    """Each timed call follows an untimed call of the same backend (its own pools' state)."""
+    log: list[str] = []
+    calls = {k: (lambda k=k: log.append(k)) for k in ("a", "b")}
+    times = bench_module.time_interleaved(calls, repeat=2, back_to_back=True)
+    assert log == ["a", "b", "a", "a", "b", "b", "a", "a", "b", "b"]
+    assert len(times["a"]) == len(times["b"]) == 2
+
+
+def test_rows_record_torch_and_tvm_threads(monkeypatch) -> None:
+    """torch's threads for every row; a TVM executable adds its pool's and torch's in its calls."""
+    from types import SimpleNamespace
+
+    monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
+    n = torch.get_num_threads()
+    assert bench_module.row_threads() == {"torch": n}
+    exe = SimpleNamespace(threads=None, torch_parallel="heavy")
+    held = "1 (heavy steps: torch's)" if n > 1 else n
+    assert bench_module.row_threads(exe) == {"torch": n, "tvm": n, "torch_in_tvm_call": held}
+    exe = SimpleNamespace(threads=1, torch_parallel="always")
+    assert bench_module.row_threads(exe) == {"torch": n, "tvm": 1, "torch_in_tvm_call": n}
+
+
 def test_a_recompile_while_timed_is_counted_on_the_row() -> None:
     torch._dynamo.reset()
     counters.clear()
