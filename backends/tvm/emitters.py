@@ -7,9 +7,10 @@ kernel or BLAS, the packed function) and returns it as a `Call` on the node's in
 
 - `fused.kernel` whose body ops all have te lowerings -> one kernel for the whole body;
 - a lone elementwise, broadcast, reduction or softmax op -> a kernel of a one-op body;
-- `matmul` -> a tiled kernel in the layout the weight arrives in, or BLAS (`torch.matmul`) for
-  large GEMMs when the executable's `blas` policy says so; a `fused.kernel` GEMM with an
-  elementwise epilogue the same way (BLAS, then the epilogue ops by their references);
+- `matmul` -> a tiled kernel in the layout the weight arrives in, or BLAS (`torch.matmul`) when
+  the executable's `blas` policy says so ("auto": GEMMs from 4 MFLOP, and from 256 KFLOP except
+  a one-row GEMV on a row-major weight); a `fused.kernel` GEMM with an elementwise epilogue from
+  4 MFLOP (BLAS, then the epilogue ops by their references);
 - the semantic attention / mHC ops -> `backends.tvm.semantic`, MoE -> `semantic_moe`.
 """
 
@@ -45,6 +46,12 @@ __all__ = [
 ]
 
 BLAS_MIN_FLOPS = 1 << 22  # "auto": GEMMs of at least 4 MFLOP call torch.matmul (MKL/OpenBLAS)
+# "auto", smaller GEMMs of at least 256 KFLOP: torch.matmul too, except a one-row GEMM on a
+# transposed (row-major weight, "nt") operand. The TVM dot kernels do not reuse a weight row
+# across rows, so their time grows with M where MKL's barely moves; 1 thread, thread CPU time,
+# TVM / torch.matmul f32: nt 512x512 M = 1 0.85, M = 2 2.50, M = 8 3.09; 256x512 M = 1 0.70,
+# M = 2 1.80; 128x512 M = 2 1.38; nn 512x512 M = 1 1.52, 128x512 M = 1 1.11 (32x512 M = 4 1.07).
+BLAS_SMALL_FLOPS = 1 << 18
 
 
 def shape_of(v: ir.Value, env: dict) -> tuple[int, ...]:
@@ -184,7 +191,8 @@ def uses_blas(policy: str, flops: int) -> bool:
 @dataclass
 class MatmulLaunch(Launch):
     """`kernels[0]` reads B as stored (nn), `kernels[1]` reads Bᵀ row-major (nt), chosen per call
-    from B's strides; BLAS (`torch.matmul`) instead when the policy says so for these sizes."""
+    from B's strides; BLAS (`torch.matmul`) instead when the policy says so for these sizes
+    ("auto": from BLAS_MIN_FLOPS, or from BLAS_SMALL_FLOPS unless it is a one-row nt GEMV)."""
 
     blas: str = "auto"
 
@@ -192,17 +200,25 @@ class MatmulLaunch(Launch):
         import torch
 
         a = self.node.operands[0]
-        flops = 2 * int(subs_dim(a.shape[-1], env)) * _numel(shape_of(self.node.result, env))
+        out = shape_of(self.node.result, env)
+        flops = 2 * int(subs_dim(a.shape[-1], env)) * _numel(out)
+        blas = self.counted("blas", lambda inputs: (torch.matmul(*inputs),))
         if uses_blas(self.blas, flops):
-            return self.counted("blas", lambda inputs: (torch.matmul(*inputs),))
-        nn = kernel_call(fns[self.kernels[0].key], self.node, env, (0, 1))
-        nt = kernel_call(fns[self.kernels[1].key], self.node, env, (0, 1))
+            return blas
+        small = self.blas == "auto" and flops >= BLAS_SMALL_FLOPS
+        rows = _numel(out[:-1])
+        nn = self.counted("tvm", kernel_call(fns[self.kernels[0].key], self.node, env, (0, 1)))
+        nt = self.counted("tvm", kernel_call(fns[self.kernels[1].key], self.node, env, (0, 1)))
+        nn = blas if small else nn
+        nt_blas = small and rows > 1
 
         def run(inputs: Sequence[Any]) -> tuple[Any, ...]:
             a, b = inputs
-            return nt((a, b.mT)) if transposed_layout(b) else nn(inputs)
+            if not transposed_layout(b):
+                return nn(inputs)
+            return blas(inputs) if nt_blas else nt((a, b.mT))
 
-        return self.counted("tvm", run)
+        return run
 
 
 def _numel(shape: Sequence[int]) -> int:
