@@ -275,8 +275,9 @@ def _schedule(node: ir.Node) -> Any:
 
 @dataclass
 class MatmulFP8Launch(KernelLaunch):
-    """The kernel, or (prefill-sized GEMMs under the `blas` policy) the op's reference: the
-    weight dequantised to f32 and `torch.matmul`."""
+    """The kernel, or the op's reference (the weight dequantised to f32, then `torch.matmul`)
+    under blas="always", and under "auto" for prefill-sized GEMMs (FP8_BLAS_MIN_ROWS rows and
+    BLAS_MIN_FLOPS)."""
 
     blas: str = "auto"
 
@@ -285,7 +286,8 @@ class MatmulFP8Launch(KernelLaunch):
 
         m, k = shape_of(self.node.operands[0], env)
         n = shape_of(self.node.operands[1], env)[0]
-        if m >= FP8_BLAS_MIN_ROWS and uses_blas(self.blas, 2 * m * n * k):
+        prefill = m >= FP8_BLAS_MIN_ROWS and uses_blas(self.blas, 2 * m * n * k)
+        if self.blas == "always" or prefill:
             return self.counted("blas", reference_call(self.node, env))
         return super().bind(env, fns)
 
