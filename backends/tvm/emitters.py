@@ -355,6 +355,7 @@ def emit_node(node: ir.Node, target: Target, options: dict | None = None) -> Lau
 
 
 from backends.tvm import semantic as _semantic  # noqa: F401  (registers attn/hc ops)
+from backends.tvm import semantic_sparse as _semantic_sparse  # noqa: F401,E402  (sparse_mqa, indexer_topk)
 from backends.tvm import semantic_moe as _semantic_moe  # noqa: F401  (registers moe ops)
 from backends.tvm import semantic_attn_dense as _semantic_attn_dense  # noqa: F401,E402  (attn.sdpa)
 from backends.tvm import semantic_select as _semantic_select  # noqa: F401,E402  (attn.block_select)

@@ -1,22 +1,20 @@
 """te lowerings of the semantic ops (ir/ops/attn.py, moe.py, hc.py), one kernel per node.
 
-Data-dependent indices stay tensors inside the kernel: sparse attention gathers its entries by
-index (-1 masked), top-k runs in the kernel (`tvm.contrib.sort.topk`, as `topi.topk` emits it on
-the CPU), MoE experts gather each token's k expert weights by index (no per-expert row counts on
-the host; an expert no token chose is never read). All math in fp32, results in the op's dtype.
+Data-dependent indices stay tensors inside the kernel: top-k runs in the kernel
+(`tvm.contrib.sort.topk`, as `topi.topk` emits it on the CPU; `topk`, `_topk_or_pad` here are
+shared with the other semantic modules), MoE experts gather each token's k expert weights by index
+(no per-expert row counts on the host; an expert no token chose is never read). All math in fp32,
+results in the op's dtype.
 
-- `attn.sparse_mqa`: q RMS norm + RoPE, entries = window ∪ (every visible compressed entry |
-  indexer picks), scores, softmax with the sink, weighted sum, inverse RoPE (prefill and decode).
-- `attn.indexer_topk`, `attn.compress`, `attn.compress_step`, `hc.pre`, `hc.post`, `hc.head`.
+- `attn.compress`, `attn.compress_step`, `hc.pre`, `hc.post`, `hc.head`; the shared helpers
+  `f32`, `i32`, `_rope`, `_rms_rows`, `topk`, `_topk_or_pad`, `_emit_scheduled`.
 
-Kernel-specific CPU schedules run around the generic `schedule_cpu`: a register tile over the
-keys for the indexer's scores (`schedule_indexer_topk`); the compressor step's projections read
-each weight row once per step and its pooling runs only when a block completes
-(`schedule_compress_step`). A decode step's sparse attention keeps the generic schedule: register
-tiles over its heads were faster on cache-resident entries but ~8% slower in a decode step, where
-its gathered rows come from memory.
+Kernel-specific CPU schedules run around the generic `schedule_cpu`: the compressor step's
+projections read each weight row once per step and its pooling runs only when a block completes
+(`schedule_compress_step`).
 
-The MoE ops (`moe.route`, `moe.experts` and its BLAS path) are in `semantic_moe.py`.
+The sparse attention ops (`attn.sparse_mqa`, `attn.indexer_topk`) are in `semantic_sparse.py`;
+the MoE ops (`moe.route`, `moe.experts` and its BLAS path) in `semantic_moe.py`.
 """
 
 from __future__ import annotations
@@ -84,165 +82,7 @@ def _rms_rows(lw: Lowering, x: Any, eps: float, out: str, weight: Any = None) ->
     return te.compute(x.shape, f, name=lw.tag("rms"))
 
 
-# --- attention ---------------------------------------------------------------------------------
-
-
-@lowers("attn.sparse_mqa")
-def lower_sparse_mqa(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
-    from tvm import te, tirx
-
-    op = node.op
-    q, kv, sink, cos, sin, *rest = args
-    out = tvm_dtype(node.result.dtype)
-    pos = i32(rest.pop()()) if op.decode else None
-    comp = rest[0] if op.variant != "window" else None
-    picks = rest[1] if op.variant == "csa" else None
-    if op.q_norm_eps is not None:
-        q = _rms_rows(lw, q, op.q_norm_eps, out)
-    q = _rope(lw, q, cos, sin, lambda b, t, h, c: t, False, out)
-    q = te.compute(q.shape, lambda *i: q(*i), name=lw.tag("keep_q"))  # once, not once per entry
-    win = op.window
-    rows = kv.shape[1]
-    extra = 0 if comp is None else (picks.shape[2] if picks is not None else comp.shape[1])
-    n_entries = win + extra
-
-    def where(b: Any, t: Any, j: Any) -> tuple[Any, Any, Any]:
-        """(valid, is_raw, row) of entry j of query t."""
-        p_t = pos + t if pos is not None else t
-        raw_row = j if pos is not None else t - win + 1 + j
-        raw_ok = j <= pos if pos is not None else raw_row >= 0
-        if comp is None:
-            return raw_ok, tirx.const(True, "bool"), raw_row
-        s = j - win
-        s_safe = tirx.min(tirx.max(s, 0), extra - 1)
-        if picks is not None:
-            crow = i32(picks(b, t, s_safe))
-            comp_ok = crow >= 0
-        else:
-            crow = s
-            comp_ok = s < tirx.floordiv(p_t + 1, op.ratio)
-        is_raw = j < win
-        return guarded(is_raw, raw_ok, comp_ok), is_raw, guarded(is_raw, raw_row, crow)
-
-    # per (query, entry), the row it reads in the table raw ++ compressed. Prefill builds that
-    # table once (the channel loops then load one contiguous row instead of selecting between
-    # two gathers); a decode step selects between the two rows instead: copying the whole cache
-    # for one query would cost more than all its entries
-    n_comp = comp.shape[1] if comp is not None else 0
-    if comp is None:
-        table = kv
-    elif pos is None:
-        table = te.compute(
-            (kv.shape[0], rows + n_comp, kv.shape[2]),
-            lambda b, r, c: guarded(
-                r < rows,
-                kv(b, tirx.min(r, rows - 1), c),
-                comp(b, tirx.min(tirx.max(r - rows, 0), n_comp - 1), c),
-            ),
-            name=lw.tag("keep_table"),
-        )
-
-    def table_row(b: Any, t: Any, j: Any) -> Any:
-        _, is_raw, row = where(b, t, j)
-        raw = tirx.min(tirx.max(row, 0), rows - 1)
-        if comp is None:
-            return raw
-        return guarded(is_raw, raw, rows + tirx.min(tirx.max(row, 0), n_comp - 1))
-
-    row_of = te.compute((*q.shape[:2], n_entries), table_row, name=lw.tag("keep_row"))
-
-    def entry(b: Any, t: Any, j: Any, c: Any) -> Any:
-        r = row_of(b, t, j)
-        if comp is None or pos is None:
-            return f32(table(b, r, c))
-        raw = kv(b, tirx.min(r, rows - 1), c)
-        return f32(guarded(r < rows, raw, comp(b, tirx.max(r - rows, 0), c)))
-
-    width = q.shape[3]
-    kc = te.reduce_axis((0, width), name="kc")
-    scale = tirx.const(op.scale, F32)
-
-    def score(b: Any, t: Any, h: Any, j: Any) -> Any:
-        dot = te.sum(f32(q(b, t, h, kc)) * entry(b, t, j, kc), axis=kc)
-        return dot
-
-    z = te.compute((*q.shape[:3], n_entries), score, name=lw.tag("dot"))
-    zm = te.compute(
-        z.shape,
-        lambda b, t, h, j: tirx.Select(where(b, t, j)[0], z(b, t, h, j) * scale, NEG_INF),
-        name=lw.tag("z"),
-    )
-    kj = te.reduce_axis((0, n_entries), name="kj")
-    zmax = te.compute(q.shape[:3], lambda b, t, h: te.max(zm(b, t, h, kj), axis=kj), name="zmax")
-    m = te.compute(
-        q.shape[:3], lambda b, t, h: tirx.max(zmax(b, t, h), f32(sink(h))), name=lw.tag("m")
-    )
-    kj2 = te.reduce_axis((0, n_entries), name="kj2")
-    zsum = te.compute(
-        q.shape[:3],
-        lambda b, t, h: te.sum(te.exp(zm(b, t, h, kj2) - m(b, t, h)), axis=kj2),
-        name=lw.tag("zsum"),
-    )
-    den = te.compute(
-        q.shape[:3],
-        lambda b, t, h: zsum(b, t, h) + te.exp(f32(sink(h)) - m(b, t, h)),
-        name=lw.tag("den"),
-    )
-    kj3 = te.reduce_axis((0, n_entries), name="kj3")
-
-    p = te.compute(  # once per (query, head, entry), not once per output channel
-        z.shape,
-        lambda b, t, h, j: f32(convert(te.exp(zm(b, t, h, j) - m(b, t, h)) / den(b, t, h), out)),
-        name=lw.tag("keep_p"),
-    )
-
-    def weighted(b: Any, t: Any, h: Any, c: Any) -> Any:
-        return te.sum(p(b, t, h, kj3) * entry(b, t, kj3, c), axis=kj3)
-
-    o = te.compute(q.shape, weighted, name=lw.tag("rows_o"))
-    o = te.compute(q.shape, lambda *i: convert(o(*i), out), name=lw.tag("o_cast"))
-    return [_rope(lw, o, cos, sin, lambda b, t, h, c: t, True, out)]
-
-
-KEYS_TILE = 8  # keys per register tile of the indexer's scores
-
-
-def schedule_indexer_topk(func: Any) -> Any:
-    """`schedule_cpu` after a register tile for the scores `heads_dot_*` [B, T, S, H]:
-    loops (b, t, s / 8, c, 8 keys unrolled, heads vectorised). A key row is read once for all
-    heads (was: once per head, 16 x 512 KB per query at small's 4K context) and 8 keys give 8
-    independent accumulators; the zeroing sits before the channel loop (which also keeps the
-    generic schedule from fusing the loops around it)."""
-    from tvm import s_tir
-
-    sch = s_tir.Schedule(func)
-    root = sch.get_sblock("root")
-    for block in sch.get_child_blocks(root):
-        if sch.get(block).name_hint.startswith("heads_dot"):
-            _keys_tile(sch, block)
-    return schedule_cpu(sch.mod["main"].with_attr("global_symbol", func.attrs["global_symbol"]))
-
-
-def _keys_tile(sch: Any, block: Any) -> None:
-    b, t, s, h, c = sch.get_loops(block)
-    heads = static(sch.get(h).extent)
-    if heads is None or heads > 4 * VECTOR:
-        return
-    s0, s1 = sch.split(s, [None, _tile_of(static(sch.get(s).extent), KEYS_TILE)])
-    sch.reorder(s0, c, s1, h)
-    sch.unroll(s1)
-    sch.vectorize(h)
-    sch.parallel(sch.fuse(b, t))  # the queries of a prefill too
-    init = sch.decompose_reduction(block, c)
-    sch.vectorize(sch.get_loops(init)[-1])
-
-
-def _tile_of(n: int | None, most: int) -> int:
-    """A tile for a loop of n: the largest divisor of n in most/2..most (no tail), else `most`
-    (the split's tail is a predicate: a symbolic n, or small's 1026 keys -> 6)."""
-    if n is None:
-        return most
-    return next((f for f in range(most, most // 2 - 1, -1) if n % f == 0), most)
+# --- top-k (shared with semantic_sparse, semantic_moe, semantic_select) ----------------------
 
 
 def topk(lw: Lowering, x: Any, k: int) -> tuple[Any, Any]:
@@ -307,44 +147,7 @@ def _topk_or_pad(lw: Lowering, score: Any, n: Any, k: int) -> Any:
     )
 
 
-@lowers("attn.indexer_topk")
-def lower_indexer_topk(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
-    from tvm import te, tirx
-
-    op = node.op
-    q, keys, w, *pos = args
-    p0 = i32(pos[0]()) if pos else 0
-    n_keys = keys.shape[1]
-    # q·k per (key, head) with the heads last: `schedule_indexer_topk` runs 8 keys x the heads
-    # (one vector) per channel step, so each key row is read once for all heads
-    q_t = te.compute(
-        (q.shape[0], q.shape[1], q.shape[3], q.shape[2]),
-        lambda b, t, c, h: f32(q(b, t, h, c)),
-        name=lw.tag("keep_q_t"),
-    )
-    kc = te.reduce_axis((0, q.shape[3]), name="kc")
-    dot = te.compute(
-        (q.shape[0], q.shape[1], n_keys, q.shape[2]),
-        lambda b, t, s, h: te.sum(q_t(b, t, kc, h) * f32(keys(b, s, kc)), axis=kc),
-        name=lw.tag("heads_dot"),
-    )
-    kh = te.reduce_axis((0, q.shape[2]), name="kh")
-    scale = tirx.const(op.scale, F32)
-    score = te.compute(
-        (q.shape[0], q.shape[1], n_keys),
-        lambda b, t, s: te.sum(
-            f32(w(b, t, kh)) * scale * tirx.max(dot(b, t, s, kh), tirx.const(0.0, F32)), axis=kh
-        ),
-        name=lw.tag("score"),
-    )
-    masked = te.compute(
-        score.shape,
-        lambda b, t, s: tirx.Select(
-            s < tirx.floordiv(p0 + t + 1, op.ratio), score(b, t, s), tirx.const(NEG_INF, F32)
-        ),
-        name=lw.tag("masked"),
-    )
-    return [_topk_or_pad(lw, masked, n_keys, op.k)]
+# --- attention: the compressor (sparse_mqa and indexer_topk are in semantic_sparse.py) ------
 
 
 @lowers("attn.compress")
@@ -768,9 +571,7 @@ def _emit_scheduled(schedule_of: Any) -> Any:
 TVM_EMITTERS.register("attn.compress_step")(
     _emit_scheduled(lambda node: lambda f: schedule_compress_step(f, node.op.ratio))
 )
-TVM_EMITTERS.register("attn.indexer_topk")(_emit_scheduled(lambda node: schedule_indexer_topk))
 SEMANTIC = (
-    "attn.sparse_mqa",
     "attn.compress",
     "hc.pre",
     "hc.head",
