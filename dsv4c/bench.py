@@ -78,7 +78,9 @@ Threads (issue 19: "2 threads slower than 1"; 2-vCPU Xeon, AVX-512, torch 2.13 o
   and of pool launches for small work. The bench itself, HEAD b5dca25 without / with these
   changes, one run after the other (load 5-7): tvm-inplace b1 118.2 / 64.4 -> 45.8 / 39.8 ms,
   b8 427.9 / 186.8 -> 123.9 / 49.8 (eager and Inductor swung 2-5x between the runs with the
-  load; docs/benchmarks.md has the table).
+  load; docs/benchmarks.md has the tables). In a quieter window (HEAD af27ae2, load 2.1-3.1)
+  b1 did not change (20.7 / 19.2 -> 21.9 / 21.3) and b8 went 45.5 / 42.9 -> 37.2 / 36.2: the
+  fixes matter most when other processes hold cores.
 - Interleaving and fairness: one backend's pools spill into the next backend's call (libgomp's
   workers spin ~15 ms after an eager or Inductor call; TVM's workers yield-spin after a TVM
   call, and torch's pool is asleep by then, so Inductor's first regions must wake it). Timed
