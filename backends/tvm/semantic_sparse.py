@@ -17,16 +17,27 @@ from memory.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import ir
-from backends.tvm.emitters import TVM_EMITTERS, emit_single
+from backends.base import body_of_one_op
+from backends.tvm.emitters import (
+    TVM_EMITTERS,
+    Call,
+    KernelLaunch,
+    emit_single,
+    kernel_name,
+    shape_of,
+    signature,
+    uses_blas,
+)
+from backends.tvm.kernel import make_kernel
 from backends.tvm.lower import Lowering, convert, guarded, lowers, static, tvm_dtype
 from backends.tvm.schedule_cpu import VECTOR, schedule_cpu
 from backends.tvm.semantic import (
     F32,
     NEG_INF,
-    _emit_scheduled,
     _rms_rows,
     _rope,
     _topk_or_pad,
@@ -233,5 +244,67 @@ def lower_indexer_topk(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any
     return [_topk_or_pad(lw, masked, n_keys, op.k)]
 
 
-TVM_EMITTERS.register("attn.indexer_topk")(_emit_scheduled(lambda node: schedule_indexer_topk))
+
+QUERY_BLOCK = 64  # queries per GEMM of the indexer's BLAS path (64 x 16 heads = 1024 rows)
+
+
+@dataclass
+class IndexerLaunch(KernelLaunch):
+    """`attn.indexer_topk`: the kernel, or for a prefill the BLAS path (`indexer_topk_blas`) when
+    the executable's `blas` policy says so for its causal FLOPs (as a `matmul`'s)."""
+
+    blas: str = "auto"
+
+    def bind(self, env: dict, fns: dict[str, Any]) -> Call:
+        op = self.node.op
+        if not op.decode:
+            b, t, h, c = shape_of(self.node.operands[0], env)
+            n_keys = shape_of(self.node.operands[1], env)[1]
+            if uses_blas(self.blas, b * t * h * c * n_keys):  # 2·B·T·H·c·S over the causal half
+                return self.counted("blas", lambda inputs: (indexer_topk_blas(op, *inputs),))
+        return super().bind(env, fns)
+
+
+@TVM_EMITTERS.register("attn.indexer_topk")
+def emit_indexer_topk(node: ir.Node, target: Any, options: dict) -> IndexerLaunch:
+    body, index = body_of_one_op(node)
+    variant = "" if len(index) == len(node.operands) else "operands" + ",".join(map(str, index))
+    key = signature(node, variant)
+    kernel = make_kernel(body, kernel_name(node), key, schedule_indexer_topk, loc=node.loc)
+    return IndexerLaunch(node, [kernel], index, blas=options.get("blas", "auto"))
+
+
+def indexer_topk_blas(op: Any, q: Any, keys: Any, w: Any) -> Any:
+    """A prefill's `attn.indexer_topk` through torch: per block of `QUERY_BLOCK` queries one
+    GEMM [block·H, c] x [c, S_block] over the keys visible to the block's last query only (the
+    causally masked keys of later queries are never scored), relu, summed over the heads
+    weighted by w·scale (one [1, H] x [H, S_block] product per query; [block, H, S_block] at a
+    time, no [T, S, H] buffer), masked, then `torch.topk` as the op's reference does, over
+    max(S_block, k) columns (-inf pads; a pick of -inf or past the visible keys is -1)."""
+    import torch
+
+    batch, t, heads, width = q.shape
+    n_keys, k = keys.shape[1], op.k
+    out = torch.empty(batch, t, k, dtype=torch.int64, device=q.device)
+    kf_t = keys.float().mT  # [B, c, S]
+    cols = torch.arange(n_keys, device=q.device)
+    for t0 in range(0, t, QUERY_BLOCK):
+        t1 = min(t, t0 + QUERY_BLOCK)
+        seen = min(n_keys, t1 // op.ratio)  # keys visible to query t1 - 1
+        # -inf past the visible keys; a row needs pads only while it has fewer than k entries
+        score = torch.full((batch, t1 - t0, max(seen, k)), float("-inf"), device=q.device)
+        if seen:
+            qb = q[:, t0:t1].float().reshape(batch, (t1 - t0) * heads, width)
+            logits = torch.matmul(qb, kf_t[:, :, :seen])
+            logits = logits.view(batch * (t1 - t0), heads, seen).relu_()
+            weights = (w[:, t0:t1].float() * op.scale).reshape(batch * (t1 - t0), 1, heads)
+            summed = torch.bmm(weights, logits).view(batch, t1 - t0, seen)  # Σ_h w_h·relu
+            rows = torch.arange(t0, t1, device=q.device)
+            visible = cols[:seen] < ((rows + 1) // op.ratio).unsqueeze(1)
+            score[..., :seen] = summed.masked_fill(~visible, float("-inf"))
+        values, picks = score.topk(k, dim=-1)
+        out[:, t0:t1] = torch.where(torch.isinf(values) | (picks >= seen), -1, picks)
+    return out
+
+
 TVM_EMITTERS.register("attn.sparse_mqa")(emit_single)
