@@ -307,4 +307,138 @@ def indexer_topk_blas(op: Any, q: Any, keys: Any, w: Any) -> Any:
     return out
 
 
-TVM_EMITTERS.register("attn.sparse_mqa")(emit_single)
+
+MQA_BLOCK = 32  # queries per GEMM of sparse_mqa's BLAS path (window part: 32 + 127 key rows)
+
+
+@dataclass
+class SparseMQALaunch(KernelLaunch):
+    """`attn.sparse_mqa`: the kernel, or for a prefill the BLAS path (`sparse_mqa_blas`) when the
+    executable's `blas` policy says so for its FLOPs (as a `matmul`'s). A decode step always runs
+    the kernel (its generic schedule: rows gathered from memory, see the module docstring)."""
+
+    blas: str = "auto"
+
+    def bind(self, env: dict, fns: dict[str, Any]) -> Call:
+        op = self.node.op
+        if not op.decode:
+            b, t, h, c = shape_of(self.node.operands[0], env)
+            n = op.window
+            if op.variant == "hca":
+                n += shape_of(self.node.operands[5], env)[1]
+            elif op.variant == "csa":
+                n += shape_of(self.node.operands[6], env)[2]
+            if uses_blas(self.blas, 4 * b * t * h * c * n):
+                return self.counted("blas", lambda inputs: (sparse_mqa_blas(op, *inputs),))
+        return super().bind(env, fns)
+
+
+@TVM_EMITTERS.register("attn.sparse_mqa")
+def emit_sparse_mqa(node: ir.Node, target: Any, options: dict) -> SparseMQALaunch:
+    single = emit_single(node, target, options)
+    return SparseMQALaunch(node, single.kernels, single.operands, blas=options.get("blas", "auto"))
+
+
+def sparse_mqa_blas(op: Any, q: Any, kv: Any, sink: Any, cos: Any, sin: Any, *rest: Any) -> Any:
+    """A prefill's `attn.sparse_mqa` through torch, per block of `MQA_BLOCK` queries: the heads
+    are the GEMM's rows, so each entry row is read once for all of them. The window part is one
+    GEMM over the block's window rows (block + window - 1 consecutive rows, masked to each
+    query's own window); hca's compressed part one GEMM over the entries visible to the block's
+    last query (masked per query). csa (`_picked`): while the block sees few compressed rows, a
+    GEMM over all of them and each pick's score taken from it (its p scattered back for p·e);
+    past that, the picked rows gathered per query and multiplied as a batch of [H, c] x [c, k].
+    Softmax with the sink column as the reference; p in q's dtype before p·e; fp32 math."""
+    import torch
+
+    batch, t, heads, width = q.shape
+    dtype = q.dtype
+    comp = rest[0] if op.variant != "window" else None
+    picks = rest[1] if op.variant == "csa" else None
+    win, ninf = op.window, float("-inf")
+    kvf = kv.float()
+    compf = comp.float() if comp is not None else None
+    sink_col = sink.float().view(1, 1, heads, 1)
+    out = torch.empty(batch, t, heads, width, dtype=dtype, device=q.device)
+    for t0 in range(0, t, MQA_BLOCK):  # q's norm and RoPE too, on the cache-resident block
+        t1 = min(t, t0 + MQA_BLOCK)
+        n_q = t1 - t0
+        qb = q[:, t0:t1].float()  # [B, n_q, H, c]
+        if op.q_norm_eps is not None:
+            qb = qb * torch.rsqrt(qb.square().mean(-1, keepdim=True) + op.q_norm_eps)
+            qb = qb.to(dtype).float()
+        elif q.dtype == torch.float32:
+            qb = qb.clone()  # `float()` kept q's memory: rotated in place below
+        qb = _rotate(qb, cos[t0:t1], sin[t0:t1], False).to(dtype).float()
+        rows_q = qb.reshape(batch, n_q * heads, width)
+        rows = torch.arange(t0, t1, device=q.device).view(n_q, 1)
+        r0 = max(0, t0 - win + 1)
+        kw = kvf[:, r0:t1]  # [B, R, c]
+        zw = torch.matmul(rows_q, kw.mT).view(batch, n_q, heads, t1 - r0) * op.scale
+        r = torch.arange(r0, t1, device=q.device).view(1, -1)
+        zw = zw.masked_fill(~((r <= rows) & (r > rows - win)).view(1, n_q, 1, -1), ninf)
+        parts = [zw]
+        pv = None
+        if op.variant == "hca":
+            seen = min(compf.shape[1], t1 // op.ratio)
+            kc = compf[:, :seen]
+            zc = torch.matmul(rows_q, kc.mT).view(batch, n_q, heads, seen) * op.scale
+            s = torch.arange(seen, device=q.device).view(1, -1)
+            parts.append(zc.masked_fill(~(s < (rows + 1) // op.ratio).view(1, n_q, 1, -1), ninf))
+            pv = lambda pc: torch.matmul(pc.reshape(batch, n_q * heads, -1), kc)  # noqa: E731
+        elif op.variant == "csa":
+            zc, pv = _picked(op, qb, rows_q, compf, picks[:, t0:t1])
+            parts.append(zc)
+        parts.append(sink_col.expand(batch, n_q, heads, 1))
+        p = torch.softmax(torch.cat(parts, dim=-1), dim=-1).to(dtype).float()
+        o = torch.matmul(p[..., : t1 - r0].reshape(batch, n_q * heads, -1), kw)
+        if pv is not None:
+            o += pv(p[..., t1 - r0 : -1]).reshape(o.shape)
+        o = _rotate(o.view(batch, n_q, heads, width).to(dtype).float(), cos[t0:t1], sin[t0:t1], True)
+        out[:, t0:t1] = o
+    return out
+
+
+DENSE_PICKS = 3  # csa: a GEMM over all visible compressed rows while they are <= 3·k
+
+
+def _picked(op: Any, qb: Any, rows_q: Any, compf: Any, pick: Any) -> tuple[Any, Any]:
+    """csa's compressed part for one query block: (scores [B, n_q, H, k] with -inf for -1
+    picks, p [B, n_q, H, k] -> Σ p·row [B, n_q, H, c])."""
+    import torch
+
+    batch, n_q, heads, width = qb.shape
+    n_comp, k = compf.shape[1], pick.shape[-1]
+    if n_comp == 0:  # nothing to pick: every pick is -1
+        return torch.full((batch, n_q, heads, k), float("-inf"), device=qb.device), None
+    invalid = (pick < 0).unsqueeze(2)
+    at = pick.clamp(min=0)
+    seen = int(at.max()) + 1
+    if seen <= DENSE_PICKS * k:
+        kc = compf[:, :seen]
+        at_h = at.unsqueeze(2).expand(batch, n_q, heads, k)
+        dense = torch.matmul(rows_q, kc.mT).view(batch, n_q, heads, seen)
+        zc = dense.gather(-1, at_h) * op.scale
+
+        def pv(pc: Any) -> Any:
+            scattered = torch.zeros_like(dense).scatter_add_(-1, at_h, pc)  # repeated picks add
+            return torch.matmul(scattered.view(batch, n_q * heads, seen), kc)
+
+        return zc.masked_fill(invalid, float("-inf")), pv
+    flat = at + (torch.arange(batch, device=qb.device) * n_comp).view(batch, 1, 1)
+    kc = torch.index_select(compf.reshape(-1, width), 0, flat.flatten()).view(batch, n_q, k, width)
+    zc = torch.matmul(qb, kc.mT) * op.scale  # [B, n_q, H, k]
+    return zc.masked_fill(invalid, float("-inf")), lambda pc: torch.matmul(pc, kc)
+
+
+def _rotate(x: Any, cos: Any, sin: Any, inverse: bool) -> Any:
+    """x [B, T, H, c] fp32 with its last 2·half channels' interleaved pairs rotated in place by
+    the angles of cos/sin [T, half] (negated when `inverse`), as `rope_reference` computes."""
+    half = cos.shape[-1]
+    pairs = x[..., x.shape[-1] - 2 * half :].unflatten(-1, (half, 2))
+    a, b = pairs[..., 0].clone(), pairs[..., 1].clone()
+    c, s = cos.float().unsqueeze(-2), sin.float().unsqueeze(-2)
+    if inverse:
+        s = -s
+    pairs[..., 0] = a * c - b * s
+    pairs[..., 1] = a * s + b * c
+    return x

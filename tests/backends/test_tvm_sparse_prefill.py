@@ -8,6 +8,8 @@ import pytest
 import torch
 from test_tvm_semantic import _check
 
+from backends.tvm import semantic_sparse
+
 GEN = torch.Generator().manual_seed(19)
 
 
@@ -36,3 +38,45 @@ def test_indexer_topk_prefill_blocks(blas):
         blas=blas,
     )
     assert str(report)  # the report names the path taken
+
+
+@pytest.mark.parametrize(
+    ("blas", "dense"), [("always", 0), ("always", 3), ("always", 100), ("never", 3)]
+)
+def test_sparse_mqa_prefill_blocks(blas, dense, monkeypatch):
+    """T = 75: query blocks of 32, 32 and 11 (the window part of a later block starts at
+    t0 - window + 1); every variant, csa picks with -1 holes and repeats, its compressed part
+    gathered (dense 0), a GEMM over the visible rows (100), or both by block (3)."""
+    from backend_graphs import rope_tables
+
+    monkeypatch.setattr(semantic_sparse, "DENSE_PICKS", dense)
+
+    b, t, h, c, half, window, ratio, k = 2, 75, 8, 32, 4, 9, 4, 5
+    cos, sin = rope_tables(GEN, t, half)
+    vis = (torch.arange(t) + 1) // ratio
+    r = (torch.rand(b, t, k, generator=GEN) * vis.view(1, t, 1)).long()
+    picks = torch.where(torch.arange(k).view(1, 1, k) < vis.view(1, t, 1), r, -1)
+    inputs = {
+        "q": _t(b, t, h, c),
+        "kv": _t(b, t, c),
+        "sink": _t(h),
+        "cos": cos,
+        "sin": sin,
+        "comp": _t(b, t // ratio, c),
+        "picks": picks.contiguous(),
+    }
+    base = ["q", "kv", "sink", "cos", "sin"]
+    common = {"window": window, "scale": 0.3}
+    _check(
+        [
+            ("attn.sparse_mqa", base, {**common, "q_norm_eps": 1e-6}),
+            ("attn.sparse_mqa", [*base, "comp"], {**common, "variant": "hca", "ratio": ratio}),
+            (
+                "attn.sparse_mqa",
+                [*base, "comp", "picks"],
+                {**common, "variant": "csa", "ratio": ratio, "q_norm_eps": 1e-6},
+            ),
+        ],
+        inputs,
+        blas=blas,
+    )
