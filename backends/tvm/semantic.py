@@ -11,7 +11,9 @@ results in the op's dtype.
 
 Kernel-specific CPU schedules run around the generic `schedule_cpu`: the compressor step's
 projections read each weight row once per step and its pooling runs only when a block completes
-(`schedule_compress_step`).
+(`schedule_compress_step`). A prefill's `attn.compress` runs its reference (two torch GEMMs, then
+the pooling in torch) when the executable's `blas` policy says so for its FLOPs
+(`CompressLaunch`).
 
 The sparse attention ops (`attn.sparse_mqa`, `attn.indexer_topk`) are in `semantic_sparse.py`;
 the MoE ops (`moe.route`, `moe.experts` and its BLAS path) in `semantic_moe.py`.
@@ -19,11 +21,21 @@ the MoE ops (`moe.route`, `moe.experts` and its BLAS path) in `semantic_moe.py`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import ir
 from backends.base import body_of_one_op
-from backends.tvm.emitters import TVM_EMITTERS, KernelLaunch, emit_single, kernel_name, signature
+from backends.tvm.emitters import (
+    TVM_EMITTERS,
+    Call,
+    KernelLaunch,
+    emit_single,
+    kernel_name,
+    shape_of,
+    signature,
+    uses_blas,
+)
 from backends.tvm.kernel import make_kernel
 from backends.tvm.lower import Lowering, Unsupported, convert, guarded, lowers, static, tvm_dtype
 from backends.tvm.schedule_cpu import VECTOR, schedule_cpu
@@ -571,10 +583,29 @@ def _emit_scheduled(schedule_of: Any) -> Any:
 TVM_EMITTERS.register("attn.compress_step")(
     _emit_scheduled(lambda node: lambda f: schedule_compress_step(f, node.op.ratio))
 )
-SEMANTIC = (
-    "attn.compress",
-    "hc.pre",
-    "hc.head",
-    "hc.post",
-)
-TVM_EMITTERS.register(*SEMANTIC)(emit_single)
+TVM_EMITTERS.register("hc.pre", "hc.head", "hc.post")(emit_single)
+
+
+@dataclass
+class CompressLaunch(KernelLaunch):
+    """`attn.compress`: the kernel, or, when the executable's `blas` policy says so for its
+    projection FLOPs (as a `matmul`'s; a prefill), the op's own reference (ir/ops/attn.py): the
+    projections x·wkvᵀ, x·wgateᵀ one torch GEMM each, the pooling, norm and RoPE after them in
+    torch. The kernel does the projections as one dot product per output (small at T=4096, 1
+    thread: 15-20 GFLOP/s; MKL's sgemm 105-148)."""
+
+    blas: str = "auto"
+
+    def bind(self, env: dict, fns: dict[str, Any]) -> Call:
+        b, t, d = shape_of(self.node.operands[0], env)
+        width = shape_of(self.node.operands[1], env)[0]
+        if uses_blas(self.blas, 4 * b * t * width * d):  # two GEMMs [B·T, d] x [d, W]
+            op = self.node.op
+            return self.counted("blas", lambda inputs: (op.reference(*inputs)[0].contiguous(),))
+        return super().bind(env, fns)
+
+
+@TVM_EMITTERS.register("attn.compress")
+def emit_compress(node: ir.Node, target: Any, options: dict) -> CompressLaunch:
+    single = emit_single(node, target, options)
+    return CompressLaunch(node, single.kernels, single.operands, blas=options.get("blas", "auto"))
