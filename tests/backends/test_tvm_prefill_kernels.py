@@ -72,3 +72,25 @@ def test_route_logits_tiles(experts, width):
         ],
         inputs,
     )
+
+
+def test_hc_mix_tiles():
+    """mHC's mixing projection: hc.pre's fn has 2n + n² = 24 rows (three tiles of 8, tokens
+    fused over B and T), hc.head's n = 4 (no whole tile: generic schedule)."""
+    b, t, n, d = 2, 19, 4, 32
+    inputs = {
+        "x": _t(b, t, n, d),
+        "fn": _t(2 * n + n * n, n * d, scale=0.1),
+        "scale": _t(3).abs(),
+        "base": _t(2 * n + n * n, scale=0.1),
+        "fn_head": _t(n, n * d, scale=0.1),
+        "scale_head": _t(1).abs(),
+        "base_head": _t(n, scale=0.1),
+    }
+    _check(
+        [
+            ("hc.pre", ["x", "fn", "scale", "base"], {}),
+            ("hc.head", ["x", "fn_head", "scale_head", "base_head"], {}),
+        ],
+        inputs,
+    )
