@@ -19,9 +19,9 @@ op's FLOPs; a decode step always runs the kernel): `indexer_topk_blas` scores ea
 queries x 16 heads as one GEMM against the causally visible keys only, then relu·w summed over
 the heads and `torch.topk` (no [T, S, H] buffer); `sparse_mqa_blas` runs each block of 32
 queries with the heads as GEMM rows (an entry row read once for all heads): the window and
-hca's compressed entries as GEMMs over consecutive rows, csa's picks gathered or read from a
-GEMM over the visible compressed rows. One-op thread CPU time at small's 4K prefill shapes,
-1 thread: 1.9-2.0x faster than the kernels.
+hca's compressed entries as GEMMs over consecutive rows, csa's picks gathered per query or read
+from a GEMM over the block's distinct picked rows. One-op thread CPU time at small's 4K prefill
+shapes, 1 thread: 1.6-2.0x faster than the kernels.
 """
 
 from __future__ import annotations
@@ -354,9 +354,9 @@ def sparse_mqa_blas(op: Any, q: Any, kv: Any, sink: Any, cos: Any, sin: Any, *re
     are the GEMM's rows, so each entry row is read once for all of them. The window part is one
     GEMM over the block's window rows (block + window - 1 consecutive rows, masked to each
     query's own window); hca's compressed part one GEMM over the entries visible to the block's
-    last query (masked per query). csa (`_picked`): while the block sees few compressed rows, a
-    GEMM over all of them and each pick's score taken from it (its p scattered back for p·e);
-    past that, the picked rows gathered per query and multiplied as a batch of [H, c] x [c, k].
+    last query (masked per query). csa (`_picked`): while the block's distinct picked rows are
+    few, a GEMM over them and each pick's score taken from it (its p scattered back for p·e);
+    else the picked rows gathered per query and multiplied as a batch of [H, c] x [c, k].
     Softmax with the sink column as the reference; p in q's dtype before p·e; fp32 math."""
     import torch
 
@@ -408,12 +408,15 @@ def sparse_mqa_blas(op: Any, q: Any, kv: Any, sink: Any, cos: Any, sin: Any, *re
     return out
 
 
-DENSE_PICKS = 3  # csa: a GEMM over all visible compressed rows while they are <= 3·k
+DENSE_PICKS = 3  # csa: one GEMM over the block's distinct picked rows while <= 3·k of them
 
 
 def _picked(op: Any, qb: Any, rows_q: Any, compf: Any, pick: Any) -> tuple[Any, Any]:
     """csa's compressed part for one query block: (scores [B, n_q, H, k] with -inf for -1
-    picks, p [B, n_q, H, k] -> Σ p·row [B, n_q, H, c])."""
+    picks, p [B, n_q, H, k] -> Σ p·row). Neighbouring queries pick many of the same rows: while
+    the block's distinct picked rows (over the batch) are few, one GEMM of its queries' heads
+    against them, each pick's score taken from it and its p scattered back (repeated picks add)
+    for one p·e GEMM; else every query's rows gathered and multiplied as [H, c] x [c, k]."""
     import torch
 
     batch, n_q, heads, width = qb.shape
@@ -421,21 +424,21 @@ def _picked(op: Any, qb: Any, rows_q: Any, compf: Any, pick: Any) -> tuple[Any, 
     if n_comp == 0:  # nothing to pick: every pick is -1
         return torch.full((batch, n_q, heads, k), float("-inf"), device=qb.device), None
     invalid = (pick < 0).unsqueeze(2)
-    at = pick.clamp(min=0)
-    seen = int(at.max()) + 1
-    if seen <= DENSE_PICKS * k:
-        kc = compf[:, :seen]
+    flat = pick.clamp(min=0) + (torch.arange(batch, device=qb.device) * n_comp).view(batch, 1, 1)
+    table = compf.reshape(-1, width)
+    rows, at = torch.unique(flat, return_inverse=True)
+    if rows.numel() * batch <= DENSE_PICKS * k:
+        kc = torch.index_select(table, 0, rows)  # [U, c]
         at_h = at.unsqueeze(2).expand(batch, n_q, heads, k)
-        dense = torch.matmul(rows_q, kc.mT).view(batch, n_q, heads, seen)
+        dense = torch.matmul(rows_q, kc.T).view(batch, n_q, heads, -1)
         zc = dense.gather(-1, at_h) * op.scale
 
         def pv(pc: Any) -> Any:
-            scattered = torch.zeros_like(dense).scatter_add_(-1, at_h, pc)  # repeated picks add
-            return torch.matmul(scattered.view(batch, n_q * heads, seen), kc)
+            scattered = torch.zeros_like(dense).scatter_add_(-1, at_h, pc)
+            return torch.matmul(scattered.view(batch, n_q * heads, -1), kc)
 
         return zc.masked_fill(invalid, float("-inf")), pv
-    flat = at + (torch.arange(batch, device=qb.device) * n_comp).view(batch, 1, 1)
-    kc = torch.index_select(compf.reshape(-1, width), 0, flat.flatten()).view(batch, n_q, k, width)
+    kc = torch.index_select(table, 0, flat.flatten()).view(batch, n_q, k, width)
     zc = torch.matmul(qb, kc.mT) * op.scale  # [B, n_q, H, k]
     return zc.masked_fill(invalid, float("-inf")), lambda pc: torch.matmul(pc, kc)
 
