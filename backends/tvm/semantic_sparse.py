@@ -415,8 +415,9 @@ def _picked(op: Any, qb: Any, rows_q: Any, compf: Any, pick: Any) -> tuple[Any, 
     """csa's compressed part for one query block: (scores [B, n_q, H, k] with -inf for -1
     picks, p [B, n_q, H, k] -> Σ p·row). Neighbouring queries pick many of the same rows: while
     the block's distinct picked rows (over the batch) are few, one GEMM of its queries' heads
-    against them, each pick's score taken from it and its p scattered back (repeated picks add)
-    for one p·e GEMM; else every query's rows gathered and multiplied as [H, c] x [c, k]."""
+    against them (while the picks lie in the first 3·k rows, those rows as they are, no gather),
+    each pick's score taken from it and its p scattered back (repeated picks add) for one p·e
+    GEMM; else every query's rows gathered and multiplied as [H, c] x [c, k]."""
     import torch
 
     batch, n_q, heads, width = qb.shape
@@ -426,9 +427,13 @@ def _picked(op: Any, qb: Any, rows_q: Any, compf: Any, pick: Any) -> tuple[Any, 
     invalid = (pick < 0).unsqueeze(2)
     flat = pick.clamp(min=0) + (torch.arange(batch, device=qb.device) * n_comp).view(batch, 1, 1)
     table = compf.reshape(-1, width)
-    rows, at = torch.unique(flat, return_inverse=True)
-    if rows.numel() * batch <= DENSE_PICKS * k:
-        kc = torch.index_select(table, 0, rows)  # [U, c]
+    seen = max(int(pick.max()) + 1, 1)  # the first `seen` compressed rows hold every pick
+    if batch == 1 and seen <= DENSE_PICKS * k:
+        kc, at = table[:seen], flat  # no gather: consecutive rows
+    else:
+        rows, at = torch.unique(flat, return_inverse=True)
+        kc = torch.index_select(table, 0, rows) if rows.numel() <= DENSE_PICKS * k else None
+    if kc is not None:
         at_h = at.unsqueeze(2).expand(batch, n_q, heads, k)
         dense = torch.matmul(rows_q, kc.T).view(batch, n_q, heads, -1)
         zc = dense.gather(-1, at_h) * op.scale

@@ -41,17 +41,19 @@ def test_indexer_topk_prefill_blocks(blas):
 
 
 @pytest.mark.parametrize(
-    ("blas", "dense"), [("always", 0), ("always", 3), ("always", 100), ("never", 3)]
+    ("blas", "dense", "b"),
+    [("always", 0, 2), ("always", 3, 2), ("always", 100, 2), ("always", 3, 1), ("never", 3, 2)],
 )
-def test_sparse_mqa_prefill_blocks(blas, dense, monkeypatch):
+def test_sparse_mqa_prefill_blocks(blas, dense, b, monkeypatch):
     """T = 75: query blocks of 32, 32 and 11 (the window part of a later block starts at
     t0 - window + 1); every variant, csa picks with -1 holes and repeats, its compressed part
-    gathered (dense 0), a GEMM over the visible rows (100), or both by block (3)."""
+    gathered (dense 0), a GEMM over the distinct picked rows (100; batch 1: over the first
+    rows while they hold every pick), or both by block (3)."""
     from backend_graphs import rope_tables
 
     monkeypatch.setattr(semantic_sparse, "DENSE_PICKS", dense)
 
-    b, t, h, c, half, window, ratio, k = 2, 75, 8, 32, 4, 9, 4, 5
+    t, h, c, half, window, ratio, k = 75, 8, 32, 4, 9, 4, 5
     cos, sin = rope_tables(GEN, t, half)
     vis = (torch.arange(t) + 1) // ratio
     r = (torch.rand(b, t, k, generator=GEN) * vis.view(1, t, 1)).long()
