@@ -148,21 +148,30 @@ class Experts(nn.Module):
 
     def forward(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:
         """x [N, d], weights/experts [N, k] -> Σ_slots weight · expert(x) [N, d] (x.dtype)."""
-        n_experts, k = self.w1.shape[0], experts.shape[-1]
-        flat = experts.flatten()
-        order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
-        token = order // k
-        counts = torch.zeros(n_experts, dtype=torch.int64, device=x.device)
-        counts = counts.scatter_add(0, flat, torch.ones_like(flat))
-        offs = counts.cumsum(0).to(torch.int32)
+        return expert_mix(x, weights, experts, self.w1, self.w3, self.w2, self.limit)
 
-        rows = x[token]
-        gate = grouped_mm(rows, self.w1.transpose(1, 2), offs)
-        up = grouped_mm(rows, self.w3.transpose(1, 2), offs)
-        hidden = clamped_swiglu(gate, up, self.limit) * weights.flatten()[order].unsqueeze(-1)
-        out_rows = grouped_mm(hidden.to(x.dtype), self.w2.transpose(1, 2), offs)
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        return out.index_add(0, token, out_rows.float()).to(x.dtype)
+
+def expert_mix(
+    x: Tensor, weights: Tensor, experts: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, limit: float
+) -> Tensor:
+    """Σ_slots weight · clamped-SwiGLU expert(x) with the experts' stacked weights w1, w3 [E, I, d]
+    and w2 [E, d, I]: the (token, slot) pairs sorted by expert, one grouped GEMM per projection.
+    Shared by `Experts` and `models.quant.QuantExperts` (on its dequantised weights)."""
+    n_experts, k = w1.shape[0], experts.shape[-1]
+    flat = experts.flatten()
+    order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
+    token = order // k
+    counts = torch.zeros(n_experts, dtype=torch.int64, device=x.device)
+    counts = counts.scatter_add(0, flat, torch.ones_like(flat))
+    offs = counts.cumsum(0).to(torch.int32)
+
+    rows = x[token]
+    gate = grouped_mm(rows, w1.transpose(1, 2), offs)
+    up = grouped_mm(rows, w3.transpose(1, 2), offs)
+    hidden = clamped_swiglu(gate, up, limit) * weights.flatten()[order].unsqueeze(-1)
+    out_rows = grouped_mm(hidden.to(x.dtype), w2.transpose(1, 2), offs)
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    return out.index_add(0, token, out_rows.float()).to(x.dtype)
 
 
 class SharedExpert(nn.Module):

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.moe import Experts, clamped_swiglu, grouped_mm
+from models.moe import Experts, expert_mix
 from models.weights import FP4_BLOCK, FP8_BLOCK, quantize_fp4, quantize_fp8
 
 __all__ = [
@@ -240,20 +240,7 @@ class QuantExperts(Experts):
     def forward(self, x: Tensor, weights: Tensor, experts: Tensor) -> Tensor:
         """`models.moe.Experts.forward` on the dequantised weights rounded to x's dtype."""
         w1, w3, w2 = (self._dequantised(n).to(x.dtype) for n in ("w1", "w3", "w2"))
-        n_experts, k = w1.shape[0], experts.shape[-1]
-        flat = experts.flatten()
-        order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
-        token = order // k
-        counts = torch.zeros(n_experts, dtype=torch.int64, device=x.device)
-        counts = counts.scatter_add(0, flat, torch.ones_like(flat))
-        offs = counts.cumsum(0).to(torch.int32)
-        rows = x[token]
-        gate = grouped_mm(rows, w1.transpose(1, 2), offs)
-        up = grouped_mm(rows, w3.transpose(1, 2), offs)
-        hidden = clamped_swiglu(gate, up, self.limit) * weights.flatten()[order].unsqueeze(-1)
-        out_rows = grouped_mm(hidden.to(x.dtype), w2.transpose(1, 2), offs)
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        return out.index_add(0, token, out_rows.float()).to(x.dtype)
+        return expert_mix(x, weights, experts, w1, w3, w2, self.limit)
 
 
 def quantize_experts(model: nn.Module, fmt: str = "fp4_e2m1") -> list[str]:
