@@ -184,6 +184,20 @@ def _load_module(data: bytes) -> Any:
         return tvm_ffi.load_module(str(path))  # mapped: the file may go once this returns
 
 
+def runtime_function(name: str) -> Any:
+    """A global function of TVM's runtime (e.g. `runtime.config_threadpool`), without importing
+    TVM's compiler when it is not loaded yet (`import tvm` costs ~1.5 s; a loaded artifact needs
+    only the runtime)."""
+    if "tvm" in sys.modules:
+        import tvm
+
+        return tvm.get_global_func(name)
+    import tvm_ffi
+
+    _load_runtime()
+    return tvm_ffi.get_global_func(name)
+
+
 @cache
 def _load_runtime() -> None:
     """TVM's runtime libraries (parallel launch, workspace, the contrib sort top-k calls), not

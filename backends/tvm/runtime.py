@@ -76,7 +76,7 @@ from backends.tvm.emitters import (
 )
 from backends.tvm.inplace import emitted_node, writer
 from backends.tvm.inputs import Inputs
-from backends.tvm.library import Library
+from backends.tvm.library import Library, runtime_function
 from backends.tvm.kernel import PREBUILT, Kernel, build, host_target, kernel_records
 
 if TYPE_CHECKING:
@@ -139,11 +139,9 @@ def use_threads(n: int) -> None:
         return
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"TVM threads must be a positive int, got {n!r}")
-    import tvm
-
     allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
     cpus = [str(allowed[i % len(allowed)]) for i in range(max(n, len(allowed)))]
-    tvm.get_global_func("runtime.config_threadpool")(_SHARE_ALL_CORES, n, cpus)
+    runtime_function("runtime.config_threadpool")(_SHARE_ALL_CORES, n, cpus)
     _POOLS[ident] = n
 
 

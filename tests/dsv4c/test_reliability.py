@@ -215,10 +215,14 @@ def test_out_of_range_inputs_are_input_errors_naming_the_limit(loaded, name):
 
 
 def test_load_compiles_nothing_and_uses_the_shipped_library(artifact: Path) -> None:
-    """In a fresh process: no TVM compiler library is mapped, no lowering happens."""
+    """In a fresh process: no TVM compiler library is mapped, no lowering happens, and a call
+    (which sizes TVM's thread pool) does not import TVM's compiler either."""
     code = (
         "import sys, time, torch, dsv4c\n"
         "t = time.perf_counter(); c = dsv4c.load(sys.argv[1]); dt = time.perf_counter() - t\n"
+        "e = c.entry('prefill')\n"
+        "params = {v.name: torch.zeros(*v.shape) for v in e.graph.params}\n"
+        "e(torch.zeros(1, 6, dtype=torch.long), {'kv': torch.zeros(1, 16, 16)}, params=params)\n"
         "maps = open('/proc/self/maps').read()\n"
         "print(dt, 'libtvm_compiler' in maps, 'tvm' in sys.modules)\n"
     )
