@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -30,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import ir  # noqa: E402
+from benchmarks.moe_grouped import median_ms  # noqa: E402
 from models.quant import QuantExperts  # noqa: E402
 
 FORMATS = ("dense", "fp4_e2m1", "fp8_e4m3")
@@ -71,22 +70,6 @@ def weight_sets(cfg, dtype: torch.dtype, gen: torch.Generator, fmt: str,
     if with_dense:
         out |= {f"dense:{w}": getattr(quant, w).to(dtype) for w in ("w1", "w3", "w2")}
     return out
-
-
-def median_ms(fns: dict, sets: list, repeat: int) -> dict[str, float]:
-    """Median ms of each of `fns` (name -> fn(feeds)), interleaved call by call, cycling through
-    the weight `sets`."""
-    for fn in fns.values():
-        for feeds in sets:
-            fn(feeds)
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for i in range(repeat):
-        feeds = sets[i % len(sets)]
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn(feeds)
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
 
 
 def main() -> None:
