@@ -9,7 +9,8 @@ kernel or BLAS, the packed function) and returns it as a `Call` on the node's in
 - a lone elementwise, broadcast, reduction or softmax op -> a kernel of a one-op body;
 - `matmul` -> a tiled kernel in the layout the weight arrives in, or BLAS (`torch.matmul`) when
   the executable's `blas` policy says so ("auto": GEMMs from 4 MFLOP, and from 256 KFLOP except
-  a one-row GEMV on a row-major weight); a `fused.kernel` GEMM with an elementwise epilogue from
+  a one-row GEMV on a row-major weight; never a matmul of at most 16 rows on a row-major weight
+  with a K the dot kernel takes); a `fused.kernel` GEMM with an elementwise epilogue from
   4 MFLOP (BLAS, then the epilogue ops by their references);
 - the semantic attention / mHC ops -> `backends.tvm.semantic`, MoE -> `semantic_moe`.
 """
@@ -31,7 +32,7 @@ from backends.tvm.kernel import Kernel, make_kernel, mark_unsupported
 from backends.tvm.lower import TE_OPS, Unsupported, lowerable
 from backends.tvm.lower_shape import SHAPE_OPS
 from backends.tvm.matmul import lower_matmul_nt, schedule_matmul_cpu, transposed_layout
-from backends.tvm.schedule_cpu import schedule_cpu
+from backends.tvm.schedule_cpu import VECTOR, schedule_cpu
 from ir.symbolic import subs_dim
 
 __all__ = [
@@ -52,6 +53,13 @@ BLAS_MIN_FLOPS = 1 << 22  # "auto": GEMMs of at least 4 MFLOP call torch.matmul 
 # TVM / torch.matmul f32: nt 512x512 M = 1 0.85, M = 2 2.50, M = 8 3.09; 256x512 M = 1 0.70,
 # M = 2 1.80; 128x512 M = 2 1.38; nn 512x512 M = 1 1.52, 128x512 M = 1 1.11 (32x512 M = 4 1.07).
 BLAS_SMALL_FLOPS = 1 << 18
+# "auto", whatever the size: a matmul of at most this many rows per matrix on a row-major weight
+# (nt: decode's projections, the LM head, the grouped o-projection) runs the TVM dot kernel on
+# TVM's threads. 2 threads vs torch.matmul (f32, weight in L3), TVM / torch 1 thread, 2 threads:
+# 8192x512 M = 1 0.52, 0.91; M = 8 0.34, 0.64; M = 16 0.57, 0.78; M = 32 0.72, 1.05;
+# 4096x256 M = 8 0.31, 0.80; M = 32 0.80, 1.35. Inside a TVM call torch runs on 1 thread
+# (runtime.torch_heavy), where MKL streamed the decode b8 weights at 5-7 GB/s.
+DOT_MAX_ROWS = 16
 
 
 def shape_of(v: ir.Value, env: dict) -> tuple[int, ...]:
@@ -192,7 +200,8 @@ def uses_blas(policy: str, flops: int) -> bool:
 class MatmulLaunch(Launch):
     """`kernels[0]` reads B as stored (nn), `kernels[1]` reads Bᵀ row-major (nt), chosen per call
     from B's strides; BLAS (`torch.matmul`) instead when the policy says so for these sizes
-    ("auto": from BLAS_MIN_FLOPS, or from BLAS_SMALL_FLOPS unless it is a one-row nt GEMV)."""
+    ("auto": from BLAS_MIN_FLOPS, or from BLAS_SMALL_FLOPS unless it is a one-row nt GEMV; never
+    an nt matmul of at most DOT_MAX_ROWS rows per matrix that the dot kernel computes)."""
 
     blas: str = "auto"
 
@@ -203,14 +212,17 @@ class MatmulLaunch(Launch):
         out = shape_of(self.node.result, env)
         flops = 2 * int(subs_dim(a.shape[-1], env)) * _numel(out)
         blas = self.counted("blas", lambda inputs: (torch.matmul(*inputs),))
-        if uses_blas(self.blas, flops):
-            return blas
-        small = self.blas == "auto" and flops >= BLAS_SMALL_FLOPS
-        rows = _numel(out[:-1])
         nn = self.counted("tvm", kernel_call(fns[self.kernels[0].key], self.node, env, (0, 1)))
         nt = self.counted("tvm", kernel_call(fns[self.kernels[1].key], self.node, env, (0, 1)))
+        auto = self.blas == "auto"
+        b = self.node.operands[1]
+        rows = out[-2] if b.type.rank > 2 else _numel(out[:-1])  # per weight matrix
+        skinny = auto and rows <= DOT_MAX_ROWS and _dots(a.shape[-1])  # nt: dots at any size
+        if uses_blas(self.blas, flops) and not skinny:
+            return blas
+        small = auto and flops >= BLAS_SMALL_FLOPS
         nn = blas if small else nn
-        nt_blas = small and rows > 1
+        nt_blas = small and not skinny and _numel(out[:-1]) > 1
 
         def run(inputs: Sequence[Any]) -> tuple[Any, ...]:
             a, b = inputs
@@ -219,6 +231,12 @@ class MatmulLaunch(Launch):
             return blas(inputs) if nt_blas else nt((a, b.mT))
 
         return run
+
+
+def _dots(k: Any) -> bool:
+    """Whether the nt kernel of a reduction over `k` is the dot-product schedule (static K, a
+    multiple of the vector width: `backends.tvm.matmul.schedule_matmul_cpu`)."""
+    return isinstance(k, int) and k % VECTOR == 0
 
 
 def _numel(shape: Sequence[int]) -> int:

@@ -111,25 +111,38 @@ def schedule_matmul_cpu(func: Any, nt: bool) -> Any:
     return mark_tuned(out, knobs)
 
 
+DOT_ROWS = 4  # weight rows whose dot products share one pass over an activation row
+
+
 def _schedule_dots(sch: Any, func: Any, vector: int = VECTOR) -> Any:
     """nt with a static K: each output is a dot product of two contiguous rows, computed as
-    VECTOR partial sums (rfactor) in one vector register, then reduced; parallel over outputs.
-    Weight rows (j) outside activation rows (i): the M rows of a decode batch use one weight row
-    while it is in L1 (i outside j read the whole weight M times: 4096² bf16 at M = 8 took 8x
-    the M = 1 time)."""
+    VECTOR partial sums (rfactor) in vector registers, then reduced. DOT_ROWS weight rows form a
+    tile: per activation row, their DOT_ROWS accumulators run over K together (one load of the
+    activation per DOT_ROWS FMAs), and the M rows of a decode batch reuse the tile while it is
+    in L1 (parallel over the batch and the weight tiles, rows inside: reading the whole weight
+    per row took 8x the M = 1 time at M = 8). LM head 512 -> 8192 f32, 2 threads, weight in L3:
+    M = 8 0.63 ms with a tile of 4 rows against 0.93 one row at a time (M = 1: 0.32 both)."""
     block = sch.get_sblock("matmul")
-    *_, k = sch.get_loops(block)
+    *batch, i, j, k = sch.get_loops(block)
+    n = static(sch.get(j).extent)
+    weight_rank = len(sch.get(block).reads[1].region)
     _, k_lanes = sch.split(k, [None, vector])
-    partial = sch.rfactor(k_lanes, 0)
+    rank = len(batch) + 2
+    partial = sch.rfactor(k_lanes, rank)  # partial sums [..., i, j, lane]: lanes contiguous
     *batch, i, j, _ = sch.get_loops(block)
-    sch.reorder(j, i)
-    *outer, _ = sch.get_loops(block)
-    fused = sch.fuse(*outer)
-    sch.compute_at(partial, fused)
-    lanes, ko = sch.get_loops(partial)[-2:]
-    sch.reorder(ko, lanes)
+    rows = DOT_ROWS if n is not None and n % DOT_ROWS == 0 else 1
+    j0, j1 = sch.split(j, [None, rows])
+    per_batch = weight_rank > 2  # a weight per batch index: parallel over both
+    # one weight: x's batch dims are rows too ([B, 1, K] in decode), inside the weight tile
+    sch.reorder(*batch, j0, i, j1) if per_batch else sch.reorder(j0, *batch, i, j1)
+    sch.compute_at(partial, i)
+    lanes, *tile, ko = sch.get_loops(partial)[len(batch) + 2 :]
+    sch.reorder(ko, *tile, lanes)
+    for loop in tile:
+        _ok(sch.unroll, loop)
     _ok(sch.vectorize, lanes)
-    sch.parallel(fused)
+    outer = _try(sch.fuse, *batch, j0) if per_batch and batch else j0
+    sch.parallel(outer if outer is not None else j0)
     for b in sch.get_child_blocks(sch.get_sblock("root")):
         if sch.get(b).name_hint.startswith("cast"):
             _cast_loops(sch, b)
