@@ -105,15 +105,15 @@ def bind_symbols(inputs: Sequence[Value], tensors: Sequence[Any]) -> dict:
                 f"input %{v.name}: expected a tensor of type {type_text(v.type)}, "
                 f"got {type(t).__name__}"
             )
-        got = f"{DType.from_torch(t.dtype).value}{list(t.shape)}"
-        if DType.from_torch(t.dtype) != v.type.dtype or t.dim() != v.type.rank:
-            raise InterpretError(f"input %{v.name}: expected {type_text(v.type)}, got {got}")
+        dtype = DType.from_torch(t.dtype)
+        if dtype != v.type.dtype or t.dim() != v.type.rank:
+            raise InterpretError(f"input %{v.name}: expected {type_text(v.type)}, got {_got(t)}")
         for axis, (d, size) in enumerate(zip(v.type.shape, t.shape)):
             size = int(size)
             if isinstance(d, int):
                 if d != size:
                     raise InterpretError(
-                        f"input %{v.name}: expected {type_text(v.type)}, got {got} (dim {axis})"
+                        f"input %{v.name}: expected {type_text(v.type)}, got {_got(t)} (dim {axis})"
                     )
             elif d.is_Symbol and d not in env:
                 env[d] = size
@@ -127,6 +127,13 @@ def bind_symbols(inputs: Sequence[Value], tensors: Sequence[Any]) -> dict:
                 f"{_env_text(env)}), got {size}"
             )
     return env
+
+
+def _got(t: Any) -> str:
+    """A tensor's type as IR text, for an error (built only when one is raised)."""
+    from ir.types import DType
+
+    return f"{DType.from_torch(t.dtype).value}{list(t.shape)}"
 
 
 def _solve(pending: list, env: dict) -> None:

@@ -78,7 +78,15 @@ def subs_dim(d: Dim, env: dict) -> Dim:
     """Substitute symbol values (`{sym: int}`) into a dim."""
     if isinstance(d, int):
         return d
-    return canon_dim(d.xreplace({k: sympy.Integer(v) for k, v in env.items()}))
+    if d.is_Symbol and isinstance(env.get(d), int):
+        return env[d]
+    return _subs(d, tuple(env.items()))
+
+
+@functools.lru_cache(maxsize=4096)
+def _subs(d: sympy.Expr, env: tuple[tuple[sympy.Symbol, int], ...]) -> Dim:
+    """`subs_dim` memoised: an executable checks and binds the same dims on every call."""
+    return canon_dim(d.xreplace({k: sympy.Integer(v) for k, v in env}))
 
 
 def same_dim(a: Dim, b: Dim) -> bool:

@@ -13,6 +13,7 @@ category than every dimensioned operand, exactly like torch.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Union
 
@@ -69,10 +70,10 @@ class DType(enum.Enum):
     def from_torch(dtype: "torch.dtype") -> "DType":
         import torch
 
+        found = _from_torch(torch).get(dtype)
+        if found is not None:
+            return found
         table = _torch_table(torch)
-        for d, t in table.items():
-            if t == dtype:
-                return d
         supported = ", ".join(str(t).replace("torch.", "") for t in table.values())
         raise IRTypeError(
             f"torch dtype {dtype} has no IR dtype; supported: {supported}. "
@@ -108,6 +109,12 @@ _ITEMSIZE = {
 _INT_RANK = {DType.bool: 0, DType.i8: 1, DType.i32: 2, DType.i64: 3}
 
 
+@functools.cache
+def _from_torch(torch) -> dict["torch.dtype", DType]:
+    return {t: d for d, t in _torch_table(torch).items()}
+
+
+@functools.cache
 def _torch_table(torch) -> dict[DType, "torch.dtype"]:
     return {
         DType.f32: torch.float32,
