@@ -178,6 +178,8 @@ class Concat(_Shape):
     def reference(self, *xs):
         from ir.types import DType
 
+        if all(t.dtype == xs[0].dtype for t in xs):
+            return (torch.cat(xs, dim=self.dim),)
         dtype = result_dtype(*(TensorType((1,), DType.from_torch(t.dtype)) for t in xs)).to_torch()
         return (torch.cat([t.to(dtype) for t in xs], dim=self.dim),)
 
