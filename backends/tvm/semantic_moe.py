@@ -383,10 +383,10 @@ def grouped_experts(
     """
     import torch
 
-    from ir.ops.moe import gated_reference
+    from ir.ops.moe import gated_inplace
 
-    def act(gate: Any, up: Any) -> Any:
-        return gated_reference(gate, up, op.activation, op.clamp, op.alpha)
+    def act(gate: Any, up: Any) -> Any:  # gate, up: fresh fp32 GEMM results, overwritten
+        return gated_inplace(gate, up, op.activation, op.clamp, op.alpha)
 
     if op.quantised:
         w1, w3, w2 = op.dense_weights(x, w1, w3, w2, *rest[-3:])
@@ -398,19 +398,26 @@ def grouped_experts(
     ids, token = flat[order], order // k
     offs = torch.bincount(ids, minlength=n_exp).cumsum(0).to(torch.int32)
     scale = weights.reshape(-1)[order].float().unsqueeze(-1)
-    rows = x[token]
-    gate, up = (_grouped_mm(rows, w, offs).float() for w in (w1, w3))
+    rows = torch.index_select(x, 0, token)  # x[token]'s rows (advanced indexing: 2-3x slower)
+    gate, up = (_fresh_f32(_grouped_mm(rows, w, offs)) for w in (w1, w3))
     if op.expert_bias:
         gate, up = gate + rest[-3][ids].float(), up + rest[-2][ids].float()
-    down = _grouped_mm((act(gate, up) * scale).to(x.dtype), w2, offs).float()
+    down = _grouped_mm(act(gate, up).mul_(scale).to(x.dtype), w2, offs).float()
     if op.expert_bias:
         down = down + scale * rest[-1][ids].float()
     y = torch.zeros(x.shape, dtype=torch.float32).index_add_(0, token, down).to(x.dtype)
     if not op.shared:
         return y
     s1, s3, s2 = rest[:3]
-    h = act((x @ s1.T).float(), (x @ s3.T).float())
+    h = act(_fresh_f32(x @ s1.T), _fresh_f32(x @ s3.T))
     return y + h.to(x.dtype) @ s2.T
+
+
+def _fresh_f32(t: Any) -> Any:
+    """A GEMM's result as fp32, a tensor of its own either way (`act` writes into it)."""
+    import torch
+
+    return t if t.dtype == torch.float32 else t.float()
 
 
 def _grouped_mm(rows: Any, w: Any, offs: Any) -> Any:

@@ -35,6 +35,7 @@ __all__ = [
     "Experts",
     "Route",
     "clamped_swiglu_reference",
+    "gated_inplace",
     "gated_reference",
 ]
 
@@ -62,6 +63,17 @@ def gated_reference(gate, up, activation: str, limit: float, alpha: float):
     g = gate.float().clamp(max=limit)
     u = up.float().clamp(-limit, limit)
     return g * torch.sigmoid(g * alpha) * (u + 1.0)
+
+
+def gated_inplace(gate, up, activation: str, limit: float, alpha: float):
+    """`gated_reference` written into `gate` and `up` (fp32 tensors the caller owns): the same
+    operations in the same order, so the same bits, without a fresh tensor per step (a prefill's
+    [pairs, inter] rows: 25 MB each for small at 4096 tokens)."""
+    g = gate.clamp_(max=limit)
+    u = up.clamp_(-limit, limit)
+    if activation != "gpt_oss":
+        return torch.nn.functional.silu(g, inplace=True).mul_(u)
+    return g.mul_(torch.sigmoid(g * alpha)).mul_(u.add_(1.0))
 
 
 @register

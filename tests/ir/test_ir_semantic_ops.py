@@ -553,3 +553,18 @@ def test_compress_step_matches_compressor_decode(ratio: int, out: int, rope: int
         for a, want in zip(got, (cache, kv_state, score_state)):
             assert torch.equal(torch.isinf(a), torch.isinf(want))
             close(torch.nan_to_num(a, neginf=0.0), torch.nan_to_num(want, neginf=0.0))
+
+
+@pytest.mark.parametrize(
+    "activation, limit", [("clamped_swiglu", 7.0), ("swiglu", float("inf")), ("gpt_oss", 7.0)]
+)
+def test_gated_inplace_has_the_reference_bits(activation, limit) -> None:
+    """The experts' BLAS path computes the gated activation in place (moe.gated_inplace); it must
+    give exactly the bits of the op's reference, clamps included (values beyond ±limit)."""
+    from ir.ops.moe import gated_inplace, gated_reference
+
+    gen = torch.Generator().manual_seed(3)
+    gate, up = (torch.randn(64, 48, generator=gen) * 6 for _ in range(2))
+    want = gated_reference(gate, up, activation, limit, 1.702)
+    got = gated_inplace(gate.clone(), up.clone(), activation, limit, 1.702)
+    assert torch.equal(got, want)
