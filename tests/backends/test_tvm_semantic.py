@@ -154,6 +154,22 @@ def test_indexer_topk_prefill_and_decode(c, gpu_ir):
     )
 
 
+def test_indexer_topk_decode_batch_1():
+    """A batch-1 decode step shaped as small's: 16 heads (one vector), 37 keys (key tiles run in
+    parallel, each tile's scores summed right after its dots; the last tile is partial), 35 of
+    them visible at position 140 with ratio 4."""
+    inputs = {
+        "q": _t(1, 1, 16, 32, positive=True),
+        "keys": _t(1, 37, 32, positive=True),
+        "w": _t(1, 1, 16, positive=True),
+        "pos": torch.tensor(140),
+    }
+    _check(
+        [("attn.indexer_topk", ["q", "keys", "w", "pos"], {"k": 8, "ratio": 4, "decode": True})],
+        inputs,
+    )
+
+
 def test_compress_with_and_without_overlap():
     b, t, d, c, m = 2, 9, 8, 6, 2  # T = 9: the last token is not a complete block
     cos, sin = rope_tables(GEN, t // m, 2)
