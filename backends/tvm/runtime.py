@@ -12,8 +12,10 @@ A call costs little Python beyond the launches (a decode step launches ~150 kern
 binding of the symbols gets a `Plan` once, where every step is a closure with its output
 shapes, its implementation (kernel, BLAS, reference with bound attributes) and its packed
 function resolved, reading and writing a list of value slots; a slot is cleared after its last
-reader. The inputs are checked on every call, the parameters once per set of tensor objects
-(`backends.tvm.inputs`).
+reader. Steps that only view parameters (a weight's transpose, 25 of a `small` decode step's
+242) or make constants are hoisted out of the call (`Plan.invariant`): run once, kept while the
+same parameter tensors come back. The inputs are checked on every call, the parameters once per
+set of tensor objects (`backends.tvm.inputs`).
 
 `TVMBackend().load(graph, target, library)` puts the same executable together from a built
 library (`backends.tvm.library`, what an artifact ships): the emitters run under `PREBUILT`, so
@@ -59,7 +61,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import ir
@@ -195,18 +197,37 @@ class Step:
         return update_call(self.node, self.aliased, call, writer(self.node, call), inplace)
 
 
+# reference ops whose result is a view of their operand (or made from nothing): over parameters
+# alone they are the same every call (`Plan.invariant`)
+VIEW_OPS = frozenset({"reshape", "permute", "expand", "squeeze", "unsqueeze", "slice", "select"})
+
+
 @dataclass
 class Plan:
     """The graph's steps for one binding of the symbols: each node's `Call` resolved once, and
     the value slots (graph inputs first) it reads and writes; `last_use` frees what no later step
-    reads, so intermediates die as early as in eager."""
+    reads, so intermediates die as early as in eager.
+
+    `invariant`: the steps that read only parameters (or nothing) and are views or constants
+    (a weight's transpose `permute(w)`, iotas): hoisted out of the step. They run on the first
+    call and again only when a parameter tensor object changes; their values are kept while
+    every one of them shares storage with a parameter or reads none (a view follows the
+    parameter's data, also when it is updated in place); otherwise they run on every call.
+    `steps`: the step index of each call in `calls` (the profile's keys)."""
 
     calls: list[tuple[Call, tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
     outputs: tuple[int, ...]
     slots: int
+    invariant: list[tuple[Call, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    params: tuple[int, ...] = ()  # the parameter slots the invariant steps read
+    steps: tuple[int, ...] = ()
+    _seen: tuple[Any, ...] | None = None  # the parameter tensors the kept values come from
+    _kept: list[tuple[int, Any]] = field(default_factory=list)  # (slot, value) while valid
 
     def run(self, feed: list[Any]) -> tuple[Any, ...]:
         values: list[Any] = feed + [None] * (self.slots - len(feed))
+        if self.invariant:
+            self._run_invariant(values)
         for call, ins, outs, dead in self.calls:
             results = call([values[i] for i in ins])
             if len(outs) == 1:
@@ -217,6 +238,30 @@ class Plan:
             for i in dead:
                 values[i] = None
         return tuple(values[i] for i in self.outputs)
+
+    def _run_invariant(self, values: list[Any]) -> None:
+        params = tuple(values[i] for i in self.params)
+        seen = self._seen
+        if seen is not None and all(a is b for a, b in zip(params, seen)):
+            for i, t in self._kept:
+                values[i] = t
+            return
+        for call, ins, outs in self.invariant:
+            for i, t in zip(outs, call([values[i] for i in ins])):
+                values[i] = t
+        kept = [(i, values[i]) for _, _, outs in self.invariant for i in outs]
+        made = [values[i] for _, ins, outs in self.invariant if not ins for i in outs]
+        owners = {_storage(t) for t in (*params, *made)}
+        views = all(_storage(t) in owners for _, t in kept)
+        self._seen, self._kept = (params, kept) if views else (None, [])
+
+
+def _storage(t: Any) -> int | None:
+    """The address of tensor `t`'s storage (None for what is not a tensor)."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except (AttributeError, RuntimeError):
+        return None
 
 
 class TVMExecutable:
@@ -318,29 +363,63 @@ class TVMExecutable:
 
     def _make_plan(self, env: dict, inplace: bool) -> Plan:
         outputs = tuple(self.slot[v.name] for v in self.graph.outputs)
+        invariant = self._invariant_steps(set(outputs))
         last: dict[int, int] = {}
         for i, step in enumerate(self.steps):
             for s in step.operands:
                 last[s] = i
         keep = set(outputs) | set(range(len(self.graph.inputs)))
-        calls = []
+        keep |= {s for i in invariant for s in self.steps[i].results}  # kept across calls
+        calls, hoisted, order = [], [], []
         for i, step in enumerate(self.steps):
-            dead = tuple(s for s in dict.fromkeys(step.operands) if last[s] == i and s not in keep)
             call = step.bind(env, self.fns, inplace)
+            if i in invariant:
+                hoisted.append((call, step.operands, step.results))
+                continue
+            dead = tuple(s for s in dict.fromkeys(step.operands) if last[s] == i and s not in keep)
             if _runs_torch(step) and torch_heavy(step.node, env):
                 call = _torch_threads(call, self._held)
             calls.append((call, step.operands, step.results, dead))
-        return Plan(calls, outputs, len(self.slot))
+            order.append(i)
+        params = self._parameter_slots()
+        read = tuple(sorted({s for i in invariant for s in self.steps[i].operands} & params))
+        return Plan(calls, outputs, len(self.slot), hoisted, read, tuple(order))
+
+    def _parameter_slots(self) -> set[int]:
+        roles = self.graph.roles
+        return {i for i, v in enumerate(self.graph.inputs) if roles.get(v.name) == "parameter"}
+
+    def _invariant_steps(self, outputs: set[int]) -> set[int]:
+        """Indexes of the steps `Plan.invariant` hoists: reference views of parameters (or of
+        such views) and ops without operands, whose results are not graph outputs."""
+        fixed = self._parameter_slots()
+        found = set()
+        for i, step in enumerate(self.steps):
+            view = step.node.name in VIEW_OPS or not step.node.operands
+            if (
+                step.launch is None
+                and view
+                and not step.aliased
+                and all(s in fixed for s in step.operands)
+                and not set(step.results) & outputs
+            ):
+                found.add(i)
+                fixed.update(step.results)
+        return found
 
     def _profiled(self, plan: Plan, feed: list[Any]) -> tuple[Any, ...]:
         """`plan.run` timing each step into `step_seconds` (op, and kernel or reference)."""
         timed = []
-        for i, ((call, *rest), step) in enumerate(zip(plan.calls, self.steps)):
+        for i, (call, *rest) in zip(plan.steps, plan.calls):
+            step = self.steps[i]
             where = "reference" if step.launch is None else "kernel"
             per_step = self.step_times.setdefault(i, [0.0, 0])
             key = f"{step.node.name} ({where})"
             timed.append((_timed(call, self.step_seconds, key, per_step), *rest))
-        return Plan(timed, plan.outputs, plan.slots).run(feed)
+        values = list(feed) + [None] * (plan.slots - len(feed))
+        if plan.invariant:  # hoisted: what the plan keeps, not timed
+            plan._run_invariant(values)
+        return Plan(timed, plan.outputs, plan.slots).run(values[: plan.slots])
 
     def kernels(self) -> list[Kernel]:
         """The distinct kernels of the graph, in first-use order."""
