@@ -12,9 +12,10 @@ results in the op's dtype.
 Kernel-specific CPU schedules run around the generic `schedule_cpu`: the compressor step's
 projections read each weight row once per step and its pooling runs only when a block completes
 (`schedule_compress_step`); mHC's mixing projection gets a register tile of 8 fn rows
-(`schedule_hc_mix`). A prefill's `attn.compress` runs its reference (two torch GEMMs, then
-the pooling in torch) when the executable's `blas` policy says so for its FLOPs
-(`CompressLaunch`).
+(`schedule_hc_mix`); `hc.post` with a few streams (n <= 8) is one elementwise stage, its sum
+over the streams unrolled (`_post_unrolled`). A prefill's `attn.compress` runs its reference
+(two torch GEMMs, then the pooling in torch) when the executable's `blas` policy says so for its
+FLOPs (`CompressLaunch`).
 
 The sparse attention ops (`attn.sparse_mqa`, `attn.indexer_topk`) are in `semantic_sparse.py`;
 the MoE ops (`moe.route`, `moe.experts` and its BLAS path) in `semantic_moe.py`.
@@ -593,6 +594,9 @@ def lower_hc_post(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
 
     f, res, post, comb = args
     out = tvm_dtype(node.result.dtype)
+    n = static(res.shape[-2])
+    if n is not None and n <= POST_UNROLLED:
+        return [_post_unrolled(lw, f, res, post, comb, n, out)]
     kj = te.reduce_axis((0, res.shape[-2]), name="kj")
 
     def g(*i: Any) -> Any:
@@ -606,6 +610,24 @@ def lower_hc_post(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
         return convert(f32(post(*lead, k)) * f32(f(*lead, d)) + acc(*i), out)
 
     return [te.compute(res.shape, h, name=lw.tag("hc_post"))]
+
+
+POST_UNROLLED = 8  # hc.post with at most this many streams sums them in one elementwise stage
+
+
+def _post_unrolled(lw: Lowering, f: Any, res: Any, post: Any, comb: Any, n: int, out: str) -> Any:
+    """hc.post as one elementwise stage, Σ_j comb[j, k]·res[j, d] unrolled over the n streams
+    (the same order as the reduction): vectorised over d, no [.., n, d] partial-sum buffer."""
+    from tvm import te
+
+    def h(*i: Any) -> Any:
+        lead, k, d = i[:-2], i[-2], i[-1]
+        acc = f32(comb(*lead, 0, k)) * f32(res(*lead, 0, d))
+        for j in range(1, n):
+            acc = acc + f32(comb(*lead, j, k)) * f32(res(*lead, j, d))
+        return convert(f32(post(*lead, k)) * f32(f(*lead, d)) + acc, out)
+
+    return te.compute(res.shape, h, name=lw.tag("hc_post"))
 
 
 def _emit_scheduled(schedule_of: Any) -> Any:

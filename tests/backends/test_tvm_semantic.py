@@ -270,6 +270,28 @@ def test_hc_pre_post_head():
     )
 
 
+def test_hc_pre_post_decode_batch_1():
+    """A batch-1 decode step (one token, n·d a multiple of 16: the mixing projection's register
+    tile; hc.post's n streams summed in one elementwise stage)."""
+    n, d = 4, 16
+    inputs = {
+        "x": _t(1, 1, n, d),
+        "fn": _t((2 + n) * n, n * d) * 0.1,
+        "scale": _t(3),
+        "base": _t((2 + n) * n),
+        "f": _t(1, 1, d),
+        "post": _t(1, 1, n),
+        "comb": _t(1, 1, n, n),
+    }
+    _check(
+        [
+            ("hc.pre", ["x", "fn", "scale", "base"], {"iters": 20}),
+            ("hc.post", ["f", "x", "post", "comb"], {}),
+        ],
+        inputs,
+    )
+
+
 @pytest.mark.parametrize("pos", [5, 7])  # inside a block / completing one (written to the cache)
 def test_compress_step_decode(pos):
     b, d, c, m, rows = 2, 8, 4, 4, 6
