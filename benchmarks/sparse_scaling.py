@@ -165,18 +165,16 @@ class Case:
         """Seconds per op of the compiled step, by op (NSA's three attn.sdpa apart: sparse_bytes
         labels; "(reference)": not a TVM kernel), largest first: each op's least time over
         `calls` in-place calls, so that a load burst in one call does not move an op up."""
-        from backends.tvm.runtime import Plan
-
         feed, env = self.exe.inputs.feed((self.x, self.pos, *self.own.values()), self.params)
         plan = self.exe.plan(env, inplace=True)
         window = self.cfg.window_size
         best: dict[str, float] = {}
         for _ in range(calls):
             spent: dict[str, float] = {}
-            timed = [(_timer(call, _step_label(step, window), spent), *rest)
-                     for (call, *rest), step in zip(plan.calls, self.exe.steps)]  # fmt: skip
+            steps = self.exe.steps
+            timed = plan.wrapped(lambda i, c: _timer(c, _step_label(steps[i], window), spent))
             with torch.no_grad():
-                Plan(timed, plan.outputs, plan.slots).run(feed)
+                timed.run(feed)
             best = {k: min(best.get(k, v), v) for k, v in spent.items()}
         ranked = sorted(best.items(), key=lambda kv: -kv[1])
         return {op: round(sec, 6) for op, sec in ranked}

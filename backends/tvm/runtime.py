@@ -56,11 +56,12 @@ matmuls called BLAS and how often.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -239,6 +240,12 @@ class Plan:
                 values[i] = None
         return tuple(values[i] for i in self.outputs)
 
+    def wrapped(self, wrap: Callable[[int, Call], Call]) -> Plan:
+        """This plan with each call `c` of step index `i` replaced by `wrap(i, c)` (a timer);
+        the hoisted steps as they are."""
+        calls = [(wrap(i, call), *rest) for i, (call, *rest) in zip(self.steps, self.calls)]
+        return dataclasses.replace(self, calls=calls, _seen=None, _kept=[])
+
     def _run_invariant(self, values: list[Any]) -> None:
         params = tuple(values[i] for i in self.params)
         seen = self._seen
@@ -409,17 +416,14 @@ class TVMExecutable:
 
     def _profiled(self, plan: Plan, feed: list[Any]) -> tuple[Any, ...]:
         """`plan.run` timing each step into `step_seconds` (op, and kernel or reference)."""
-        timed = []
-        for i, (call, *rest) in zip(plan.steps, plan.calls):
+
+        def timed(i: int, call: Call) -> Call:
             step = self.steps[i]
             where = "reference" if step.launch is None else "kernel"
             per_step = self.step_times.setdefault(i, [0.0, 0])
-            key = f"{step.node.name} ({where})"
-            timed.append((_timed(call, self.step_seconds, key, per_step), *rest))
-        values = list(feed) + [None] * (plan.slots - len(feed))
-        if plan.invariant:  # hoisted: what the plan keeps, not timed
-            plan._run_invariant(values)
-        return Plan(timed, plan.outputs, plan.slots).run(values[: plan.slots])
+            return _timed(call, self.step_seconds, f"{step.node.name} ({where})", per_step)
+
+        return plan.wrapped(timed).run(feed)
 
     def kernels(self) -> list[Kernel]:
         """The distinct kernels of the graph, in first-use order."""
