@@ -311,7 +311,12 @@ def lower_compress_step(lw: Lowering, node: ir.Node, args: list[Any]) -> list[An
         False,
         out,
     )
-    entry = te.compute(entry.shape, lambda *i: entry(*i), name="keep_entry")  # computed once
+    # computed once, and only when the block completes (the cache row is kept otherwise)
+    entry = te.compute(
+        entry.shape,
+        lambda *i: tirx.if_then_else(emit, entry(*i), tirx.const(0.0, entry.dtype)),
+        name="keep_entry",
+    )
     row = tirx.min(tirx.floordiv(p, m), cache.shape[1] - 1)
     cache_dt = tvm_dtype(node.results[0].dtype)
     cache_new = te.compute(
@@ -354,20 +359,22 @@ POOL = "_pool_"  # compress_step stages that only the completed block's entry ne
 
 
 def schedule_compress_step(func: Any, ratio: int) -> Any:
-    """`schedule_cpu` with two kernel-specific steps.
+    """`schedule_cpu` with three kernel-specific steps.
 
     Before it, the projections `kv`, `zp` ([B, W], a dot over d each) get a register tile
-    (`_weight_rows_outer`). After it, the root loop nests made only of pooling stages (names
-    holding `_pool_`, and the entry's RMS statistic `ss_*`) run under
-    `if (pos + 1) % ratio == 0`: te drops a reduction's `where=` in `create_prim_func` (this
-    TVM), so the guard goes on the scheduled loops."""
+    (`_weight_rows_outer`). After it, their two parallel loops over the weight-row tiles become
+    one (`_projections_together`: one parallel region a step, not two), and the root loop nests
+    made only of pooling stages (names holding `_pool_`, and the entry's RMS statistic `ss_*`)
+    run under `if (pos + 1) % ratio == 0`: te drops a reduction's `where=` in
+    `create_prim_func` (this TVM), so the guard goes on the scheduled loops. (`keep_entry`,
+    computed with the cache row it feeds, has the same condition in its expression.)"""
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
     for name in ("kv", "zp"):
         _weight_rows_outer(sch, sch.get_sblock(name))
     func = schedule_cpu(sch.mod["main"].with_attr("global_symbol", func.attrs["global_symbol"]))
-    return _when_block_completes(func, ratio)
+    return _when_block_completes(_projections_together(func), ratio)
 
 
 PROJ_ROWS = 8  # weight rows per register tile of a compress_step projection
@@ -392,6 +399,49 @@ def _weight_rows_outer(sch: Any, block: Any) -> None:
     sch.unroll(loops[3])
     sch.vectorize(loops[4])
     sch.reverse_compute_at(block, loops[1])
+
+
+def _projections_together(func: Any) -> Any:
+    """The two projections' root loops (parallel over the same weight-row tiles) as one loop:
+    one parallel region a step instead of two (each wakes the pool and waits for it). Unchanged
+    unless both are parallel loops of the same static extent."""
+    from tvm import s_tir, tirx
+
+    realize = func.body
+    root = realize.block
+    if not isinstance(root.body, tirx.SeqStmt):
+        return func
+    stmts = list(root.body)
+    at = {}
+    for i, st in enumerate(stmts):
+        names = [b.name_hint for b in _blocks(st)]
+        for name in ("kv_rf", "zp_rf"):
+            if name in names:
+                at[name] = i
+    if len(at) != 2 or at["zp_rf"] != at["kv_rf"] + 1:
+        return func
+    first, second = stmts[at["kv_rf"]], stmts[at["zp_rf"]]
+    parallel = tirx.ForKind.PARALLEL
+    if not all(isinstance(st, tirx.For) and st.kind == parallel for st in (first, second)):
+        return func
+    if static(first.extent) is None or static(first.extent) != static(second.extent):
+        return func
+    bind = tirx.Bind(second.loop_var, first.loop_var)  # the second body's loop variable
+    body = tirx.SeqStmt([first.body, bind, second.body])
+    both = tirx.For(first.loop_var, first.min, first.extent, parallel, body)
+    stmts[at["kv_rf"] : at["zp_rf"] + 1] = [both]
+    block = s_tir.SBlock(
+        root.iter_vars,
+        root.reads,
+        root.writes,
+        root.name_hint,
+        tirx.SeqStmt(stmts),
+        root.init,
+        root.alloc_buffers,
+        root.match_buffers,
+        root.annotations,
+    )
+    return func.with_body(s_tir.SBlockRealize(realize.iter_values, realize.predicate, block))
 
 
 def _when_block_completes(func: Any, ratio: int) -> Any:

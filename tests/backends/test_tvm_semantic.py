@@ -325,13 +325,20 @@ def test_compress_step_decode(pos):
     )
 
 
+@pytest.mark.parametrize(
+    "b, d, c, m",
+    # batch 1 with d = 512, W >= 64: the projections' register tiles, run in parallel over the
+    # weight rows as one loop for both (`schedule_compress_step`), as in small's decode
+    [(2, 8, 4, 2), (1, 512, 64, 4)],
+    ids=["untiled", "tiled_b1"],
+)
 @pytest.mark.parametrize("overlap", [True, False])
-def test_compress_step_in_place_rows(overlap):
+def test_compress_step_in_place_rows(overlap, b, d, c, m):
     """The in-place row form (`backends.tvm.inplace`: the kernel returns one cache row and one
     new state row; the writer stores the row at its slot, rolls an overlapping state when a block
     completes, writes the entry) over positions inside and completing blocks equals the
     reference stepping functionally."""
-    b, d, c, m, rows = 2, 8, 4, 2, 4
+    rows = 4
     w = 2 * c if overlap else c
     r = 2 * m if overlap else m
     cos, sin = rope_tables(GEN, 1, 1)
