@@ -126,6 +126,40 @@ def test_sparse_mqa_decode(pos):
     )
 
 
+def test_sparse_mqa_decode_batch_1():
+    """A batch-1 decode step shaped as small's (scaled down): 8 heads (one register tile of the
+    weighted sum), c = 64 (4 vectors, RoPE on the last 16), a full window ring and csa picks
+    with -1s, hca's visible prefix."""
+    h, c, half, window = 8, 64, 8, 8
+    cos, sin = rope_tables(GEN, 1, half)
+    inputs = {
+        "q": _t(1, 1, h, c),
+        "kv": _t(1, window, c),
+        "sink": _t(h),
+        "cos": cos,
+        "sin": sin,
+        "comp": _t(1, 12, c),
+        "picks": torch.tensor([[[7, -1, 0, 11, 3, -1]]]),
+        "pos": torch.tensor(45),
+    }
+    common = {"window": window, "scale": 0.125, "decode": True}
+    _check(
+        [
+            (
+                "attn.sparse_mqa",
+                ["q", "kv", "sink", "cos", "sin", "comp", "pos"],
+                {**common, "variant": "hca", "ratio": 4},
+            ),
+            (
+                "attn.sparse_mqa",
+                ["q", "kv", "sink", "cos", "sin", "comp", "picks", "pos"],
+                {**common, "variant": "csa", "ratio": 4, "q_norm_eps": 1e-6},
+            ),
+        ],
+        inputs,
+    )
+
+
 @pytest.mark.parametrize("gpu_ir", [False, True], ids=["cpu_ir", "gpu_ir"])
 @pytest.mark.parametrize("c", [8, 32])  # 32: q·k as 16 vector lanes of partial sums
 def test_indexer_topk_prefill_and_decode(c, gpu_ir):
