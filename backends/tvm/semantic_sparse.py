@@ -11,20 +11,25 @@ results in the op's dtype.
 
 CPU schedules: a register tile over the keys for the indexer's scores, its key tiles in parallel
 (`schedule_indexer_topk`).
-A decode step's sparse attention: its weighted sum of the entries gets a register tile of 8 heads
-(`schedule_sparse_mqa_decode`: each gathered row piece loaded once for 8 heads; small b1 in a
-step, csa 215 -> 188 us a call, hca 128 -> 113); its scores keep the generic schedule (a tile of
-8 heads there measured slower, 215 -> 250 us in a step; an earlier tile over its heads was ~8%
-slower too).
+A decode step's sparse attention (`schedule_sparse_mqa_decode`): its scores in register tiles of
+8 entries (8 independent dot products sharing each load of q), its weighted sum of the entries in
+register tiles of 8 heads (each gathered row piece loaded once for 8 heads). Small b1 in a step
+(loaded 2-core box, A/B in one process): csa 227 -> 182 us a call, hca 129 -> 109. A tile of 8
+heads on the scores measured slower (215 -> 250 us; an earlier one too, ~8%).
 
 Prefill BLAS paths, chosen per call like a large `matmul` (the executable's `blas` policy on the
-op's FLOPs; a decode step always runs the kernel): `indexer_topk_blas` scores each block of 64
+op's FLOPs; a decode step always runs the kernel): `indexer_topk_blas` scores each block of 128
 queries x 16 heads as one GEMM against the causally visible keys only, then relu·w summed over
-the heads and `torch.topk` (no [T, S, H] buffer); `sparse_mqa_blas` runs each block of 32
+the heads and `torch.topk` (no [T, S, H] buffer); `sparse_mqa_blas` runs each block of 64
 queries with the heads as GEMM rows (an entry row read once for all heads): the window and
 hca's compressed entries as GEMMs over consecutive rows, csa's picks gathered per query or read
 from a GEMM over the block's distinct picked rows. One-op thread CPU time at small's 4K prefill
-shapes, 1 thread: 1.6-2.0x faster than the kernels.
+shapes, 1 thread: 1.6-2.0x faster than the kernels. Both loops run their blocks on torch's
+threads as Python threads, one torch thread each (`host_parallel.parallel_blocks`): the blocks'
+GEMMs are too small to share well. Small's 4096-token prefill, captured inputs, 2 threads, min
+of 5 on the loaded 2-core box (serial with the old blocks -> blocks as now on threads): indexer
+71.7 -> 55.1 ms a call, sparse MQA csa 290-312 -> 223-243 ms, hca 171-178 -> 124-129 ms;
+bit-equal outputs.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from backends.tvm.emitters import (
     signature,
     uses_blas,
 )
+from backends.tvm.host_parallel import parallel_blocks
 from backends.tvm.kernel import make_kernel
 from backends.tvm.lower import Lowering, convert, guarded, lowers, static, tvm_dtype
 from backends.tvm.schedule_cpu import VECTOR, schedule_cpu
@@ -266,7 +272,7 @@ def lower_indexer_topk(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any
 
 
 
-QUERY_BLOCK = 64  # queries per GEMM of the indexer's BLAS path (64 x 16 heads = 1024 rows)
+QUERY_BLOCK = 128  # queries per GEMM of the indexer's BLAS path (128 x 16 heads = 2048 rows)
 
 
 @dataclass
@@ -310,7 +316,7 @@ def indexer_topk_blas(op: Any, q: Any, keys: Any, w: Any) -> Any:
     out = torch.empty(batch, t, k, dtype=torch.int64, device=q.device)
     kf_t = keys.float().mT  # [B, c, S]
     cols = torch.arange(n_keys, device=q.device)
-    for t0 in range(0, t, QUERY_BLOCK):
+    def block(t0: int) -> None:
         t1 = min(t, t0 + QUERY_BLOCK)
         seen = min(n_keys, t1 // op.ratio)  # keys visible to query t1 - 1
         # -inf past the visible keys; a row needs pads only while it has fewer than k entries
@@ -326,11 +332,15 @@ def indexer_topk_blas(op: Any, q: Any, keys: Any, w: Any) -> Any:
             score[..., :seen] = summed.masked_fill(~visible, float("-inf"))
         values, picks = score.topk(k, dim=-1)
         out[:, t0:t1] = torch.where(torch.isinf(values) | (picks >= seen), -1, picks)
+
+    parallel_blocks(range(0, t, QUERY_BLOCK), block)
     return out
 
 
 
-MQA_BLOCK = 32  # queries per GEMM of sparse_mqa's BLAS path (window part: 32 + 127 key rows)
+# queries per GEMM of sparse_mqa's BLAS path (window part: 64 + 127 key rows); csa's picks of 64
+# queries stay within DENSE_PICKS·k distinct rows at small's 4K (96 did not: 5x slower)
+MQA_BLOCK = 64
 
 
 @dataclass
@@ -373,13 +383,17 @@ HEADS_TILE = 8  # heads per register tile of a decode step's weighted sum of ent
 
 
 def schedule_sparse_mqa_decode(func: Any) -> Any:
-    """`schedule_cpu` after a register tile for a decode step's weighted sum `rows_o_*`
-    (Σ_j p[h, j]·entry[j, c], [B, 1, H, c]): loops (b·t·c / 16 fused and parallel, heads / 8,
-    entries, 8 heads unrolled, 16 lanes of c), so each gathered entry row piece is loaded (and
-    its row chosen) once for 8 heads, which accumulate in 8 registers (generic: once per
-    head). The output's (b, t, h) loops are fused first, which keeps the generic schedule from
-    computing the sum again under them. H not a multiple of 8 (nor at most 8), c not a
-    multiple of 16, or a tile TVM refuses: the generic schedule."""
+    """`schedule_cpu` after register tiles for a decode step's scores and weighted sum.
+
+    Scores `dot_*` (q·entry, [B, 1, H, E]): loops (b·t·h·entries / 8 fused and parallel,
+    c / 16, 8 entries unrolled, 16 lanes), the lanes summed right after each tile: 8
+    independent dot products share each load of q (generic: one dependent FMA chain per
+    (head, entry)). Weighted sum `rows_o_*` (Σ_j p[h, j]·entry[j, c], [B, 1, H, c]): loops
+    (b·t·c / 16 fused and parallel, heads / 8, entries, 8 heads unrolled, 16 lanes of c), so
+    each gathered entry row piece is loaded (and its row chosen) once for 8 heads (generic:
+    once per head). The output's (b, t, h) loops are fused first, which keeps the generic
+    schedule from computing the sum again under them. H not a multiple of 8 (nor at most 8),
+    c not a multiple of 16, or a tile TVM refuses: the generic schedule."""
     from tvm import s_tir
 
     symbol = func.attrs["global_symbol"]
@@ -390,9 +404,32 @@ def schedule_sparse_mqa_decode(func: Any) -> Any:
         for block in sch.get_child_blocks(root):
             if sch.get(block).name_hint.startswith("rows_o"):
                 _heads_tile(sch, block, out)
+            elif sch.get(block).name_hint.startswith("dot"):
+                _entries_tile(sch, block)
     except Exception:  # noqa: BLE001  (a primitive TVM refuses: the generic schedule)
         sch = s_tir.Schedule(func)
     return schedule_cpu(sch.mod["main"].with_attr("global_symbol", symbol))
+
+
+ENTRIES_TILE = 8  # entries per register tile of a decode step's q·entry dots
+
+
+def _entries_tile(sch: Any, block: Any) -> None:
+    b, t, h, j, kc = sch.get_loops(block)
+    entries, width = static(sch.get(j).extent), static(sch.get(kc).extent)
+    if entries is None or width is None or width % VECTOR:
+        return
+    kc0, kc1 = sch.split(kc, [None, VECTOR])
+    rf = sch.rfactor(kc1, 4)  # [b, t, h, entry, lane] partial sums
+    b, t, h, j, kc0, kc1 = sch.get_loops(rf)
+    j0, j1 = sch.split(j, [None, _tile_of(entries, ENTRIES_TILE)])
+    sch.reorder(j0, kc0, j1, kc1)
+    outer = sch.fuse(b, t, h, j0)
+    sch.parallel(outer)  # before the lanes' sum moves in (TVM refuses it after)
+    sch.unroll(j1)
+    sch.vectorize(kc1)
+    sch.reverse_compute_at(block, outer)  # the tile's lanes summed right after it
+    sch.decompose_reduction(rf, kc0)
 
 
 def _heads_tile(sch: Any, block: Any, out: Any) -> None:
@@ -434,7 +471,7 @@ def sparse_mqa_blas(op: Any, q: Any, kv: Any, sink: Any, cos: Any, sin: Any, *re
     compf = comp.float() if comp is not None else None
     sink_col = sink.float().view(1, 1, heads, 1)
     out = torch.empty(batch, t, heads, width, dtype=dtype, device=q.device)
-    for t0 in range(0, t, MQA_BLOCK):  # q's norm and RoPE too, on the cache-resident block
+    def block(t0: int) -> None:  # q's norm and RoPE too, on the cache-resident block
         t1 = min(t, t0 + MQA_BLOCK)
         n_q = t1 - t0
         qb = q[:, t0:t1].float()  # [B, n_q, H, c]
@@ -470,6 +507,8 @@ def sparse_mqa_blas(op: Any, q: Any, kv: Any, sink: Any, cos: Any, sin: Any, *re
             o += pv(p[..., t1 - r0 : -1]).reshape(o.shape)
         o = o.view(batch, n_q, heads, width).to(dtype).float()
         out[:, t0:t1] = _rotate(o, cos[t0:t1], sin[t0:t1], True)
+
+    parallel_blocks(range(0, t, MQA_BLOCK), block)
     return out
 
 
