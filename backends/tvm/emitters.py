@@ -143,13 +143,15 @@ class Launch(ABC):
     def bind(self, env: dict, fns: dict[str, Any]) -> Call: ...
 
     def counted(self, impl: str, call: Call) -> Call:
-        """`call`, counting its uses under `impl` (the report's kernel/BLAS call counts)."""
+        """`call`, counting its uses under `impl` (the report's kernel/BLAS call counts); the
+        result's `impl` attribute names it (the runtime gives a "blas" call torch's threads)."""
         calls = self.calls
 
         def run(inputs: Sequence[Any]) -> tuple[Any, ...]:
             calls[impl] += 1
             return call(inputs)
 
+        run.impl = impl  # type: ignore[attr-defined]
         return run
 
     def __call__(self, inputs: list[Any], env: dict, fns: dict[str, Any]) -> tuple[Any, ...]:

@@ -384,7 +384,7 @@ class TVMExecutable:
                 hoisted.append((call, step.operands, step.results))
                 continue
             dead = tuple(s for s in dict.fromkeys(step.operands) if last[s] == i and s not in keep)
-            if _runs_torch(step) and torch_heavy(step.node, env):
+            if _runs_torch(step, call) and torch_heavy(step.node, env):
                 call = _torch_threads(call, self._held)
             calls.append((call, step.operands, step.results, dead))
             order.append(i)
@@ -507,9 +507,13 @@ class TVMBackend:
         return TVMExecutable(graph, get_target(target), library=library)
 
 
-def _runs_torch(step: Step) -> bool:
-    """A reference step, or a matmul that may call BLAS (`MatmulLaunch`)."""
-    return step.launch is None or isinstance(step.launch, MatmulLaunch)
+def _runs_torch(step: Step, call: Call) -> bool:
+    """A reference step, a matmul that may call BLAS (`MatmulLaunch`, per layout at run time),
+    or a launch bound to its BLAS path (`Launch.counted("blas", ...)`: the prefill forms of
+    compress, the indexer, sparse MQA, the experts, GEMM epilogues, FP8 matmuls)."""
+    if step.launch is None or isinstance(step.launch, MatmulLaunch):
+        return True
+    return getattr(call, "impl", None) == "blas"
 
 
 def _timed(call: Call, seconds: Counter[str], key: str, per_step: list[float]) -> Call:
