@@ -45,8 +45,8 @@ torch's OpenMP pool (libgomp), whose workers spin for ~15-17 ms of CPU after eve
 8x512 rmsnorm). So a call holds torch at 1 thread (`torch.set_num_threads`, ~0.1 us) and gives
 it the caller's threads back only around steps with enough work to pay for that spin
 (`torch_heavy`: a single-thread estimate from the cost model of at least `TORCH_PARALLEL_MIN_FLOPS`
-or `TORCH_PARALLEL_MIN_BYTES`: prefill-sized GEMMs, never a decode step's); TVM kernels are not
-affected (their own pool). `exe.torch_parallel = "always"` keeps torch's threads throughout (the
+or `TORCH_PARALLEL_MIN_BYTES`: prefill-sized GEMMs and the prefill BLAS paths of the attention and
+MoE ops, never a decode step's); TVM kernels are not affected (their own pool). `exe.torch_parallel = "always"` keeps torch's threads throughout (the
 behaviour before). The hold is per calling thread for OpenMP; MKL's thread count is global.
 
 `blas`: "auto" (GEMMs of at least `BLAS_MIN_FLOPS` call `torch.matmul`, i.e. MKL/OpenBLAS, as
