@@ -154,11 +154,14 @@ def lower_sparse_mqa(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
     m = te.compute(
         q.shape[:3], lambda b, t, h: tirx.max(zmax(b, t, h), f32(sink(h))), name=lw.tag("m")
     )
+    # exp(z - m) once per (query, head, entry): summed, then normalised (the CPU's vector exp is
+    # one libm call per lane)
+    e = te.compute(
+        z.shape, lambda b, t, h, j: te.exp(zm(b, t, h, j) - m(b, t, h)), name=lw.tag("keep_e")
+    )
     kj2 = te.reduce_axis((0, n_entries), name="kj2")
     zsum = te.compute(
-        q.shape[:3],
-        lambda b, t, h: te.sum(te.exp(zm(b, t, h, kj2) - m(b, t, h)), axis=kj2),
-        name=lw.tag("zsum"),
+        q.shape[:3], lambda b, t, h: te.sum(e(b, t, h, kj2), axis=kj2), name=lw.tag("zsum")
     )
     den = te.compute(
         q.shape[:3],
@@ -169,7 +172,7 @@ def lower_sparse_mqa(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
 
     p = te.compute(  # once per (query, head, entry), not once per output channel
         z.shape,
-        lambda b, t, h, j: f32(convert(te.exp(zm(b, t, h, j) - m(b, t, h)) / den(b, t, h), out)),
+        lambda b, t, h, j: f32(convert(e(b, t, h, j) / den(b, t, h), out)),
         name=lw.tag("keep_p"),
     )
 
