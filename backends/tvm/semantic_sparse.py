@@ -13,9 +13,11 @@ CPU schedules: a register tile over the keys for the indexer's scores, its key t
 (`schedule_indexer_topk`).
 A decode step's sparse attention (`schedule_sparse_mqa_decode`): its scores in register tiles of
 8 entries (8 independent dot products sharing each load of q), its weighted sum of the entries in
-register tiles of 8 heads (each gathered row piece loaded once for 8 heads). Small b1 in a step
-(loaded 2-core box, A/B in one process): csa 227 -> 182 us a call, hca 129 -> 109. A tile of 8
-heads on the scores measured slower (215 -> 250 us; an earlier one too, ~8%).
+register tiles of 8 heads (each gathered row piece loaded once for 8 heads); and `exp(z - m)` is
+computed once (`keep_e`: LLVM makes a 16-lane exp 16 libm calls). Small b1 in a step (loaded
+2-core box, A/B in one process against the generic schedule): csa 223 -> 175 us a call, hca
+131 -> 112. A tile of 8 heads on the scores measured slower (215 -> 250 us; an earlier one too,
+~8%).
 
 Prefill BLAS paths, chosen per call like a large `matmul` (the executable's `blas` policy on the
 op's FLOPs; a decode step always runs the kernel): `indexer_topk_blas` scores each block of 128
