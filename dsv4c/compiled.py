@@ -162,7 +162,6 @@ class EntryPoint:
     def _check(self, leaves: list[Any], params: Mapping[str, Any] | None) -> dict[str, Any]:
         from ir.interpreter import InterpretError, bind_symbols
 
-        g = self.graph
         runtime = self._runtime
         if len(leaves) != len(runtime):
             want = ", ".join(f"{v.name}: {v.type}" for v in runtime[:8])
@@ -172,11 +171,13 @@ class EntryPoint:
                 f"got {len(leaves)}"
             )
         feed = self._params(params)
-        ordered = [feed[v.name] for v in g.params]
+        ordered = [feed[n] for n in self._param_names]
         # parameters are checked once per set of tensor objects (they bind no symbol unless a
         # parameter has a symbolic dim); the runtime inputs on every call
         again = not self._static_params or not _same(ordered, self._checked_params)
-        inputs, tensors = (runtime + g.params, leaves + ordered) if again else (runtime, leaves)
+        inputs, tensors = (runtime, leaves)
+        if again:
+            inputs, tensors = runtime + self._param_values, leaves + ordered
         try:
             env = bind_symbols(inputs, tensors)
         except InterpretError as e:
@@ -202,7 +203,7 @@ class EntryPoint:
 
     def _params(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
         source = params if params is not None else self.params
-        names = [v.name for v in self.graph.params]
+        names = self._param_names
         if not names:
             return {}
         if source is None:
@@ -219,6 +220,14 @@ class EntryPoint:
                 f"{v.name}: {v.type}"
             )
         return {n: source[n] for n in names}
+
+    @functools.cached_property
+    def _param_values(self) -> list[ir.Value]:
+        return self.graph.params  # a list built per access: kept for the per-call checks
+
+    @functools.cached_property
+    def _param_names(self) -> list[str]:
+        return [v.name for v in self._param_values]
 
     def _check_device(self, tensors: list[Any]) -> None:
         want = self.target.torch_device
