@@ -17,6 +17,7 @@ kernel or BLAS, the packed function) and returns it as a `Call` on the node's in
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from abc import ABC, abstractmethod
 from collections import Counter
@@ -76,19 +77,25 @@ def aligned(t: Any) -> Any:
     Torch calls a tensor contiguous whatever the stride of a dim of size 0 or 1 (a slice of 0 or
     1 compressed rows at odd T, B = 1), but TVM checks every stride of a symbolic shape: such a
     view is re-strided in place (same elements, no copy)."""
-    t = t.contiguous()
+    if not t.is_contiguous():
+        t = t.contiguous()
     if t.data_ptr() % ALIGN:
         t = t.clone()
     shape = t.shape
     if 0 in shape or 1 in shape:
-        compact, step = [], 1
-        for n in reversed(shape):
-            compact.append(step)
-            step *= n
-        compact.reverse()
-        if list(t.stride()) != compact:
+        compact = _compact_strides(tuple(shape))
+        if t.stride() != compact:
             t = t.as_strided(shape, compact)
     return t
+
+
+@functools.lru_cache(maxsize=4096)
+def _compact_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
 
 
 # One node's work for one binding of the symbols: its input tensors -> its result tensors.
