@@ -58,15 +58,23 @@ def file_stem(name: str, key: str) -> str:
     return f"{_UNSAFE.sub('_', name)}_{_UNSAFE.sub('_', key)}"
 
 
-# (pattern name, mnemonics that must all occur, mnemonics of which one must occur)
-_PATTERNS: tuple[tuple[str, frozenset[str], frozenset[str]], ...] = (
-    ("layernorm", frozenset({"rsqrt", "sub"}), frozenset({"mean", "var"})),
-    ("rmsnorm", frozenset({"rsqrt"}), frozenset({"mean", "sum"})),
-    ("softmax", frozenset({"exp", "sum"}), frozenset({"amax", "max"})),
-    ("swiglu", frozenset({"mul"}), frozenset({"silu"})),
-    ("swiglu", frozenset({"sigmoid", "mul"}), frozenset({"mul"})),
-    ("rope_table", frozenset({"cos", "sin"}), frozenset({"mul"})),
+# families of (pattern name, mnemonics that must all occur, mnemonics of which one must occur):
+# the first match of each family names the kernel
+_PATTERNS: tuple[tuple[tuple[str, frozenset[str], frozenset[str]], ...], ...] = (
+    (
+        ("layernorm", frozenset({"rsqrt", "sub"}), frozenset({"mean", "var"})),
+        ("rmsnorm", frozenset({"rsqrt"}), frozenset({"mean", "sum"})),
+    ),
+    (("softmax", frozenset({"exp", "sum"}), frozenset({"amax", "max"})),),
+    (
+        ("swiglu", frozenset({"mul"}), frozenset({"silu"})),
+        ("swiglu", frozenset({"sigmoid", "mul"}), frozenset({"mul"})),
+    ),
+    (("rope_table", frozenset({"cos", "sin"}), frozenset({"mul"})),),
 )
+# a whole RoPE in a body that takes data movement (TVM on the CPU): both halves of each pair
+# selected, rotated (x·cos - y·sin, x·sin + y·cos) and concatenated back
+_ROTATION = frozenset({"select", "mul", "sub", "add", "concat"})
 _NOISE = frozenset({"constant", "full", "iota", "cast", "reshape", "view", "expand", "squeeze"})
 _NOISE |= frozenset({"unsqueeze", "broadcast_to", "permute", "transpose", "slice", "select"})
 
@@ -74,17 +82,28 @@ _NOISE |= frozenset({"unsqueeze", "broadcast_to", "permute", "transpose", "slice
 def kernel_name(ops: Sequence[str], fallback: str = "fused") -> str:
     """A kernel name saying what `ops` (a fused body's mnemonics, in order) compute.
 
-    A recognised pattern wins (`rmsnorm`: rsqrt of a mean; `softmax`: exp over a max-shifted
-    row and its sum; `swiglu`: silu times a gate; `rope_table`: cos and sin of positions);
-    a GEMM with an epilogue is `matmul_<epilogue ops>`; the rotation half of RoPE (x·cos -
-    y·sin) is `rope`; anything else `fused_<up to four distinct ops>`."""
+    Recognised patterns name it, one per family, joined (`rmsnorm`: rsqrt of a mean;
+    `softmax`: exp over a max-shifted row and its sum; `swiglu`: silu times a gate;
+    `rope_table`: cos and sin of positions; `rope`: a whole rotation, pairs selected, rotated
+    and concatenated back, or just its half x·cos - y·sin): `rmsnorm_rope`. A GEMM with an
+    epilogue is `matmul_<pattern or epilogue ops>`; anything else `fused_<up to four distinct
+    ops>`."""
     present = set(ops)
-    stems = [op.split(".")[-1] for op in ops if op not in _NOISE]
-    for name, need, one_of in _PATTERNS:
-        if need <= present and present & one_of:
-            return name if "matmul" not in present else f"matmul_{name}"
+    rotation = _ROTATION <= present  # its sub and add are not a norm's
+    seen = present - {"sub", "add"} if rotation else present
+    parts = []
+    for family in _PATTERNS:
+        found = next((name for name, need, one_of in family if need <= seen and seen & one_of), None)
+        if found is not None:
+            parts.append(found)
+    if rotation:
+        parts.append("rope")
+    if parts:
+        name = "_".join(parts)
+        return name if "matmul" not in present else f"matmul_{name}"
     if _is_rotation(ops):
         return "rope"
+    stems = [op.split(".")[-1] for op in ops if op not in _NOISE]
     distinct = list(dict.fromkeys(stems))
     if distinct and distinct[0] == "matmul":
         rest = distinct[1:4]

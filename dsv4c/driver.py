@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ir
 from backends.targets import Target, get_target, parallel_jobs
@@ -30,12 +30,16 @@ from dsv4c.artifact import FORMAT, FORMAT_VERSION, versions
 from dsv4c.compiled import Compiled, EntryPoint, signature
 from dsv4c.errors import DsvError, UnavailableError
 
+if TYPE_CHECKING:
+    from passes import FusionPolicy
+
 __all__ = [
     "BACKEND_NAMES",
     "MethodSpec",
     "check_backend_target",
     "compile",
     "compile_methods",
+    "fusion_policy",
     "make_backend",
 ]
 
@@ -67,6 +71,17 @@ class _Run:
         self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
         if self.progress:
             self.progress(name, f"done in {self.times[name]:.1f} s")
+
+
+def fusion_policy(backend: str, tgt: Target) -> FusionPolicy | None:
+    """What the generic fusion may group for `backend` on `tgt`; None: the default policy (what
+    the Triton emitters take: one domain per kernel). TVM on the CPU lowers each body op to a
+    loop nest of its own, so its kernels also take data movement (`backends.tvm.CPU_FUSION`)."""
+    if backend == "tvm" and not tgt.is_gpu:
+        from backends.tvm.runtime import CPU_FUSION
+
+        return CPU_FUSION
+    return None
 
 
 def make_backend(name: str) -> Any:
@@ -148,16 +163,17 @@ def compile_methods(
     records: dict[str, list[KernelRecord]] = {}
     cache_stats = {"hits": 0, "misses": 0}
     bound = _bound_params(module)
-    workers = _start_workers(module, methods, tgt, graph_key, run)
+    fusion = fusion_policy(backend, tgt)
+    workers = _start_workers(module, methods, tgt, graph_key, run, fusion)
     for i, (method, spec) in enumerate(methods.items()):
         env = dict(spec.bindings or {})
         if method in workers and workers.pop(method).join(run):
             loaded = _Run(None)  # the worker's graph, from the cache: not a "hit" to announce
-            g, summary = _lower(module, method, spec, tgt, env, loaded, graph_key)
+            g, summary = _lower(module, method, spec, tgt, env, loaded, graph_key, fusion)
             run.times[f"load {method}"] = sum(loaded.times.values())
             summary = summary | {"cached": False}
         else:
-            g, summary = _lower(module, method, spec, tgt, env, run, graph_key)
+            g, summary = _lower(module, method, spec, tgt, env, run, graph_key, fusion)
         # TVM CPU kernels take their schedule knobs from the tuning database (dsv4c/tuning.py)
         with run.phase(f"backend {method}", f"{backend} for {tgt.name}"):
             with tuning.applied(backend, tgt, env):
@@ -209,9 +225,11 @@ def _lower(
     env: dict[str, int],
     run: _Run,
     graph_key: str | None,
+    fusion: FusionPolicy | None = None,
 ) -> tuple[ir.Graph, dict[str, Any]]:
     """Capture + pipeline (or their cached result); fills `env` from the example inputs when the
-    spec gives no bindings. Returns the final graph and the pipeline summary for the report."""
+    spec gives no bindings; `fusion`: the generic fusion's policy (`fusion_policy`). Returns the
+    final graph and the pipeline summary for the report."""
     import frontend
     import passes
     from dsv4c import graph_cache
@@ -221,6 +239,7 @@ def _lower(
     key = None
     if graph_key is not None:
         parts = {"dynamic": spec.dynamic, "bindings": spec.bindings, "target": tgt.name}
+        parts["fusion"] = sorted(fusion.movement) if fusion is not None else None
         key = graph_cache.cache_key(graph_key, method, spec.inputs, parts)
         with run.phase(f"graph cache {method}", key[:12]):
             hit = graph_cache.get(key)
@@ -233,7 +252,10 @@ def _lower(
     with run.phase(f"capture {method}", type(module).__name__):
         g0 = frontend.capture(module, spec.inputs, dynamic=spec.dynamic, method=method)
     env.update(env or _example_bindings(g0, spec.inputs))
-    ctx = PassContext.from_env(target=tgt.name, options={"bindings": dict(env)})
+    options: dict[str, Any] = {"bindings": dict(env)}
+    if fusion is not None:
+        options["fusion_policy"] = fusion
+    ctx = PassContext.from_env(target=tgt.name, options=options)
     with run.phase(f"passes {method}", f"{len(g0.ops)} ops"):
         g = passes.pipeline(g0, target=tgt.name, ctx=ctx)
     summary = pipeline_summary(g0, ctx) | {"bindings": dict(env)}
@@ -273,6 +295,7 @@ def _start_workers(
     tgt: Target,
     graph_key: str | None,
     run: _Run,
+    fusion: FusionPolicy | None = None,
 ) -> dict[str, _Worker]:
     """Fork one process per method after the first to capture it and run the passes into the
     graph cache, while this process lowers the first: capture and passes are pure Python, so
@@ -290,7 +313,7 @@ def _start_workers(
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:  # the worker: lower, leave the graph in the cache, report the times
-            _worker_main(module, method, spec, tgt, graph_key, Path(name))
+            _worker_main(module, method, spec, tgt, graph_key, Path(name), fusion)
         workers[method] = _Worker(method, pid, Path(name))
         if run.progress:
             run.progress(f"worker {method}", f"capture + passes in process {pid}")
@@ -298,7 +321,13 @@ def _start_workers(
 
 
 def _worker_main(
-    module: Any, method: str, spec: MethodSpec, tgt: Target, graph_key: str, times: Path
+    module: Any,
+    method: str,
+    spec: MethodSpec,
+    tgt: Target,
+    graph_key: str,
+    times: Path,
+    fusion: FusionPolicy | None,
 ) -> None:
     code = 1
     try:
@@ -306,7 +335,7 @@ def _worker_main(
 
         torch.set_num_threads(1)  # the parent keeps the thread pool (OpenMP is not fork-safe)
         run = _Run(None)
-        _lower(module, method, spec, tgt, dict(spec.bindings or {}), run, graph_key)
+        _lower(module, method, spec, tgt, dict(spec.bindings or {}), run, graph_key, fusion)
         times.write_text(json.dumps(run.times))
         code = 0
     except Exception as e:  # noqa: BLE001  (any failure: the parent lowers it and shows why)

@@ -25,6 +25,12 @@ legal (`Grouping.check`):
 These mirror what `backends/triton/fused.py` and `matmul.py` emit (tile / row / column layouts of
 one 2-D domain; matmul first, then an elementwise epilogue).
 
+A backend that lowers each body op to a loop nest of its own (TVM on the CPU) names data-movement
+ops that may join too (`FusionPolicy.movement`: slice, select, concat, permute). A group holding
+one has no single domain, so only the rules that do not depend on it apply: no GEMM, some input,
+every symbol bound, no cycle. Then a RoPE spelled with slices, selects and concats (and the norm
+before it) is one kernel instead of a dozen launches and copies.
+
 Work is never duplicated: each op lands in at most one group. Only literal 0-d constants are
 cloned into every body that reads them (they become literals). A group is emitted as a
 `fused.kernel` when it holds at least two computing ops (a lone op plus views is left as is: it is
@@ -70,6 +76,11 @@ class FusionPolicy:
     gemm_epilogues: bool = True
     max_ops: int = 64  # computing ops per kernel (register pressure, compile time)
     no_body_rule: frozenset[str] = NO_BODY_RULE
+    # data-movement ops (slice, select, concat, ...) that may join a group: for a backend that
+    # lowers each body op to a stage of its own and inlines them (TVM on the CPU). A group that
+    # holds one has no common domain, so only the rules that do not depend on one apply to it
+    # (`Grouping.check`): a RoPE spelled with slices and concats becomes one kernel.
+    movement: frozenset[str] = frozenset()
 
 
 def role(node: Node, policy: FusionPolicy = FusionPolicy()) -> str:
@@ -88,7 +99,9 @@ def role(node: Node, policy: FusionPolicy = FusionPolicy()) -> str:
             return "no.no_body_rule"
         return "compute"
     if kind == Kind.INJECTIVE:
-        return "view" if m in VIEWS else "no.data_movement"
+        if m in VIEWS:
+            return "view"
+        return "move" if m in policy.movement else "no.data_movement"
     if kind == Kind.REDUCTION:
         if m not in REDUCTIONS or len(reduced_dims(node)) != 1:
             return "no.reduction_form"
@@ -231,11 +244,14 @@ class Grouping:
         roles = [self.roles[i] for i in members]
         if sum(r != "view" for r in roles) > self.policy.max_ops:
             return "max_ops"
+        mset = set(members)
+        if "move" in roles:
+            why = self._fit_stages(nodes, roles, mset)
+            return "cycle" if why is None and self._creates_cycle(mset) else why
         dom = self._domain(nodes, roles)
         if isinstance(dom, str):
             return dom
         domain, axis = dom
-        mset = set(members)
         why = self._fit(nodes, roles, mset, domain, axis, "reduction" in roles)
         if why is None and "gemm" in roles:
             why = self._gemm(nodes, roles, mset)
@@ -296,6 +312,26 @@ class Grouping:
         if bound is None or not needed <= bound:
             return "unbound_symbol"
         return None
+
+    def _fit_stages(self, nodes: list[Node], roles: list[str], mset: set[int]) -> str | None:
+        """The rules for a group with data movement (`FusionPolicy.movement`), whose backend
+        gives each op a loop nest of its own: no GEMM inside, some input to launch it on, and
+        every symbol of its values bound by the inputs' shapes."""
+        if "gemm" in roles:
+            return "gemm_view"
+        inputs: list[Sequence[Dim]] = []
+        needed: set = set()
+        for n in nodes:
+            for v in n.operands:
+                outside = v.name not in self.producer or self.producer[v.name] not in mset
+                if outside and not self.cloned(v):
+                    inputs.append(v.shape)
+            for v in (*n.operands, *n.results):
+                needed |= _symbols(v.shape)
+        if not inputs:
+            return "no_inputs"
+        bound = _bound(inputs)
+        return None if bound is not None and needed <= bound else "unbound_symbol"
 
     @staticmethod
     def _mixes_rows(n: Node, domain: tuple, axis: int) -> bool:

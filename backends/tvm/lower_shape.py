@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 import ir
+from ir.symbolic import same_dim
 from backends.tvm.lower import Lowering, Unsupported, convert, guarded, lowers, tvm_dtype
 
 SHAPE_OPS = ("reshape", "permute", "expand", "slice", "select", "squeeze", "unsqueeze")
@@ -29,21 +30,31 @@ def _const_int(v: Any, what: str) -> int:
 
 @lowers("reshape")
 def lower_reshape(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
+    """Dims the reshape keeps at either end index the input directly; only the ones between are
+    flattened and split again (with symbolic sizes there, TVM's simplifier slows down sharply on
+    the floordiv/floormod chains of a fused RoPE)."""
     from tvm import tirx
 
     (x,) = args
-    out_shape = lw.shape(node.result.type)
-    in_shape = list(x.shape)
+    src, dst = node.operands[0].shape, node.result.shape
+    lead = 0
+    while lead < min(len(src), len(dst)) and same_dim(src[lead], dst[lead]):
+        lead += 1
+    trail = 0
+    while trail < min(len(src), len(dst)) - lead and same_dim(src[-1 - trail], dst[-1 - trail]):
+        trail += 1
+    out_mid = lw.shape(node.result.type)[lead : len(dst) - trail]
+    in_mid = list(x.shape)[lead : len(src) - trail]
 
     def f(*i: Any) -> Any:
         flat = 0
-        for idx, size in zip(i, out_shape):
+        for idx, size in zip(i[lead : len(dst) - trail], out_mid):
             flat = flat * size + idx
-        src = []
-        for size in reversed(in_shape):
-            src.append(tirx.floormod(flat, size))
+        mid = []
+        for size in reversed(in_mid):
+            mid.append(tirx.floormod(flat, size))
             flat = tirx.floordiv(flat, size)
-        return x(*reversed(src))
+        return x(*i[:lead], *reversed(mid), *i[len(dst) - trail :])
 
     return _compute(lw, node, f)
 
@@ -70,10 +81,17 @@ def lower_slice(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
     (x,) = args
     op = node.op
     d = op.dim % len(x.shape)
-    if isinstance(op.start, int) and op.start < 0:
-        raise Unsupported("negative slice start in a fused body")
     begin = lw.dim(op.start)
+    if isinstance(op.start, int) and op.start < 0:  # Python's rule: from the end, at least 0
+        n = node.operands[0].shape[d]
+        begin = max(n + op.start, 0) if isinstance(n, int) else _at_least_0(lw.dim(n) + op.start)
     return _compute(lw, node, lambda *i: x(*i[:d], begin + i[d] * op.step, *i[d + 1 :]))
+
+
+def _at_least_0(x: Any) -> Any:
+    from tvm import tirx
+
+    return tirx.max(x, 0)
 
 
 @lowers("select")

@@ -80,13 +80,20 @@ from backends.tvm.emitters import (
 from backends.tvm.inplace import emitted_node, writer
 from backends.tvm.inputs import Inputs
 from backends.tvm.library import Library, runtime_function
+from backends.tvm.lower_shape import SHAPE_OPS
 from backends.tvm.kernel import PREBUILT, Kernel, build, host_target, kernel_records
+from passes.fuse_elementwise import VIEWS, FusionPolicy
 
 if TYPE_CHECKING:
     from backends.tvm.device import DeviceExecutable
 
-__all__ = ["Plan", "Step", "TVMBackend", "TVMExecutable", "pool_threads", "use_threads"]
+__all__ = ["CPU_FUSION", "Plan", "Step", "TVMBackend", "TVMExecutable", "pool_threads", "use_threads"]
 
+# the generic fusion for this backend on the CPU (`dsv4c.driver.fusion_policy`): slices, selects,
+# concats, permutes and pads join the elementwise kernels around them (each lowers to a stage
+# that inlines into its readers, `lower_shape`), so a RoPE spelled with them is one kernel; every
+# elementwise op has a te lowering (no `no_body_rule` exclusions)
+CPU_FUSION = FusionPolicy(no_body_rule=frozenset(), movement=frozenset(SHAPE_OPS) - VIEWS - {"pad"})
 BLAS_POLICIES = ("auto", "never", "always")
 TORCH_PARALLEL = ("heavy", "always")
 # a step run by torch gets torch's threads when its cost is at least this (else 1 thread): ~1 s
