@@ -284,14 +284,9 @@ class Grouping:
     def _fit(
         self, nodes, roles, mset: set[int], domain: tuple, axis: int, reduce: bool
     ) -> str | None:
-        inputs: list[Sequence[Dim]] = []
         needed = _symbols(domain)
         for n, r in zip(nodes, roles):
             ops_in = [] if r == "gemm" else n.operands
-            for v in n.operands:
-                outside = v.name not in self.producer or self.producer[v.name] not in mset
-                if outside and not self.cloned(v):
-                    inputs.append(v.shape)
             for v in (*ops_in, *n.results):
                 lay = layout(v.shape, domain, axis, reduce)
                 if lay is None:
@@ -306,12 +301,7 @@ class Grouping:
                 before = layout(n.operands[0].shape, domain, axis, reduce)
                 if before != layout(n.results[0].shape, domain, axis, reduce):
                     return "view_changes_layout"
-        if not inputs:
-            return "no_inputs"  # made from constants alone: nothing to launch it on
-        bound = _bound(inputs)
-        if bound is None or not needed <= bound:
-            return "unbound_symbol"
-        return None
+        return self._launchable(nodes, mset, needed)
 
     def _fit_stages(self, nodes: list[Node], roles: list[str], mset: set[int]) -> str | None:
         """The rules for a group with data movement (`FusionPolicy.movement`), whose backend
@@ -319,15 +309,19 @@ class Grouping:
         every symbol of its values bound by the inputs' shapes."""
         if "gemm" in roles:
             return "gemm_view"
-        inputs: list[Sequence[Dim]] = []
-        needed: set = set()
-        for n in nodes:
-            for v in n.operands:
-                outside = v.name not in self.producer or self.producer[v.name] not in mset
-                if outside and not self.cloned(v):
-                    inputs.append(v.shape)
-            for v in (*n.operands, *n.results):
-                needed |= _symbols(v.shape)
+        needed = {s for n in nodes for v in (*n.operands, *n.results) for s in _symbols(v.shape)}
+        return self._launchable(nodes, mset, needed)
+
+    def _launchable(self, nodes: list[Node], mset: set[int], needed: set) -> str | None:
+        """Why the group's inputs (operands from outside it, cloned constants aside) cannot
+        launch it: none (made from constants alone), or they leave a `needed` symbol unbound."""
+        inputs = [
+            v.shape
+            for n in nodes
+            for v in n.operands
+            if (v.name not in self.producer or self.producer[v.name] not in mset)
+            and not self.cloned(v)
+        ]
         if not inputs:
             return "no_inputs"
         bound = _bound(inputs)

@@ -183,15 +183,6 @@ def kernel_call(fn: Any, node: ir.Node, env: dict, operands: Sequence[int]) -> C
     if all(0 in shape for shape, _ in specs):  # nothing to compute
         return lambda inputs: tuple(torch.empty(s, dtype=d) for s, d in specs)
     empty = torch.empty
-    if any(0 in shape for shape, _ in specs):  # some results empty (a body with a concat)
-
-        def run_some(inputs: Sequence[Any]) -> tuple[Any, ...]:
-            outs = [empty(s, dtype=d) for s, d in specs]
-            # torch strides an empty dim as if it had size 1, TVM as compact: re-strided views
-            fn(*[aligned(inputs[i]) for i in operands], *[aligned(o) for o in outs])
-            return tuple(outs)
-
-        return run_some
     if len(specs) == 1:
         ((shape, dtype),) = specs
 
@@ -202,8 +193,13 @@ def kernel_call(fn: Any, node: ir.Node, env: dict, operands: Sequence[int]) -> C
 
         return run_one
 
+    # compact strides: some results may be empty (a body with a concat), and torch strides an
+    # empty dim as if it had size 1 where TVM checks compact strides
+    strided = [(s, _compact_strides(s), d) for s, d in specs]
+    empty_strided = torch.empty_strided
+
     def run(inputs: Sequence[Any]) -> tuple[Any, ...]:
-        outs = [empty(s, dtype=d) for s, d in specs]
+        outs = [empty_strided(s, st, dtype=d) for s, st, d in strided]
         fn(*[aligned(inputs[i]) for i in operands], *outs)
         return tuple(outs)
 

@@ -78,20 +78,19 @@ def lower_expand(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
 
 @lowers("slice")
 def lower_slice(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
+    from tvm import tirx
+
     (x,) = args
     op = node.op
     d = op.dim % len(x.shape)
-    begin = lw.dim(op.start)
-    if isinstance(op.start, int) and op.start < 0:  # Python's rule: from the end, at least 0
-        n = node.operands[0].shape[d]
-        begin = max(n + op.start, 0) if isinstance(n, int) else _at_least_0(lw.dim(n) + op.start)
+    n = node.operands[0].shape[d]
+    if not isinstance(op.start, int) or op.start >= 0:
+        begin = lw.dim(op.start)
+    elif isinstance(n, int):  # Python's rule: a negative start counts from the end, at least 0
+        begin = max(n + op.start, 0)
+    else:
+        begin = tirx.max(lw.dim(n) + op.start, 0)
     return _compute(lw, node, lambda *i: x(*i[:d], begin + i[d] * op.step, *i[d + 1 :]))
-
-
-def _at_least_0(x: Any) -> Any:
-    from tvm import tirx
-
-    return tirx.max(x, 0)
 
 
 @lowers("select")

@@ -79,9 +79,9 @@ from backends.tvm.emitters import (
 )
 from backends.tvm.inplace import emitted_node, writer
 from backends.tvm.inputs import Inputs
+from backends.tvm.kernel import PREBUILT, Kernel, build, host_target, kernel_records
 from backends.tvm.library import Library, runtime_function
 from backends.tvm.lower_shape import SHAPE_OPS
-from backends.tvm.kernel import PREBUILT, Kernel, build, host_target, kernel_records
 from passes.fuse_elementwise import VIEWS, FusionPolicy
 
 if TYPE_CHECKING:
@@ -90,9 +90,10 @@ if TYPE_CHECKING:
 __all__ = ["CPU_FUSION", "Plan", "Step", "TVMBackend", "TVMExecutable", "pool_threads", "use_threads"]
 
 # the generic fusion for this backend on the CPU (`dsv4c.driver.fusion_policy`): slices, selects,
-# concats, permutes and pads join the elementwise kernels around them (each lowers to a stage
-# that inlines into its readers, `lower_shape`), so a RoPE spelled with them is one kernel; every
-# elementwise op has a te lowering (no `no_body_rule` exclusions)
+# concats and permutes join the elementwise kernels around them (each lowers to a stage that
+# inlines into its readers, `lower_shape`), so a RoPE spelled with them is one kernel; pad stays
+# out (no model body here needs it, and its bounds guards were not tried inside these bodies);
+# every elementwise op has a te lowering (no `no_body_rule` exclusions)
 CPU_FUSION = FusionPolicy(no_body_rule=frozenset(), movement=frozenset(SHAPE_OPS) - VIEWS - {"pad"})
 BLAS_POLICIES = ("auto", "never", "always")
 TORCH_PARALLEL = ("heavy", "always")
