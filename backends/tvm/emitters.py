@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from abc import ABC, abstractmethod
+from operator import is_
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from ir.symbolic import subs_dim
 __all__ = [
     "TVM_EMITTERS",
     "Call",
+    "GemmEpilogueLaunch",
     "KernelLaunch",
     "Launch",
     "MatmulLaunch",
@@ -147,7 +149,10 @@ class Launch(ABC):
     calls: Counter = field(default_factory=Counter)  # impl ("tvm", "blas") -> calls
 
     @abstractmethod
-    def bind(self, env: dict, fns: dict[str, Any]) -> Call: ...
+    def bind(self, env: dict, fns: dict[str, Any], reuse: bool = False) -> Call:
+        """`reuse`: the results may live in buffers allocated here, once, and written again on
+        every call (`kernel_call`); the executable says so only for results no later call and
+        no caller can still read."""
 
     def counted(self, impl: str, call: Call) -> Call:
         """`call`, counting its uses under `impl` (the report's kernel/BLAS call counts); the
@@ -168,20 +173,25 @@ class Launch(ABC):
 
 @dataclass
 class KernelLaunch(Launch):
-    def bind(self, env: dict, fns: dict[str, Any]) -> Call:
-        return self.counted(
-            "tvm", kernel_call(fns[self.kernels[0].key], self.node, env, self.operands)
-        )
+    def bind(self, env: dict, fns: dict[str, Any], reuse: bool = False) -> Call:
+        fn = fns[self.kernels[0].key]
+        return self.counted("tvm", kernel_call(fn, self.node, env, self.operands, reuse))
 
 
-def kernel_call(fn: Any, node: ir.Node, env: dict, operands: Sequence[int]) -> Call:
+def kernel_call(
+    fn: Any, node: ir.Node, env: dict, operands: Sequence[int], reuse: bool = False
+) -> Call:
     """Run packed function `fn` on the chosen operands, writing fresh result tensors (torch
-    allocates them; TVM writes through DLPack)."""
+    allocates them; TVM writes through DLPack); with `reuse`, the same result tensors on every
+    call (`_reusing_call`)."""
     import torch
 
     specs = result_specs(node, env)
     if all(0 in shape for shape, _ in specs):  # nothing to compute
         return lambda inputs: tuple(torch.empty(s, dtype=d) for s, d in specs)
+    if reuse:
+        outs = tuple(torch.empty_strided(s, _compact_strides(s), dtype=d) for s, d in specs)
+        return _reusing_call(fn, tuple(operands), outs)
     empty = torch.empty
     if len(specs) == 1:
         ((shape, dtype),) = specs
@@ -206,6 +216,31 @@ def kernel_call(fn: Any, node: ir.Node, env: dict, operands: Sequence[int]) -> C
     return run
 
 
+def _reusing_call(fn: Any, operands: tuple[int, ...], outs: tuple[Any, ...]) -> Call:
+    """`fn` writing `outs` (allocated once by the caller) on every call. While the same operand
+    tensor objects come back (parameters, caches, the reused results of earlier kernels) and
+    each was usable as it is (`aligned` made no copy), the argument list of the last call is
+    used again: no allocation and no checks, one packed call (a decode step's ~90 launches
+    took 2-3x their isolated time in Python and torch between the kernels). Tensors pass to
+    TVM as torch tensors, so each call reads their data pointer afresh. A copy `aligned`
+    made is never kept: it would not follow the operand's data."""
+    held: tuple[Any, ...] | None = None  # the operands of the last call (kept alive: no id reuse)
+    args: tuple[Any, ...] = ()
+
+    def run(inputs: Sequence[Any]) -> tuple[Any, ...]:
+        nonlocal held, args
+        ins = tuple([inputs[i] for i in operands])
+        if held is not None and all(map(is_, ins, held)):
+            fn(*args)
+            return outs
+        ready = tuple([aligned(t) for t in ins])
+        fn(*ready, *outs)
+        held, args = (ins, (*ready, *outs)) if all(map(is_, ready, ins)) else (None, ())
+        return outs
+
+    return run
+
+
 def uses_blas(policy: str, flops: int) -> bool:
     return policy == "always" or (policy == "auto" and flops >= BLAS_MIN_FLOPS)
 
@@ -219,15 +254,13 @@ class MatmulLaunch(Launch):
 
     blas: str = "auto"
 
-    def bind(self, env: dict, fns: dict[str, Any]) -> Call:
+    def bind(self, env: dict, fns: dict[str, Any], reuse: bool = False) -> Call:
         import torch
 
         a = self.node.operands[0]
         out = shape_of(self.node.result, env)
         flops = 2 * int(subs_dim(a.shape[-1], env)) * _numel(out)
         blas = self.counted("blas", lambda inputs: (torch.matmul(*inputs),))
-        nn = self.counted("tvm", kernel_call(fns[self.kernels[0].key], self.node, env, (0, 1)))
-        nt = self.counted("tvm", kernel_call(fns[self.kernels[1].key], self.node, env, (0, 1)))
         auto = self.blas == "auto"
         b = self.node.operands[1]
         rows = out[-2] if b.type.rank > 2 else _numel(out[:-1])  # per weight matrix
@@ -235,14 +268,27 @@ class MatmulLaunch(Launch):
         if uses_blas(self.blas, flops) and not skinny:
             return blas
         small = auto and flops >= BLAS_SMALL_FLOPS
-        nn = blas if small else nn
+
+        def tvm(kernel: Kernel) -> Call:
+            return self.counted("tvm", kernel_call(fns[kernel.key], self.node, env, (0, 1), reuse))
+
+        nn = blas if small else tvm(self.kernels[0])
+        nt = tvm(self.kernels[1])
         nt_blas = small and not skinny and _numel(out[:-1]) > 1
+
+        last: list[Any] = [None, None]  # with `reuse`: B, and Bᵀ when B is row-major (else None)
 
         def run(inputs: Sequence[Any]) -> tuple[Any, ...]:
             a, b = inputs
-            if not transposed_layout(b):
+            if b is last[0]:  # a weight: the same tensor, so the same view Bᵀ, every call
+                bt = last[1]
+            else:
+                bt = b.mT if transposed_layout(b) else None
+                if reuse:  # else B may be an activation: not kept alive past the call
+                    last[:] = b, bt
+            if bt is None:
                 return nn(inputs)
-            return blas(inputs) if nt_blas else nt((a, b.mT))
+            return blas(inputs) if nt_blas else nt((a, bt))
 
         return run
 
@@ -292,13 +338,13 @@ class GemmEpilogueLaunch(KernelLaunch):
 
     blas: str = "auto"
 
-    def bind(self, env: dict, fns: dict[str, Any]) -> Call:
+    def bind(self, env: dict, fns: dict[str, Any], reuse: bool = False) -> Call:
         body: ir.Graph = self.node.attrs["body"]
         gemm = body.ops[0]
         k = int(subs_dim(gemm.operands[0].shape[-1], env))
         if uses_blas(self.blas, 2 * k * _numel(shape_of(gemm.results[0], env))):
             return self.counted("blas", body_call(body, env))
-        return super().bind(env, fns)
+        return super().bind(env, fns, reuse)
 
 
 @TVM_EMITTERS.register("fused.kernel", check=_fused_check)

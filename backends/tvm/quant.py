@@ -281,7 +281,7 @@ class MatmulFP8Launch(KernelLaunch):
 
     blas: str = "auto"
 
-    def bind(self, env: dict, fns: dict[str, Any]) -> Any:
+    def bind(self, env: dict, fns: dict[str, Any], reuse: bool = False) -> Any:
         from backends.tvm.emitters import reference_call, shape_of
 
         m, k = shape_of(self.node.operands[0], env)
@@ -289,7 +289,7 @@ class MatmulFP8Launch(KernelLaunch):
         prefill = m >= FP8_BLAS_MIN_ROWS and uses_blas(self.blas, 2 * m * n * k)
         if self.blas == "always" or prefill:
             return self.counted("blas", reference_call(self.node, env))
-        return super().bind(env, fns)
+        return super().bind(env, fns, reuse)
 
 
 @TVM_EMITTERS.register("linalg.matmul_fp8")

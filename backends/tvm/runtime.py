@@ -57,11 +57,12 @@ matmuls called BLAS and how often.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -72,10 +73,12 @@ from backends.targets import Target, get_target
 from backends.tvm.emitters import (
     TVM_EMITTERS,
     Call,
+    GemmEpilogueLaunch,
     Launch,
     MatmulLaunch,
     emit_node,
     reference_call,
+    shape_of,
 )
 from backends.tvm.inplace import emitted_node, writer
 from backends.tvm.inputs import Inputs
@@ -196,11 +199,17 @@ class Step:
     results: tuple[int, ...] = ()  # value slot of each result
     aliased: tuple[int, ...] = ()  # results written into their operand's buffer (graph.aliases)
 
-    def bind(self, env: dict, fns: dict[str, Any], inplace: bool = False) -> Call:
+    def bind(
+        self, env: dict, fns: dict[str, Any], inplace: bool = False, reuse: bool = False
+    ) -> Call:
+        """The step's `Call`; `reuse` (`Plan.reusing`): a kernel's results in buffers of its
+        own (`Launch.bind`), a reference view's result kept (`_kept_view`)."""
         if self.launch is None:
             call = reference_call(self.node, env)
+            if reuse:
+                call = _kept_view(call)
         else:
-            call = self.launch.bind(env, fns)
+            call = self.launch.bind(env, fns, reuse)
         if not self.aliased:
             return call
         return update_call(self.node, self.aliased, call, writer(self.node, call), inplace)
@@ -211,11 +220,42 @@ class Step:
 VIEW_OPS = frozenset({"reshape", "permute", "expand", "squeeze", "unsqueeze", "slice", "select"})
 
 
+def _kept_view(call: Call) -> Call:
+    """A one-operand view op's reference, its result kept while the same operand tensor comes
+    back: the same view, which follows the operand's data. A result that is not a view (reshape
+    copies a non-contiguous operand) is never kept."""
+    held: Any = None
+    out: tuple[Any, ...] = ()
+
+    def run(inputs: Sequence[Any]) -> tuple[Any, ...]:
+        nonlocal held, out
+        if held is not None and inputs[0] is held:
+            return out
+        result = call(inputs)
+        view = _storage(result[0]) == _storage(inputs[0])
+        held, out = (inputs[0], result) if view else (None, ())
+        return result
+
+    return run
+
+
+# the most bytes a plan's reused results may hold (`Plan.reusing`): a decode step's few MB; a
+# prefill's GBs of intermediates keep being freed as soon as they are dead
+REUSE_MAX_BYTES = 32 << 20
+
+
 @dataclass
 class Plan:
     """The graph's steps for one binding of the symbols: each node's `Call` resolved once, and
     the value slots (graph inputs first) it reads and writes; `last_use` frees what no later step
     reads, so intermediates die as early as in eager.
+
+    `reusing`: the same steps with the kernels' results in buffers allocated once
+    (`reused_bytes` in all) and written again on every call, and the argument list of a launch
+    kept while the same tensors come back (`emitters.kernel_call`); reference views of such
+    buffers are kept too. Only results no caller can hold after the call (`TVMExecutable.
+    _escaping`), and only while they fit `REUSE_MAX_BYTES`: a decode step, not a prefill. One
+    call at a time runs it; a call from another thread meanwhile runs `calls`.
 
     `invariant`: the steps that read only parameters (or nothing) and are views or constants
     (a weight's transpose `permute(w)`, iotas): hoisted out of the step. They run on the first
@@ -230,14 +270,25 @@ class Plan:
     invariant: list[tuple[Call, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
     params: tuple[int, ...] = ()  # the parameter slots the invariant steps read
     steps: tuple[int, ...] = ()
+    reusing: list[tuple[Call, tuple[int, ...], tuple[int, ...], tuple[int, ...]]] | None = None
+    reused_bytes: int = 0
     _seen: tuple[Any, ...] | None = None  # the parameter tensors the kept values come from
     _kept: list[tuple[int, Any]] = field(default_factory=list)  # (slot, value) while valid
+    _busy: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def run(self, feed: list[Any]) -> tuple[Any, ...]:
+        if self.reusing is not None and self._busy.acquire(blocking=False):
+            try:
+                return self._run(self.reusing, feed)
+            finally:
+                self._busy.release()
+        return self._run(self.calls, feed)
+
+    def _run(self, calls: list, feed: list[Any]) -> tuple[Any, ...]:
         values: list[Any] = feed + [None] * (self.slots - len(feed))
         if self.invariant:
             self._run_invariant(values)
-        for call, ins, outs, dead in self.calls:
+        for call, ins, outs, dead in calls:
             results = call([values[i] for i in ins])
             if len(outs) == 1:
                 values[outs[0]] = results[0]
@@ -251,8 +302,13 @@ class Plan:
     def wrapped(self, wrap: Callable[[int, Call], Call]) -> Plan:
         """This plan with each call `c` of step index `i` replaced by `wrap(i, c)` (a timer);
         the hoisted steps as they are."""
-        calls = [(wrap(i, call), *rest) for i, (call, *rest) in zip(self.steps, self.calls)]
-        return dataclasses.replace(self, calls=calls, _seen=None, _kept=[])
+        def each(calls: list) -> list:
+            return [(wrap(i, call), *rest) for i, (call, *rest) in zip(self.steps, calls)]
+
+        reusing = None if self.reusing is None else each(self.reusing)
+        return dataclasses.replace(
+            self, calls=each(self.calls), reusing=reusing, _seen=None, _kept=[]
+        )
 
     def _run_invariant(self, values: list[Any]) -> None:
         params = tuple(values[i] for i in self.params)
@@ -385,20 +441,56 @@ class TVMExecutable:
                 last[s] = i
         keep = set(outputs) | set(range(len(self.graph.inputs)))
         keep |= {s for i in invariant for s in self.steps[i].results}  # kept across calls
-        calls, hoisted, order = [], [], []
+        reused, nbytes = self._reusable(env, invariant, outputs)
+        calls, reusing, hoisted, order = [], [], [], []
         for i, step in enumerate(self.steps):
             call = step.bind(env, self.fns, inplace)
             if i in invariant:
                 hoisted.append((call, step.operands, step.results))
                 continue
             dead = tuple(s for s in dict.fromkeys(step.operands) if last[s] == i and s not in keep)
+            again = step.bind(env, self.fns, inplace, reuse=True) if i in reused else call
             if _runs_torch(step, call) and torch_heavy(step.node, env):
                 call = _torch_threads(call, self._held)
+                again = _torch_threads(again, self._held)
             calls.append((call, step.operands, step.results, dead))
+            reusing.append((again, step.operands, step.results, dead))
             order.append(i)
         params = self._parameter_slots()
         read = tuple(sorted({s for i in invariant for s in self.steps[i].operands} & params))
-        return Plan(calls, outputs, len(self.slot), hoisted, read, tuple(order))
+        return Plan(calls, outputs, len(self.slot), hoisted, read, tuple(order),
+                    reusing if reused else None, nbytes)
+
+    def _reusable(
+        self, env: dict, invariant: set[int], outputs: tuple[int, ...]
+    ) -> tuple[set[int], int]:
+        """The steps `Plan.reusing` binds with `reuse` at `env`, and the bytes their kernels'
+        results hold: kernels (not in-place writers) and one-operand reference views whose
+        results do not escape; none when those bytes pass `REUSE_MAX_BYTES`."""
+        escaping = self._escaping(set(outputs))
+        found, nbytes = set(), 0
+        for i, step in enumerate(self.steps):
+            if i in invariant or step.aliased or set(step.results) & escaping:
+                continue
+            if step.launch is None:
+                if step.node.name in VIEW_OPS and len(step.node.operands) == 1:
+                    found.add(i)
+                continue
+            found.add(i)
+            for v in step.node.results:
+                nbytes += math.prod(shape_of(v, env)) * v.dtype.to_torch().itemsize
+        return (found, nbytes) if nbytes <= REUSE_MAX_BYTES else (set(), 0)
+
+    def _escaping(self, outputs: set[int]) -> set[int]:
+        """The slots whose tensor may outlive the call: the graph's outputs, and what a step
+        whose result escapes may return a view of (its operands): a reference op, an in-place
+        writer, a GEMM epilogue run by references. A kernel's result is new memory."""
+        found = set(outputs)
+        for step in reversed(self.steps):
+            by_torch = step.launch is None or isinstance(step.launch, GemmEpilogueLaunch)
+            if (by_torch or step.aliased) and found & set(step.results):
+                found.update(step.operands)
+        return found
 
     def _parameter_slots(self) -> set[int]:
         roles = self.graph.roles
@@ -483,6 +575,7 @@ class TVMExecutable:
                 by_key[k].symbol: c["blas"] for k, c in calls.items() if c.get("blas", 0) > 0
             },
             "fallbacks": [{"op": op, "reason": r, "count": n} for (op, r), n in falls.items()],
+            "reused_bytes": sum(p.reused_bytes for p in self.plans.values()),
             "profile": {k: round(v, 6) for k, v in self.step_seconds.most_common()},
         }
 

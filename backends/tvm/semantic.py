@@ -711,13 +711,13 @@ class CompressLaunch(KernelLaunch):
 
     blas: str = "auto"
 
-    def bind(self, env: dict, fns: dict[str, Any]) -> Call:
+    def bind(self, env: dict, fns: dict[str, Any], reuse: bool = False) -> Call:
         b, t, d = shape_of(self.node.operands[0], env)
         width = shape_of(self.node.operands[1], env)[0]
         if uses_blas(self.blas, 4 * b * t * width * d):  # two GEMMs [B·T, d] x [d, W]
             op = self.node.op
             return self.counted("blas", lambda inputs: (op.reference(*inputs)[0].contiguous(),))
-        return super().bind(env, fns)
+        return super().bind(env, fns, reuse)
 
 
 @TVM_EMITTERS.register("attn.compress")

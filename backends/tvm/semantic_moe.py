@@ -328,14 +328,14 @@ class ExpertsLaunch(KernelLaunch):
 
     blas: str = "auto"
 
-    def bind(self, env: dict, fns: dict[str, Any]) -> Call:
+    def bind(self, env: dict, fns: dict[str, Any], reuse: bool = False) -> Call:
         experts, w1 = (shape_of(self.node.operands[i], env) for i in (2, 3))
         pairs = experts[0] * experts[1]
         few = self.blas == "auto" and pairs < BLAS_MIN_ROWS * w1[0]
         if not few and uses_blas(self.blas, 6 * pairs * w1[1] * shape_of(self.node.result, env)[1]):
             op = self.node.op
             return self.counted("blas", lambda inputs: (grouped_experts(op, *inputs),))
-        return super().bind(env, fns)
+        return super().bind(env, fns, reuse)
 
 
 @TVM_EMITTERS.register("moe.experts")

@@ -287,7 +287,7 @@ class IndexerLaunch(KernelLaunch):
 
     blas: str = "auto"
 
-    def bind(self, env: dict, fns: dict[str, Any]) -> Call:
+    def bind(self, env: dict, fns: dict[str, Any], reuse: bool = False) -> Call:
         op = self.node.op
         if not op.decode:
             b, t, h, c = shape_of(self.node.operands[0], env)
@@ -295,7 +295,7 @@ class IndexerLaunch(KernelLaunch):
             # 2·B·T·H·c·S over the causal half
             if uses_blas(self.blas, b * t * h * c * n_keys):
                 return self.counted("blas", lambda inputs: (indexer_topk_blas(op, *inputs),))
-        return super().bind(env, fns)
+        return super().bind(env, fns, reuse)
 
 
 @TVM_EMITTERS.register("attn.indexer_topk")
@@ -356,7 +356,7 @@ class SparseMQALaunch(KernelLaunch):
 
     blas: str = "auto"
 
-    def bind(self, env: dict, fns: dict[str, Any]) -> Call:
+    def bind(self, env: dict, fns: dict[str, Any], reuse: bool = False) -> Call:
         op = self.node.op
         if not op.decode:
             b, t, h, c = shape_of(self.node.operands[0], env)
@@ -367,7 +367,7 @@ class SparseMQALaunch(KernelLaunch):
                 n += shape_of(self.node.operands[6], env)[2]
             if uses_blas(self.blas, 4 * b * t * h * c * n):
                 return self.counted("blas", lambda inputs: (sparse_mqa_blas(op, *inputs),))
-        return super().bind(env, fns)
+        return super().bind(env, fns, reuse)
 
 
 @TVM_EMITTERS.register("attn.sparse_mqa")
