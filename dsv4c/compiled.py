@@ -75,6 +75,7 @@ class EntryPoint:
     calls: int = field(default=0)
     inplace: bool = False  # write the aliased outputs into the caller's tensors (module doc)
     _checked_params: tuple[Any, ...] | None = field(default=None, repr=False)
+    _passed_layout: list | None = field(default=None, repr=False)  # `_check_donated`'s last
 
     def __call__(self, *args: Any, params: Mapping[str, Any] | None = None) -> tuple[Any, ...]:
         import torch
@@ -115,7 +116,15 @@ class EntryPoint:
 
     def _check_donated(self, leaves: list[Any]) -> None:
         """A tensor written in place must not overlap another input in memory: the step would
-        read what it already overwrote (one sweep over the inputs' byte ranges)."""
+        read what it already overwrote (one sweep over the inputs' byte ranges). Inputs at the
+        same addresses with the same layouts as the last ones that passed are not swept again."""
+        layout = [(t.data_ptr(), t.shape, t.stride(), t.dtype) for t in leaves]
+        if layout == self._passed_layout:
+            return
+        self._sweep_donated(leaves)
+        self._passed_layout = layout
+
+    def _sweep_donated(self, leaves: list[Any]) -> None:
         donated = {i for _, i in self._donated}
         active: list[tuple[int, int]] = []  # (end, input index) of ranges still open
         for start, end, i in sorted(_byte_range(t, i) for i, t in enumerate(leaves) if t.numel()):
@@ -133,23 +142,25 @@ class EntryPoint:
     def _flatten(self, args: tuple[Any, ...]) -> list[Any]:
         """The input tensors in graph order. A dict argument is matched by key (its inputs are
         named `<arg>.<key>`), so a cache dict whose keys come in another order still fits."""
+        import torch
         import torch.utils._pytree as pytree
 
-        names = [v.name for v in self.graph.inputs if self.graph.roles.get(v.name) != "parameter"]
+        names = self._runtime_names
         leaves: list[Any] = []
         for arg in args:
             pos = len(leaves)
+            if isinstance(arg, torch.Tensor):
+                leaves.append(arg)
+                continue
             if not isinstance(arg, Mapping) or pos >= len(names) or "." not in names[pos]:
                 leaves += pytree.tree_leaves(arg)
                 continue
-            prefix = names[pos].split(".")[0] + "."
-            want = []
-            for n in names[pos:]:
-                if not n.startswith(prefix):
-                    break
-                want.append(n[len(prefix) :])
-            got = {_path_text(path): leaf for path, leaf in pytree.tree_flatten_with_path(arg)[0]}
-            if set(got) != set(want):
+            prefix, want = self._dict_keys[pos]
+            if _flat(arg):  # str keys to tensors: the keys are the path names (no pytree walk)
+                got = arg
+            else:
+                got = {_path_text(p): leaf for p, leaf in pytree.tree_flatten_with_path(arg)[0]}
+            if got.keys() != set(want):
                 missing = sorted(set(want) - set(got))[:3]
                 extra = sorted(set(got) - set(want))[:3]
                 raise InputError(
@@ -158,6 +169,27 @@ class EntryPoint:
                 )
             leaves += [got[k] for k in want]
         return leaves
+
+    @functools.cached_property
+    def _runtime_names(self) -> list[str]:
+        return [v.name for v in self._runtime]
+
+    @functools.cached_property
+    def _dict_keys(self) -> dict[int, tuple[str, list[str]]]:
+        """Runtime input index -> (`<arg>.`, the keys in graph order) of a dict argument that
+        would start there: the run of inputs named with that prefix."""
+        names, out = self._runtime_names, {}
+        for pos, name in enumerate(names):
+            if "." not in name:
+                continue
+            prefix = name.split(".")[0] + "."
+            want = []
+            for n in names[pos:]:
+                if not n.startswith(prefix):
+                    break
+                want.append(n[len(prefix) :])
+            out[pos] = (prefix, want)
+        return out
 
     def _check(self, leaves: list[Any], params: Mapping[str, Any] | None) -> dict[str, Any]:
         from ir.interpreter import InterpretError, bind_symbols
@@ -179,7 +211,7 @@ class EntryPoint:
         if again:
             inputs, tensors = runtime + self._param_values, leaves + ordered
         try:
-            env = bind_symbols(inputs, tensors)
+            env = bind_symbols(inputs, tensors) if again else self._bind_runtime(leaves)
         except InterpretError as e:
             raise InputError(f"{self.name}: {str(e).replace('%', '')}") from None
         self._check_device(tensors)
@@ -191,6 +223,12 @@ class EntryPoint:
     @functools.cached_property
     def _runtime(self) -> list[ir.Value]:
         return [v for v in self.graph.inputs if self.graph.roles.get(v.name) != "parameter"]
+
+    @functools.cached_property
+    def _bind_runtime(self) -> Any:
+        from ir.interpreter import SymbolBinder
+
+        return SymbolBinder(self._runtime)
 
     @functools.cached_property
     def limits(self) -> Limits:
@@ -256,6 +294,15 @@ def _byte_range(t: Any, i: int) -> tuple[int, int, int]:
     """(first byte, one past the last byte, i) of a non-empty tensor's elements."""
     span = 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
     return t.data_ptr(), t.data_ptr() + span * t.element_size(), i
+
+
+def _flat(arg: Any) -> bool:
+    """A dict of str keys to tensors (a model's cache): its pytree path names are its keys."""
+    import torch
+
+    return type(arg) is dict and all(
+        type(k) is str and isinstance(v, torch.Tensor) for k, v in arg.items()
+    )
 
 
 def _same(a: list[Any], b: tuple[Any, ...] | None) -> bool:

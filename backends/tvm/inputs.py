@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ir
-from ir.interpreter import InterpretError, bind_symbols
+from ir.interpreter import InterpretError, SymbolBinder, bind_symbols
 
 __all__ = ["Inputs"]
 
@@ -35,6 +35,7 @@ class Inputs:
             counts[is_runtime] += 1
         self.symbolic_params = any(not isinstance(d, int) for v in self.params for d in v.shape)
         self.checked: tuple[Any, ...] | None = None  # the parameter tensors last checked
+        self.bind_runtime = SymbolBinder(self.runtime)
 
     def feed(self, args: Sequence[Any], params: Mapping[str, Any] | None) -> tuple[list[Any], dict]:
         """All graph inputs in graph order and the symbol bindings from their shapes."""
@@ -50,7 +51,7 @@ class Inputs:
             env = bind_symbols(self.graph.inputs, feed)
             self.checked = tuple(tensors)
             return feed, env
-        return feed, bind_symbols(self.runtime, args)
+        return feed, self.bind_runtime(args)
 
     def _param_tensors(self, params: Mapping[str, Any]) -> list[Any]:
         try:

@@ -10,8 +10,8 @@ leaves the loop nest as it was; the result is still correct, only slower):
 3. per root loop nest: fuse the outer spatial loops and run them in parallel over the cores
    (unless it has at most `SERIAL_MAX` iterations per batch row: tiny stages run serially);
    a parallel nest over a symbolic extent E (B, B·T) then gets a runtime guard,
-   `if E · per <= SERIAL_WORK: <the nest, serial> else: <the nest, parallel>` (`per`: the
-   iterations of its innermost statements per value of E, static), so a stage whose whole work
+   `if E · per <= SERIAL_WORK or E == 1: <the nest, serial> else: <the nest, parallel>` (`per`:
+   the iterations of its innermost statements per value of E, static), so a stage whose whole work
    at the call's B is small never wakes the thread pool (decode b8's rmsnorm: 8 rows x 1040
    iterations); a nest over a static extent with at most SERIAL_WORK iterations runs serially;
    vectorise the innermost loop of spatial nests when its extent is static (AVX-512: 16 lanes of
@@ -311,7 +311,8 @@ def _vectorise(sch: Any, loop: Any, vector: int = VECTOR) -> None:
 
 def serial_when_small(func: Any, serial_work: int = SERIAL_WORK) -> Any:
     """`func` with each parallel root loop nest over a symbolic extent E guarded:
-    `if E * per <= serial_work:` the nest with a serial loop `else:` the nest as it was; `per` is
+    `if E * per <= serial_work or E == 1:` the nest with a serial loop `else:` the nest as it
+    was (one iteration has nothing to share); `per` is
     the iterations of the nest's innermost statements per value of E (a nest with another
     symbolic loop inside stays parallel). A parallel nest over a static extent with at most
     `serial_work` iterations becomes serial. The serial copy gets fresh definitions (TVM's
@@ -358,8 +359,10 @@ def _guard(nest: Any, serial_work: int) -> Any:
     )
     extent = _static(nest.extent)
     if extent is not None:
-        return serial if extent * per <= serial_work else nest
-    return tirx.IfThenElse(nest.extent * per <= serial_work, serial, nest)
+        return serial if extent * per <= serial_work or extent == 1 else nest
+    # one iteration (a decode step's B = 1) has nothing to share: waking the pool is all it does
+    small = tirx.Or(nest.extent * per <= serial_work, nest.extent == 1)
+    return tirx.IfThenElse(small, serial, nest)
 
 
 def _iterations(stmt: Any) -> int | None:

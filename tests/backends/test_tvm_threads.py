@@ -94,8 +94,8 @@ def test_results_equal_interpreter_on_both_sides_of_the_guard(threads, batch):
 
 
 def test_runtime_guard_in_the_schedule():
-    """A parallel nest over symbolic B: `if B * per <= SERIAL_WORK` serial, else parallel; a
-    static nest of little work: serial, no guard."""
+    """A parallel nest over symbolic B: `if B * per <= SERIAL_WORK or B == 1` serial, else
+    parallel; a static nest of little work, or of one iteration: serial, no guard."""
     from tvm import te
 
     from backends.tvm.schedule_cpu import schedule_cpu
@@ -105,7 +105,7 @@ def test_runtime_guard_in_the_schedule():
     y = te.compute((n, 512), lambda i, j: x[i, j] * 2.0, name="y")
     func = schedule_cpu(te.create_prim_func([x, y]).with_attr("global_symbol", "double"))
     text = func.script()
-    assert f"if B * 512 <= {SERIAL_WORK}:" in text and "else:" in text
+    assert f"if B * 512 <= {SERIAL_WORK} or B == 1:" in text and "else:" in text
     assert text.count("T.parallel(B)") == 1 and "for i, j_0 in T.grid(B, 32):" in text
     assert serial_when_small(func) is func  # a guarded nest is not guarded again
 
@@ -113,6 +113,11 @@ def test_runtime_guard_in_the_schedule():
     ys = te.compute((16, 512), lambda i, j: xs[i, j] * 2.0, name="y")
     static = schedule_cpu(te.create_prim_func([xs, ys]).with_attr("global_symbol", "double16"))
     assert "T.parallel" not in static.script() and "if " not in static.script()
+
+    x1 = te.placeholder((1, 1 << 16), "float32", name="x")  # much work, one row: nothing to share
+    y1 = te.compute((1, 1 << 16), lambda i, j: x1[i, j] * 2.0, name="y")
+    one = schedule_cpu(te.create_prim_func([x1, y1]).with_attr("global_symbol", "double1"))
+    assert "T.parallel" not in one.script()
 
 
 def test_torch_held_at_one_thread_except_heavy_steps(two_torch_threads, monkeypatch):

@@ -67,6 +67,32 @@ def test_symbol_binding_and_expressions() -> None:
         ir.interpret(g, torch.zeros(3, 4), torch.zeros(3, 9), torch.zeros(5))
 
 
+def test_symbol_binder_remembers_only_what_it_accepted() -> None:
+    """`SymbolBinder` binds as `bind_symbols` does; remembered shapes never hide a bad call."""
+    from ir.interpreter import SymbolBinder
+
+    bl = ir.Builder()
+    x = bl.input("x", TensorType((B, T), f32))
+    y = bl.input("y", TensorType((B, 2 * T), f32))
+    bl.output(x, y)
+    bind = SymbolBinder(bl.build().inputs)
+    good = [torch.zeros(3, 4), torch.zeros(3, 8)]
+    env = bind(good)
+    assert {str(k): v for k, v in env.items()} == {"B": 3, "T": 4}
+    env.clear()  # the caller's copy: what the binder keeps is not changed
+    assert len(bind([torch.ones(3, 4), torch.ones(3, 8)])) == 2  # same shapes, other tensors
+    with pytest.raises(ir.InterpretError, match=r"input %y dim 1: expected 2\*T = 8"):
+        bind([torch.zeros(3, 4), torch.zeros(3, 9)])
+    with pytest.raises(ir.InterpretError, match=r"input %x: expected f32\[B,T\], got i64"):
+        bind([torch.zeros(3, 4, dtype=torch.int64), torch.zeros(3, 8)])
+    with pytest.raises(ir.InterpretError, match=r"input %y: expected a tensor"):
+        bind([torch.zeros(3, 4), [0.0] * 8])
+    assert {str(k): v for k, v in bind([torch.zeros(2, 5), torch.zeros(2, 10)]).items()} == {
+        "B": 2,
+        "T": 5,
+    }
+
+
 def test_symbol_solved_from_an_expression() -> None:
     bl = ir.Builder()
     x = bl.input("x", TensorType((2 * T + 2,), f32))
