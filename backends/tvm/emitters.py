@@ -222,8 +222,9 @@ def _reusing_call(fn: Any, operands: tuple[int, ...], outs: tuple[Any, ...]) -> 
     each was usable as it is (`aligned` made no copy), the argument list of the last call is
     used again: no allocation and no checks, one packed call (a decode step's ~90 launches
     took 2-3x their isolated time in Python and torch between the kernels). Tensors pass to
-    TVM as torch tensors, so each call reads their data pointer afresh. A copy `aligned`
-    made is never kept: it would not follow the operand's data."""
+    TVM as torch tensors, so each call reads their data pointer afresh. What `aligned` hands
+    the kernel is kept only when it is the operand's own memory (the operand, or a view of it
+    re-strided): a copy would not follow the operand's data."""
     held: tuple[Any, ...] | None = None  # the operands of the last call (kept alive: no id reuse)
     args: tuple[Any, ...] = ()
 
@@ -235,7 +236,8 @@ def _reusing_call(fn: Any, operands: tuple[int, ...], outs: tuple[Any, ...]) -> 
             return outs
         ready = tuple([aligned(t) for t in ins])
         fn(*ready, *outs)
-        held, args = (ins, (*ready, *outs)) if all(map(is_, ready, ins)) else (None, ())
+        same = all(r.data_ptr() == t.data_ptr() for r, t in zip(ready, ins))
+        held, args = (ins, (*ready, *outs)) if same else (None, ())
         return outs
 
     return run

@@ -22,7 +22,7 @@ from typing import Any
 import ir
 from backends.inplace import Writer, index_put_writer
 
-__all__ = ["emitted_node", "writer"]
+__all__ = ["emitted_node", "writer", "writes_rows"]
 
 _CACHE = 10  # attn.compress_step's cache operand (and result 0)
 
@@ -43,25 +43,43 @@ def _one_row(t: ir.TensorType) -> ir.TensorType:
     return ir.TensorType((t.shape[0], 1, t.shape[2]), t.dtype)
 
 
-def writer(node: ir.Node, call: Callable[[Sequence[Any]], tuple[Any, ...]]) -> Writer | None:
+def writer(
+    node: ir.Node, call: Callable[[Sequence[Any]], tuple[Any, ...]], keep: bool = False
+) -> Writer | None:
     """The in-place writer of `node` (the emitted node) given its bound `call`, or None (the
-    result is computed as usual and copied into the caller's buffer)."""
-    if node.name == "attn.compress_step" and node.operands[_CACHE].shape[1] == 1:
-        return _compress_rows(node.op.ratio, node.op.overlap, call)
+    result is computed as usual and copied into the caller's buffer). `keep`: the row writer
+    keeps the cache row it last handed the kernel (the same view while the row and the cache
+    tensor stay the same: `Plan.reusing`)."""
+    if writes_rows(node):
+        return _compress_rows(node.op.ratio, node.op.overlap, call, keep)
     return index_put_writer(node)
 
 
+def writes_rows(node: ir.Node) -> bool:
+    """Whether `node` is the row form of `attn.compress_step`, whose writer stores the kernel's
+    results (never returns them): the kernel may write them into buffers of its own."""
+    return node.name == "attn.compress_step" and node.operands[_CACHE].shape[1] == 1
+
+
 def _compress_rows(
-    ratio: int, overlap: bool, call: Callable[[Sequence[Any]], tuple[Any, ...]]
+    ratio: int, overlap: bool, call: Callable[[Sequence[Any]], tuple[Any, ...]], keep: bool
 ) -> Writer:
+    last: list[Any] = [None, -1, None]  # with `keep`: cache, row, the view cache[:, row:row+1]
+
     def write(ins: list[Any]) -> tuple[Any, ...]:
         cache, kv_state, score_state = ins[_CACHE], ins[2], ins[3]
         if cache.shape[1] == 0:
             raise ValueError("attn.compress_step: the cache has no rows; init_cache(max_len >= 1)")
         pos = int(ins[1])
         row = min(pos // ratio, cache.shape[1] - 1)
+        if cache is last[0] and row == last[1]:
+            view = last[2]
+        else:
+            view = cache[:, row : row + 1]
+            if keep:
+                last[:] = cache, row, view
         narrowed = list(ins)
-        narrowed[_CACHE] = cache[:, row : row + 1]
+        narrowed[_CACHE] = view
         new_row, kv, score = call(narrowed)
         slot = pos % ratio + (ratio if overlap else 0)
         kv_state[:, slot : slot + 1].copy_(kv)

@@ -80,12 +80,13 @@ from backends.tvm.emitters import (
     reference_call,
     shape_of,
 )
-from backends.tvm.inplace import emitted_node, writer
+from backends.tvm.inplace import emitted_node, writer, writes_rows
 from backends.tvm.inputs import Inputs
 from backends.tvm.kernel import PREBUILT, Kernel, build, host_target, kernel_records
 from backends.tvm.library import Library, runtime_function
 from backends.tvm.lower_shape import SHAPE_OPS
 from passes.fuse_elementwise import VIEWS, FusionPolicy
+from passes.memory_plan import UPDATES
 
 if TYPE_CHECKING:
     from backends.tvm.device import DeviceExecutable
@@ -206,13 +207,14 @@ class Step:
         own (`Launch.bind`), a reference view's result kept (`_kept_view`)."""
         if self.launch is None:
             call = reference_call(self.node, env)
-            if reuse:
+            if reuse and not self.aliased:
                 call = _kept_view(call)
         else:
             call = self.launch.bind(env, fns, reuse)
         if not self.aliased:
             return call
-        return update_call(self.node, self.aliased, call, writer(self.node, call), inplace)
+        write = writer(self.node, call, keep=reuse)
+        return update_call(self.node, self.aliased, call, write, inplace)
 
 
 # reference ops whose result is a view of their operand (or made from nothing): over parameters
@@ -301,14 +303,13 @@ class Plan:
 
     def wrapped(self, wrap: Callable[[int, Call], Call]) -> Plan:
         """This plan with each call `c` of step index `i` replaced by `wrap(i, c)` (a timer);
-        the hoisted steps as they are."""
+        the hoisted steps as they are, and their kept values with them (a profiled call runs
+        what an unprofiled one does)."""
         def each(calls: list) -> list:
             return [(wrap(i, call), *rest) for i, (call, *rest) in zip(self.steps, calls)]
 
         reusing = None if self.reusing is None else each(self.reusing)
-        return dataclasses.replace(
-            self, calls=each(self.calls), reusing=reusing, _seen=None, _kept=[]
-        )
+        return dataclasses.replace(self, calls=each(self.calls), reusing=reusing)
 
     def _run_invariant(self, values: list[Any]) -> None:
         params = tuple(values[i] for i in self.params)
@@ -465,31 +466,42 @@ class TVMExecutable:
         self, env: dict, invariant: set[int], outputs: tuple[int, ...]
     ) -> tuple[set[int], int]:
         """The steps `Plan.reusing` binds with `reuse` at `env`, and the bytes their kernels'
-        results hold: kernels (not in-place writers) and one-operand reference views whose
+        results hold: kernels whose results do not escape, the compressor's row writer (it
+        stores its kernel's results, never returns them) and one-operand reference views whose
         results do not escape; none when those bytes pass `REUSE_MAX_BYTES`."""
         escaping = self._escaping(set(outputs))
         found, nbytes = set(), 0
         for i, step in enumerate(self.steps):
-            if i in invariant or step.aliased or set(step.results) & escaping:
+            escapes = bool(set(step.results) & escaping)
+            if i in invariant:
                 continue
             if step.launch is None:
-                if step.node.name in VIEW_OPS and len(step.node.operands) == 1:
+                view = step.node.name in VIEW_OPS and len(step.node.operands) == 1
+                if view and not step.aliased and not escapes:
                     found.add(i)
                 continue
-            found.add(i)
-            for v in step.node.results:
-                nbytes += math.prod(shape_of(v, env)) * v.dtype.to_torch().itemsize
+            if writes_rows(step.node) if step.aliased else not escapes:
+                found.add(i)
+                for v in step.node.results:
+                    nbytes += math.prod(shape_of(v, env)) * v.dtype.to_torch().itemsize
         return (found, nbytes) if nbytes <= REUSE_MAX_BYTES else (set(), 0)
 
     def _escaping(self, outputs: set[int]) -> set[int]:
         """The slots whose tensor may outlive the call: the graph's outputs, and what a step
-        whose result escapes may return a view of (its operands): a reference op, an in-place
-        writer, a GEMM epilogue run by references. A kernel's result is new memory."""
+        whose result escapes may return: an in-place writer its updated operand (`UPDATES`), a
+        step run by torch (a reference op, a GEMM epilogue by references) a view of any
+        operand. A kernel's result is new memory."""
         found = set(outputs)
         for step in reversed(self.steps):
+            updates = UPDATES[step.node.name] if step.aliased else {}
             by_torch = step.launch is None or isinstance(step.launch, GemmEpilogueLaunch)
-            if (by_torch or step.aliased) and found & set(step.results):
-                found.update(step.operands)
+            for j, r in enumerate(step.results):
+                if r not in found:
+                    continue
+                if j in updates:
+                    found.add(step.operands[updates[j]])
+                elif by_torch:
+                    found.update(step.operands)
         return found
 
     def _parameter_slots(self) -> set[int]:

@@ -94,6 +94,7 @@ def test_tvm_twenty_steps_in_place_equal_functional() -> None:
     decode_both_ways("tvm", 20)
     report = compiled("tvm").entry("decode").executable.report()
     assert not any(f["op"] == "attn.compress_step" for f in report["fallbacks"])
+    assert report["reused_bytes"] > 0  # the steps ran `Plan.reusing` (buffers kept across calls)
 
 
 def test_triton_steps_in_place_equal_functional() -> None:
