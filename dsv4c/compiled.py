@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from operator import is_
 from pathlib import Path
 from typing import Any
 
@@ -306,7 +307,7 @@ def _flat(arg: Any) -> bool:
 
 
 def _same(a: list[Any], b: tuple[Any, ...] | None) -> bool:
-    return b is not None and len(a) == len(b) and all(x is y for x, y in zip(a, b))
+    return b is not None and len(a) == len(b) and all(map(is_, a, b))
 
 
 def _path_text(path: tuple) -> str:

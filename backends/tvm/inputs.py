@@ -12,6 +12,7 @@ resized in place (`resize_`) between calls is not noticed.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from operator import is_
 from typing import Any
 
 import ir
@@ -69,4 +70,4 @@ class Inputs:
 
 
 def _same(a: Sequence[Any], b: Sequence[Any] | None) -> bool:
-    return b is not None and len(a) == len(b) and all(x is y for x, y in zip(a, b))
+    return b is not None and len(a) == len(b) and all(map(is_, a, b))

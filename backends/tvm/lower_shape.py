@@ -1,7 +1,10 @@
 """te lowerings of the data-movement ops inside fused bodies: reshape, permute, expand, slice,
 select, squeeze, unsqueeze, concat, pad. Each output element reads one input element (index
 arithmetic on symbolic dims), so they inline into their consumers. Standalone, these ops stay
-torch views (no kernel, no copy): they are only lowered as part of a `fused.kernel` body."""
+torch views (no kernel, no copy): they are only lowered as part of a `fused.kernel` body.
+
+`repeat` (torch.Tensor.repeat) is lowered the same way but is not one of them: it copies, so
+standalone it is a kernel of its own (the mHC's four streams made from the embedding)."""
 
 from __future__ import annotations
 
@@ -116,6 +119,26 @@ def lower_squeeze(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
         return _compute(lw, node, lambda *i: x(*i[:d], 0, *i[d:]))
     d = node.op.dim % dst.rank
     return _compute(lw, node, lambda *i: x(*i[:d], *i[d + 1 :]))
+
+
+@lowers("repeat")
+def lower_repeat(lw: Lowering, node: ir.Node, args: list[Any]) -> list[Any]:
+    """Output index modulo the input's size along each repeated dim; leading repeats add dims
+    the input lacks."""
+    from tvm import tirx
+
+    (x,) = args
+    repeats = node.op.repeats
+    lead = len(repeats) - len(x.shape)
+
+    def f(*i: Any) -> Any:
+        index = []
+        for k, size in enumerate(x.shape):
+            j = i[lead + k]
+            index.append(j if repeats[lead + k] == 1 else tirx.floormod(j, size))
+        return x(*index)
+
+    return _compute(lw, node, f)
 
 
 @lowers("concat")

@@ -219,6 +219,18 @@ def test_kernels_are_shared_and_sizes_stay_symbolic():
     assert uses == {"exp": 2, "neg": 1}
 
 
+def test_repeat_is_a_kernel():
+    """repeat copies (not a view): standalone it runs a TVM kernel, with symbolic dims, a
+    repeated dim of size 1, and leading repeats that add dims."""
+
+    def build(b):
+        x = b.input("x", ir.TensorType((B, 1, 5), F32))
+        return [b.op("repeat", [x], repeats=(1, 4, 1)), b.op("repeat", [x], repeats=(3, 1, 2, 2))]
+
+    exe, _ = _run(build)
+    assert not exe.fallbacks()
+
+
 def test_fused_body_with_data_movement():
     """reshape/permute/expand/slice/select/unsqueeze/squeeze/concat/pad inside one fused body."""
     bb = ir.Builder(name="moves")

@@ -99,3 +99,32 @@ def test_a_plan_past_the_byte_limit_reuses_nothing(monkeypatch: pytest.MonkeyPat
     _close(exe(x, params={"w": w}), _want(x, w))
     (plan,) = exe.plans.values()
     assert plan.reusing is None and plan.reused_bytes == 0
+
+
+def test_plans_holding_buffers_are_dropped_least_recent_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A plan per batch size (h and g reused: 64·B bytes): past the executable's budget the
+    least recently used one goes, and comes back (built again) when its size is called."""
+    from backends.tvm import TVMBackend, runtime
+
+    monkeypatch.setattr(runtime, "REUSE_MAX_BYTES", 450)
+    b = ir.Builder(name="sizes")
+    x = b.input("x", ir.TensorType((ir.sym("B"), 16), F32))
+    w = b.input("w", ir.TensorType((8, 16), F32), role="parameter")
+    h = b.op("matmul", [x, b.op("permute", [w], dims=(1, 0))])
+    b.output(b.op("neg", [b.op("tanh", [h])]))
+    exe = TVMBackend().compile(b.build(), "cpu", blas="never")
+    w_ = torch.randn(8, 16)
+
+    def run(batch: int) -> list[int]:
+        xb = torch.randn(batch, 16)
+        (y,) = exe(xb, params={"w": w_})
+        torch.testing.assert_close(y, -torch.tanh(xb @ w_.T), rtol=1e-5, atol=1e-5)
+        return [dict(k)["B"] for k in exe.plans]
+
+    assert run(2) == [2] and run(3) == [2, 3]  # 128 + 192 bytes
+    assert run(4) == [3, 4]  # + 256 passes 450: B = 2 dropped
+    assert run(3) == [4, 3]  # most recent last
+    assert run(2) == [3, 2]  # built again; B = 4 (least recent) dropped
+    assert sum(p.reused_bytes for p in exe.plans.values()) <= 450
