@@ -20,10 +20,10 @@ from __future__ import annotations
 import functools
 import hashlib
 from abc import ABC, abstractmethod
-from operator import is_
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from operator import is_
 from typing import Any
 
 import ir
