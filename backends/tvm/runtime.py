@@ -20,9 +20,10 @@ set of tensor objects (`backends.tvm.inputs`).
 A plan whose kernel results fit `REUSE_MAX_BYTES` (a decode step, not a prefill) runs
 `Plan.reusing`: each kernel writes buffers allocated once, and while the same tensors come back
 (parameters, caches, the reused buffers themselves) a launch is one packed call on the argument
-list of its last call, with no allocation or check. On the 2-core Xeon a `small` decode step
-spent ~2.3 of its ~9 ms in Python and torch between the kernels, each small op 2-3x its isolated
-time (caches cold after the weights streamed through); reuse took that to ~1.5 ms. Only results
+list of its last call, with no allocation or check. On the 2-core Xeon each small op of a
+`small` decode step cost 2-3x its isolated time in sequence (caches cold after the weights
+streamed through), so the Python and torch between the kernels weighed: with reuse a 7.6 ms
+step spends 1.5 ms outside its packed functions (docs/benchmarks.md, issue 19). Only results
 no caller can hold after the call are reused (`TVMExecutable._escaping`), one call runs the
 buffers at a time (another thread's call meanwhile runs fresh ones), and the report gives their
 bytes (`reused_bytes`).
