@@ -128,3 +128,22 @@ def test_plans_holding_buffers_are_dropped_least_recent_first(
     assert run(3) == [4, 3]  # most recent last
     assert run(2) == [3, 2]  # built again; B = 4 (least recent) dropped
     assert sum(p.reused_bytes for p in exe.plans.values()) <= 450
+
+
+def test_a_reshape_that_copies_is_run_on_every_call() -> None:
+    """reshape(permute(tanh(x))) copies (the permuted view is not contiguous): a kept copy would
+    go stale when x changes in place, so only the view before it is kept."""
+    from backends.tvm import TVMBackend
+
+    b = ir.Builder(name="copying")
+    x = b.input("x", ir.TensorType((4, 16), F32))
+    p = b.op("permute", [b.op("tanh", [x])], dims=(1, 0))
+    b.output(b.op("neg", [b.op("reshape", [p], shape=(64,))]))
+    exe = TVMBackend().compile(b.build(), "cpu")
+    x_ = torch.randn(4, 16)
+    for _ in range(2):
+        (y,) = exe(x_)
+        torch.testing.assert_close(y, -torch.tanh(x_).T.reshape(64), rtol=1e-6, atol=1e-6)
+        x_.copy_(torch.randn(4, 16))  # the same tensor object, new data
+    (plan,) = exe.plans.values()
+    assert plan.reusing is not None

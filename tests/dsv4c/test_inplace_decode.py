@@ -135,6 +135,13 @@ def test_overlapping_donated_inputs_are_refused() -> None:
     cache[key] = cache["layers.1.attn.compressor.kv_state"]  # one tensor for two inputs
     with pytest.raises(InputError, match="is written in place but overlaps input"):
         c.entry("decode")(tokens()[:, 15:16], torch.tensor(15), cache)
+    # a call that passed the sweep does not excuse the next one (the check remembers only the
+    # layout of inputs that passed)
+    good = fresh_cache()
+    c.entry("decode")(tokens()[:, 15:16], torch.tensor(15), good)
+    good[key] = good["layers.1.attn.compressor.kv_state"]
+    with pytest.raises(InputError, match="is written in place but overlaps input"):
+        c.entry("decode")(tokens()[:, 15:16], torch.tensor(15), good)
 
 
 def test_inplace_must_be_a_bool() -> None:
