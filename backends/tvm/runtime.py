@@ -269,7 +269,9 @@ class Plan:
     kept while the same tensors come back (`emitters.kernel_call`); reference views of such
     buffers are kept too. Only results no caller can hold after the call (`TVMExecutable.
     _escaping`), and only while they fit `REUSE_MAX_BYTES`: a decode step, not a prefill. One
-    call at a time runs it; a call from another thread meanwhile runs `calls`.
+    call at a time runs it; a call from another thread meanwhile runs `calls`. It holds the
+    tensors its last call read (to know them again) until the next call or until the plan is
+    dropped (`TVMExecutable.plan`).
 
     `invariant`: the steps that read only parameters (or nothing) and are views or constants
     (a weight's transpose `permute(w)`, iotas): hoisted out of the step. They run on the first
