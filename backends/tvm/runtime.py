@@ -218,7 +218,7 @@ class Step:
         own (`Launch.bind`), a reference view's result kept (`_kept_view`)."""
         if self.launch is None:
             call = reference_call(self.node, env)
-            if reuse and not self.aliased:
+            if reuse:  # only a one-operand view is bound so (`TVMExecutable._reusable`)
                 call = _kept_view(call)
         else:
             call = self.launch.bind(env, fns, reuse)
@@ -496,9 +496,9 @@ class TVMExecutable:
         escaping = self._escaping(set(outputs))
         found, nbytes = set(), 0
         for i, step in enumerate(self.steps):
-            escapes = bool(set(step.results) & escaping)
             if i in invariant:
                 continue
+            escapes = bool(set(step.results) & escaping)
             if step.launch is None:
                 view = step.node.name in VIEW_OPS and len(step.node.operands) == 1
                 if view and not step.aliased and not escapes:
